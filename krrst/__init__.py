@@ -1,0 +1,12 @@
+"""krrst: self-supervised dataset distillation (KRR-ST, ICLR 2024) as a library and a CLI.
+
+The stages are plain functions over plain objects:
+`krrst.data.load_images` -> `krrst.teacher.train_teacher` -> `krrst.distill.distill`
+-> `krrst.evaluate.pretrain` / `finetune`. See docs/design.md for the module map.
+"""
+
+from krrst.distilled import DistilledSet
+from krrst.errors import KrrstError
+
+__version__ = "0.1.0"
+__all__ = ["DistilledSet", "KrrstError", "__version__"]

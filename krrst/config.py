@@ -1,0 +1,137 @@
+"""Configs and devices: the rules every stage's config dataclass follows.
+
+Each stage has one frozen dataclass of hyper-parameters, shared by the CLI and
+the Python API. This module turns dicts and `key=value` strings into those
+dataclasses, refusing unknown keys and ill-typed values with a message that
+lists what is valid, and picks the device once (CUDA when present, else CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping, TypeVar
+
+import torch
+
+from krrst.errors import KrrstError
+
+ConfigT = TypeVar("ConfigT")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`None`/"auto" -> CUDA when available, else CPU; otherwise the named device, checked."""
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise KrrstError(f"--device {device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise KrrstError(f"--device {device!r} asked for CUDA but no GPU is available; use --device cpu or auto")
+    return resolved
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert one value against a type annotation (str values are parsed)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except KrrstError as exc:
+                errors.append(str(exc))
+        raise KrrstError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if origin is typing.Literal:
+        if isinstance(value, str):
+            for choice in args:
+                if str(choice) == value:
+                    return choice
+        if value in args:
+            return value
+        raise KrrstError(f"{where}={value!r} is not valid; expected one of {', '.join(map(str, args))}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            text = value.strip().strip("()[]")
+            value = [part.strip() for part in text.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise KrrstError(f"{where}={value!r} is not valid; expected a comma-separated list")
+        item_type = args[0] if args else str
+        items = [_coerce(item, item_type, where) for item in value]
+        return tuple(items) if origin is tuple else items
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise KrrstError(f"{where}={value!r} is not valid; expected true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise KrrstError(f"{where}={value!r} is not valid; expected an integer")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise KrrstError(f"{where}={value!r} is not valid; expected an integer") from None
+        if not as_float.is_integer():
+            raise KrrstError(f"{where}={value!r} is not valid; expected an integer")
+        return int(as_float)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise KrrstError(f"{where}={value!r} is not valid; expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise KrrstError(f"{where}={value!r} is not valid; expected a number") from None
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def config_from_dict(cls: type[ConfigT], mapping: Mapping[str, Any], where: str = "") -> ConfigT:
+    """Build a config dataclass from a dict; unknown keys and bad values are `KrrstError`s."""
+    return apply_overrides(cls(), mapping, where)
+
+
+def apply_overrides(config: ConfigT, overrides: Mapping[str, Any], where: str = "") -> ConfigT:
+    """A copy of `config` with `overrides` applied (values may be strings, as from `--set`)."""
+    types_by_name = _field_types(type(config))
+    prefix = f"{where}." if where else ""
+    changes = {}
+    for key, value in overrides.items():
+        if key not in types_by_name:
+            raise KrrstError(
+                f"unknown config key '{prefix}{key}'; valid keys: {', '.join(prefix + name for name in types_by_name)}"
+            )
+        changes[key] = _coerce(value, types_by_name[key], prefix + key)
+    return dataclasses.replace(config, **changes)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def parse_assignments(assignments: list[str] | None, option: str = "--set") -> dict[str, str]:
+    """Parse `["a.b=1", "c=x"]` into `{"a.b": "1", "c": "x"}`; malformed items are errors."""
+    parsed: dict[str, str] = {}
+    for item in assignments or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise KrrstError(f"{option} {item!r} is not valid; expected key=value, e.g. distill.steps=100")
+        parsed[key.strip()] = value.strip()
+    return parsed

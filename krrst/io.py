@@ -1,0 +1,195 @@
+"""Files: atomic writes, safetensors with JSON metadata, nested checkpoints, env capture.
+
+Every checkpoint, distilled set and results file goes through `atomic_write`,
+so a crash or Ctrl-C leaves either the old file or the new one, never half of
+one. Tensors are stored in safetensors and everything else in JSON: nothing
+is pickled, so loading a file never executes code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from krrst.errors import KrrstError
+
+_METADATA_KEY = "krrst"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it onto `path`.
+
+    On an exception the temporary file is removed and `path` is left as it was.
+
+    >>> with atomic_write("out.json") as tmp:
+    ...     tmp.write_text("{}")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Read a JSON file; a missing or unparsable file is a one-line `KrrstError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise KrrstError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KrrstError(f"{what} {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Save named tensors to a safetensors file with `metadata` as JSON, atomically."""
+    contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    header = {_METADATA_KEY: json.dumps(metadata or {}, default=str)}
+    with atomic_write(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=header)
+
+
+def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict]:
+    """Load `(tensors, metadata)` saved by `save_tensors`.
+
+    A missing, truncated or non-safetensors file is a one-line `KrrstError`
+    naming `what` and the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KrrstError(f"{what} not found: {path}")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise KrrstError(f"{what} {path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    try:
+        metadata = json.loads(header.get(_METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        raise KrrstError(f"{what} {path} has corrupt krrst metadata") from None
+    return tensors, metadata
+
+
+def _flatten(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested structure by a reference, collecting the tensors."""
+    if isinstance(value, torch.Tensor):
+        name = prefix or "_"
+        tensors[name] = value
+        return {"__tensor__": name}
+    if isinstance(value, dict):
+        # JSON keys are strings; optimiser state dicts use int keys, so record the key type.
+        return {
+            "__dict__": [
+                [key, type(key).__name__, _flatten(item, f"{prefix}/{key}", tensors)] for key, item in value.items()
+            ]
+        }
+    if isinstance(value, (list, tuple)):
+        items = [_flatten(item, f"{prefix}/{index}", tensors) for index, item in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint (at {prefix or '/'})")
+
+
+def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__tuple__" in value:
+            return tuple(_unflatten(item, tensors) for item in value["__tuple__"])
+        if "__dict__" in value:
+            key_types = {"int": int, "str": str, "float": float, "bool": lambda text: text in (True, "True")}
+            return {
+                key_types.get(type_name, str)(key): _unflatten(item, tensors) for key, type_name, item in value["__dict__"]
+            }
+    if isinstance(value, list):
+        return [_unflatten(item, tensors) for item in value]
+    return value
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Save a nested checkpoint (dicts, lists, tensors, JSON scalars) atomically.
+
+    Tensors go into safetensors, the structure into its JSON metadata, so
+    optimiser state dicts and `torch.Generator.get_state()` round-trip
+    without pickle.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, "", tensors)
+    save_tensors(path, tensors, {"state": skeleton})
+
+
+def load_state(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
+    """Load a checkpoint written by `save_state`."""
+    tensors, metadata = load_tensors(path, what)
+    if "state" not in metadata:
+        raise KrrstError(f"{what} {path} was not written by krrst.io.save_state (no 'state' metadata)")
+    return _unflatten(metadata["state"], tensors)
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    """The current git commit of the source tree (with '+dirty' if modified), or None."""
+    where = Path(cwd) if cwd else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def capture_env(seed: int | None = None, device: str | torch.device | None = None) -> dict[str, Any]:
+    """Versions, git commit, device, seed and command line: what `env.json` records."""
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("krrst", "torch", "torchvision", "numpy", "kornia", "safetensors"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "device": str(device) if device is not None else None,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+        "command": sys.argv,
+    }

@@ -1,0 +1,30 @@
+"""Shared fixtures: the real data beside the repo, and quiet, fast torch."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CIFAR10_ZIP = SHARED_DATA / "cifar10-jpeg.zip"
+TINYIMAGENET_ZIP = SHARED_DATA / "tiny-imagenet-200-250pc.zip"
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of real archives (../shared/data); skips the test where it is absent."""
+    if not CIFAR10_ZIP.exists():
+        pytest.skip(f"real data not found at {SHARED_DATA} (CI provides ../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cifar10_small(shared_data):
+    """2,000 real CIFAR-10 train images and 1,000 test images, read once per session."""
+    from krrst.data import load_images
+
+    train = load_images("imagefolder", shared_data / "cifar10-jpeg.zip", "train", max_per_class=200)
+    test = load_images("imagefolder", shared_data / "cifar10-jpeg.zip", "test", max_per_class=100)
+    return train, test

@@ -1,0 +1,63 @@
+"""Config dataclasses: unknown keys and bad values are clear errors; strings are parsed by type."""
+
+import dataclasses
+from typing import Literal
+
+import pytest
+import torch
+
+from krrst.config import apply_overrides, config_from_dict, config_to_dict, parse_assignments, resolve_device
+from krrst.errors import KrrstError
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    steps: int = 10
+    lr: float = 0.1
+    widths: tuple[int, ...] = (32, 64)
+    arch: str = "convnet3"
+    kind: Literal["a", "b"] = "a"
+    flag: bool = False
+    limit: int | None = None
+
+
+def test_strings_are_parsed_by_annotation():
+    config = config_from_dict(
+        ToyConfig, {"steps": "20", "lr": "1e-3", "widths": "16,32,64", "kind": "b", "flag": "true", "limit": "none"}
+    )
+    assert config == ToyConfig(steps=20, lr=1e-3, widths=(16, 32, 64), kind="b", flag=True, limit=None)
+    assert apply_overrides(config, {"limit": "5"}).limit == 5
+    assert config_to_dict(config)["widths"] == (16, 32, 64)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"stepz": 1}, "unknown config key 'distill.stepz'.*distill.steps"),
+        ({"steps": "ten"}, "distill.steps='ten'.*integer"),
+        ({"steps": "1.5"}, "integer"),
+        ({"kind": "c"}, "expected one of a, b"),
+        ({"flag": "maybe"}, "true or false"),
+        ({"lr": "fast"}, "number"),
+    ],
+)
+def test_bad_keys_and_values_are_clear_errors(overrides, message):
+    with pytest.raises(KrrstError, match=message):
+        apply_overrides(ToyConfig(), overrides, "distill")
+
+
+def test_parse_assignments():
+    assert parse_assignments(["distill.steps=5", "seed = 3"]) == {"distill.steps": "5", "seed": "3"}
+    with pytest.raises(KrrstError, match="key=value"):
+        parse_assignments(["steps"])
+
+
+def test_resolve_device_defaults_to_what_exists():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == expected and resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(KrrstError, match="--device"):
+        resolve_device("toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(KrrstError, match="no GPU"):
+            resolve_device("cuda")

@@ -1,0 +1,69 @@
+"""Atomic writes, safetensors round-trips and nested checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from krrst import io
+from krrst.errors import KrrstError
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    path = tmp_path / "results.json"
+    io.write_json(path, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_write(path) as tmp:
+            tmp.write_text("half a fi")
+            raise RuntimeError("crash while writing")
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"], "temporary file left behind"
+
+
+def test_save_state_round_trips_optimizer_and_generator(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    generator = torch.Generator().manual_seed(7)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "step": 12,
+        "shape": (3, 4),
+        "name": "x",
+        "nothing": None,
+    }
+    io.save_state(tmp_path / "ckpt.safetensors", state)
+    loaded = io.load_state(tmp_path / "ckpt.safetensors")
+    assert loaded["step"] == 12 and loaded["shape"] == (3, 4) and loaded["name"] == "x" and loaded["nothing"] is None
+    assert set(loaded["optimizer"]["state"]) == {0, 1}, "int keys of the optimiser state must survive"
+    restored = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    restored.load_state_dict(loaded["optimizer"])
+    assert torch.equal(restored.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    replay = torch.Generator()
+    replay.set_state(loaded["generator"])
+    assert torch.equal(torch.rand(5, generator=replay), torch.rand(5, generator=generator))
+
+
+def test_load_tensors_errors_are_one_line(tmp_path):
+    with pytest.raises(KrrstError, match="not found"):
+        io.load_tensors(tmp_path / "missing.safetensors", "checkpoint")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(KrrstError, match="not a readable safetensors") as info:
+        io.load_tensors(bad, "checkpoint")
+    assert "\n" not in str(info.value)
+    io.save_tensors(tmp_path / "ok.safetensors", {"w": torch.ones(1000)}, {"k": 1})
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((tmp_path / "ok.safetensors").read_bytes()[:500])
+    with pytest.raises(KrrstError, match=str(truncated.name)):
+        io.load_tensors(truncated, "checkpoint")
+
+
+def test_capture_env_records_versions_and_seed():
+    env = io.capture_env(seed=3, device="cpu")
+    assert env["seed"] == 3 and env["device"] == "cpu"
+    assert env["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert env["command"], "the command line is recorded"
