@@ -1,0 +1,359 @@
+"""Results files, the Markdown table, plots and report.html of a run directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from krrst import report
+from krrst.errors import KrrstError
+from krrst.report import (
+    RESULT_FIELDS,
+    append_results,
+    has_result,
+    markdown_table,
+    read_results,
+    summarize,
+    write_report,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def row(method="krr-st", target="cifar10", protocol="finetune", seed=0, accuracy=0.5, arch="convnet3", source="cifar10"):
+    return {
+        "method": method,
+        "source": source,
+        "target": target,
+        "arch": arch,
+        "protocol": protocol,
+        "seed": seed,
+        "accuracy": accuracy,
+        "wall_time_s": 1.5,
+    }
+
+
+def table_cells(markdown: str) -> dict[str, list[str]]:
+    """Method label -> its cells, from the first Markdown table in `markdown`."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    cells = {}
+    for line in lines[2:]:
+        parts = [cell.strip() for cell in line.strip("|").split("|")]
+        cells[parts[0]] = parts[1:]
+    cells["__header__"] = header[1:]
+    return cells
+
+
+# --------------------------------------------------------------------------- results files
+def test_append_results_accumulates_and_both_files_parse(tmp_path):
+    append_results(tmp_path, [row(seed=0, accuracy=0.5), row(seed=1, accuracy=0.25)])
+    append_results(tmp_path, [row(method="random", seed=0, accuracy=0.125)])
+
+    rows = read_results(tmp_path)
+    assert [(r["method"], r["seed"], r["accuracy"]) for r in rows] == [
+        ("krr-st", 0, 0.5),
+        ("krr-st", 1, 0.25),
+        ("random", 0, 0.125),
+    ]
+    assert all(isinstance(r["seed"], int) and isinstance(r["accuracy"], float) for r in rows)
+    assert all(isinstance(r["wall_time_s"], float) for r in rows)
+
+    with open(tmp_path / "results.csv", newline="") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert len(csv_rows) == 3 and tuple(csv_rows[0]) == RESULT_FIELDS
+    json_rows = json.loads((tmp_path / "results.json").read_text())
+    assert json_rows == rows
+
+
+def test_rerun_of_same_evaluation_replaces_its_row(tmp_path):
+    append_results(tmp_path, [row(seed=0, accuracy=0.5), row(seed=1, accuracy=0.6)])
+    append_results(tmp_path, [row(seed=0, accuracy=0.7)])
+    rows = read_results(tmp_path)
+    assert sorted((r["seed"], r["accuracy"]) for r in rows) == [(0, 0.7), (1, 0.6)]
+
+
+def test_float_values_round_trip_exactly(tmp_path):
+    accuracy = 0.1 + 0.2  # not representable in a short decimal
+    append_results(tmp_path, [row(accuracy=accuracy)])
+    assert read_results(tmp_path)[0]["accuracy"] == accuracy
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda r: r.pop("accuracy"), "missing accuracy"),
+        (lambda r: r.update(top5=0.9), "unknown top5"),
+        (lambda r: r.update(accuracy=52.0), "fraction in \\[0, 1\\]"),
+        (lambda r: r.update(seed="one"), "seed must be an integer"),
+        (lambda r: r.update(method=""), "method must not be empty"),
+    ],
+)
+def test_bad_row_is_a_one_line_error_and_writes_nothing(tmp_path, change, expected):
+    append_results(tmp_path, [row(seed=0)])
+    before = (tmp_path / "results.csv").read_bytes()
+    bad = row(seed=1)
+    change(bad)
+    with pytest.raises(KrrstError, match=expected) as info:
+        append_results(tmp_path, [row(seed=2), bad])
+    assert "\n" not in str(info.value)
+    assert (tmp_path / "results.csv").read_bytes() == before
+
+
+def test_crash_during_rename_leaves_previous_results_intact(tmp_path, monkeypatch):
+    append_results(tmp_path, [row(seed=0)])
+    csv_before = (tmp_path / "results.csv").read_bytes()
+    json_before = (tmp_path / "results.json").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        append_results(tmp_path, [row(seed=1)])
+    monkeypatch.undo()
+
+    assert (tmp_path / "results.csv").read_bytes() == csv_before
+    assert (tmp_path / "results.json").read_bytes() == json_before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_crash_halfway_through_writing_leaves_previous_results_intact(tmp_path, monkeypatch):
+    append_results(tmp_path, [row(seed=0), row(seed=1)])
+    csv_before = (tmp_path / "results.csv").read_bytes()
+    real_writerow = csv.DictWriter.writerow
+    calls = {"n": 0}
+
+    def writerow_then_crash(self, data):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the header and one row are already in the temporary file
+            raise KeyboardInterrupt
+        return real_writerow(self, data)
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", writerow_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        append_results(tmp_path, [row(seed=2)])
+    monkeypatch.undo()
+
+    assert calls["n"] == 3
+    assert (tmp_path / "results.csv").read_bytes() == csv_before
+    assert [r["seed"] for r in read_results(tmp_path)] == [0, 1]
+
+
+def test_read_results_rejects_a_foreign_csv(tmp_path):
+    (tmp_path / "results.csv").write_text("method,accuracy\nkrr-st,0.5\n")
+    with pytest.raises(KrrstError, match="header"):
+        read_results(tmp_path)
+    assert read_results(tmp_path / "absent") == []
+
+
+def test_has_result_matches_finished_jobs(tmp_path):
+    append_results(tmp_path, [row(method="krr-st", seed=0), row(method="random", seed=1, protocol="linear@1%")])
+    rows = read_results(tmp_path)
+    key = dict(target="cifar10", arch="convnet3")
+    assert has_result(rows, method="krr-st", protocol="finetune", seed=0, **key)
+    assert has_result(rows, method="random", protocol="linear@1%", seed="1", **key)
+    assert not has_result(rows, method="krr-st", protocol="finetune", seed=1, **key)
+    assert not has_result(rows, method="random", protocol="linear@10%", seed=1, **key)
+    with pytest.raises(TypeError, match="unknown field"):
+        has_result(rows, model="x")
+
+
+# --------------------------------------------------------------------------- summaries and tables
+def test_summarize_mean_and_sample_std():
+    accuracies = [0.61, 0.64, 0.70, 0.58]
+    rows = [row(seed=seed, accuracy=value) for seed, value in enumerate(accuracies)] + [row(method="none", accuracy=0.3)]
+    summaries = summarize(rows)
+    assert [s["method"] for s in summaries] == ["krr-st", "none"]
+    krr = summaries[0]
+    assert krr["n"] == 4 and krr["seeds"] == [0, 1, 2, 3]
+    assert krr["mean"] == pytest.approx(statistics.mean(accuracies))
+    assert krr["std"] == pytest.approx(statistics.stdev(accuracies))  # ddof=1
+    assert summaries[1]["std"] == 0.0 and summaries[1]["n"] == 1
+
+
+def test_markdown_table_mean_std_and_bold_best():
+    rows = [row(method="krr-st", seed=s, accuracy=a) for s, a in enumerate([0.50, 0.52, 0.54])]
+    rows += [row(method="random", seed=s, accuracy=a) for s, a in enumerate([0.40, 0.45, 0.47])]
+    rows += [row(method="none", seed=s, accuracy=a) for s, a in enumerate([0.30, 0.30, 0.30])]
+    cells = table_cells(markdown_table(rows))
+    assert cells["__header__"] == ["cifar10 finetune"]
+    assert cells["krr-st"] == ["**52.0 ± 2.0**"]
+    expected_random = f"{100 * statistics.mean([0.40, 0.45, 0.47]):.1f} ± {100 * statistics.stdev([0.40, 0.45, 0.47]):.1f}"
+    assert cells["random"] == [expected_random] == ["44.0 ± 3.6"]
+    assert cells["none"] == ["30.0 ± 0.0"]
+
+
+def test_bold_moves_to_the_best_method_per_column():
+    rows = [
+        row(method="krr-st", protocol="linear@1%", accuracy=0.30),
+        row(method="random", protocol="linear@1%", accuracy=0.35),
+        row(method="krr-st", protocol="finetune", accuracy=0.60),
+        row(method="random", protocol="finetune", accuracy=0.55),
+        row(method="full-ssl", protocol="finetune", accuracy=0.90),  # the ceiling is not ranked
+    ]
+    cells = table_cells(markdown_table(rows))
+    assert cells["__header__"] == ["cifar10 linear@1%", "cifar10 finetune"]
+    assert cells["krr-st"] == ["30.0 ± 0.0", "**60.0 ± 0.0**"]
+    assert cells["random"] == ["**35.0 ± 0.0**", "55.0 ± 0.0"]
+    assert cells["full-ssl"] == ["–", "90.0 ± 0.0"]
+
+
+def test_one_seed_row_shows_zero_std_and_its_n():
+    rows = [row(method="krr-st", seed=s, accuracy=0.5) for s in range(3)] + [row(method="random", seed=0, accuracy=0.4)]
+    cells = table_cells(markdown_table(rows))
+    assert cells["random"] == ["40.0 ± 0.0 (n=1)"]
+    assert cells["krr-st"] == ["**50.0 ± 0.0**"]
+
+
+def test_methods_ordered_krr_st_first_none_and_ceiling_last():
+    methods = ["full-ssl", "none", "kmeans", "mtt_cifar10", "random", "krr-st"]
+    rows = [row(method=m, accuracy=0.1 * (i + 1)) for i, m in enumerate(methods)]
+    labels = [label for label in table_cells(markdown_table(rows)) if label != "__header__"]
+    assert labels == ["krr-st", "random", "kmeans", "mtt_cifar10", "none", "full-ssl"]
+
+
+def test_markdown_table_per_architecture():
+    rows = [row(arch="convnet3", accuracy=0.5), row(arch="resnet18", accuracy=0.6)]
+    both = markdown_table(rows)
+    assert "arch convnet3" in both and "arch resnet18" in both
+    only = markdown_table(rows, arch="resnet18")
+    assert table_cells(only)["krr-st"] == ["60.0 ± 0.0"] and "convnet3" not in only
+    assert "No results" in markdown_table([])
+
+
+# --------------------------------------------------------------------------- plots
+def test_bar_chart_and_loss_curve_write_pngs(tmp_path):
+    rows = [row(method=m, seed=s, accuracy=0.3 + 0.05 * s) for m in ("krr-st", "none") for s in range(2)]
+    chart = report.bar_chart(rows, tmp_path / "chart.png")
+    assert chart.read_bytes().startswith(PNG_SIGNATURE)
+
+    loss_csv = tmp_path / "loss.csv"
+    loss_csv.write_text("step,loss,val_loss,lr\n0,2.0,2.1,0.1\n1,1.5,,0.1\n2,1.0,1.2,0.1\n")
+    curve = report.loss_curve(loss_csv, tmp_path / "curve.png")
+    assert curve.read_bytes().startswith(PNG_SIGNATURE)
+    from_rows = report.loss_curve([{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}], tmp_path / "rows.png")
+    assert from_rows.read_bytes().startswith(PNG_SIGNATURE)
+    with pytest.raises(KrrstError, match="no results"):
+        report.bar_chart([], tmp_path / "empty.png")
+
+
+# --------------------------------------------------------------------------- report.html
+class StrictParser(HTMLParser):
+    """Collects tags and image sources, and checks that non-void elements nest properly."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.tags: list[str] = []
+        self.image_sources: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.image_sources.append(dict(attrs)["src"])
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}> with open {self.stack}")
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse_html(text: str) -> StrictParser:
+    parser = StrictParser()
+    parser.feed(text)
+    parser.close()
+    assert parser.errors == [] and parser.stack == []
+    return parser
+
+
+def tiny_png(path: Path) -> bytes:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 3), (200, 10, 10)).save(path, format="PNG")
+    return path.read_bytes()
+
+
+def test_write_report_on_a_full_run_directory(tmp_path):
+    import base64
+
+    run = tmp_path / "run"
+    preview_bytes = tiny_png(run / "distill" / "preview.png")
+    (run / "distill" / "loss.csv").write_text("step,loss,val_loss\n0,3.0,3.2\n10,2.0,\n20,1.0,1.4\n")
+    (run / "config.json").write_text(json.dumps({"distill": {"lr": 0.01, "note": "<script>alert(1)</script>"}}))
+    (run / "env.json").write_text(
+        json.dumps({"versions": {"torch": "2.14.1"}, "git_commit": "abc123", "device": "cpu", "command": ["krrst", "run"]})
+    )
+    (run / "timings.json").write_text(json.dumps({"teacher": 3725.0, "distill": 12.5}))
+    append_results(run, [row(method="krr-st", seed=s, accuracy=a) for s, a in enumerate([0.50, 0.52, 0.54])])
+    append_results(run, [row(method="random<b>", seed=0, accuracy=0.40)])
+
+    paths = write_report(run)
+    assert set(paths) == {"results_md", "results_png", "report_html"}
+    assert paths["results_png"].read_bytes().startswith(PNG_SIGNATURE)
+
+    markdown = paths["results_md"].read_text()
+    assert "**52.0 ± 2.0**" in markdown and "commit abc123" in markdown
+
+    page = paths["report_html"].read_text()
+    parser = parse_html(page)
+    assert "data:image/png;base64," + base64.b64encode(preview_bytes).decode() in parser.image_sources
+    assert all(src.startswith("data:image/png;base64,") for src in parser.image_sources)
+    assert len(parser.image_sources) == 3  # preview, distill loss curve, bar chart
+    assert "<strong>52.0 ± 2.0</strong>" in page
+    assert "script" not in parser.tags and "link" not in parser.tags  # escaped, self-contained
+    text = "".join(parser.text)
+    assert "<script>alert(1)</script>" in text and "random<b>" in text  # shown as text, not markup
+    assert '"lr": 0.01' in text
+    assert "1:02:05" in text and "2.14.1" in text and "abc123" in text
+    assert "teacher/loss.csv" in text  # the missing teacher log is noted
+
+
+def test_write_report_on_an_empty_run_directory(tmp_path):
+    paths = write_report(tmp_path)
+    assert set(paths) == {"report_html"}
+    parser = parse_html(paths["report_html"].read_text())
+    text = "".join(parser.text)
+    assert "No results yet" in text and "No config.json" in text
+    assert parser.image_sources == []
+    assert "No results yet" in report.report_text(tmp_path)
+    with pytest.raises(KrrstError, match="run directory not found"):
+        write_report(tmp_path / "absent")
+
+
+def test_write_report_notes_corrupt_pieces_instead_of_crashing(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "distill").mkdir()
+    (tmp_path / "distill" / "preview.png").write_bytes(b"not a png")
+    (tmp_path / "distill" / "loss.csv").write_text("")
+    (tmp_path / "results.csv").write_text("a,b\n1,2\n")
+    page = write_report(tmp_path)["report_html"].read_text()
+    text = "".join(parse_html(page).text)
+    assert "not valid JSON" in text
+    assert "not a PNG" in text
+    assert "could not be plotted" in text
+    assert "results.csv could not be read" in text
+
+
+def test_report_text_is_the_markdown_table(tmp_path, capsys):
+    append_results(tmp_path, [row(seed=0, accuracy=0.5), row(seed=1, accuracy=0.7)])
+    assert table_cells(report.report_text(tmp_path))["krr-st"] == ["60.0 ± 14.1"]
+    report.print_table(tmp_path)
+    assert "60.0 ± 14.1" in capsys.readouterr().out
