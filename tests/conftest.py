@@ -1,5 +1,6 @@
 """Shared fixtures: the real data beside the repo, and quiet, fast torch."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR10_ZIP = SHARED_DATA / "cifar10-jpeg.zip"
 TINYIMAGENET_ZIP = SHARED_DATA / "tiny-imagenet-200-250pc.zip"
+
+# Decoded-dataset caches of the tests stay inside the checkout (git-ignored), not in the user's home.
+os.environ.setdefault("KRRST_CACHE", str(Path(__file__).resolve().parents[1] / ".krrst-cache"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
