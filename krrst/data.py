@@ -843,6 +843,28 @@ _FINE_GRAINED = {"aircraft", "flowers", "cars", "cub", "dogs"}
 _DOWNLOADABLE = {"cifar10", "cifar100", "aircraft", "flowers"}
 
 
+_LAYOUTS = {
+    "imagefolder": "<root>/<split>/<class>/<image>, a folder or a .zip (e.g. ../shared/data/cifar10-jpeg.zip)",
+    "tinyimagenet": "tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images + val_annotations.txt}",
+    "cifar10": "cifar-10-batches-py/ (python pickle batches; --download fetches it)",
+    "cifar100": "cifar-100-python/ (python pickle batches; --download fetches it)",
+    "aircraft": "fgvc-aircraft-2013b/data/ (variant level, 100 classes; --download fetches it)",
+    "flowers": "flowers-102/{imagelabels.mat, setid.mat, jpg/} (--download fetches it)",
+    "cars": "Stanford Cars: devkit/cars_meta.mat, cars_train/, cars_test/, cars_test_annos_withlabels.mat",
+    "cub": "CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/}",
+    "dogs": "Stanford Dogs: Images/<wnid-breed>/*.jpg + train_list.mat / test_list.mat (or lists/)",
+    "imagenet64": "Imagenet64_train/train_data_batch_{1..10}.npz + val_data.npz (official downsampled release)",
+}
+
+
+def describe_datasets() -> str:
+    """A table of every dataset name, its splits and the on-disk layout it reads (for `krrst datasets`)."""
+    lines = [f"{'name':<13} {'splits':<12} layout under --root"]
+    for name, (_, splits) in _READERS.items():
+        lines.append(f"{name:<13} {','.join(splits) if splits else '<folders>':<12} {_LAYOUTS[name]}")
+    return "\n".join(lines)
+
+
 def list_datasets() -> list[str]:
     """The dataset names `load_images` accepts."""
     return list(_READERS)

@@ -1,0 +1,408 @@
+"""Baselines a distilled set is compared against, under the identical evaluation code.
+
+- `random_subset`: m real images drawn without replacement (`random_subset_of`
+  for given indices).
+- `kmeans_coreset`: k-means with k = m in the teacher's feature space, and the
+  real image nearest each centroid (distinct images).
+- targets for both: the teacher's features of the chosen images (`Y = g(X)`,
+  the fair comparison: they differ from KRR-ST only in the images) or the
+  source's labels (`targets="labels"`, pre-trained with cross-entropy).
+  Both return a `DistilledSet`, so they go through `evaluate.pretrain` and
+  `evaluate.finetune` exactly as a KRR-ST set does.
+- `no_pretraining`: a freshly initialised network, the floor. Not a
+  `DistilledSet` (there is nothing to pre-train on): `evaluate.evaluate_set`
+  with no set and no network builds it, and the row's method is `none`.
+- full-data SSL, the ceiling, is the teacher itself: pass it as
+  `evaluate.evaluate_set(None, ..., pretrained=teacher)` (method `full-ssl`).
+
+`kmeans` is a torch k-means (k-means++ init, then Lloyd or mini-batch
+updates, distances by matrix products in chunks) that runs on the device of
+its features, so a 1.2M-image source on a GPU needs no extra library.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from krrst.config import resolve_device
+from krrst.distilled import DistilledSet
+from krrst.errors import KrrstError
+
+if TYPE_CHECKING:
+    from krrst.data import ImageSet
+
+BASELINES = ("random", "kmeans", "none", "full-ssl")
+TARGET_CHOICES = ("teacher", "labels")
+
+# Lloyd's full passes up to this many points; mini-batch updates beyond (the "auto" rule).
+MINIBATCH_THRESHOLD = 200_000
+# Distance blocks hold at most this many floats (256 MB in float32).
+_BLOCK_ELEMENTS = 1 << 26
+
+
+def _check_targets(targets: str, source: "ImageSet", teacher: nn.Module | None, what: str) -> None:
+    if targets not in TARGET_CHOICES:
+        raise KrrstError(f"{what}: targets={targets!r} is not valid; expected one of {', '.join(TARGET_CHOICES)}")
+    if targets == "labels" and source.labels is None:
+        raise KrrstError(f"{what}: targets='labels' but the source {source.name!r} has no labels; use targets='teacher'")
+    if targets == "teacher" and teacher is None:
+        raise KrrstError(f"{what}: targets='teacher' needs a teacher network (or use targets='labels')")
+
+
+def _check_m(m: int, n: int, what: str) -> None:
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise KrrstError(f"{what}: m must be a positive integer, got {m!r}")
+    if m > n:
+        raise KrrstError(f"{what}: m={m} is more than the {n} source images")
+
+
+@torch.no_grad()
+def teacher_features(
+    teacher: nn.Module,
+    source: "ImageSet",
+    indices: torch.Tensor | None = None,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The teacher's output (its features) for the normalised source images, float32 N x d on `device`.
+
+    Eval mode, no gradient, in batches; only `indices` when given. The
+    teacher is moved to `device` (its mode is restored afterwards).
+    """
+    from krrst.augment import normalize
+
+    device = resolve_device(device)
+    images = source.images if indices is None else source.images[indices.to(source.images.device)]
+    was_training = teacher.training
+    teacher.to(device).eval()
+    chunks = []
+    try:
+        for start in tqdm(
+            range(0, len(images), batch_size), desc="teacher features", unit="batch", disable=not progress, leave=False
+        ):
+            batch = images[start : start + batch_size].to(device, non_blocking=True)
+            chunks.append(teacher(normalize(batch, source.mean, source.std)).float().flatten(1))
+    finally:
+        teacher.train(was_training)
+    if not chunks:
+        raise KrrstError("teacher features: no images")
+    return torch.cat(chunks)
+
+
+def _make_set(
+    source: "ImageSet",
+    indices: torch.Tensor,
+    features: torch.Tensor | None,
+    targets: str,
+    method: str,
+    teacher: nn.Module | None,
+    config: dict[str, Any],
+) -> DistilledSet:
+    from krrst.augment import normalize
+
+    cpu_indices = indices.cpu()
+    images = normalize(source.images[cpu_indices.to(source.images.device)], source.mean, source.std).cpu()
+    if targets == "teacher":
+        target_tensor, kind = features.detach().float().cpu(), "representation"
+    else:
+        target_tensor, kind = source.labels[cpu_indices.to(source.labels.device)].cpu().long(), "hard_labels"
+        config = {**config, "num_classes": len(source.class_names)}
+    spec = getattr(teacher, "spec", None) if teacher is not None else None
+    teacher_arch = spec.get("arch") if isinstance(spec, dict) else (type(teacher).__name__ if teacher is not None else None)
+    return DistilledSet(
+        images=images.contiguous(),
+        targets=target_tensor.contiguous(),
+        mean=tuple(source.mean),
+        std=tuple(source.std),
+        target_kind=kind,
+        method=method,
+        source=source.name,
+        teacher_arch=teacher_arch if targets == "teacher" else None,
+        config={**config, "indices": [int(i) for i in cpu_indices]},
+    )
+
+
+def random_subset(
+    source: "ImageSet",
+    m: int,
+    teacher: nn.Module | None = None,
+    *,
+    seed: int = 0,
+    targets: Literal["teacher", "labels"] = "teacher",
+    device: str | torch.device | None = None,
+    batch_size: int = 512,
+    progress: bool = False,
+) -> DistilledSet:
+    """m distinct real images drawn uniformly by `seed`, as a `DistilledSet` (method `random`).
+
+    Targets are the teacher's features of the normalised images
+    (`targets="teacher"`) or the source's labels (`"labels"`, hard labels).
+    The chosen indices are in `config["indices"]`.
+    """
+    _check_m(m, len(source), "random subset")
+    _check_targets(targets, source, teacher, "random subset")
+    generator = torch.Generator().manual_seed(int(seed))
+    indices = torch.randperm(len(source), generator=generator)[:m]
+    return random_subset_of(
+        source, indices, teacher, targets=targets, device=device, batch_size=batch_size, progress=progress,
+        config={"seed": int(seed)},
+    )
+
+
+def random_subset_of(
+    source: "ImageSet",
+    indices: torch.Tensor | list[int],
+    teacher: nn.Module | None = None,
+    *,
+    targets: Literal["teacher", "labels"] = "teacher",
+    device: str | torch.device | None = None,
+    batch_size: int = 512,
+    progress: bool = False,
+    config: dict[str, Any] | None = None,
+) -> DistilledSet:
+    """The real images at `indices` as a `DistilledSet` (method `random`), targets as in `random_subset`.
+
+    For a subset chosen elsewhere, e.g. the very images KRR-ST's synthetic
+    set was initialised from, so the pair differs only in what distillation
+    did to them. Indices must be distinct and inside the source.
+    """
+    indices = torch.as_tensor(indices, dtype=torch.long).cpu().flatten()
+    if len(indices) == 0:
+        raise KrrstError("random subset: no indices given")
+    if int(indices.min()) < 0 or int(indices.max()) >= len(source):
+        raise KrrstError(f"random subset: indices must lie in [0, {len(source)}), got [{int(indices.min())}, {int(indices.max())}]")
+    if len(indices.unique()) != len(indices):
+        raise KrrstError("random subset: indices must be distinct")
+    _check_targets(targets, source, teacher, "random subset")
+    features = None
+    if targets == "teacher":
+        features = teacher_features(teacher, source, indices, batch_size=batch_size, device=device, progress=progress)
+    set_config = {"m": len(indices), **(config or {}), "targets": targets}
+    return _make_set(source, indices, features, targets, "random", teacher, set_config)
+
+
+# --------------------------------------------------------------------------- k-means
+
+
+def _rows_per_block(k: int) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(1, k))
+
+
+def _squared_distances(points: torch.Tensor, centroids: torch.Tensor, centroid_norms: torch.Tensor) -> torch.Tensor:
+    """||p - c||^2 for a block of points against every centroid, via one matrix product (clamped at 0)."""
+    point_norms = points.pow(2).sum(dim=1, keepdim=True)
+    return (point_norms - 2.0 * points @ centroids.T + centroid_norms[None, :]).clamp_(min=0.0)
+
+
+def assign_to_centroids(features: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of the nearest centroid, squared distance to it) for every point, in memory-bounded blocks."""
+    centroid_norms = centroids.pow(2).sum(dim=1)
+    block = _rows_per_block(len(centroids))
+    labels = torch.empty(len(features), dtype=torch.long, device=features.device)
+    distances = torch.empty(len(features), dtype=features.dtype, device=features.device)
+    for start in range(0, len(features), block):
+        d2 = _squared_distances(features[start : start + block], centroids, centroid_norms)
+        distances[start : start + block], labels[start : start + block] = d2.min(dim=1)
+    return labels, distances
+
+
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand((), generator=generator, dtype=torch.float64))
+
+
+def kmeans_plus_plus(features: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of k initial centres by k-means++ (Arthur & Vassilvitskii 2007): each drawn with probability ∝ D².
+
+    The draws are single uniforms from the CPU `generator`, mapped through
+    the cumulative D² on the features' device, so the choice is the same on
+    any device up to float rounding.
+    """
+    n = len(features)
+    chosen = torch.empty(k, dtype=torch.long)
+    first = int(torch.randint(n, (), generator=generator))
+    chosen[0] = first
+    nearest = (features - features[first]).pow(2).sum(dim=1)
+    for index in range(1, k):
+        cumulative = nearest.double().cumsum(0)
+        total = float(cumulative[-1])
+        if total <= 0.0:  # every point coincides with a centre: fall back to any point not yet chosen
+            taken = set(chosen[:index].tolist())
+            pick = next(i for i in range(n) if i not in taken)
+        else:
+            threshold = torch.tensor(_uniform(generator) * total, dtype=torch.float64, device=features.device)
+            pick = int(torch.searchsorted(cumulative, threshold, right=True).clamp_(max=n - 1))
+        chosen[index] = pick
+        nearest = torch.minimum(nearest, (features - features[pick]).pow(2).sum(dim=1))
+    return chosen
+
+
+def kmeans(
+    features: torch.Tensor,
+    k: int,
+    *,
+    iterations: int = 20,
+    seed: int = 0,
+    algorithm: Literal["auto", "lloyd", "minibatch"] = "auto",
+    minibatch_size: int = 8192,
+    init_sample: int = 100_000,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means of N x d `features` on their device; returns (k x d centroids, N cluster indices).
+
+    Init: k-means++ on at most `init_sample` points drawn by `seed`.
+    `lloyd`: `iterations` full assignment/update passes, stopping early when
+    no assignment changes; an emptied cluster is re-seeded at the point
+    farthest from its centroid. `minibatch` (Sculley 2010): `iterations`
+    epochs of batches of `minibatch_size`, each centroid moving toward the
+    mean of its batch points with step size (its batch count) / (its total
+    count so far). `auto` picks Lloyd up to `MINIBATCH_THRESHOLD` points,
+    mini-batch beyond. Distances are computed in blocks of at most 2^26
+    entries, so memory stays bounded for any N (1.2M ImageNet features with
+    k = 1,000 fit any GPU).
+    """
+    if features.dim() != 2:
+        raise KrrstError(f"k-means features must be N x d, got shape {tuple(features.shape)}")
+    n = len(features)
+    _check_m(k, n, "k-means")
+    if algorithm not in ("auto", "lloyd", "minibatch"):
+        raise KrrstError(f"k-means algorithm={algorithm!r} is not valid; expected auto, lloyd or minibatch")
+    if algorithm == "auto":
+        algorithm = "lloyd" if n <= MINIBATCH_THRESHOLD else "minibatch"
+    features = features.float()
+    generator = torch.Generator().manual_seed(int(seed))
+    if n > init_sample:
+        sample = torch.randperm(n, generator=generator)[: max(init_sample, k)].to(features.device)
+        centroids = features[sample][kmeans_plus_plus(features[sample], k, generator).to(features.device)].clone()
+    else:
+        centroids = features[kmeans_plus_plus(features, k, generator).to(features.device)].clone()
+
+    bar = tqdm(total=iterations, desc=f"k-means ({algorithm}, k={k})", unit="it", disable=not progress, leave=False)
+    try:
+        if algorithm == "lloyd":
+            previous = None
+            for _ in range(iterations):
+                labels, distances = assign_to_centroids(features, centroids)
+                counts = torch.bincount(labels, minlength=k)
+                sums = torch.zeros_like(centroids).index_add_(0, labels, features)
+                nonempty = counts > 0
+                centroids[nonempty] = sums[nonempty] / counts[nonempty, None].to(features.dtype)
+                empty = torch.nonzero(~nonempty).flatten()
+                if len(empty):
+                    farthest = distances.topk(len(empty)).indices
+                    centroids[empty] = features[farthest]
+                bar.update(1)
+                if previous is not None and len(empty) == 0 and torch.equal(labels, previous):
+                    break
+                previous = labels
+        else:
+            totals = torch.zeros(k, dtype=features.dtype, device=features.device)
+            for _ in range(iterations):
+                order = torch.randperm(n, generator=generator).to(features.device)
+                for start in range(0, n, minibatch_size):
+                    batch = features[order[start : start + minibatch_size]]
+                    labels, _ = assign_to_centroids(batch, centroids)
+                    counts = torch.bincount(labels, minlength=k).to(features.dtype)
+                    sums = torch.zeros_like(centroids).index_add_(0, labels, batch)
+                    totals += counts
+                    moved = counts > 0
+                    # c <- c + (sum_batch - b c) / total: each centroid is the running mean of its points.
+                    centroids[moved] += (sums[moved] - counts[moved, None] * centroids[moved]) / totals[moved, None]
+                bar.update(1)
+    finally:
+        bar.close()
+    labels, _ = assign_to_centroids(features, centroids)
+    return centroids, labels
+
+
+def nearest_distinct(features: torch.Tensor, centroids: torch.Tensor, candidates: int = 16) -> torch.Tensor:
+    """For every centroid, the index of its nearest point, all distinct (k indices, int64, CPU).
+
+    Each centroid's `candidates` nearest points are found in blocks; pairs
+    are then taken in order of distance, skipping a point already taken, so
+    a point two centroids share goes to the closer one and the other takes
+    its next nearest. A centroid whose candidates all went elsewhere (rare)
+    gets its nearest point not yet taken, by a full pass.
+    """
+    n, k = len(features), len(centroids)
+    _check_m(k, n, "nearest points")
+    features = features.float()
+    centroids = centroids.float()
+    candidates = min(candidates, n)
+    centroid_norms = centroids.pow(2).sum(dim=1)
+    best_d = torch.full((k, 0), float("inf"), device=features.device)
+    best_i = torch.empty((k, 0), dtype=torch.long, device=features.device)
+    block = _rows_per_block(k)
+    for start in range(0, n, block):
+        d2 = _squared_distances(features[start : start + block], centroids, centroid_norms).T  # k x block
+        top = min(candidates, d2.shape[1])
+        d_block, i_block = d2.topk(top, dim=1, largest=False)
+        merged_d = torch.cat([best_d, d_block], dim=1)
+        merged_i = torch.cat([best_i, i_block + start], dim=1)
+        keep = min(candidates, merged_d.shape[1])
+        best_d, order = merged_d.topk(keep, dim=1, largest=False)
+        best_i = merged_i.gather(1, order)
+    best_d, best_i = best_d.cpu(), best_i.cpu()
+    pair_order = torch.argsort(best_d.flatten(), stable=True)
+    chosen = torch.full((k,), -1, dtype=torch.long)
+    taken: set[int] = set()
+    for flat in pair_order.tolist():
+        centroid, point = divmod(flat, best_d.shape[1])
+        point = int(best_i[centroid, point])
+        if chosen[centroid] >= 0 or point in taken:
+            continue
+        chosen[centroid] = point
+        taken.add(point)
+    for centroid in torch.nonzero(chosen < 0).flatten().tolist():
+        distances = (features - centroids[centroid]).pow(2).sum(dim=1)
+        if taken:
+            distances[torch.tensor(sorted(taken), device=features.device)] = float("inf")
+        point = int(distances.argmin())
+        chosen[centroid] = point
+        taken.add(point)
+    return chosen
+
+
+def kmeans_coreset(
+    source: "ImageSet",
+    m: int,
+    teacher: nn.Module,
+    *,
+    seed: int = 0,
+    targets: Literal["teacher", "labels"] = "teacher",
+    iterations: int = 20,
+    algorithm: Literal["auto", "lloyd", "minibatch"] = "auto",
+    device: str | torch.device | None = None,
+    batch_size: int = 512,
+    progress: bool = False,
+) -> DistilledSet:
+    """The real image nearest each of m k-means centroids in the teacher's feature space (method `kmeans`).
+
+    Features are the teacher's outputs on the normalised images (eval mode),
+    computed once for the whole source and kept on `device` (N x d float32:
+    2.4 GB for 1.2M images at d = 512). k-means as `kmeans` (seeded by
+    `seed`); the m chosen images are distinct (`nearest_distinct`). Targets:
+    those images' teacher features, or the source's labels.
+    """
+    _check_m(m, len(source), "k-means coreset")
+    if teacher is None:
+        raise KrrstError("k-means coreset needs a teacher network: clustering happens in its feature space")
+    _check_targets(targets, source, teacher, "k-means coreset")
+    features = teacher_features(teacher, source, batch_size=batch_size, device=device, progress=progress)
+    centroids, _ = kmeans(features, m, iterations=iterations, seed=seed, algorithm=algorithm, progress=progress)
+    indices = nearest_distinct(features, centroids)
+    chosen_features = features[indices.to(features.device)] if targets == "teacher" else None
+    config = {"m": m, "seed": int(seed), "targets": targets, "iterations": iterations, "algorithm": algorithm}
+    return _make_set(source, indices, chosen_features, targets, "kmeans", teacher, config)
+
+
+def no_pretraining(arch: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A freshly initialised `arch` network without a head (init fixed by `seed`): the `none` baseline."""
+    from krrst.evaluate import fresh_model
+
+    return fresh_model(arch, None, seed, **overrides)

@@ -1,0 +1,1140 @@
+"""The evaluation protocol: pre-train on a set, then fine-tune, linear-probe or distil knowledge.
+
+A distilled set is only worth what it does downstream. This module holds the
+paper's protocol as plain functions (see `../shared/METHOD.md`, "Evaluation
+protocol"):
+
+- `pretrain(distilled, arch, PretrainConfig)`: a fresh network regresses the
+  set's target representations with MSE (SGD lr 0.1, wd 1e-3, batch 256,
+  1,000 epochs, no augmentation); label-based sets (hard or soft labels) get
+  the recipes of the authors' code for them.
+- `finetune(model, target_train, target_test, FinetuneConfig)`: new
+  classifier, every weight trained (SGD + cosine, crop/flip), top-1 on the
+  whole test set.
+- `linear_probe(...)`: frozen features, a linear classifier by SGD (the
+  paper's) or L-BFGS (MKDT's few-label probe).
+- `few_label_split(...)`: the class-balanced label subsets of the few-label
+  protocols, fixed by the seed so every method sees the same images.
+- `knowledge_distillation(...)`: target-data-free KD through the distilled images.
+- `evaluate_set(...)` chains them and returns one results row
+  (`krrst.report.RESULT_FIELDS`); `append_rows` stores rows in a run directory.
+
+Accuracies are fractions in [0, 1] (as `krrst.report` stores them).
+
+Normalisation: every network sees images normalised with the statistics of
+the dataset they come from (a target is normalised with the target's own
+mean/std, as the authors' code does per dataset); distilled images are
+already normalised with the source's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from krrst.config import resolve_device
+from krrst.distilled import DistilledSet
+from krrst.errors import KrrstError
+from krrst.models import create_model, reset_head
+
+if TYPE_CHECKING:
+    from krrst.data import ImageSet
+
+PROTOCOLS = ("finetune", "linear", "knowledge_distillation")
+LABEL_FILE_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
+
+# Names other projects use for the two tensors of a label-based set (DC/DSA/DM
+# save `image_syn`/`label_syn`, MTT `images_best`/`labels_best`, KRR-ST `x_syn`/`y_syn`).
+_IMAGE_KEYS = ("images", "image", "x", "x_syn", "image_syn", "images_best", "data", "images_all")
+_LABEL_KEYS = ("labels", "label", "targets", "y", "y_syn", "label_syn", "labels_best", "labels_all")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Pre-training on a distilled set (defaults: the paper's, for representation targets).
+
+    Representation targets: MSE regression, SGD `lr`, `momentum`,
+    `weight_decay`, `epochs` passes over the set in batches of `batch_size`,
+    no augmentation, constant learning rate (as the authors' code).
+
+    Hard labels (DSA/DM/MTT, random or k-means subsets with labels):
+    cross-entropy, SGD `label_lr`, `label_weight_decay`, learning rate x0.1 at
+    half the epochs (the authors' recipe). Soft labels (KIP/FRePo): AdamW
+    `soft_label_lr` (wd 0), linear warm-up over the first 5% of steps then
+    cosine, and by default the loss of the authors' code for these sets: MSE
+    regression of the learned labels (0.5 * squared error summed over classes,
+    mean over the batch); `soft_label_loss="cross_entropy"` uses soft
+    cross-entropy against the labels (taken as probabilities when every row is
+    a distribution, else softmax-ed as logits). Both label kinds are augmented
+    when `label_augment` is set: random crop (pad `padding`) + flip + DSA's
+    colour jitter (brightness, saturation, contrast), which stands in for the
+    full DSA augmentation of the authors' code (it also scales, rotates and
+    cuts out).
+    """
+
+    epochs: int = 1000
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    label_lr: float = 0.01
+    label_weight_decay: float = 5e-4
+    soft_label_lr: float = 3e-4
+    soft_label_loss: Literal["mse", "cross_entropy"] = "mse"
+    label_augment: bool = True
+    padding: int = 4
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning every weight on a target (the paper's: 10,000 iterations; 5,000 for fine-grained sets).
+
+    SGD with momentum and weight decay, cosine learning rate from `lr` to 0
+    over `iterations`, random crop (zero padding `padding`, in pixel space) +
+    horizontal flip, batches of `batch_size` drawn without replacement,
+    epoch by epoch. The authors' code uses batch 128; METHOD.md and the paper
+    say 256, the default here.
+    """
+
+    iterations: int = 10_000
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    padding: int = 4
+    seed: int = 0
+    eval_batch_size: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearProbeConfig:
+    """Linear classifier on frozen features.
+
+    `solver="sgd"` (the paper's check): SGD `lr`, `momentum`, `weight_decay`,
+    cosine over `iterations`, batches of `batch_size`.
+
+    `solver="lbfgs"` (MKDT's few-label probe): multinomial logistic regression
+    on the full feature matrix, minimising mean cross-entropy +
+    `lbfgs_l2 * ||W||^2` (bias not penalised; MKDT's weight 1e-3) with
+    `torch.optim.LBFGS` for `lbfgs_steps` steps of up to 20 inner iterations
+    each (MKDT's 100 x 20), with a strong-Wolfe line search so that
+    unnormalised features cannot make it diverge. An sklearn
+    `LogisticRegression(C)` fit on n samples is the same problem with
+    `lbfgs_l2 = 1 / (2 * C * n)`.
+    """
+
+    iterations: int = 5000
+    batch_size: int = 512
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    solver: Literal["sgd", "lbfgs"] = "sgd"
+    lbfgs_l2: float = 1e-3
+    lbfgs_steps: int = 100
+    seed: int = 0
+    eval_batch_size: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class KDConfig:
+    """Target-data-free knowledge distillation through the distilled images (the paper's KD experiment).
+
+    Adam `lr` (1e-4), `epochs` passes over the distilled images in batches of
+    `batch_size`, cosine schedule, soft cross-entropy at `temperature`; each
+    batch is strongly augmented (crop pad `padding` + flip + DSA colour jitter)
+    and both networks see the same augmented batch.
+    """
+
+    epochs: int = 1000
+    batch_size: int = 512
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    temperature: float = 1.0
+    padding: int = 4
+    seed: int = 0
+    eval_batch_size: int = 1024
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _check_positive(value: int | float, name: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise KrrstError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _seeded_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _epoch_batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> list[torch.Tensor]:
+    """One shuffled pass over n items in batches; a trailing batch of one joins the previous (BatchNorm)."""
+    order = torch.randperm(n, generator=generator).to(device)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] = torch.cat(batches[-2:])
+        batches.pop()
+    return batches
+
+
+def _batch_stream(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches, epoch after epoch (each item once per epoch)."""
+    while True:
+        yield from _epoch_batches(n, batch_size, generator, device)
+
+
+def fresh_model(arch: str, num_outputs: int | None = None, seed: int = 0, **overrides: Any) -> nn.Module:
+    """`create_model` with its random init fixed by `seed`, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return create_model(arch, num_outputs=num_outputs, **overrides)
+
+
+def _seeded_reset_head(model: nn.Module, num_outputs: int | None, seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return reset_head(model, num_outputs)
+
+
+def _cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+
+
+def _model_input_size(model: nn.Module) -> int | None:
+    size = getattr(model, "image_size", None)
+    if size is None and isinstance(getattr(model, "spec", None), dict):
+        size = model.spec.get("image_size")
+    return int(size) if size is not None else None
+
+
+def _model_arch(model: nn.Module, default: str = "") -> str:
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, dict) and spec.get("arch"):
+        return str(spec["arch"])
+    return default or type(model).__name__
+
+
+def resize_images(images: torch.Tensor, size: int, chunk_size: int = 2048) -> torch.Tensor:
+    """Resize uint8 N x C x H x W images to size x size (bilinear, antialiased), keeping uint8.
+
+    Returns `images` itself when they already have that size. Done in chunks
+    on the images' device so a large target never needs a full float copy.
+    """
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8, device=images.device)
+    for start in range(0, images.shape[0], chunk_size):
+        chunk = images[start : start + chunk_size].float()
+        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + chunk_size] = resized.round().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _normalize(images_uint8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    from krrst.augment import normalize
+
+    return normalize(images_uint8, mean, std)
+
+
+def _crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    from krrst.augment import crop_flip
+
+    return crop_flip(images, padding=padding, generator=generator)
+
+
+def _dsa_colour(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """DSA's colour jitter on normalised images: brightness, saturation, contrast, one draw per image.
+
+    DSA (Zhao & Bilen 2021), ParamDiffAug: x + (u - 0.5); (x - mean_c)(2u) +
+    mean_c over channels; (x - mean)(u + 0.5) + mean over the image, with u
+    ~ U(0, 1) per image; applied in the normalised space as DSA does.
+    """
+    n = images.shape[0]
+    draws = torch.rand(3, n, 1, 1, 1, generator=generator).to(images.device, images.dtype)
+    images = images + (draws[0] - 0.5)
+    channel_mean = images.mean(dim=1, keepdim=True)
+    images = (images - channel_mean) * (draws[1] * 2.0) + channel_mean
+    image_mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return (images - image_mean) * (draws[2] + 0.5) + image_mean
+
+
+def strong_augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Strong augmentation of normalised images: random crop (zero pad) + flip, then DSA colour jitter.
+
+    Stands in for DSA's `color_crop_cutout_flip_scale_rotate` used by the
+    authors for label-based sets and for KD (no scale, rotation or cutout).
+    """
+    return _dsa_colour(_crop_flip(images, padding, generator), generator)
+
+
+def _progress_bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True, leave=False)
+
+
+# --------------------------------------------------------------------------- labelled target data
+
+
+def _target_tensors(images_set: "ImageSet", what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if images_set.labels is None:
+        raise KrrstError(f"{what} {images_set.name!r} has no labels; fine-tuning and probes need a labelled target")
+    return images_set.images, images_set.labels
+
+
+def _num_classes(*sets: "ImageSet") -> int:
+    names = getattr(sets[0], "class_names", None)
+    if names:
+        return len(names)
+    return int(max(int(s.labels.max()) for s in sets if s.labels is not None and len(s.labels))) + 1
+
+
+def few_label_split(labels: torch.Tensor, fraction: float, seed: int, num_classes: int | None = None) -> torch.Tensor:
+    """Indices of a class-balanced subset holding `fraction` of each class's examples (sorted, int64).
+
+    Class c with n_c examples keeps round(fraction * n_c) of them (half up),
+    at least one. The subset depends only on the labels, the fraction and the
+    seed, so every method is evaluated on the same images (paired
+    comparisons). Each class is shuffled once per seed and the first k_c are
+    kept, so for one seed a smaller fraction's subset is inside a larger one's.
+    """
+    if not 0.0 < float(fraction) <= 1.0:
+        raise KrrstError(f"label fraction must be in (0, 1], got {fraction!r}")
+    labels = torch.as_tensor(labels).cpu().long()
+    if labels.dim() != 1:
+        raise KrrstError(f"labels must be a 1-D tensor of class indices, got shape {tuple(labels.shape)}")
+    if len(labels) and labels.min() < 0:
+        raise KrrstError("labels must be non-negative class indices")
+    num_classes = int(num_classes) if num_classes is not None else (int(labels.max()) + 1 if len(labels) else 0)
+    if len(labels) and labels.max() >= num_classes:
+        raise KrrstError(f"labels reach {int(labels.max())} but num_classes is {num_classes}")
+    generator = _seeded_generator(seed)
+    chosen = []
+    for label in range(num_classes):
+        members = torch.nonzero(labels == label, as_tuple=False).flatten()
+        # Drawn for every class, even empty ones, so each class's shuffle depends only on the seed.
+        order = torch.randperm(len(members), generator=generator)
+        if len(members) == 0:
+            continue
+        keep = max(1, math.floor(fraction * len(members) + 0.5))
+        chosen.append(members[order[:keep]])
+    if not chosen:
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat(chosen).sort().values
+
+
+def protocol_name(protocol: str, label_fraction: float = 1.0) -> str:
+    """`finetune`, `linear`, `knowledge_distillation`, or `finetune@P%` / `linear@P%` for a label fraction."""
+    if protocol not in PROTOCOLS:
+        raise KrrstError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    if not 0.0 < float(label_fraction) <= 1.0:
+        raise KrrstError(f"label fraction must be in (0, 1], got {label_fraction!r}")
+    if float(label_fraction) == 1.0:
+        return protocol
+    if protocol == "knowledge_distillation":
+        raise KrrstError("knowledge_distillation uses no target labels; a label fraction does not apply")
+    return f"{protocol}@{float(label_fraction) * 100:g}%"
+
+
+def _prepared_target(
+    images_set: "ImageSet",
+    what: str,
+    size: int | None,
+    device: torch.device,
+    indices: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (resized to `size`) and labels of a target split, on `device`."""
+    images, labels = _target_tensors(images_set, what)
+    if indices is not None:
+        images, labels = images[indices.to(images.device)], labels[indices.to(labels.device)]
+    images, labels = images.to(device), labels.to(device).long()
+    if size is not None:
+        images = resize_images(images, size)
+    return images, labels
+
+
+@torch.no_grad()
+def top1_accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 1024,
+) -> tuple[float, float]:
+    """(top-1 accuracy as a fraction, mean cross-entropy) of `model` in eval mode on uint8 `images`."""
+    model.eval()
+    correct = 0
+    loss_sum = 0.0
+    for start in range(0, len(images), batch_size):
+        logits = model(_normalize(images[start : start + batch_size], mean, std))
+        batch_labels = labels[start : start + batch_size]
+        correct += int((logits.argmax(dim=1) == batch_labels).sum())
+        loss_sum += float(F.cross_entropy(logits.float(), batch_labels, reduction="sum"))
+    n = max(1, len(images))
+    return correct / n, loss_sum / n
+
+
+# --------------------------------------------------------------------------- label-based sets from other projects
+
+
+def _read_label_file(path: Path) -> dict[str, Any]:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from krrst.io import load_tensors
+
+        tensors, _ = load_tensors(path, "label-based set")
+        return dict(tensors)
+    if suffix == ".npz":
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {name: torch.from_numpy(archive[name].copy()) for name in archive.files}
+        except (ValueError, OSError) as exc:
+            raise KrrstError(f"label-based set {path} is not a readable .npz file ({str(exc).splitlines()[0][:120]})") from None
+    if suffix in (".pt", ".pth"):
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt or unsafe files
+            raise KrrstError(
+                f"label-based set {path} could not be read safely ({str(exc).splitlines()[0][:120]})"
+            ) from None
+        return _unpack_torch_value(value, path)
+    raise KrrstError(f"label-based set {path}: unknown file type {suffix!r}; expected one of {', '.join(LABEL_FILE_SUFFIXES)}")
+
+
+def _unpack_torch_value(value: Any, path: Path) -> dict[str, Any]:
+    """A `.pt` holding a dict of tensors, an (images, labels) pair, or DC/DSA's {'data': [[images, labels], ...]}."""
+    if isinstance(value, torch.Tensor):
+        return {"images": value}
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, torch.Tensor) for v in value):
+        return {"images": value[0], "labels": value[1]}
+    if isinstance(value, dict):
+        data = value.get("data")
+        if isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple)) and len(data[0]) == 2:
+            # DC/DSA/DM save one (images, labels) pair per experiment; the first is taken.
+            return {"images": data[0][0], "labels": data[0][1]}
+        return {str(k): v for k, v in value.items() if isinstance(v, torch.Tensor)}
+    raise KrrstError(f"label-based set {path} holds a {type(value).__name__}; expected tensors (a dict, or images and labels)")
+
+
+def _pick(tensors: dict[str, Any], keys: tuple[str, ...], explicit: str | None, what: str, path: Path) -> torch.Tensor | None:
+    if explicit is not None:
+        if explicit not in tensors:
+            raise KrrstError(f"label-based set {path} has no tensor {explicit!r}; it holds {', '.join(sorted(tensors)) or 'none'}")
+        return tensors[explicit]
+    for key in keys:
+        if key in tensors:
+            return tensors[key]
+    return None
+
+
+def load_label_set(
+    path: str | os.PathLike,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    labels_path: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    pixels: Literal["auto", "normalized", "unit", "uint8"] = "auto",
+    images_key: str | None = None,
+    labels_key: str | None = None,
+    source: str = "",
+    method: str | None = None,
+) -> DistilledSet:
+    """Load another method's distilled set (images + hard or soft labels) as a `DistilledSet`.
+
+    `path` is a `.safetensors`, `.npz` or `.pt` file (read with
+    `weights_only=True`: no code runs) holding the images and, unless
+    `labels_path` names a second file (MTT's `images_best.pt` /
+    `labels_best.pt`), the labels. Tensors are found under common names
+    (`images`/`x`/`x_syn`/`image_syn`/`images_best`..., `labels`/`y`/`y_syn`/
+    `label_syn`/`labels_best`...) or `images_key`/`labels_key`.
+
+    Images: m x C x H x W, or m x H x W x C (JAX projects) which is
+    transposed. `pixels` says their space: `normalized` (DC/DSA/DM/MTT keep
+    normalised images), `unit` ([0, 1] pixels, e.g. KRR-ST's `x_syn.pt`),
+    `uint8` ([0, 255]); `auto` takes uint8 tensors as `uint8`, float tensors
+    inside [0, 1] as `unit`, anything else as `normalized`. Images are
+    normalised with `mean`/`std` unless already normalised.
+
+    Labels: m integer class indices (also float tensors holding whole
+    numbers) -> `hard_labels`; m x K floats -> `soft_labels`. With
+    `num_classes`, hard labels must lie in [0, num_classes) and soft labels
+    have K = num_classes columns. Any mismatch is a one-line `KrrstError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KrrstError(f"label-based set not found: {path}")
+    tensors = _read_label_file(path)
+    images = _pick(tensors, _IMAGE_KEYS, images_key, "images", path)
+    if images is None:
+        raise KrrstError(
+            f"label-based set {path}: no images tensor (looked for {', '.join(_IMAGE_KEYS)}); "
+            f"it holds {', '.join(sorted(tensors)) or 'none'}; name it with images_key"
+        )
+    if labels_path is not None:
+        label_file = Path(labels_path)
+        if not label_file.is_file():
+            raise KrrstError(f"labels file not found: {label_file}")
+        label_tensors = _read_label_file(label_file)
+        if list(label_tensors) == ["images"]:  # a bare tensor in its own file
+            label_tensors = {"labels": label_tensors["images"]}
+        labels = _pick(label_tensors, _LABEL_KEYS, labels_key, "labels", label_file)
+    else:
+        labels = _pick(tensors, _LABEL_KEYS, labels_key, "labels", path)
+    if labels is None:
+        raise KrrstError(
+            f"label-based set {path}: no labels tensor (looked for {', '.join(_LABEL_KEYS)}); "
+            "name it with labels_key or give labels_path"
+        )
+    where = f"label-based set {path}"
+    channels = len(mean)
+    if len(std) != channels:
+        raise KrrstError(f"{where}: mean has {channels} channels but std has {len(std)}")
+    if images.dim() != 4:
+        raise KrrstError(f"{where}: images must be m x {channels} x H x W, got shape {tuple(images.shape)}")
+    if images.shape[1] != channels and images.shape[-1] == channels:
+        images = images.permute(0, 3, 1, 2)
+    if images.shape[1] != channels or images.shape[2] != images.shape[3]:
+        raise KrrstError(f"{where}: images must be m x {channels} x H x H (square), got shape {tuple(images.shape)}")
+    m = images.shape[0]
+    if labels.shape[0] != m:
+        raise KrrstError(f"{where}: {m} images but {labels.shape[0]} labels")
+
+    if pixels == "auto":
+        if images.dtype == torch.uint8:
+            pixels = "uint8"
+        elif images.numel() and float(images.min()) >= 0.0 and float(images.max()) <= 1.0:
+            pixels = "unit"
+        else:
+            pixels = "normalized"
+    if pixels not in ("normalized", "unit", "uint8"):
+        raise KrrstError(f"{where}: pixels={pixels!r} is not valid; expected auto, normalized, unit or uint8")
+    images = images.float()
+    if pixels != "normalized":
+        unit = images / 255.0 if pixels == "uint8" else images
+        images = (unit - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+    if labels.dim() == 1:
+        if labels.dtype.is_floating_point:
+            if not bool(torch.all(labels == labels.round())):
+                raise KrrstError(f"{where}: 1-D labels must be whole class indices, got fractional values")
+        labels = labels.long()
+        if m and labels.min() < 0:
+            raise KrrstError(f"{where}: labels must be in [0, {num_classes or 'K'}), got {int(labels.min())}")
+        if num_classes is not None and m and labels.max() >= num_classes:
+            raise KrrstError(f"{where}: labels must be in [0, {num_classes}), got {int(labels.max())}")
+        target_kind = "hard_labels"
+        classes = num_classes if num_classes is not None else (int(labels.max()) + 1 if m else 0)
+    elif labels.dim() == 2:
+        if not labels.dtype.is_floating_point:
+            raise KrrstError(f"{where}: m x K labels must be float soft labels, got {labels.dtype}")
+        if num_classes is not None and labels.shape[1] != num_classes:
+            raise KrrstError(f"{where}: soft labels have {labels.shape[1]} classes, expected {num_classes}")
+        labels = labels.float()
+        target_kind = "soft_labels"
+        classes = labels.shape[1]
+    else:
+        raise KrrstError(f"{where}: labels must be m class indices or m x K soft labels, got shape {tuple(labels.shape)}")
+    return DistilledSet(
+        images=images.contiguous(),
+        targets=labels.contiguous(),
+        mean=tuple(mean),
+        std=tuple(std),
+        target_kind=target_kind,
+        method=method or path.stem,
+        source=source,
+        config={"num_classes": int(classes), "file": str(path)},
+    )
+
+
+# --------------------------------------------------------------------------- pre-training
+
+
+def _soft_label_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "mse":
+        return 0.5 * (outputs - targets).pow(2).sum(dim=1).mean()
+    is_distribution = bool((targets >= 0).all()) and bool(torch.allclose(targets.sum(dim=1), torch.ones_like(targets[:, 0]), atol=1e-4))
+    probabilities = targets if is_distribution else targets.softmax(dim=1)
+    return -(probabilities * outputs.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def _check_set_fits(model: nn.Module, distilled: DistilledSet, arch: str) -> None:
+    """A probe forward pass turns a size/channel mismatch into a one-line error before training."""
+    probe = distilled.images[:2].detach().float().cpu()  # the fresh model is still on the CPU
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(probe)
+    except KrrstError as exc:
+        raise KrrstError(f"distilled set of {distilled.image_size}x{distilled.image_size} images does not fit {arch!r}: {exc}") from None
+    except RuntimeError as exc:
+        raise KrrstError(
+            f"distilled set of {tuple(distilled.images.shape[1:])} images does not fit architecture {arch!r} "
+            f"({str(exc).splitlines()[0][:160]})"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def pretrain(
+    distilled: DistilledSet,
+    arch: str,
+    config: PretrainConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None,
+    **arch_overrides: Any,
+) -> nn.Module:
+    """Pre-train a fresh `arch` network on a distilled set; returns it (eval mode, on `device`, with its head).
+
+    Representation targets are regressed with MSE; hard and soft labels use
+    the label recipes of `PretrainConfig`. The network's init, the batch
+    order and the augmentation are fixed by `config.seed`. `arch_overrides`
+    go to `create_model` (e.g. `widths=(16, 32, 64)` for a narrow CPU
+    network). `on_epoch(epoch, mean_loss)` is called after every epoch (it
+    forces a device sync; leave it None for speed). A set whose images do not
+    fit the architecture is a one-line `KrrstError`.
+    """
+    config = config or PretrainConfig()
+    _check_positive(config.batch_size, "pretrain.batch_size")
+    _check_positive(config.epochs, "pretrain.epochs", allow_zero=True)
+    device = resolve_device(device)
+    kind = distilled.target_kind
+    if kind == "hard_labels":
+        num_outputs = int(distilled.config.get("num_classes") or distilled.feature_dim)
+    else:
+        num_outputs = distilled.feature_dim
+    model = fresh_model(arch, num_outputs, config.seed, **arch_overrides)
+    _check_set_fits(model, distilled, arch)
+    model.to(device)
+    images = distilled.images.detach().to(device, torch.float32)
+    targets = distilled.targets.detach().to(device)
+    targets = targets.long() if kind == "hard_labels" else targets.float()
+    m = len(distilled)
+    steps_per_epoch = len(_epoch_batches(m, config.batch_size, _seeded_generator(0), torch.device("cpu"))) if m else 0
+    total_steps = steps_per_epoch * config.epochs
+
+    scheduler = None
+    if kind == "representation":
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    elif kind == "hard_labels":
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.label_lr, momentum=config.momentum, weight_decay=config.label_weight_decay
+        )
+        decay_step = max(1, config.epochs // 2) * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[decay_step], gamma=0.1)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.soft_label_lr, weight_decay=0.0)
+        warmup = max(1, total_steps // 20)
+
+        def warmup_cosine(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+
+    augment = kind != "representation" and config.label_augment
+    generator = _seeded_generator(config.seed)
+    model.train()
+    bar = _progress_bar(config.epochs, f"pre-train {arch} on {distilled.method}", "epoch", progress)
+    try:
+        for epoch in range(config.epochs):
+            epoch_loss = torch.zeros((), device=device)
+            batches = _epoch_batches(m, config.batch_size, generator, device)
+            for batch in batches:
+                inputs = images[batch]
+                if augment:
+                    inputs = strong_augment(inputs, generator, config.padding)
+                outputs = model(inputs)
+                if kind == "representation":
+                    loss = F.mse_loss(outputs, targets[batch])
+                elif kind == "hard_labels":
+                    loss = F.cross_entropy(outputs, targets[batch])
+                else:
+                    loss = _soft_label_loss(outputs, targets[batch], config.soft_label_loss)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                epoch_loss += loss.detach()
+            mean_loss = epoch_loss / max(1, len(batches))
+            if on_epoch is not None:
+                on_epoch(epoch, float(mean_loss))
+            if progress and (epoch % 10 == 0 or epoch == config.epochs - 1):
+                bar.set_postfix(loss=f"{float(mean_loss):.4g}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- fine-tuning and probes
+
+
+def _resolve_size(model: nn.Module, image_size: int | None, fallback: int) -> int:
+    return int(image_size or _model_input_size(model) or fallback)
+
+
+def finetune(
+    model: nn.Module,
+    target_train: "ImageSet",
+    target_test: "ImageSet",
+    config: FinetuneConfig | None = None,
+    *,
+    label_fraction: float = 1.0,
+    image_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a copy of `model` on a labelled target; returns `{"accuracy", "test_loss", ...}`.
+
+    The head is replaced by a fresh `Linear(feature_dim, num_classes)` and
+    every weight is trained (`FinetuneConfig`); `model` itself is left
+    unchanged. With `label_fraction < 1`, only the class-balanced subset of
+    `few_label_split(labels, label_fraction, config.seed)` is used. Targets
+    are resized to `image_size` (default: the network's own input size when
+    it has one, e.g. ConvNets; else the target's size) and normalised with
+    the target's mean/std. `accuracy` is top-1 on the whole test split, as a
+    fraction.
+    """
+    config = config or FinetuneConfig()
+    _check_positive(config.batch_size, "finetune.batch_size")
+    _check_positive(config.iterations, "finetune.iterations", allow_zero=True)
+    device = resolve_device(device)
+    started = time.perf_counter()
+    num_classes = _num_classes(target_train, target_test)
+    size = _resolve_size(model, image_size, target_train.image_size)
+    subset = None
+    if float(label_fraction) < 1.0:
+        subset = few_label_split(target_train.labels, label_fraction, config.seed, num_classes)
+    train_images, train_labels = _prepared_target(target_train, "target train split", size, device, subset)
+    test_images, test_labels = _prepared_target(target_test, "target test split", size, device)
+    mean, std = tuple(target_train.mean), tuple(target_train.std)
+
+    network = copy.deepcopy(model)
+    _seeded_reset_head(network, num_classes, config.seed)
+    network.to(device).train()
+    optimizer = torch.optim.SGD(
+        network.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    scheduler = _cosine_lr(optimizer, config.iterations)
+    generator = _seeded_generator(config.seed)
+    batches = _batch_stream(len(train_images), config.batch_size, generator, device)
+    target_name = getattr(target_train, "name", "target")
+    bar = _progress_bar(config.iterations, f"fine-tune on {target_name}", "it", progress)
+    last_loss = float("nan")
+    try:
+        for iteration in range(config.iterations):
+            batch = next(batches)
+            pixels = train_images[batch].float().div_(255.0)
+            inputs = _normalize(_crop_flip(pixels, config.padding, generator), mean, std)
+            loss = F.cross_entropy(network(inputs), train_labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if iteration % 50 == 0 or iteration == config.iterations - 1:
+                last_loss = float(loss.detach())
+                bar.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    accuracy, test_loss = top1_accuracy(network, test_images, test_labels, mean, std, config.eval_batch_size)
+    return {
+        "accuracy": accuracy,
+        "test_loss": test_loss,
+        "train_loss": last_loss,
+        "train_size": len(train_images),
+        "num_classes": num_classes,
+        "image_size": size,
+        "iterations": config.iterations,
+        "wall_time_s": time.perf_counter() - started,
+    }
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """`model.forward_features` of uint8 `images` in eval mode, batched, as float32 (N x feature_dim)."""
+    model.eval()
+    chunks = [
+        model.forward_features(_normalize(images[start : start + batch_size], mean, std)).float()
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks) if chunks else torch.empty(0, model.feature_dim, device=images.device)
+
+
+def fit_linear_sgd(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, config: LinearProbeConfig, progress: bool = False
+) -> nn.Linear:
+    """A linear classifier on fixed features by SGD + cosine (the paper's probe)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        classifier = nn.Linear(features.shape[1], num_classes).to(features.device)
+    optimizer = torch.optim.SGD(
+        classifier.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    scheduler = _cosine_lr(optimizer, config.iterations)
+    generator = _seeded_generator(config.seed)
+    batches = _batch_stream(len(features), config.batch_size, generator, features.device)
+    bar = _progress_bar(config.iterations, "linear probe (sgd)", "it", progress)
+    try:
+        for iteration in range(config.iterations):
+            batch = next(batches)
+            loss = F.cross_entropy(classifier(features[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if iteration % 100 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    return classifier
+
+
+def fit_linear_lbfgs(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, config: LinearProbeConfig, progress: bool = False
+) -> nn.Linear:
+    """Multinomial logistic regression on the full feature matrix with L-BFGS (MKDT's probe).
+
+    Minimises mean cross-entropy + `config.lbfgs_l2 * ||W||^2` from a zero
+    init (the problem is convex, so the solution does not depend on the seed).
+    """
+    classifier = nn.Linear(features.shape[1], num_classes, device=features.device, dtype=features.dtype)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.LBFGS(
+        classifier.parameters(), lr=1.0, max_iter=20, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(classifier(features), labels) + config.lbfgs_l2 * classifier.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    bar = _progress_bar(config.lbfgs_steps, "linear probe (lbfgs)", "step", progress)
+    try:
+        previous = None
+        for _ in range(config.lbfgs_steps):
+            loss = float(optimizer.step(closure).detach())
+            bar.set_postfix(loss=f"{loss:.5g}", refresh=False)
+            bar.update(1)
+            if previous is not None and abs(previous - loss) <= 1e-9 * max(1.0, abs(loss)):
+                break  # converged: further steps change nothing
+            previous = loss
+    finally:
+        bar.close()
+    return classifier
+
+
+def linear_probe(
+    model: nn.Module,
+    target_train: "ImageSet",
+    target_test: "ImageSet",
+    config: LinearProbeConfig | None = None,
+    *,
+    label_fraction: float = 1.0,
+    image_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Frozen-feature linear probe; returns `{"accuracy", "test_loss", ...}` (accuracy a fraction).
+
+    Features (`forward_features`, eval mode, no augmentation) are computed
+    once for the train and test splits; a linear classifier is fitted by SGD
+    or L-BFGS (`config.solver`) on the train features (the few-label subset
+    when `label_fraction < 1`) and scored on every test image. `model` is
+    not modified. Resizing and normalisation as in `finetune`.
+    """
+    config = config or LinearProbeConfig()
+    if config.solver not in ("sgd", "lbfgs"):
+        raise KrrstError(f"linear.solver={config.solver!r} is not valid; expected sgd or lbfgs")
+    _check_positive(config.batch_size, "linear.batch_size")
+    device = resolve_device(device)
+    started = time.perf_counter()
+    num_classes = _num_classes(target_train, target_test)
+    size = _resolve_size(model, image_size, target_train.image_size)
+    subset = None
+    if float(label_fraction) < 1.0:
+        subset = few_label_split(target_train.labels, label_fraction, config.seed, num_classes)
+    train_images, train_labels = _prepared_target(target_train, "target train split", size, device, subset)
+    test_images, test_labels = _prepared_target(target_test, "target test split", size, device)
+    mean, std = tuple(target_train.mean), tuple(target_train.std)
+    network = copy.deepcopy(model).to(device)
+    train_features = extract_features(network, train_images, mean, std, config.eval_batch_size)
+    test_features = extract_features(network, test_images, mean, std, config.eval_batch_size)
+    del network
+    fit = fit_linear_lbfgs if config.solver == "lbfgs" else fit_linear_sgd
+    classifier = fit(train_features, train_labels, num_classes, config, progress)
+    with torch.no_grad():
+        logits = classifier(test_features)
+        accuracy = float((logits.argmax(dim=1) == test_labels).float().mean()) if len(test_labels) else 0.0
+        test_loss = float(F.cross_entropy(logits, test_labels)) if len(test_labels) else float("nan")
+    return {
+        "accuracy": accuracy,
+        "test_loss": test_loss,
+        "train_size": len(train_images),
+        "num_classes": num_classes,
+        "image_size": size,
+        "solver": config.solver,
+        "wall_time_s": time.perf_counter() - started,
+    }
+
+
+# --------------------------------------------------------------------------- knowledge distillation
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Soft cross-entropy of the student against the teacher's softened distribution, mean over the batch.
+
+    L = -(T^2 / B) * sum_b sum_k softmax(t_b / T)_k * log softmax(s_b / T)_k
+
+    with teacher logits t, student logits s, batch size B and temperature T.
+    The T^2 factor (Hinton et al. 2015) keeps gradient magnitudes comparable
+    across temperatures; at the paper's T = 1 this is exactly the authors'
+    `distillation_loss`. The teacher side carries no gradient.
+    """
+    if temperature <= 0:
+        raise KrrstError(f"KD temperature must be > 0, got {temperature!r}")
+    teacher_probabilities = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    student_log_probabilities = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    per_example = -(teacher_probabilities * student_log_probabilities).sum(dim=-1)
+    return per_example.mean() * temperature**2
+
+
+def knowledge_distillation(
+    teacher_classifier: nn.Module,
+    student_init: nn.Module,
+    distilled_images: DistilledSet | torch.Tensor,
+    target_test: "ImageSet",
+    config: KDConfig | None = None,
+    *,
+    image_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Target-data-free KD: distil `teacher_classifier` into a copy of `student_init` on the distilled images only.
+
+    The student gets a fresh head with as many outputs as the teacher has
+    and is trained with `soft_cross_entropy` (Adam, cosine) on strongly
+    augmented distilled images (`strong_augment`), teacher and student
+    seeing the same batch; no target training image is used. The teacher
+    runs in eval mode (the authors' code left it in train mode, so its
+    BatchNorm used batch statistics of the synthetic images). The student is
+    tested on `target_test`, resized to the distilled images' size (or
+    `image_size`) and normalised with the target's mean/std. Returns
+    `{"accuracy", "test_loss", ...}`; accuracy a fraction.
+    """
+    config = config or KDConfig()
+    _check_positive(config.batch_size, "kd.batch_size")
+    device = resolve_device(device)
+    started = time.perf_counter()
+    images = distilled_images.images if isinstance(distilled_images, DistilledSet) else distilled_images
+    if images.dim() != 4:
+        raise KrrstError(f"KD distilled images must be m x C x H x W, got shape {tuple(images.shape)}")
+    images = images.detach().to(device, torch.float32)
+    teacher = copy.deepcopy(teacher_classifier).to(device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    with torch.no_grad():
+        num_classes = int(teacher(images[:2]).shape[1])
+    student = copy.deepcopy(student_init)
+    _seeded_reset_head(student, num_classes, config.seed)
+    student.to(device).train()
+    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    m = len(images)
+    steps_per_epoch = len(_epoch_batches(m, config.batch_size, _seeded_generator(0), torch.device("cpu")))
+    scheduler = _cosine_lr(optimizer, steps_per_epoch * config.epochs)
+    generator = _seeded_generator(config.seed)
+    bar = _progress_bar(config.epochs, "knowledge distillation", "epoch", progress)
+    try:
+        for epoch in range(config.epochs):
+            for batch in _epoch_batches(m, config.batch_size, generator, device):
+                with torch.no_grad():
+                    inputs = strong_augment(images[batch], generator, config.padding)
+                    teacher_logits = teacher(inputs)
+                loss = soft_cross_entropy(student(inputs), teacher_logits, config.temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+            if epoch % 10 == 0 or epoch == config.epochs - 1:
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    size = int(image_size or images.shape[-1])
+    test_images, test_labels = _prepared_target(target_test, "target test split", size, device)
+    accuracy, test_loss = top1_accuracy(
+        student, test_images, test_labels, tuple(target_test.mean), tuple(target_test.std), config.eval_batch_size
+    )
+    return {
+        "accuracy": accuracy,
+        "test_loss": test_loss,
+        "num_classes": num_classes,
+        "image_size": size,
+        "wall_time_s": time.perf_counter() - started,
+    }
+
+
+# --------------------------------------------------------------------------- results rows
+
+
+def result_row(
+    *,
+    method: str,
+    source: str,
+    target: str,
+    arch: str,
+    protocol: str,
+    seed: int,
+    accuracy: float,
+    wall_time_s: float,
+) -> dict[str, Any]:
+    """One results row with exactly `krrst.report.RESULT_FIELDS` (accuracy a fraction in [0, 1])."""
+    return {
+        "method": str(method),
+        "source": str(source),
+        "target": str(target),
+        "arch": str(arch),
+        "protocol": str(protocol),
+        "seed": int(seed),
+        "accuracy": float(accuracy),
+        "wall_time_s": float(wall_time_s),
+    }
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """What identifies an evaluation: (method, source, target, arch, protocol, seed); a resumed run skips rows it has."""
+    return (row["method"], row["source"], row["target"], row["arch"], row["protocol"], int(row["seed"]))
+
+
+def append_rows(run_dir: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Append rows to `run_dir/results.csv` and `results.json` (delegates to `krrst.report.append_results`)."""
+    from krrst.report import append_results
+
+    append_results(run_dir, rows)
+
+
+def evaluate_set(
+    distilled: DistilledSet | None,
+    arch: str,
+    target_train: "ImageSet",
+    target_test: "ImageSet",
+    *,
+    protocol: str = "finetune",
+    label_fraction: float = 1.0,
+    seed: int = 0,
+    pretrained: nn.Module | None = None,
+    method: str | None = None,
+    source: str | None = None,
+    target: str | None = None,
+    pretrain_config: PretrainConfig | None = None,
+    finetune_config: FinetuneConfig | None = None,
+    linear_config: LinearProbeConfig | None = None,
+    kd_config: KDConfig | None = None,
+    kd_teacher: nn.Module | None = None,
+    image_size: int | None = None,
+    arch_options: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **arch_overrides: Any,
+) -> dict[str, Any]:
+    """Run one evaluation and return its results row (`result_row`).
+
+    Where the network comes from, first match wins:
+    - `pretrained`: used as given (never modified) — the full-data SSL
+      teacher for the `full-ssl` reference, or a network already pre-trained
+      on `distilled` and reused across targets;
+    - `distilled`: `pretrain(distilled, arch, pretrain_config)`;
+    - neither: a freshly initialised `arch` network — the `none` (no
+      pre-training) baseline.
+    Then `protocol` (`finetune`, `linear` or `knowledge_distillation`, the
+    last needing `kd_teacher` and `distilled`) runs with `seed` replacing
+    every config's seed, on `label_fraction` of the target's labels.
+    `method` defaults to the set's method, `full-ssl` for a bare
+    `pretrained` network and `none` for no network; `source` to the set's;
+    `target` to the test split's name.
+    `arch_options` and any further keywords (`arch_overrides`, e.g.
+    `widths=(16, 32, 64)`) go to `create_model`; the keyword `image_size`
+    is this function's own (the targets' size), so a network's `image_size`
+    option can only be given inside `arch_options`. Targets are resized to
+    `image_size`, else the distilled images' size, else the network's input
+    size. `wall_time_s` covers this whole call, pre-training included.
+    """
+    arch_options = {**(arch_options or {}), **arch_overrides}
+    started = time.perf_counter()
+    protocol_label = protocol_name(protocol, label_fraction)
+    if method is None:
+        method = distilled.method if distilled is not None else ("full-ssl" if pretrained is not None else "none")
+    if source is None:
+        source = distilled.source if distilled is not None else ""
+    if image_size is None and distilled is not None:
+        image_size = distilled.image_size
+    device = resolve_device(device)
+
+    if pretrained is not None:
+        model = pretrained
+        arch = _model_arch(pretrained, arch)
+    elif distilled is not None:
+        config = dataclasses.replace(pretrain_config or PretrainConfig(), seed=seed)
+        model = pretrain(distilled, arch, config, device=device, progress=progress, **arch_options)
+    else:
+        model = fresh_model(arch, None, seed, **arch_options)
+
+    if protocol == "finetune":
+        config = dataclasses.replace(finetune_config or FinetuneConfig(), seed=seed)
+        metrics = finetune(
+            model, target_train, target_test, config,
+            label_fraction=label_fraction, image_size=image_size, device=device, progress=progress,
+        )
+    elif protocol == "linear":
+        config = dataclasses.replace(linear_config or LinearProbeConfig(), seed=seed)
+        metrics = linear_probe(
+            model, target_train, target_test, config,
+            label_fraction=label_fraction, image_size=image_size, device=device, progress=progress,
+        )
+    else:
+        if kd_teacher is None or distilled is None:
+            raise KrrstError("protocol knowledge_distillation needs a target-task teacher classifier and a distilled set")
+        config = dataclasses.replace(kd_config or KDConfig(), seed=seed)
+        metrics = knowledge_distillation(
+            kd_teacher, model, distilled, target_test, config, image_size=image_size, device=device, progress=progress
+        )
+    return result_row(
+        method=method,
+        source=source,
+        target=target or getattr(target_test, "name", "") or getattr(target_train, "name", ""),
+        arch=arch,
+        protocol=protocol_label,
+        seed=seed,
+        accuracy=metrics["accuracy"],
+        wall_time_s=time.perf_counter() - started,
+    )

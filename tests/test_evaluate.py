@@ -1,0 +1,352 @@
+"""Tests of the evaluation protocol: pre-training, fine-tuning, probes, few-label splits, KD, label sets, rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from krrst import evaluate as E
+from krrst.data import ImageSet
+from krrst.distilled import DistilledSet
+from krrst.errors import KrrstError
+from krrst.report import RESULT_FIELDS, read_results
+
+NARROW = {"widths": (8, 16, 16), "image_size": 16}
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _representation_set(m: int = 48, d: int = 8, seed: int = 0) -> DistilledSet:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(m, 3, 16, 16, generator=generator)
+    # Learnable targets: a fixed random linear map of the images.
+    projection = torch.randn(3 * 16 * 16, d, generator=generator) / math.sqrt(3 * 16 * 16)
+    return DistilledSet(images=images, targets=images.flatten(1) @ projection, mean=MEAN, std=STD, method="toy")
+
+
+def _colour_set(per_class: int, seed: int, size: int = 16, name: str = "colours") -> ImageSet:
+    """Class c is an image whose channel c is bright: separable by mean colour."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(per_class)
+    base = torch.full((len(labels), 3, size, size), 60.0)
+    base[torch.arange(len(labels)), labels] = 190.0
+    noise = torch.randint(-40, 41, base.shape, generator=generator).float()
+    images = (base + noise).clamp(0, 255).to(torch.uint8)
+    return ImageSet(images=images, labels=labels, class_names=["r", "g", "b"], mean=MEAN, std=STD, name=name)
+
+
+class MeanColour(nn.Module):
+    """A 'network' whose features are the mean colour: the probes only need forward_features."""
+
+    feature_dim = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.head = nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------- pre-training
+
+
+def test_pretrain_drives_regression_loss_down_and_moves_weights():
+    distilled = _representation_set()
+    config = E.PretrainConfig(epochs=40, batch_size=16, lr=0.05, seed=3)
+    losses: list[float] = []
+    model = E.pretrain(distilled, "convnet3", config, progress=False, on_epoch=lambda epoch, loss: losses.append(loss), **NARROW)
+    assert len(losses) == 40
+    assert losses[-1] < 0.2 * losses[0]
+
+    init = E.fresh_model("convnet3", distilled.feature_dim, 3, **NARROW)
+    trained, initial = model.state_dict(), init.state_dict()
+    assert trained.keys() == initial.keys()
+    moved = [name for name in trained if trained[name].is_floating_point() and not torch.equal(trained[name], initial[name])]
+    assert "head.weight" in moved and "blocks.0.0.weight" in moved
+
+    # Independently of the logged losses: the trained network fits the targets far better than its init.
+    init.eval()
+    with torch.no_grad():
+        before = nn.functional.mse_loss(init(distilled.images), distilled.targets)
+        after = nn.functional.mse_loss(model(distilled.images), distilled.targets)
+    assert after < 0.3 * before
+
+
+def test_pretrain_is_reproducible_for_a_seed():
+    distilled = _representation_set(m=20)
+    config = E.PretrainConfig(epochs=3, batch_size=8, lr=0.05, seed=1)
+    first = E.pretrain(distilled, "convnet3", config, progress=False, **NARROW).state_dict()
+    second = E.pretrain(distilled, "convnet3", config, progress=False, **NARROW).state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_pretrain_rejects_images_that_do_not_fit_the_architecture():
+    distilled = _representation_set(m=4)  # 16x16 images
+    with pytest.raises(KrrstError) as caught:
+        E.pretrain(distilled, "convnet3", E.PretrainConfig(epochs=1), progress=False, widths=(8, 8, 8))
+    assert "\n" not in str(caught.value) and "16x16" in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["hard_labels", "soft_labels"])
+def test_pretrain_fits_label_sets(kind):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat(6)
+    images = torch.randn(len(labels), 3, 16, 16, generator=generator) + labels.view(-1, 1, 1, 1).float()
+    targets = labels if kind == "hard_labels" else nn.functional.one_hot(labels, 4).float()
+    distilled = DistilledSet(images=images, targets=targets, mean=MEAN, std=STD, target_kind=kind)
+    config = E.PretrainConfig(epochs=30, batch_size=8, label_lr=0.05, soft_label_lr=3e-3, label_augment=False)
+    losses: list[float] = []
+    model = E.pretrain(distilled, "convnet3", config, progress=False, on_epoch=lambda e, loss: losses.append(loss), **NARROW)
+    assert model.head.out_features == 4
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0]  # batches of 8 with BatchNorm: the per-epoch loss is noisy
+    with torch.no_grad():
+        accuracy = (model(images).argmax(dim=1) == labels).float().mean()
+    assert accuracy >= 0.9
+
+
+# --------------------------------------------------------------------------- fine-tuning on real data
+
+
+def test_finetune_beats_chance_on_real_cifar10(cifar10_small):
+    train, test = cifar10_small
+    train = train.subset(E.few_label_split(train.labels, 0.25, seed=0))  # 500 real images, 50 per class
+    model = E.fresh_model("convnet3", None, 0, widths=(16, 32, 64))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    config = E.FinetuneConfig(iterations=120, batch_size=64, lr=0.05, seed=0, eval_batch_size=500)
+    metrics = E.finetune(model, train, test, config, progress=False)
+    # Measured 0.41-0.43 over five seeds at 150 iterations; chance is 0.10.
+    assert metrics["accuracy"] > 0.30
+    assert metrics["train_size"] == 500 and metrics["num_classes"] == 10
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items()), "input model changed"
+
+
+def test_finetune_uses_the_few_label_subset_and_resizes_to_the_network():
+    train, test = _colour_set(20, seed=0, size=8), _colour_set(5, seed=1, size=8)
+    model = E.fresh_model("convnet3", None, 0, **NARROW)  # a 16x16 network: the 8x8 targets are resized
+    metrics = E.finetune(model, train, test, E.FinetuneConfig(iterations=2, batch_size=8), label_fraction=0.1, progress=False)
+    assert metrics["train_size"] == 6  # round(0.1 * 20) = 2 per class
+    assert metrics["image_size"] == 16
+
+
+def test_resize_images_keeps_uint8_and_constant_images():
+    images = torch.full((2, 3, 8, 8), 77, dtype=torch.uint8)
+    resized = E.resize_images(images, 16)
+    assert resized.dtype == torch.uint8 and resized.shape == (2, 3, 16, 16)
+    assert torch.all(resized == 77)
+    assert E.resize_images(images, 8) is images
+
+
+# --------------------------------------------------------------------------- linear probes
+
+
+@pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
+def test_linear_probe_on_separable_features_is_perfect(solver):
+    train, test = _colour_set(30, seed=0), _colour_set(30, seed=1)
+    config = E.LinearProbeConfig(iterations=300, batch_size=32, lr=0.2, solver=solver, lbfgs_l2=1e-4)
+    metrics = E.linear_probe(MeanColour(), train, test, config, progress=False)
+    assert metrics["accuracy"] >= 0.99
+    assert metrics["train_size"] == 90
+
+
+def test_lbfgs_probe_agrees_with_sklearn_logistic_regression():
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = make_classification(
+        n_samples=600, n_features=20, n_informative=8, n_classes=4, n_clusters_per_class=1, class_sep=0.8, random_state=0
+    )
+    x_train, y_train, x_test, y_test = x[:300], y[:300], x[300:], y[300:]
+    c = 0.5
+    reference = LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(x_train, y_train)
+    config = E.LinearProbeConfig(solver="lbfgs", lbfgs_l2=1.0 / (2 * c * len(x_train)))
+    features = torch.tensor(x_train, dtype=torch.float64)
+    classifier = E.fit_linear_lbfgs(features, torch.tensor(y_train), 4, config)
+    with torch.no_grad():
+        ours = classifier(torch.tensor(x_test, dtype=torch.float64)).argmax(dim=1).numpy()
+    theirs = reference.predict(x_test)
+    assert abs((ours == y_test).mean() - (theirs == y_test).mean()) <= 0.02
+    assert (ours == theirs).mean() >= 0.97
+    # Same convex problem, same solution: the weights match closely.
+    np.testing.assert_allclose(classifier.weight.detach().numpy() - classifier.weight.detach().numpy().mean(0),
+                               reference.coef_ - reference.coef_.mean(0), atol=2e-3)
+
+
+# --------------------------------------------------------------------------- few-label splits
+
+
+def test_few_label_split_is_class_balanced_exact_and_deterministic():
+    counts = [100, 50, 7, 1, 0, 3]
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(5))]
+    expected = {0.1: [10, 5, 1, 1, 0, 1], 0.5: [50, 25, 4, 1, 0, 2], 0.05: [5, 3, 1, 1, 0, 1], 1.0: counts}
+    for fraction, sizes in expected.items():
+        split = E.few_label_split(labels, fraction, seed=7, num_classes=6)
+        assert split.dtype == torch.long
+        assert len(split.unique()) == len(split), "duplicates"
+        assert torch.bincount(labels[split], minlength=6).tolist() == sizes
+        assert torch.equal(split, E.few_label_split(labels, fraction, seed=7, num_classes=6))
+    assert not torch.equal(E.few_label_split(labels, 0.1, seed=7), E.few_label_split(labels, 0.1, seed=8))
+    small, large = E.few_label_split(labels, 0.1, seed=7), E.few_label_split(labels, 0.5, seed=7)
+    assert set(small.tolist()) <= set(large.tolist())
+
+
+def test_few_label_split_rejects_bad_fractions():
+    for fraction in (0.0, 1.5, -0.1):
+        with pytest.raises(KrrstError):
+            E.few_label_split(torch.tensor([0, 1]), fraction, seed=0)
+
+
+# --------------------------------------------------------------------------- knowledge distillation
+
+
+def test_soft_cross_entropy_equals_hand_computation():
+    student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+    teacher = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
+
+    def hand(temperature: float) -> float:
+        total = 0.0
+        for s_row, t_row in zip(student, teacher):
+            t_exp = [math.exp(t / temperature) for t in t_row]
+            s_exp = [math.exp(s / temperature) for s in s_row]
+            p = [v / sum(t_exp) for v in t_exp]
+            log_q = [math.log(v / sum(s_exp)) for v in s_exp]
+            total += -sum(pi * lq for pi, lq in zip(p, log_q))
+        return total / len(student) * temperature**2
+
+    for temperature in (1.0, 2.0):
+        value = E.soft_cross_entropy(torch.tensor(student), torch.tensor(teacher), temperature)
+        assert value.item() == pytest.approx(hand(temperature), rel=1e-6)
+
+    student_t = torch.tensor(student, requires_grad=True)
+    teacher_t = torch.tensor(teacher, requires_grad=True)
+    E.soft_cross_entropy(student_t, teacher_t).backward()
+    assert teacher_t.grad is None and student_t.grad is not None
+
+
+class ColourTeacher(nn.Module):
+    """A fixed target-task classifier: the brightest channel wins."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 8.0 * x.mean(dim=(2, 3))
+
+
+def test_knowledge_distillation_transfers_the_teacher_without_target_images():
+    generator = torch.Generator().manual_seed(0)
+    # "Distilled" images: noise with a random dominant colour; the teacher labels them, no target image is seen.
+    tint = torch.randn(96, 3, 1, 1, generator=generator)
+    images = torch.randn(96, 3, 16, 16, generator=generator) * 0.5 + 2.0 * tint
+    student = E.fresh_model("convnet3", None, 0, **NARROW)
+    test = _colour_set(30, seed=2)
+    config = E.KDConfig(epochs=30, batch_size=32, lr=3e-3, seed=0)
+    metrics = E.knowledge_distillation(ColourTeacher(), student, images, test, config, progress=False)
+    assert metrics["num_classes"] == 3
+    assert metrics["accuracy"] > 0.8
+
+
+# --------------------------------------------------------------------------- label-based sets from other projects
+
+
+def test_load_label_set_reads_the_common_file_layouts(tmp_path):
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    unit = torch.rand(5, 3, 8, 8, generator=generator)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+
+    save_file({"x_syn": unit, "y_syn": labels}, str(tmp_path / "krr.safetensors"))
+    loaded = E.load_label_set(tmp_path / "krr.safetensors", MEAN, STD, num_classes=3)
+    assert loaded.target_kind == "hard_labels" and loaded.method == "krr"
+    torch.testing.assert_close(loaded.images, (unit - 0.5) / 0.25)  # [0,1] pixels are normalised on load
+    assert torch.equal(loaded.targets, labels) and loaded.config["num_classes"] == 3
+
+    normalised = torch.randn(5, 3, 8, 8, generator=generator)
+    torch.save({"data": [[normalised, labels]], "accs_all_exps": {}}, tmp_path / "dsa.pt")  # DC/DSA's layout
+    loaded = E.load_label_set(tmp_path / "dsa.pt", MEAN, STD)
+    torch.testing.assert_close(loaded.images, normalised)
+
+    soft = torch.softmax(torch.randn(5, 3, generator=generator), dim=1)
+    np.savez(tmp_path / "frepo.npz", images=normalised.permute(0, 2, 3, 1).numpy(), labels=soft.numpy())  # NHWC
+    loaded = E.load_label_set(tmp_path / "frepo.npz", MEAN, STD, num_classes=3)
+    assert loaded.target_kind == "soft_labels"
+    torch.testing.assert_close(loaded.images, normalised)
+
+
+@pytest.mark.parametrize(
+    "images, labels, message",
+    [
+        (torch.zeros(5, 8, 8), torch.zeros(5, dtype=torch.long), "m x 3 x H x W"),
+        (torch.zeros(5, 4, 8, 8), torch.zeros(5, dtype=torch.long), "square"),
+        (torch.zeros(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4]), "[0, 3)"),
+        (torch.zeros(5, 3, 8, 8), torch.tensor([0, -1, 2, 1, 0]), "labels must be in"),
+        (torch.zeros(5, 3, 8, 8), torch.zeros(4, dtype=torch.long), "5 images but 4 labels"),
+        (torch.zeros(5, 3, 8, 8), torch.zeros(5, 4), "4 classes, expected 3"),
+    ],
+)
+def test_load_label_set_rejects_bad_files_in_one_line(tmp_path, images, labels, message):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"images": images, "labels": labels}, str(path))
+    with pytest.raises(KrrstError) as caught:
+        E.load_label_set(path, MEAN, STD, num_classes=3)
+    assert "\n" not in str(caught.value)
+    assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_load_label_set_pt_files_are_read_without_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"images": torch.zeros(2, 3, 4, 4), "labels": torch.zeros(2), "hook": ColourTeacher()}, path)
+    with pytest.raises(KrrstError, match="could not be read safely"):
+        E.load_label_set(path, MEAN, STD)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def test_protocol_names():
+    assert E.protocol_name("finetune") == "finetune"
+    assert E.protocol_name("finetune", 0.1) == "finetune@10%"
+    assert E.protocol_name("linear", 0.01) == "linear@1%"
+    assert E.protocol_name("linear", 0.5) == "linear@50%"
+    for bad in [("knowledge_distillation", 0.1), ("probe", 1.0), ("linear", 0.0)]:
+        with pytest.raises(KrrstError):
+            E.protocol_name(*bad)
+
+
+def test_evaluate_set_rows_for_baselines_and_sets(tmp_path):
+    train, test = _colour_set(10, seed=0, name="colours"), _colour_set(5, seed=1, name="colours")
+    linear = E.LinearProbeConfig(iterations=20, batch_size=16)
+    none_row = E.evaluate_set(None, "convnet3", train, test, protocol="linear", seed=2, linear_config=linear, progress=False,
+                              arch_options=NARROW)
+    assert tuple(none_row) == RESULT_FIELDS
+    assert (none_row["method"], none_row["arch"], none_row["protocol"], none_row["seed"]) == ("none", "convnet3", "linear", 2)
+    assert 0.0 <= none_row["accuracy"] <= 1.0 and none_row["wall_time_s"] > 0
+
+    teacher = E.fresh_model("convnet3", None, 0, **NARROW)
+    # Architecture options as keywords too (image_size there would be the targets' size, hence the dict above).
+    keyword_row = E.evaluate_set(None, "convnet3", train, test, protocol="linear", seed=2, linear_config=linear,
+                                 progress=False, arch_options={"image_size": 16}, widths=NARROW["widths"])
+    assert keyword_row["accuracy"] == none_row["accuracy"]
+
+    full_row = E.evaluate_set(None, "ignored", train, test, protocol="linear", label_fraction=0.5, pretrained=teacher,
+                              linear_config=linear, progress=False)
+    assert (full_row["method"], full_row["arch"], full_row["protocol"]) == ("full-ssl", "convnet3", "linear@50%")
+
+    distilled = DistilledSet(**{**_representation_set(m=8).__dict__, "method": "krr-st", "source": "toy"})
+    set_row = E.evaluate_set(distilled, "convnet3", train, test, protocol="finetune", seed=1,
+                             pretrain_config=E.PretrainConfig(epochs=1, batch_size=8),
+                             finetune_config=E.FinetuneConfig(iterations=2, batch_size=8), progress=False,
+                             arch_options=NARROW)
+    assert (set_row["method"], set_row["source"], set_row["target"]) == ("krr-st", "toy", "colours")
+
+    E.append_rows(tmp_path, [none_row, full_row, set_row])
+    stored = read_results(tmp_path)
+    assert [E.row_key(row) for row in stored] == [E.row_key(row) for row in (none_row, full_row, set_row)]
