@@ -1,0 +1,708 @@
+"""KRR-ST distillation: the config, the model pool and the outer loop.
+
+`distill(source, teacher, config)` learns `m` synthetic images `X_s` and their
+target representations `Y_s` so that, for feature extractors `f` drawn from a
+pool of partly trained networks, ridge regression fitted on `(f(X_s), Y_s)`
+predicts the teacher's representations `g(X_t)` of real images
+(`krrst.objective.krr_st_loss`). It returns a `DistilledSet` and, given an
+`out_dir`, leaves a resumable run there:
+
+- `checkpoint.safetensors`: `X_s`, `Y_s`, the outer optimiser and schedule,
+  the pool (weights, optimisers, step counters), every generator state, the
+  history of logged rows and the step (written atomically every
+  `checkpoint_every` steps and at the end);
+- `loss.csv` / `loss.png`: one row every `log_every` / `validate_every`
+  steps: `step`, `loss` (mean outer loss over the steps since the previous
+  row), `lr` (of `X_s`, in the public code's raw-pixel units), `val_loss` and
+  `val_reference` (the validation signal and its mean-predictor reference, on
+  validation steps), `elapsed_s` (wall time of this session's loop);
+- `preview.png`: a grid of the current images, refreshed at each checkpoint;
+- `distilled.safetensors`: the final `DistilledSet`.
+
+The method and the project's decisions where the public code
+(github.com/db-Lee/selfsup_dd) has a quirk are in ../shared/METHOD.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as _stdio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from krrst import io
+from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
+from krrst.config import apply_overrides, config_to_dict, resolve_device
+from krrst.distilled import DistilledSet
+from krrst.errors import KrrstError
+from krrst.models import create_model, model_options
+from krrst.objective import krr_st_loss
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+DISTILLED_NAME = "distilled.safetensors"
+LOSS_CSV_NAME = "loss.csv"
+LOSS_PLOT_NAME = "loss.png"
+PREVIEW_NAME = "preview.png"
+LOSS_CSV_FIELDS = ("step", "loss", "lr", "val_loss", "val_reference", "elapsed_s")
+KERNEL_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# Fields that change neither the trajectory of X_s, Y_s nor the random streams,
+# so a resumed run may use other values than the checkpointed one.
+_RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "validate_every", "validation_models", "validation_images")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Hyper-parameters of KRR-ST distillation; defaults are the paper's CIFAR-100 setting.
+
+    Learning rates: the public code keeps `X_s` in raw [0, 1] pixels and
+    optimises it with AdamW at lr 1e-4. Here `X_s` is kept normalised
+    (`x = (x_raw - mean) / std`), the space the networks see for real images.
+    Adam's step is invariant to the scale of the gradient but is measured in
+    parameter units, so a raw-pixel lr of η moves normalised pixels of channel
+    c by η / std_c: each channel of `X_s` gets lr `image_lr / std_c` (about
+    1e-4 / 0.26 ≈ 3.8e-4 for CIFAR), which reproduces the public code's updates
+    exactly (up to Adam's ε). `image_lr` is therefore given in the public
+    code's raw-pixel units. `Y_s` is in the teacher's units in both, and the
+    public code uses one lr for both, hence `target_lr` = the same 1e-4.
+
+    Attributes:
+        num_images: m, the number of synthetic images.
+        arch, widths, norm: the distillation network (`widths`/`norm`/
+            `image_size` are passed to `create_model` where the arch takes them).
+        image_size: expected side of the source images.
+        steps: outer steps; the lr decays linearly to `final_lr_factor` x lr over them.
+        batch_size: real images per outer step (random crop with `padding` + flip).
+        image_lr, target_lr, weight_decay: AdamW for `X_s` (raw-pixel units, see
+            above) and `Y_s`.
+        ridge: λ = ridge · trace(K_ss) in the inner ridge regression.
+        kernel_dtype: dtype of the m x m kernel and its Cholesky solve.
+        pool_size, pool_steps: L models, each re-initialised after T steps;
+            `pool_steps=0` gives a fresh random network at every step.
+        pool_lr, pool_momentum, pool_weight_decay: the pool's SGD.
+        pool_counter_reset: False reproduces the public code's quirk (the
+            counter never returns to 0, so once a model reaches T every pick of
+            it is a freshly initialised network).
+        seed: seeds every random choice of the run.
+        log_every, checkpoint_every, validate_every: in outer steps (0: never
+            validate / checkpoint only at the end).
+        validation_models: freshly initialised networks (fixed seeds) the
+            validation signal averages over.
+        validation_images: at most this many held-out images are used.
+    """
+
+    num_images: int = 1000
+    arch: str = "convnet3"
+    widths: tuple[int, ...] = (128, 256, 512)
+    norm: Literal["batch", "instance", "none"] = "batch"
+    image_size: int = 32
+    steps: int = 160_000
+    batch_size: int = 1024
+    image_lr: float = 1e-4
+    target_lr: float = 1e-4
+    weight_decay: float = 0.0
+    final_lr_factor: float = 1e-3
+    ridge: float = 1e-6
+    kernel_dtype: Literal["float32", "float64"] = "float32"
+    padding: int = 4
+    pool_size: int = 10
+    pool_steps: int = 1000
+    pool_lr: float = 0.1
+    pool_momentum: float = 0.9
+    pool_weight_decay: float = 1e-3
+    pool_counter_reset: bool = True
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 2000
+    validate_every: int = 1000
+    validation_models: int = 3
+    validation_images: int = 1000
+
+    def __post_init__(self) -> None:
+        positive = ("num_images", "image_size", "batch_size", "pool_size", "log_every", "validation_images")
+        non_negative = ("steps", "padding", "pool_steps", "checkpoint_every", "validate_every", "validation_models")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise KrrstError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise KrrstError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("image_lr", "target_lr", "pool_lr"):
+            if not getattr(self, name) > 0:
+                raise KrrstError(f"distill.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.final_lr_factor <= 1:
+            raise KrrstError(f"distill.final_lr_factor must be in (0, 1], got {self.final_lr_factor}")
+        if self.ridge < 0:
+            raise KrrstError(f"distill.ridge must be >= 0, got {self.ridge}")
+        if self.kernel_dtype not in KERNEL_DTYPES:
+            raise KrrstError(f"distill.kernel_dtype={self.kernel_dtype!r} is not valid; expected float32 or float64")
+
+
+# Overrides of the defaults (which are the CIFAR-100 setting) per source, from the public code.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar100": {},
+    "tinyimagenet": {
+        "num_images": 2000,
+        "arch": "convnet4",
+        "widths": (64, 128, 256, 512),
+        "image_size": 64,
+        "image_lr": 1e-5,
+        "target_lr": 1e-5,
+    },
+    "imagenet64": {
+        "num_images": 1000,
+        "arch": "convnet4",
+        "widths": (64, 128, 256, 512),
+        "image_size": 64,
+        "image_lr": 1e-5,
+        "target_lr": 1e-5,
+    },
+}
+
+
+def preset_config(name: str, **overrides: Any) -> DistillConfig:
+    """The `DistillConfig` of preset `name` (cifar100, tinyimagenet, imagenet64) with `overrides` applied."""
+    if name not in PRESETS:
+        raise KrrstError(f"--preset {name!r} is not a distillation preset; expected one of {', '.join(PRESETS)}")
+    return apply_overrides(apply_overrides(DistillConfig(), PRESETS[name], "distill"), overrides, "distill")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _seeded_model(arch: str, num_outputs: int | None, options: dict[str, Any], seed: int) -> nn.Module:
+    """A freshly initialised network whose weights depend only on `seed` (the global RNG is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(arch, num_outputs, **options)
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _model_options(config: DistillConfig) -> dict[str, Any]:
+    """`widths`, `image_size`, `norm` for the distillation architecture, where it takes them."""
+    accepted = model_options(config.arch)
+    wanted = {"widths": config.widths, "image_size": config.image_size, "norm": config.norm}
+    return {name: value for name, value in wanted.items() if name in accepted}
+
+
+@torch.no_grad()
+def _forward_in_chunks(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: int = 512):
+    return torch.cat([forward(images[start : start + chunk]) for start in range(0, len(images), chunk)])
+
+
+# --------------------------------------------------------------------------- the model pool
+
+
+class ModelPool:
+    """L feature extractors, each trained by full-batch MSE regression of `Y_s` from `X_s` (after FRePo).
+
+    Every model has a linear head of size d (the teacher's output size) and
+    its own SGD optimiser and step counter. `train_step(i, X_s, Y_s)` is the
+    public code's `update`: a model whose counter has reached `steps_per_model`
+    (T) is re-initialised (fresh weights and optimiser) instead of trained, and
+    its counter returns to 0 (`counter_reset=True`, the intended schedule); with
+    `counter_reset=False` the counter stays at T, so the model is re-initialised
+    at every later update and every later pick of it is an untrained network
+    (the public code's quirk). T = 0 re-initialises at every update: every pick
+    is a fresh random network. All randomness (picks, warm-up lengths,
+    initialisations) comes from the pool's own generator.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        num_outputs: int,
+        model_options: dict[str, Any] | None = None,
+        size: int = 10,
+        steps_per_model: int = 1000,
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-3,
+        counter_reset: bool = True,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        self.arch = arch
+        self.num_outputs = num_outputs
+        self.model_options = dict(model_options or {})
+        self.steps_per_model = steps_per_model
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.counter_reset = counter_reset
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.models: list[nn.Module] = [self._fresh_model() for _ in range(size)]
+        self.optimizers = [self._optimizer(model) for model in self.models]
+        self.counters = [0] * size
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def _fresh_model(self) -> nn.Module:
+        model = _seeded_model(self.arch, self.num_outputs, self.model_options, _draw_seed(self.generator))
+        return model.to(self.device)
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, foreach=True
+        )
+
+    def _reinitialise(self, index: int) -> None:
+        self.models[index] = self._fresh_model()
+        self.optimizers[index] = self._optimizer(self.models[index])
+
+    def _train_once(self, index: int, images: torch.Tensor, targets: torch.Tensor) -> None:
+        model, optimizer = self.models[index], self.optimizers[index]
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        F.mse_loss(model(images), targets).backward()
+        optimizer.step()
+
+    def warm_up(self, images: torch.Tensor, targets: torch.Tensor, progress: bool = False) -> None:
+        """Train model i for a random number of steps in [1, T) on the initial set (none when T < 2)."""
+        if self.steps_per_model < 2:
+            return
+        lengths = torch.randint(1, self.steps_per_model, (len(self),), generator=self.generator).tolist()
+        with tqdm(total=sum(lengths), desc="pool warm-up", disable=None if progress else True) as bar:
+            for index, length in enumerate(lengths):
+                for _ in range(length):
+                    self._train_once(index, images, targets)
+                    bar.update()
+                self.counters[index] = length
+
+    def pick(self) -> int:
+        """The index of a model drawn uniformly."""
+        return int(torch.randint(0, len(self), (1,), generator=self.generator))
+
+    def train_step(self, index: int, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """One more full-batch SGD step of model `index` on the (detached) set, or its re-initialisation at T."""
+        if self.counters[index] >= self.steps_per_model:
+            self._reinitialise(index)
+            if self.counter_reset:
+                self.counters[index] = 0
+            return
+        self._train_once(index, images.detach(), targets.detach())
+        self.counters[index] += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "models": [model.state_dict() for model in self.models],
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "counters": list(self.counters),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["models"]) != len(self):
+            raise KrrstError(f"checkpoint has a pool of {len(state['models'])} models, config asks for {len(self)}")
+        for index, (weights, optimizer_state) in enumerate(zip(state["models"], state["optimizers"])):
+            self.models[index].load_state_dict(weights)
+            self.optimizers[index] = self._optimizer(self.models[index])
+            self.optimizers[index].load_state_dict(optimizer_state)
+        self.counters = [int(count) for count in state["counters"]]
+        self.generator.set_state(state["generator"])
+
+
+# --------------------------------------------------------------------------- real batches
+
+
+class _RealBatches:
+    """Indices of real images, epoch by epoch in a random order (as a shuffled DataLoader), of a fixed size.
+
+    Unlike a DataLoader, an epoch's short last batch is completed from the next
+    epoch's order, so every batch has `batch_size` images.
+    """
+
+    def __init__(self, num_images: int, batch_size: int, generator: torch.Generator):
+        self.num_images, self.batch_size, self.generator = num_images, batch_size, generator
+        self.order = torch.empty(0, dtype=torch.int64)
+        self.cursor = 0
+
+    def next(self) -> torch.Tensor:
+        parts, needed = [], self.batch_size
+        while needed > 0:
+            if self.cursor >= len(self.order):
+                self.order = torch.randperm(self.num_images, generator=self.generator)
+                self.cursor = 0
+            part = self.order[self.cursor : self.cursor + needed]
+            parts.append(part)
+            self.cursor += len(part)
+            needed -= len(part)
+        return torch.cat(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": self.order, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order, self.cursor = state["order"], int(state["cursor"])
+
+
+# --------------------------------------------------------------------------- validation signal
+
+
+class _ValidationSignal:
+    """KRR loss of predicting the teacher's features of held-out images from the current set.
+
+    Uses `count` freshly initialised networks of the distillation architecture
+    with fixed seeds (derived from the run's seed only), so values are
+    comparable across steps, resumes and runs with the same seed. `reference`
+    is the loss of the mean predictor (every held-out target predicted by their
+    mean): a value near it means the set predicts nothing.
+    """
+
+    def __init__(self, config: DistillConfig, heldout_images: torch.Tensor, heldout_targets: torch.Tensor, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        options = _model_options(config)
+        device = heldout_images.device
+        self.models = [
+            _seeded_model(config.arch, None, options, _draw_seed(generator)).to(device).eval()
+            for _ in range(config.validation_models)
+        ]
+        # The networks are fixed, so their held-out features are computed once.
+        self.heldout_features = [_forward_in_chunks(model.forward_features, heldout_images) for model in self.models]
+        self.targets = heldout_targets
+        self.ridge, self.kernel_dtype = config.ridge, KERNEL_DTYPES[config.kernel_dtype]
+        mean_prediction = heldout_targets.mean(0, keepdim=True).expand_as(heldout_targets)
+        self.reference = F.mse_loss(mean_prediction, heldout_targets).item()
+
+    @torch.no_grad()
+    def __call__(self, synthetic_images: torch.Tensor, synthetic_targets: torch.Tensor) -> float:
+        losses = []
+        for model, heldout_features in zip(self.models, self.heldout_features):
+            synthetic_features = _forward_in_chunks(model.forward_features, synthetic_images)
+            losses.append(
+                krr_st_loss(
+                    synthetic_features, synthetic_targets, heldout_features, self.targets, self.ridge, self.kernel_dtype
+                )
+            )
+        return torch.stack(losses).mean().item()
+
+
+# --------------------------------------------------------------------------- run files
+
+
+def _outer_optimizer(
+    image_channels: list[torch.Tensor], targets: torch.Tensor, config: DistillConfig, std: tuple[float, ...]
+) -> torch.optim.AdamW:
+    """AdamW over the per-channel leaves of `X_s` (lr `image_lr / std_c`, see `DistillConfig`) and `Y_s`."""
+    return torch.optim.AdamW(
+        [{"params": [leaf], "lr": config.image_lr / std[c]} for c, leaf in enumerate(image_channels)]
+        + [{"params": [targets], "lr": config.target_lr}],
+        weight_decay=config.weight_decay,
+        foreach=True,
+    )
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    io.save_state(path, state)
+
+
+def _write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    text = _stdio.StringIO()
+    writer = csv.DictWriter(text, fieldnames=LOSS_CSV_FIELDS)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({key: ("" if row.get(key) is None else row[key]) for key in LOSS_CSV_FIELDS})
+    with io.atomic_write(path) as tmp:
+        tmp.write_text(text.getvalue())
+
+
+def _write_loss_plot(path: Path, history: list[dict[str, Any]]) -> None:
+    # A bare Figure renders with Agg and leaves pyplot's global backend alone.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4))
+    axis = figure.add_subplot()
+    for key, label, style in (("loss", "training loss", "-"), ("val_loss", "validation loss", "o-"),
+                              ("val_reference", "mean predictor (held-out)", "--")):
+        points = [(row["step"], row[key]) for row in history if row.get(key) is not None]
+        if points:
+            axis.plot(*zip(*points), style, label=label, markersize=3)
+    axis.set_xlabel("outer step")
+    axis.set_ylabel("MSE")
+    if any(row.get("loss") for row in history):
+        axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    if history:
+        axis.legend()
+    figure.tight_layout()
+    with io.atomic_write(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+
+
+def _check_resumable(saved: dict[str, Any], config: DistillConfig, where: Path) -> None:
+    current = config_to_dict(config)
+    differing = [
+        key
+        for key, value in current.items()
+        if key not in _RESUMABLE_CHANGES and _as_json(saved.get(key)) != _as_json(value)
+    ]
+    if differing:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in differing)
+        raise KrrstError(
+            f"--resume: {where} was written with another config ({details}); use the same settings or a new --out"
+        )
+
+
+def _every(step: int, period: int) -> bool:
+    """Whether `step` is a multiple of `period` (never, for a period of 0)."""
+    return period > 0 and step % period == 0
+
+
+def _as_json(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _images_of(value: Any, what: str) -> torch.Tensor:
+    images = getattr(value, "images", value)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise KrrstError(f"{what} must be an ImageSet or a uint8 N x C x H x W tensor")
+    return images
+
+
+# --------------------------------------------------------------------------- the outer loop
+
+
+def distill(
+    source: Any,
+    teacher: nn.Module,
+    config: DistillConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    heldout: Any = None,
+    progress: bool = True,
+) -> DistilledSet:
+    """Distil `source` into `config.num_images` synthetic images with teacher-representation targets (KRR-ST).
+
+    Args:
+        source: an `ImageSet` (uint8 N x 3 x H x W images with `mean`, `std`,
+            `name`); its normalisation is the space `X_s` lives in and the
+            networks (teacher included) see.
+        teacher: `g`, whose forward maps normalised images to d-dim features.
+            It is moved to the device and put in eval mode.
+        config: `DistillConfig` (default: the paper's CIFAR-100 setting).
+        out_dir: where the checkpoint, `loss.csv`, `loss.png`, `preview.png`
+            and `distilled.safetensors` go; None writes nothing.
+        resume: continue from `out_dir/checkpoint.safetensors` to the same
+            `X_s`, `Y_s` as an uninterrupted run (bitwise on CPU); a missing
+            checkpoint starts a new run.
+        device: None/"auto" picks CUDA when available.
+        heldout: real images never used for distillation (an `ImageSet` or a
+            uint8 tensor, normalised with the source's stats) for the
+            validation signal; None disables it.
+        progress: show tqdm bars (only on a terminal).
+
+    Each outer step: a real batch (random crop with zero padding + flip, then
+    normalise, on the device); its teacher features; a pool model picked
+    uniformly, in eval mode, gives features of `X_s` (with gradient) and of the
+    batch (without); the KRR-ST loss updates `X_s`, `Y_s` with AdamW; the lr
+    decays linearly; the picked model takes one step on the updated set.
+    """
+    config = config or DistillConfig()
+    if not isinstance(config, DistillConfig):
+        raise KrrstError(f"config must be a DistillConfig, got {type(config).__name__}")
+    device = resolve_device(device)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if resume and out_dir is None:
+        raise KrrstError("--resume needs --out (the run folder holding checkpoint.safetensors)")
+    checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
+    checkpoint = io.load_state(checkpoint_path) if resume and checkpoint_path.is_file() else None
+    if resume and checkpoint is None:
+        tqdm.write(f"--resume: no checkpoint in {out_dir}; starting a new run")
+
+    # --- data, on the device as uint8; normalised per batch
+    if not all(hasattr(source, name) for name in ("images", "mean", "std")):
+        raise KrrstError(f"source must be an ImageSet (uint8 images with mean/std), got {type(source).__name__}")
+    source_images = _images_of(source, "source").to(device)
+    num_source, channels, height, width = source_images.shape
+    mean, std = tuple(float(v) for v in source.mean), tuple(float(v) for v in source.std)
+    source_name = str(getattr(source, "name", ""))
+    if height != config.image_size or width != config.image_size:
+        raise KrrstError(
+            f"source images are {height}x{width} but distill.image_size={config.image_size}; "
+            f"load the source at that size or set distill.image_size={height}"
+        )
+    if config.num_images > num_source:
+        raise KrrstError(f"distill.num_images={config.num_images} exceeds the {num_source} source images")
+    if checkpoint is not None:
+        _check_resumable(checkpoint["config"], config, checkpoint_path)
+        if checkpoint["source"] != [source_name, num_source]:
+            raise KrrstError(
+                f"--resume: {checkpoint_path} was distilled from {checkpoint['source']}, "
+                f"not [{source_name!r}, {num_source}]"
+            )
+    teacher = teacher.to(device).eval()
+    kernel_dtype = KERNEL_DTYPES[config.kernel_dtype]
+
+    root = torch.Generator().manual_seed(config.seed)
+    data_seed, pool_seed, validation_seed, heldout_seed = (_draw_seed(root) for _ in range(4))
+    data_generator = torch.Generator().manual_seed(data_seed)
+
+    # --- the synthetic set: m random real images (normalised) and their teacher features
+    initial = torch.randperm(num_source, generator=data_generator)[: config.num_images].to(device)
+    synthetic_images = normalize(source_images[initial], mean, std)
+    synthetic_targets = _forward_in_chunks(teacher, synthetic_images)
+    if synthetic_targets.dim() != 2:
+        raise KrrstError(f"teacher must output N x d features, got shape {tuple(synthetic_targets.shape)}")
+    feature_dim = synthetic_targets.shape[1]
+    # One leaf per channel so each gets its own lr (see DistillConfig).
+    image_channels = [synthetic_images[:, c : c + 1].clone().requires_grad_(True) for c in range(channels)]
+    synthetic_targets = synthetic_targets.clone().requires_grad_(True)
+
+    def current_images() -> torch.Tensor:
+        return torch.cat(image_channels, dim=1)
+
+    optimizer = _outer_optimizer(image_channels, synthetic_targets, config, std)
+
+    def lr_factor(step: int) -> float:
+        # linear from 1 to final_lr_factor over the run, as the public code's LinearLR
+        return 1.0 - (1.0 - config.final_lr_factor) * min(step, config.steps) / max(config.steps, 1)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    pool = ModelPool(
+        config.arch, feature_dim, _model_options(config), config.pool_size, config.pool_steps,
+        lr=config.pool_lr, momentum=config.pool_momentum, weight_decay=config.pool_weight_decay,
+        counter_reset=config.pool_counter_reset, seed=pool_seed, device=device,
+    )
+    batches = _RealBatches(num_source, config.batch_size, data_generator)
+
+    validation = None
+    if heldout is not None and config.validation_models > 0:
+        heldout_images = _images_of(heldout, "heldout")
+        if heldout_images.shape[1:] != source_images.shape[1:]:
+            raise KrrstError(
+                f"heldout images are {tuple(heldout_images.shape[1:])}, source images {tuple(source_images.shape[1:])}"
+            )
+        if len(heldout_images) > config.validation_images:
+            chosen = torch.randperm(len(heldout_images), generator=torch.Generator().manual_seed(heldout_seed))
+            heldout_images = heldout_images[chosen[: config.validation_images]]
+        heldout_images = normalize(heldout_images.to(device), mean, std)
+        heldout_targets = _forward_in_chunks(teacher, heldout_images)
+        validation = _ValidationSignal(config, heldout_images, heldout_targets, validation_seed)
+
+    start_step, history = 0, []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_count = 0
+    if checkpoint is not None:
+        with torch.no_grad():
+            for c, leaf in enumerate(image_channels):
+                leaf.copy_(checkpoint["images"][:, c : c + 1])
+            synthetic_targets.copy_(checkpoint["targets"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        pool.load_state_dict(checkpoint["pool"])
+        batches.load_state_dict(checkpoint["batches"])
+        data_generator.set_state(checkpoint["data_generator"])
+        loss_sum.fill_(float(checkpoint["loss_sum"]))
+        loss_count = int(checkpoint["loss_count"])
+        start_step, history = int(checkpoint["step"]), list(checkpoint["history"])
+    else:
+        pool.warm_up(synthetic_images, synthetic_targets.detach(), progress)
+
+    def distilled_set(step: int) -> DistilledSet:
+        return DistilledSet(
+            images=current_images().detach().cpu(), targets=synthetic_targets.detach().cpu(), mean=mean, std=std,
+            target_kind="representation", method="krr-st", source=source_name,
+            teacher_arch=getattr(teacher, "spec", {}).get("arch"), config=config_to_dict(config), step=step,
+        )
+
+    def save_run(step: int) -> None:
+        state = {
+            "step": step,
+            "config": config_to_dict(config),
+            "source": [source_name, num_source],
+            "images": current_images().detach(),
+            "targets": synthetic_targets.detach(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "pool": pool.state_dict(),
+            "batches": batches.state_dict(),
+            "data_generator": data_generator.get_state(),
+            "loss_sum": loss_sum.item(),
+            "loss_count": loss_count,
+            "history": history,
+        }
+        _save_checkpoint(checkpoint_path, state)
+        _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
+        _write_loss_plot(out_dir / LOSS_PLOT_NAME, history)
+        distilled_set(step).preview(out_dir / PREVIEW_NAME)
+
+    started = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=start_step, desc="distill", unit="step", disable=None if progress else True)
+
+    def log_row(step: int) -> None:
+        nonlocal loss_count
+        row = {"step": step, "loss": None, "lr": config.image_lr * lr_factor(step),
+               "val_loss": None, "val_reference": None, "elapsed_s": round(time.perf_counter() - started, 3)}
+        if loss_count:
+            row["loss"] = (loss_sum / loss_count).item()
+            loss_sum.zero_()
+            loss_count = 0
+        if validation is not None and (step == config.steps or _every(step, config.validate_every)):
+            row["val_loss"] = validation(current_images().detach(), synthetic_targets.detach())
+            row["val_reference"] = validation.reference
+        if row["loss"] is None and row["val_loss"] is None:
+            return
+        history.append(row)
+        bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "val_loss") if row[k] is not None}, refresh=False)
+        if out_dir is not None:
+            _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
+
+    try:
+        if start_step == 0:
+            log_row(0)
+        for step in range(start_step + 1, config.steps + 1):
+            # real batch: crop + flip on uint8 (black padding, as torchvision), then normalise
+            indices = batches.next().to(device, non_blocking=True)
+            crop = sample_crop_flip(config.batch_size, config.padding, data_generator, device)
+            real_images = normalize(apply_crop_flip(source_images[indices], crop, config.padding), mean, std)
+            with torch.no_grad():
+                real_targets = teacher(real_images)
+
+            index = pool.pick()
+            model = pool.models[index].eval()
+            synthetic_features = model.forward_features(current_images())
+            with torch.no_grad():
+                real_features = model.forward_features(real_images)
+            loss = krr_st_loss(
+                synthetic_features, synthetic_targets, real_features, real_targets, config.ridge, kernel_dtype
+            )
+            # grad w.r.t. the set only: the pool model's weights need none
+            parameters = [*image_channels, synthetic_targets]
+            for parameter, gradient in zip(parameters, torch.autograd.grad(loss, parameters)):
+                parameter.grad = gradient
+            optimizer.step()
+            scheduler.step()
+            pool.train_step(index, current_images().detach(), synthetic_targets.detach())
+
+            loss_sum += loss.detach()
+            loss_count += 1
+            bar.update()
+            last = step == config.steps
+            if last or _every(step, config.log_every) or _every(step, config.validate_every):
+                log_row(step)
+            if out_dir is not None and (last or _every(step, config.checkpoint_every)):
+                save_run(step)
+    finally:
+        bar.close()
+
+    result = distilled_set(config.steps)
+    if out_dir is not None:
+        if start_step == config.steps or config.steps == 0:
+            save_run(config.steps)  # nothing ran: still leave a complete run folder
+        result.save(out_dir / DISTILLED_NAME)
+    return result

@@ -1,0 +1,318 @@
+"""KRR-ST distillation: pool schedule by counting, lr conversion, a real tiny run, resume and crash safety."""
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+
+import krrst.distill as distill_module
+import krrst.io
+from krrst.distill import (
+    CHECKPOINT_NAME,
+    DISTILLED_NAME,
+    DistillConfig,
+    ModelPool,
+    _outer_optimizer,
+    distill,
+    preset_config,
+)
+from krrst.distilled import DistilledSet
+from krrst.errors import KrrstError
+from krrst.io import load_state
+from krrst.models import create_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tensors are tiny, and two threads on a busy 2-core machine spin-wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------- the model pool
+
+TINY = {"widths": (4, 4, 4), "image_size": 8}
+
+
+def _tiny_set(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 3, 8, 8, generator=generator), torch.randn(6, 5, generator=generator)
+
+
+def _batches_seen(model) -> int:
+    """Training forward passes the model has taken (BatchNorm counts them)."""
+    return int(model.blocks[0][1].num_batches_tracked)
+
+
+def _flat_weights(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_pool_counter_resets_at_T():
+    images, targets = _tiny_set()
+    pool = ModelPool("convnet3", 5, TINY, size=2, steps_per_model=3, seed=0)
+    counters, reinitialised, trained = [], [], []
+    for _ in range(8):
+        before, before_weights = pool.models[0], _flat_weights(pool.models[0])
+        pool.train_step(0, images, targets)
+        counters.append(pool.counters[0])
+        reinitialised.append(pool.models[0] is not before)
+        trained.append(not torch.equal(_flat_weights(pool.models[0]), before_weights) and not reinitialised[-1])
+    assert counters == [1, 2, 3, 0, 1, 2, 3, 0]
+    assert reinitialised == [False, False, False, True, False, False, False, True]
+    assert trained == [True, True, True, False, True, True, True, False]
+    assert _batches_seen(pool.models[0]) == 0  # the re-initialised model is untrained
+    assert pool.counters[1] == 0 and _batches_seen(pool.models[1]) == 0  # the other model was left alone
+
+
+def test_pool_quirk_never_resets_so_every_later_pick_is_fresh():
+    images, targets = _tiny_set()
+    pool = ModelPool("convnet3", 5, TINY, size=1, steps_per_model=3, counter_reset=False, seed=0)
+    counters, batches_seen_at_pick, seen_weights = [], [], []
+    for _ in range(8):
+        index = pool.pick()
+        batches_seen_at_pick.append(_batches_seen(pool.models[index]))
+        seen_weights.append(_flat_weights(pool.models[index]))
+        pool.train_step(index, images, targets)
+        counters.append(pool.counters[index])
+    assert counters == [1, 2, 3, 3, 3, 3, 3, 3]
+    # picks 1-4 see a model trained 0, 1, 2, 3 steps; from then on an untrained one, new each time
+    assert batches_seen_at_pick == [0, 1, 2, 3, 0, 0, 0, 0]
+    later = seen_weights[4:]
+    assert all(not torch.equal(a, b) for i, a in enumerate(later) for b in later[i + 1 :])
+
+
+def test_pool_with_T_zero_gives_a_fresh_network_at_every_pick():
+    images, targets = _tiny_set()
+    pool = ModelPool("convnet3", 5, TINY, size=3, steps_per_model=0, seed=0)
+    pool.warm_up(images, targets)  # nothing to warm up
+    seen = []
+    for _ in range(9):
+        index = pool.pick()
+        model = pool.models[index]
+        assert _batches_seen(model) == 0
+        seen.append(_flat_weights(model))
+        pool.train_step(index, images, targets)
+        assert pool.counters[index] == 0
+        assert pool.models[index] is not model
+    assert all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1 :])
+
+
+def test_pool_warm_up_trains_each_model_between_1_and_T_minus_1_steps():
+    images, targets = _tiny_set()
+    pool = ModelPool("convnet3", 5, TINY, size=6, steps_per_model=7, seed=3)
+    pool.warm_up(images, targets)
+    assert all(1 <= count < 7 for count in pool.counters)
+    assert [_batches_seen(model) for model in pool.models] == pool.counters
+    assert len(set(pool.counters)) > 1  # random lengths, not one constant
+
+
+def test_pool_picks_are_uniform_and_seeded():
+    pool = ModelPool("convnet3", 5, TINY, size=4, steps_per_model=3, seed=1)
+    picks = [pool.pick() for _ in range(4000)]
+    counts = [picks.count(i) for i in range(4)]
+    assert all(abs(count - 1000) < 120 for count in counts), counts  # > 4 sigma
+    again = ModelPool("convnet3", 5, TINY, size=4, steps_per_model=3, seed=1)
+    assert [again.pick() for _ in range(4000)] == picks
+    assert torch.equal(_flat_weights(again.models[2]), _flat_weights(pool.models[2]))
+
+
+def test_pool_state_round_trips_through_a_checkpoint(tmp_path):
+    images, targets = _tiny_set()
+    pool = ModelPool("convnet3", 5, TINY, size=3, steps_per_model=4, seed=2)
+    pool.warm_up(images, targets)
+    for _ in range(5):
+        pool.train_step(pool.pick(), images, targets)
+    krrst.io.save_state(tmp_path / "pool.safetensors", {"pool": pool.state_dict()})
+    restored = ModelPool("convnet3", 5, TINY, size=3, steps_per_model=4, seed=99)
+    restored.load_state_dict(load_state(tmp_path / "pool.safetensors")["pool"])
+    for _ in range(6):  # crosses re-initialisations: the generator state must match too
+        index = pool.pick()
+        assert restored.pick() == index
+        pool.train_step(index, images, targets)
+        restored.train_step(index, images, targets)
+    assert restored.counters == pool.counters
+    for a, b in zip(pool.models, restored.models):
+        assert torch.equal(_flat_weights(a), _flat_weights(b))
+
+
+# ---------------------------------------------------------------------------- config and lr
+
+
+def test_presets_and_config_errors():
+    assert DistillConfig().num_images == 1000 and DistillConfig().widths == (128, 256, 512)
+    tiny = preset_config("tinyimagenet", steps="10")
+    assert (tiny.num_images, tiny.arch, tiny.image_size, tiny.image_lr, tiny.steps) == (2000, "convnet4", 64, 1e-5, 10)
+    assert preset_config("imagenet64").num_images == 1000
+    with pytest.raises(KrrstError, match="cifar100, tinyimagenet, imagenet64"):
+        preset_config("cifar10")
+    with pytest.raises(KrrstError, match="distill.kernel_dtype"):
+        DistillConfig(kernel_dtype="float16")
+    with pytest.raises(KrrstError, match="distill.num_images"):
+        DistillConfig(num_images=0)
+
+
+def test_image_lr_in_normalised_units_reproduces_raw_pixel_adamw():
+    """AdamW on raw pixels at lr η == our AdamW on normalised pixels at η / std_c, channel by channel."""
+    config = DistillConfig(image_lr=1e-2, target_lr=1e-2)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.rand(4, 3, 5, 5, generator=generator, dtype=torch.float64).requires_grad_(True)
+    raw_optimizer = torch.optim.AdamW([raw], lr=config.image_lr, weight_decay=0.0)
+    normalised = ((raw.detach() - mean_t) / std_t)
+    channels = [normalised[:, c : c + 1].clone().requires_grad_(True) for c in range(3)]
+    targets = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
+    ours = _outer_optimizer(channels, targets, config, std)
+    for _ in range(5):
+        gradient_normalised = torch.randn(4, 3, 5, 5, generator=generator, dtype=torch.float64)
+        raw.grad = gradient_normalised / std_t  # chain rule: d/dx_raw = d/dx_norm / std
+        for c, leaf in enumerate(channels):
+            leaf.grad = gradient_normalised[:, c : c + 1].clone()
+        targets.grad = torch.zeros_like(targets)
+        raw_optimizer.step()
+        ours.step()
+    expected = (raw.detach() - mean_t) / std_t
+    # equal up to Adam's ε, which is in parameter units (1e-8 against gradients of order 1)
+    torch.testing.assert_close(torch.cat(channels, 1).detach(), expected, rtol=0, atol=1e-6)
+    moved = (expected - normalised).abs().amax(dim=(0, 2, 3))
+    assert moved[0] > moved[2] * 1.3  # the channels really moved by different amounts
+
+
+# ---------------------------------------------------------------------------- real runs
+
+
+def _teacher(seed=0):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return create_model("convnet3", None, widths=(16, 32, 64))
+
+
+RUN = DistillConfig(
+    num_images=10, widths=(8, 16, 32), steps=6, batch_size=32, pool_size=2, pool_steps=2,
+    image_lr=1e-2, target_lr=1e-2, log_every=2, checkpoint_every=3, validate_every=3, validation_images=40,
+    validation_models=2, seed=3,
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(cifar10_small, tmp_path_factory):
+    train, test = cifar10_small
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = distill(train, _teacher(), RUN, out_dir=out_dir, heldout=test, progress=False)
+    return result, out_dir
+
+
+def _history(out_dir):
+    with open(out_dir / "loss.csv") as handle:
+        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(handle)]
+
+
+@pytest.mark.shared_data
+def test_tiny_distillation_on_cifar10_lowers_training_and_validation_loss(cifar10_small, tmp_path):
+    train, test = cifar10_small
+    config = DistillConfig(
+        num_images=20, widths=(16, 32, 64), steps=50, batch_size=64, pool_size=3, pool_steps=10,
+        image_lr=1e-2, target_lr=1e-2, log_every=5, validate_every=25, checkpoint_every=25,
+        validation_images=200, seed=0,
+    )
+    result = distill(train, _teacher(), config, out_dir=tmp_path, heldout=test, progress=False)
+
+    rows = list(csv.DictReader(open(tmp_path / "loss.csv")))
+    losses = [float(row["loss"]) for row in rows if row["loss"]]
+    assert len(losses) == 10
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.9 * first, losses
+    validation = {int(row["step"]): float(row["val_loss"]) for row in rows if row["val_loss"]}
+    assert sorted(validation) == [0, 25, 50]
+    reference = float(rows[0]["val_reference"])
+    assert validation[50] < 0.9 * validation[0] < 0.9 * reference
+
+    assert isinstance(result, DistilledSet)
+    assert result.images.shape == (20, 3, 32, 32) and result.targets.shape == (20, 1024)
+    assert (result.target_kind, result.method, result.source, result.teacher_arch, result.step) == (
+        "representation", "krr-st", train.name, "convnet3", 50)
+    assert result.mean == train.mean and result.config["num_images"] == 20
+    loaded = DistilledSet.load(tmp_path / DISTILLED_NAME)
+    assert torch.equal(loaded.images, result.images) and torch.equal(loaded.targets, result.targets)
+    for name in (CHECKPOINT_NAME, "loss.png", "preview.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert load_state(tmp_path / CHECKPOINT_NAME)["step"] == 50
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.shared_data
+def test_resume_reaches_the_same_set_as_an_uninterrupted_run(cifar10_small, uninterrupted_run, tmp_path, monkeypatch):
+    train, test = cifar10_small
+    expected, expected_dir = uninterrupted_run
+    real_save = distill_module._save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        if state["step"] == 3:
+            raise _Interrupted
+
+    monkeypatch.setattr(distill_module, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Interrupted):
+        distill(train, _teacher(), RUN, out_dir=tmp_path, heldout=test, progress=False)
+    monkeypatch.setattr(distill_module, "_save_checkpoint", real_save)
+    assert not (tmp_path / DISTILLED_NAME).exists()
+
+    resumed = distill(train, _teacher(), RUN, out_dir=tmp_path, resume=True, heldout=test, progress=False)
+    assert torch.equal(resumed.images, expected.images)
+    assert torch.equal(resumed.targets, expected.targets)
+    assert _history(tmp_path) == _history(expected_dir)  # same losses, validation values and lrs
+
+
+@pytest.mark.shared_data
+def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(
+    cifar10_small, uninterrupted_run, tmp_path, monkeypatch
+):
+    train, test = cifar10_small
+    expected, _ = uninterrupted_run
+    real_save_file = krrst.io.save_file
+    calls = []
+
+    def save_file_that_dies_on_the_second_checkpoint(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) < 2:
+            return real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "wb") as handle:  # half a file, then the "power cut"
+            handle.write(b"\x00" * 1000)
+        raise OSError("simulated crash while writing")
+
+    monkeypatch.setattr(krrst.io, "save_file", save_file_that_dies_on_the_second_checkpoint)
+    with pytest.raises(OSError, match="simulated crash"):
+        distill(train, _teacher(), RUN, out_dir=tmp_path, heldout=test, progress=False)
+    monkeypatch.setattr(krrst.io, "save_file", real_save_file)
+
+    assert load_state(tmp_path / CHECKPOINT_NAME)["step"] == 3
+    assert not list(tmp_path.glob(".*.tmp"))
+    resumed = distill(train, _teacher(), RUN, out_dir=tmp_path, resume=True, heldout=test, progress=False)
+    assert torch.equal(resumed.images, expected.images) and torch.equal(resumed.targets, expected.targets)
+
+
+@pytest.mark.shared_data
+def test_resume_refuses_a_different_config_and_a_wrong_source(cifar10_small, uninterrupted_run, tmp_path):
+    train, test = cifar10_small
+    _, run_dir = uninterrupted_run
+    (tmp_path / CHECKPOINT_NAME).write_bytes((run_dir / CHECKPOINT_NAME).read_bytes())
+    with pytest.raises(KrrstError, match=r"another config \(ridge: 1e-06 -> 0.001\)"):
+        distill(train, _teacher(), dataclasses.replace(RUN, ridge=1e-3), out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(KrrstError, match="was distilled from"):
+        distill(test, _teacher(), RUN, out_dir=tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.shared_data
+def test_source_of_the_wrong_size_is_a_clear_error(cifar10_small):
+    train, _ = cifar10_small
+    with pytest.raises(KrrstError, match="distill.image_size=64"):
+        distill(train, _teacher(), dataclasses.replace(RUN, image_size=64), progress=False)
+    with pytest.raises(KrrstError, match="must be an ImageSet"):
+        distill(train.images, _teacher(), RUN, progress=False)

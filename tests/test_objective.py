@@ -1,0 +1,184 @@
+"""The KRR-ST objective against reference computations (scikit-learn, NumPy, finite differences)."""
+
+import numpy as np
+import pytest
+import torch
+
+from krrst.errors import KrrstError
+from krrst.objective import krr_predict, krr_st_loss
+
+
+def _random_problem(m=12, n=20, p=30, d=5, seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    synthetic_features = torch.randn(m, p, generator=generator, dtype=dtype)
+    real_features = torch.randn(n, p, generator=generator, dtype=dtype)
+    synthetic_targets = torch.randn(m, d, generator=generator, dtype=dtype)
+    real_targets = torch.randn(n, d, generator=generator, dtype=dtype)
+    return synthetic_features, synthetic_targets, real_features, real_targets
+
+
+def _with_ones(features: np.ndarray) -> np.ndarray:
+    return np.concatenate([features, np.ones((features.shape[0], 1))], axis=1)
+
+
+@pytest.mark.parametrize("ridge", [1e-6, 1e-2, 0.5])
+def test_prediction_matches_sklearn_kernel_ridge(ridge):
+    from sklearn.kernel_ridge import KernelRidge
+
+    synthetic_features, synthetic_targets, real_features, _ = _random_problem()
+    synthetic = _with_ones(synthetic_features.numpy())
+    real = _with_ones(real_features.numpy())
+    regulariser = ridge * np.trace(synthetic @ synthetic.T)
+    kernel_ridge = KernelRidge(kernel="linear", alpha=regulariser).fit(synthetic, synthetic_targets.numpy())
+    reference = kernel_ridge.predict(real)
+
+    predictions = krr_predict(synthetic_features, synthetic_targets, real_features, ridge=ridge)
+    assert predictions.dtype == torch.float64
+    np.testing.assert_allclose(predictions.numpy(), reference, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("m,p", [(12, 30), (40, 8)])  # fewer and more samples than features
+def test_prediction_matches_primal_ridge_solution(m, p):
+    ridge = 1e-3
+    synthetic_features, synthetic_targets, real_features, _ = _random_problem(m=m, p=p, seed=1)
+    synthetic = _with_ones(synthetic_features.numpy())
+    real = _with_ones(real_features.numpy())
+    regulariser = ridge * np.trace(synthetic @ synthetic.T)
+    primal_weights = np.linalg.solve(
+        synthetic.T @ synthetic + regulariser * np.eye(synthetic.shape[1]), synthetic.T @ synthetic_targets.numpy()
+    )
+    reference = real @ primal_weights
+
+    predictions = krr_predict(synthetic_features, synthetic_targets, real_features, ridge=ridge)
+    np.testing.assert_allclose(predictions.numpy(), reference, rtol=1e-7, atol=1e-9)
+
+
+def test_loss_is_mean_squared_error_over_all_elements():
+    ridge = 1e-2
+    synthetic_features, synthetic_targets, real_features, real_targets = _random_problem(seed=2)
+    synthetic = _with_ones(synthetic_features.numpy())
+    real = _with_ones(real_features.numpy())
+    kernel = synthetic @ synthetic.T
+    weights = np.linalg.solve(kernel + ridge * np.trace(kernel) * np.eye(len(kernel)), synthetic_targets.numpy())
+    residual = real @ synthetic.T @ weights - real_targets.numpy()
+    reference = (residual**2).sum() / residual.size
+
+    loss = krr_st_loss(synthetic_features, synthetic_targets, real_features, real_targets, ridge=ridge)
+    assert loss.dim() == 0
+    assert loss.item() == pytest.approx(reference, rel=1e-10)
+
+
+def test_float32_kernel_is_default_and_float64_is_an_option():
+    synthetic_features, synthetic_targets, real_features, real_targets = _random_problem(dtype=torch.float32, seed=3)
+    loss32 = krr_st_loss(synthetic_features, synthetic_targets, real_features, real_targets, ridge=1e-2)
+    loss64 = krr_st_loss(
+        synthetic_features, synthetic_targets, real_features, real_targets, ridge=1e-2, kernel_dtype=torch.float64
+    )
+    assert loss32.dtype == torch.float32
+    assert loss64.dtype == torch.float64
+    as_double = [t.double() for t in (synthetic_features, synthetic_targets, real_features, real_targets)]
+    reference = krr_st_loss(*as_double, ridge=1e-2)
+    assert loss64.item() == pytest.approx(reference.item(), rel=1e-12)
+    assert loss32.item() == pytest.approx(reference.item(), rel=1e-4)
+
+
+class _TinyFeatureNet(torch.nn.Module):
+    """conv + ReLU + flatten in float64: enough non-linearity for a gradient check through a network."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(4)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1).double()
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator, dtype=torch.float64) * 0.3)
+            self.conv.bias.copy_(torch.randn(4, generator=generator, dtype=torch.float64) * 0.1)
+
+    def forward(self, images):
+        return torch.tanh(self.conv(images)).flatten(1)
+
+
+def test_gradcheck_wrt_synthetic_images_and_targets():
+    net = _TinyFeatureNet()
+    generator = torch.Generator().manual_seed(5)
+    synthetic_images = torch.randn(6, 3, 4, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    synthetic_targets = torch.randn(6, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    real_images = torch.randn(9, 3, 4, 4, generator=generator, dtype=torch.float64)
+    real_targets = torch.randn(9, 3, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        first = _with_ones(net(synthetic_images).numpy())
+    fixed_regulariser = 1e-2 * np.trace(first @ first.T)
+
+    def loss_with_lambda_held_fixed(images, targets):
+        # λ = ridge · trace(K) with the trace detached: the gradient is that of the loss at a
+        # fixed λ. Finite differences would move the trace, so rescale ridge to hold λ fixed.
+        features = net(images)
+        with torch.no_grad():
+            trace = (features**2).sum() + features.shape[0]
+        ridge = fixed_regulariser / trace.item()
+        return krr_st_loss(features, targets, net(real_images), real_targets, ridge=ridge, kernel_dtype=torch.float64)
+
+    assert torch.autograd.gradcheck(loss_with_lambda_held_fixed, (synthetic_images, synthetic_targets), eps=1e-6)
+
+
+def test_trace_is_detached_in_the_gradient():
+    """The gradient w.r.t. X_s ignores dλ/dX_s: compare with the analytic λ-fixed and λ-live gradients."""
+    synthetic_features, synthetic_targets, real_features, real_targets = _random_problem(seed=6)
+    synthetic_features.requires_grad_(True)
+    ridge = 0.05
+    loss = krr_st_loss(synthetic_features, synthetic_targets, real_features, real_targets, ridge=ridge)
+    (ours,) = torch.autograd.grad(loss, synthetic_features)
+
+    def manual(live_trace: bool):
+        features = synthetic_features.detach().clone().requires_grad_(True)
+        synthetic = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], 1)
+        real = torch.cat([real_features, torch.ones(len(real_features), 1, dtype=features.dtype)], 1)
+        kernel = synthetic @ synthetic.T
+        trace = torch.trace(kernel) if live_trace else torch.trace(kernel).detach()
+        identity = torch.eye(len(kernel), dtype=features.dtype)
+        weights = torch.linalg.solve(kernel + ridge * trace * identity, synthetic_targets)
+        manual_loss = ((real @ synthetic.T @ weights - real_targets) ** 2).mean()
+        return torch.autograd.grad(manual_loss, features)[0]
+
+    torch.testing.assert_close(ours, manual(live_trace=False), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(ours, manual(live_trace=True), rtol=1e-3, atol=1e-6)
+
+
+def test_gradient_reaches_targets_and_features_in_float32():
+    synthetic_features, synthetic_targets, real_features, real_targets = _random_problem(dtype=torch.float32, seed=7)
+    synthetic_features.requires_grad_(True)
+    synthetic_targets.requires_grad_(True)
+    loss = krr_st_loss(synthetic_features, synthetic_targets, real_features, real_targets)
+    loss.backward()
+    assert synthetic_features.grad.abs().sum() > 0 and synthetic_targets.grad.abs().sum() > 0
+    assert torch.isfinite(synthetic_features.grad).all() and torch.isfinite(synthetic_targets.grad).all()
+
+
+def test_singular_kernel_is_a_clear_error_not_nan():
+    # Identical synthetic features make K = F_s F_sᵀ rank one; with ridge 0 it is singular.
+    features = torch.zeros(5, 7, dtype=torch.float64)
+    targets = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(KrrstError, match=r"not positive definite \(m=5, ridge=0.0.*kernel_dtype=float64"):
+        krr_predict(features, targets, torch.randn(4, 7, dtype=torch.float64), ridge=0.0)
+    with pytest.raises(KrrstError, match="not positive definite"):
+        krr_st_loss(features.float(), targets.float(), torch.randn(4, 7), torch.randn(4, 3), ridge=-1.0)
+
+
+def test_ridge_makes_a_duplicated_set_solvable():
+    features = torch.randn(1, 7, dtype=torch.float64).repeat(5, 1)
+    targets = torch.randn(5, 3, dtype=torch.float64)
+    real_features, real_targets = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    loss = krr_st_loss(features, targets, real_features, real_targets)
+    assert torch.isfinite(loss)
+    # With identical inputs, ridge regression predicts through the mean of their targets.
+    prediction = krr_predict(features, targets, features[:1], ridge=1e-6)
+    # s·m / (s·m + λ) with s = |f|² + 1 and λ = ridge · m · s: the mean shrunk by 1 / (1 + ridge).
+    torch.testing.assert_close(prediction[0], targets.mean(0) / (1 + 1e-6), rtol=1e-7, atol=1e-9)
+
+
+def test_features_of_any_shape_are_flattened():
+    synthetic_features, synthetic_targets, real_features, real_targets = _random_problem(p=24, seed=8)
+    flat = krr_st_loss(synthetic_features, synthetic_targets, real_features, real_targets)
+    shaped = krr_st_loss(
+        synthetic_features.view(-1, 2, 3, 4), synthetic_targets, real_features.view(-1, 2, 3, 4), real_targets
+    )
+    assert flat.item() == pytest.approx(shaped.item(), rel=1e-12)
