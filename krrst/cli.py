@@ -7,6 +7,7 @@ with exit status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,11 +30,167 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:<16} {model.feature_dim:>8} {params / 1e6:>16.2f}M")
 
 
-def _not_yet(issue: str):
-    def handler(args: argparse.Namespace) -> None:
-        raise KrrstError(f"'krrst {args.command}' is not yet available ({issue}); see README.md for what works today")
+def _stage_config(cls, stage: str, preset: str | None, overrides: list[str], extra: dict | None = None):
+    """A stage's config: the preset's values for that stage, then `extra`, then `--set stage.field=value`."""
+    from krrst.config import apply_overrides, parse_assignments
+    from krrst.pipeline import PRESETS
 
-    return handler
+    if preset is not None and preset not in PRESETS:
+        raise KrrstError(f"unknown --preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset].get(stage, {})) if preset else {}
+    values.update({key: value for key, value in (extra or {}).items() if value is not None})
+    for key, value in parse_assignments(overrides).items():
+        prefix, dot, field = key.partition(".")
+        if not dot or prefix != stage:
+            raise KrrstError(f"--set {key!r}: this command takes {stage}.FIELD=VALUE keys (e.g. {stage}.seed=1)")
+        values[field] = value
+    return apply_overrides(cls(), values, stage)
+
+
+def _load_source(args: argparse.Namespace):
+    from krrst.data import load_images
+
+    return load_images(args.source, args.root, args.split, image_size=args.image_size, download=args.download,
+                       max_per_class=args.max_per_class)
+
+
+def _cmd_teacher(args: argparse.Namespace) -> None:
+    from krrst.teacher import (TEACHER_FILE, TeacherConfig, check_not_collapsed, feature_health, load_teacher,
+                               save_teacher, train_teacher)
+
+    images = _load_source(args)
+    out = Path(args.out)
+    if args.teacher:
+        teacher = load_teacher(args.teacher, arch=args.teacher_arch)
+        health = feature_health(teacher, images.images[:1000], images.mean, images.std, device=args.device)
+        check_not_collapsed(health, where=f"teacher {args.teacher}")
+        save_teacher(out / TEACHER_FILE, teacher, images.mean, images.std, source=images.name)
+        print(f"imported {args.teacher} ({teacher.spec['arch']}, {teacher.feature_dim}-d features, "
+              f"median feature std {health['std_median']:.3g}) as {out / TEACHER_FILE}")
+        return
+    config = _stage_config(TeacherConfig, "teacher", args.preset, args.overrides)
+    train_teacher(images, config, out_dir=out, resume=args.resume, device=args.device, progress=args.progress)
+    print(f"wrote {out / TEACHER_FILE}")
+
+
+def _cmd_distill(args: argparse.Namespace) -> None:
+    from krrst.distill import DistillConfig, distill
+    from krrst.pipeline import split_heldout
+    from krrst.teacher import load_teacher
+
+    config = _stage_config(DistillConfig, "distill", args.preset, args.overrides,
+                           {"steps": args.steps, "num_images": args.m, "image_size": args.image_size})
+    teacher = load_teacher(args.teacher, arch=args.teacher_arch)
+    images, heldout = split_heldout(_load_source(args), args.heldout, config.seed)
+    distilled = distill(images, teacher, config, out_dir=args.out, resume=args.resume, device=args.device,
+                        heldout=heldout, progress=args.progress)
+    out = Path(args.out)
+    print(f"distilled {len(distilled)} images with {distilled.feature_dim}-d targets into "
+          f"{out / 'distilled.safetensors'} (preview: {out / 'preview.png'})")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from krrst.baselines import kmeans_coreset, random_subset
+    from krrst.data import load_images
+    from krrst.distilled import DistilledSet
+    from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
+    from krrst.pipeline import TEST_SPLITS, evaluate_methods
+    from krrst.report import report_text, write_report
+    from krrst.teacher import load_teacher
+
+    if (args.distilled is None) == (args.baseline is None):
+        raise KrrstError("give exactly one of --distilled PATH or --baseline random|kmeans|none|full")
+    stages = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear": LinearProbeConfig}
+    stray = [item for item in args.overrides if item.split(".", 1)[0] not in stages]
+    if stray:
+        raise KrrstError(f"--set {stray[0]!r}: keys must start with one of {', '.join(stages)}")
+    configs = {
+        stage: _stage_config(cls, stage, None, [item for item in args.overrides if item.startswith(stage + ".")])
+        for stage, cls in stages.items()
+    }
+    teacher = load_teacher(args.teacher, arch=args.teacher_arch) if args.teacher else None
+    if args.distilled is not None:
+        network = DistilledSet.load(args.distilled)
+        method, source_name = network.method, network.source
+    else:
+        method, source_name, network = {"full": "full-ssl"}.get(args.baseline, args.baseline), args.source or "", None
+        if args.baseline in ("random", "kmeans", "full") and teacher is None:
+            raise KrrstError(f"--baseline {args.baseline} needs the teacher: pass --teacher PATH")
+        if args.baseline in ("random", "kmeans"):
+            if not args.source or not args.source_root:
+                raise KrrstError(f"--baseline {args.baseline} needs --source NAME and --source-root PATH to pick images from")
+            source = load_images(args.source, args.source_root, "train", image_size=args.image_size)
+            pick = random_subset if args.baseline == "random" else kmeans_coreset
+            network, source_name = pick(source, args.m, teacher, seed=args.seed, device=args.device), source.name
+        elif args.baseline == "full":
+            network = teacher
+    image_size = args.image_size or (network.image_size if isinstance(network, DistilledSet) else None)
+    train = load_images(args.target, args.root, "train", image_size=image_size, download=args.download,
+                        max_per_class=args.max_per_class)
+    test = load_images(args.target, args.root, TEST_SPLITS.get(args.target, "test"), image_size=image_size,
+                       download=args.download)
+    evaluate_methods(
+        args.out, {method: network}, [(args.target, train, test)], source_name=source_name, archs=[args.arch],
+        seeds=range(args.seed, args.seed + args.seeds), protocols=args.protocol or ["finetune"],
+        pretrain_config=configs["pretrain"], finetune_config=configs["finetune"], linear_config=configs["linear"],
+        eval_widths=tuple(args.widths), image_size=image_size, device=args.device, progress=args.progress,
+    )
+    write_report(args.out)
+    print(report_text(args.out))
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from krrst.report import report_text, write_report
+
+    paths = write_report(args.run_dir)
+    print(report_text(args.run_dir))
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from krrst.config import parse_assignments
+    from krrst.pipeline import resolve_config, run
+
+    config = resolve_config(args.preset, parse_assignments(args.overrides))
+    if args.print_config:
+        print(json.dumps({"preset": args.preset, **config.to_dict()}, indent=2))
+        return
+    out = args.out or f"runs/{args.preset}"
+    run(config, out, root=args.root, preset=args.preset, force=args.force, device=args.device, progress=args.progress)
+    print(f"run directory: {out} (open {Path(out) / 'report.html'})")
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _common(parser: argparse.ArgumentParser, stages: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                        help=f"override any config field of {stages}; repeatable, e.g. --set distill.steps=200")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True, help="source dataset name (see `krrst datasets`)")
+    parser.add_argument("--root", required=True, help="the dataset's folder or .zip (the layout `krrst datasets` lists)")
+    parser.add_argument("--split", default="train", help="which split to read (default: train)")
+    parser.add_argument("--image-size", type=int, default=None, help="resize images to N x N (default: as stored)")
+    parser.add_argument("--max-per-class", type=int, default=None, help="keep the first K images of each class (quick runs)")
+    parser.add_argument("--download", action="store_true", help="download cifar10/cifar100/aircraft/flowers when absent")
+
+
+def _run_args(parser: argparse.ArgumentParser, preset: str | None) -> None:
+    if preset is None:
+        parser.add_argument("--preset", required=True, help="demo, cpu-mini, cifar100, tinyimagenet or imagenet64")
+    else:
+        parser.set_defaults(preset=preset)
+    parser.add_argument("--root", default=".", help="data root: dataset paths in the config are relative to it")
+    parser.add_argument("--out", default=None, help="run directory (default: runs/<preset>); re-running resumes it")
+    parser.add_argument("--force", action="store_true",
+                        help="reuse a run directory of another config, re-running only the stages that changed")
+    parser.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    _common(parser, "run, teacher, distill, pretrain, finetune, linear")
+    parser.set_defaults(handler=_cmd_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,22 +201,80 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    datasets = sub.add_parser("datasets", help="list the datasets krrst can load and the layout each expects")
-    datasets.set_defaults(handler=_cmd_datasets)
+    sub.add_parser("datasets", help="list the datasets krrst can load and the layout each expects").set_defaults(
+        handler=_cmd_datasets)
+    sub.add_parser("models", help="list the registered architectures with feature size and parameters").set_defaults(
+        handler=_cmd_models)
 
-    models = sub.add_parser("models", help="list the registered architectures with feature size and parameters")
-    models.set_defaults(handler=_cmd_models)
+    teacher = sub.add_parser("teacher", help="train a self-supervised teacher (Barlow Twins) or import your own",
+                             description="Train an SSL teacher on the source images (labels unused), or import a "
+                             "teacher file with --teacher, check its features, and store it as teacher.safetensors.")
+    _data_args(teacher)
+    teacher.add_argument("--out", required=True, help="output folder: teacher.safetensors, checkpoint, loss.csv, health.json")
+    teacher.add_argument("--preset", default=None, help="take the teacher settings of a pipeline preset (e.g. cpu-mini)")
+    teacher.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    teacher.add_argument("--teacher", default=None, help="import this teacher file (safetensors, or a torchvision .pt/.pth)")
+    teacher.add_argument("--teacher-arch", default=None,
+                         help="its architecture (default: from the file; .pt files: resnet18_pad2, the authors' teacher)")
+    _common(teacher, "teacher")
+    teacher.set_defaults(handler=_cmd_teacher)
 
-    for name, help_text, issue in (
-        ("teacher", "train a self-supervised teacher (Barlow Twins) or load your own", "issue 4"),
-        ("distill", "distil a source dataset into a KRR-ST synthetic set", "issue 5"),
-        ("evaluate", "pre-train on a distilled set or baseline, then fine-tune / linear-probe", "issue 6"),
-        ("report", "print and write the results table and report.html of a run directory", "issue 6"),
-        ("run", "run the whole pipeline of a preset: teacher, distil, baselines, evaluate, report", "issue 7"),
-        ("demo", "run the offline demo on the CIFAR-10 sample shipped in the package (alias of run --preset demo)", "issue 7"),
-    ):
-        command = sub.add_parser(name, help=help_text)
-        command.set_defaults(handler=_not_yet(issue))
+    distill = sub.add_parser("distill", help="distil a source dataset into a KRR-ST synthetic set",
+                             description="KRR-ST: learn m synthetic images and their target representations so that "
+                             "kernel ridge regression on them predicts the teacher's features of real images.")
+    _data_args(distill)
+    distill.add_argument("--teacher", required=True, help="teacher file (teacher.safetensors from `krrst teacher`, or your own)")
+    distill.add_argument("--teacher-arch", default=None, help="the teacher's architecture when the file does not say")
+    distill.add_argument("--out", required=True, help="output folder: distilled.safetensors, checkpoint, loss.csv/png, preview.png")
+    distill.add_argument("--preset", default=None,
+                         help="settings of a preset: cifar100 (the default values), tinyimagenet, imagenet64, demo, cpu-mini")
+    distill.add_argument("--steps", type=int, default=None, help="outer steps (paper: 160,000)")
+    distill.add_argument("--m", type=int, default=None, help="synthetic images (paper: 1,000 CIFAR-100, 2,000 Tiny-ImageNet)")
+    distill.add_argument("--heldout", type=int, default=1000, help="source images held out for the validation signal (0: none)")
+    distill.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _common(distill, "distill")
+    distill.set_defaults(handler=_cmd_distill)
+
+    evaluate = sub.add_parser("evaluate", help="pre-train on a distilled set or baseline, then fine-tune / linear-probe",
+                              description="Pre-train a fresh network on a distilled set (or a baseline), fine-tune or "
+                              "linear-probe it on a labelled target, and append rows to OUT/results.csv; finished "
+                              "seeds are skipped, so an interrupted evaluation resumes.")
+    evaluate.add_argument("--distilled", default=None, help="a DistilledSet file (distilled.safetensors)")
+    evaluate.add_argument("--baseline", choices=("random", "kmeans", "none", "full"), default=None,
+                          help="evaluate a baseline instead: random subset, k-means coreset, no pre-training, the teacher")
+    evaluate.add_argument("--target", required=True, help="target dataset name (see `krrst datasets`)")
+    evaluate.add_argument("--root", required=True, help="the target dataset's folder or .zip")
+    evaluate.add_argument("--arch", default="convnet3", help="evaluation architecture (see `krrst models`)")
+    evaluate.add_argument("--widths", type=lambda text: [int(v) for v in text.split(",")], default=[],
+                          help="ConvNet widths, e.g. 32,64,128 for narrow CPU networks")
+    evaluate.add_argument("--protocol", action="append", default=None,
+                          help="finetune (default), linear, or either @P%% for a label fraction (e.g. linear@1%%); repeatable")
+    evaluate.add_argument("--seeds", type=int, default=3, help="number of seeds (paired across methods)")
+    evaluate.add_argument("--seed", type=int, default=0, help="first seed")
+    evaluate.add_argument("--out", required=True, help="run directory receiving results.csv/json/md")
+    evaluate.add_argument("--teacher", default=None, help="teacher file (needed by --baseline random, kmeans and full)")
+    evaluate.add_argument("--teacher-arch", default=None, help="the teacher's architecture when the file does not say")
+    evaluate.add_argument("--source", default=None, help="source dataset for --baseline random/kmeans")
+    evaluate.add_argument("--source-root", default=None, help="its folder or .zip")
+    evaluate.add_argument("--m", type=int, default=1000, help="subset size for --baseline random/kmeans")
+    evaluate.add_argument("--image-size", type=int, default=None, help="resize targets to N (default: the set's size)")
+    evaluate.add_argument("--max-per-class", type=int, default=None, help="keep the first K training images per class")
+    evaluate.add_argument("--download", action="store_true", help="download the target when absent (where possible)")
+    _common(evaluate, "pretrain, finetune, linear")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    report = sub.add_parser("report", help="print and write the results table and report.html of a run directory")
+    report.add_argument("run_dir", help="a run directory (holding results.csv)")
+    report.set_defaults(handler=_cmd_report)
+
+    run = sub.add_parser("run", help="run a preset's whole pipeline: teacher, distil, baselines, evaluate, report",
+                         description="Run every stage of a preset into a run directory; a re-run skips finished stages "
+                         "and resumes an interrupted one.")
+    _run_args(run, None)
+    demo = sub.add_parser("demo", help="the offline demo on the CIFAR-10 sample shipped in the package (= run --preset demo)",
+                          description="Teacher, distillation, baselines and evaluation on 4,000 real CIFAR-10 images "
+                          "shipped in the package; about 10 minutes on 2 CPU cores.")
+    _run_args(demo, "demo")
     return parser
 
 

@@ -474,6 +474,23 @@ def _images_of(value: Any, what: str) -> torch.Tensor:
 # --------------------------------------------------------------------------- the outer loop
 
 
+def _stage_seeds(seed: int) -> tuple[int, int, int, int]:
+    """Independent seeds for the data, the pool, the validation networks and the held-out draw."""
+    root = torch.Generator().manual_seed(seed)
+    return tuple(_draw_seed(root) for _ in range(4))  # type: ignore[return-value]
+
+
+def initial_indices(num_source: int, config: DistillConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The indices of the m real images `X_s` starts from, as `distill` draws them.
+
+    The random-subset baseline uses the same images, so that the two sets
+    differ only in what distillation did to them.
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(_stage_seeds(config.seed)[0])
+    return torch.randperm(num_source, generator=generator)[: config.num_images]
+
+
 def distill(
     source: Any,
     teacher: nn.Module,
@@ -547,12 +564,11 @@ def distill(
     teacher = teacher.to(device).eval()
     kernel_dtype = KERNEL_DTYPES[config.kernel_dtype]
 
-    root = torch.Generator().manual_seed(config.seed)
-    data_seed, pool_seed, validation_seed, heldout_seed = (_draw_seed(root) for _ in range(4))
+    data_seed, pool_seed, validation_seed, heldout_seed = _stage_seeds(config.seed)
     data_generator = torch.Generator().manual_seed(data_seed)
 
     # --- the synthetic set: m random real images (normalised) and their teacher features
-    initial = torch.randperm(num_source, generator=data_generator)[: config.num_images].to(device)
+    initial = initial_indices(num_source, config, data_generator).to(device)
     synthetic_images = normalize(source_images[initial], mean, std)
     synthetic_targets = _forward_in_chunks(teacher, synthetic_images)
     if synthetic_targets.dim() != 2:

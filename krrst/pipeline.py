@@ -1,0 +1,560 @@
+"""The whole pipeline in one call: presets, run directories, resume, stage by stage.
+
+`run(config, out_dir)` chains teacher -> distil -> baselines -> evaluate ->
+report. Each stage writes its outputs under the run directory and a
+`done.json` holding the fingerprint of the config it was run with; a stage
+whose fingerprint matches is skipped, so a killed run resumes where it
+stopped and a changed evaluation config re-runs only the evaluation. Inside
+a stage, the teacher and the distillation resume from their own checkpoints
+and the evaluation skips every (method, target, arch, protocol, seed) row
+already in `results.csv`.
+
+A `PipelineConfig` groups one dataclass per stage; presets are dicts of
+overrides on top of the defaults (the paper's CIFAR-100 setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from krrst.config import apply_overrides, config_to_dict, resolve_device
+from krrst.distill import DistillConfig
+from krrst.errors import KrrstError
+from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
+from krrst.io import capture_env, read_json, write_json
+from krrst.teacher import TeacherConfig
+
+SAMPLE_ROOT = "@sample"
+FINE_GRAINED = ("aircraft", "cars", "cub", "dogs", "flowers")
+TEST_SPLITS = {"tinyimagenet": "val", "imagenet64": "val"}
+METHODS = ("krr-st", "random", "kmeans", "none", "full-ssl")
+BASE_PROTOCOLS = ("finetune", "linear")
+
+
+def sample_path() -> Path:
+    """The real CIFAR-10 sample shipped in the package (see scripts/make_demo_sample.py)."""
+    return Path(__file__).resolve().parent / "assets" / "cifar10-sample.zip"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What the pipeline runs: the data, the methods, the protocols and the seeds.
+
+    Paths are relative to `--root`; `@sample` is the CIFAR-10 sample shipped in
+    the package. A target is `name` (read from `--root`) or `name=path`.
+    Protocols are `finetune`, `linear`, or either with a label fraction, e.g.
+    `linear@1%`. `eval_widths` narrows ConvNet evaluation networks for CPU runs.
+    """
+
+    source: str = "cifar100"
+    source_root: str = "."
+    source_split: str = "train"
+    source_per_class: int | None = None
+    heldout_images: int = 1000
+    image_size: int = 32
+    targets: tuple[str, ...] = ("cifar100", "cifar10", "aircraft", "cars", "cub", "dogs", "flowers")
+    target_train_per_class: int | None = None
+    target_test_per_class: int | None = None
+    finegrained_iterations: int = 5000
+    methods: tuple[str, ...] = METHODS
+    protocols: tuple[str, ...] = ("finetune",)
+    archs: tuple[str, ...] = ("convnet3",)
+    eval_widths: tuple[int, ...] = ()
+    seeds: int = 3
+    seed: int = 0
+    teacher_path: str = ""
+    teacher_arch: str = ""
+    download: bool = False
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "run": RunConfig,
+    "teacher": TeacherConfig,
+    "distill": DistillConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "linear": LinearProbeConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """One config dataclass per stage; `--set stage.field=value` reaches any field."""
+
+    run: RunConfig = RunConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    distill: DistillConfig = DistillConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    linear: LinearProbeConfig = LinearProbeConfig()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {stage: _jsonable(config_to_dict(getattr(self, stage))) for stage in STAGE_CONFIGS}
+
+
+# ----------------------------------------------------------------------------- presets
+
+_CPU_TEACHER = {"arch": "convnet3", "convnet_widths": (32, 64, 128), "optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4,
+                "warmup_epochs": 1.0, "projector_dims": (512, 512), "batch_size": 256}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "cifar100": {},
+    "tinyimagenet": {
+        "run": {"source": "tinyimagenet", "image_size": 64, "archs": ("convnet4",),
+                "targets": ("tinyimagenet", "cifar10", *FINE_GRAINED)},
+        "distill": {"num_images": 2000, "arch": "convnet4", "widths": (64, 128, 256, 512), "image_size": 64,
+                    "image_lr": 1e-5, "target_lr": 1e-5},
+    },
+    "imagenet64": {
+        "run": {"source": "imagenet64", "image_size": 64, "archs": ("convnet4",),
+                "targets": ("cifar10", "cifar100", *FINE_GRAINED)},
+        "distill": {"num_images": 1000, "arch": "convnet4", "widths": (64, 128, 256, 512), "image_size": 64,
+                    "image_lr": 1e-5, "target_lr": 1e-5},
+    },
+    "demo": {
+        "run": {"source": "imagefolder", "source_root": SAMPLE_ROOT, "heldout_images": 200,
+                "targets": (f"imagefolder={SAMPLE_ROOT}",), "target_train_per_class": 100,
+                "methods": ("krr-st", "random", "kmeans", "none"), "protocols": ("finetune", "linear"),
+                "eval_widths": (16, 32, 64), "seeds": 2},
+        "teacher": {**_CPU_TEACHER, "convnet_widths": (16, 32, 64), "steps": 150, "batch_size": 128,
+                    "checkpoint_every": 50},
+        "distill": {"num_images": 50, "widths": (16, 32, 64), "steps": 100, "batch_size": 128, "image_lr": 1e-2,
+                    "target_lr": 1e-2, "pool_size": 4, "pool_steps": 20, "log_every": 10, "checkpoint_every": 50,
+                    "validate_every": 25, "validation_models": 2, "validation_images": 200},
+        "pretrain": {"epochs": 50, "batch_size": 64},
+        "finetune": {"iterations": 150, "batch_size": 128},
+        "linear": {"iterations": 300, "batch_size": 256},
+    },
+    "cpu-mini": {
+        "run": {"source": "imagefolder", "source_root": "cifar10-jpeg.zip", "heldout_images": 1000,
+                "targets": ("imagefolder=cifar10-jpeg.zip",),
+                "methods": ("krr-st", "random", "kmeans", "none", "full-ssl"),
+                "protocols": ("linear@1%", "linear@10%", "finetune@1%", "finetune@10%", "finetune"),
+                "eval_widths": (32, 64, 128), "seeds": 3},
+        "teacher": {**_CPU_TEACHER, "steps": 3000, "checkpoint_every": 250},
+        "distill": {"num_images": 500, "widths": (32, 64, 128), "steps": 500, "batch_size": 256, "image_lr": 1e-2,
+                    "target_lr": 1e-2, "pool_size": 10, "pool_steps": 100, "log_every": 10, "checkpoint_every": 50,
+                    "validate_every": 50, "validation_models": 2, "validation_images": 1000},
+        "pretrain": {"epochs": 150, "batch_size": 256},
+        "finetune": {"iterations": 300, "batch_size": 256},
+        "linear": {"iterations": 1000, "batch_size": 512},
+    },
+}
+
+
+def list_presets() -> list[str]:
+    return list(PRESETS)
+
+
+def resolve_config(preset: str = "cifar100", overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """The preset's config with `overrides` (`{"distill.steps": "100", ...}`) applied on top.
+
+    Unknown presets, stages, keys and ill-typed values are one-line `KrrstError`s.
+    """
+    if preset not in PRESETS:
+        raise KrrstError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    per_stage: dict[str, dict[str, Any]] = {stage: dict(values) for stage, values in PRESETS[preset].items()}
+    for key, value in (overrides or {}).items():
+        stage, dot, field = key.partition(".")
+        if not dot or stage not in STAGE_CONFIGS:
+            raise KrrstError(
+                f"--set key {key!r} must be stage.field with stage one of {', '.join(STAGE_CONFIGS)} (e.g. distill.steps=100)"
+            )
+        per_stage.setdefault(stage, {})[field] = value
+    stages = {
+        stage: apply_overrides(cls(), per_stage.get(stage, {}), stage) for stage, cls in STAGE_CONFIGS.items()
+    }
+    config = PipelineConfig(**stages)
+    _check_run_config(config.run)
+    return config
+
+
+def _check_run_config(run: RunConfig) -> None:
+    unknown = [method for method in run.methods if method not in METHODS]
+    if unknown:
+        raise KrrstError(f"run.methods has unknown method {unknown[0]!r}; valid methods: {', '.join(METHODS)}")
+    for protocol in run.protocols:
+        parse_protocol(protocol)
+    if run.seeds < 1:
+        raise KrrstError(f"run.seeds must be at least 1, got {run.seeds}")
+    if not run.targets:
+        raise KrrstError("run.targets is empty; name at least one target dataset")
+
+
+def parse_protocol(protocol: str) -> tuple[str, float]:
+    """`"linear@10%"` -> `("linear", 0.1)`; `"finetune"` -> `("finetune", 1.0)`."""
+    name, at, percent = protocol.partition("@")
+    if name not in BASE_PROTOCOLS:
+        raise KrrstError(f"protocol {protocol!r} is not valid; expected finetune or linear, optionally @P% (e.g. linear@1%)")
+    if not at:
+        return name, 1.0
+    try:
+        fraction = float(percent.rstrip("%")) / 100
+    except ValueError:
+        raise KrrstError(f"protocol {protocol!r}: {percent!r} is not a percentage (e.g. linear@10%)") from None
+    if not 0 < fraction <= 1:
+        raise KrrstError(f"protocol {protocol!r}: the label fraction must be in (0%, 100%]")
+    return name, fraction
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(_jsonable(parts), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = []
+    for stage in sorted(set(old) | set(new)):
+        old_stage, new_stage = old.get(stage, {}), new.get(stage, {})
+        for field in sorted(set(old_stage) | set(new_stage)):
+            if old_stage.get(field) != new_stage.get(field):
+                keys.append(f"{stage}.{field}")
+    return keys
+
+
+def prepare_run_dir(out_dir: Path, config: PipelineConfig, preset: str, force: bool) -> None:
+    """Create the run directory or check that it holds a run of this config (else refuse unless `force`)."""
+    resolved = {"preset": preset, **config.to_dict()}
+    config_path = out_dir / "config.json"
+    if config_path.exists():
+        previous = read_json(config_path, "run config")
+        differing = _diff_keys(
+            {k: v for k, v in previous.items() if k != "preset"}, {k: v for k, v in resolved.items() if k != "preset"}
+        )
+        if differing and not force:
+            shown = ", ".join(differing[:6]) + (" ..." if len(differing) > 6 else "")
+            raise KrrstError(
+                f"run directory {out_dir} holds a run of another config (differs in {shown}); "
+                "pass --force to re-run the stages that changed, or choose another --out"
+            )
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise KrrstError(f"--out {out_dir} exists and is not a krrst run directory (no config.json); choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(config_path, resolved)
+
+
+def _stage_done(stage_dir: Path, fingerprint: str) -> bool:
+    done = stage_dir / "done.json"
+    if not done.exists():
+        return False
+    try:
+        return read_json(done).get("fingerprint") == fingerprint
+    except KrrstError:
+        return False
+
+
+def _mark_done(stage_dir: Path, fingerprint: str) -> None:
+    write_json(stage_dir / "done.json", {"fingerprint": fingerprint})
+
+
+def _start_stage(stage_dir: Path, fingerprint: str) -> None:
+    """Clear outputs written under another fingerprint, so nothing stale is resumed."""
+    marker = stage_dir / "fingerprint.json"
+    if marker.exists():
+        try:
+            previous = read_json(marker).get("fingerprint")
+        except KrrstError:
+            previous = None
+        if previous != fingerprint:
+            shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"fingerprint": fingerprint})
+
+
+@contextmanager
+def _timed(out_dir: Path, stage: str, log) -> Iterator[None]:
+    """Add the stage's wall time to `timings.json` (accumulated across resumes)."""
+    started = time.perf_counter()
+    log(f"[{stage}] started")
+    try:
+        yield
+    finally:
+        path = out_dir / "timings.json"
+        timings = read_json(path) if path.exists() else {}
+        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 2)
+        write_json(path, timings)
+        log(f"[{stage}] {time.perf_counter() - started:.1f} s")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def dataset_path(root: Path, path: str) -> Path:
+    """Resolve a dataset path of a config: `@sample`, absolute, or relative to `--root`."""
+    if path == SAMPLE_ROOT:
+        return sample_path()
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else Path(root).expanduser() / candidate
+
+
+def parse_target(spec: str) -> tuple[str, str]:
+    """`"cifar10"` -> `("cifar10", ".")`; `"imagefolder=cifar10-jpeg.zip"` -> `("imagefolder", "cifar10-jpeg.zip")`."""
+    name, eq, path = spec.partition("=")
+    return name.strip(), (path.strip() if eq else ".")
+
+
+def load_source(run: RunConfig, root: Path):
+    """The unlabelled source split and `run.heldout_images` held-out images (never distilled on)."""
+    from krrst.data import load_images
+
+    source = load_images(
+        run.source, dataset_path(root, run.source_root), run.source_split, image_size=run.image_size,
+        download=run.download, max_per_class=run.source_per_class,
+    )
+    source = dataclasses.replace(source, labels=None)  # the source is used without labels
+    return split_heldout(source, run.heldout_images, run.seed)
+
+
+def split_heldout(images, count: int, seed: int):
+    """`(rest, heldout)`: `count` images drawn by `seed` are held out (never distilled on); `count=0` holds none."""
+    if count <= 0:
+        return images, None
+    if count >= len(images):
+        raise KrrstError(f"holding out {count} images leaves none to distil (the source has {len(images)})")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images.subset(order[count:].sort().values), images.subset(order[:count])
+
+
+def load_target(spec: str, run: RunConfig, root: Path):
+    """`(train, test)` labelled splits of one target, resized to the source resolution."""
+    from krrst.data import load_images
+
+    name, path = parse_target(spec)
+    location = dataset_path(root, path)
+    common = {"image_size": run.image_size, "download": run.download}
+    train = load_images(name, location, "train", max_per_class=run.target_train_per_class, **common)
+    test = load_images(name, location, TEST_SPLITS.get(name, "test"), max_per_class=run.target_test_per_class, **common)
+    if train.labels is None or test.labels is None:
+        raise KrrstError(f"target {spec!r} has no labels; a target dataset must be labelled")
+    return train, test
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _eval_overrides(run: RunConfig, arch: str) -> dict[str, Any]:
+    return {"widths": tuple(run.eval_widths)} if run.eval_widths and arch.startswith("convnet") else {}
+
+
+def _save_model(path: Path, model: torch.nn.Module) -> None:
+    from krrst.io import save_tensors
+
+    save_tensors(path, model.state_dict(), {"spec": model.spec})
+
+
+def _load_model(path: Path, device: torch.device) -> torch.nn.Module:
+    from krrst.io import load_tensors
+    from krrst.models import create_model
+
+    tensors, metadata = load_tensors(path, "pre-trained model")
+    model = create_model(**metadata["spec"])
+    model.load_state_dict(tensors)
+    return model.to(device).eval()
+
+
+def run(
+    config: PipelineConfig,
+    out_dir: str | Path,
+    *,
+    root: str | Path = ".",
+    preset: str = "custom",
+    force: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    log=print,
+) -> list[dict[str, Any]]:
+    """Run every stage of `config` into `out_dir`, skipping what is already done; returns the results rows.
+
+    Layout of `out_dir`: `config.json`, `env.json`, `timings.json`,
+    `teacher/`, `distill/`, `baselines/`, `eval/`, `results.{csv,json,md,png}`
+    and `report.html`.
+    """
+    from krrst.baselines import kmeans_coreset, random_subset_of
+    from krrst.distill import distill, initial_indices
+    from krrst.distilled import DistilledSet
+    from krrst.report import read_results, report_text, write_report
+    from krrst.teacher import TEACHER_FILE, load_teacher, train_teacher
+
+    out_dir = Path(out_dir)
+    root = Path(root)
+    device = resolve_device(device)
+    run_config = config.run
+    prepare_run_dir(out_dir, config, preset, force)
+    write_json(out_dir / "env.json", capture_env(seed=run_config.seed, device=device))
+
+    source_fp = _fingerprint(
+        {k: v for k, v in config_to_dict(run_config).items() if k.startswith("source") or k in ("image_size", "heldout_images", "seed")}
+    )
+    source, heldout = load_source(run_config, root)
+    targets = {spec: load_target(spec, run_config, root) for spec in run_config.targets}
+    log(f"source {source.name}: {len(source)} images ({len(heldout) if heldout is not None else 0} held out); "
+        + "; ".join(f"target {train.name}: {len(train)} train / {len(test)} test" for train, test in targets.values()))
+
+    # -- teacher --------------------------------------------------------------------------------
+    if run_config.teacher_path:
+        teacher = load_teacher(dataset_path(root, run_config.teacher_path), arch=run_config.teacher_arch or None, device=device)
+        teacher_fp = _fingerprint(run_config.teacher_path, run_config.teacher_arch)
+    else:
+        teacher_dir = out_dir / "teacher"
+        teacher_fp = _fingerprint(source_fp, config.teacher)
+        if not _stage_done(teacher_dir, teacher_fp):
+            _start_stage(teacher_dir, teacher_fp)
+            first_train, first_test = next(iter(targets.values()))
+            with _timed(out_dir, "teacher", log):
+                train_teacher(source, config.teacher, out_dir=teacher_dir, resume=True, device=device, heldout=heldout,
+                              labelled=(first_train, first_test), progress=progress)
+            _mark_done(teacher_dir, teacher_fp)
+        teacher = load_teacher(teacher_dir / TEACHER_FILE, device=device)
+    teacher = teacher.to(device).eval()
+
+    # -- distillation ---------------------------------------------------------------------------
+    distill_dir = out_dir / "distill"
+    distill_fp = _fingerprint(teacher_fp, config.distill)
+    if "krr-st" in run_config.methods and not _stage_done(distill_dir, distill_fp):
+        _start_stage(distill_dir, distill_fp)
+        with _timed(out_dir, "distill", log):
+            distill(source, teacher, config.distill, out_dir=distill_dir, resume=True, device=device, heldout=heldout,
+                    progress=progress)
+        _mark_done(distill_dir, distill_fp)
+
+    # -- baselines ------------------------------------------------------------------------------
+    baselines_dir = out_dir / "baselines"
+    baselines_fp = _fingerprint(teacher_fp, source_fp, config.distill.num_images, config.distill.seed)
+    wanted = [method for method in ("random", "kmeans") if method in run_config.methods]
+    if wanted and not _stage_done(baselines_dir, baselines_fp):
+        _start_stage(baselines_dir, baselines_fp)
+        with _timed(out_dir, "baselines", log):
+            if "random" in wanted:
+                # The same real images KRR-ST started from, with the teacher's targets: the pair differs only
+                # in what distillation did to them.
+                indices = initial_indices(len(source), config.distill)
+                random_subset_of(source, indices, teacher, device=device).save(baselines_dir / "random.safetensors")
+            if "kmeans" in wanted:
+                kmeans_coreset(source, config.distill.num_images, teacher, seed=config.distill.seed, device=device,
+                               progress=progress).save(baselines_dir / "kmeans.safetensors")
+        _mark_done(baselines_dir, baselines_fp)
+
+    sets: dict[str, DistilledSet | None] = {"none": None}
+    if "krr-st" in run_config.methods:
+        sets["krr-st"] = DistilledSet.load(distill_dir / "distilled.safetensors")
+    for method in wanted:
+        sets[method] = DistilledSet.load(baselines_dir / f"{method}.safetensors")
+
+    # -- evaluation -----------------------------------------------------------------------------
+    eval_dir = out_dir / "eval"
+    eval_fp = _fingerprint(distill_fp, baselines_fp, config.pretrain, config.finetune, config.linear,
+                           {k: v for k, v in config_to_dict(run_config).items() if k not in ("methods", "protocols")})
+    marker = eval_dir / "fingerprint.json"
+    if marker.exists() and read_json(marker).get("fingerprint") != eval_fp:
+        # Rows computed under another evaluation config are not comparable: start the table afresh.
+        for name in ("results.csv", "results.json"):
+            (out_dir / name).unlink(missing_ok=True)
+    _start_stage(eval_dir, eval_fp)
+    if "full-ssl" in run_config.methods:
+        sets["full-ssl"] = teacher
+    with _timed(out_dir, "evaluate", log):
+        evaluate_methods(
+            out_dir, {method: sets[method] for method in run_config.methods},
+            [(parse_target(spec)[0], *targets[spec]) for spec in run_config.targets],
+            source_name=source.name, archs=run_config.archs, seeds=range(run_config.seed, run_config.seed + run_config.seeds),
+            protocols=run_config.protocols, pretrain_config=config.pretrain, finetune_config=config.finetune,
+            linear_config=config.linear, eval_widths=run_config.eval_widths, image_size=run_config.image_size,
+            finegrained_iterations=run_config.finegrained_iterations, device=device, progress=progress, log=log,
+        )
+    _mark_done(eval_dir, eval_fp)
+
+    # -- report ---------------------------------------------------------------------------------
+    write_report(out_dir)
+    log(report_text(out_dir))
+    return read_results(out_dir)
+
+
+def evaluate_methods(
+    out_dir: str | Path,
+    sets: Mapping[str, Any],
+    targets: list[tuple[str, Any, Any]],
+    *,
+    source_name: str,
+    archs: tuple[str, ...] | list[str],
+    seeds: Any,
+    protocols: tuple[str, ...] | list[str],
+    pretrain_config: PretrainConfig,
+    finetune_config: FinetuneConfig,
+    linear_config: LinearProbeConfig,
+    eval_widths: tuple[int, ...] = (),
+    image_size: int | None = None,
+    finegrained_iterations: int = 5000,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    log=print,
+) -> list[dict[str, Any]]:
+    """Evaluate every method x arch x seed x target x protocol, appending rows to `out_dir/results.csv`.
+
+    `sets` maps a method name to a `DistilledSet` (pre-trained on, once per
+    arch and seed, the network cached under `eval/pretrained/`), to a network
+    used as it is (`full-ssl`: the teacher), or to None (`none`: a fresh
+    network). `targets` are `(dataset_name, train, test)` triples. Rows
+    already in `results.csv` are skipped, so an interrupted evaluation
+    resumes at the first missing one. Seeds are paired: seed s gives every
+    method the same initialisation, label subset and batch order.
+    """
+    from krrst.evaluate import evaluate_set, pretrain
+    from krrst.report import append_results, has_result, read_results
+
+    out_dir = Path(out_dir)
+    device = resolve_device(device)
+    rows = read_results(out_dir)
+    jobs = [(arch, seed, method) for arch in archs for seed in seeds for method in sets]
+    for index, (arch, seed, method) in enumerate(jobs, 1):
+        network = sets[method]
+        is_network = isinstance(network, torch.nn.Module)
+        model_arch = getattr(network, "spec", {}).get("arch", arch) if is_network else arch
+        pending = [
+            (dataset, train, test, protocol) for dataset, train, test in targets for protocol in protocols
+            if not has_result(rows, method=method, source=source_name, target=test.name, arch=model_arch,
+                              protocol=protocol, seed=seed)
+        ]
+        if not pending:
+            continue
+        log(f"[evaluate] job {index}/{len(jobs)}: {method} on {model_arch}, seed {seed} ({len(pending)} evaluations)")
+        overrides = {"widths": tuple(eval_widths)} if eval_widths and arch.startswith("convnet") else {}
+        pretrained = network if is_network else None
+        if network is not None and not is_network:
+            cached = out_dir / "eval" / "pretrained" / f"{method}-{arch}-seed{seed}.safetensors"
+            if cached.exists():
+                pretrained = _load_model(cached, device)
+            else:
+                config = dataclasses.replace(pretrain_config, seed=seed)
+                pretrained = pretrain(network, arch, config, device=device, progress=progress, **overrides)
+                _save_model(cached, pretrained)
+        for dataset, train, test, protocol in pending:
+            protocol_kind, fraction = parse_protocol(protocol)
+            finetune = finetune_config
+            if dataset in FINE_GRAINED:
+                finetune = dataclasses.replace(finetune_config, iterations=finegrained_iterations)
+            row = evaluate_set(
+                None, arch, train, test, protocol=protocol_kind, label_fraction=fraction, seed=seed,
+                pretrained=pretrained, method=method, source=source_name, target=test.name,
+                finetune_config=finetune, linear_config=linear_config, image_size=image_size,
+                device=device, progress=progress, **({} if pretrained is not None else overrides),
+            )
+            row["protocol"] = protocol
+            append_results(out_dir, [row])
+            rows.append(row)
+            log(f"[evaluate]   {method:<8} {test.name} {protocol:<13} seed {seed}: {100 * row['accuracy']:.1f}%")
+    return rows
