@@ -1,0 +1,182 @@
+"""The whole pipeline on a shortened demo config: files, resume at every stage boundary, reproducibility, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from krrst import DistilledSet
+from krrst import pipeline
+from krrst.augment import normalize
+from krrst.cli import main
+from krrst.distill import distill, initial_indices
+from krrst.errors import KrrstError
+from krrst.io import load_tensors
+from krrst.report import read_results
+
+# A demo run shrunk to seconds: 200 source images, a few steps per stage, one seed.
+TINY = {
+    "run.source_per_class": "20",
+    "run.heldout_images": "40",
+    "run.target_train_per_class": "10",
+    "run.target_test_per_class": "10",
+    "run.seeds": "1",
+    "run.protocols": "finetune,linear@50%",
+    "teacher.steps": "3",
+    "teacher.batch_size": "32",
+    "distill.steps": "3",
+    "distill.num_images": "10",
+    "distill.batch_size": "32",
+    "distill.pool_size": "2",
+    "distill.pool_steps": "3",
+    "distill.validate_every": "2",
+    "distill.validation_images": "20",
+    "pretrain.epochs": "2",
+    "finetune.iterations": "3",
+    "finetune.batch_size": "32",
+    "linear.iterations": "3",
+}
+
+
+def tiny_config(**extra):
+    return pipeline.resolve_config("demo", {**TINY, **extra})
+
+
+def run_tiny(out_dir, **extra):
+    return pipeline.run(tiny_config(**extra), out_dir, preset="demo", device="cpu", progress=False, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    rows = run_tiny(out)
+    return out, rows
+
+
+def test_run_directory_holds_every_output(finished_run):
+    out, rows = finished_run
+    for name in ("config.json", "env.json", "timings.json", "results.json"):
+        json.loads((out / name).read_text())
+    assert (out / "results.csv").read_text().startswith("method,")
+    assert "<html" in (out / "report.html").read_text().lower()
+    assert (out / "results.png").stat().st_size > 0 and (out / "distill" / "preview.png").stat().st_size > 0
+    assert (out / "distill" / "loss.png").stat().st_size > 0 and (out / "teacher" / "loss.csv").exists()
+    env = json.loads((out / "env.json").read_text())
+    assert env["versions"]["torch"] and env["device"] == "cpu" and env["seed"] == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "demo" and config["distill"]["steps"] == 3, "the fully resolved config is recorded"
+    distilled = DistilledSet.load(out / "distill" / "distilled.safetensors")
+    assert len(distilled) == 10 and distilled.images.shape[1:] == (3, 32, 32)
+    methods = {"krr-st", "random", "kmeans", "none"}
+    assert {row["method"] for row in rows} == methods
+    assert len(rows) == len(methods) * 2, "every method x protocol for one seed"
+    table = (out / "results.md").read_text()
+    for method in methods:
+        assert f"| {method} |" in table
+
+
+def test_random_baseline_is_the_images_krrst_started_from(finished_run):
+    out, _ = finished_run
+    config = tiny_config(**{"distill.image_lr": "1e-12", "distill.target_lr": "1e-12", "distill.steps": "1"})
+    source, heldout = pipeline.load_source(config.run, Path("."))
+    random_set = DistilledSet.load(out / "baselines" / "random.safetensors")
+    start = initial_indices(len(source), config.distill)
+    assert torch.allclose(random_set.images, normalize(source.images[start], source.mean, source.std))
+    # With negligible learning rates the distilled set stays at its initialisation: the same images.
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    unchanged = distill(source, teacher, config.distill, device="cpu", progress=False)
+    assert torch.allclose(unchanged.images, random_set.images, atol=1e-6)
+
+
+def test_same_seed_gives_identical_outputs(finished_run, tmp_path):
+    out, rows = finished_run
+    again = run_tiny(tmp_path / "again")
+    first, _ = load_tensors(out / "distill" / "distilled.safetensors")
+    second, _ = load_tensors(tmp_path / "again" / "distill" / "distilled.safetensors")
+    assert torch.equal(first["images"], second["images"]) and torch.equal(first["targets"], second["targets"])
+    key = lambda row: (row["method"], row["protocol"], row["seed"])  # noqa: E731
+    assert [(key(r), r["accuracy"]) for r in sorted(rows, key=key)] == [
+        (key(r), r["accuracy"]) for r in sorted(again, key=key)
+    ]
+
+
+class Killed(BaseException):
+    """Stands for Ctrl-C / a crash at a stage boundary."""
+
+
+@pytest.mark.parametrize("stage", ["distill", "baselines", "evaluate"])
+def test_resume_after_kill_at_stage_boundary(finished_run, tmp_path, monkeypatch, stage):
+    out, rows = finished_run
+    import krrst.baselines
+    import krrst.distill
+    import krrst.evaluate
+
+    target = {"distill": (krrst.distill, "distill"), "baselines": (krrst.baselines, "kmeans_coreset"),
+              "evaluate": (krrst.evaluate, "evaluate_set")}[stage]
+    original = getattr(*target)
+    calls = []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if stage == "evaluate" and len(calls) < 3:
+            return original(*args, **kwargs)  # die in the middle of the evaluation, after two rows
+        raise Killed()
+
+    monkeypatch.setattr(*target, dies)
+    with pytest.raises(Killed):
+        run_tiny(tmp_path / "killed")
+    monkeypatch.setattr(*target, original)
+    if stage == "evaluate":
+        assert len(read_results(tmp_path / "killed")) == 2, "finished rows are kept"
+    resumed = run_tiny(tmp_path / "killed")
+    key = lambda row: (row["method"], row["protocol"], row["seed"])  # noqa: E731
+    assert sorted((key(r), r["accuracy"]) for r in resumed) == sorted((key(r), r["accuracy"]) for r in rows)
+
+
+def test_rerun_skips_finished_stages(finished_run, monkeypatch):
+    out, rows = finished_run
+    import krrst.distill
+    import krrst.teacher
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(krrst.teacher, "train_teacher", must_not_run)
+    monkeypatch.setattr(krrst.distill, "distill", must_not_run)
+    assert len(run_tiny(out)) == len(rows)
+
+
+def test_changed_config_is_refused_without_force(finished_run):
+    out, _ = finished_run
+    with pytest.raises(KrrstError, match="another config.*distill.steps.*--force"):
+        run_tiny(out, **{"distill.steps": "4"})
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    cases = [
+        (["run", "--preset", "nope"], "unknown preset 'nope'; valid presets: cifar100"),
+        (["run", "--preset", "demo", "--set", "distill.stepz=1"], "unknown config key 'distill.stepz'"),
+        (["run", "--preset", "demo", "--set", "distill.steps=many"], "distill.steps='many' is not valid"),
+        (["run", "--preset", "demo", "--set", "nostage=1"], "must be stage.field"),
+        (["run", "--preset", "cpu-mini", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")],
+         "does not exist"),
+        (["distill", "--source", "imagefolder", "--root", str(tmp_path / "missing.zip"), "--teacher",
+          str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "d")], "not found"),
+        (["evaluate", "--target", "cifar10", "--root", ".", "--out", str(tmp_path / "e")], "exactly one of"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, (argv, err)
+
+
+def test_print_config_and_help(capsys):
+    assert main(["run", "--preset", "demo", "--set", "distill.steps=7", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["distill"]["steps"] == 7 and printed["preset"] == "demo"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    for command in ("datasets", "models", "teacher", "distill", "evaluate", "report", "run", "demo"):
+        assert command in help_text
