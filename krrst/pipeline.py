@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from krrst.config import apply_overrides, config_to_dict, resolve_device
+from krrst.distill import PRESETS as DISTILL_PRESETS
 from krrst.distill import DistillConfig
 from krrst.errors import KrrstError
 from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
@@ -111,14 +112,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tinyimagenet": {
         "run": {"source": "tinyimagenet", "image_size": 64, "archs": ("convnet4",),
                 "targets": ("tinyimagenet", "cifar10", *FINE_GRAINED)},
-        "distill": {"num_images": 2000, "arch": "convnet4", "widths": (64, 128, 256, 512), "image_size": 64,
-                    "image_lr": 1e-5, "target_lr": 1e-5},
+        "distill": DISTILL_PRESETS["tinyimagenet"],
     },
     "imagenet64": {
         "run": {"source": "imagenet64", "image_size": 64, "archs": ("convnet4",),
                 "targets": ("cifar10", "cifar100", *FINE_GRAINED)},
-        "distill": {"num_images": 1000, "arch": "convnet4", "widths": (64, 128, 256, 512), "image_size": 64,
-                    "image_lr": 1e-5, "target_lr": 1e-5},
+        "distill": DISTILL_PRESETS["imagenet64"],
     },
     "demo": {
         "run": {"source": "imagefolder", "source_root": SAMPLE_ROOT, "heldout_images": 200,
