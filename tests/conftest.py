@@ -13,7 +13,8 @@ TINYIMAGENET_ZIP = SHARED_DATA / "tiny-imagenet-200-250pc.zip"
 # Decoded-dataset caches of the tests stay inside the checkout (git-ignored), not in the user's home.
 os.environ.setdefault("KRRST_CACHE", str(Path(__file__).resolve().parents[1] / ".krrst-cache"))
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread: the tests are tiny, and two threads on a busy 2-core machine spin-wait on each other (10x slower).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,977 @@
+"""The self-supervised teacher `g`: SSL losses, training, loading your own, health checks.
+
+KRR-ST regresses the representations of a teacher trained with
+self-supervised learning on the unlabelled source set. This module trains
+that teacher (Barlow Twins by default, SimCLR behind the same interface),
+loads one from a file instead (ours, any registered architecture's
+safetensors, or a torchvision-layout `.pt` such as the authors' released
+ResNet-18), and checks that its features have not collapsed.
+
+The losses are written here in a few lines rather than taken from `lightly`:
+lightly pulls in pytorch-lightning, hydra and its own utilities for what are
+two short functions, and the in-house versions are tested against explicit
+hand computations (tests/test_teacher.py).
+
+Files a training run writes into `out_dir`:
+- `teacher.safetensors`: the backbone's weights (no projector) with metadata
+  {kind, arch, spec, feature_dim, config, mean, std, source, steps};
+- `checkpoint.safetensors`: everything needed to resume (model, projector,
+  optimiser, schedule position, generator state, step), via `io.save_state`;
+- `loss.csv`: one row per step (step, loss, lr, elapsed_s);
+- `health.json`: the feature health check and, when labels are given, the
+  k-NN accuracy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import pickle
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from krrst.augment import normalize, ssl_view_pair
+from krrst.config import config_to_dict, resolve_device
+from krrst.errors import KrrstError
+from krrst.io import atomic_write, load_state, load_tensors, save_state, save_tensors, write_json
+
+TEACHER_FILE = "teacher.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+LOSS_FILE = "loss.csv"
+HEALTH_FILE = "health.json"
+TEACHER_KIND = "krrst-teacher"
+CHECKPOINT_KIND = "krrst-teacher-checkpoint"
+FORMAT_VERSION = 1
+
+SSL_METHODS = ("barlow_twins", "simclr")
+OPTIMIZERS = ("lars", "sgd", "adamw")
+
+# Overrides that turn the default (Barlow Twins) config into solo-learn's
+# SimCLR CIFAR recipe (scripts/pretrain/cifar/simclr.yaml): a preset for pipelines.
+SIMCLR_CIFAR_OVERRIDES: dict[str, Any] = {
+    "method": "simclr",
+    "projector_dims": (2048, 256),
+    "temperature": 0.2,
+    "lr": 0.4,
+    "solarize_p": (0.0, 0.0),  # solo-learn's symmetric.yaml
+}
+
+# Config fields that only steer logging and checkpointing: they may change on
+# resume without changing the result.
+_RESUME_FREE_FIELDS = ("checkpoint_every", "log_every")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """Hyper-parameters of the SSL teacher.
+
+    Defaults are solo-learn's Barlow Twins recipe for CIFAR with a ResNet-18
+    (github.com/vturrisi/solo-learn, `scripts/pretrain/cifar/barlow.yaml`,
+    augmentations `asymmetric.yaml`, scheduler defaults of its base
+    method): batch 256, 1,000 epochs, LARS (eta 0.02,
+    LR clipping, biases and norm parameters excluded from adaptation and
+    weight decay), lr 0.3, weight decay 1e-4, 10 warm-up epochs from 3e-5
+    then cosine to 0, projector 2048-2048-2048 (Linear-BN-ReLU hidden
+    layers), off-diagonal weight lambda = 0.0051 (Zbontar et al., "Barlow
+    Twins", ICML 2021) and loss scale 0.1.
+
+    Attributes:
+        method: "barlow_twins" or "simclr" (NT-Xent, Chen et al. 2020; use
+            `SIMCLR_CIFAR_OVERRIDES` for solo-learn's SimCLR recipe).
+        arch: a registered architecture (`krrst.models.list_models()`).
+        convnet_widths: the `widths` option of a ConvNet teacher; empty = the
+            architecture's default. ConvNets are built for the source's
+            image size.
+        epochs: passes over the source set; ignored when `steps` > 0.
+        steps: total optimiser steps (0: `epochs` x batches per epoch).
+        batch_size: images per step (each gives two views).
+        optimizer: "lars", "sgd" (momentum) or "adamw".
+        lr: peak learning rate (solo-learn does not scale it with the batch).
+        momentum: SGD/LARS momentum.
+        weight_decay: L2 weight decay (LARS/SGD) or decoupled decay (AdamW).
+        lars_eta: LARS trust coefficient.
+        warmup_epochs: linear warm-up length in epochs, capped at a tenth of
+            the run so that short runs still reach the peak rate.
+        warmup_start_lr: learning rate at step 0.
+        min_lr: learning rate at the end of the cosine decay.
+        projector_dims: hidden sizes then output size of the projector MLP.
+        lambda_offdiag: Barlow Twins weight of the off-diagonal (redundancy) term.
+        loss_scale: factor on the Barlow Twins loss (solo-learn's scale_loss).
+        temperature: SimCLR softmax temperature.
+        crop_min_scale: smallest area fraction of the random resized crop.
+        jitter_p, grayscale_p, blur_p: probabilities of colour jitter (0.4,
+            0.4, 0.2, 0.1), greyscale and Gaussian blur, in both views.
+        solarize_p: solarisation probability of the first and second view
+            (asymmetric in the Barlow Twins recipe).
+        seed: seeds the initial weights, the batch order and the augmentation.
+        checkpoint_every: steps between checkpoints (one is always written at the end).
+        log_every: steps between loss syncs to the CSV and the progress bar.
+    """
+
+    method: Literal["barlow_twins", "simclr"] = "barlow_twins"
+    arch: str = "resnet18"
+    convnet_widths: tuple[int, ...] = ()
+    epochs: int = 1000
+    steps: int = 0
+    batch_size: int = 256
+    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    lr: float = 0.3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lars_eta: float = 0.02
+    warmup_epochs: float = 10.0
+    warmup_start_lr: float = 3e-5
+    min_lr: float = 0.0
+    projector_dims: tuple[int, ...] = (2048, 2048, 2048)
+    lambda_offdiag: float = 0.0051
+    loss_scale: float = 0.1
+    temperature: float = 0.2
+    crop_min_scale: float = 0.08
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def barlow_twins_loss(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    lambda_offdiag: float = 0.0051,
+    scale: float = 1.0,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Barlow Twins loss of two N x D embeddings of the same N images (Zbontar et al., ICML 2021).
+
+    Each dimension is standardised over the batch (as `BatchNorm1d(affine=False)`
+    in training mode: biased variance, `eps` inside the square root), then
+
+        c = z_a_stdᵀ z_b_std / N                      (D x D cross-correlation)
+        loss = scale * [ Σ_i (1 − c_ii)² + λ Σ_{i≠j} c_ij² ]
+
+    The first term makes the two views agree dimension by dimension, the second
+    decorrelates the dimensions. λ = 0.0051 is the paper's value.
+
+    >>> z = torch.randn(8, 4)
+    >>> float(barlow_twins_loss(z, z, lambda_offdiag=0.0)) < 1e-3   # identical views: diagonal is 1
+    True
+    """
+    if z_a.shape != z_b.shape or z_a.dim() != 2:
+        raise ValueError(
+            f"barlow_twins_loss needs two N x D embeddings of one shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
+        )
+    n = z_a.shape[0]
+
+    def standardise(z: torch.Tensor) -> torch.Tensor:
+        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
+
+    c = standardise(z_a).T @ standardise(z_b) / n
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    return scale * (on_diag + lambda_offdiag * off_diag)
+
+
+def simclr_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """NT-Xent, the SimCLR loss (Chen et al., ICML 2020), of two N x D embeddings.
+
+    With u = the 2N L2-normalised embeddings (views a then b) and
+    s_ij = u_i·u_j / temperature, each embedding's positive is the other view
+    of its image and its negatives are the 2N − 2 other embeddings:
+
+        loss = mean over the 2N anchors i of  −log( exp(s_i,pos(i)) / Σ_{j≠i} exp(s_ij) )
+
+    >>> z = torch.randn(8, 4)
+    >>> simclr_loss(z, z).shape
+    torch.Size([])
+    """
+    if z_a.shape != z_b.shape or z_a.dim() != 2:
+        raise ValueError(
+            f"simclr_loss needs two N x D embeddings of one shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
+        )
+    n = z_a.shape[0]
+    u = F.normalize(torch.cat([z_a, z_b]), dim=1)
+    logits = u @ u.T / temperature
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=u.device), float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device)
+    return F.cross_entropy(logits, positives)
+
+
+# --------------------------------------------------------------------------- optimiser and schedule
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as solo-learn's.
+
+    For a weight tensor p with gradient g the update direction is
+    `clip(eta·‖p‖ / (‖g‖ + wd·‖p‖) / lr, max=1) · (g + wd·p)`, fed to
+    heavy-ball momentum; one-dimensional parameters (biases, norm scales)
+    get plain momentum SGD with neither weight decay nor adaptation
+    (solo-learn's `exclude_bias_n_norm` and `clip_lr`).
+    """
+
+    def __init__(
+        self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02, eps: float = 1e-8
+    ):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # noqa: D102
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                    trust = group["eta"] * p_norm / (g_norm + group["weight_decay"] * p_norm + group["eps"])
+                    # Where either norm is zero the adaptation is skipped, as in solo-learn.
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), torch.clamp(trust / group["lr"], max=1.0), 1.0)
+                    update = (update + group["weight_decay"] * p) * trust
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = update.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def _make_optimizer(config: TeacherConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "lars":
+        return LARS(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, eta=config.lars_eta
+        )
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    raise KrrstError(f"teacher.optimizer={config.optimizer!r} is not valid; expected one of {', '.join(OPTIMIZERS)}")
+
+
+def learning_rate_at(step: int, total_steps: int, steps_per_epoch: int, config: TeacherConfig) -> float:
+    """Linear warm-up from `warmup_start_lr` to `lr`, then cosine decay to `min_lr` (per step)."""
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps // 10)
+    if step < warmup:
+        return config.warmup_start_lr + (config.lr - config.warmup_start_lr) * step / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_backbone(config: TeacherConfig, image_size: int) -> nn.Module:
+    """The teacher network of `config.arch` without a head (forward = features)."""
+    from krrst.models import create_model, model_options
+
+    options: dict[str, Any] = {}
+    valid = model_options(config.arch)
+    if config.convnet_widths:
+        if "widths" not in valid:
+            raise KrrstError(f"teacher.convnet_widths is set but model {config.arch!r} has no widths option")
+        options["widths"] = tuple(config.convnet_widths)
+    if "image_size" in valid:
+        options["image_size"] = int(image_size)
+    return create_model(config.arch, num_outputs=None, **options)
+
+
+def build_projector(feature_dim: int, dims: tuple[int, ...]) -> nn.Module:
+    """Projector MLP: (Linear-BN-ReLU) per hidden size, then a Linear to the last size."""
+    if not dims:
+        raise KrrstError("teacher.projector_dims must hold at least one size, e.g. 2048,2048,2048")
+    layers: list[nn.Module] = []
+    width = feature_dim
+    for hidden in dims[:-1]:
+        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, dims[-1]))
+    return nn.Sequential(*layers)
+
+
+def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The batch order of one epoch, a pure function of (seed, epoch), so resume needs no stored order."""
+    generator = torch.Generator().manual_seed(((seed & 0xFFFFFFFF) << 32) | (epoch & 0xFFFFFFFF))
+    return torch.randperm(n, generator=generator)
+
+
+def view_configs(config: TeacherConfig):
+    """The two `augment.SSLAugmentConfig`s of the teacher's views (jitter strengths are solo-learn's)."""
+    from krrst.augment import SSLAugmentConfig
+
+    if len(config.solarize_p) != 2:
+        raise KrrstError(f"teacher.solarize_p must hold two probabilities (view 1, view 2), got {config.solarize_p}")
+    return tuple(
+        SSLAugmentConfig(
+            crop_scale=(config.crop_min_scale, 1.0),
+            jitter_p=config.jitter_p,
+            grayscale_p=config.grayscale_p,
+            blur_p=config.blur_p,
+            solarize_p=solarize_p,
+        )
+        for solarize_p in config.solarize_p
+    )
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_teacher(
+    images,
+    config: TeacherConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    heldout=None,
+    labelled=None,
+    *,
+    stop_at_step: int | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Train an SSL teacher on the unlabelled `images` (an `ImageSet`) and return its backbone.
+
+    Args:
+        images: the source `ImageSet` (uint8 images; labels are ignored).
+        config: hyper-parameters; `TeacherConfig()` when None.
+        out_dir: where `teacher.safetensors`, `checkpoint.safetensors`,
+            `loss.csv` and `health.json` go; None keeps everything in memory.
+        resume: continue from `out_dir/checkpoint.safetensors` when present;
+            the result equals an uninterrupted run's. Without `resume`, an
+            existing checkpoint there is an error (nothing is overwritten).
+        device: see `krrst.config.resolve_device`.
+        heldout: an `ImageSet` for the feature health check (default: up to
+            1,000 source images).
+        labelled: a `(train, test)` pair of labelled `ImageSet`s for the k-NN
+            accuracy probe, reported in `health.json`.
+        stop_at_step: stop after this global step, checkpoint and return the
+            unfinished backbone (for time-sliced runs and the resume test).
+        progress: show the tqdm bar and the summary line (None: bar only on a tty).
+
+    Returns:
+        The backbone (no head, no projector) in eval mode with
+        `requires_grad_(False)`; `forward(x)` gives the features.
+
+    Raises:
+        KrrstError: on bad settings, a diverging loss, or a collapsed teacher.
+    """
+    config = config or TeacherConfig()
+    if config.method not in SSL_METHODS:
+        raise KrrstError(f"teacher.method={config.method!r} is not valid; expected one of {', '.join(SSL_METHODS)}")
+    for name in ("checkpoint_every", "log_every"):
+        if getattr(config, name) < 1:
+            raise KrrstError(
+                f"teacher.{name}={getattr(config, name)} is not valid; expected a positive number of steps"
+            )
+    device = resolve_device(device)
+    on_cuda = device.type == "cuda"
+    num_images = len(images)
+    if config.batch_size < 2 or config.batch_size > num_images:
+        raise KrrstError(
+            f"teacher.batch_size={config.batch_size} is not valid for {num_images} source images; "
+            f"expected 2..{num_images}"
+        )
+    steps_per_epoch = num_images // config.batch_size  # the last partial batch is dropped, as usual in SSL
+    total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
+    if total_steps < 1:
+        raise KrrstError("teacher.steps and teacher.epochs are both 0; set one of them")
+    stop = total_steps if stop_at_step is None else max(0, min(int(stop_at_step), total_steps))
+    out_path = Path(out_dir) if out_dir is not None else None
+    checkpoint_path = out_path / CHECKPOINT_FILE if out_path else None
+    loss_path = out_path / LOSS_FILE if out_path else None
+
+    # The model's initial weights come from the stage seed without touching the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        backbone = build_backbone(config, images.image_size)
+        projector = build_projector(backbone.feature_dim, tuple(config.projector_dims))
+    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+    backbone.to(device=device, memory_format=memory_format)
+    projector.to(device)
+    optimizer = _make_optimizer(config, list(backbone.parameters()) + list(projector.parameters()))
+    generator = torch.Generator().manual_seed(config.seed)
+    start_step = 0
+
+    if checkpoint_path is not None and checkpoint_path.exists():
+        if not resume:
+            raise KrrstError(
+                f"{checkpoint_path} already exists; pass --resume to continue that run or choose another --out"
+            )
+        state = load_state(checkpoint_path, "teacher checkpoint")
+        _check_resumable(state, config, checkpoint_path, num_images)
+        backbone.load_state_dict(state["model"])
+        projector.load_state_dict(state["projector"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start_step = int(state["step"])
+    last_loss = float("nan")
+    if loss_path is not None:
+        last_loss = _reset_loss_log(loss_path, keep_up_to=start_step)
+
+    source = images.images.to(device)
+    mean, std = tuple(images.mean), tuple(images.std)
+    augment_configs = view_configs(config)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    if config.method == "barlow_twins":
+        loss_fn = lambda a, b: barlow_twins_loss(a, b, config.lambda_offdiag, config.loss_scale)  # noqa: E731
+    else:
+        loss_fn = lambda a, b: simclr_loss(a, b, config.temperature)  # noqa: E731
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+    )
+
+    def save_checkpoint(step: int) -> None:
+        if checkpoint_path is None:
+            return
+        save_state(
+            checkpoint_path,
+            {
+                "kind": CHECKPOINT_KIND,
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "total_steps": total_steps,
+                "num_images": num_images,
+                "config": config_to_dict(config),
+                "model": backbone.state_dict(),
+                "projector": projector.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {"name": "warmup_cosine", "step": step},
+                "generator": generator.get_state(),
+            },
+        )
+
+    bar = tqdm(
+        total=total_steps * config.batch_size,
+        initial=start_step * config.batch_size,
+        unit="img",
+        unit_scale=True,
+        desc=f"teacher {config.method} {config.arch}",
+        disable=None if progress is None else not progress,
+        dynamic_ncols=True,
+    )
+    backbone.train()
+    projector.train()
+    pending: list[tuple[int, torch.Tensor, float, float]] = []
+    call_start = time.perf_counter()
+    permutation, permutation_epoch = None, -1
+    try:
+        for step in range(start_step, stop):
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch != permutation_epoch:
+                permutation, permutation_epoch = _epoch_permutation(config.seed, epoch, num_images).to(device), epoch
+            batch = source[permutation[position * config.batch_size : (position + 1) * config.batch_size]]
+            view_a, view_b = ssl_view_pair(batch, mean, std, generator, augment_configs)
+            if on_cuda:
+                view_a = view_a.contiguous(memory_format=torch.channels_last)
+                view_b = view_b.contiguous(memory_format=torch.channels_last)
+            lr = learning_rate_at(step, total_steps, steps_per_epoch, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Each view goes through the network on its own so that BatchNorm
+            # sees per-view statistics, as in the Barlow Twins and solo-learn code.
+            with autocast:
+                z_a = projector(backbone(view_a))
+                z_b = projector(backbone(view_b))
+            loss = loss_fn(z_a.float(), z_b.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            pending.append((step + 1, loss.detach(), lr, time.perf_counter() - call_start))
+
+            done = step + 1
+            if done % config.log_every == 0 or done % config.checkpoint_every == 0 or done == stop:
+                last_loss = _flush_losses(pending, loss_path, bar, config.batch_size)
+                pending = []
+                if not math.isfinite(last_loss):
+                    raise KrrstError(
+                        f"teacher loss became {last_loss} by step {done} (lr {lr:.3g}); "
+                        f"lower teacher.lr or check the source images"
+                    )
+            if done % config.checkpoint_every == 0 or done == stop:
+                save_checkpoint(done)
+    finally:
+        bar.close()
+
+    teacher = _freeze(backbone)
+    if stop < total_steps:
+        return teacher
+
+    health = _health_report(teacher, images, heldout, labelled, device)
+    summary = _summary_line(config, total_steps, last_loss, health)
+    if out_path is not None:
+        write_json(out_path / HEALTH_FILE, health)
+    if progress is not False:
+        print(summary)
+    check_not_collapsed(health, where=f"teacher trained in {out_path}" if out_path else "trained teacher")
+    if out_path is not None:
+        save_teacher(
+            out_path / TEACHER_FILE, teacher, mean, std,
+            config=config, source=getattr(images, "name", ""), steps=total_steps,
+        )
+    return teacher
+
+
+def _check_resumable(state: Mapping[str, Any], config: TeacherConfig, path: Path, num_images: int) -> None:
+    """Refuse to resume a checkpoint written with different result-changing settings or source size."""
+    if state.get("kind") != CHECKPOINT_KIND:
+        raise KrrstError(f"{path} is not a krrst teacher checkpoint (kind {state.get('kind')!r})")
+    if state.get("num_images") != num_images:
+        raise KrrstError(
+            f"cannot resume {path}: it was trained on {state.get('num_images')} source images, "
+            f"this source has {num_images}"
+        )
+    saved = dict(state.get("config", {}))
+    current = config_to_dict(config)
+    changed = [
+        f"{key} ({_plain(saved.get(key))} -> {_plain(value)})"
+        for key, value in current.items()
+        if key not in _RESUME_FREE_FIELDS and _plain(saved.get(key)) != _plain(value)
+    ]
+    if changed:
+        raise KrrstError(
+            f"cannot resume {path}: it was written with other teacher settings: {', '.join(changed)}; "
+            f"restore them or start a fresh --out"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _reset_loss_log(path: Path, keep_up_to: int) -> float:
+    """Rewrite `loss.csv` with its header and the rows of steps <= `keep_up_to` (those the checkpoint covers).
+
+    Returns the last kept loss (NaN when none).
+    """
+    kept: list[list[str]] = []
+    if keep_up_to > 0 and path.exists():
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) <= keep_up_to]
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["step", "loss", "lr", "elapsed_s"])
+            writer.writerows(kept)
+    return float(kept[-1][1]) if kept else float("nan")
+
+
+def _flush_losses(
+    pending: list[tuple[int, torch.Tensor, float, float]], path: Path | None, bar, batch_size: int
+) -> float:
+    """Sync the pending losses once, append them to the CSV, advance the bar; returns the last loss."""
+    if not pending:
+        return float("nan")
+    values = torch.stack([loss for _, loss, _, _ in pending]).tolist()
+    if path is not None:
+        with open(path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            for (step, _, lr, elapsed), value in zip(pending, values):
+                writer.writerow([step, f"{value:.6g}", f"{lr:.6g}", f"{elapsed:.3f}"])
+            handle.flush()
+            os.fsync(handle.fileno())
+    bar.set_postfix(step=pending[-1][0], loss=f"{values[-1]:.4g}", refresh=False)
+    bar.update(len(pending) * batch_size)
+    return float(values[-1])
+
+
+def read_loss_log(path: str | os.PathLike) -> list[dict[str, float]]:
+    """The rows of a `loss.csv` as dicts {step, loss, lr, elapsed_s}."""
+    with open(path, newline="") as handle:
+        return [
+            {
+                "step": int(row["step"]),
+                "loss": float(row["loss"]),
+                "lr": float(row["lr"]),
+                "elapsed_s": float(row["elapsed_s"]),
+            }
+            for row in csv.DictReader(handle)
+        ]
+
+
+def _health_report(teacher: nn.Module, images, heldout, labelled, device: torch.device) -> dict[str, Any]:
+    if heldout is not None:
+        check_images, what = heldout, f"held-out set {getattr(heldout, 'name', '')}".strip()
+    else:
+        count = min(1000, len(images))
+        check_images, what = images.subset(torch.arange(count)), f"first {count} source images"
+    health = feature_health(teacher, check_images.images, check_images.mean, check_images.std, device=device)
+    health["images"] = what
+    if labelled is not None:
+        train_set, test_set = labelled
+        health["knn_k"] = 20
+        health["knn_accuracy"] = knn_accuracy(teacher, train_set, test_set, k=20, device=device)
+        health["knn_sets"] = (
+            f"{getattr(train_set, 'name', 'train')} ({len(train_set)}) -> "
+            f"{getattr(test_set, 'name', 'test')} ({len(test_set)})"
+        )
+    return health
+
+
+def _summary_line(config: TeacherConfig, steps: int, last_loss: float, health: Mapping[str, Any]) -> str:
+    text = (
+        f"teacher: {config.method} {config.arch}, {steps} steps, final loss {last_loss:.4g}; "
+        f"features: median std {health['std_median']:.3g}, {100 * health['dead_fraction']:.1f}% dead dims, "
+        f"effective rank {health['effective_rank']:.1f} of {health['feature_dim']}"
+    )
+    if "knn_accuracy" in health:
+        text += f"; {health['knn_k']}-NN accuracy {100 * health['knn_accuracy']:.2f}%"
+    return text
+
+
+# --------------------------------------------------------------------------- saving and loading
+
+
+def save_teacher(
+    path: str | os.PathLike,
+    teacher: nn.Module,
+    mean,
+    std,
+    config: TeacherConfig | None = None,
+    source: str = "",
+    steps: int = 0,
+) -> None:
+    """Write a teacher's weights and what rebuilds it (arch spec, feature size, normalisation) atomically."""
+    spec = dict(getattr(teacher, "spec", {}) or {})
+    if "arch" not in spec:
+        raise KrrstError("save_teacher needs a model from krrst.models.create_model (it has no .spec)")
+    spec["num_outputs"] = None
+    metadata = {
+        "kind": TEACHER_KIND,
+        "format_version": FORMAT_VERSION,
+        "arch": spec["arch"],
+        "spec": spec,
+        "feature_dim": int(teacher.feature_dim),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "config": config_to_dict(config) if config is not None else {},
+        "source": source,
+        "steps": steps,
+    }
+    save_tensors(path, {k: v for k, v in teacher.state_dict().items()}, metadata)
+
+
+def load_teacher(
+    path: str | os.PathLike, arch: str | None = None, device: str | torch.device | None = "cpu"
+) -> nn.Module:
+    """Load a teacher (frozen backbone, forward = features) from a file.
+
+    Accepted files:
+    - a `teacher.safetensors` written by `train_teacher`/`save_teacher`: the
+      architecture comes from its metadata (`arch`, if given, must agree);
+    - any other safetensors state dict of a registered architecture `arch`
+      (built with its default options);
+    - a torchvision-layout `.pt`/`.pth` state dict, read with
+      `torch.load(weights_only=True)` into `arch` (default `resnet18_pad2`:
+      the authors' released teacher, a torchvision ResNet-18 with a 3x3
+      padding-2 stem and `fc` removed).
+
+    Prefixes `module.`, `_orig_mod.`, `backbone.`, `encoder.`, `model.` are
+    stripped and head/projector keys (`fc.`, `head.`, `projector.`,
+    `classifier.`, `predictor.`) dropped. Padding leaves no trace in weights,
+    so `resnet18` and `resnet18_pad2` files are interchangeable as tensors:
+    name the one the weights were trained with.
+
+    Raises:
+        KrrstError: one line naming the file, the architecture and the first
+            mismatch (missing/unexpected key or the two shapes), or saying that
+            the file is unreadable.
+    """
+    from krrst.models import create_model, list_models
+
+    path = Path(path)
+    if not path.is_file():
+        raise KrrstError(f"teacher file not found: {path}")
+    metadata: dict[str, Any] = {}
+    if _is_safetensors(path):
+        tensors, metadata = load_tensors(path, "teacher file")
+    else:
+        tensors = _torch_load_state_dict(path)
+
+    if metadata.get("kind") == TEACHER_KIND:
+        spec = dict(metadata["spec"])
+        if arch is not None and arch != spec["arch"]:
+            raise KrrstError(f"teacher file {path} holds a {spec['arch']!r} teacher, not {arch!r} (--teacher-arch)")
+        spec["num_outputs"] = None
+        model = create_model(**spec)
+        mean, std = metadata.get("mean"), metadata.get("std")
+    else:
+        if arch is None:
+            if path.suffix in (".safetensors",):
+                raise KrrstError(
+                    f"teacher file {path} has no krrst metadata; name its architecture with --teacher-arch "
+                    f"(one of: {', '.join(list_models())})"
+                )
+            arch = "resnet18_pad2"
+        if arch not in list_models():
+            raise KrrstError(
+                f"--teacher-arch {arch!r} is not a registered model; expected one of: {', '.join(list_models())}"
+            )
+        model = create_model(arch, num_outputs=None)
+        mean, std = None, None
+    state = _clean_state_dict(tensors)
+    _load_exactly(model, state, path, model.spec["arch"])
+    model.teacher_mean = tuple(mean) if mean else None
+    model.teacher_std = tuple(std) if std else None
+    return _freeze(model.to(resolve_device(device)))
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header size, then '{'."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+
+
+def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+        AttributeError, TypeError,
+    ) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KrrstError(f"teacher file {path} is not a readable PyTorch state dict ({first_line[:200]})") from None
+    # Training scripts often wrap the weights: {'state_dict': ...}, {'model': ...}.
+    for wrapper in ("state_dict", "model", "backbone", "teacher", "encoder"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
+            loaded = loaded[wrapper]
+            break
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise KrrstError(f"teacher file {path} does not hold a state dict of tensors (got {type(loaded).__name__})")
+    return dict(loaded)
+
+
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "model.")
+_DROP_PREFIXES = ("fc.", "head.", "projector.", "classifier.", "predictor.", "prediction_head.", "projection_head.")
+
+
+def _clean_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cleaned = {}
+    for key, value in tensors.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        if key.startswith(_DROP_PREFIXES):
+            continue
+        cleaned[key] = value
+    return cleaned
+
+
+def _load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Load `state` strictly; the first mismatch becomes a one-line error naming file and arch."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    guess = _guess_arch(state)
+    holds = f" (its keys look like {guess!r})" if guess and guess != arch else ""
+    if missing or unexpected:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{what} {keys[0]!r}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else ""))
+        raise KrrstError(f"teacher file {path} does not fit architecture {arch!r}{holds}: {'; '.join(parts)}")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise KrrstError(
+                f"teacher file {path} does not fit architecture {arch!r}{holds}: {key!r} has shape "
+                f"{tuple(state[key].shape)} in the file but {tuple(tensor.shape)} in the model"
+            )
+    model.load_state_dict({key: state[key].to(expected[key].dtype) for key in expected}, strict=True)
+
+
+def _guess_arch(state: Mapping[str, torch.Tensor]) -> str | None:
+    """A registered architecture (default options) whose parameter names are exactly those of `state`."""
+    from krrst.models import create_model, list_models
+
+    keys = set(state)
+    for name in list_models():
+        try:
+            with torch.device("meta"):
+                candidate = create_model(name, num_outputs=None)
+        except Exception:  # noqa: BLE001 - a guess only; an unbuildable candidate is skipped
+            continue
+        if set(candidate.state_dict()) == keys:
+            return name
+    return None
+
+
+# --------------------------------------------------------------------------- health checks
+
+
+@torch.no_grad()
+def teacher_features(
+    model: nn.Module,
+    images_uint8: torch.Tensor,
+    mean,
+    std,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Features (N x d float32, on the CPU) of uint8 images, normalised per batch, in eval mode."""
+    if device is not None:
+        device = resolve_device(device)
+    else:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    outputs = []
+    for start in range(0, images_uint8.shape[0], batch_size):
+        batch = normalize(images_uint8[start : start + batch_size].to(device), mean, std)
+        with autocast:
+            outputs.append(model(batch).float().cpu())
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+# Thresholds of the collapse check. A random network's per-dimension spread is
+# about 1e-1 of its feature scale and a trained SSL teacher's higher; 1e-6 is
+# float32 round-off on a constant output. BatchNorm/ReLU networks may leave
+# some dimensions dead (always zero), a few per cent after SSL; 90% dead is
+# dimensional collapse, a teacher with too little left for KRR-ST to regress.
+COLLAPSE_RELATIVE_STD = 1e-6
+DEAD_DIM_RELATIVE_STD = 1e-4
+COLLAPSE_DEAD_FRACTION = 0.9
+
+
+def feature_health(
+    teacher: nn.Module,
+    images_uint8: torch.Tensor,
+    mean,
+    std,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Per-dimension spread of the teacher's features over `images_uint8`, and a collapse verdict.
+
+    Returns a JSON-able dict: `num_images`, `feature_dim`, `finite`, the
+    per-dimension std over the images (`std_min`, `std_median`, `std_mean`,
+    `std_max`), `feature_rms` (root mean square of all feature values, the
+    scale), `relative_median_std` = std_median / feature_rms, `dead_fraction`
+    (dims whose std < 1e-4 x std_max), `effective_rank` (exp of the entropy
+    of the normalised singular values of the centred features; Roy & Vetterli
+    2007), and `collapsed` with its `reason` (see `check_not_collapsed`).
+    """
+    features = teacher_features(teacher, images_uint8, mean, std, device=device).double()
+    n, d = features.shape
+    finite = bool(torch.isfinite(features).all())
+    health: dict[str, Any] = {"num_images": n, "feature_dim": d, "finite": finite}
+    if not finite or n < 2:
+        health.update(
+            std_min=float("nan"), std_median=float("nan"), std_mean=float("nan"), std_max=float("nan"),
+            feature_rms=float("nan"), relative_median_std=float("nan"), dead_fraction=1.0, effective_rank=0.0,
+            collapsed=True, reason="features contain NaN or inf" if not finite else "fewer than 2 images",
+        )
+        return health
+    per_dim_std = features.std(0, unbiased=False)
+    std_max = float(per_dim_std.max())
+    rms = float(features.pow(2).mean().sqrt())
+    dead_fraction = float((per_dim_std < DEAD_DIM_RELATIVE_STD * std_max).double().mean()) if std_max > 0 else 1.0
+    centred = features - features.mean(0)
+    # Singular values from the eigenvalues of the smaller Gram matrix: the same
+    # numbers as svdvals, several times faster for N x d with N, d ~ 1,000.
+    gram = centred @ centred.T if n <= d else centred.T @ centred
+    singular = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    if float(singular.sum()) > 0:
+        p = singular / singular.sum()
+        effective_rank = float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
+    else:
+        effective_rank = 0.0
+    relative = float(per_dim_std.median()) / rms if rms > 0 else 0.0
+    health.update(
+        std_min=float(per_dim_std.min()),
+        std_median=float(per_dim_std.median()),
+        std_mean=float(per_dim_std.mean()),
+        std_max=std_max,
+        feature_rms=rms,
+        relative_median_std=relative,
+        dead_fraction=dead_fraction,
+        effective_rank=effective_rank,
+    )
+    if float(per_dim_std.median()) <= COLLAPSE_RELATIVE_STD * rms:
+        reason = (
+            f"features do not vary across images (median per-dim std {float(per_dim_std.median()):.3g} "
+            f"at feature scale {rms:.3g})"
+        )
+    elif dead_fraction > COLLAPSE_DEAD_FRACTION:
+        reason = f"{100 * dead_fraction:.1f}% of the {d} feature dims are constant across images"
+    else:
+        reason = ""
+    health["collapsed"] = bool(reason)
+    health["reason"] = reason
+    return health
+
+
+def check_not_collapsed(health: Mapping[str, Any], where: str = "teacher") -> None:
+    """Raise a one-line `KrrstError` when `feature_health` judged the features collapsed.
+
+    Collapsed means: non-finite features; or features that do not vary across
+    images (largest per-dimension std at most 1e-6 of the feature scale:
+    round-off on a constant output); or more than 90% of the dimensions
+    constant (std < 1e-4 of the largest), i.e. dimensional collapse.
+    """
+    if health.get("collapsed"):
+        raise KrrstError(
+            f"{where} has collapsed: {health.get('reason')} on {health.get('num_images')} images; "
+            f"it cannot serve as a KRR-ST target (train longer, lower teacher.lr, or check the checkpoint)"
+        )
+
+
+@torch.no_grad()
+def knn_accuracy(
+    teacher: nn.Module,
+    train,
+    test,
+    k: int = 20,
+    temperature: float = 0.07,
+    device: str | torch.device | None = None,
+) -> float:
+    """Weighted cosine k-NN accuracy of the teacher's features (Wu et al. 2018, InstDisc; solo-learn's k-NN).
+
+    Each test image's `k` most cosine-similar train images vote for their
+    label with weight exp(similarity / temperature); returns the top-1
+    accuracy in [0, 1]. `train` and `test` are labelled `ImageSet`s.
+    """
+    if train.labels is None or test.labels is None:
+        raise KrrstError("k-NN accuracy needs labelled train and test sets (labels are None)")
+    train_features = F.normalize(teacher_features(teacher, train.images, train.mean, train.std, device=device), dim=1)
+    test_features = F.normalize(teacher_features(teacher, test.images, test.mean, test.std, device=device), dim=1)
+    train_labels = train.labels.long().cpu()
+    num_classes = int(max(int(train_labels.max()), int(test.labels.max())) + 1)
+    k = min(k, train_features.shape[0])
+    correct = 0
+    for start in range(0, test_features.shape[0], 256):
+        similarity = test_features[start : start + 256] @ train_features.T
+        top_similarity, top_index = similarity.topk(k, dim=1)
+        votes = torch.zeros(similarity.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[top_index], torch.exp(top_similarity / temperature))
+        correct += int((votes.argmax(1) == test.labels[start : start + 256].long().cpu()).sum())
+    return correct / max(1, test_features.shape[0])

@@ -1,0 +1,387 @@
+"""SSL teacher: losses against hand computations, training, resume, loading, collapse checks."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from krrst.errors import KrrstError
+from krrst.models import create_model
+from krrst.teacher import (
+    LARS,
+    TeacherConfig,
+    barlow_twins_loss,
+    check_not_collapsed,
+    feature_health,
+    knn_accuracy,
+    learning_rate_at,
+    load_teacher,
+    read_loss_log,
+    save_teacher,
+    simclr_loss,
+    train_teacher,
+)
+
+# A narrow ConvNet teacher and a small projector: a few CPU seconds per run.
+TINY = TeacherConfig(
+    arch="convnet3",
+    convnet_widths=(16, 32, 64),
+    batch_size=64,
+    steps=20,
+    lr=0.2,
+    warmup_epochs=0.0,
+    projector_dims=(256, 256),
+    checkpoint_every=5,
+    log_every=5,
+    seed=3,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these small networks gain nothing from two, and lose a lot on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, f"error message is not one line: {message!r}"
+    return message
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _barlow_by_hand(a: np.ndarray, b: np.ndarray, lam: float, eps: float) -> float:
+    n, d = a.shape
+    std_a = (a - a.mean(0)) / np.sqrt(a.var(0) + eps)
+    std_b = (b - b.mean(0)) / np.sqrt(b.var(0) + eps)
+    total = 0.0
+    for i in range(d):
+        for j in range(d):
+            c_ij = sum(std_a[k, i] * std_b[k, j] for k in range(n)) / n
+            total += (1 - c_ij) ** 2 if i == j else lam * c_ij**2
+    return total
+
+
+def test_barlow_twins_loss_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(7, 5))
+    b = a + 0.5 * rng.normal(size=(7, 5))
+    expected = _barlow_by_hand(a, b, lam=0.3, eps=1e-5)
+    got = barlow_twins_loss(torch.from_numpy(a), torch.from_numpy(b), lambda_offdiag=0.3)
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+    scaled = barlow_twins_loss(torch.from_numpy(a), torch.from_numpy(b), lambda_offdiag=0.3, scale=0.1)
+    assert scaled.item() == pytest.approx(0.1 * expected, rel=1e-10)
+
+
+def test_barlow_twins_loss_is_zero_for_identical_decorrelated_embeddings():
+    # Orthonormal columns that sum to zero, scaled to unit (biased) variance:
+    # the cross-correlation of z with itself is the identity.
+    n, d = 16, 6
+    basis = np.linalg.qr(np.random.default_rng(1).normal(size=(n, d + 1)))[0]
+    centred = basis - basis.mean(0)
+    q = np.linalg.qr(centred)[0][:, :d]
+    z = torch.from_numpy(q * math.sqrt(n))
+    assert torch.allclose(z.mean(0), torch.zeros(d, dtype=z.dtype), atol=1e-12)
+    assert torch.allclose(z.T @ z / n, torch.eye(d, dtype=z.dtype), atol=1e-12)
+    assert barlow_twins_loss(z, z, eps=0.0).item() < 1e-20
+    assert barlow_twins_loss(z, z).item() < 1e-8  # BatchNorm's eps leaves (1e-5)^2 per dim
+    # and the loss sees correlation: a redundant copy of one dimension is penalised
+    redundant = z.clone()
+    redundant[:, 1] = redundant[:, 0]
+    assert barlow_twins_loss(redundant, redundant, eps=0.0).item() > 0.0051
+
+
+def test_barlow_twins_loss_gradcheck_float64():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y: barlow_twins_loss(x, y, lambda_offdiag=0.0051), (a, b))
+
+
+def _nt_xent_by_hand(a: np.ndarray, b: np.ndarray, temperature: float) -> float:
+    u = np.concatenate([a, b])
+    u = u / np.linalg.norm(u, axis=1, keepdims=True)
+    n2 = u.shape[0]
+    n = n2 // 2
+    total = 0.0
+    for i in range(n2):
+        positive = (i + n) % n2
+        sims = [float(u[i] @ u[j]) / temperature for j in range(n2)]
+        denominator = sum(math.exp(sims[j]) for j in range(n2) if j != i)
+        total += -math.log(math.exp(sims[positive]) / denominator)
+    return total / n2
+
+
+def test_simclr_loss_matches_reference_and_gradcheck():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    got = simclr_loss(torch.from_numpy(a), torch.from_numpy(b), temperature=0.5)
+    assert got.item() == pytest.approx(_nt_xent_by_hand(a, b, 0.5), rel=1e-10)
+    ta = torch.from_numpy(a).requires_grad_(True)
+    tb = torch.from_numpy(b).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, y: simclr_loss(x, y, 0.5), (ta, tb))
+
+
+# --------------------------------------------------------------------------- optimiser and schedule
+
+
+def test_lars_step_matches_formula():
+    weight = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
+    bias = nn.Parameter(torch.tensor([1.0]))
+    weight.grad = torch.tensor([[0.0, 1.0]])  # norm 1
+    bias.grad = torch.tensor([2.0])
+    optimizer = LARS([weight, bias], lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.02)
+    optimizer.step()
+    trust = min(0.02 * 5 / (1 + 0.1 * 5 + 1e-8) / 0.5, 1.0)
+    p, g = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 1.0]])
+    expected = p - 0.5 * trust * (g + 0.1 * p)
+    assert torch.allclose(weight.detach(), expected, atol=1e-7)
+    assert torch.allclose(bias.detach(), torch.tensor([1.0 - 0.5 * 2.0]))  # 1-D: plain SGD, no decay
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    config = TeacherConfig(lr=0.3, warmup_epochs=10, warmup_start_lr=3e-5, min_lr=0.0)
+    assert learning_rate_at(0, 10_000, 100, config) == pytest.approx(3e-5)
+    assert learning_rate_at(1000, 10_000, 100, config) == pytest.approx(0.3)
+    assert learning_rate_at(10_000, 10_000, 100, config) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate_at(500, 10_000, 100, config) == pytest.approx((3e-5 + 0.3) / 2, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- training on real images
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cifar10_small, tmp_path_factory):
+    """A 20-step teacher on 2,000 real CIFAR-10 images, with its run directory."""
+    train, test = cifar10_small
+    out = tmp_path_factory.mktemp("teacher")
+    heldout = test.subset(torch.arange(300))
+    teacher = train_teacher(train, TINY, out_dir=out, device="cpu", heldout=heldout, progress=False)
+    return teacher, out
+
+
+@pytest.mark.shared_data
+def test_tiny_teacher_lowers_the_loss_and_writes_its_files(tiny_run):
+    teacher, out = tiny_run
+    rows = read_loss_log(out / "loss.csv")
+    assert [row["step"] for row in rows] == list(range(1, 21))
+    losses = [row["loss"] for row in rows]
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.9 * first, f"loss did not go down: first steps {losses[:3]}, last steps {losses[-3:]}"
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    for name in ("teacher.safetensors", "checkpoint.safetensors", "health.json"):
+        assert (out / name).is_file()
+
+
+@pytest.mark.shared_data
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cifar10_small, tiny_run, tmp_path):
+    train, _ = cifar10_small
+    uninterrupted, uninterrupted_dir = tiny_run
+    # Interrupted after step 7 (the last checkpoint is step 7, written on stop) ...
+    partial = train_teacher(train, TINY, out_dir=tmp_path, device="cpu", stop_at_step=7, progress=False)
+    assert not torch.equal(partial.state_dict()["blocks.0.0.weight"], uninterrupted.state_dict()["blocks.0.0.weight"])
+    assert not (tmp_path / "teacher.safetensors").exists()
+    # ... and a crash left a loss row the checkpoint does not cover.
+    with open(tmp_path / "loss.csv", "a") as handle:
+        handle.write("8,123.0,0.1,9.9\n")
+    with pytest.raises(KrrstError, match="--resume"):
+        train_teacher(train, TINY, out_dir=tmp_path, device="cpu", progress=False)
+    resumed = train_teacher(
+        train, TINY, out_dir=tmp_path, resume=True, device="cpu", heldout=train.subset(torch.arange(100)),
+        progress=False,
+    )
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), f"{key} differs after resume"
+    assert read_loss_log(tmp_path / "loss.csv") == [
+        {**row, "elapsed_s": resumed_row["elapsed_s"]}
+        for row, resumed_row in zip(read_loss_log(uninterrupted_dir / "loss.csv"), read_loss_log(tmp_path / "loss.csv"))
+    ]
+    assert len(read_loss_log(tmp_path / "loss.csv")) == 20
+
+
+@pytest.mark.shared_data
+def test_resume_refuses_changed_settings(cifar10_small, tmp_path):
+    train, _ = cifar10_small
+    train_teacher(train, TINY, out_dir=tmp_path, device="cpu", stop_at_step=1, progress=False)
+    changed = TeacherConfig(**{**TINY.__dict__, "lr": 0.5})
+    with pytest.raises(KrrstError, match=r"lr \(0.2 -> 0.5\)") as excinfo:
+        train_teacher(train, changed, out_dir=tmp_path, resume=True, device="cpu", progress=False)
+    _one_line_error(excinfo)
+
+
+# --------------------------------------------------------------------------- health checks
+
+
+class ConstantNetwork(nn.Module):
+    """Ignores its input: every image gets the same features."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 32), self.value)
+
+
+class MostlyDeadNetwork(nn.Module):
+    """Two live feature dimensions out of 64: dimensional collapse."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 64)
+        out[:, :2] = x.mean(dim=(2, 3))[:, :2]
+        return out
+
+
+@pytest.mark.shared_data
+def test_collapse_check_fires_on_constant_networks_and_passes_on_the_trained_teacher(cifar10_small, tiny_run):
+    _, test = cifar10_small
+    images = test.images[:200]
+    for network in (ConstantNetwork(0.0), ConstantNetwork(3.0), MostlyDeadNetwork()):
+        health = feature_health(network, images, test.mean, test.std)
+        assert health["collapsed"]
+        with pytest.raises(KrrstError, match="collapsed") as excinfo:
+            check_not_collapsed(health)
+        _one_line_error(excinfo)
+    teacher, out = tiny_run
+    health = feature_health(teacher, images, test.mean, test.std)
+    assert not health["collapsed"] and health["dead_fraction"] < 0.5 and health["effective_rank"] > 10
+    check_not_collapsed(health)
+
+
+@pytest.mark.shared_data
+def test_knn_accuracy_matches_a_brute_force_vote(cifar10_small, tiny_run):
+    train, test = cifar10_small
+    teacher, _ = tiny_run
+    small_train, small_test = train.subset(torch.arange(0, 2000, 4)), test.subset(torch.arange(0, 1000, 10))
+    accuracy = knn_accuracy(teacher, small_train, small_test, k=5)
+    from krrst.teacher import teacher_features
+
+    tr = torch.nn.functional.normalize(teacher_features(teacher, small_train.images, train.mean, train.std), dim=1)
+    te = torch.nn.functional.normalize(teacher_features(teacher, small_test.images, test.mean, test.std), dim=1)
+    correct = 0
+    for i in range(te.shape[0]):
+        sims = (tr @ te[i]).tolist()
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])[:5]
+        votes: dict[int, float] = {}
+        for j in order:
+            label = int(small_train.labels[j])
+            votes[label] = votes.get(label, 0.0) + math.exp(sims[j] / 0.07)
+        correct += max(votes, key=votes.get) == int(small_test.labels[i])
+    assert accuracy == pytest.approx(correct / te.shape[0])
+    assert accuracy > 0.1  # above chance after 20 steps on real images
+
+
+# --------------------------------------------------------------------------- loading teachers
+
+
+@pytest.mark.shared_data
+def test_load_teacher_round_trips_our_file(cifar10_small, tiny_run):
+    _, test = cifar10_small
+    teacher, out = tiny_run
+    loaded = load_teacher(out / "teacher.safetensors")
+    batch = test.images[:16].float() / 255
+    assert torch.equal(loaded(batch), teacher(batch))
+    assert loaded.spec["arch"] == "convnet3" and loaded.spec["widths"] == [16, 32, 64]
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_load_teacher_reads_a_torchvision_pad2_state_dict(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18()
+    reference.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+    reference.maxpool = nn.Identity()
+    # non-trivial BatchNorm statistics, so that a mis-mapped buffer would show
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    state = {key: value for key, value in reference.state_dict().items() if not key.startswith("fc.")}
+    path = tmp_path / "authors_teacher.pt"
+    torch.save({f"module.{key}": value for key, value in state.items()}, path)
+
+    loaded = load_teacher(path)
+    assert loaded.spec["arch"] == "resnet18_pad2"
+    reference.fc = nn.Identity()
+    reference.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), reference(x), atol=1e-5)
+
+
+def test_load_teacher_refuses_another_architecture(tmp_path):
+    convnet = create_model("convnet3", widths=(8, 8, 8))
+    ours = tmp_path / "teacher.safetensors"
+    save_teacher(ours, convnet, mean=(0.5,) * 3, std=(0.25,) * 3)
+    with pytest.raises(KrrstError) as excinfo:
+        load_teacher(ours, arch="resnet18")
+    message = _one_line_error(excinfo)
+    assert "convnet3" in message and "resnet18" in message and str(ours) in message
+
+    # A bare state dict of a ConvNet, declared as a ResNet-18:
+    plain = tmp_path / "weights.pt"
+    torch.save(convnet.state_dict(), plain)
+    with pytest.raises(KrrstError) as excinfo:
+        load_teacher(plain, arch="resnet18")
+    message = _one_line_error(excinfo)
+    assert "convnet3" in message and "resnet18" in message and "missing" in message
+
+    # Same keys, other widths: the first mismatching shape is named.
+    wider = tmp_path / "wider.pt"
+    torch.save(create_model("convnet3", widths=(16, 8, 8)).state_dict(), wider)
+    with pytest.raises(KrrstError, match=r"'blocks.0.0.weight' has shape \(16, 3, 3, 3\) in the file") as excinfo:
+        load_teacher(wider, arch="convnet3")
+    _one_line_error(excinfo)
+
+
+@pytest.mark.parametrize("name", ["teacher.safetensors", "teacher.pt"])
+def test_load_teacher_reports_a_corrupt_file_in_one_line(tmp_path, name):
+    path = tmp_path / name
+    good = tmp_path / ("good" + path.suffix)
+    model = create_model("convnet3", widths=(8, 8, 8))
+    if path.suffix == ".pt":
+        torch.save(model.state_dict(), good)
+    else:
+        save_teacher(good, model, mean=(0.5,) * 3, std=(0.25,) * 3)
+    path.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])  # truncated download
+    with pytest.raises(KrrstError) as excinfo:
+        load_teacher(path, arch="convnet3")
+    message = _one_line_error(excinfo)
+    assert str(path) in message
+
+
+def test_load_teacher_reads_a_plain_safetensors_state_dict_given_its_arch(tmp_path):
+    from safetensors.torch import save_file
+
+    model = create_model("resnet18")
+    path = tmp_path / "backbone.safetensors"
+    save_file({f"backbone.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = load_teacher(path, arch="resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model.eval()(x))
+    with pytest.raises(KrrstError, match="--teacher-arch") as excinfo:
+        load_teacher(path)
+    assert "resnet18_pad2" in _one_line_error(excinfo)  # lists the valid names
+
+
+@pytest.mark.shared_data
+def test_simclr_teacher_runs_behind_the_same_interface(cifar10_small, tmp_path):
+    from krrst.teacher import SIMCLR_CIFAR_OVERRIDES
+
+    train, _ = cifar10_small
+    config = TeacherConfig(**{**TINY.__dict__, **SIMCLR_CIFAR_OVERRIDES, "steps": 3, "lr": 0.2})
+    teacher = train_teacher(train, config, out_dir=tmp_path, device="cpu", heldout=train.subset(torch.arange(100)),
+                            progress=False)
+    losses = [row["loss"] for row in read_loss_log(tmp_path / "loss.csv")]
+    # NT-Xent starts near log(2N - 1) for near-random embeddings (N = 64 images per step)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert abs(losses[0] - math.log(2 * 64 - 1)) < 1.0
+    assert load_teacher(tmp_path / "teacher.safetensors").feature_dim == teacher.feature_dim
