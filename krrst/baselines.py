@@ -60,7 +60,6 @@ def _check_m(m: int, n: int, what: str) -> None:
         raise KrrstError(f"{what}: m={m} is more than the {n} source images")
 
 
-@torch.no_grad()
 def teacher_features(
     teacher: nn.Module,
     source: "ImageSet",
@@ -70,29 +69,14 @@ def teacher_features(
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """The teacher's output (its features) for the normalised source images, float32 N x d on `device`.
-
-    Eval mode, no gradient, in batches; only `indices` when given. The
-    teacher is moved to `device` (its mode is restored afterwards).
-    """
-    from krrst.augment import normalize
+    """The teacher's features (float32 N x d, on `device`) of the source images, or of `indices` only."""
+    from krrst.teacher import teacher_features as features_of
 
     device = resolve_device(device)
     images = source.images if indices is None else source.images[indices.to(source.images.device)]
-    was_training = teacher.training
-    teacher.to(device).eval()
-    chunks = []
-    try:
-        for start in tqdm(
-            range(0, len(images), batch_size), desc="teacher features", unit="batch", disable=not progress, leave=False
-        ):
-            batch = images[start : start + batch_size].to(device, non_blocking=True)
-            chunks.append(teacher(normalize(batch, source.mean, source.std)).float().flatten(1))
-    finally:
-        teacher.train(was_training)
-    if not chunks:
+    if len(images) == 0:
         raise KrrstError("teacher features: no images")
-    return torch.cat(chunks)
+    return features_of(teacher, images, source.mean, source.std, batch_size, device, progress).to(device)
 
 
 def _make_set(

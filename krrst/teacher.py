@@ -833,22 +833,25 @@ def teacher_features(
     std,
     batch_size: int = 500,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
-    """Features (N x d float32, on the CPU) of uint8 images, normalised per batch, in eval mode."""
+    """Features (N x d float32, on the CPU) of uint8 images, normalised per batch, in eval mode.
+
+    Float32 throughout: these features become regression targets (baselines)
+    and must match what the distillation computes for the same images.
+    """
     if device is not None:
         device = resolve_device(device)
     else:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
-    model.eval()
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
+    model.to(device).eval()
     outputs = []
-    for start in range(0, images_uint8.shape[0], batch_size):
-        batch = normalize(images_uint8[start : start + batch_size].to(device), mean, std)
-        with autocast:
-            outputs.append(model(batch).float().cpu())
+    starts = range(0, images_uint8.shape[0], batch_size)
+    with torch.no_grad():
+        for start in tqdm(starts, desc="teacher features", unit="batch", disable=not progress, leave=False):
+            batch = normalize(images_uint8[start : start + batch_size].to(device), mean, std)
+            outputs.append(model(batch).float().flatten(1).cpu())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
 

@@ -22,14 +22,6 @@ from krrst.models import (
 ALL_MODELS = list_models()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches run fastest on one thread, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def sized(arch: str, size: int) -> dict:
     """Options building `arch` for size x size inputs (ConvNets need image_size)."""

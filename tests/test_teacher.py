@@ -40,15 +40,6 @@ TINY = TeacherConfig(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these small networks gain nothing from two, and lose a lot on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _one_line_error(excinfo) -> str:
     message = str(excinfo.value)
     assert "\n" not in message, f"error message is not one line: {message!r}"
