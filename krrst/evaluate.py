@@ -731,6 +731,8 @@ def finetune(
     mean, std = tuple(target_train.mean), tuple(target_train.std)
 
     network = copy.deepcopy(model)
+    # Teachers come frozen (requires_grad False); fine-tuning trains every weight whatever the caller's flags.
+    network.requires_grad_(True)
     _seeded_reset_head(network, num_classes, config.seed)
     network.to(device).train()
     optimizer = torch.optim.SGD(
@@ -965,7 +967,7 @@ def knowledge_distillation(
         parameter.requires_grad_(False)
     with torch.no_grad():
         num_classes = int(teacher(images[:2]).shape[1])
-    student = copy.deepcopy(student_init)
+    student = copy.deepcopy(student_init).requires_grad_(True)
     _seeded_reset_head(student, num_classes, config.seed)
     student.to(device).train()
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -136,6 +136,18 @@ def test_finetune_uses_the_few_label_subset_and_resizes_to_the_network():
     assert metrics["image_size"] == 16
 
 
+def test_finetune_trains_a_frozen_teacher_like_any_network():
+    """Teachers are handed over frozen; fine-tuning (the full-ssl reference) must still train the backbone."""
+    train, test = _colour_set(20, seed=0, size=16), _colour_set(5, seed=1, size=16)
+    model = E.fresh_model("convnet3", None, 0, **NARROW)
+    frozen = E.fresh_model("convnet3", None, 0, **NARROW).requires_grad_(False)
+    config = E.FinetuneConfig(iterations=3, batch_size=8, lr=0.5)
+    trainable_result = E.finetune(model, train, test, config, progress=False)
+    frozen_result = E.finetune(frozen, train, test, config, progress=False)
+    assert frozen_result["test_loss"] == trainable_result["test_loss"]
+    assert not any(p.requires_grad for p in frozen.parameters()), "the caller's model is left as it was"
+
+
 def test_resize_images_keeps_uint8_and_constant_images():
     images = torch.full((2, 3, 8, 8), 77, dtype=torch.uint8)
     resized = E.resize_images(images, 16)
