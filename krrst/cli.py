@@ -94,12 +94,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from krrst.data import load_images
     from krrst.distilled import DistilledSet
     from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
-    from krrst.pipeline import TEST_SPLITS, evaluate_methods
+    from krrst.pipeline import TEST_SPLITS, claim_evaluation, evaluate_methods, file_identity, parse_protocol
     from krrst.report import report_text, write_report
     from krrst.teacher import load_teacher
 
     if (args.distilled is None) == (args.baseline is None):
         raise KrrstError("give exactly one of --distilled PATH or --baseline random|kmeans|none|full")
+    protocols = args.protocol or ["finetune"]
+    for protocol in protocols:
+        parse_protocol(protocol)
+    if args.seeds < 1:
+        raise KrrstError(f"--seeds must be at least 1, got {args.seeds}")
     stages = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear": LinearProbeConfig}
     stray = [item for item in args.overrides if item.split(".", 1)[0] not in stages]
     if stray:
@@ -125,15 +130,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         elif args.baseline == "full":
             network = teacher
     image_size = args.image_size or (network.image_size if isinstance(network, DistilledSet) else None)
+    # Rows and cached networks are keyed by method: refuse to mix in results of another set or config.
+    what = file_identity(args.distilled) if args.distilled else [args.baseline, args.m, args.seed, args.source,
+                                                                  args.source_root, file_identity(args.teacher)]
+    claim_evaluation(args.out, method, [what, {k: str(v) for k, v in configs.items()}, args.widths, image_size,
+                                        args.target, args.max_per_class])
     train = load_images(args.target, args.root, "train", image_size=image_size, download=args.download,
                         max_per_class=args.max_per_class)
     test = load_images(args.target, args.root, TEST_SPLITS.get(args.target, "test"), image_size=image_size,
                        download=args.download)
     evaluate_methods(
         args.out, {method: network}, [(args.target, train, test)], source_name=source_name, archs=[args.arch],
-        seeds=range(args.seed, args.seed + args.seeds), protocols=args.protocol or ["finetune"],
+        seeds=range(args.seed, args.seed + args.seeds), protocols=protocols,
         pretrain_config=configs["pretrain"], finetune_config=configs["finetune"], linear_config=configs["linear"],
         eval_widths=tuple(args.widths), image_size=image_size, device=args.device, progress=args.progress,
+        # An explicit --set finetune.iterations holds for fine-grained targets too (default there: 5,000).
+        finegrained_iterations=configs["finetune"].iterations
+        if any(item.startswith("finetune.iterations=") for item in args.overrides) else 5000,
     )
     write_report(args.out)
     print(report_text(args.out))

@@ -56,7 +56,7 @@ KERNEL_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # Fields that change neither the trajectory of X_s, Y_s nor the random streams,
 # so a resumed run may use other values than the checkpointed one.
-_RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "validate_every", "validation_models", "validation_images")
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "validate_every", "validation_models", "validation_images")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,7 +446,7 @@ def _check_resumable(saved: dict[str, Any], config: DistillConfig, where: Path) 
     differing = [
         key
         for key, value in current.items()
-        if key not in _RESUMABLE_CHANGES and _as_json(saved.get(key)) != _as_json(value)
+        if key not in RESUMABLE_CHANGES and _as_json(saved.get(key)) != _as_json(value)
     ]
     if differing:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in differing)
@@ -472,6 +472,14 @@ def _images_of(value: Any, what: str) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the outer loop
+
+
+def teacher_identity(teacher: nn.Module) -> str:
+    """Architecture and a weight checksum: enough to refuse resuming a run with another teacher."""
+    arch = getattr(teacher, "spec", {}).get("arch", type(teacher).__name__)
+    with torch.no_grad():
+        checksum = sum(float(t.double().abs().sum()) for t in teacher.state_dict().values() if t.is_floating_point())
+    return f"{arch}:{checksum:.6e}"
 
 
 def _stage_seeds(seed: int) -> tuple[int, int, int, int]:
@@ -536,6 +544,8 @@ def distill(
     if resume and out_dir is None:
         raise KrrstError("--resume needs --out (the run folder holding checkpoint.safetensors)")
     checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
+    if not resume and checkpoint_path is not None and checkpoint_path.is_file():
+        raise KrrstError(f"{checkpoint_path} already exists; pass --resume to continue that run or choose another --out")
     checkpoint = io.load_state(checkpoint_path) if resume and checkpoint_path.is_file() else None
     if resume and checkpoint is None:
         tqdm.write(f"--resume: no checkpoint in {out_dir}; starting a new run")
@@ -562,6 +572,12 @@ def distill(
                 f"not [{source_name!r}, {num_source}]"
             )
     teacher = teacher.to(device).eval()
+    teacher_id = teacher_identity(teacher)
+    if checkpoint is not None and checkpoint.get("teacher", teacher_id) != teacher_id:
+        raise KrrstError(
+            f"--resume: {checkpoint_path} was distilled with another teacher "
+            f"({checkpoint.get('teacher')} , now {teacher_id}); pass the same --teacher or choose another --out"
+        )
     kernel_dtype = KERNEL_DTYPES[config.kernel_dtype]
 
     data_seed, pool_seed, validation_seed, heldout_seed = _stage_seeds(config.seed)
@@ -641,6 +657,7 @@ def distill(
             "step": step,
             "config": config_to_dict(config),
             "source": [source_name, num_source],
+            "teacher": teacher_id,
             "images": current_images().detach(),
             "targets": synthetic_targets.detach(),
             "optimizer": optimizer.state_dict(),

@@ -28,6 +28,7 @@ import torch
 
 from krrst.config import apply_overrides, config_to_dict, resolve_device
 from krrst.distill import PRESETS as DISTILL_PRESETS
+from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
 from krrst.distill import DistillConfig
 from krrst.errors import KrrstError
 from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
@@ -177,6 +178,11 @@ def resolve_config(preset: str = "cifar100", overrides: Mapping[str, Any] | None
     }
     config = PipelineConfig(**stages)
     _check_run_config(config.run)
+    if "krr-st" in config.run.methods and config.distill.image_size != config.run.image_size:
+        raise KrrstError(
+            f"distill.image_size={config.distill.image_size} differs from run.image_size={config.run.image_size} "
+            "(the size the source is loaded at); set both to the same value"
+        )
     return config
 
 
@@ -219,6 +225,11 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(_jsonable(parts), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _without(config: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    """A config's fields minus those that do not change a stage's result (logging, checkpoint cadence)."""
+    return {key: value for key, value in config_to_dict(config).items() if key not in fields}
+
+
 def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     keys = []
     for stage in sorted(set(old) | set(new)):
@@ -248,6 +259,27 @@ def prepare_run_dir(out_dir: Path, config: PipelineConfig, preset: str, force: b
         raise KrrstError(f"--out {out_dir} exists and is not a krrst run directory (no config.json); choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(config_path, resolved)
+
+
+def file_identity(path: str | Path | None) -> list[Any] | None:
+    """Path, size and modification time of a file: what says it is still the same file."""
+    if not path:
+        return None
+    path = Path(path)
+    stat = path.stat() if path.exists() else None
+    return [str(path.resolve()), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+
+
+def claim_evaluation(out_dir: str | Path, method: str, identity: Any) -> None:
+    """Record what `method`'s rows in `out_dir` come from; refuse rows of another set or config there."""
+    path = Path(out_dir) / "eval" / f"{method}.fingerprint.json"
+    fingerprint = _fingerprint(identity)
+    if path.exists() and read_json(path).get("fingerprint") != fingerprint:
+        raise KrrstError(
+            f"{out_dir} already holds '{method}' results of another set or config; "
+            "choose another --out (or delete that run directory) to evaluate this one"
+        )
+    write_json(path, {"fingerprint": fingerprint})
 
 
 def _stage_done(stage_dir: Path, fingerprint: str) -> bool:
@@ -349,8 +381,17 @@ def load_target(spec: str, run: RunConfig, root: Path):
 # ----------------------------------------------------------------------------- stages
 
 
-def _eval_overrides(run: RunConfig, arch: str) -> dict[str, Any]:
-    return {"widths": tuple(run.eval_widths)} if run.eval_widths and arch.startswith("convnet") else {}
+def eval_overrides(arch: str, eval_widths: tuple[int, ...], image_size: int | None) -> dict[str, Any]:
+    """Options for a fresh evaluation network: ConvNet widths, and the resolution ConvNets are built for."""
+    from krrst.models import model_options
+
+    options = model_options(arch)
+    overrides: dict[str, Any] = {}
+    if eval_widths and "widths" in options:
+        overrides["widths"] = tuple(eval_widths)
+    if image_size and "image_size" in options:
+        overrides["image_size"] = image_size
+    return overrides
 
 
 def _save_model(path: Path, model: torch.nn.Module) -> None:
@@ -410,10 +451,13 @@ def run(
     # -- teacher --------------------------------------------------------------------------------
     if run_config.teacher_path:
         teacher = load_teacher(dataset_path(root, run_config.teacher_path), arch=run_config.teacher_arch or None, device=device)
-        teacher_fp = _fingerprint(run_config.teacher_path, run_config.teacher_arch)
+        teacher_file = dataset_path(root, run_config.teacher_path)
+        # The file's size and modification time: replacing the teacher invalidates what was distilled from it.
+        teacher_fp = _fingerprint(str(teacher_file), run_config.teacher_arch, teacher_file.stat().st_size,
+                                  teacher_file.stat().st_mtime_ns)
     else:
         teacher_dir = out_dir / "teacher"
-        teacher_fp = _fingerprint(source_fp, config.teacher)
+        teacher_fp = _fingerprint(source_fp, _without(config.teacher, ("checkpoint_every", "log_every")))
         if not _stage_done(teacher_dir, teacher_fp):
             _start_stage(teacher_dir, teacher_fp)
             first_train, first_test = next(iter(targets.values()))
@@ -426,7 +470,7 @@ def run(
 
     # -- distillation ---------------------------------------------------------------------------
     distill_dir = out_dir / "distill"
-    distill_fp = _fingerprint(teacher_fp, config.distill)
+    distill_fp = _fingerprint(teacher_fp, source_fp, _without(config.distill, RESUMABLE_DISTILL_CHANGES))
     if "krr-st" in run_config.methods and not _stage_done(distill_dir, distill_fp):
         _start_stage(distill_dir, distill_fp)
         with _timed(out_dir, "distill", log):
@@ -438,18 +482,20 @@ def run(
     baselines_dir = out_dir / "baselines"
     baselines_fp = _fingerprint(teacher_fp, source_fp, config.distill.num_images, config.distill.seed)
     wanted = [method for method in ("random", "kmeans") if method in run_config.methods]
-    if wanted and not _stage_done(baselines_dir, baselines_fp):
-        _start_stage(baselines_dir, baselines_fp)
+    missing = []
+    if wanted:
+        _start_stage(baselines_dir, baselines_fp)  # clears sets built for another teacher, source or m
+        missing = [method for method in wanted if not (baselines_dir / f"{method}.safetensors").exists()]
+    if missing:
         with _timed(out_dir, "baselines", log):
-            if "random" in wanted:
+            if "random" in missing:
                 # The same real images KRR-ST started from, with the teacher's targets: the pair differs only
                 # in what distillation did to them.
                 indices = initial_indices(len(source), config.distill)
                 random_subset_of(source, indices, teacher, device=device).save(baselines_dir / "random.safetensors")
-            if "kmeans" in wanted:
+            if "kmeans" in missing:
                 kmeans_coreset(source, config.distill.num_images, teacher, seed=config.distill.seed, device=device,
                                progress=progress).save(baselines_dir / "kmeans.safetensors")
-        _mark_done(baselines_dir, baselines_fp)
 
     sets: dict[str, DistilledSet | None] = {"none": None}
     if "krr-st" in run_config.methods:
@@ -459,8 +505,10 @@ def run(
 
     # -- evaluation -----------------------------------------------------------------------------
     eval_dir = out_dir / "eval"
+    # Which methods, protocols, archs and how many seeds are left out: adding one adds rows, it does not
+    # invalidate the others (rows are keyed by method, target, arch, protocol and seed).
     eval_fp = _fingerprint(distill_fp, baselines_fp, config.pretrain, config.finetune, config.linear,
-                           {k: v for k, v in config_to_dict(run_config).items() if k not in ("methods", "protocols")})
+                           _without(run_config, ("methods", "protocols", "archs", "seeds", "download")))
     marker = eval_dir / "fingerprint.json"
     if marker.exists() and read_json(marker).get("fingerprint") != eval_fp:
         # Rows computed under another evaluation config are not comparable: start the table afresh.
@@ -534,7 +582,7 @@ def evaluate_methods(
         if not pending:
             continue
         log(f"[evaluate] job {index}/{len(jobs)}: {method} on {model_arch}, seed {seed} ({len(pending)} evaluations)")
-        overrides = {"widths": tuple(eval_widths)} if eval_widths and arch.startswith("convnet") else {}
+        overrides = eval_overrides(arch, tuple(eval_widths), image_size)
         pretrained = network if is_network else None
         if network is not None and not is_network:
             cached = out_dir / "eval" / "pretrained" / f"{method}-{arch}-seed{seed}.safetensors"
@@ -553,7 +601,7 @@ def evaluate_methods(
                 None, arch, train, test, protocol=protocol_kind, label_fraction=fraction, seed=seed,
                 pretrained=pretrained, method=method, source=source_name, target=test.name,
                 finetune_config=finetune, linear_config=linear_config, image_size=image_size,
-                device=device, progress=progress, **({} if pretrained is not None else overrides),
+                device=device, progress=progress, arch_options=None if pretrained is not None else overrides,
             )
             row["protocol"] = protocol
             append_results(out_dir, [row])

@@ -299,6 +299,10 @@ def test_resume_refuses_a_different_config_and_a_wrong_source(cifar10_small, uni
         distill(train, _teacher(), dataclasses.replace(RUN, ridge=1e-3), out_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(KrrstError, match="was distilled from"):
         distill(test, _teacher(), RUN, out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(KrrstError, match="another teacher"):
+        distill(train, _teacher(seed=1), RUN, out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(KrrstError, match="already exists; pass --resume"):
+        distill(train, _teacher(), RUN, out_dir=tmp_path, resume=False, progress=False)
 
 
 @pytest.mark.shared_data

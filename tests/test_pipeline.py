@@ -180,3 +180,49 @@ def test_print_config_and_help(capsys):
     help_text = capsys.readouterr().out
     for command in ("datasets", "models", "teacher", "distill", "evaluate", "report", "run", "demo"):
         assert command in help_text
+
+
+def test_adding_a_method_and_a_seed_keeps_finished_work(tmp_path, monkeypatch):
+    import krrst.distill
+
+    out = tmp_path / "grow"
+    first = run_tiny(out, **{"run.methods": "krr-st,random,none"})
+    assert not (out / "baselines" / "kmeans.safetensors").exists()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("distillation ran again although its config did not change")
+
+    monkeypatch.setattr(krrst.distill, "distill", must_not_run)
+    grown = pipeline.run(tiny_config(**{"run.methods": "krr-st,random,kmeans,none", "run.seeds": "2"}), out,
+                         preset="demo", force=True, device="cpu", progress=False, log=lambda _: None)
+    assert (out / "baselines" / "kmeans.safetensors").exists(), "the new baseline is built"
+    assert {row["method"] for row in grown} == {"krr-st", "random", "kmeans", "none"}
+    assert {row["seed"] for row in grown} == {0, 1}
+    kept = {(r["method"], r["protocol"], r["seed"]): r["accuracy"] for r in grown}
+    assert all(kept[(r["method"], r["protocol"], r["seed"])] == r["accuracy"] for r in first), "earlier rows kept"
+
+
+def test_inconsistent_image_sizes_are_refused_before_any_work():
+    with pytest.raises(KrrstError, match="distill.image_size=64 differs from run.image_size=32"):
+        tiny_config(**{"distill.image_size": "64"})
+
+
+def test_cli_evaluate_appends_rows_and_refuses_another_set(finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    common = ["--target", "imagefolder", "--root", str(pipeline.sample_path()), "--widths", "16,32,64",
+              "--max-per-class", "5", "--seeds", "1", "--protocol", "linear", "--set", "pretrain.epochs=1",
+              "--set", "linear.iterations=2", "--out", str(tmp_path / "eval"), "--no-progress", "--device", "cpu"]
+    distilled = out / "distill" / "distilled.safetensors"
+    assert main(["evaluate", "--distilled", str(distilled), *common]) == 0
+    rows = read_results(tmp_path / "eval")
+    assert [(r["method"], r["protocol"], r["seed"]) for r in rows] == [("krr-st", "linear", 0)]
+    assert (tmp_path / "eval" / "results.md").exists()
+    assert main(["evaluate", "--distilled", str(distilled), *common]) == 0, "a re-run skips the finished row"
+    assert len(read_results(tmp_path / "eval")) == 1
+    other = tmp_path / "other.safetensors"
+    changed = DistilledSet.load(distilled)
+    changed.images = changed.images.flip(-1)
+    changed.save(other)
+    capsys.readouterr()
+    assert main(["evaluate", "--distilled", str(other), *common]) == 2
+    assert "already holds 'krr-st' results of another set" in capsys.readouterr().err
