@@ -31,7 +31,7 @@ import io as _stdio
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from krrst import io
-from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
+from krrst.augment import CropFlipParams, apply_crop_flip, normalize, sample_crop_flip
 from krrst.config import apply_overrides, config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
@@ -97,6 +97,13 @@ class DistillConfig:
         validation_models: freshly initialised networks (fixed seeds) the
             validation signal averages over.
         validation_images: at most this many held-out images are used.
+        teacher_cache_views: K > 0 computes the teacher's features of K
+            crop/flip views of every source image once, before the loop
+            (`build_teacher_cache`), and each step replays one of them instead
+            of running the teacher: the teacher leaves the outer loop, at the
+            price of K fixed augmentations per image instead of fresh ones, and
+            N x K x d fp16 features on the device. 0 (default): fresh
+            augmentations and a teacher forward every step (the reference path).
     """
 
     num_images: int = 1000
@@ -125,10 +132,14 @@ class DistillConfig:
     validate_every: int = 1000
     validation_models: int = 3
     validation_images: int = 1000
+    teacher_cache_views: int = 0
 
     def __post_init__(self) -> None:
         positive = ("num_images", "image_size", "batch_size", "pool_size", "log_every", "validation_images")
-        non_negative = ("steps", "padding", "pool_steps", "checkpoint_every", "validate_every", "validation_models")
+        non_negative = (
+            "steps", "padding", "pool_steps", "checkpoint_every", "validate_every", "validation_models",
+            "teacher_cache_views",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise KrrstError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
@@ -144,6 +155,11 @@ class DistillConfig:
             raise KrrstError(f"distill.ridge must be >= 0, got {self.ridge}")
         if self.kernel_dtype not in KERNEL_DTYPES:
             raise KrrstError(f"distill.kernel_dtype={self.kernel_dtype!r} is not valid; expected float32 or float64")
+        if self.teacher_cache_views > 0 and 2 * self.padding > 255:
+            raise KrrstError(
+                f"distill.teacher_cache_views needs distill.padding <= 127 (offsets are cached as uint8), "
+                f"got {self.padding}"
+            )
 
 
 # Overrides of the defaults (which are the CIFAR-100 setting) per source, from the public code.
@@ -348,6 +364,84 @@ class _RealBatches:
         self.order, self.cursor = state["order"], int(state["cursor"])
 
 
+# --------------------------------------------------------------------------- teacher-target cache
+
+
+class TeacherCache(NamedTuple):
+    """The teacher's features of K fixed crop/flip views of every source image (`build_teacher_cache`).
+
+    `features`: N x K x d float16 on the device; `offsets_y`, `offsets_x`:
+    N x K uint8 and `flips`: N x K bool, the `CropFlipParams` of each view.
+    """
+
+    features: torch.Tensor
+    offsets_y: torch.Tensor
+    offsets_x: torch.Tensor
+    flips: torch.Tensor
+
+    def crop_params(self, indices: torch.Tensor, views: torch.Tensor) -> CropFlipParams:
+        """The crop/flip parameters of view `views[i]` of source image `indices[i]`, for `apply_crop_flip`."""
+        return CropFlipParams(
+            self.offsets_y[indices, views].long(), self.offsets_x[indices, views].long(), self.flips[indices, views]
+        )
+
+    def targets(self, indices: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """The cached teacher features of those views, as float32 (B x d)."""
+        return self.features[indices, views].float()
+
+
+@torch.no_grad()
+def build_teacher_cache(
+    teacher: nn.Module,
+    source_images: torch.Tensor,
+    views: int,
+    padding: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    generator: torch.Generator,
+    *,
+    chunk: int = 512,
+    progress: bool = False,
+) -> TeacherCache:
+    """Teacher features of `views` (K) random crop/flip views of each uint8 source image, computed once.
+
+    The parameters are drawn on the CPU from `generator` (K per image, in
+    image order), so the cache is a function of the generator's seed: a
+    resumed run rebuilds the same cache and needs no checkpoint of it. Each
+    view goes through the same path as a real batch of the outer loop
+    (`apply_crop_flip` on uint8, `normalize`, the teacher in eval mode,
+    without gradient); features are stored as float16 on the images' device.
+
+    Memory: N * K * d * 2 bytes for the features (e.g. CIFAR-100: 50,000 x
+    K = 8 x 512 x 2 B = 410 MB), plus 3 bytes per view for the parameters.
+    """
+    if views < 1:
+        raise KrrstError(f"distill.teacher_cache_views must be >= 1 to build a cache, got {views}")
+    teacher.eval()
+    num_images, device = len(source_images), source_images.device
+    params = sample_crop_flip(num_images * views, padding, generator, "cpu")
+    offsets_y, offsets_x = (p.view(num_images, views).to(torch.uint8).to(device) for p in params[:2])
+    flips = params.flips.view(num_images, views).to(device)
+    image_of_view = torch.arange(num_images, device=device).repeat_interleave(views)
+    features: torch.Tensor | None = None
+    total = num_images * views
+    with tqdm(total=total, desc="teacher cache", unit="view", disable=None if progress else True) as bar:
+        for start in range(0, total, chunk):
+            stop = min(start + chunk, total)
+            crop = CropFlipParams(
+                offsets_y.view(-1)[start:stop].long(), offsets_x.view(-1)[start:stop].long(), flips.view(-1)[start:stop]
+            )
+            batch = normalize(apply_crop_flip(source_images[image_of_view[start:stop]], crop, padding), mean, std)
+            output = teacher(batch)
+            if output.dim() != 2:
+                raise KrrstError(f"teacher must output N x d features, got shape {tuple(output.shape)}")
+            if features is None:
+                features = torch.empty(total, output.shape[1], dtype=torch.float16, device=device)
+            features[start:stop] = output.to(torch.float16)
+            bar.update(stop - start)
+    return TeacherCache(features.view(num_images, views, -1), offsets_y, offsets_x, flips)
+
+
 # --------------------------------------------------------------------------- validation signal
 
 
@@ -443,10 +537,11 @@ def _write_loss_plot(path: Path, history: list[dict[str, Any]]) -> None:
 
 def _check_resumable(saved: dict[str, Any], config: DistillConfig, where: Path) -> None:
     current = config_to_dict(config)
+    defaults = config_to_dict(DistillConfig())  # a field added since the checkpoint was written had its default
     differing = [
         key
         for key, value in current.items()
-        if key not in RESUMABLE_CHANGES and _as_json(saved.get(key)) != _as_json(value)
+        if key not in RESUMABLE_CHANGES and _as_json(saved.get(key, defaults[key])) != _as_json(value)
     ]
     if differing:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in differing)
@@ -482,10 +577,11 @@ def teacher_identity(teacher: nn.Module) -> str:
     return f"{arch}:{checksum:.6e}"
 
 
-def _stage_seeds(seed: int) -> tuple[int, int, int, int]:
-    """Independent seeds for the data, the pool, the validation networks and the held-out draw."""
+def _stage_seeds(seed: int) -> tuple[int, int, int, int, int]:
+    """Independent seeds for the data, the pool, the validation networks, the held-out draw and the teacher cache."""
     root = torch.Generator().manual_seed(seed)
-    return tuple(_draw_seed(root) for _ in range(4))  # type: ignore[return-value]
+    # Drawn in sequence: a seed added at the end leaves the earlier ones (and old runs) unchanged.
+    return tuple(_draw_seed(root) for _ in range(5))  # type: ignore[return-value]
 
 
 def initial_indices(num_source: int, config: DistillConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -531,7 +627,9 @@ def distill(
         progress: show tqdm bars (only on a terminal).
 
     Each outer step: a real batch (random crop with zero padding + flip, then
-    normalise, on the device); its teacher features; a pool model picked
+    normalise, on the device); its teacher features (with
+    `config.teacher_cache_views` = K > 0: one of K views per image fixed and
+    computed once before the loop, see `build_teacher_cache`); a pool model picked
     uniformly, in eval mode, gives features of `X_s` (with gradient) and of the
     batch (without); the KRR-ST loss updates `X_s`, `Y_s` with AdamW; the lr
     decays linearly; the picked model takes one step on the updated set.
@@ -580,7 +678,7 @@ def distill(
         )
     kernel_dtype = KERNEL_DTYPES[config.kernel_dtype]
 
-    data_seed, pool_seed, validation_seed, heldout_seed = _stage_seeds(config.seed)
+    data_seed, pool_seed, validation_seed, heldout_seed, cache_seed = _stage_seeds(config.seed)
     data_generator = torch.Generator().manual_seed(data_seed)
 
     # --- the synthetic set: m random real images (normalised) and their teacher features
@@ -625,6 +723,13 @@ def distill(
         heldout_images = normalize(heldout_images.to(device), mean, std)
         heldout_targets = _forward_in_chunks(teacher, heldout_images)
         validation = _ValidationSignal(config, heldout_images, heldout_targets, validation_seed)
+
+    cache = None
+    if config.teacher_cache_views > 0:
+        cache = build_teacher_cache(
+            teacher, source_images, config.teacher_cache_views, config.padding, mean, std,
+            torch.Generator().manual_seed(cache_seed), progress=progress,
+        )
 
     start_step, history = 0, []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -701,10 +806,15 @@ def distill(
         for step in range(start_step + 1, config.steps + 1):
             # real batch: crop + flip on uint8 (black padding, as torchvision), then normalise
             indices = batches.next().to(device, non_blocking=True)
-            crop = sample_crop_flip(config.batch_size, config.padding, data_generator, device)
+            if cache is None:
+                crop = sample_crop_flip(config.batch_size, config.padding, data_generator, device)
+            else:  # replay one of each image's K cached views
+                views = torch.randint(0, config.teacher_cache_views, (config.batch_size,), generator=data_generator)
+                views = views.to(device, non_blocking=True)
+                crop = cache.crop_params(indices, views)
             real_images = normalize(apply_crop_flip(source_images[indices], crop, config.padding), mean, std)
             with torch.no_grad():
-                real_targets = teacher(real_images)
+                real_targets = teacher(real_images) if cache is None else cache.targets(indices, views)
 
             index = pool.pick()
             model = pool.models[index].eval()

@@ -14,9 +14,12 @@ from krrst.distill import (
     DistillConfig,
     ModelPool,
     _outer_optimizer,
+    build_teacher_cache,
     distill,
     preset_config,
 )
+from krrst.augment import apply_crop_flip, normalize
+from krrst.objective import krr_st_loss
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.io import load_state
@@ -145,6 +148,11 @@ def test_presets_and_config_errors():
         DistillConfig(kernel_dtype="float16")
     with pytest.raises(KrrstError, match="distill.num_images"):
         DistillConfig(num_images=0)
+    with pytest.raises(KrrstError, match="distill.teacher_cache_views must be >= 0, got -1"):
+        DistillConfig(teacher_cache_views=-1)
+    with pytest.raises(KrrstError, match="distill.padding <= 127"):
+        DistillConfig(teacher_cache_views=2, padding=128)
+    assert DistillConfig(teacher_cache_views=8).teacher_cache_views == 8
 
 
 def test_image_lr_in_normalised_units_reproduces_raw_pixel_adamw():
@@ -312,3 +320,118 @@ def test_source_of_the_wrong_size_is_a_clear_error(cifar10_small):
         distill(train, _teacher(), dataclasses.replace(RUN, image_size=64), progress=False)
     with pytest.raises(KrrstError, match="must be an ImageSet"):
         distill(train.images, _teacher(), RUN, progress=False)
+
+
+# ---------------------------------------------------------------------------- teacher-target cache
+
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+
+def _random_source(count=12, size=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
+
+
+def _small_teacher(seed=0):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return create_model("convnet3", None, widths=(4, 8, 8), image_size=8).eval()
+
+
+def test_teacher_cache_holds_the_teacher_features_of_the_replayed_views():
+    images, teacher = _random_source(), _small_teacher()
+    cache = build_teacher_cache(teacher, images, 3, 2, MEAN, STD, torch.Generator().manual_seed(5), chunk=7)
+    assert cache.features.shape == (12, 3, 8 * 1 * 1) and cache.features.dtype == torch.float16
+    assert cache.offsets_y.dtype == torch.uint8 and cache.flips.dtype == torch.bool and cache.flips.shape == (12, 3)
+    assert int(cache.offsets_y.max()) <= 4 and len(torch.unique(cache.offsets_x)) > 1 and cache.flips.any()
+    again = build_teacher_cache(teacher, images, 3, 2, MEAN, STD, torch.Generator().manual_seed(5), chunk=5)
+    assert torch.equal(again.offsets_x, cache.offsets_x) and torch.equal(again.flips, cache.flips)
+
+    # every (image, view) of a batch, with repeats: the cached targets are the teacher's features of the crop
+    indices, views = torch.tensor([0, 3, 3, 11, 7, 0]), torch.tensor([2, 0, 1, 1, 2, 0])
+    crop = cache.crop_params(indices, views)
+    real_images = normalize(apply_crop_flip(images[indices], crop, 2), MEAN, STD)
+    with torch.no_grad():
+        uncached = teacher(real_images)
+    cached = cache.targets(indices, views)
+    assert cached.dtype == torch.float32
+    torch.testing.assert_close(cached, uncached, rtol=1e-3, atol=1e-3)  # fp16 storage
+    assert not torch.allclose(cache.targets(indices, (views + 1) % 3), uncached, atol=1e-2)  # views differ
+
+    # and so the KRR-ST loss of a step is the uncached loss, to fp16 tolerance
+    generator = torch.Generator().manual_seed(1)
+    synthetic_features = torch.randn(4, 6, generator=generator)
+    synthetic_targets = torch.randn(4, 8, generator=generator)
+    real_features = torch.randn(6, 6, generator=generator)
+    loss_cached = krr_st_loss(synthetic_features, synthetic_targets, real_features, cached, 1e-6)
+    loss_uncached = krr_st_loss(synthetic_features, synthetic_targets, real_features, uncached, 1e-6)
+    torch.testing.assert_close(loss_cached, loss_uncached, rtol=1e-3, atol=0)
+
+
+@pytest.mark.shared_data
+def test_cached_distillation_replays_views_without_running_the_teacher(cifar10_small, monkeypatch):
+    """In the loop every step's targets are the teacher's features of that step's batch, yet the teacher never runs."""
+    train, _ = cifar10_small
+    teacher, events = _teacher(), []
+    teacher.register_forward_pre_hook(lambda module, args: events.append(("teacher", None)))
+    real_apply, real_loss = distill_module.apply_crop_flip, distill_module.krr_st_loss
+
+    def recording_apply(*args):
+        events.append(("crop", real_apply(*args)))
+        return events[-1][1]
+
+    def recording_loss(*args):
+        events.append(("loss", args))
+        return real_loss(*args)
+
+    monkeypatch.setattr(distill_module, "apply_crop_flip", recording_apply)
+    monkeypatch.setattr(distill_module, "krr_st_loss", recording_loss)
+    config = dataclasses.replace(RUN, steps=3, teacher_cache_views=2, validation_models=0)
+    distill(train, teacher, config, progress=False)
+
+    first_loop_crop = next(i for i, (kind, _) in enumerate(events) if kind == "loss") - 1
+    in_loop = events[first_loop_crop:]
+    assert [kind for kind, _ in in_loop] == ["crop", "loss"] * 3  # no teacher forward inside the loop
+    teacher.eval()
+    for (_, crops), (_, loss_args) in zip(in_loop[0::2], in_loop[1::2]):
+        synthetic_features, synthetic_targets, real_features, real_targets, ridge, kernel_dtype = loss_args
+        with torch.no_grad():
+            uncached_targets = teacher(normalize(crops, train.mean, train.std))
+            torch.testing.assert_close(real_targets, uncached_targets, rtol=1e-3, atol=1e-3)
+            uncached_loss = real_loss(
+                synthetic_features, synthetic_targets, real_features, uncached_targets, ridge, kernel_dtype
+            )
+            torch.testing.assert_close(real_loss(*loss_args), uncached_loss, rtol=1e-3, atol=0)
+
+
+@pytest.mark.shared_data
+def test_cached_distillation_lowers_the_loss_and_resumes_exactly(cifar10_small, tmp_path, monkeypatch):
+    train, _ = cifar10_small
+    config = DistillConfig(
+        num_images=20, widths=(16, 32, 64), steps=30, batch_size=64, pool_size=3, pool_steps=10,
+        image_lr=1e-2, target_lr=1e-2, log_every=5, validate_every=0, checkpoint_every=15, seed=0,
+        teacher_cache_views=2,
+    )
+    expected = distill(train, _teacher(), config, out_dir=tmp_path / "whole", progress=False)
+    losses = [float(row["loss"]) for row in _history(tmp_path / "whole") if row["loss"]]
+    assert len(losses) == 6 and sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2, losses
+
+    real_save = distill_module._save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        if state["step"] == 15:
+            raise _Interrupted
+
+    monkeypatch.setattr(distill_module, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Interrupted):
+        distill(train, _teacher(), config, out_dir=tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(distill_module, "_save_checkpoint", real_save)
+    resumed = distill(train, _teacher(), config, out_dir=tmp_path / "resumed", resume=True, progress=False)
+    assert torch.equal(resumed.images, expected.images) and torch.equal(resumed.targets, expected.targets)
+    assert _history(tmp_path / "resumed") == _history(tmp_path / "whole")
+
+    # the cache changes the trajectory: resuming with it switched off is refused
+    with pytest.raises(KrrstError, match="teacher_cache_views: 2 -> 0"):
+        distill(train, _teacher(), dataclasses.replace(config, teacher_cache_views=0),
+                out_dir=tmp_path / "resumed", resume=True, progress=False)
