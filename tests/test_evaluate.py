@@ -13,6 +13,7 @@ from krrst import evaluate as E
 from krrst.data import ImageSet
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
+from krrst.models import list_models
 from krrst.report import RESULT_FIELDS, read_results
 
 NARROW = {"widths": (8, 16, 16), "image_size": 16}
@@ -362,3 +363,19 @@ def test_evaluate_set_rows_for_baselines_and_sets(tmp_path):
     E.append_rows(tmp_path, [none_row, full_row, set_row])
     stored = read_results(tmp_path)
     assert [E.row_key(row) for row in stored] == [E.row_key(row) for row in (none_row, full_row, set_row)]
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_architecture_transfer_every_registered_model_pretrains_and_finetunes(arch):
+    """The same distilled set pre-trains any registered architecture, which then fine-tunes on a labelled target."""
+    generator = torch.Generator().manual_seed(0)
+    distilled = DistilledSet(images=torch.randn(8, 3, 32, 32, generator=generator),
+                             targets=torch.randn(8, 6, generator=generator), mean=MEAN, std=STD)
+    from krrst.models import model_options
+
+    sized = {"image_size": 32} if "image_size" in model_options(arch) else {}  # ConvNets are built per resolution
+    model = E.pretrain(distilled, arch, E.PretrainConfig(epochs=1, batch_size=8), progress=False, **sized)
+    assert model.head.out_features == 6
+    train, test = _colour_set(2, seed=0, size=32), _colour_set(1, seed=1, size=32)
+    metrics = E.finetune(model, train, test, E.FinetuneConfig(iterations=1, batch_size=4, eval_batch_size=8), progress=False)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num_classes"] == 3
