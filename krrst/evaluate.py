@@ -694,6 +694,18 @@ def _resolve_size(model: nn.Module, image_size: int | None, fallback: int) -> in
     return int(image_size or _model_input_size(model) or fallback)
 
 
+def _target_splits(model, target_train, target_test, label_fraction, seed, image_size, device):
+    """Class count, input size and the (images, labels) of the train split (few-label subset) and the test split."""
+    num_classes = _num_classes(target_train, target_test)
+    size = _resolve_size(model, image_size, target_train.image_size)
+    subset = None
+    if float(label_fraction) < 1.0:
+        subset = few_label_split(target_train.labels, label_fraction, seed, num_classes)
+    train = _prepared_target(target_train, "target train split", size, device, subset)
+    test = _prepared_target(target_test, "target test split", size, device)
+    return num_classes, size, train, test
+
+
 def finetune(
     model: nn.Module,
     target_train: "ImageSet",
@@ -721,13 +733,9 @@ def finetune(
     _check_positive(config.iterations, "finetune.iterations", allow_zero=True)
     device = resolve_device(device)
     started = time.perf_counter()
-    num_classes = _num_classes(target_train, target_test)
-    size = _resolve_size(model, image_size, target_train.image_size)
-    subset = None
-    if float(label_fraction) < 1.0:
-        subset = few_label_split(target_train.labels, label_fraction, config.seed, num_classes)
-    train_images, train_labels = _prepared_target(target_train, "target train split", size, device, subset)
-    test_images, test_labels = _prepared_target(target_test, "target test split", size, device)
+    num_classes, size, (train_images, train_labels), (test_images, test_labels) = _target_splits(
+        model, target_train, target_test, label_fraction, config.seed, image_size, device
+    )
     mean, std = tuple(target_train.mean), tuple(target_train.std)
 
     network = copy.deepcopy(model)
@@ -881,13 +889,9 @@ def linear_probe(
     _check_positive(config.batch_size, "linear.batch_size")
     device = resolve_device(device)
     started = time.perf_counter()
-    num_classes = _num_classes(target_train, target_test)
-    size = _resolve_size(model, image_size, target_train.image_size)
-    subset = None
-    if float(label_fraction) < 1.0:
-        subset = few_label_split(target_train.labels, label_fraction, config.seed, num_classes)
-    train_images, train_labels = _prepared_target(target_train, "target train split", size, device, subset)
-    test_images, test_labels = _prepared_target(target_test, "target test split", size, device)
+    num_classes, size, (train_images, train_labels), (test_images, test_labels) = _target_splits(
+        model, target_train, target_test, label_fraction, config.seed, image_size, device
+    )
     mean, std = tuple(target_train.mean), tuple(target_train.std)
     network = copy.deepcopy(model).to(device)
     train_features = extract_features(network, train_images, mean, std, config.eval_batch_size)
