@@ -73,8 +73,10 @@ class PretrainConfig:
     Hard labels (DSA/DM/MTT, random or k-means subsets with labels):
     cross-entropy, SGD `label_lr`, `label_weight_decay`, learning rate x0.1 at
     half the epochs (the authors' recipe). Soft labels (KIP/FRePo): AdamW
-    `soft_label_lr` (wd 0), linear warm-up over the first 5% of steps then
-    cosine, and by default the loss of the authors' code for these sets: MSE
+    `soft_label_lr` (wd 0) for `soft_label_iterations` steps of
+    `soft_label_batch_size` (whole epochs, rounded up), linear warm-up over
+    `soft_label_warmup` steps then cosine (the authors' recipe: 10,000
+    iterations, batch 500, 500 warm-up steps), and by default the loss of the authors' code for these sets: MSE
     regression of the learned labels (0.5 * squared error summed over classes,
     mean over the batch); `soft_label_loss="cross_entropy"` uses soft
     cross-entropy against the labels (taken as probabilities when every row is
@@ -93,6 +95,9 @@ class PretrainConfig:
     label_lr: float = 0.01
     label_weight_decay: float = 5e-4
     soft_label_lr: float = 3e-4
+    soft_label_iterations: int = 10_000
+    soft_label_batch_size: int = 500
+    soft_label_warmup: int = 500
     soft_label_loss: Literal["mse", "cross_entropy"] = "mse"
     label_augment: bool = True
     padding: int = 4
@@ -628,8 +633,14 @@ def pretrain(
     targets = distilled.targets.detach().to(device)
     targets = targets.long() if kind == "hard_labels" else targets.float()
     m = len(distilled)
-    steps_per_epoch = len(_epoch_batches(m, config.batch_size, _seeded_generator(0), torch.device("cpu"))) if m else 0
-    total_steps = steps_per_epoch * config.epochs
+    batch_size, epochs = config.batch_size, config.epochs
+    if kind == "soft_labels":
+        _check_positive(config.soft_label_batch_size, "pretrain.soft_label_batch_size")
+        batch_size = config.soft_label_batch_size
+    steps_per_epoch = len(_epoch_batches(m, batch_size, _seeded_generator(0), torch.device("cpu"))) if m else 0
+    if kind == "soft_labels":
+        epochs = math.ceil(config.soft_label_iterations / steps_per_epoch) if steps_per_epoch else 0
+    total_steps = steps_per_epoch * epochs
 
     scheduler = None
     if kind == "representation":
@@ -642,7 +653,7 @@ def pretrain(
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[decay_step], gamma=0.1)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.soft_label_lr, weight_decay=0.0)
-        warmup = max(1, total_steps // 20)
+        warmup = max(1, min(config.soft_label_warmup, total_steps))
 
         def warmup_cosine(step: int) -> float:
             if step < warmup:
@@ -654,11 +665,11 @@ def pretrain(
     augment = kind != "representation" and config.label_augment
     generator = _seeded_generator(config.seed)
     model.train()
-    bar = _progress_bar(config.epochs, f"pre-train {arch} on {distilled.method}", "epoch", progress)
+    bar = _progress_bar(epochs, f"pre-train {arch} on {distilled.method}", "epoch", progress)
     try:
-        for epoch in range(config.epochs):
+        for epoch in range(epochs):
             epoch_loss = torch.zeros((), device=device)
-            batches = _epoch_batches(m, config.batch_size, generator, device)
+            batches = _epoch_batches(m, batch_size, generator, device)
             for batch in batches:
                 inputs = images[batch]
                 if augment:
@@ -679,7 +690,7 @@ def pretrain(
             mean_loss = epoch_loss / max(1, len(batches))
             if on_epoch is not None:
                 on_epoch(epoch, float(mean_loss))
-            if progress and (epoch % 10 == 0 or epoch == config.epochs - 1):
+            if progress and (epoch % 10 == 0 or epoch == epochs - 1):
                 bar.set_postfix(loss=f"{float(mean_loss):.4g}", refresh=False)
             bar.update(1)
     finally:

@@ -103,10 +103,13 @@ def test_pretrain_fits_label_sets(kind):
     images = torch.randn(len(labels), 3, 16, 16, generator=generator) + labels.view(-1, 1, 1, 1).float()
     targets = labels if kind == "hard_labels" else nn.functional.one_hot(labels, 4).float()
     distilled = DistilledSet(images=images, targets=targets, mean=MEAN, std=STD, target_kind=kind)
-    config = E.PretrainConfig(epochs=30, batch_size=8, label_lr=0.05, soft_label_lr=3e-3, label_augment=False)
+    # Soft labels follow the iteration-based recipe: 90 iterations of 8 from 24 images = 30 epochs, like the hard labels.
+    config = E.PretrainConfig(epochs=30, batch_size=8, label_lr=0.05, soft_label_lr=3e-3, label_augment=False,
+                              soft_label_iterations=90, soft_label_batch_size=8, soft_label_warmup=5)
     losses: list[float] = []
     model = E.pretrain(distilled, "convnet3", config, progress=False, on_epoch=lambda e, loss: losses.append(loss), **NARROW)
     assert model.head.out_features == 4
+    assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0]  # batches of 8 with BatchNorm: the per-epoch loss is noisy
     with torch.no_grad():
         accuracy = (model(images).argmax(dim=1) == labels).float().mean()
@@ -147,6 +150,17 @@ def test_finetune_trains_a_frozen_teacher_like_any_network():
     frozen_result = E.finetune(frozen, train, test, config, progress=False)
     assert frozen_result["test_loss"] == trainable_result["test_loss"]
     assert not any(p.requires_grad for p in frozen.parameters()), "the caller's model is left as it was"
+
+
+def test_soft_label_pretraining_counts_iterations_not_epochs():
+    """KIP/FRePo sets: `soft_label_iterations` steps of `soft_label_batch_size`, whatever `epochs` says."""
+    generator = torch.Generator().manual_seed(0)
+    distilled = DistilledSet(images=torch.randn(10, 3, 16, 16, generator=generator), targets=torch.rand(10, 3),
+                             mean=MEAN, std=STD, target_kind="soft_labels")
+    config = E.PretrainConfig(epochs=1000, soft_label_iterations=7, soft_label_batch_size=4, soft_label_warmup=2)
+    epochs: list[int] = []
+    E.pretrain(distilled, "convnet3", config, progress=False, on_epoch=lambda e, loss: epochs.append(e), **NARROW)
+    assert len(epochs) == 3  # 10 images in batches of 4: 3 steps per epoch, 7 iterations -> 3 whole epochs
 
 
 def test_resize_images_keeps_uint8_and_constant_images():
