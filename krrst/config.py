@@ -126,6 +126,25 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def config_changes(saved: Mapping[str, Any], config: Any, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """`(field, saved value, current value)` for every field of `config` that differs from a saved dict.
+
+    Fields in `ignore` (logging, checkpoint cadence) may change freely; a field
+    missing from `saved` (added to the dataclass since) counts as its default.
+    Tuples and lists compare equal, since JSON turns one into the other.
+    """
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    defaults = config_to_dict(type(config)())
+    return [
+        (key, saved.get(key, defaults[key]), value)
+        for key, value in config_to_dict(config).items()
+        if key not in ignore and plain(saved.get(key, defaults[key])) != plain(value)
+    ]
+
+
 def parse_assignments(assignments: list[str] | None, option: str = "--set") -> dict[str, str]:
     """Parse `["a.b=1", "c=x"]` into `{"a.b": "1", "c": "x"}`; malformed items are errors."""
     parsed: dict[str, str] = {}

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from krrst import io
 from krrst.augment import CropFlipParams, apply_crop_flip, normalize, sample_crop_flip
-from krrst.config import apply_overrides, config_to_dict, resolve_device
+from krrst.config import apply_overrides, config_changes, config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.models import create_model, model_options
@@ -536,15 +536,9 @@ def _write_loss_plot(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _check_resumable(saved: dict[str, Any], config: DistillConfig, where: Path) -> None:
-    current = config_to_dict(config)
-    defaults = config_to_dict(DistillConfig())  # a field added since the checkpoint was written had its default
-    differing = [
-        key
-        for key, value in current.items()
-        if key not in RESUMABLE_CHANGES and _as_json(saved.get(key, defaults[key])) != _as_json(value)
-    ]
+    differing = config_changes(saved, config, RESUMABLE_CHANGES)
     if differing:
-        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in differing)
+        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing)
         raise KrrstError(
             f"--resume: {where} was written with another config ({details}); use the same settings or a new --out"
         )
@@ -553,10 +547,6 @@ def _check_resumable(saved: dict[str, Any], config: DistillConfig, where: Path) 
 def _every(step: int, period: int) -> bool:
     """Whether `step` is a multiple of `period` (never, for a period of 0)."""
     return period > 0 and step % period == 0
-
-
-def _as_json(value: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _images_of(value: Any, what: str) -> torch.Tensor:

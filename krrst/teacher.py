@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from krrst.augment import normalize, ssl_view_pair
-from krrst.config import config_to_dict, resolve_device
+from krrst.config import config_changes, config_to_dict, resolve_device
 from krrst.errors import KrrstError
 from krrst.io import atomic_write, load_state, load_tensors, save_state, save_tensors, write_json
 
@@ -543,12 +543,9 @@ def _check_resumable(state: Mapping[str, Any], config: TeacherConfig, path: Path
             f"cannot resume {path}: it was trained on {state.get('num_images')} source images, "
             f"this source has {num_images}"
         )
-    saved = dict(state.get("config", {}))
-    current = config_to_dict(config)
     changed = [
-        f"{key} ({_plain(saved.get(key))} -> {_plain(value)})"
-        for key, value in current.items()
-        if key not in _RESUME_FREE_FIELDS and _plain(saved.get(key)) != _plain(value)
+        f"{key} ({_plain(old)} -> {_plain(new)})"
+        for key, old, new in config_changes(dict(state.get("config", {})), config, _RESUME_FREE_FIELDS)
     ]
     if changed:
         raise KrrstError(

@@ -6,7 +6,9 @@ from typing import Literal
 import pytest
 import torch
 
-from krrst.config import apply_overrides, config_from_dict, config_to_dict, parse_assignments, resolve_device
+from krrst.config import (
+    apply_overrides, config_changes, config_from_dict, config_to_dict, parse_assignments, resolve_device,
+)
 from krrst.errors import KrrstError
 
 
@@ -61,3 +63,10 @@ def test_resolve_device_defaults_to_what_exists():
     if not torch.cuda.is_available():
         with pytest.raises(KrrstError, match="no GPU"):
             resolve_device("cuda")
+
+
+def test_config_changes_ignores_listed_fields_and_defaults_missing_ones():
+    saved = {"steps": 10, "lr": 0.2, "widths": [32, 64], "arch": "convnet3", "kind": "a", "flag": False}  # no "limit"
+    current = ToyConfig(lr=0.3, flag=True)
+    assert config_changes(saved, current, ignore=("flag",)) == [("lr", 0.2, 0.3)]
+    assert config_changes(saved, ToyConfig(lr=0.2), ignore=()) == [], "lists equal tuples; a missing field is its default"
