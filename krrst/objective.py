@@ -42,6 +42,24 @@ def krr_predict(
     Raises `KrrstError` when `K_ss + λ I` is not positive definite (instead of
     letting NaNs into the synthetic set).
     """
+    predictions, info = krr_predict_with_info(synthetic_features, synthetic_targets, real_features, ridge, kernel_dtype)
+    check_cholesky(info, synthetic_features.shape[0], ridge, torch.promote_types(synthetic_features.dtype, kernel_dtype))
+    return predictions
+
+
+def krr_predict_with_info(
+    synthetic_features: torch.Tensor,
+    synthetic_targets: torch.Tensor,
+    real_features: torch.Tensor,
+    ridge: float = 1e-6,
+    kernel_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`krr_predict` without the check: `(predictions, info)`, info != 0 where Cholesky failed.
+
+    Reading `info` on the host forces a device synchronisation; the outer loop
+    keeps it on the device and checks it only when it logs or saves
+    (`check_cholesky`). Where info != 0 the predictions are meaningless.
+    """
     dtype = torch.promote_types(synthetic_features.dtype, kernel_dtype)
     synthetic = _with_bias_column(synthetic_features, dtype)
     real = _with_bias_column(real_features, dtype)
@@ -51,13 +69,17 @@ def krr_predict(
     regulariser = ridge * torch.trace(kernel_ss.detach())
     system = kernel_ss + regulariser * torch.eye(m, dtype=dtype, device=kernel_ss.device)
     cholesky, info = torch.linalg.cholesky_ex(system)
+    weights = torch.cholesky_solve(synthetic_targets.to(dtype), cholesky)
+    return kernel_ts @ weights, info
+
+
+def check_cholesky(info: torch.Tensor, m: int, ridge: float, dtype: torch.dtype) -> None:
+    """Raise `KrrstError` when `info` (from `torch.linalg.cholesky_ex`) reports a failed factorisation."""
     if int(info) != 0:
         raise KrrstError(
             f"kernel matrix not positive definite (m={m}, ridge={ridge}, dtype={str(dtype).removeprefix('torch.')}); "
             "increase ridge or use kernel_dtype=float64"
         )
-    weights = torch.cholesky_solve(synthetic_targets.to(dtype), cholesky)
-    return kernel_ts @ weights
 
 
 def krr_st_loss(

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import krrst.distill as distill_module
 import krrst.io
@@ -13,11 +14,15 @@ from krrst.distill import (
     DISTILLED_NAME,
     DistillConfig,
     ModelPool,
+    SpeedSettings,
     _outer_optimizer,
     build_teacher_cache,
     distill,
+    make_step_loss,
     preset_config,
+    reference_config,
 )
+from krrst.data import ImageSet
 from krrst.augment import apply_crop_flip, normalize
 from krrst.objective import krr_st_loss
 from krrst.distilled import DistilledSet
@@ -374,34 +379,40 @@ def test_cached_distillation_replays_views_without_running_the_teacher(cifar10_s
     train, _ = cifar10_small
     teacher, events = _teacher(), []
     teacher.register_forward_pre_hook(lambda module, args: events.append(("teacher", None)))
-    real_apply, real_loss = distill_module.apply_crop_flip, distill_module.krr_st_loss
+    real_apply, real_make_step_loss = distill_module.apply_crop_flip, distill_module.make_step_loss
 
     def recording_apply(*args):
         events.append(("crop", real_apply(*args)))
         return events[-1][1]
 
-    def recording_loss(*args):
-        events.append(("loss", args))
-        return real_loss(*args)
+    def recording_make_step_loss(*args):
+        step_loss = real_make_step_loss(*args)
+
+        def recording_step_loss(*step_args):
+            events.append(("loss", step_args))
+            return step_loss(*step_args)
+
+        events.append(("step_loss", step_loss))
+        return recording_step_loss
 
     monkeypatch.setattr(distill_module, "apply_crop_flip", recording_apply)
-    monkeypatch.setattr(distill_module, "krr_st_loss", recording_loss)
+    monkeypatch.setattr(distill_module, "make_step_loss", recording_make_step_loss)
     config = dataclasses.replace(RUN, steps=3, teacher_cache_views=2, validation_models=0)
     distill(train, teacher, config, progress=False)
 
+    step_loss = next(value for kind, value in events if kind == "step_loss")
     first_loop_crop = next(i for i, (kind, _) in enumerate(events) if kind == "loss") - 1
     in_loop = events[first_loop_crop:]
     assert [kind for kind, _ in in_loop] == ["crop", "loss"] * 3  # no teacher forward inside the loop
     teacher.eval()
     for (_, crops), (_, loss_args) in zip(in_loop[0::2], in_loop[1::2]):
-        synthetic_features, synthetic_targets, real_features, real_targets, ridge, kernel_dtype = loss_args
+        model, synthetic_images, synthetic_targets, real_images, real_targets = loss_args
         with torch.no_grad():
             uncached_targets = teacher(normalize(crops, train.mean, train.std))
             torch.testing.assert_close(real_targets, uncached_targets, rtol=1e-3, atol=1e-3)
-            uncached_loss = real_loss(
-                synthetic_features, synthetic_targets, real_features, uncached_targets, ridge, kernel_dtype
-            )
-            torch.testing.assert_close(real_loss(*loss_args), uncached_loss, rtol=1e-3, atol=0)
+            cached_loss, _ = step_loss(*loss_args)
+            uncached_loss, _ = step_loss(model, synthetic_images, synthetic_targets, real_images, uncached_targets)
+            torch.testing.assert_close(cached_loss, uncached_loss, rtol=1e-3, atol=0)
 
 
 @pytest.mark.shared_data
@@ -435,3 +446,92 @@ def test_cached_distillation_lowers_the_loss_and_resumes_exactly(cifar10_small, 
     with pytest.raises(KrrstError, match="teacher_cache_views: 2 -> 0"):
         distill(train, _teacher(), dataclasses.replace(config, teacher_cache_views=0),
                 out_dir=tmp_path / "resumed", resume=True, progress=False)
+
+
+# --------------------------------------------------------------------------- fast path vs reference path
+
+
+def _step_inputs(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    model = distill_module._seeded_model("convnet3", 10, {"widths": (8, 16, 16), "image_size": 16}, seed).eval()
+    synthetic_images = torch.randn(12, 3, 16, 16, generator=generator, requires_grad=True)
+    synthetic_targets = torch.randn(12, 10, generator=generator, requires_grad=True)
+    real_images = torch.randn(20, 3, 16, 16, generator=generator)
+    real_targets = torch.randn(20, 10, generator=generator)
+    return model, synthetic_images, synthetic_targets, real_images, real_targets
+
+
+def _loss_and_gradients(config: DistillConfig, inputs):
+    model, synthetic_images, synthetic_targets, real_images, real_targets = inputs
+    speed = SpeedSettings.resolve(config, torch.device("cpu"))
+    model = model.to(memory_format=speed.memory_format)
+    step_loss = make_step_loss(config, speed, model)
+    loss, info = step_loss(model, synthetic_images, synthetic_targets, real_images, real_targets)
+    assert int(info) == 0
+    gradients = torch.autograd.grad(loss, [synthetic_images, synthetic_targets])
+    return loss.detach(), torch.cat([g.flatten() for g in gradients])
+
+
+@pytest.mark.parametrize(
+    "fast, tolerance",
+    [
+        (dict(channels_last="on"), 1e-5),
+        (dict(compile=True), 1e-5),
+        (dict(precision="bfloat16"), 3e-2),  # bf16 keeps 8 bits of mantissa in the convolutions
+    ],
+    ids=["channels_last", "compile", "bf16-autocast"],
+)
+def test_fast_path_gives_the_reference_loss_and_update_direction(fast, tolerance):
+    inputs = _step_inputs()
+    reference = reference_config(DistillConfig(num_images=12, image_size=16, widths=(8, 16, 16)))
+    reference_loss, reference_gradient = _loss_and_gradients(reference, inputs)
+    fast_loss, fast_gradient = _loss_and_gradients(dataclasses.replace(reference, **fast), inputs)
+    torch.testing.assert_close(fast_loss, reference_loss, rtol=tolerance, atol=0)
+    cosine = F.cosine_similarity(fast_gradient, reference_gradient, dim=0)
+    assert cosine > 1 - tolerance, float(cosine)
+    relative_norm = fast_gradient.norm() / reference_gradient.norm()
+    assert abs(relative_norm - 1) < 10 * tolerance, float(relative_norm)
+
+
+def test_the_reference_path_has_the_plain_krr_st_loss():
+    """The step loss of the reference path is krr_st_loss of the model's features, nothing else."""
+    model, synthetic_images, synthetic_targets, real_images, real_targets = inputs = _step_inputs(1)
+    config = reference_config(DistillConfig(num_images=12, image_size=16, widths=(8, 16, 16), ridge=1e-3))
+    loss, _ = make_step_loss(config, SpeedSettings.resolve(config, torch.device("cpu")), model)(*inputs)
+    expected = krr_st_loss(model.forward_features(synthetic_images), synthetic_targets,
+                           model.forward_features(real_images), real_targets, 1e-3)
+    assert torch.equal(loss, expected)
+
+
+def test_a_failed_solve_stops_the_run_at_the_next_log_without_syncing_every_step(monkeypatch):
+    """Cholesky status stays on the device; the loop raises one clear error at the next check."""
+    real = distill_module.krr_predict_with_info
+    calls = []
+
+    def failing(*args):
+        predictions, info = real(*args)
+        calls.append(1)
+        return predictions, info + (1 if len(calls) == 2 else 0)
+
+    monkeypatch.setattr(distill_module, "krr_predict_with_info", failing)
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    source = ImageSet(images, None, [], MEAN, STD, "noise")
+    teacher = create_model("convnet3", widths=(4, 4, 4), image_size=16)
+    config = DistillConfig(num_images=8, image_size=16, widths=(4, 8, 8), steps=6, batch_size=16, pool_size=2,
+                           pool_steps=1, log_every=4, validate_every=0)
+    with pytest.raises(KrrstError, match=r"not positive definite at some step in \(0, 4\]"):
+        distill(source, teacher, config, progress=False)
+    assert len(calls) == 4  # the run went on to the check at step 4, not stopping inside step 2
+
+
+def test_speed_knobs_are_resolved_per_device_and_validated():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = DistillConfig()
+    assert SpeedSettings.resolve(auto, cpu) == (None, torch.channels_last, False)
+    assert SpeedSettings.resolve(auto, cuda) == (torch.bfloat16, torch.channels_last, False)
+    assert SpeedSettings.resolve(reference_config(auto), cuda) == (None, torch.contiguous_format, False)
+    assert reference_config(DistillConfig(teacher_cache_views=8, compile=True)).teacher_cache_views == 0
+    with pytest.raises(KrrstError, match="distill.precision='fp8' is not valid; expected one of auto, float32, bfloat16"):
+        DistillConfig(precision="fp8")
+    with pytest.raises(KrrstError, match="distill.channels_last='yes'"):
+        DistillConfig(channels_last="yes")
