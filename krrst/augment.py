@@ -20,6 +20,9 @@ device the images are on.
 - `ssl_views` with `SSLAugmentConfig`: the SimCLR / Barlow Twins view
   pipeline (random resized crop, flip, colour jitter, greyscale, blur,
   solarisation, normalisation).
+- `fixed_augment` / `fixed_augment_all` with `FIXED_AUGMENTATIONS`: the
+  deterministic views (rotations by multiples of 90 degrees, flips) of
+  "Boost Self-Supervised Dataset Distillation" (Yu et al., ICLR 2025).
 """
 
 from __future__ import annotations
@@ -455,3 +458,56 @@ def ssl_view_pair(
         ssl_views(images, mean, std, generator, configs[0]),
         ssl_views(images, mean, std, generator, configs[1]),
     )
+
+
+# --------------------------------------------------------------------------- fixed (predefined) augmentations
+
+FIXED_AUGMENTATIONS = ("identity", "rot90", "rot180", "rot270", "hflip", "vflip")
+"""Names `fixed_augment` knows: rotations are counter-clockwise (as displayed), flips mirror left-right / top-bottom."""
+
+ROTATIONS = ("identity", "rot90", "rot180", "rot270")
+"""The four rotations, the predefined augmentations of Yu et al. (ICLR 2025)."""
+
+
+def check_fixed_augmentations(
+    names: Sequence[str], height: int | None = None, width: int | None = None
+) -> tuple[str, ...]:
+    """`names` as a tuple, after checking they are known, distinct and (for quarter turns) that H == W."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if not names:
+        raise KrrstError("fixed augmentations: expected at least one name")
+    for name in names:
+        if name not in FIXED_AUGMENTATIONS:
+            raise KrrstError(f"unknown fixed augmentation {name!r}; expected one of {', '.join(FIXED_AUGMENTATIONS)}")
+    if len(set(names)) != len(names):
+        raise KrrstError(f"fixed augmentations must not repeat, got {', '.join(names)}")
+    if height != width and any(name in ("rot90", "rot270") for name in names):
+        raise KrrstError(f"rot90/rot270 need square images to keep the batch shape, got {height}x{width}")
+    return names
+
+
+def fixed_augment(images: torch.Tensor, name: str) -> torch.Tensor:
+    """The view `name` (one of `FIXED_AUGMENTATIONS`) of every image of a N x C x H x W batch, exactly.
+
+    Pixels are only moved (`torch.rot90` / `torch.flip` on the last two
+    dimensions, no interpolation), so it works on any dtype and device; rot90
+    applied four times gives the batch back exactly.
+    """
+    _check_batch(images, "fixed_augment")
+    check_fixed_augmentations((name,), *images.shape[-2:])
+    if name == "identity":
+        return images
+    if name.startswith("rot"):
+        return torch.rot90(images, int(name[3:]) // 90, dims=(-2, -1))
+    return images.flip(-1 if name == "hflip" else -2)
+
+
+def fixed_augment_all(images: torch.Tensor, names: Sequence[str] = ROTATIONS) -> torch.Tensor:
+    """(A*N) x C x H x W: the view `names[0]` of every image, then `names[1]`, ... (view-major order).
+
+    Row `a * N + i` is view `names[a]` of image i, the order
+    `krrst.parameterize.AugmentationPredictor` predicts representations in.
+    """
+    _check_batch(images, "fixed_augment_all")
+    names = check_fixed_augmentations(names, *images.shape[-2:])
+    return torch.cat([fixed_augment(images, name) for name in names])

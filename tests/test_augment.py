@@ -9,12 +9,15 @@ import torchvision.transforms.functional as TF
 
 from krrst.augment import (
     BARLOW_TWINS_CIFAR,
+    FIXED_AUGMENTATIONS,
     CropFlipParams,
     SSLAugmentConfig,
     apply_crop_flip,
     color_jitter,
     crop_flip,
     denormalize,
+    fixed_augment,
+    fixed_augment_all,
     gaussian_blur,
     normalize,
     sample_crop_flip,
@@ -338,3 +341,61 @@ def test_cuda_matches_cpu():
     views_cpu = ssl_views(images, MEAN, STD, torch.Generator().manual_seed(0))
     views_gpu = ssl_views(images.cuda(), MEAN, STD, torch.Generator().manual_seed(0))
     torch.testing.assert_close(views_gpu.cpu(), views_cpu, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- fixed augmentations
+
+
+def reference_fixed(image, name):
+    """One C x H x W image at a time, by index arithmetic: out[y, x] = image[source(y, x)]."""
+    _, h, w = image.shape
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    # counter-clockwise quarter turn (square): out[y, x] = in[x, w - 1 - y]
+    source = {
+        "identity": (ys, xs),
+        "rot90": (xs, w - 1 - ys),
+        "rot180": (h - 1 - ys, w - 1 - xs),
+        "rot270": (h - 1 - xs, ys),
+        "hflip": (ys, w - 1 - xs),
+        "vflip": (h - 1 - ys, xs),
+    }[name]
+    return image[:, source[0], source[1]]
+
+
+@pytest.mark.parametrize("name", FIXED_AUGMENTATIONS)
+def test_fixed_augment_matches_per_image_reference(name):
+    images = random_uint8(n=5, size=6)
+    out = fixed_augment(images, name)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    assert torch.equal(out, torch.stack([reference_fixed(image, name) for image in images]))
+    if name.startswith("rot"):
+        per_image = torch.stack([torch.rot90(image, int(name[3:]) // 90, dims=(1, 2)) for image in images])
+        assert torch.equal(out, per_image)
+
+
+def test_rot90_four_times_is_identity_and_rotations_compose():
+    images = torch.randn(3, 2, 5, 5)
+    out = images
+    for _ in range(4):
+        out = fixed_augment(out, "rot90")
+    assert torch.equal(out, images)
+    assert torch.equal(fixed_augment(fixed_augment(images, "rot90"), "rot180"), fixed_augment(images, "rot270"))
+    assert not torch.equal(fixed_augment(images, "rot90"), images)
+    assert torch.equal(fixed_augment(fixed_augment(images, "hflip"), "hflip"), images)
+
+
+def test_fixed_augment_all_is_view_major_and_checks_names():
+    images = torch.randn(4, 3, 6, 6)
+    names = ("identity", "rot180", "hflip")
+    out = fixed_augment_all(images, names)
+    assert out.shape == (12, 3, 6, 6)
+    for a, name in enumerate(names):
+        assert torch.equal(out[a * 4 : (a + 1) * 4], fixed_augment(images, name))
+    assert fixed_augment_all(images).shape == (16, 3, 6, 6)  # default: the four rotations
+    with pytest.raises(KrrstError, match="unknown fixed augmentation 'rot45'"):
+        fixed_augment_all(images, ("identity", "rot45"))
+    with pytest.raises(KrrstError, match="repeat"):
+        fixed_augment_all(images, ("rot90", "rot90"))
+    with pytest.raises(KrrstError, match="square"):
+        fixed_augment_all(torch.randn(2, 3, 4, 6), ("identity", "rot90"))
+    assert fixed_augment_all(torch.randn(2, 3, 4, 6), ("rot180", "vflip")).shape == (4, 3, 4, 6)

@@ -1,0 +1,348 @@
+"""What a synthetic set is made of: the learnable parameters behind `X_s` and `Y_s`.
+
+KRR-ST (Lee et al., ICLR 2024) learns every pixel of `X_s` (m x C x H x W,
+normalised) and every entry of `Y_s` (m x d). "Boost Self-Supervised Dataset
+Distillation via Parameterization, Predefined Augmentation, and Approximation"
+(Yu, Yao & Chiu, ICLR 2025) stores both as coefficients over learnt
+low-dimensional bases, so the storage of m0 pixel images holds more images,
+and predicts the representations of fixed augmented views with a small network.
+
+- `PixelSet` (kind "pixels"), `BasisSet` (kind "basis"), built by
+  `make_synthetic_set(kind, initial_images, initial_targets, **options)`.
+  Each has `kind`, `num_images`, `images()`, `targets()` (differentiable
+  w.r.t. `parameters()`), `param_groups(image_lr, target_lr, std)` (AdamW
+  groups; `image_lr` in raw-pixel units, see `krrst.distill.DistillConfig`),
+  `storage_bytes()`, `summary()` (JSON-able) and `state_dict()` /
+  `load_state_dict()` (tensors only, for `krrst.io.save_state`).
+- `pixel_storage_bytes`, `basis_images_for_budget`: "same storage, more images".
+- `AugmentationPredictor`, `augmentation_predictor_loss`: representations of
+  the views of `krrst.augment.fixed_augment_all`, predicted from `Y_s`.
+
+How `distill()` uses it: `synthetic = make_synthetic_set(...)` from the
+normalised initial images and their teacher features; the outer optimiser is
+`AdamW(synthetic.param_groups(config.image_lr, config.target_lr, std))`; each
+step materialises `images, targets = synthetic.images(), synthetic.targets()`
+once, computes the KRR-ST loss on them, takes gradients w.r.t.
+`synthetic.parameters()` and steps; the pool (warm-up, `train_step`) and the
+validation signal take the detached `synthetic.images()` / `targets()`. The
+checkpoint holds `synthetic.state_dict()`; a resume rebuilds the set from the
+same initial images, then `load_state_dict` (in place), then the optimiser's
+state. The `DistilledSet` holds the materialised images and targets, with
+`synthetic.summary()` (kind, ranks, storage_bytes) in its config. With fixed
+augmentations, the KRR support set is `fixed_augment_all(images, names)` with
+targets `predictor(targets)`; the predictor is fitted on real images with
+`augmentation_predictor_loss` (its own optimiser) and its `storage_bytes()`
+counts towards the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from krrst.augment import ROTATIONS, check_fixed_augmentations
+from krrst.errors import KrrstError
+
+SYNTHETIC_KINDS = ("pixels", "basis")
+
+
+def _check_initial(images: torch.Tensor, targets: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise KrrstError("synthetic set: initial images must be a float m x C x H x W tensor")
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2 or len(targets) != len(images):
+        raise KrrstError(f"synthetic set: initial targets must be a {len(images)} x d tensor (one row per image)")
+
+
+def _check_std(std: Sequence[float], channels: int) -> list[float]:
+    std = [float(s) for s in std]
+    if len(std) != channels or min(std) <= 0:
+        raise KrrstError(f"synthetic set: std must hold {channels} positive values (one per channel), got {std}")
+    return std
+
+
+def _check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], kind: str) -> None:
+    """Refuse a state whose keys or shapes differ from `expected` (e.g. another kind, m or rank)."""
+    if set(state) != set(expected):
+        raise KrrstError(f"{kind} synthetic set: state has keys {sorted(state)}, expected {sorted(expected)}")
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            shapes = f"{list(state[name].shape)}, not {list(tensor.shape)}"
+            raise KrrstError(f"{kind} synthetic set: state {name!r} has shape {shapes}")
+
+
+def _rms_row_norm(rows: torch.Tensor) -> torch.Tensor:
+    """sqrt(mean_i ||rows_i||²), or 1 where that is 0 (a set of identical images has no coefficients to scale by)."""
+    norm = rows.detach().pow(2).sum(1).mean().sqrt()
+    return torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+class PixelSet:
+    """Every pixel of `X_s` and every entry of `Y_s` learnt (KRR-ST).
+
+    One leaf per channel, so that channel c gets Adam lr `image_lr / std_c`:
+    `image_lr` is in raw-pixel units and `X_s` is normalised (see
+    `krrst.distill.DistillConfig`). Storage: m*C*H*W + m*d values.
+    """
+
+    kind = "pixels"
+
+    def __init__(self, initial_images: torch.Tensor, initial_targets: torch.Tensor):
+        _check_initial(initial_images, initial_targets)
+        channels = initial_images.shape[1]
+        self.image_channels = [initial_images[:, c : c + 1].detach().clone().requires_grad_(True)
+                               for c in range(channels)]
+        self.target_values = initial_targets.detach().clone().requires_grad_(True)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.target_values)
+
+    def images(self) -> torch.Tensor:
+        return torch.cat(self.image_channels, dim=1)
+
+    def targets(self) -> torch.Tensor:
+        return self.target_values
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [*self.image_channels, self.target_values]
+
+    def param_groups(self, image_lr: float, target_lr: float, std: Sequence[float]) -> list[dict[str, Any]]:
+        std = _check_std(std, len(self.image_channels))
+        return [{"params": [leaf], "lr": image_lr / std[c]} for c, leaf in enumerate(self.image_channels)] + [
+            {"params": [self.target_values], "lr": target_lr}
+        ]
+
+    def storage_bytes(self, bytes_per_value: int = 4) -> int:
+        return sum(p.numel() for p in self.parameters()) * bytes_per_value
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_images": self.num_images, "storage_bytes": self.storage_bytes()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"images": self.images().detach().clone(), "targets": self.target_values.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        _check_state(state, {"images": self.images(), "targets": self.target_values}, self.kind)
+        with torch.no_grad():  # in place: the optimiser keeps referring to the same leaves
+            for c, leaf in enumerate(self.image_channels):
+                leaf.copy_(state["images"][:, c : c + 1])
+            self.target_values.copy_(state["targets"])
+
+
+def _pca(rows: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(coefficients m x k, basis k x D, mean D) with `coefficients @ basis + mean` the best rank-k fit of `rows`.
+
+    PCA by a thin SVD of the centred rows, `rows - mean = U S Vᵀ`:
+    coefficients `U_k S_k`, basis `V_kᵀ` (orthonormal rows). By Eckart-Young it
+    minimises the Frobenius error among rank-k (affine) fits; exact for k >= m - 1.
+    """
+    mean = rows.mean(0)
+    u, s, vh = torch.linalg.svd(rows - mean, full_matrices=False)
+    return u[:, :rank] * s[:rank], vh[:rank].contiguous(), mean
+
+
+def _check_rank(name: str, rank: int, num_images: int, dim: int) -> None:
+    if not isinstance(rank, int) or not 1 <= rank <= min(num_images, dim):
+        raise KrrstError(f"synthetic set: {name} must be an integer in [1, min(m={num_images}, {dim})], got {rank!r}")
+
+
+class BasisSet:
+    """`X_s = A B + mu` and `Y_s = A_t B_t + mu_t`, all six learnt (Yu, Yao & Chiu, ICLR 2025).
+
+    `A`: m x k coefficients, `B`: k x (C*H*W) basis, `mu`: the mean image
+    (likewise `A_t`: m x k_t, `B_t`: k_t x d, `mu_t`: d). Initialised by PCA of
+    the initial images / targets (`_pca`), so the materialised start is their
+    best rank-k approximation. Storage: m*k + k*C*H*W + C*H*W + m*k_t + k_t*d + d values.
+
+    Learning rates (`param_groups`), chosen so that one Adam step (which moves
+    every parameter entry by about its lr) moves the materialised pixels by
+    about what the pixel set's step does: a root-mean-square of
+    `pixel_step = image_lr * sqrt(mean_c 1/std_c²)` per normalised pixel
+    (per channel exactly `image_lr / std_c` is not reachable: a basis mixes channels).
+    - coefficients: `pixel_step * sqrt(D / k)`. With orthonormal basis rows,
+      `||ΔA_i B|| = ||ΔA_i|| = lr * sqrt(k)`, i.e. an RMS of `pixel_step` per pixel.
+    - basis: `pixel_step / a`, `a` the RMS coefficient-row norm at
+      initialisation: PCA coefficients have orthogonal columns, so
+      `||A ΔB||² = Σ_j s_j² ||ΔB_j||²` and the RMS per pixel is `lr * a`
+      (exact at initialisation, about it later).
+    - mean: `pixel_step`. Targets alike, with `target_lr` for `pixel_step`.
+    `a` (and `a_t`) are fixed at initialisation and kept in `state_dict`, so a
+    resumed run has the same learning rates.
+    """
+
+    kind = "basis"
+
+    def __init__(self, initial_images: torch.Tensor, initial_targets: torch.Tensor, image_rank: int,
+                 target_rank: int):
+        _check_initial(initial_images, initial_targets)
+        m, *self.image_shape = initial_images.shape
+        pixels, dim = math.prod(self.image_shape), initial_targets.shape[1]
+        _check_rank("image_rank", image_rank, m, pixels)
+        _check_rank("target_rank", target_rank, m, dim)
+        with torch.no_grad():
+            image_parts = _pca(initial_images.reshape(m, pixels), image_rank)
+            target_parts = _pca(initial_targets, target_rank)
+        names = ("coefficients", "basis", "mean")
+        self.leaves = {f"image_{n}": t.detach().clone().requires_grad_(True) for n, t in zip(names, image_parts)}
+        self.leaves |= {f"target_{n}": t.detach().clone().requires_grad_(True) for n, t in zip(names, target_parts)}
+        # The basis lrs' scales, fixed at initialisation (see the class docstring).
+        self.scales = {"image_coefficient_norm": _rms_row_norm(image_parts[0]),
+                       "target_coefficient_norm": _rms_row_norm(target_parts[0])}
+
+    @property
+    def num_images(self) -> int:
+        return len(self.leaves["image_coefficients"])
+
+    @property
+    def image_rank(self) -> int:
+        return self.leaves["image_basis"].shape[0]
+
+    @property
+    def target_rank(self) -> int:
+        return self.leaves["target_basis"].shape[0]
+
+    def images(self) -> torch.Tensor:
+        flat = torch.addmm(self.leaves["image_mean"], self.leaves["image_coefficients"], self.leaves["image_basis"])
+        return flat.view(self.num_images, *self.image_shape)
+
+    def targets(self) -> torch.Tensor:
+        return torch.addmm(self.leaves["target_mean"], self.leaves["target_coefficients"], self.leaves["target_basis"])
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.leaves.values())
+
+    def param_groups(self, image_lr: float, target_lr: float, std: Sequence[float]) -> list[dict[str, Any]]:
+        std = _check_std(std, self.image_shape[0])
+        image_step = image_lr * math.sqrt(sum(1 / s**2 for s in std) / len(std))
+        groups = []
+        for what, step in (("image", image_step), ("target", target_lr)):
+            rank, dim = self.leaves[f"{what}_basis"].shape
+            lrs = {"coefficients": step * math.sqrt(dim / rank),
+                   "basis": step / float(self.scales[f"{what}_coefficient_norm"]), "mean": step}
+            groups += [{"params": [self.leaves[f"{what}_{part}"]], "lr": lr} for part, lr in lrs.items()]
+        return groups
+
+    def storage_bytes(self, bytes_per_value: int = 4) -> int:
+        return sum(p.numel() for p in self.parameters()) * bytes_per_value
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_images": self.num_images, "image_rank": self.image_rank,
+                "target_rank": self.target_rank, "storage_bytes": self.storage_bytes()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().clone() for name, t in (self.leaves | self.scales).items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        _check_state(state, self.leaves | self.scales, self.kind)
+        with torch.no_grad():  # in place: the optimiser keeps referring to the same leaves
+            for name, tensor in (self.leaves | self.scales).items():
+                tensor.copy_(state[name])
+
+
+def pixel_storage_bytes(num_images: int, image_shape: Sequence[int], target_dim: int, bytes_per_value: int = 4) -> int:
+    """Storage of a `PixelSet` of `num_images`: (m*C*H*W + m*d) values."""
+    return num_images * (math.prod(image_shape) + target_dim) * bytes_per_value
+
+
+def basis_images_for_budget(budget_bytes: int, image_shape: Sequence[int], target_dim: int, image_rank: int,
+                            target_rank: int, bytes_per_value: int = 4) -> int:
+    """The largest m whose `BasisSet` storage fits `budget_bytes`.
+
+    Storage is `k*D + D + k_t*d + d` shared values plus `k + k_t` per image
+    (D = C*H*W), so m = floor((budget / bytes_per_value - shared) / (k + k_t)).
+    "Same storage, more images": `budget_bytes = pixel_storage_bytes(m0, ...)`.
+    """
+    pixels = math.prod(image_shape)
+    shared = image_rank * pixels + pixels + target_rank * target_dim + target_dim
+    count = (budget_bytes // bytes_per_value - shared) // (image_rank + target_rank)
+    if count < max(image_rank, target_rank):
+        raise KrrstError(
+            f"a storage budget of {budget_bytes} bytes holds {max(count, 0)} basis images at image_rank={image_rank}, "
+            f"target_rank={target_rank}; the ranks need at least {max(image_rank, target_rank)}: lower them"
+        )
+    return int(count)
+
+
+def make_synthetic_set(kind: str, initial_images: torch.Tensor, initial_targets: torch.Tensor, **options: Any):
+    """A `PixelSet` (kind "pixels", no options) or `BasisSet` (kind "basis": `image_rank`, `target_rank`)."""
+    accepted = {"pixels": (), "basis": ("image_rank", "target_rank")}
+    if kind not in accepted:
+        raise KrrstError(f"unknown synthetic set kind {kind!r}; expected one of {', '.join(SYNTHETIC_KINDS)}")
+    if set(options) != set(accepted[kind]):
+        raise KrrstError(f"synthetic set kind {kind!r} takes options {list(accepted[kind])}, got {sorted(options)}")
+    if kind == "pixels":
+        return PixelSet(initial_images, initial_targets)
+    return BasisSet(initial_images, initial_targets, **options)
+
+
+# --------------------------------------------------------------------------- augmented views' representations
+
+
+class AugmentationPredictor(nn.Module):
+    """Predicts the teacher's representation of each fixed view of an image from the image's representation.
+
+    After the approximation network of Yu, Yao & Chiu (ICLR 2025): for each
+    non-identity view v of `names`, `P_v(y) = W_v y + b_v` (W_v d x d,
+    initialised to the identity, b_v to 0), or with `hidden` = h,
+    `P_v(y) = y + W2_v relu(W1_v y + b1_v) + b2_v` (W2_v initialised to 0).
+    Either way every `P_v` starts as the identity. `identity` is predicted
+    exactly (`P(y) = y`) and holds no parameters. `forward(targets)` returns
+    (A*m) x d, view-major as `krrst.augment.fixed_augment_all(images, names)`.
+    `generator` draws W1 (the only random initialisation).
+    """
+
+    def __init__(self, dim: int, names: Sequence[str] = ROTATIONS, hidden: int | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.names = check_fixed_augmentations(names)
+        if dim < 1 or (hidden is not None and hidden < 1):
+            raise KrrstError(f"AugmentationPredictor: dim and hidden must be >= 1, got {dim}, {hidden}")
+        views = sum(name != "identity" for name in self.names)
+        self.hidden = hidden
+        if hidden is None:
+            self.weight = nn.Parameter(torch.eye(dim).repeat(views, 1, 1))
+            self.bias = nn.Parameter(torch.zeros(views, dim))
+        else:
+            self.weight1 = nn.Parameter(torch.randn(views, hidden, dim, generator=generator) / math.sqrt(dim))
+            self.bias1 = nn.Parameter(torch.zeros(views, hidden))
+            self.weight2 = nn.Parameter(torch.zeros(views, dim, hidden))
+            self.bias2 = nn.Parameter(torch.zeros(views, dim))
+
+    def forward(self, targets: torch.Tensor) -> torch.Tensor:
+        if self.hidden is None:
+            predicted = torch.einsum("vij,mj->vmi", self.weight, targets) + self.bias[:, None]
+        else:
+            inner = F.relu(torch.einsum("vhj,mj->vmh", self.weight1, targets) + self.bias1[:, None])
+            predicted = targets + torch.einsum("vih,vmh->vmi", self.weight2, inner) + self.bias2[:, None]
+        learnt = iter(predicted)
+        return torch.cat([targets if name == "identity" else next(learnt) for name in self.names])
+
+    def storage_bytes(self, bytes_per_value: int = 4) -> int:
+        return sum(p.numel() for p in self.parameters()) * bytes_per_value
+
+
+def augmentation_predictor_loss(predictor: AugmentationPredictor, teacher_reps_of_views: torch.Tensor,
+                                teacher_reps: torch.Tensor) -> torch.Tensor:
+    """Mean over non-identity views v, images i, entries j of `(P_v(g(x_i)) - g(T_v x_i))_j²`.
+
+    `teacher_reps`: m x d, the teacher's g(x_i) of real images;
+    `teacher_reps_of_views`: (A*m) x d, g of `fixed_augment_all(x, predictor.names)`.
+    The identity rows (predicted exactly) are left out of the mean. Fitting P
+    to the teacher on real images is the approximation step of Yu, Yao & Chiu (ICLR 2025).
+    """
+    views, m = len(predictor.names), len(teacher_reps)
+    if teacher_reps_of_views.shape != (views * m, teacher_reps.shape[1]):
+        raise KrrstError(
+            f"augmentation_predictor_loss: teacher_reps_of_views must be {views * m} x {teacher_reps.shape[1]} "
+            f"({views} views of {m} images), got {tuple(teacher_reps_of_views.shape)}"
+        )
+    keep = [v for v, name in enumerate(predictor.names) if name != "identity"]
+    if not keep:
+        return teacher_reps.new_zeros(())
+    predicted = predictor(teacher_reps).view(views, m, -1)[keep]
+    return F.mse_loss(predicted, teacher_reps_of_views.view(views, m, -1)[keep])
