@@ -225,9 +225,19 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(_jsonable(parts), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _without(config: Any, fields: tuple[str, ...]) -> dict[str, Any]:
-    """A config's fields minus those that do not change a stage's result (logging, checkpoint cadence)."""
-    return {key: value for key, value in config_to_dict(config).items() if key not in fields}
+def _without(config: Any, fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What a stage's result depends on: the config's fields that differ from their defaults, minus `fields`.
+
+    `fields` are those that do not change the result (logging, checkpoint
+    cadence). Leaving out fields at their default keeps a fingerprint stable
+    when a later version adds a field (at a default that keeps the old
+    behaviour), so finished stages of older run directories are not re-run.
+    """
+    defaults = config_to_dict(type(config)())
+    return {
+        key: value for key, value in config_to_dict(config).items()
+        if key not in fields and _jsonable(value) != _jsonable(defaults[key])
+    }
 
 
 def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -507,7 +517,8 @@ def run(
     eval_dir = out_dir / "eval"
     # Which methods, protocols, archs and how many seeds are left out: adding one adds rows, it does not
     # invalidate the others (rows are keyed by method, target, arch, protocol and seed).
-    eval_fp = _fingerprint(distill_fp, baselines_fp, config.pretrain, config.finetune, config.linear,
+    eval_fp = _fingerprint(distill_fp, baselines_fp, _without(config.pretrain), _without(config.finetune),
+                           _without(config.linear),
                            _without(run_config, ("methods", "protocols", "archs", "seeds", "download")))
     marker = eval_dir / "fingerprint.json"
     if marker.exists() and read_json(marker).get("fingerprint") != eval_fp:

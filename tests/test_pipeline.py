@@ -226,3 +226,26 @@ def test_cli_evaluate_appends_rows_and_refuses_another_set(finished_run, tmp_pat
     capsys.readouterr()
     assert main(["evaluate", "--distilled", str(other), *common]) == 2
     assert "already holds 'krr-st' results of another set" in capsys.readouterr().err
+
+
+def test_a_config_field_added_at_its_default_keeps_old_fingerprints():
+    """Run directories of an older version stay finished when a later version adds a config field."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Old:
+        steps: int = 100
+        lr: float = 0.1
+        log_every: int = 10
+
+    @dataclasses.dataclass(frozen=True)
+    class New(Old):
+        compile: bool = False  # added later, default = the old behaviour
+
+    def fingerprint(config):
+        return pipeline._fingerprint(pipeline._without(config, ("log_every",)))
+
+    assert fingerprint(Old(steps=5)) == fingerprint(New(steps=5))
+    assert fingerprint(Old(steps=5, log_every=1)) == fingerprint(Old(steps=5)), "logging cadence is left out"
+    assert fingerprint(New(steps=5, compile=True)) != fingerprint(Old(steps=5)), "a non-default value counts"
+    assert fingerprint(Old(steps=5)) != fingerprint(Old(steps=6))
