@@ -9,6 +9,9 @@
   source's labels (`targets="labels"`, pre-trained with cross-entropy).
   Both return a `DistilledSet`, so they go through `evaluate.pretrain` and
   `evaluate.finetune` exactly as a KRR-ST set does.
+- `high_loss_subset`: the m real images whose teacher representations are
+  hardest to regress for briefly trained students (MKDT's "high-loss"
+  initialisation, `high_loss_indices`), with teacher targets.
 - `no_pretraining`: a freshly initialised network, the floor. Not a
   `DistilledSet` (there is nothing to pre-train on): `evaluate.evaluate_set`
   with no set and no network builds it, and the row's method is `none`.
@@ -35,7 +38,7 @@ from krrst.errors import KrrstError
 if TYPE_CHECKING:
     from krrst.data import ImageSet
 
-BASELINES = ("random", "kmeans", "none", "full-ssl")
+BASELINES = ("random", "kmeans", "high-loss", "none", "full-ssl")
 TARGET_CHOICES = ("teacher", "labels")
 
 # Lloyd's full passes up to this many points; mini-batch updates beyond (the "auto" rule).
@@ -383,6 +386,187 @@ def kmeans_coreset(
     chosen_features = features[indices.to(features.device)] if targets == "teacher" else None
     config = {"m": m, "seed": int(seed), "targets": targets, "iterations": iterations, "algorithm": algorithm}
     return _make_set(source, indices, chosen_features, targets, "kmeans", teacher, config)
+
+
+# --------------------------------------------------------------------------- high-loss subset
+
+
+def _check_positive(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KrrstError(f"high-loss subset: {name} must be a positive integer, got {value!r}")
+
+
+@torch.no_grad()
+def regression_losses(
+    model: nn.Module,
+    source_images: torch.Tensor,
+    target_reps: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Per-example MSE `mean_j (f(x_i)_j - y_ij)^2` of `model` on uint8 images (normalised per batch), float32.
+
+    The model is used in the mode it is in (eval: running statistics; train:
+    batch statistics) and on the images' device.
+    """
+    from krrst.augment import normalize
+
+    losses = []
+    for start in range(0, len(source_images), batch_size):
+        images = normalize(source_images[start : start + batch_size], mean, std)
+        outputs = model(images).float()
+        losses.append((outputs - target_reps[start : start + batch_size].float()).pow(2).mean(dim=1))
+    return torch.cat(losses)
+
+
+def high_loss_indices(
+    source_images: torch.Tensor,
+    target_reps: torch.Tensor,
+    num_images: int,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    arch: str = "convnet3",
+    arch_options: dict[str, Any] | None = None,
+    students: int = 3,
+    epochs: int = 2,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    candidates: int | None = None,
+    models: list[nn.Module] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Indices (int64, CPU, descending loss) of the m images hardest to regress: MKDT's "high-loss" initialisation.
+
+    MKDT (Joshi et al., ICLR 2025, Sec. 4) starts its synthetic set from the
+    real images with the largest knowledge-distillation loss
+    `l_i = (1/S) sum_s mean_j (f_s(x_i)_j - y_ij)^2`, averaged over S student
+    networks `f_s` trained to regress the teacher's representations `y_i`
+    (its public code scores with the final weights of its expert
+    trajectories). Here S = `students` freshly seeded `arch` networks (d-dim
+    linear head) are trained for `epochs` epochs of SGD (`lr`, `momentum`,
+    `weight_decay`, batches of `batch_size`, no augmentation: the experts'
+    recipe) on the MSE to `target_reps`, then every image is scored in eval
+    mode. `models` skips the training and scores those networks instead, in
+    the mode they are in. `candidates` = k < N runs all of it on k images
+    drawn by `seed` (for speed on a large source); the returned indices are
+    still into `source_images`. Ties keep the lower index first.
+    """
+    n = len(source_images)
+    _check_m(num_images, n, "high-loss subset")
+    if source_images.dim() != 4 or source_images.dtype != torch.uint8:
+        raise KrrstError(
+            f"high-loss subset: source images must be uint8 N x C x H x W, got {source_images.dtype} "
+            f"{tuple(source_images.shape)}"
+        )
+    if target_reps.dim() != 2 or len(target_reps) != n:
+        raise KrrstError(f"high-loss subset: target_reps must be {n} x d, got shape {tuple(target_reps.shape)}")
+    for value, name in ((students, "students"), (epochs, "epochs"), (batch_size, "batch_size")):
+        _check_positive(value, name)
+    generator = torch.Generator().manual_seed(int(seed))
+    pool = torch.arange(n)
+    if candidates is not None:
+        _check_positive(candidates, "candidates")
+        if candidates < num_images:
+            raise KrrstError(
+                f"high-loss subset: candidates={candidates} is fewer than the m={num_images} images asked for"
+            )
+        if candidates < n:
+            pool = torch.randperm(n, generator=generator)[:candidates].sort().values
+    device = resolve_device(device)
+    if len(pool) == n:  # no copy of a large source
+        images, targets = source_images.to(device), target_reps.to(device).float()
+    else:
+        images = source_images[pool.to(source_images.device)].to(device)
+        targets = target_reps[pool.to(target_reps.device)].to(device).float()
+
+    if models is None:
+        from krrst.augment import normalize
+        from krrst.models import create_model
+
+        models = []
+        total = students * epochs * -(-len(pool) // batch_size)
+        bar = tqdm(total=total, desc="high-loss students", unit="step", disable=None if progress else True, leave=False)
+        try:
+            for _ in range(students):
+                student_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(student_seed)
+                    model = create_model(arch, targets.shape[1], **(arch_options or {})).to(device)
+                optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+                model.train()
+                for _ in range(epochs):
+                    order = torch.randperm(len(pool), generator=generator).to(device)
+                    for start in range(0, len(pool), batch_size):
+                        batch = order[start : start + batch_size]
+                        loss = torch.nn.functional.mse_loss(model(normalize(images[batch], mean, std)), targets[batch])
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        bar.update()
+                models.append(model.eval())
+        finally:
+            bar.close()
+    if not models:
+        raise KrrstError("high-loss subset: no models to score with")
+    scores = torch.zeros(len(pool), dtype=torch.float64, device=device)
+    for model in models:
+        scores += regression_losses(model, images, targets, mean, std, batch_size=batch_size).double()
+    scores /= len(models)
+    order = torch.argsort(-scores.cpu(), stable=True)
+    return pool[order[:num_images]]
+
+
+def high_loss_subset(
+    source: "ImageSet",
+    teacher: nn.Module,
+    m: int,
+    *,
+    seed: int = 0,
+    arch: str = "convnet3",
+    arch_options: dict[str, Any] | None = None,
+    students: int = 3,
+    epochs: int = 2,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    candidates: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> DistilledSet:
+    """The m real images of `high_loss_indices` with their teacher features as targets (method `high-loss`).
+
+    The teacher's features of the whole source (or of the `candidates`
+    drawn) are the regression targets of the students and the set's targets.
+    The chosen indices, in descending loss, are in `config["indices"]`.
+    """
+    _check_m(m, len(source), "high-loss subset")
+    if teacher is None:
+        raise KrrstError("high-loss subset needs a teacher network: its representations are the regression targets")
+    device = resolve_device(device)
+    pool = None
+    if candidates is not None and candidates < len(source):
+        _check_positive(candidates, "candidates")
+        # drawn here so that only the candidates need teacher features
+        draw = torch.randperm(len(source), generator=torch.Generator().manual_seed(int(seed)))
+        pool = draw[:candidates].sort().values
+    features = teacher_features(teacher, source, pool, batch_size=512, device=device, progress=progress)
+    images = source.images if pool is None else source.images[pool.to(source.images.device)]
+    chosen = high_loss_indices(
+        images, features, m, mean=source.mean, std=source.std, arch=arch, arch_options=arch_options,
+        students=students, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress,
+    )
+    indices = chosen if pool is None else pool[chosen]
+    config = {
+        "m": m, "seed": int(seed), "targets": "teacher", "arch": arch, "arch_options": dict(arch_options or {}),
+        "students": students, "epochs": epochs, "batch_size": batch_size, "lr": lr, "candidates": candidates,
+    }
+    return _make_set(source, indices, features[chosen.to(features.device)], "teacher", "high-loss", teacher, config)
 
 
 def no_pretraining(arch: str, *, seed: int = 0, **overrides: Any) -> nn.Module:

@@ -145,3 +145,87 @@ def test_no_pretraining_is_a_seeded_fresh_network_without_head():
     weights = first.state_dict()
     assert all(torch.equal(weights[name], value) for name, value in again.state_dict().items())
     assert not torch.equal(weights["blocks.0.0.weight"], other.state_dict()["blocks.0.0.weight"])
+
+
+# --------------------------------------------------------------------------- high-loss subset
+
+
+def _learnable_and_shuffled(n: int = 64, noisy: int = 8, seed: int = 0):
+    """8x8 images with per-image colours; targets a linear map of the channel means, except `noisy` shuffled ones.
+
+    The shuffled examples get another shuffled example's target: the same
+    marginal distribution as the rest (so an untrained network cannot tell
+    them apart by magnitude), but no function of their own image.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    colours = torch.randint(20, 236, (n, 3, 1, 1), generator=generator)
+    images = (colours + torch.randint(-15, 16, (n, 3, 8, 8), generator=generator)).clamp(0, 255).to(torch.uint8)
+    mixing = torch.randn(6, 3, generator=generator)
+    targets = normalize(images, MEAN, STD).mean(dim=(2, 3)) @ mixing.T
+    chosen = torch.randperm(n, generator=generator)[:noisy]
+    targets[chosen] = targets[chosen.roll(1)]
+    return images, targets, chosen
+
+
+HIGH_LOSS_OPTIONS = {"widths": (8, 8, 8), "image_size": 8}
+
+
+def test_high_loss_indices_pick_the_examples_with_unlearnable_targets():
+    images, targets, noisy = _learnable_and_shuffled()
+    chosen = B.high_loss_indices(
+        images, targets, 8, mean=MEAN, std=STD, arch_options=HIGH_LOSS_OPTIONS, students=2, epochs=30,
+        batch_size=16, lr=0.05, seed=0, device="cpu",
+    )
+    assert chosen.dtype == torch.long and len(chosen) == 8
+    assert sorted(chosen.tolist()) == sorted(noisy.tolist())
+
+
+def test_high_loss_indices_are_seed_determined_descending_and_checked():
+    images, targets, _ = _learnable_and_shuffled()
+    kwargs = dict(mean=MEAN, std=STD, arch_options=HIGH_LOSS_OPTIONS, students=1, epochs=1, batch_size=32)
+    first = B.high_loss_indices(images, targets, 10, seed=3, **kwargs)
+    assert torch.equal(first, B.high_loss_indices(images, targets, 10, seed=3, **kwargs))
+    assert not torch.equal(first, B.high_loss_indices(images, targets, 10, seed=4, **kwargs))
+    with pytest.raises(KrrstError, match="more than the 64"):
+        B.high_loss_indices(images, targets, 65, **kwargs)
+    with pytest.raises(KrrstError, match="fewer than the m=10"):
+        B.high_loss_indices(images, targets, 10, candidates=5, **kwargs)
+    with pytest.raises(KrrstError, match="64 x d"):
+        B.high_loss_indices(images, targets[:10], 5, **kwargs)
+
+    # Given models are scored as they are: descending order of the mean per-example loss.
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6)) for _ in range(2)]
+    scored = B.high_loss_indices(images, targets, 64, mean=MEAN, std=STD, models=models)
+    with torch.no_grad():
+        flat = normalize(images, MEAN, STD)
+        losses = sum((model(flat) - targets).pow(2).mean(dim=1) for model in models) / 2
+    assert torch.equal(scored, torch.argsort(losses, descending=True, stable=True))
+
+    # candidates: only those images are scored, indices still into the source
+    subset = B.high_loss_indices(images, targets, 5, candidates=20, seed=1, **kwargs)
+    assert len(subset.unique()) == 5 and int(subset.max()) < 64
+
+
+def test_high_loss_subset_is_a_teacher_target_set():
+    images, _, _ = _learnable_and_shuffled()
+    source = ImageSet(images=images, labels=None, class_names=[], mean=MEAN, std=STD, name="colours")
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6))
+    chosen = B.high_loss_subset(source, teacher, 7, arch_options=HIGH_LOSS_OPTIONS, students=1, epochs=1, batch_size=32)
+    indices = torch.tensor(chosen.config["indices"])
+    assert chosen.method == "high-loss" and chosen.target_kind == "representation" and len(chosen) == 7
+    expected_images = normalize(images[indices], MEAN, STD)
+    torch.testing.assert_close(chosen.images, expected_images)
+    with torch.no_grad():
+        torch.testing.assert_close(chosen.targets, teacher(expected_images))
+    # candidates: students and scores on 20 images drawn by the seed; targets still g of the chosen images
+    few = B.high_loss_subset(source, teacher, 5, candidates=20, seed=2, arch_options=HIGH_LOSS_OPTIONS, students=1,
+                             epochs=1, batch_size=32)
+    drawn = torch.randperm(64, generator=torch.Generator().manual_seed(2))[:20]
+    assert len(set(few.config["indices"])) == 5 and set(few.config["indices"]) <= set(drawn.tolist())
+    with torch.no_grad():
+        torch.testing.assert_close(few.targets, teacher(normalize(images[few.config["indices"]], MEAN, STD)))
+    with pytest.raises(KrrstError, match="needs a teacher"):
+        B.high_loss_subset(source, None, 5)
+    with pytest.raises(KrrstError, match="more than the 64"):
+        B.high_loss_subset(source, teacher, 65)

@@ -1,0 +1,522 @@
+"""MKDT: dataset distillation by matching knowledge-distillation trajectories.
+
+MKDT ("Dataset Distillation via Knowledge Distillation: Towards Efficient
+Self-Supervised Pre-Training of Deep Networks", Joshi, Ni, Mirzasoleiman,
+ICLR 2025, arXiv 2410.02116) avoids the high-variance SSL gradient by
+distilling the SSL teacher `g` into small students first:
+
+1. experts (`train_expert_trajectories`): E students of the distillation
+   architecture, each with a d-dim linear head, regress `g(x)` of the real
+   images by MSE with SGD; their flattened parameters are saved after every
+   epoch (or every `expert_interval` steps): the trajectories.
+2. trajectory matching (`matching_loss`, `mkdt_distill`; MTT, Cazenavette et
+   al., CVPR 2022): synthetic images `X_s` (initialised from the real images
+   the experts regress worst, `baselines.high_loss_indices`) with targets
+   `Y_s = g(X_s)` are learnt so that N SGD steps on `(X_s, Y_s)` from an
+   expert's checkpoint θ_t land near its θ_{t+M}.
+
+The result is a `DistilledSet` (method `mkdt`, representation targets,
+images normalised with the source's mean/std), evaluated by the same code as
+KRR-ST's sets. Defaults are the authors' public code
+(github.com/sjoshi804/mkdt-data-distill-ssl: `buffer.py`, `distill.py`, and
+the CIFAR-100 2% command of github.com/jiayini1119/MKDT): see `MKDTConfig`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as _stdio
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from krrst import io
+from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
+from krrst.config import config_to_dict, resolve_device
+from krrst.distilled import DistilledSet
+from krrst.errors import KrrstError
+from krrst.models import create_model, model_options
+
+DISTILLED_NAME = "distilled.safetensors"
+LOSS_CSV_NAME = "loss.csv"
+LOSS_CSV_FIELDS = ("step", "loss", "syn_lr", "elapsed_s")
+Trajectories = list[list[torch.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MKDTConfig:
+    """Hyper-parameters of MKDT; defaults are the public code's CIFAR-100 2% setting (m = 1,000).
+
+    From `buffer.py` (experts) and `commands/distill/barlow_twins/CIFAR100/2_per.sh`
+    with `distill.py`'s defaults: MTT's ConvNet (3 blocks of width 128,
+    instance norm, average pooling), 100 experts of 20 epochs (SGD lr 0.1,
+    momentum 0.9, weight decay 1e-4, batch 256, no augmentation, targets the
+    teacher's representations of the un-augmented images), N = 40 synthetic
+    steps on batches of 256, M = 2 expert epochs, start epoch in [0, 2),
+    5,000 outer steps, SGD with momentum 0.5 for the images (lr 1000, in the
+    normalised-pixel space the networks see: the public code does not ZCA
+    here), the targets (lr 1: the public code learns them; 0 keeps them at
+    `g(X_s)`) and the learnt inner lr (init 0.1, lr 1e-4). The public code
+    cycles through shuffled expert files; here an expert is drawn uniformly.
+
+    Attributes:
+        num_images: m, the number of synthetic images.
+        arch, widths, norm, image_size: the distillation network (options
+            passed where the arch takes them); experts and students share it.
+        experts, expert_epochs, expert_interval: E trajectories of that many
+            epochs; checkpoints after every epoch (`expert_interval=0`) or
+            every `expert_interval` SGD steps. "Epochs" below count checkpoints.
+        expert_lr, expert_momentum, expert_weight_decay, expert_batch_size: the experts' SGD.
+        expert_padding: > 0 trains the experts on random crops (that zero
+            padding) + flips, with the teacher run on each augmented view;
+            0 (the public code) uses the images as they are.
+        syn_steps: N, unrolled student steps per outer step.
+        expert_epochs_matched: M, the target is checkpoint t + M.
+        max_start_epoch: t is drawn uniformly in [0, max_start_epoch).
+        steps: outer steps.
+        image_lr, target_lr, lr_lr: outer lrs of X_s, Y_s (0: fixed) and the inner lr (0: fixed).
+        init_lr: initial inner (student) lr.
+        momentum, optimizer: outer SGD momentum, or "adam" (Adam with the same lrs).
+        batch_syn: synthetic images per unrolled step (capped at m).
+        init: "high-loss" (the real images with the largest mean MSE under the
+            experts' last checkpoints, as the public code's `sort_dset.py`) or "random".
+        seed: seeds every random choice.
+        log_every: outer steps per row of loss.csv.
+    """
+
+    num_images: int = 1000
+    arch: str = "convnet3"
+    widths: tuple[int, ...] = (128, 128, 128)
+    norm: Literal["batch", "instance", "none"] = "instance"
+    image_size: int = 32
+    experts: int = 100
+    expert_epochs: int = 20
+    expert_interval: int = 0
+    expert_lr: float = 0.1
+    expert_momentum: float = 0.9
+    expert_weight_decay: float = 1e-4
+    expert_batch_size: int = 256
+    expert_padding: int = 0
+    syn_steps: int = 40
+    expert_epochs_matched: int = 2
+    max_start_epoch: int = 2
+    steps: int = 5000
+    image_lr: float = 1000.0
+    target_lr: float = 1.0
+    lr_lr: float = 1e-4
+    init_lr: float = 0.1
+    momentum: float = 0.5
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    batch_syn: int = 256
+    init: Literal["high-loss", "random"] = "high-loss"
+    seed: int = 0
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        positive = (
+            "num_images", "image_size", "experts", "expert_epochs", "expert_batch_size", "syn_steps",
+            "expert_epochs_matched", "max_start_epoch", "batch_syn", "log_every",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise KrrstError(f"mkdt.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "expert_interval", "expert_padding", "expert_weight_decay", "target_lr", "lr_lr"):
+            if getattr(self, name) < 0:
+                raise KrrstError(f"mkdt.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("expert_lr", "image_lr", "init_lr"):
+            if not getattr(self, name) > 0:
+                raise KrrstError(f"mkdt.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("expert_momentum", "momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                raise KrrstError(f"mkdt.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.init not in ("high-loss", "random"):
+            raise KrrstError(f"mkdt.init={self.init!r} is not valid; expected high-loss or random")
+        if self.optimizer not in ("sgd", "adam"):
+            raise KrrstError(f"mkdt.optimizer={self.optimizer!r} is not valid; expected sgd or adam")
+        last_start = self.max_start_epoch - 1
+        if self.expert_interval == 0 and last_start + self.expert_epochs_matched > self.expert_epochs:
+            raise KrrstError(
+                f"mkdt.max_start_epoch - 1 + mkdt.expert_epochs_matched = {last_start + self.expert_epochs_matched} "
+                f"exceeds mkdt.expert_epochs={self.expert_epochs}: the target checkpoint would not exist"
+            )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _model_options(config: MKDTConfig) -> dict[str, Any]:
+    accepted = model_options(config.arch)
+    wanted = {"widths": config.widths, "image_size": config.image_size, "norm": config.norm}
+    return {name: value for name, value in wanted.items() if name in accepted}
+
+
+def _seeded_model(config: MKDTConfig, num_outputs: int, seed: int) -> nn.Module:
+    """A fresh student whose weights depend only on `seed` (the global RNG is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(config.arch, num_outputs, **_model_options(config))
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _stage_seeds(seed: int) -> tuple[int, int, int]:
+    """Independent seeds for the experts, the initial images and the matching loop."""
+    root = torch.Generator().manual_seed(seed)
+    return tuple(_draw_seed(root) for _ in range(3))  # type: ignore[return-value]
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """All parameters of `model` in `named_parameters` order, as one detached 1-D tensor."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _unflatten(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of a flat parameter vector under the names and shapes of `model`'s parameters."""
+    named = list(model.named_parameters())
+    pieces = flat.split([p.numel() for _, p in named])
+    return {name: piece.view_as(p) for (name, p), piece in zip(named, pieces)}
+
+
+# --------------------------------------------------------------------------- experts
+
+
+def train_expert_trajectories(
+    source_images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    teacher: nn.Module | None,
+    config: MKDTConfig,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    target_reps: torch.Tensor | None = None,
+) -> Trajectories:
+    """E expert trajectories: per expert, its flattened parameters (CPU float32) at every checkpoint, θ_0 first.
+
+    Each expert is a freshly seeded `config.arch` network with a d-dim head
+    trained in train mode by SGD on `mean_ij (f(x_i)_j - g(x_i)_j)^2` over
+    shuffled batches of the real images (MKDT's knowledge distillation).
+    `target_reps` (N x d, the teacher's features of the normalised images)
+    spares the teacher pass when `config.expert_padding` is 0; with padding
+    the teacher runs on every augmented batch.
+    """
+    device = resolve_device(device)
+    images = source_images.to(device)
+    if target_reps is None or config.expert_padding > 0:
+        if teacher is None:
+            raise KrrstError("mkdt experts need a teacher (or target_reps, without expert_padding)")
+        teacher = teacher.to(device).eval()
+    if target_reps is None:
+        from krrst.teacher import teacher_features
+
+        target_reps = teacher_features(teacher, images, mean, std, 512, device, progress)
+    target_reps = target_reps.to(device).float()
+    num_source, batch = len(images), config.expert_batch_size
+    steps_per_epoch = math.ceil(num_source / batch)
+    generator = torch.Generator().manual_seed(_stage_seeds(config.seed)[0])
+    trajectories: Trajectories = []
+    bar = tqdm(total=config.experts * config.expert_epochs * steps_per_epoch, desc="mkdt experts", unit="step",
+               disable=None if progress else True)
+    try:
+        for _ in range(config.experts):
+            model = _seeded_model(config, target_reps.shape[1], _draw_seed(generator)).to(device).train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=config.expert_lr, momentum=config.expert_momentum,
+                                        weight_decay=config.expert_weight_decay)
+            checkpoints, step = [flat_parameters(model).cpu()], 0
+            for _ in range(config.expert_epochs):
+                order = torch.randperm(num_source, generator=generator).to(device)
+                for start in range(0, num_source, batch):
+                    indices = order[start : start + batch]
+                    if config.expert_padding > 0:
+                        crop = sample_crop_flip(len(indices), config.expert_padding, generator, device)
+                        inputs = normalize(apply_crop_flip(images[indices], crop, config.expert_padding), mean, std)
+                        with torch.no_grad():
+                            targets = teacher(inputs).float()
+                    else:
+                        inputs, targets = normalize(images[indices], mean, std), target_reps[indices]
+                    loss = F.mse_loss(model(inputs), targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    bar.update()
+                    if config.expert_interval and step % config.expert_interval == 0:
+                        checkpoints.append(flat_parameters(model).cpu())
+                if not config.expert_interval:
+                    checkpoints.append(flat_parameters(model).cpu())
+                bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
+            trajectories.append(checkpoints)
+    finally:
+        bar.close()
+    return trajectories
+
+
+def save_trajectories(path: str | Path, trajectories: Trajectories, config: MKDTConfig) -> None:
+    """Write trajectories to one safetensors file (tensor `e{expert}.{checkpoint}`) with the config, atomically."""
+    tensors = {f"e{e}.{c}": tensor for e, trajectory in enumerate(trajectories) for c, tensor in enumerate(trajectory)}
+    metadata = {"format": "krrst.MKDTTrajectories", "lengths": [len(t) for t in trajectories],
+                "config": config_to_dict(config)}
+    io.save_tensors(path, tensors, metadata)
+
+
+def load_trajectories(path: str | Path) -> Trajectories:
+    """Read trajectories written by `save_trajectories` (CPU tensors)."""
+    tensors, metadata = io.load_tensors(path, "expert trajectories")
+    if metadata.get("format") != "krrst.MKDTTrajectories":
+        raise KrrstError(f"expert trajectories {path} is not a krrst MKDT trajectory file (no 'format' metadata)")
+    return [[tensors[f"e{e}.{c}"] for c in range(length)] for e, length in enumerate(metadata["lengths"])]
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def matching_loss(
+    student: nn.Module,
+    start_params: torch.Tensor,
+    target_params: torch.Tensor,
+    synthetic_images: torch.Tensor,
+    synthetic_targets: torch.Tensor,
+    syn_lr: torch.Tensor,
+    *,
+    syn_steps: int,
+    batch_syn: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """MTT's normalised parameter-matching loss after N unrolled SGD steps (Cazenavette et al. 2022, Eq. 2).
+
+    θ_0 = θ_t (`start_params`); θ_{k+1} = θ_k - α ∇_θ mean ||f_θ(X_b) - Y_b||² on
+    mini-batches b of `batch_syn` synthetic examples (a fresh permutation,
+    drawn from `generator`, whenever the previous one is used up);
+    loss = ||θ_N - θ_{t+M}||² / ||θ_t - θ_{t+M}||². Differentiable w.r.t.
+    the images, the targets and α (`syn_lr`), through the whole unroll.
+    `student` gives the architecture (and, in train mode, the norm layers'
+    batch statistics) through `torch.func.functional_call`.
+    """
+    theta = start_params.detach().clone().requires_grad_(True)
+    pending: list[torch.Tensor] = []
+    for _ in range(syn_steps):
+        if not pending:
+            order = torch.randperm(len(synthetic_images), generator=generator).to(synthetic_images.device)
+            pending = list(order.split(batch_syn))
+        batch = pending.pop()
+        outputs = functional_call(student, _unflatten(student, theta), (synthetic_images[batch],))
+        inner = F.mse_loss(outputs, synthetic_targets[batch])
+        (gradient,) = torch.autograd.grad(inner, theta, create_graph=True)
+        theta = theta - syn_lr * gradient
+    start, target = start_params.detach(), target_params.detach()
+    return (theta - target).pow(2).sum() / (start - target).pow(2).sum()
+
+
+def _check_trajectories(trajectories: Trajectories, config: MKDTConfig, num_params: int) -> None:
+    if not trajectories:
+        raise KrrstError("mkdt: no expert trajectories")
+    needed = config.max_start_epoch + config.expert_epochs_matched
+    for index, trajectory in enumerate(trajectories):
+        if len(trajectory) < needed:
+            raise KrrstError(
+                f"mkdt: expert {index} has {len(trajectory)} checkpoints; mkdt.max_start_epoch + "
+                f"mkdt.expert_epochs_matched needs {needed}"
+            )
+        if trajectory[0].numel() != num_params:
+            raise KrrstError(
+                f"mkdt: expert {index} has {trajectory[0].numel()} parameters, the {config.arch} student "
+                f"{num_params}; train the experts with the same arch/widths/norm/image_size"
+            )
+
+
+def _write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    text = _stdio.StringIO()
+    writer = csv.DictWriter(text, fieldnames=LOSS_CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    with io.atomic_write(path) as tmp:
+        tmp.write_text(text.getvalue())
+
+
+def mkdt_distill(
+    source: Any,
+    teacher: nn.Module,
+    config: MKDTConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    trajectories: Trajectories | None = None,
+) -> DistilledSet:
+    """Distil `source` (an `ImageSet`) into `config.num_images` images with teacher-representation targets (MKDT).
+
+    Computes `g` of every source image once; trains the experts unless
+    `trajectories` (from `train_expert_trajectories` with the same config) are
+    given; initialises `X_s` (normalised) and `Y_s = g(X_s)`; then each outer
+    step draws an expert and t in [0, max_start_epoch), evaluates
+    `matching_loss` from θ_t to θ_{t+M} and takes one optimiser step on
+    `X_s`, `Y_s` (if `target_lr` > 0) and the inner lr α (if `lr_lr` > 0; kept
+    >= 0). With `out_dir`: `loss.csv` (step, mean loss since the previous row,
+    α, elapsed seconds) every `log_every` steps and `distilled.safetensors`
+    at the end, written atomically.
+    """
+    config = config or MKDTConfig()
+    if not isinstance(config, MKDTConfig):
+        raise KrrstError(f"config must be an MKDTConfig, got {type(config).__name__}")
+    if not all(hasattr(source, name) for name in ("images", "mean", "std")):
+        raise KrrstError(f"source must be an ImageSet (uint8 images with mean/std), got {type(source).__name__}")
+    device = resolve_device(device)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    source_images = source.images
+    if not isinstance(source_images, torch.Tensor) or source_images.dtype != torch.uint8 or source_images.dim() != 4:
+        raise KrrstError("mkdt: source images must be uint8 N x C x H x W")
+    num_source, _, height, width = source_images.shape
+    if height != config.image_size or width != config.image_size:
+        raise KrrstError(
+            f"source images are {height}x{width} but mkdt.image_size={config.image_size}; set mkdt.image_size={height}"
+        )
+    if config.num_images > num_source:
+        raise KrrstError(f"mkdt.num_images={config.num_images} exceeds the {num_source} source images")
+    mean, std = tuple(float(v) for v in source.mean), tuple(float(v) for v in source.std)
+    source_images = source_images.to(device)
+    teacher = teacher.to(device).eval()
+
+    from krrst.baselines import high_loss_indices
+    from krrst.teacher import teacher_features
+
+    target_reps = teacher_features(teacher, source_images, mean, std, 512, device, progress).to(device)
+    if target_reps.dim() != 2:
+        raise KrrstError(f"teacher must output N x d features, got shape {tuple(target_reps.shape)}")
+    if trajectories is None:
+        trajectories = train_expert_trajectories(
+            source_images, mean, std, teacher, config, device=device, progress=progress, target_reps=target_reps
+        )
+    _, init_seed, match_seed = _stage_seeds(config.seed)
+    student = _seeded_model(config, target_reps.shape[1], match_seed).to(device).train()
+    _check_trajectories(trajectories, config, sum(p.numel() for p in student.parameters()))
+
+    if config.init == "high-loss":
+        # Score with every expert's last checkpoint, in train mode (batch statistics, as the unrolled students).
+        scorers = []
+        for trajectory in trajectories:
+            scorer = _seeded_model(config, target_reps.shape[1], 0).to(device).train()
+            nn.utils.vector_to_parameters(trajectory[-1].to(device), scorer.parameters())
+            scorers.append(scorer)
+        initial = high_loss_indices(
+            source_images, target_reps, config.num_images, mean=mean, std=std, models=scorers,
+            batch_size=config.expert_batch_size, device=device,
+        )
+        del scorers
+    else:
+        initial = torch.randperm(num_source, generator=torch.Generator().manual_seed(init_seed))[: config.num_images]
+    initial_on_device = initial.to(device)
+    synthetic_images = normalize(source_images[initial_on_device], mean, std).requires_grad_(True)
+    synthetic_targets = target_reps[initial_on_device].clone().requires_grad_(config.target_lr > 0)
+    syn_lr = torch.tensor(config.init_lr, device=device, requires_grad=config.lr_lr > 0)
+    groups = [(synthetic_images, config.image_lr), (synthetic_targets, config.target_lr), (syn_lr, config.lr_lr)]
+    learnt = [(tensor, lr) for tensor, lr in groups if lr > 0]
+    param_groups = [{"params": [tensor], "lr": lr} for tensor, lr in learnt]
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(param_groups, lr=config.image_lr, momentum=config.momentum)
+    else:
+        optimizer = torch.optim.Adam(param_groups, lr=config.image_lr)
+
+    generator = torch.Generator().manual_seed(match_seed)
+    batch_syn = min(config.batch_syn, config.num_images)
+    history: list[dict[str, Any]] = []
+    loss_sum, loss_count, started = 0.0, 0, time.perf_counter()
+    bar = tqdm(total=config.steps, desc="mkdt", unit="step", disable=None if progress else True)
+    try:
+        for step in range(1, config.steps + 1):
+            trajectory = trajectories[int(torch.randint(len(trajectories), (1,), generator=generator))]
+            start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
+            start_params = trajectory[start_epoch].to(device)
+            target_params = trajectory[start_epoch + config.expert_epochs_matched].to(device)
+            loss = matching_loss(
+                student, start_params, target_params, synthetic_images, synthetic_targets, syn_lr,
+                syn_steps=config.syn_steps, batch_syn=batch_syn, generator=generator,
+            )
+            value = loss.item()
+            if not math.isfinite(value):
+                raise KrrstError(
+                    f"mkdt: the matching loss is {value} at step {step}; lower mkdt.image_lr or mkdt.lr_lr"
+                )
+            tensors = [tensor for tensor, _ in learnt]
+            for tensor, gradient in zip(tensors, torch.autograd.grad(loss, tensors)):
+                tensor.grad = gradient
+            optimizer.step()
+            with torch.no_grad():
+                syn_lr.clamp_(min=0.0)  # a negative inner lr would climb the inner loss
+            loss_sum, loss_count = loss_sum + value, loss_count + 1
+            bar.update()
+            if step % config.log_every == 0 or step == config.steps:
+                row = {"step": step, "loss": loss_sum / loss_count, "syn_lr": syn_lr.item(),
+                       "elapsed_s": round(time.perf_counter() - started, 3)}
+                history.append(row)
+                loss_sum, loss_count = 0.0, 0
+                bar.set_postfix(loss=f"{row['loss']:.4g}", syn_lr=f"{row['syn_lr']:.3g}", refresh=False)
+                if out_dir is not None:
+                    _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
+    finally:
+        bar.close()
+
+    result = DistilledSet(
+        images=synthetic_images.detach().cpu(), targets=synthetic_targets.detach().float().cpu(), mean=mean, std=std,
+        target_kind="representation", method="mkdt", source=str(getattr(source, "name", "")),
+        teacher_arch=getattr(teacher, "spec", {}).get("arch"),
+        config={**config_to_dict(config), "init_indices": [int(i) for i in initial], "syn_lr": syn_lr.item()},
+        step=config.steps,
+    )
+    if out_dir is not None:
+        if not history:
+            _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
+        result.save(out_dir / DISTILLED_NAME)
+    return result
+
+
+# --------------------------------------------------------------------------- compute
+
+
+def mkdt_cost(config: MKDTConfig, num_source: int = 50_000, feature_dim: int = 512) -> dict[str, float]:
+    """Image passes (and FLOPs) of an MKDT run, to compare its compute with KRR-ST's.
+
+    Counts, for a source of `num_source` images and d = `feature_dim`:
+    `teacher_forward_images` (g once per image; per augmented expert batch with
+    `expert_padding`), `expert_train_images` (forward + backward of the
+    students: E x epochs x N), `init_forward_images` (high-loss scoring: E x N),
+    `matching_unrolled_images` (forward + backward with create_graph inside the
+    unroll: steps x N_syn x batch), whose reverse pass (`matching_meta_backward_images`,
+    the same count) costs about two unrolled steps each (Hessian-vector
+    products). `student_forward_flops` is one image's forward through the
+    student (torch's FLOP counter, multiply-add = 2 FLOPs); `student_flops`
+    totals the student's work counting backward = 2 forwards, so an unrolled
+    image = 3 and its reverse pass about 6. A KRR-ST step, for comparison,
+    is about a teacher + student forward of the real batch, a forward/backward
+    of the m synthetic images and one pool step on them.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    student = _seeded_model(config, feature_dim, 0)
+    probe = torch.zeros(1, 3, config.image_size, config.image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        student(probe)
+    forward_flops = float(counter.get_total_flops())
+    expert_images = config.experts * config.expert_epochs * num_source
+    unrolled = config.steps * config.syn_steps * min(config.batch_syn, config.num_images)
+    init_images = config.experts * num_source if config.init == "high-loss" else 0
+    student_flops = forward_flops * (3 * expert_images + init_images + (3 + 6) * unrolled)
+    return {
+        "teacher_forward_images": num_source + (expert_images if config.expert_padding > 0 else 0),
+        "expert_train_images": expert_images,
+        "init_forward_images": init_images,
+        "matching_unrolled_images": unrolled,
+        "matching_meta_backward_images": unrolled,
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "student_forward_flops": forward_flops,
+        "student_flops": student_flops,
+    }
