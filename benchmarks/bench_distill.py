@@ -1,34 +1,37 @@
-"""Benchmark of KRR-ST distillation: outer steps/s and peak memory of `krrst.distill.distill`.
+"""Benchmark of KRR-ST distillation: the reference path against the fast path, side by side.
 
-    python benchmarks/bench_distill.py                      # every setting, CPU steps kept small
-    python benchmarks/bench_distill.py --settings paper --steps 3 --skip 1
-    python benchmarks/bench_distill.py --device cuda --steps 30 --skip 5
-    python benchmarks/bench_distill.py --settings narrow-m500-r18 --teacher-cache 8 --steps 4
+    python benchmarks/bench_distill.py --grid cpu                 # this CPU: narrow networks
+    python benchmarks/bench_distill.py --grid paper --steps 3     # the paper's CIFAR-100 step
+    python benchmarks/bench_distill.py --grid gpu --device cuda   # m 250..4000, batch 256/1024, 32/64 px
+    python benchmarks/bench_distill.py --grid gpu --device cuda --compile
 
-Settings:
-- `paper`: the paper's CIFAR-100 setting: m = 1,000, real batch 1,024,
-  ConvNet-3 128-256-512, ResNet-18 teacher (512-d), pool of 10. On a CPU a
-  step takes a minute or more, so time only 2-3 steps there.
-- `narrow-m100`, `narrow-m500`: a CPU-sized setting: ConvNet-3 32-64-128,
-  m = 100 / 500, batch 256, a ConvNet-3 32-64-128 teacher (2,048-d).
-- `narrow-m500-r18`: the same with the ResNet-18 teacher, to show its share.
+For every setting it runs the **reference path** (`reference_config`: float32,
+contiguous memory, a teacher forward every step, no compilation: the
+straightforward implementation the tests hold the fast path to) and the
+**fast path** (the defaults: bf16 autocast on CUDA, channels_last, fused
+AdamW on CUDA, no host sync inside the step, plus the teacher-target cache of
+`--teacher-cache K` views and, with `--compile`, `torch.compile` of the step),
+and prints steps/s of both, their ratio, peak memory, the FLOPs of one step
+and, on a GPU with a known peak, the model-FLOPs utilisation (MFU = FLOPs per
+step x steps/s / the device's dense bf16 peak).
 
-Each setting runs in its own process, so the peak memory is that setting's:
-CPU peak resident set size (`resource.getrusage`, the whole process,
-torch included; the RSS before `distill` is printed beside it) or, on CUDA,
-`torch.cuda.max_memory_allocated`. The rate is read from the run's own
-`loss.csv` (`log_every=1`: wall time at the end of every step, after a host
-sync), leaving out the first `--skip` steps (allocation, cuDNN autotuning).
-`pool_steps=1` skips the pool warm-up (up to T = 1,000 steps per model),
-which is set-up, not the per-step cost. Random uint8 images serve as the
-source: the rate does not depend on the pixels.
+Each path of each setting runs in a subprocess of its own, one after the
+other, so that the peak memory printed is that path's alone: on CPU the peak
+resident set size of the process (torch included), on CUDA
+`torch.cuda.max_memory_allocated`.
 
-`--teacher-cache K` runs every setting twice, without and with
-`DistillConfig.teacher_cache_views = K` (the teacher's features of K views
-per source image computed once before the loop), and prints the ratio of
-their steps/s and the one-off time to build the cache (not in the rate). The
-benchmark's source has max(4 x batch, 2 x m) images; the build time scales
-with images x K.
+Timing: `distill` logs every `--skip` steps (a log row synchronises the
+host); steps/s is measured from the row at step `--skip` (after allocation,
+cuDNN autotuning, compilation) to the last. The pool warm-up (up to T steps
+per model) is set-up, not per-step cost, and is skipped; T = 1,000 as in the
+paper, so the pool's picks train (not re-initialise) in the timed steps. The
+teacher cache's one-off build time is printed, not counted in the rate.
+Random uint8 images serve as the source: the rate does not depend on pixels.
+
+FLOPs of one step are counted with `torch.utils.flop_counter.FlopCounterMode`
+on meta tensors: features of m synthetic images forward + backward, features
+of the real batch forward, the teacher forward on the real batch (reference
+path and uncached fast path only) and one pool training step on the m images.
 """
 
 from __future__ import annotations
@@ -45,124 +48,183 @@ from pathlib import Path
 
 import torch
 
-SETTINGS = {
-    "paper": dict(num_images=1000, batch_size=1024, widths=(128, 256, 512), teacher="resnet18"),
-    "narrow-m100": dict(num_images=100, batch_size=256, widths=(32, 64, 128), teacher="convnet3-narrow"),
-    "narrow-m500": dict(num_images=500, batch_size=256, widths=(32, 64, 128), teacher="convnet3-narrow"),
-    "narrow-m500-r18": dict(num_images=500, batch_size=256, widths=(32, 64, 128), teacher="resnet18"),
-}
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets; MFU is printed where the name matches.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+NARROW3, FULL3, FULL4 = (32, 64, 128), (128, 256, 512), (64, 128, 256, 512)
 
 
-def _teacher(name: str):
+def grid(name: str) -> list[dict]:
+    """The settings of a grid: m, real batch, image size, distillation network, teacher."""
+    if name == "paper":
+        return [dict(m=1000, batch=1024, size=32, arch="convnet3", widths=FULL3, teacher="resnet18")]
+    if name == "tinyimagenet":
+        return [dict(m=2000, batch=1024, size=64, arch="convnet4", widths=FULL4, teacher="resnet18")]
+    if name == "gpu":
+        return [dict(m=m, batch=batch, size=size, arch="convnet3" if size == 32 else "convnet4",
+                     widths=FULL3 if size == 32 else FULL4, teacher="resnet18")
+                for size in (32, 64) for batch in (256, 1024) for m in (250, 500, 1000, 2000, 4000)]
+    if name == "cpu":
+        settings = [dict(m=m, batch=batch, size=32, arch="convnet3", widths=NARROW3, teacher="resnet18")
+                    for batch in (256, 1024) for m in (250, 1000, 4000)]
+        return settings + [dict(m=500, batch=256, size=64, arch="convnet3", widths=NARROW3, teacher="resnet18")]
+    raise SystemExit(f"unknown grid {name!r}; expected cpu, gpu, paper or tinyimagenet")
+
+
+def _teacher(name: str, size: int):
     from krrst.models import create_model
 
     torch.manual_seed(0)
-    if name == "resnet18":
-        return create_model("resnet18")
-    return create_model("convnet3", widths=(32, 64, 128))
+    return create_model(name)  # ResNet-18 (CIFAR stem, global pooling) takes any image size
 
 
-def run_one(name: str, steps: int, skip: int, device_name: str, teacher_cache: int = 0) -> dict:
-    """Run one setting in this process (with `teacher_cache` views cached, 0: none); return its measurements."""
+def _config(setting: dict, path: str, steps: int, log_every: int, teacher_cache: int, compile_step: bool):
+    from krrst.distill import DistillConfig, reference_config
+
+    config = DistillConfig(
+        num_images=setting["m"], batch_size=setting["batch"], image_size=setting["size"], arch=setting["arch"],
+        widths=setting["widths"], steps=steps, pool_size=10, pool_steps=1000, log_every=log_every,
+        checkpoint_every=10**9, validate_every=0, teacher_cache_views=teacher_cache, compile=compile_step,
+    )
+    return reference_config(config) if path == "reference" else config
+
+
+def step_flops(setting: dict, with_teacher: bool) -> int:
+    """FLOPs of one outer step (see the module docstring), counted on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from krrst.distill import _model_options, _seeded_model
+
+    config = _config(setting, "reference", 1, 1, 0, False)
+    with torch.device("meta"):
+        teacher = _teacher(setting["teacher"], setting["size"]).eval()
+        feature_dim = teacher(torch.empty(2, 3, setting["size"], setting["size"])).shape[1]
+        model = _seeded_model(config.arch, feature_dim, _model_options(config), 0)
+        synthetic = torch.empty(setting["m"], 3, setting["size"], setting["size"], requires_grad=True)
+        real = torch.empty(setting["batch"], 3, setting["size"], setting["size"])
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model.eval()
+            model.forward_features(synthetic).sum().backward()
+            with torch.no_grad():
+                model.forward_features(real)
+                if with_teacher:
+                    teacher(real)
+            model.train()
+            model(synthetic.detach()).sum().backward()
+    return counter.get_total_flops()
+
+
+def run_one(setting: dict, path: str, steps: int, skip: int, device_name: str, teacher_cache: int,
+            compile_step: bool) -> dict:
+    """Time one path of one setting in this process; return its measurements."""
     import krrst.distill as distill_module
     from krrst.config import resolve_device
     from krrst.data import ImageSet
-    from krrst.distill import DistillConfig, distill
 
-    setting = SETTINGS[name]
     device = resolve_device(device_name)
-    images = torch.randint(0, 256, (max(4 * setting["batch_size"], 2 * setting["num_images"]), 3, 32, 32),
+    size = setting["size"]
+    images = torch.randint(0, 256, (max(4 * setting["batch"], 2 * setting["m"]), 3, size, size),
                            dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     source = ImageSet(images, None, [], (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762), "random")
-    config = DistillConfig(
-        num_images=setting["num_images"], batch_size=setting["batch_size"], widths=setting["widths"], steps=steps,
-        pool_size=10, pool_steps=1, log_every=1, checkpoint_every=10**9, validate_every=0,
-        teacher_cache_views=teacher_cache,
-    )
+    cache = teacher_cache if path == "fast" else 0
+    config = _config(setting, path, skip + steps, skip, cache, compile_step and path == "fast")
+
     build_seconds = []
     build_cache = distill_module.build_teacher_cache
 
     def timed_build_cache(*args, **kwargs):
         started = time.perf_counter()
-        cache = build_cache(*args, **kwargs)
+        result = build_cache(*args, **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         build_seconds.append(time.perf_counter() - started)
-        return cache
+        return result
 
     distill_module.build_teacher_cache = timed_build_cache
-    teacher = _teacher(setting["teacher"])
-    rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    distill_module.ModelPool.warm_up = lambda self, *args, **kwargs: None  # set-up, not per-step cost
+    teacher = _teacher(setting["teacher"], size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp:
-        distill(source, teacher, config, out_dir=tmp, device=device, progress=False)
+        distill_module.distill(source, teacher, config, out_dir=tmp, device=device, progress=False)
         with open(Path(tmp) / "loss.csv") as handle:
-            rows = [row for row in csv.DictReader(handle) if row["loss"]]
-    elapsed = [float(row["elapsed_s"]) for row in rows]
-    seconds_per_step = (elapsed[-1] - elapsed[skip - 1]) / (len(elapsed) - skip) if skip else elapsed[-1] / len(elapsed)
+            elapsed = {int(row["step"]): float(row["elapsed_s"]) for row in csv.DictReader(handle) if row["loss"]}
+    last = max(elapsed)
+    seconds_per_step = (elapsed[last] - elapsed[skip]) / (last - skip)
     if device.type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA max allocated)"
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
         where = torch.cuda.get_device_name(device)
     else:
-        peak = (f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS "
-                f"({rss_before_mb / 1024:.2f} before distill)")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         where = f"CPU, {torch.get_num_threads()} threads"
-    return {"setting": name, "device": where, "m": setting["num_images"], "batch": setting["batch_size"],
-            "convnet": "-".join(map(str, setting["widths"])), "teacher": setting["teacher"],
-            "teacher_cache": teacher_cache, "source_images": len(images),
-            "cache_build_s": build_seconds[0] if build_seconds else None,
-            "timed_steps": len(elapsed) - skip, "steps_per_s": 1 / seconds_per_step,
-            "s_per_step": seconds_per_step, "peak_memory": peak}
+    flops = step_flops(setting, with_teacher=cache == 0)
+    peak_flops = next((value for key, value in PEAK_BF16.items() if key in where), None)
+    return {**setting, "path": path, "device": where, "teacher_cache": cache, "compile": config.compile,
+            "timed_steps": last - skip, "steps_per_s": 1 / seconds_per_step, "peak_gib": peak,
+            "cache_build_s": build_seconds[0] if build_seconds else None, "gflop_per_step": flops / 1e9,
+            "mfu": flops / seconds_per_step / peak_flops if peak_flops else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)}")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="outer steps per setting (default: 3 for paper on CPU, else 12)")
-    parser.add_argument("--skip", type=int, default=1, help="first steps left out of the timing")
+    parser.add_argument("--grid", default="cpu", help="cpu, gpu, paper or tinyimagenet (see grid())")
+    parser.add_argument("--only", default=None, help="comma-separated setting numbers of the grid (0-based)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per path (default: 2 on CPU, 30 on CUDA)")
+    parser.add_argument("--skip", type=int, default=None, help="untimed first steps (default: 1 on CPU, 5 on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--teacher-cache", type=int, default=0, metavar="K",
-                        help="also run each setting with teacher_cache_views=K and print the ratio")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one setting, print JSON
+    parser.add_argument("--teacher-cache", type=int, default=8, metavar="K",
+                        help="teacher-target cache views of the fast path (0: off; default 8)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the fast path's step")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one path of one setting
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    steps = args.steps or (30 if on_cuda else 2)
+    skip = args.skip or (5 if on_cuda else 1)
 
     if args.one:
-        print(json.dumps(run_one(args.one, args.steps, args.skip, args.device, args.teacher_cache)))
+        setting, path = json.loads(args.one)
+        print(json.dumps(run_one(setting, path, steps, skip, args.device, args.teacher_cache, args.compile)))
         return
 
-    results = []
-    for name in args.settings.split(","):
-        if name not in SETTINGS:
-            parser.error(f"unknown setting {name!r}; expected one of {', '.join(SETTINGS)}")
-        on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-        steps = args.steps or (3 if name == "paper" and on_cpu else 12)
-        for views in sorted({0, args.teacher_cache}):
-            command = [sys.executable, __file__, "--one", name, "--steps", str(steps), "--skip", str(args.skip),
-                       "--device", args.device, "--teacher-cache", str(views)]
+    settings = grid(args.grid)
+    if args.only:
+        settings = [settings[int(i)] for i in args.only.split(",")]
+    rows = []
+    for setting in settings:
+        for path in ("reference", "fast"):
+            command = [sys.executable, __file__, "--one", json.dumps([setting, path]), "--steps", str(steps),
+                       "--skip", str(skip), "--device", args.device, "--teacher-cache", str(args.teacher_cache)]
             command += ["--threads", str(args.threads)] if args.threads else []
+            command += ["--compile"] if args.compile else []
             finished = subprocess.run(command, capture_output=True, text=True)
             if finished.returncode != 0:
-                print(finished.stderr, file=sys.stderr)
-                raise SystemExit(f"setting {name} (teacher cache {views}) failed")
-            results.append(json.loads(finished.stdout.strip().splitlines()[-1]))
-            print(f"done: {name}, teacher cache {views}", file=sys.stderr)
+                print(finished.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"setting {setting} ({path}) failed")
+            rows.append(json.loads(finished.stdout.strip().splitlines()[-1]))
+            print(f"done: m={setting['m']} batch={setting['batch']} {setting['size']}px {path}: "
+                  f"{rows[-1]['steps_per_s']:.3f} steps/s", file=sys.stderr, flush=True)
 
-    uncached_rate = {r["setting"]: r["steps_per_s"] for r in results if not r["teacher_cache"]}
-    print(f"device: {results[0]['device']}")
-    print("| setting | m | batch | ConvNet-3 | teacher | teacher cache K | timed steps | steps/s | s/step "
-          "| x uncached | cache build | peak memory |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        build = (f"{r['cache_build_s']:.1f} s ({r['source_images']} x {r['teacher_cache']} views)"
-                 if r["cache_build_s"] is not None else "-")
-        print(f"| {r['setting']} | {r['m']} | {r['batch']} | {r['convnet']} | {r['teacher']} | "
-              f"{r['teacher_cache'] or 'off'} | {r['timed_steps']} | {r['steps_per_s']:.3f} | {r['s_per_step']:.2f} | "
-              f"{r['steps_per_s'] / uncached_rate[r['setting']]:.2f} | {build} | {r['peak_memory']} |")
+    print(f"device: {rows[0]['device']}; fast path: teacher cache K={args.teacher_cache}, "
+          f"compile={'on' if args.compile else 'off'}; {steps} timed steps after {skip}")
+    print("| m | batch | px | network | ref steps/s | fast steps/s | fast / ref | ref peak GiB | fast peak GiB "
+          "| GFLOP/step ref / fast | MFU ref / fast | 160k steps (fast) | cache build |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for reference, fast in zip(rows[0::2], rows[1::2]):
+        mfu = (f"{reference['mfu']:.1%} / {fast['mfu']:.1%}" if fast["mfu"] is not None else "-")
+        build = f"{fast['cache_build_s']:.1f} s" if fast["cache_build_s"] is not None else "-"
+        hours = 160_000 / fast["steps_per_s"] / 3600
+        print(f"| {fast['m']} | {fast['batch']} | {fast['size']} | {fast['arch']} {'-'.join(map(str, fast['widths']))} "
+              f"| {reference['steps_per_s']:.3f} | {fast['steps_per_s']:.3f} "
+              f"| {fast['steps_per_s'] / reference['steps_per_s']:.2f} | {reference['peak_gib']:.2f} "
+              f"| {fast['peak_gib']:.2f} | {reference['gflop_per_step']:.0f} / {fast['gflop_per_step']:.0f} | {mfu} "
+              f"| {hours:.1f} h | {build} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
