@@ -39,12 +39,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from krrst import io
-from krrst.augment import CropFlipParams, apply_crop_flip, normalize, sample_crop_flip
+from krrst.augment import (
+    CropFlipParams,
+    apply_crop_flip,
+    check_fixed_augmentations,
+    fixed_augment_all,
+    normalize,
+    sample_crop_flip,
+)
 from krrst.config import apply_overrides, config_changes, config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.models import create_model, model_options
 from krrst.objective import krr_predict_with_info, krr_st_loss
+from krrst.parameterize import AugmentationPredictor, augmentation_predictor_loss, make_synthetic_set
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 DISTILLED_NAME = "distilled.safetensors"
@@ -118,6 +126,21 @@ class DistillConfig:
         compile: `torch.compile` the per-step features + KRR-ST loss (the
             pool model's weights enter as inputs via `torch.func.functional_call`,
             so re-initialised models reuse the compiled graph).
+        parameterization: what is learnt (`krrst.parameterize`): "pixels"
+            (every pixel and target entry, the paper) or "basis" (coefficients
+            over PCA-initialised learnt bases of `image_rank` images and
+            `target_rank` targets, Boost-DD: more images for the same storage;
+            see `krrst.parameterize.basis_images_for_budget`).
+        init: the real images `X_s` starts from: "random" (the paper), "kmeans"
+            (nearest to k-means centroids in teacher space) or "high-loss" (the
+            hardest to regress for briefly trained students, MKDT).
+        fixed_augmentations: e.g. ("rot90", "rot180", "rot270"): the KRR
+            support set also holds these views of `X_s`, their targets predicted
+            from `Y_s` by a small `AugmentationPredictor` (hidden width
+            `predictor_hidden`, 0: linear) fitted at `predictor_lr` to the
+            teacher's representations of the same views of real images; each
+            real image of a batch is shown in one view drawn at random. The
+            distilled set holds every view (A x m images). Boost-DD.
 
     `reference_config(config)` turns every speed knob off (no cache, float32,
     contiguous, no compile): the straightforward implementation, kept as the
@@ -154,6 +177,13 @@ class DistillConfig:
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
+    parameterization: Literal["pixels", "basis"] = "pixels"
+    image_rank: int = 0
+    target_rank: int = 0
+    init: Literal["random", "kmeans", "high-loss"] = "random"
+    fixed_augmentations: tuple[str, ...] = ()
+    predictor_hidden: int = 0
+    predictor_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         positive = ("num_images", "image_size", "batch_size", "pool_size", "log_every", "validation_images")
@@ -177,6 +207,18 @@ class DistillConfig:
         for name, valid in (("precision", ("auto", "float32", "bfloat16")), ("channels_last", ("auto", "on", "off"))):
             if getattr(self, name) not in valid:
                 raise KrrstError(f"distill.{name}={getattr(self, name)!r} is not valid; expected one of {', '.join(valid)}")
+        if self.parameterization not in ("pixels", "basis"):
+            raise KrrstError(f"distill.parameterization={self.parameterization!r} is not valid; expected pixels or basis")
+        if self.parameterization == "basis" and (self.image_rank < 1 or self.target_rank < 1):
+            raise KrrstError("distill.parameterization=basis needs distill.image_rank >= 1 and distill.target_rank >= 1")
+        if self.init not in ("random", "kmeans", "high-loss"):
+            raise KrrstError(f"distill.init={self.init!r} is not valid; expected random, kmeans or high-loss")
+        if self.fixed_augmentations:
+            check_fixed_augmentations(self.fixed_augmentations)
+            if self.teacher_cache_views > 0:
+                raise KrrstError("distill.fixed_augmentations cannot be combined with distill.teacher_cache_views > 0")
+        if self.predictor_hidden < 0 or not self.predictor_lr > 0:
+            raise KrrstError("distill.predictor_hidden must be >= 0 and distill.predictor_lr > 0")
         if self.kernel_dtype not in KERNEL_DTYPES:
             raise KrrstError(f"distill.kernel_dtype={self.kernel_dtype!r} is not valid; expected float32 or float64")
         if self.teacher_cache_views > 0 and 2 * self.padding > 255:
@@ -602,16 +644,14 @@ class _ValidationSignal:
 # --------------------------------------------------------------------------- run files
 
 
-def _outer_optimizer(
-    image_channels: list[torch.Tensor], targets: torch.Tensor, config: DistillConfig, std: tuple[float, ...]
-) -> torch.optim.AdamW:
-    """AdamW over the per-channel leaves of `X_s` (lr `image_lr / std_c`, see `DistillConfig`) and `Y_s`."""
+def _outer_optimizer(synthetic: Any, config: DistillConfig, std: tuple[float, ...]) -> torch.optim.AdamW:
+    """AdamW over the synthetic set's parameter groups (`image_lr` in raw-pixel units, see `DistillConfig`)."""
+    on_cuda = synthetic.parameters()[0].is_cuda
     return torch.optim.AdamW(
-        [{"params": [leaf], "lr": config.image_lr / std[c]} for c, leaf in enumerate(image_channels)]
-        + [{"params": [targets], "lr": config.target_lr}],
+        synthetic.param_groups(config.image_lr, config.target_lr, std),
         weight_decay=config.weight_decay,
         # one fused kernel on CUDA; CPU takes the multi-tensor path (the update is a tiny share of a step)
-        **({"fused": True} if targets.is_cuda else {"foreach": True}),
+        **({"fused": True} if on_cuda else {"foreach": True}),
     )
 
 
@@ -684,11 +724,11 @@ def teacher_identity(teacher: nn.Module) -> str:
     return f"{arch}:{checksum:.6e}"
 
 
-def _stage_seeds(seed: int) -> tuple[int, int, int, int, int]:
-    """Independent seeds for the data, the pool, the validation networks, the held-out draw and the teacher cache."""
+def _stage_seeds(seed: int) -> tuple[int, ...]:
+    """Independent seeds: data, pool, validation networks, held-out draw, teacher cache, initialisation, predictor."""
     root = torch.Generator().manual_seed(seed)
     # Drawn in sequence: a seed added at the end leaves the earlier ones (and old runs) unchanged.
-    return tuple(_draw_seed(root) for _ in range(5))  # type: ignore[return-value]
+    return tuple(_draw_seed(root) for _ in range(7))
 
 
 def initial_indices(num_source: int, config: DistillConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -700,6 +740,68 @@ def initial_indices(num_source: int, config: DistillConfig, generator: torch.Gen
     if generator is None:
         generator = torch.Generator().manual_seed(_stage_seeds(config.seed)[0])
     return torch.randperm(num_source, generator=generator)[: config.num_images]
+
+
+def _fixed_view_batch(
+    real_images: torch.Tensor,
+    teacher: nn.Module,
+    predictor: AugmentationPredictor,
+    predictor_optimizer: torch.optim.Optimizer,
+    views: tuple[str, ...],
+    generator: torch.Generator,
+    speed: SpeedSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Show each real image in one fixed view drawn at random; fit the predictor on the same batch.
+
+    Returns the batch of views and the teacher's representations of them. The
+    predictor takes one Adam step on `augmentation_predictor_loss` of this
+    batch: its predictions of every view from the teacher's representation of
+    the plain image, against the teacher on those views (A + 1 teacher passes).
+    """
+    batch = len(real_images)
+    with torch.no_grad():
+        plain_reps = speed.forward(teacher, real_images)
+        view_images = fixed_augment_all(real_images, views)
+        view_reps = torch.cat([speed.forward(teacher, chunk) for chunk in view_images.split(batch)])
+    predictor_optimizer.zero_grad(set_to_none=True)
+    augmentation_predictor_loss(predictor, view_reps, plain_reps).backward()
+    predictor_optimizer.step()
+    chosen = torch.randint(0, len(views), (batch,), generator=generator).to(real_images.device)
+    rows = chosen * batch + torch.arange(batch, device=real_images.device)
+    return view_images[rows], view_reps[rows]
+
+
+def select_initial_indices(
+    source_images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    teacher: nn.Module,
+    config: DistillConfig,
+    generator: torch.Generator,
+    *,
+    device: torch.device,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The m real images `X_s` starts from, by `config.init` (random, kmeans or high-loss).
+
+    The random draw is always made from `generator` first, so that the data
+    stream after it is the same whatever the initialisation.
+    """
+    indices = initial_indices(len(source_images), config, generator)
+    if config.init == "random":
+        return indices
+    from krrst.baselines import high_loss_indices, kmeans, nearest_distinct
+    from krrst.teacher import teacher_features
+
+    init_seed = _stage_seeds(config.seed)[5]
+    features = teacher_features(teacher, source_images, mean, std, 512, device, progress)
+    if config.init == "kmeans":
+        centroids, _ = kmeans(features, config.num_images, seed=init_seed, progress=progress)
+        return nearest_distinct(features, centroids).cpu()
+    return high_loss_indices(
+        source_images, features, config.num_images, mean=mean, std=std, arch=config.arch,
+        arch_options=_model_options(config), seed=init_seed, device=device, progress=progress,
+    ).cpu()
 
 
 def distill(
@@ -785,30 +887,48 @@ def distill(
             f"({checkpoint.get('teacher')} , now {teacher_id}); pass the same --teacher or choose another --out"
         )
 
-    data_seed, pool_seed, validation_seed, heldout_seed, cache_seed = _stage_seeds(config.seed)
+    data_seed, pool_seed, validation_seed, heldout_seed, cache_seed, *_ = _stage_seeds(config.seed)
     data_generator = torch.Generator().manual_seed(data_seed)
 
-    # --- the synthetic set: m random real images (normalised) and their teacher features
-    initial = initial_indices(num_source, config, data_generator).to(device)
-    synthetic_images = normalize(source_images[initial], mean, std)
-    synthetic_targets = _forward_in_chunks(teacher, synthetic_images)
-    if synthetic_targets.dim() != 2:
-        raise KrrstError(f"teacher must output N x d features, got shape {tuple(synthetic_targets.shape)}")
-    feature_dim = synthetic_targets.shape[1]
-    # One leaf per channel so each gets its own lr (see DistillConfig).
-    image_channels = [synthetic_images[:, c : c + 1].clone().requires_grad_(True) for c in range(channels)]
-    synthetic_targets = synthetic_targets.clone().requires_grad_(True)
-
-    def current_images() -> torch.Tensor:
-        return torch.cat(image_channels, dim=1)
-
-    optimizer = _outer_optimizer(image_channels, synthetic_targets, config, std)
+    # --- the synthetic set: m real images (normalised, chosen by config.init) and their teacher features
+    initial = select_initial_indices(
+        source_images, mean, std, teacher, config, data_generator, device=device, progress=progress
+    ).to(device)
+    initial_images = normalize(source_images[initial], mean, std)
+    initial_targets = _forward_in_chunks(teacher, initial_images)
+    if initial_targets.dim() != 2:
+        raise KrrstError(f"teacher must output N x d features, got shape {tuple(initial_targets.shape)}")
+    feature_dim = initial_targets.shape[1]
+    basis_options = (
+        {"image_rank": config.image_rank, "target_rank": config.target_rank}
+        if config.parameterization == "basis" else {}
+    )
+    synthetic = make_synthetic_set(config.parameterization, initial_images, initial_targets, **basis_options)
+    optimizer = _outer_optimizer(synthetic, config, std)
 
     def lr_factor(step: int) -> float:
         # linear from 1 to final_lr_factor over the run, as the public code's LinearLR
         return 1.0 - (1.0 - config.final_lr_factor) * min(step, config.steps) / max(config.steps, 1)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    # --- fixed augmentations (Boost-DD): views of X_s in the support set, their targets predicted from Y_s
+    views = check_fixed_augmentations(("identity", *config.fixed_augmentations), height, width) \
+        if config.fixed_augmentations else ("identity",)
+    predictor = predictor_optimizer = None
+    if len(views) > 1:
+        predictor = AugmentationPredictor(
+            feature_dim, views, config.predictor_hidden or None,
+            generator=torch.Generator().manual_seed(_stage_seeds(config.seed)[6]),
+        ).to(device)
+        predictor_optimizer = torch.optim.Adam(predictor.parameters(), lr=config.predictor_lr)
+
+    def support_set() -> tuple[torch.Tensor, torch.Tensor]:
+        """The KRR support set: every view of the images, with targets (predicted for non-identity views)."""
+        images, targets = synthetic.images(), synthetic.targets()
+        if predictor is None:
+            return images, targets
+        return fixed_augment_all(images, views), predictor(targets)
 
     pool = ModelPool(
         config.arch, feature_dim, _model_options(config), config.pool_size, config.pool_steps,
@@ -856,10 +976,12 @@ def distill(
             )
         last_checked_step = step
     if checkpoint is not None:
-        with torch.no_grad():
-            for c, leaf in enumerate(image_channels):
-                leaf.copy_(checkpoint["images"][:, c : c + 1])
-            synthetic_targets.copy_(checkpoint["targets"])
+        # checkpoints of pixel runs before `parameterization` existed hold images/targets at the top level
+        synthetic.load_state_dict(checkpoint.get("synthetic") or {"images": checkpoint["images"],
+                                                                  "targets": checkpoint["targets"]})
+        if predictor is not None:
+            predictor.load_state_dict(checkpoint["predictor"])
+            predictor_optimizer.load_state_dict(checkpoint["predictor_optimizer"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         pool.load_state_dict(checkpoint["pool"])
@@ -869,13 +991,21 @@ def distill(
         loss_count = int(checkpoint["loss_count"])
         start_step, history = int(checkpoint["step"]), list(checkpoint["history"])
     else:
-        pool.warm_up(synthetic_images, synthetic_targets.detach(), progress)
+        with torch.no_grad():
+            support_images, support_targets = support_set()
+        pool.warm_up(support_images, support_targets, progress)
 
     def distilled_set(step: int) -> DistilledSet:
+        with torch.no_grad():
+            images, targets = support_set()
+        storage = synthetic.storage_bytes() + (predictor.storage_bytes() if predictor is not None else 0)
         return DistilledSet(
-            images=current_images().detach().cpu(), targets=synthetic_targets.detach().cpu(), mean=mean, std=std,
+            images=images.detach().cpu(), targets=targets.detach().cpu(), mean=mean, std=std,
             target_kind="representation", method="krr-st", source=source_name,
-            teacher_arch=getattr(teacher, "spec", {}).get("arch"), config=config_to_dict(config), step=step,
+            teacher_arch=getattr(teacher, "spec", {}).get("arch"),
+            config={**config_to_dict(config), "synthetic": {**synthetic.summary(), "storage_bytes": storage,
+                                                            "views": list(views)}},
+            step=step,
         )
 
     def save_run(step: int) -> None:
@@ -885,8 +1015,9 @@ def distill(
             "config": config_to_dict(config),
             "source": [source_name, num_source],
             "teacher": teacher_id,
-            "images": current_images().detach(),
-            "targets": synthetic_targets.detach(),
+            "synthetic": synthetic.state_dict(),
+            **({"predictor": predictor.state_dict(), "predictor_optimizer": predictor_optimizer.state_dict()}
+               if predictor is not None else {}),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "pool": pool.state_dict(),
@@ -914,7 +1045,8 @@ def distill(
             loss_sum.zero_()
             loss_count = 0
         if validation is not None and (step == config.steps or _every(step, config.validate_every)):
-            row["val_loss"] = validation(current_images().detach(), synthetic_targets.detach())
+            with torch.no_grad():
+                row["val_loss"] = validation(*support_set())
             row["val_reference"] = validation.reference
         if row["loss"] is None and row["val_loss"] is None:
             return
@@ -932,24 +1064,33 @@ def distill(
             if cache is None:
                 crop = sample_crop_flip(config.batch_size, config.padding, data_generator, device)
             else:  # replay one of each image's K cached views
-                views = torch.randint(0, config.teacher_cache_views, (config.batch_size,), generator=data_generator)
-                views = views.to(device, non_blocking=True)
-                crop = cache.crop_params(indices, views)
+                cached_views = torch.randint(
+                    0, config.teacher_cache_views, (config.batch_size,), generator=data_generator
+                ).to(device, non_blocking=True)
+                crop = cache.crop_params(indices, cached_views)
             real_images = normalize(apply_crop_flip(source_images[indices], crop, config.padding), mean, std)
-            with torch.no_grad():
-                real_targets = speed.forward(teacher, real_images) if cache is None else cache.targets(indices, views)
+            if predictor is not None:
+                real_images, real_targets = _fixed_view_batch(
+                    real_images, teacher, predictor, predictor_optimizer, views, data_generator, speed
+                )
+            else:
+                with torch.no_grad():
+                    real_targets = (speed.forward(teacher, real_images) if cache is None
+                                    else cache.targets(indices, cached_views))
 
             index = pool.pick()
             model = pool.models[index].eval()
-            loss, info = step_loss(model, current_images(), synthetic_targets, real_images, real_targets)
+            loss, info = step_loss(model, *support_set(), real_images, real_targets)
             failed_solves += info != 0
-            # grad w.r.t. the set only: the pool model's weights need none
-            parameters = [*image_channels, synthetic_targets]
+            # grad w.r.t. the set only: the pool model's (and the predictor's) weights take none from this loss
+            parameters = synthetic.parameters()
             for parameter, gradient in zip(parameters, torch.autograd.grad(loss, parameters)):
                 parameter.grad = gradient
             optimizer.step()
             scheduler.step()
-            pool.train_step(index, current_images().detach(), synthetic_targets.detach())
+            with torch.no_grad():
+                support_images, support_targets = support_set()
+            pool.train_step(index, support_images, support_targets)
 
             loss_sum += loss.detach()
             loss_count += 1

@@ -23,6 +23,7 @@ from krrst.distill import (
     reference_config,
 )
 from krrst.data import ImageSet
+from krrst.parameterize import PixelSet
 from krrst.augment import apply_crop_flip, normalize
 from krrst.objective import krr_st_loss
 from krrst.distilled import DistilledSet
@@ -169,9 +170,9 @@ def test_image_lr_in_normalised_units_reproduces_raw_pixel_adamw():
     raw = torch.rand(4, 3, 5, 5, generator=generator, dtype=torch.float64).requires_grad_(True)
     raw_optimizer = torch.optim.AdamW([raw], lr=config.image_lr, weight_decay=0.0)
     normalised = ((raw.detach() - mean_t) / std_t)
-    channels = [normalised[:, c : c + 1].clone().requires_grad_(True) for c in range(3)]
-    targets = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
-    ours = _outer_optimizer(channels, targets, config, std)
+    synthetic = PixelSet(normalised, torch.zeros(4, 2, dtype=torch.float64))
+    channels, targets = synthetic.image_channels, synthetic.target_values
+    ours = _outer_optimizer(synthetic, config, std)
     for _ in range(5):
         gradient_normalised = torch.randn(4, 3, 5, 5, generator=generator, dtype=torch.float64)
         raw.grad = gradient_normalised / std_t  # chain rule: d/dx_raw = d/dx_norm / std
@@ -535,3 +536,93 @@ def test_speed_knobs_are_resolved_per_device_and_validated():
         DistillConfig(precision="fp8")
     with pytest.raises(KrrstError, match="distill.channels_last='yes'"):
         DistillConfig(channels_last="yes")
+
+
+# --------------------------------------------------------------------------- parameterisations, views, initialisations
+
+
+@pytest.mark.shared_data
+def test_basis_parameterisation_distils_resumes_and_records_its_storage(cifar10_small, tmp_path, monkeypatch):
+    train, _ = cifar10_small
+    config = dataclasses.replace(RUN, num_images=12, steps=6, parameterization="basis", image_rank=6, target_rank=4,
+                                 validation_models=0, checkpoint_every=3)
+    expected = distill(train, _teacher(), config, out_dir=tmp_path / "whole", progress=False)
+    summary = expected.config["synthetic"]
+    assert summary["kind"] == "basis" and summary["image_rank"] == 6 and summary["target_rank"] == 4
+    d = expected.targets.shape[1]
+    hand_count = 12 * 6 + 6 * 3 * 32 * 32 + 3 * 32 * 32 + 12 * 4 + 4 * d + d  # coefficients, bases, means
+    assert summary["storage_bytes"] == 4 * hand_count
+    # every image lies in the span of the 6 basis images around the mean: rank of the centred set <= 6
+    centred = expected.images.flatten(1) - expected.images.flatten(1).mean(0)
+    assert torch.linalg.matrix_rank(centred.double(), rtol=1e-5) <= 6
+    losses = [float(row["loss"]) for row in _history(tmp_path / "whole") if row["loss"]]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+    real_save = distill_module._save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        if state["step"] == 3:
+            raise _Interrupted
+
+    monkeypatch.setattr(distill_module, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Interrupted):
+        distill(train, _teacher(), config, out_dir=tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(distill_module, "_save_checkpoint", real_save)
+    resumed = distill(train, _teacher(), config, out_dir=tmp_path / "resumed", resume=True, progress=False)
+    assert torch.equal(resumed.images, expected.images) and torch.equal(resumed.targets, expected.targets)
+
+
+@pytest.mark.shared_data
+def test_fixed_augmentations_put_every_view_in_the_set_and_fit_the_predictor(cifar10_small, monkeypatch):
+    train, _ = cifar10_small
+    predictor_losses = []
+    real_loss = distill_module.augmentation_predictor_loss
+
+    def recording_loss(*args):
+        predictor_losses.append(real_loss(*args))
+        return predictor_losses[-1]
+
+    monkeypatch.setattr(distill_module, "augmentation_predictor_loss", recording_loss)
+    config = dataclasses.replace(RUN, steps=20, fixed_augmentations=("rot90", "hflip"), predictor_lr=1e-4,
+                                 validation_models=0)
+    result = distill(train, _teacher(), config, progress=False)
+    m = config.num_images
+    assert len(result) == 3 * m and result.config["synthetic"]["views"] == ["identity", "rot90", "hflip"]
+    plain, rotated, flipped = result.images.split(m)
+    assert torch.equal(rotated, torch.rot90(plain, 1, dims=(-2, -1))) and torch.equal(flipped, plain.flip(-1))
+    # the views' targets are predicted, not copies of the plain image's
+    assert not torch.allclose(result.targets[m : 2 * m], result.targets[:m])
+    assert len(predictor_losses) == 20
+    first, last = (float(torch.stack(predictor_losses[part]).mean()) for part in (slice(0, 5), slice(-5, None)))
+    assert last < 0.9 * first, ("the predictor learns on real views", first, last)
+    with pytest.raises(KrrstError, match="cannot be combined with distill.teacher_cache_views"):
+        DistillConfig(fixed_augmentations=("rot90",), teacher_cache_views=2)
+    with pytest.raises(KrrstError, match="unknown fixed augmentation 'rot45'"):
+        DistillConfig(fixed_augmentations=("rot45",))
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("init", ["kmeans", "high-loss"])
+def test_initialisations_start_from_the_images_they_choose(cifar10_small, init, monkeypatch):
+    """With 0 steps the set is the chosen real images; the choice is the baselines' function's, seeded."""
+    train, _ = cifar10_small
+    chosen = []
+    import krrst.baselines as baselines
+
+    name = "nearest_distinct" if init == "kmeans" else "high_loss_indices"
+    real = getattr(baselines, name)
+
+    def recording(*args, **kwargs):
+        chosen.append(real(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(baselines, name, recording)
+    config = dataclasses.replace(RUN, steps=0, init=init, validation_models=0)
+    result = distill(train, _teacher(), config, progress=False)
+    expected_images = normalize(train.images[chosen[0].cpu()], train.mean, train.std)
+    torch.testing.assert_close(result.images, expected_images)
+    random_start = distill(train, _teacher(), dataclasses.replace(config, init="random"), progress=False)
+    assert not torch.equal(result.images, random_start.images)
+    again = distill(train, _teacher(), config, progress=False)
+    assert torch.equal(again.images, result.images), "seeded"
