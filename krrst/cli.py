@@ -75,34 +75,53 @@ def _cmd_teacher(args: argparse.Namespace) -> None:
 
 def _cmd_distill(args: argparse.Namespace) -> None:
     from krrst.distill import DistillConfig, distill
+    from krrst.mkdt import MKDTConfig, mkdt_distill
     from krrst.pipeline import split_heldout
     from krrst.teacher import load_teacher
 
-    config = _stage_config(DistillConfig, "distill", args.preset, args.overrides,
-                           {"steps": args.steps, "num_images": args.m, "image_size": args.image_size})
+    extra = {"steps": args.steps, "num_images": args.m, "image_size": args.image_size, "init": args.init}
+    if args.method == "mkdt":
+        config = _stage_config(MKDTConfig, "mkdt", args.preset, args.overrides, extra)
+        if args.resume:
+            raise KrrstError("--resume is not supported with --method mkdt (its runs are not checkpointed)")
+    else:
+        config = _stage_config(DistillConfig, "distill", args.preset, args.overrides, extra)
     teacher = load_teacher(args.teacher, arch=args.teacher_arch)
     images, heldout = split_heldout(_load_source(args), args.heldout, config.seed)
-    distilled = distill(images, teacher, config, out_dir=args.out, resume=args.resume, device=args.device,
-                        heldout=heldout, progress=args.progress)
+    if args.method == "mkdt":
+        distilled = mkdt_distill(images, teacher, config, out_dir=args.out, device=args.device, progress=args.progress)
+    else:
+        distilled = distill(images, teacher, config, out_dir=args.out, resume=args.resume, device=args.device,
+                            heldout=heldout, progress=args.progress)
     out = Path(args.out)
     print(f"distilled {len(distilled)} images with {distilled.feature_dim}-d targets into "
           f"{out / 'distilled.safetensors'} (preview: {out / 'preview.png'})")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from krrst.baselines import kmeans_coreset, random_subset
+    from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset
     from krrst.data import load_images
     from krrst.distilled import DistilledSet
     from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
-    from krrst.pipeline import TEST_SPLITS, claim_evaluation, evaluate_methods, file_identity, parse_protocol
+    from krrst.pipeline import (PROTOCOL_SUITES, TEST_SPLITS, claim_evaluation, evaluate_methods, file_identity,
+                                parse_protocol)
     from krrst.report import report_text, write_report
     from krrst.teacher import load_teacher
 
     if (args.distilled is None) == (args.baseline is None):
-        raise KrrstError("give exactly one of --distilled PATH or --baseline random|kmeans|none|full")
-    protocols = args.protocol or ["finetune"]
-    for protocol in protocols:
-        parse_protocol(protocol)
+        raise KrrstError("give exactly one of --distilled PATH or --baseline random|kmeans|high-loss|none|full")
+    protocols, suite_overrides = [], []
+    for protocol in args.protocol or ["finetune"]:
+        if protocol in PROTOCOL_SUITES:  # a published protocol: its rows and its pre-training/probe settings
+            for key, value in PROTOCOL_SUITES[protocol].items():
+                if key == "run.protocols":
+                    protocols += [item for item in value if item not in protocols]
+                else:
+                    suite_overrides.append(f"{key}={value}")
+        else:
+            parse_protocol(protocol)
+            protocols.append(protocol)
+    args.overrides = suite_overrides + args.overrides  # an explicit --set wins
     if args.seeds < 1:
         raise KrrstError(f"--seeds must be at least 1, got {args.seeds}")
     stages = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear": LinearProbeConfig}
@@ -119,13 +138,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         method, source_name = network.method, network.source
     else:
         method, source_name, network = {"full": "full-ssl"}.get(args.baseline, args.baseline), args.source or "", None
-        if args.baseline in ("random", "kmeans", "full") and teacher is None:
+        if args.baseline in ("random", "kmeans", "high-loss", "full") and teacher is None:
             raise KrrstError(f"--baseline {args.baseline} needs the teacher: pass --teacher PATH")
-        if args.baseline in ("random", "kmeans"):
+        if args.baseline in ("random", "kmeans", "high-loss"):
             if not args.source or not args.source_root:
                 raise KrrstError(f"--baseline {args.baseline} needs --source NAME and --source-root PATH to pick images from")
             source = load_images(args.source, args.source_root, "train", image_size=args.image_size)
-            pick = random_subset if args.baseline == "random" else kmeans_coreset
+            pick = {"random": random_subset, "kmeans": kmeans_coreset, "high-loss": high_loss_subset}[args.baseline]
             network, source_name = pick(source, args.m, teacher, seed=args.seed, device=args.device), source.name
         elif args.baseline == "full":
             network = teacher
@@ -164,7 +183,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from krrst.config import parse_assignments
     from krrst.pipeline import resolve_config, run
 
-    config = resolve_config(args.preset, parse_assignments(args.overrides))
+    config = resolve_config(args.preset, parse_assignments(args.overrides), protocol=args.protocol)
     if args.print_config:
         print(json.dumps({"preset": args.preset, **config.to_dict()}, indent=2))
         return
@@ -202,7 +221,10 @@ def _run_args(parser: argparse.ArgumentParser, preset: str | None) -> None:
     parser.add_argument("--force", action="store_true",
                         help="reuse a run directory of another config, re-running only the stages that changed")
     parser.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
-    _common(parser, "run, teacher, distill, pretrain, finetune, linear")
+    parser.add_argument("--protocol", choices=("krrst", "mkdt"), default=None,
+                        help="a published evaluation protocol: krrst (1,000 pre-training epochs, full fine-tuning) or "
+                        "mkdt (20 epochs, L-BFGS linear probe on 1/5/10/50%% of the labels); default: the preset's")
+    _common(parser, "run, teacher, distill, mkdt, pretrain, finetune, linear")
     parser.set_defaults(handler=_cmd_run)
 
 
@@ -239,13 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--teacher", required=True, help="teacher file (teacher.safetensors from `krrst teacher`, or your own)")
     distill.add_argument("--teacher-arch", default=None, help="the teacher's architecture when the file does not say")
     distill.add_argument("--out", required=True, help="output folder: distilled.safetensors, checkpoint, loss.csv/png, preview.png")
+    distill.add_argument("--method", choices=("krr-st", "mkdt"), default="krr-st",
+                         help="krr-st (default; --set distill.FIELD=...) or the MKDT comparator (trajectory matching "
+                         "of students regressing the teacher, ICLR 2025; --set mkdt.FIELD=...)")
+    distill.add_argument("--init", choices=("random", "kmeans", "high-loss"), default=None,
+                         help="the real images the set starts from (krr-st default: random; mkdt: high-loss; "
+                         "mkdt takes random or high-loss)")
     distill.add_argument("--preset", default=None,
                          help="settings of a preset: cifar100 (the default values), tinyimagenet, imagenet64, demo, cpu-mini")
     distill.add_argument("--steps", type=int, default=None, help="outer steps (paper: 160,000)")
     distill.add_argument("--m", type=int, default=None, help="synthetic images (paper: 1,000 CIFAR-100, 2,000 Tiny-ImageNet)")
     distill.add_argument("--heldout", type=int, default=1000, help="source images held out for the validation signal (0: none)")
     distill.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    _common(distill, "distill")
+    _common(distill, "distill (krr-st) or mkdt")
     distill.set_defaults(handler=_cmd_distill)
 
     evaluate = sub.add_parser("evaluate", help="pre-train on a distilled set or baseline, then fine-tune / linear-probe",
@@ -253,15 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
                               "linear-probe it on a labelled target, and append rows to OUT/results.csv; finished "
                               "seeds are skipped, so an interrupted evaluation resumes.")
     evaluate.add_argument("--distilled", default=None, help="a DistilledSet file (distilled.safetensors)")
-    evaluate.add_argument("--baseline", choices=("random", "kmeans", "none", "full"), default=None,
-                          help="evaluate a baseline instead: random subset, k-means coreset, no pre-training, the teacher")
+    evaluate.add_argument("--baseline", choices=("random", "kmeans", "high-loss", "none", "full"), default=None,
+                          help="evaluate a baseline instead: random subset, k-means coreset, high-loss subset (MKDT's "
+                          "initialisation), no pre-training, the teacher")
     evaluate.add_argument("--target", required=True, help="target dataset name (see `krrst datasets`)")
     evaluate.add_argument("--root", required=True, help="the target dataset's folder or .zip")
     evaluate.add_argument("--arch", default="convnet3", help="evaluation architecture (see `krrst models`)")
     evaluate.add_argument("--widths", type=lambda text: [int(v) for v in text.split(",")], default=[],
                           help="ConvNet widths, e.g. 32,64,128 for narrow CPU networks")
     evaluate.add_argument("--protocol", action="append", default=None,
-                          help="finetune (default), linear, or either @P%% for a label fraction (e.g. linear@1%%); repeatable")
+                          help="finetune (default), linear, or either @P%% for a label fraction (e.g. linear@1%%); or a "
+                          "published protocol: krrst (1,000 pre-training epochs + fine-tuning) or mkdt (20 epochs + "
+                          "L-BFGS linear probe on 1/5/10/50%% of labels); repeatable")
     evaluate.add_argument("--seeds", type=int, default=3, help="number of seeds (paired across methods)")
     evaluate.add_argument("--seed", type=int, default=0, help="first seed")
     evaluate.add_argument("--out", required=True, help="run directory receiving results.csv/json/md")

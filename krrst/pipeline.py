@@ -33,12 +33,24 @@ from krrst.distill import DistillConfig
 from krrst.errors import KrrstError
 from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
 from krrst.io import capture_env, read_json, write_json
+from krrst.mkdt import MKDTConfig
 from krrst.teacher import TeacherConfig
 
 SAMPLE_ROOT = "@sample"
 FINE_GRAINED = ("aircraft", "cars", "cub", "dogs", "flowers")
 TEST_SPLITS = {"tinyimagenet": "val", "imagenet64": "val"}
-METHODS = ("krr-st", "random", "kmeans", "none", "full-ssl")
+METHODS = ("krr-st", "mkdt", "random", "kmeans", "high-loss", "none", "full-ssl")
+DEFAULT_METHODS = ("krr-st", "random", "kmeans", "none", "full-ssl")
+
+# The two published evaluation protocols, as overrides (`krrst run/evaluate --protocol NAME`); `--set` wins over them.
+PROTOCOL_SUITES: dict[str, dict[str, Any]] = {
+    # KRR-ST (Lee et al., ICLR 2024): 1,000 pre-training epochs, then full fine-tuning.
+    "krrst": {"pretrain.epochs": 1000, "run.protocols": ("finetune",)},
+    # MKDT (Joshi et al., ICLR 2025): 20 pre-training epochs, then a frozen-feature linear probe fitted with
+    # L-BFGS on 1 / 5 / 10 / 50% of the labels.
+    "mkdt": {"pretrain.epochs": 20, "linear.solver": "lbfgs",
+             "run.protocols": ("linear@1%", "linear@5%", "linear@10%", "linear@50%")},
+}
 BASE_PROTOCOLS = ("finetune", "linear")
 
 
@@ -67,7 +79,7 @@ class RunConfig:
     target_train_per_class: int | None = None
     target_test_per_class: int | None = None
     finegrained_iterations: int = 5000
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     protocols: tuple[str, ...] = ("finetune",)
     archs: tuple[str, ...] = ("convnet3",)
     eval_widths: tuple[int, ...] = ()
@@ -82,6 +94,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "run": RunConfig,
     "teacher": TeacherConfig,
     "distill": DistillConfig,
+    "mkdt": MKDTConfig,
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
     "linear": LinearProbeConfig,
@@ -95,6 +108,7 @@ class PipelineConfig:
     run: RunConfig = RunConfig()
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillConfig = DistillConfig()
+    mkdt: MKDTConfig = MKDTConfig()
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     linear: LinearProbeConfig = LinearProbeConfig()
@@ -158,13 +172,20 @@ def list_presets() -> list[str]:
     return list(PRESETS)
 
 
-def resolve_config(preset: str = "cifar100", overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
-    """The preset's config with `overrides` (`{"distill.steps": "100", ...}`) applied on top.
+def resolve_config(
+    preset: str = "cifar100", overrides: Mapping[str, Any] | None = None, protocol: str | None = None
+) -> PipelineConfig:
+    """The preset's config, then the `protocol` suite's overrides (`PROTOCOL_SUITES`), then `overrides`.
 
-    Unknown presets, stages, keys and ill-typed values are one-line `KrrstError`s.
+    `overrides` are `{"distill.steps": "100", ...}`. Unknown presets, protocol
+    suites, stages, keys and ill-typed values are one-line `KrrstError`s.
     """
     if preset not in PRESETS:
         raise KrrstError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    if protocol is not None:
+        if protocol not in PROTOCOL_SUITES:
+            raise KrrstError(f"unknown --protocol {protocol!r}; valid protocols: {', '.join(PROTOCOL_SUITES)}")
+        overrides = {**PROTOCOL_SUITES[protocol], **(overrides or {})}
     per_stage: dict[str, dict[str, Any]] = {stage: dict(values) for stage, values in PRESETS[preset].items()}
     for key, value in (overrides or {}).items():
         stage, dot, field = key.partition(".")
@@ -178,6 +199,11 @@ def resolve_config(preset: str = "cifar100", overrides: Mapping[str, Any] | None
     }
     config = PipelineConfig(**stages)
     _check_run_config(config.run)
+    if "mkdt" in config.run.methods and config.mkdt.image_size != config.run.image_size:
+        raise KrrstError(
+            f"mkdt.image_size={config.mkdt.image_size} differs from run.image_size={config.run.image_size}; "
+            "set both to the same value"
+        )
     if "krr-st" in config.run.methods and config.distill.image_size != config.run.image_size:
         raise KrrstError(
             f"distill.image_size={config.distill.image_size} differs from run.image_size={config.run.image_size} "
@@ -437,7 +463,8 @@ def run(
     `teacher/`, `distill/`, `baselines/`, `eval/`, `results.{csv,json,md,png}`
     and `report.html`.
     """
-    from krrst.baselines import kmeans_coreset, random_subset_of
+    from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset_of
+    from krrst.mkdt import mkdt_distill
     from krrst.distill import distill, initial_indices
     from krrst.distilled import DistilledSet
     from krrst.report import read_results, report_text, write_report
@@ -488,10 +515,19 @@ def run(
                     progress=progress)
         _mark_done(distill_dir, distill_fp)
 
+    mkdt_dir = out_dir / "mkdt"
+    mkdt_fp = _fingerprint(teacher_fp, source_fp, _without(config.mkdt, ("log_every",)))
+    if "mkdt" in run_config.methods and not _stage_done(mkdt_dir, mkdt_fp):
+        _start_stage(mkdt_dir, mkdt_fp)
+        with _timed(out_dir, "mkdt", log):
+            mkdt_distill(source, teacher, config.mkdt, out_dir=mkdt_dir, device=device, progress=progress)
+        _mark_done(mkdt_dir, mkdt_fp)
+
     # -- baselines ------------------------------------------------------------------------------
     baselines_dir = out_dir / "baselines"
-    baselines_fp = _fingerprint(teacher_fp, source_fp, config.distill.num_images, config.distill.seed)
-    wanted = [method for method in ("random", "kmeans") if method in run_config.methods]
+    baselines_fp = _fingerprint(teacher_fp, source_fp, config.distill.num_images, config.distill.seed,
+                                config.distill.arch, config.distill.widths)
+    wanted = [method for method in ("random", "kmeans", "high-loss") if method in run_config.methods]
     missing = []
     if wanted:
         _start_stage(baselines_dir, baselines_fp)  # clears sets built for another teacher, source or m
@@ -506,10 +542,21 @@ def run(
             if "kmeans" in missing:
                 kmeans_coreset(source, config.distill.num_images, teacher, seed=config.distill.seed, device=device,
                                progress=progress).save(baselines_dir / "kmeans.safetensors")
+            if "high-loss" in missing:
+                # MKDT's initialisation as a subset baseline: students of the distillation architecture, trained
+                # briefly to regress the teacher, score every source image.
+                from krrst.distill import _model_options
+
+                high_loss_subset(
+                    source, teacher, config.distill.num_images, seed=config.distill.seed, arch=config.distill.arch,
+                    arch_options=_model_options(config.distill), device=device, progress=progress,
+                ).save(baselines_dir / "high-loss.safetensors")
 
     sets: dict[str, DistilledSet | None] = {"none": None}
     if "krr-st" in run_config.methods:
         sets["krr-st"] = DistilledSet.load(distill_dir / "distilled.safetensors")
+    if "mkdt" in run_config.methods:
+        sets["mkdt"] = DistilledSet.load(mkdt_dir / "distilled.safetensors")
     for method in wanted:
         sets[method] = DistilledSet.load(baselines_dir / f"{method}.safetensors")
 
@@ -517,7 +564,7 @@ def run(
     eval_dir = out_dir / "eval"
     # Which methods, protocols, archs and how many seeds are left out: adding one adds rows, it does not
     # invalidate the others (rows are keyed by method, target, arch, protocol and seed).
-    eval_fp = _fingerprint(distill_fp, baselines_fp, _without(config.pretrain), _without(config.finetune),
+    eval_fp = _fingerprint(distill_fp, baselines_fp, mkdt_fp, _without(config.pretrain), _without(config.finetune),
                            _without(config.linear),
                            _without(run_config, ("methods", "protocols", "archs", "seeds", "download")))
     marker = eval_dir / "fingerprint.json"

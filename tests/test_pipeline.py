@@ -249,3 +249,56 @@ def test_a_config_field_added_at_its_default_keeps_old_fingerprints():
     assert fingerprint(Old(steps=5, log_every=1)) == fingerprint(Old(steps=5)), "logging cadence is left out"
     assert fingerprint(New(steps=5, compile=True)) != fingerprint(Old(steps=5)), "a non-default value counts"
     assert fingerprint(Old(steps=5)) != fingerprint(Old(steps=6))
+
+
+# A tiny MKDT: 2 experts of 2 epochs, 2 outer steps of 2 unrolled steps.
+TINY_MKDT = {"mkdt.widths": "8,8,8", "mkdt.experts": "2", "mkdt.expert_epochs": "2", "mkdt.syn_steps": "2",
+             "mkdt.expert_epochs_matched": "1", "mkdt.max_start_epoch": "1", "mkdt.steps": "2",
+             "mkdt.num_images": "10", "mkdt.batch_syn": "10", "mkdt.image_lr": "10"}
+
+
+def test_mkdt_and_the_high_loss_subset_run_through_the_pipeline(finished_run, tmp_path):
+    out, _ = finished_run
+    teacher = str(out / "teacher" / "teacher.safetensors")
+    rows = run_tiny(tmp_path / "run", **TINY_MKDT, **{"run.methods": "mkdt,high-loss", "run.protocols": "linear@50%",
+                                                      "run.teacher_path": teacher})
+    assert {row["method"] for row in rows} == {"mkdt", "high-loss"}
+    mkdt_set = DistilledSet.load(tmp_path / "run" / "mkdt" / "distilled.safetensors")
+    assert mkdt_set.method == "mkdt" and len(mkdt_set) == 10
+    high_loss = DistilledSet.load(tmp_path / "run" / "baselines" / "high-loss.safetensors")
+    assert high_loss.method == "high-loss" and len(high_loss) == 10
+
+
+def test_protocol_suites_set_the_published_protocols_and_an_explicit_set_wins():
+    mkdt = pipeline.resolve_config("demo", {}, protocol="mkdt")
+    assert mkdt.run.protocols == ("linear@1%", "linear@5%", "linear@10%", "linear@50%")
+    assert mkdt.pretrain.epochs == 20 and mkdt.linear.solver == "lbfgs"
+    krrst = pipeline.resolve_config("demo", {"pretrain.epochs": "7"}, protocol="krrst")
+    assert krrst.run.protocols == ("finetune",) and krrst.pretrain.epochs == 7
+    with pytest.raises(KrrstError, match="unknown --protocol 'mtt'; valid protocols: krrst, mkdt"):
+        pipeline.resolve_config("demo", {}, protocol="mtt")
+
+
+def test_cli_distill_runs_mkdt_and_evaluate_expands_a_protocol_suite(finished_run, tmp_path, monkeypatch):
+    out, _ = finished_run
+    sample = str(pipeline.sample_path())
+    mkdt_args = [f"--set={key}={value}" for key, value in TINY_MKDT.items() if key != "mkdt.num_images"]
+    assert main(["distill", "--method", "mkdt", "--source", "imagefolder", "--root", sample, "--max-per-class", "4",
+                 "--teacher", str(out / "teacher" / "teacher.safetensors"), "--out", str(tmp_path / "mkdt"),
+                 "--m", "6", "--heldout", "0", "--init", "random", "--no-progress", "--device", "cpu",
+                 "--set", "mkdt.batch_syn=6", *mkdt_args]) == 0
+    distilled = DistilledSet.load(tmp_path / "mkdt" / "distilled.safetensors")
+    assert distilled.method == "mkdt" and len(distilled) == 6 and distilled.config["init"] == "random"
+
+    seen = {}
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return []
+
+    monkeypatch.setattr(pipeline, "evaluate_methods", recording)
+    assert main(["evaluate", "--distilled", str(tmp_path / "mkdt" / "distilled.safetensors"), "--target",
+                 "imagefolder", "--root", sample, "--max-per-class", "2", "--protocol", "mkdt", "--out",
+                 str(tmp_path / "eval"), "--no-progress", "--device", "cpu"]) == 0
+    assert seen["protocols"] == ["linear@1%", "linear@5%", "linear@10%", "linear@50%"]
+    assert seen["pretrain_config"].epochs == 20 and seen["linear_config"].solver == "lbfgs"
