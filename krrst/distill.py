@@ -49,6 +49,7 @@ from krrst.augment import (
 )
 from krrst.config import apply_overrides, config_changes, config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
+from krrst.distributed import DistributedContext, all_reduce_mean_, current_context, shard_slice
 from krrst.errors import KrrstError
 from krrst.models import create_model, model_options
 from krrst.objective import krr_predict_with_info, krr_st_loss
@@ -748,10 +749,10 @@ def _fixed_view_batch(
     predictor: AugmentationPredictor,
     predictor_optimizer: torch.optim.Optimizer,
     views: tuple[str, ...],
-    generator: torch.Generator,
+    chosen: torch.Tensor,
     speed: SpeedSettings,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Show each real image in one fixed view drawn at random; fit the predictor on the same batch.
+    """Show real image i in view `chosen[i]` (drawn at random); fit the predictor on the same batch.
 
     Returns the batch of views and the teacher's representations of them. The
     predictor takes one Adam step on `augmentation_predictor_loss` of this
@@ -765,9 +766,9 @@ def _fixed_view_batch(
         view_reps = torch.cat([speed.forward(teacher, chunk) for chunk in view_images.split(batch)])
     predictor_optimizer.zero_grad(set_to_none=True)
     augmentation_predictor_loss(predictor, view_reps, plain_reps).backward()
+    all_reduce_mean_([p.grad for p in predictor.parameters()])  # identical predictors on every rank
     predictor_optimizer.step()
-    chosen = torch.randint(0, len(views), (batch,), generator=generator).to(real_images.device)
-    rows = chosen * batch + torch.arange(batch, device=real_images.device)
+    rows = chosen.to(real_images.device) * batch + torch.arange(batch, device=real_images.device)
     return view_images[rows], view_reps[rows]
 
 
@@ -814,6 +815,8 @@ def distill(
     device: str | torch.device | None = None,
     heldout: Any = None,
     progress: bool = True,
+    stop_at_step: int | None = None,
+    distributed: DistributedContext | None = None,
 ) -> DistilledSet:
     """Distil `source` into `config.num_images` synthetic images with teacher-representation targets (KRR-ST).
 
@@ -834,6 +837,15 @@ def distill(
             uint8 tensor, normalised with the source's stats) for the
             validation signal; None disables it.
         progress: show tqdm bars (only on a terminal).
+        stop_at_step: stop after this step (checkpointing it), as a kill
+            would; `resume=True` later continues the same run.
+        distributed: under `torchrun` (default: the current process group,
+            see `krrst.distributed`), each rank takes its contiguous share of
+            every real batch (`batch_size` stays the global batch), the
+            gradients of the set are averaged over ranks (one all-reduce per
+            step), and the set, the pool and every random draw stay identical
+            on all ranks; only rank 0 validates and writes files. A checkpoint
+            resumes with any number of ranks.
 
     Each outer step: a real batch (random crop with zero padding + flip, then
     normalise, on the device); its teacher features (with
@@ -847,6 +859,10 @@ def distill(
     if not isinstance(config, DistillConfig):
         raise KrrstError(f"config must be a DistillConfig, got {type(config).__name__}")
     device = resolve_device(device)
+    context = distributed or current_context(device)
+    is_main = context.is_main
+    shard = shard_slice(config.batch_size, context.rank, context.world_size, "distill.batch_size")
+    progress = progress and is_main
     out_dir = Path(out_dir) if out_dir is not None else None
     if resume and out_dir is None:
         raise KrrstError("--resume needs --out (the run folder holding checkpoint.safetensors)")
@@ -1010,6 +1026,8 @@ def distill(
 
     def save_run(step: int) -> None:
         check_solves(step)  # never checkpoint a set updated through a failed solve
+        if not is_main:
+            return
         state = {
             "step": step,
             "config": config_to_dict(config),
@@ -1040,11 +1058,12 @@ def distill(
         check_solves(step)
         row = {"step": step, "loss": None, "lr": config.image_lr * lr_factor(step),
                "val_loss": None, "val_reference": None, "elapsed_s": round(time.perf_counter() - started, 3)}
+        all_reduce_mean_([loss_sum])  # each rank summed its share's losses: their mean is the global batch's
         if loss_count:
             row["loss"] = (loss_sum / loss_count).item()
             loss_sum.zero_()
             loss_count = 0
-        if validation is not None and (step == config.steps or _every(step, config.validate_every)):
+        if is_main and validation is not None and (step == config.steps or _every(step, config.validate_every)):
             with torch.no_grad():
                 row["val_loss"] = validation(*support_set())
             row["val_reference"] = validation.reference
@@ -1052,13 +1071,14 @@ def distill(
             return
         history.append(row)
         bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "val_loss") if row[k] is not None}, refresh=False)
-        if out_dir is not None:
+        if out_dir is not None and is_main:
             _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
 
+    last_step = config.steps if stop_at_step is None else max(start_step, min(int(stop_at_step), config.steps))
     try:
         if start_step == 0:
             log_row(0)
-        for step in range(start_step + 1, config.steps + 1):
+        for step in range(start_step + 1, last_step + 1):
             # real batch: crop + flip on uint8 (black padding, as torchvision), then normalise
             indices = batches.next().to(device, non_blocking=True)
             if cache is None:
@@ -1068,15 +1088,18 @@ def distill(
                     0, config.teacher_cache_views, (config.batch_size,), generator=data_generator
                 ).to(device, non_blocking=True)
                 crop = cache.crop_params(indices, cached_views)
-            real_images = normalize(apply_crop_flip(source_images[indices], crop, config.padding), mean, std)
+            # every rank draws the global batch's parameters (same generators) and keeps its share
+            crop = CropFlipParams(*(part[shard] for part in crop))
+            real_images = normalize(apply_crop_flip(source_images[indices[shard]], crop, config.padding), mean, std)
             if predictor is not None:
+                chosen = torch.randint(0, len(views), (config.batch_size,), generator=data_generator)[shard]
                 real_images, real_targets = _fixed_view_batch(
-                    real_images, teacher, predictor, predictor_optimizer, views, data_generator, speed
+                    real_images, teacher, predictor, predictor_optimizer, views, chosen, speed
                 )
             else:
                 with torch.no_grad():
                     real_targets = (speed.forward(teacher, real_images) if cache is None
-                                    else cache.targets(indices, cached_views))
+                                    else cache.targets(indices[shard], cached_views[shard]))
 
             index = pool.pick()
             model = pool.models[index].eval()
@@ -1084,7 +1107,9 @@ def distill(
             failed_solves += info != 0
             # grad w.r.t. the set only: the pool model's (and the predictor's) weights take none from this loss
             parameters = synthetic.parameters()
-            for parameter, gradient in zip(parameters, torch.autograd.grad(loss, parameters)):
+            gradients = torch.autograd.grad(loss, parameters)
+            all_reduce_mean_(gradients)  # the global batch's mean loss: every rank takes the same step
+            for parameter, gradient in zip(parameters, gradients):
                 parameter.grad = gradient
             optimizer.step()
             scheduler.step()
@@ -1095,7 +1120,7 @@ def distill(
             loss_sum += loss.detach()
             loss_count += 1
             bar.update()
-            last = step == config.steps
+            last = step == last_step
             if last or _every(step, config.log_every) or _every(step, config.validate_every):
                 log_row(step)
             if out_dir is not None and (last or _every(step, config.checkpoint_every)):
@@ -1103,9 +1128,10 @@ def distill(
     finally:
         bar.close()
 
-    result = distilled_set(config.steps)
-    if out_dir is not None:
-        if start_step == config.steps or config.steps == 0:
-            save_run(config.steps)  # nothing ran: still leave a complete run folder
-        result.save(out_dir / DISTILLED_NAME)
+    result = distilled_set(last_step)
+    if out_dir is not None and is_main:
+        if start_step == last_step:
+            save_run(last_step)  # nothing ran: still leave a complete run folder
+        if last_step == config.steps:
+            result.save(out_dir / DISTILLED_NAME)
     return result

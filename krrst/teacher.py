@@ -20,6 +20,12 @@ Files a training run writes into `out_dir`:
 - `loss.csv`: one row per step (step, loss, lr, elapsed_s);
 - `health.json`: the feature health check and, when labels are given, the
   k-NN accuracy.
+
+Under torchrun (`train_teacher(..., distributed=init_distributed())`) the
+teacher trains with DistributedDataParallel: every rank draws the same global
+batch and views, keeps its contiguous share, normalises with SyncBatchNorm,
+and the SSL loss sees the all-gathered embeddings, so a run equals the
+single-process run on the same global batch; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -42,6 +48,14 @@ from tqdm.auto import tqdm
 
 from krrst.augment import normalize, ssl_view_pair
 from krrst.config import config_changes, config_to_dict, resolve_device
+from krrst.distributed import (
+    DistributedContext,
+    all_gather_with_grad,
+    barrier,
+    convert_sync_batchnorm,
+    run_on_main,
+    shard_slice,
+)
 from krrst.errors import KrrstError
 from krrst.io import atomic_write, load_state, load_tensors, save_state, save_tensors, write_json
 
@@ -351,6 +365,7 @@ def train_teacher(
     *,
     stop_at_step: int | None = None,
     progress: bool | None = None,
+    distributed: DistributedContext | None = None,
 ) -> nn.Module:
     """Train an SSL teacher on the unlabelled `images` (an `ImageSet`) and return its backbone.
 
@@ -370,10 +385,18 @@ def train_teacher(
         stop_at_step: stop after this global step, checkpoint and return the
             unfinished backbone (for time-sliced runs and the resume test).
         progress: show the tqdm bar and the summary line (None: bar only on a tty).
+        distributed: the `krrst.distributed.init_distributed()` context of a
+            torchrun process; with world_size > 1 the ranks split each global
+            batch of `config.batch_size` (a multiple of the world size) and
+            train one model together on `distributed.device` (`device` is
+            then ignored); only rank 0 writes to `out_dir` and prints. None
+            or world_size 1: a single process. The result does not depend
+            on the world size, and a checkpoint resumes with any.
 
     Returns:
         The backbone (no head, no projector) in eval mode with
-        `requires_grad_(False)`; `forward(x)` gives the features.
+        `requires_grad_(False)`; `forward(x)` gives the features. Every rank
+        returns the same weights.
 
     Raises:
         KrrstError: on bad settings, a diverging loss, or a collapsed teacher.
@@ -386,7 +409,9 @@ def train_teacher(
             raise KrrstError(
                 f"teacher.{name}={getattr(config, name)} is not valid; expected a positive number of steps"
             )
-    device = resolve_device(device)
+    sharded = distributed is not None and distributed.world_size > 1
+    is_main = not sharded or distributed.is_main
+    device = distributed.device if sharded else resolve_device(device)
     on_cuda = device.type == "cuda"
     num_images = len(images)
     if config.batch_size < 2 or config.batch_size > num_images:
@@ -399,6 +424,8 @@ def train_teacher(
     if total_steps < 1:
         raise KrrstError("teacher.steps and teacher.epochs are both 0; set one of them")
     stop = total_steps if stop_at_step is None else max(0, min(int(stop_at_step), total_steps))
+    if sharded:
+        local_rows = shard_slice(config.batch_size, distributed.rank, distributed.world_size, "teacher.batch_size")
     out_path = Path(out_dir) if out_dir is not None else None
     checkpoint_path = out_path / CHECKPOINT_FILE if out_path else None
     loss_path = out_path / LOSS_FILE if out_path else None
@@ -411,23 +438,41 @@ def train_teacher(
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
     backbone.to(device=device, memory_format=memory_format)
     projector.to(device)
+    if sharded:
+        # Batch statistics over the global batch, as the single process sees them.
+        backbone, projector = convert_sync_batchnorm(backbone), convert_sync_batchnorm(projector)
     optimizer = _make_optimizer(config, list(backbone.parameters()) + list(projector.parameters()))
     generator = torch.Generator().manual_seed(config.seed)
     start_step = 0
 
-    if checkpoint_path is not None and checkpoint_path.exists():
+    def read_checkpoint() -> dict[str, Any] | None:
+        if checkpoint_path is None or not checkpoint_path.exists():
+            return None
         if not resume:
             raise KrrstError(
                 f"{checkpoint_path} already exists; pass --resume to continue that run or choose another --out"
             )
         state = load_state(checkpoint_path, "teacher checkpoint")
         _check_resumable(state, config, checkpoint_path, num_images)
+        return state
+
+    # Under torchrun rank 0 reads the checkpoint and hands it to the others (no shared disk needed).
+    state = run_on_main(read_checkpoint) if sharded else read_checkpoint()
+    if state is not None:
         backbone.load_state_dict(state["model"])
         projector.load_state_dict(state["projector"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         start_step = int(state["step"])
+    two_views: nn.Module | None = None
+    if sharded:
+        # DDP all-reduces (averages) the gradients in buckets during backward.
+        two_views = nn.parallel.DistributedDataParallel(
+            _TwoViews(backbone, projector), device_ids=[device.index] if on_cuda else None
+        )
     last_loss = float("nan")
+    if not is_main:
+        checkpoint_path = loss_path = None  # rank 0 writes the files
     if loss_path is not None:
         last_loss = _reset_loss_log(loss_path, keep_up_to=start_step)
 
@@ -469,7 +514,7 @@ def train_teacher(
         unit="img",
         unit_scale=True,
         desc=f"teacher {config.method} {config.arch}",
-        disable=None if progress is None else not progress,
+        disable=(None if progress is None else not progress) if is_main else True,
         dynamic_ncols=True,
     )
     backbone.train()
@@ -484,6 +529,10 @@ def train_teacher(
                 permutation, permutation_epoch = _epoch_permutation(config.seed, epoch, num_images).to(device), epoch
             batch = source[permutation[position * config.batch_size : (position + 1) * config.batch_size]]
             view_a, view_b = ssl_view_pair(batch, mean, std, generator, augment_configs)
+            if sharded:
+                # Views of the whole global batch from the shared generator, then this
+                # rank's rows: the union over ranks is exactly the single-process batch.
+                view_a, view_b = view_a[local_rows], view_b[local_rows]
             if on_cuda:
                 view_a = view_a.contiguous(memory_format=torch.channels_last)
                 view_b = view_b.contiguous(memory_format=torch.channels_last)
@@ -493,9 +542,17 @@ def train_teacher(
             # Each view goes through the network on its own so that BatchNorm
             # sees per-view statistics, as in the Barlow Twins and solo-learn code.
             with autocast:
-                z_a = projector(backbone(view_a))
-                z_b = projector(backbone(view_b))
-            loss = loss_fn(z_a.float(), z_b.float())
+                if two_views is not None:
+                    z_a, z_b = two_views(view_a, view_b)
+                else:
+                    z_a = projector(backbone(view_a))
+                    z_b = projector(backbone(view_b))
+            if sharded:
+                # Every rank computes the loss of the global batch; the gather's backward
+                # sums the ranks' gradients and DDP averages them: the single-process gradient.
+                loss = loss_fn(all_gather_with_grad(z_a.float()), all_gather_with_grad(z_b.float()))
+            else:
+                loss = loss_fn(z_a.float(), z_b.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -515,23 +572,46 @@ def train_teacher(
     finally:
         bar.close()
 
+    if sharded:
+        # A plain backbone (BatchNorm, not SyncBatchNorm) with the trained weights, for single-process use.
+        with torch.random.fork_rng(devices=[]):
+            plain = build_backbone(config, images.image_size)
+        plain.to(device=device, memory_format=memory_format).load_state_dict(backbone.state_dict())
+        backbone = plain
     teacher = _freeze(backbone)
     if stop < total_steps:
+        if sharded:
+            barrier()  # rank 0's last checkpoint is on disk before any rank returns
         return teacher
 
+    # Every rank checks the health (same weights, same verdict), so a collapse fails them all alike.
     health = _health_report(teacher, images, heldout, labelled, device)
     summary = _summary_line(config, total_steps, last_loss, health)
-    if out_path is not None:
+    if out_path is not None and is_main:
         write_json(out_path / HEALTH_FILE, health)
-    if progress is not False:
+    if progress is not False and is_main:
         print(summary)
     check_not_collapsed(health, where=f"teacher trained in {out_path}" if out_path else "trained teacher")
-    if out_path is not None:
+    if out_path is not None and is_main:
         save_teacher(
             out_path / TEACHER_FILE, teacher, mean, std,
             config=config, source=getattr(images, "name", ""), steps=total_steps,
         )
+    if sharded:
+        barrier()
     return teacher
+
+
+class _TwoViews(nn.Module):
+    """Backbone + projector applied to both views in one forward, the unit DDP wraps."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each view on its own, so that BatchNorm sees per-view statistics (as in the single process).
+        return self.projector(self.backbone(view_a)), self.projector(self.backbone(view_b))
 
 
 def _check_resumable(state: Mapping[str, Any], config: TeacherConfig, path: Path, num_images: int) -> None:
