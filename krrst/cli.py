@@ -47,6 +47,13 @@ def _stage_config(cls, stage: str, preset: str | None, overrides: list[str], ext
     return apply_overrides(cls(), values, stage)
 
 
+def _distributed(args: argparse.Namespace):
+    """Join torchrun's process group when launched by it (one process per GPU); else a single process."""
+    from krrst.distributed import init_distributed
+
+    return init_distributed(args.device)
+
+
 def _load_source(args: argparse.Namespace):
     from krrst.data import load_images
 
@@ -69,8 +76,11 @@ def _cmd_teacher(args: argparse.Namespace) -> None:
               f"median feature std {health['std_median']:.3g}) as {out / TEACHER_FILE}")
         return
     config = _stage_config(TeacherConfig, "teacher", args.preset, args.overrides)
-    train_teacher(images, config, out_dir=out, resume=args.resume, device=args.device, progress=args.progress)
-    print(f"wrote {out / TEACHER_FILE}")
+    context = _distributed(args)
+    train_teacher(images, config, out_dir=out, resume=args.resume, device=context.device,
+                  progress=args.progress and context.is_main, distributed=context)
+    if context.is_main:
+        print(f"wrote {out / TEACHER_FILE}")
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
@@ -91,8 +101,11 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     if args.method == "mkdt":
         distilled = mkdt_distill(images, teacher, config, out_dir=args.out, device=args.device, progress=args.progress)
     else:
-        distilled = distill(images, teacher, config, out_dir=args.out, resume=args.resume, device=args.device,
-                            heldout=heldout, progress=args.progress)
+        context = _distributed(args)
+        distilled = distill(images, teacher, config, out_dir=args.out, resume=args.resume, device=context.device,
+                            heldout=heldout, progress=args.progress, distributed=context)
+        if not context.is_main:
+            return
     out = Path(args.out)
     print(f"distilled {len(distilled)} images with {distilled.feature_dim}-d targets into "
           f"{out / 'distilled.safetensors'} (preview: {out / 'preview.png'})")
@@ -103,6 +116,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from krrst.data import load_images
     from krrst.distilled import DistilledSet
     from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
+    from krrst.distributed import run_on_main
     from krrst.pipeline import (PROTOCOL_SUITES, TEST_SPLITS, claim_evaluation, evaluate_methods, file_identity,
                                 parse_protocol)
     from krrst.report import report_text, write_report
@@ -152,8 +166,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     # Rows and cached networks are keyed by method: refuse to mix in results of another set or config.
     what = file_identity(args.distilled) if args.distilled else [args.baseline, args.m, args.seed, args.source,
                                                                   args.source_root, file_identity(args.teacher)]
-    claim_evaluation(args.out, method, [what, {k: str(v) for k, v in configs.items()}, args.widths, image_size,
-                                        args.target, args.max_per_class])
+    context = _distributed(args)
+    run_on_main(lambda: claim_evaluation(args.out, method, [what, {k: str(v) for k, v in configs.items()},
+                                                           args.widths, image_size, args.target, args.max_per_class]))
     train = load_images(args.target, args.root, "train", image_size=image_size, download=args.download,
                         max_per_class=args.max_per_class)
     test = load_images(args.target, args.root, TEST_SPLITS.get(args.target, "test"), image_size=image_size,
@@ -162,13 +177,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         args.out, {method: network}, [(args.target, train, test)], source_name=source_name, archs=[args.arch],
         seeds=range(args.seed, args.seed + args.seeds), protocols=protocols,
         pretrain_config=configs["pretrain"], finetune_config=configs["finetune"], linear_config=configs["linear"],
-        eval_widths=tuple(args.widths), image_size=image_size, device=args.device, progress=args.progress,
+        eval_widths=tuple(args.widths), image_size=image_size, device=context.device,
+        progress=args.progress and context.is_main, distributed=context,
         # An explicit --set finetune.iterations holds for fine-grained targets too (default there: 5,000).
         finegrained_iterations=configs["finetune"].iterations
         if any(item.startswith("finetune.iterations=") for item in args.overrides) else 5000,
     )
-    write_report(args.out)
-    print(report_text(args.out))
+    if context.is_main:
+        write_report(args.out)
+        print(report_text(args.out))
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -188,8 +205,11 @@ def _cmd_run(args: argparse.Namespace) -> None:
         print(json.dumps({"preset": args.preset, **config.to_dict()}, indent=2))
         return
     out = args.out or f"runs/{args.preset}"
-    run(config, out, root=args.root, preset=args.preset, force=args.force, device=args.device, progress=args.progress)
-    print(f"run directory: {out} (open {Path(out) / 'report.html'})")
+    context = _distributed(args)
+    run(config, out, root=args.root, preset=args.preset, force=args.force, device=context.device,
+        progress=args.progress, distributed=context, log=print if context.is_main else (lambda _: None))
+    if context.is_main:
+        print(f"run directory: {out} (open {Path(out) / 'report.html'})")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -328,12 +348,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except KrrstError as exc:
+        _leave_process_group()
         print(f"krrst {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _leave_process_group()
         print(f"krrst {args.command}: interrupted; finished checkpoints are kept, re-run to resume", file=sys.stderr)
         return 130
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    from krrst.distributed import cleanup
+
+    cleanup()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,14 @@ from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
 from krrst.distill import DistillConfig
 from krrst.errors import KrrstError
 from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
+from krrst.distributed import (
+    DistributedContext,
+    barrier,
+    current_context,
+    gather_objects,
+    run_on_main,
+    split_jobs,
+)
 from krrst.io import capture_env, read_json, write_json
 from krrst.mkdt import MKDTConfig
 from krrst.teacher import TeacherConfig
@@ -347,13 +355,15 @@ def _start_stage(stage_dir: Path, fingerprint: str) -> None:
 
 
 @contextmanager
-def _timed(out_dir: Path, stage: str, log) -> Iterator[None]:
-    """Add the stage's wall time to `timings.json` (accumulated across resumes)."""
+def _timed(out_dir: Path, stage: str, log, write: bool = True) -> Iterator[None]:
+    """Add the stage's wall time to `timings.json` (accumulated across resumes; `write=False`: other ranks)."""
     started = time.perf_counter()
     log(f"[{stage}] started")
     try:
         yield
     finally:
+        if not write:
+            return
         path = out_dir / "timings.json"
         timings = read_json(path) if path.exists() else {}
         timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 2)
@@ -456,12 +466,19 @@ def run(
     device: str | torch.device | None = None,
     progress: bool = True,
     log=print,
+    distributed: DistributedContext | None = None,
 ) -> list[dict[str, Any]]:
     """Run every stage of `config` into `out_dir`, skipping what is already done; returns the results rows.
 
     Layout of `out_dir`: `config.json`, `env.json`, `timings.json`,
-    `teacher/`, `distill/`, `baselines/`, `eval/`, `results.{csv,json,md,png}`
-    and `report.html`.
+    `teacher/`, `distill/`, `mkdt/`, `baselines/`, `eval/`,
+    `results.{csv,json,md,png}` and `report.html`.
+
+    Under `torchrun` (`distributed`, default: the current process group) the
+    teacher and the distillation run data-parallel over the ranks, the
+    baselines and MKDT run alike on every rank, the evaluation jobs (method x
+    arch x seed) are spread over the ranks, and rank 0 alone writes files;
+    the run directory must be on a file system every rank sees.
     """
     from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset_of
     from krrst.mkdt import mkdt_distill
@@ -472,10 +489,23 @@ def run(
 
     out_dir = Path(out_dir)
     root = Path(root)
-    device = resolve_device(device)
+    context = distributed or current_context(resolve_device(device))
+    device, main = context.device, context.is_main
+    if not main:
+        log, progress = (lambda _: None), False
     run_config = config.run
-    prepare_run_dir(out_dir, config, preset, force)
-    write_json(out_dir / "env.json", capture_env(seed=run_config.seed, device=device))
+    run_on_main(lambda: prepare_run_dir(out_dir, config, preset, force))
+    if main:
+        write_json(out_dir / "env.json", capture_env(seed=run_config.seed, device=device))
+
+    def stage_done(stage_dir: Path, fingerprint: str) -> bool:
+        return run_on_main(lambda: _stage_done(stage_dir, fingerprint))
+
+    def start_stage(stage_dir: Path, fingerprint: str) -> None:
+        run_on_main(lambda: _start_stage(stage_dir, fingerprint))
+
+    def mark_done(stage_dir: Path, fingerprint: str) -> None:
+        run_on_main(lambda: _mark_done(stage_dir, fingerprint))  # also a barrier: rank 0's files are written
 
     source_fp = _fingerprint(
         {k: v for k, v in config_to_dict(run_config).items() if k.startswith("source") or k in ("image_size", "heldout_images", "seed")}
@@ -495,33 +525,35 @@ def run(
     else:
         teacher_dir = out_dir / "teacher"
         teacher_fp = _fingerprint(source_fp, _without(config.teacher, ("checkpoint_every", "log_every")))
-        if not _stage_done(teacher_dir, teacher_fp):
-            _start_stage(teacher_dir, teacher_fp)
+        if not stage_done(teacher_dir, teacher_fp):
+            start_stage(teacher_dir, teacher_fp)
             first_train, first_test = next(iter(targets.values()))
-            with _timed(out_dir, "teacher", log):
+            with _timed(out_dir, "teacher", log, main):
                 train_teacher(source, config.teacher, out_dir=teacher_dir, resume=True, device=device, heldout=heldout,
-                              labelled=(first_train, first_test), progress=progress)
-            _mark_done(teacher_dir, teacher_fp)
+                              labelled=(first_train, first_test), progress=progress, distributed=context)
+            mark_done(teacher_dir, teacher_fp)
         teacher = load_teacher(teacher_dir / TEACHER_FILE, device=device)
     teacher = teacher.to(device).eval()
 
     # -- distillation ---------------------------------------------------------------------------
     distill_dir = out_dir / "distill"
     distill_fp = _fingerprint(teacher_fp, source_fp, _without(config.distill, RESUMABLE_DISTILL_CHANGES))
-    if "krr-st" in run_config.methods and not _stage_done(distill_dir, distill_fp):
-        _start_stage(distill_dir, distill_fp)
-        with _timed(out_dir, "distill", log):
+    if "krr-st" in run_config.methods and not stage_done(distill_dir, distill_fp):
+        start_stage(distill_dir, distill_fp)
+        with _timed(out_dir, "distill", log, main):
             distill(source, teacher, config.distill, out_dir=distill_dir, resume=True, device=device, heldout=heldout,
-                    progress=progress)
-        _mark_done(distill_dir, distill_fp)
+                    progress=progress, distributed=context)
+        mark_done(distill_dir, distill_fp)
 
     mkdt_dir = out_dir / "mkdt"
     mkdt_fp = _fingerprint(teacher_fp, source_fp, _without(config.mkdt, ("log_every",)))
-    if "mkdt" in run_config.methods and not _stage_done(mkdt_dir, mkdt_fp):
-        _start_stage(mkdt_dir, mkdt_fp)
-        with _timed(out_dir, "mkdt", log):
-            mkdt_distill(source, teacher, config.mkdt, out_dir=mkdt_dir, device=device, progress=progress)
-        _mark_done(mkdt_dir, mkdt_fp)
+    if "mkdt" in run_config.methods and not stage_done(mkdt_dir, mkdt_fp):
+        start_stage(mkdt_dir, mkdt_fp)
+        with _timed(out_dir, "mkdt", log, main):
+            # not data-parallel: every rank computes the same set, rank 0 writes it
+            mkdt_distill(source, teacher, config.mkdt, out_dir=mkdt_dir if main else None, device=device,
+                         progress=progress)
+        mark_done(mkdt_dir, mkdt_fp)
 
     # -- baselines ------------------------------------------------------------------------------
     baselines_dir = out_dir / "baselines"
@@ -530,27 +562,33 @@ def run(
     wanted = [method for method in ("random", "kmeans", "high-loss") if method in run_config.methods]
     missing = []
     if wanted:
-        _start_stage(baselines_dir, baselines_fp)  # clears sets built for another teacher, source or m
-        missing = [method for method in wanted if not (baselines_dir / f"{method}.safetensors").exists()]
+        start_stage(baselines_dir, baselines_fp)  # clears sets built for another teacher, source or m
+        missing = run_on_main(lambda: [m for m in wanted if not (baselines_dir / f"{m}.safetensors").exists()])
+
+    def save_set(distilled, method: str) -> None:
+        if main:  # every rank built the same set (no rank waits idle on another's long k-means)
+            distilled.save(baselines_dir / f"{method}.safetensors")
+
     if missing:
-        with _timed(out_dir, "baselines", log):
+        with _timed(out_dir, "baselines", log, main):
             if "random" in missing:
                 # The same real images KRR-ST started from, with the teacher's targets: the pair differs only
                 # in what distillation did to them.
                 indices = initial_indices(len(source), config.distill)
-                random_subset_of(source, indices, teacher, device=device).save(baselines_dir / "random.safetensors")
+                save_set(random_subset_of(source, indices, teacher, device=device), "random")
             if "kmeans" in missing:
-                kmeans_coreset(source, config.distill.num_images, teacher, seed=config.distill.seed, device=device,
-                               progress=progress).save(baselines_dir / "kmeans.safetensors")
+                save_set(kmeans_coreset(source, config.distill.num_images, teacher, seed=config.distill.seed,
+                                        device=device, progress=progress), "kmeans")
             if "high-loss" in missing:
                 # MKDT's initialisation as a subset baseline: students of the distillation architecture, trained
                 # briefly to regress the teacher, score every source image.
                 from krrst.distill import _model_options
 
-                high_loss_subset(
+                save_set(high_loss_subset(
                     source, teacher, config.distill.num_images, seed=config.distill.seed, arch=config.distill.arch,
                     arch_options=_model_options(config.distill), device=device, progress=progress,
-                ).save(baselines_dir / "high-loss.safetensors")
+                ), "high-loss")
+    barrier()
 
     sets: dict[str, DistilledSet | None] = {"none": None}
     if "krr-st" in run_config.methods:
@@ -568,14 +606,18 @@ def run(
                            _without(config.linear),
                            _without(run_config, ("methods", "protocols", "archs", "seeds", "download")))
     marker = eval_dir / "fingerprint.json"
-    if marker.exists() and read_json(marker).get("fingerprint") != eval_fp:
-        # Rows computed under another evaluation config are not comparable: start the table afresh.
-        for name in ("results.csv", "results.json"):
-            (out_dir / name).unlink(missing_ok=True)
-    _start_stage(eval_dir, eval_fp)
+
+    def start_evaluation() -> None:
+        if marker.exists() and read_json(marker).get("fingerprint") != eval_fp:
+            # Rows computed under another evaluation config are not comparable: start the table afresh.
+            for name in ("results.csv", "results.json"):
+                (out_dir / name).unlink(missing_ok=True)
+        _start_stage(eval_dir, eval_fp)
+
+    run_on_main(start_evaluation)
     if "full-ssl" in run_config.methods:
         sets["full-ssl"] = teacher
-    with _timed(out_dir, "evaluate", log):
+    with _timed(out_dir, "evaluate", log, main):
         evaluate_methods(
             out_dir, {method: sets[method] for method in run_config.methods},
             [(parse_target(spec)[0], *targets[spec]) for spec in run_config.targets],
@@ -583,13 +625,15 @@ def run(
             protocols=run_config.protocols, pretrain_config=config.pretrain, finetune_config=config.finetune,
             linear_config=config.linear, eval_widths=run_config.eval_widths, image_size=run_config.image_size,
             finegrained_iterations=run_config.finegrained_iterations, device=device, progress=progress, log=log,
+            distributed=context,
         )
-    _mark_done(eval_dir, eval_fp)
+    mark_done(eval_dir, eval_fp)
 
     # -- report ---------------------------------------------------------------------------------
-    write_report(out_dir)
-    log(report_text(out_dir))
-    return read_results(out_dir)
+    if main:
+        write_report(out_dir)
+        log(report_text(out_dir))
+    return run_on_main(lambda: read_results(out_dir))
 
 
 def evaluate_methods(
@@ -610,6 +654,7 @@ def evaluate_methods(
     device: str | torch.device | None = None,
     progress: bool = True,
     log=print,
+    distributed: DistributedContext | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every method x arch x seed x target x protocol, appending rows to `out_dir/results.csv`.
 
@@ -620,15 +665,25 @@ def evaluate_methods(
     already in `results.csv` are skipped, so an interrupted evaluation
     resumes at the first missing one. Seeds are paired: seed s gives every
     method the same initialisation, label subset and batch order.
+
+    Under `torchrun` the jobs (method x arch x seed) are dealt round-robin to
+    the ranks, one per device; rank 0 appends its rows as they come and the
+    others' when every rank is done (a kill loses those, not the networks
+    they pre-trained, which are cached).
     """
     from krrst.evaluate import evaluate_set, pretrain
     from krrst.report import append_results, has_result, read_results
 
     out_dir = Path(out_dir)
-    device = resolve_device(device)
-    rows = read_results(out_dir)
+    context = distributed or current_context(resolve_device(device))
+    device = context.device
+    rows = run_on_main(lambda: read_results(out_dir))
     jobs = [(arch, seed, method) for arch in archs for seed in seeds for method in sets]
+    mine = set(split_jobs(range(len(jobs)), context.rank, context.world_size))
+    new_rows = []
     for index, (arch, seed, method) in enumerate(jobs, 1):
+        if index - 1 not in mine:
+            continue
         network = sets[method]
         is_network = isinstance(network, torch.nn.Module)
         model_arch = getattr(network, "spec", {}).get("arch", arch) if is_network else arch
@@ -662,7 +717,16 @@ def evaluate_methods(
                 device=device, progress=progress, arch_options=None if pretrained is not None else overrides,
             )
             row["protocol"] = protocol
-            append_results(out_dir, [row])
+            if context.is_main:
+                append_results(out_dir, [row])
             rows.append(row)
+            new_rows.append(row)
             log(f"[evaluate]   {method:<8} {test.name} {protocol:<13} seed {seed}: {100 * row['accuracy']:.1f}%")
+    if context.world_size > 1:
+        gathered = gather_objects(new_rows)
+        if context.is_main:
+            others = [row for rank_rows in gathered[1:] for row in rank_rows]
+            if others:
+                append_results(out_dir, others)
+            rows.extend(others)
     return rows

@@ -126,3 +126,44 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_a_clear_error(tmp_path):
     config = dataclasses.replace(CONFIG, batch_size=15)
     with pytest.raises(Exception, match="distill.batch_size=15 cannot be split evenly over 2 processes"):
         _spawn(tmp_path, config=config)
+
+
+# --------------------------------------------------------------------------- the whole pipeline under 2 ranks
+
+
+def _pipeline_child(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    from krrst import pipeline
+    from test_pipeline import TINY
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    context = init_distributed("cpu")
+    try:
+        config = pipeline.resolve_config("demo", {**TINY, "run.seeds": "2"})
+        pipeline.run(config, out_dir, preset="demo", progress=False, log=lambda _: None, distributed=context)
+    finally:
+        cleanup()
+
+
+def test_the_pipeline_under_two_ranks_spreads_the_evaluation_and_matches_one_process(tmp_path):
+    from krrst import pipeline
+    from krrst.report import read_results
+    from test_pipeline import TINY
+
+    config = pipeline.resolve_config("demo", {**TINY, "run.seeds": "2"})
+    single = pipeline.run(config, tmp_path / "one", preset="demo", device="cpu", progress=False, log=lambda _: None)
+    mp.spawn(_pipeline_child, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    rows = read_results(tmp_path / "two")
+
+    def key(row):
+        return row["method"], row["protocol"], row["seed"]
+
+    assert sorted(map(key, rows)) == sorted(map(key, single)), "every row once, none twice"
+    reference = {key(row): row["accuracy"] for row in single}
+    for row in rows:
+        if row["method"] == "none":  # no teacher, no set: the same network and labels bit for bit
+            assert row["accuracy"] == reference[key(row)]
+        else:  # the data-parallel teacher and set differ from one process's by float rounding only
+            assert abs(row["accuracy"] - reference[key(row)]) <= 0.1, (key(row), row["accuracy"])
+    assert (tmp_path / "two" / "report.html").exists() and (tmp_path / "two" / "teacher" / "teacher.safetensors").exists()
