@@ -290,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--preset", default=None,
                          help="settings of a preset: cifar100 (the default values), tinyimagenet, imagenet64, demo, cpu-mini")
     distill.add_argument("--steps", type=int, default=None, help="outer steps (paper: 160,000)")
-    distill.add_argument("--m", type=int, default=None, help="synthetic images (paper: 1,000 CIFAR-100, 2,000 Tiny-ImageNet)")
+    distill.add_argument("--num-images", "--m", dest="m", type=int, default=None,
+                         help="m, the synthetic images (paper: 1,000 CIFAR-100, 2,000 Tiny-ImageNet); under torchrun "
+                         "write --num-images (torchrun takes --m for one of its own options)")
     distill.add_argument("--heldout", type=int, default=1000, help="source images held out for the validation signal (0: none)")
     distill.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     _common(distill, "distill (krr-st) or mkdt")
