@@ -153,6 +153,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "distill": {"num_images": 100, "widths": (32, 64, 128), "steps": 200, "batch_size": 128, "image_lr": 2.5e-3,
                     "target_lr": 1e-2, "pool_size": 4, "pool_steps": 20, "log_every": 10, "checkpoint_every": 50,
                     "validate_every": 25, "validation_models": 2, "validation_images": 200},
+        # used when run.methods includes mkdt: a CPU-sized MKDT (the authors' defaults take GPU-days)
+        "mkdt": {"num_images": 100, "widths": (32, 64, 128), "experts": 3, "expert_epochs": 5, "syn_steps": 10,
+                 "max_start_epoch": 3, "steps": 50, "batch_syn": 100, "log_every": 5},
         "pretrain": {"epochs": 100, "batch_size": 128},
         "finetune": {"iterations": 100, "batch_size": 128},
         "linear": {"iterations": 300, "batch_size": 256},
@@ -169,6 +172,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "distill": {"num_images": 200, "widths": (32, 64, 128), "steps": 500, "batch_size": 256, "image_lr": 2.5e-3,
                     "target_lr": 1e-2, "pool_size": 5, "pool_steps": 50, "log_every": 10, "checkpoint_every": 50,
                     "validate_every": 50, "validation_models": 2, "validation_images": 1000},
+        "mkdt": {"num_images": 200, "widths": (32, 64, 128), "experts": 2, "expert_epochs": 3, "syn_steps": 10,
+                 "max_start_epoch": 2, "steps": 100, "batch_syn": 200, "log_every": 10},
         "pretrain": {"epochs": 120, "batch_size": 256},
         "finetune": {"iterations": 100, "batch_size": 64},
         "linear": {"iterations": 1000, "batch_size": 512},
