@@ -68,7 +68,7 @@ KERNEL_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # `channels_last` and `compile` change the arithmetic's order only (float rounding), not the method.
 RESUMABLE_CHANGES = (
     "log_every", "checkpoint_every", "validate_every", "validation_models", "validation_images",
-    "channels_last", "compile",
+    "channels_last", "compile", "compile_mode",
 )
 
 
@@ -127,6 +127,8 @@ class DistillConfig:
         compile: `torch.compile` the per-step features + KRR-ST loss (the
             pool model's weights enter as inputs via `torch.func.functional_call`,
             so re-initialised models reuse the compiled graph).
+        compile_mode: `torch.compile`'s mode; "reduce-overhead" replays the
+            step as CUDA graphs (on CUDA; not measured yet: no GPU was lent).
         parameterization: what is learnt (`krrst.parameterize`): "pixels"
             (every pixel and target entry, the paper) or "basis" (coefficients
             over PCA-initialised learnt bases of `image_rank` images and
@@ -178,6 +180,7 @@ class DistillConfig:
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     parameterization: Literal["pixels", "basis"] = "pixels"
     image_rank: int = 0
     target_rank: int = 0
@@ -205,7 +208,8 @@ class DistillConfig:
             raise KrrstError(f"distill.final_lr_factor must be in (0, 1], got {self.final_lr_factor}")
         if self.ridge < 0:
             raise KrrstError(f"distill.ridge must be >= 0, got {self.ridge}")
-        for name, valid in (("precision", ("auto", "float32", "bfloat16")), ("channels_last", ("auto", "on", "off"))):
+        for name, valid in (("precision", ("auto", "float32", "bfloat16")), ("channels_last", ("auto", "on", "off")),
+                            ("compile_mode", ("default", "reduce-overhead", "max-autotune"))):
             if getattr(self, name) not in valid:
                 raise KrrstError(f"distill.{name}={getattr(self, name)!r} is not valid; expected one of {', '.join(valid)}")
         if self.parameterization not in ("pixels", "basis"):
@@ -269,6 +273,7 @@ class SpeedSettings(NamedTuple):
     autocast_dtype: torch.dtype | None  # None: plain float32 forwards
     memory_format: torch.memory_format
     compile: bool
+    compile_mode: str = "default"
 
     @classmethod
     def resolve(cls, config: DistillConfig, device: torch.device) -> "SpeedSettings":
@@ -276,7 +281,7 @@ class SpeedSettings(NamedTuple):
         bf16 = config.precision == "bfloat16" or (config.precision == "auto" and on_cuda)
         nhwc = config.channels_last != "off"  # faster on CPU too (oneDNN): ~1.3x for ConvNet-3 fwd+bwd
         return cls(torch.bfloat16 if bf16 else None, torch.channels_last if nhwc else torch.contiguous_format,
-                   config.compile)
+                   config.compile, config.compile_mode)
 
     def forward(self, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """`forward(images)` in this layout and precision, returned as float32."""
@@ -338,7 +343,7 @@ def make_step_loss(
         real_features = speed.forward(features, real_images).detach()
         return loss_from_features(synthetic_features, synthetic_targets, real_features, real_targets)
 
-    compiled = torch.compile(functional_loss, dynamic=False)
+    compiled = torch.compile(functional_loss, dynamic=False, mode=speed.compile_mode)
 
     def compiled_step_loss(model, synthetic_images, synthetic_targets, real_images, real_targets):
         weights = {f"net.{name}": value.detach() for name, value in model.state_dict(keep_vars=True).items()}

@@ -528,9 +528,9 @@ def test_a_failed_solve_stops_the_run_at_the_next_log_without_syncing_every_step
 def test_speed_knobs_are_resolved_per_device_and_validated():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = DistillConfig()
-    assert SpeedSettings.resolve(auto, cpu) == (None, torch.channels_last, False)
-    assert SpeedSettings.resolve(auto, cuda) == (torch.bfloat16, torch.channels_last, False)
-    assert SpeedSettings.resolve(reference_config(auto), cuda) == (None, torch.contiguous_format, False)
+    assert SpeedSettings.resolve(auto, cpu) == (None, torch.channels_last, False, "default")
+    assert SpeedSettings.resolve(auto, cuda) == (torch.bfloat16, torch.channels_last, False, "default")
+    assert SpeedSettings.resolve(reference_config(auto), cuda) == (None, torch.contiguous_format, False, "default")
     assert reference_config(DistillConfig(teacher_cache_views=8, compile=True)).teacher_cache_views == 0
     with pytest.raises(KrrstError, match="distill.precision='fp8' is not valid; expected one of auto, float32, bfloat16"):
         DistillConfig(precision="fp8")
