@@ -148,7 +148,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "run": {"source": "imagefolder", "source_root": SAMPLE_ROOT, "heldout_images": 200,
                 "targets": (f"imagefolder={SAMPLE_ROOT}",), "target_train_per_class": 100,
                 "methods": ("krr-st", "random", "kmeans", "none"), "protocols": ("finetune", "linear"),
-                "eval_widths": (32, 64, 128), "seeds": 2},
+                "eval_widths": (32, 64, 128), "seeds": 3},
         "teacher": {**_CPU_TEACHER, "steps": 250, "checkpoint_every": 50},
         "distill": {"num_images": 100, "widths": (32, 64, 128), "steps": 200, "batch_size": 128, "image_lr": 2.5e-3,
                     "target_lr": 1e-2, "pool_size": 4, "pool_steps": 20, "log_every": 10, "checkpoint_every": 50,
