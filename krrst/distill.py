@@ -54,6 +54,7 @@ from krrst.errors import KrrstError
 from krrst.models import create_model, model_options
 from krrst.objective import krr_predict_with_info, krr_st_loss
 from krrst.parameterize import AugmentationPredictor, augmentation_predictor_loss, make_synthetic_set
+from krrst.speed import SpeedSettings, check_speed_fields, reference_speed  # SpeedSettings: also imported from here
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 DISTILLED_NAME = "distilled.safetensors"
@@ -208,10 +209,12 @@ class DistillConfig:
             raise KrrstError(f"distill.final_lr_factor must be in (0, 1], got {self.final_lr_factor}")
         if self.ridge < 0:
             raise KrrstError(f"distill.ridge must be >= 0, got {self.ridge}")
-        for name, valid in (("precision", ("auto", "float32", "bfloat16")), ("channels_last", ("auto", "on", "off")),
-                            ("compile_mode", ("default", "reduce-overhead", "max-autotune"))):
-            if getattr(self, name) not in valid:
-                raise KrrstError(f"distill.{name}={getattr(self, name)!r} is not valid; expected one of {', '.join(valid)}")
+        check_speed_fields(self, "distill")
+        compile_modes = ("default", "reduce-overhead", "max-autotune")
+        if self.compile_mode not in compile_modes:
+            raise KrrstError(
+                f"distill.compile_mode={self.compile_mode!r} is not valid; expected one of {', '.join(compile_modes)}"
+            )
         if self.parameterization not in ("pixels", "basis"):
             raise KrrstError(f"distill.parameterization={self.parameterization!r} is not valid; expected pixels or basis")
         if self.parameterization == "basis" and (self.image_rank < 1 or self.target_rank < 1):
@@ -264,32 +267,7 @@ def preset_config(name: str, **overrides: Any) -> DistillConfig:
 
 def reference_config(config: DistillConfig) -> DistillConfig:
     """`config` with every speed knob off: the straightforward path the fast one is checked against."""
-    return dataclasses.replace(config, teacher_cache_views=0, precision="float32", channels_last="off", compile=False)
-
-
-class SpeedSettings(NamedTuple):
-    """The resolved speed knobs of a run on a device (see `DistillConfig`)."""
-
-    autocast_dtype: torch.dtype | None  # None: plain float32 forwards
-    memory_format: torch.memory_format
-    compile: bool
-    compile_mode: str = "default"
-
-    @classmethod
-    def resolve(cls, config: DistillConfig, device: torch.device) -> "SpeedSettings":
-        on_cuda = device.type == "cuda"
-        bf16 = config.precision == "bfloat16" or (config.precision == "auto" and on_cuda)
-        nhwc = config.channels_last != "off"  # faster on CPU too (oneDNN): ~1.3x for ConvNet-3 fwd+bwd
-        return cls(torch.bfloat16 if bf16 else None, torch.channels_last if nhwc else torch.contiguous_format,
-                   config.compile, config.compile_mode)
-
-    def forward(self, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        """`forward(images)` in this layout and precision, returned as float32."""
-        images = images.contiguous(memory_format=self.memory_format)
-        if self.autocast_dtype is None:
-            return forward(images)
-        with torch.autocast(images.device.type, dtype=self.autocast_dtype):
-            return forward(images).float()
+    return dataclasses.replace(reference_speed(config), teacher_cache_views=0, compile=False)
 
 
 class _Features(nn.Module):

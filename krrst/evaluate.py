@@ -25,6 +25,13 @@ Normalisation: every network sees images normalised with the statistics of
 the dataset they come from (a target is normalised with the target's own
 mean/std, as the authors' code does per dataset); distilled images are
 already normalised with the source's.
+
+Speed: `PretrainConfig`, `FinetuneConfig` and `LinearProbeConfig` carry
+`precision` and `channels_last` (`krrst.speed`): by default the networks and
+their inputs are channels_last, forwards run under bf16 autocast on CUDA only,
+losses are float32, and SGD/AdamW are fused on CUDA.
+`krrst.speed.reference_speed(config)` is the float32, contiguous reference
+path (tests/test_evaluate.py holds the fast path to it).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from krrst.config import resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.models import create_model, reset_head
+from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
 if TYPE_CHECKING:
     from krrst.data import ImageSet
@@ -85,6 +93,9 @@ class PretrainConfig:
     colour jitter (brightness, saturation, contrast), which stands in for the
     full DSA augmentation of the authors' code (it also scales, rotates and
     cuts out).
+
+    `precision` ("auto": bf16 autocast on CUDA, float32 elsewhere) and
+    `channels_last` ("auto" = on) are the speed knobs of `krrst.speed`.
     """
 
     epochs: int = 1000
@@ -102,6 +113,11 @@ class PretrainConfig:
     label_augment: bool = True
     padding: int = 4
     seed: int = 0
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self) -> None:
+        check_speed_fields(self, "pretrain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +128,8 @@ class FinetuneConfig:
     over `iterations`, random crop (zero padding `padding`, in pixel space) +
     horizontal flip, batches of `batch_size` drawn without replacement,
     epoch by epoch. The authors' code uses batch 128; METHOD.md and the paper
-    say 256, the default here.
+    say 256, the default here. `precision` and `channels_last` are the speed
+    knobs of `krrst.speed` (training and the test pass).
     """
 
     iterations: int = 10_000
@@ -123,6 +140,11 @@ class FinetuneConfig:
     padding: int = 4
     seed: int = 0
     eval_batch_size: int = 1024
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self) -> None:
+        check_speed_fields(self, "finetune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +162,9 @@ class LinearProbeConfig:
     unnormalised features cannot make it diverge. An sklearn
     `LogisticRegression(C)` fit on n samples is the same problem with
     `lbfgs_l2 = 1 / (2 * C * n)`.
+
+    `precision` and `channels_last` (`krrst.speed`) apply to the feature
+    extraction; the features and the classifier are float32.
     """
 
     iterations: int = 5000
@@ -152,6 +177,11 @@ class LinearProbeConfig:
     lbfgs_steps: int = 100
     seed: int = 0
     eval_batch_size: int = 1024
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self) -> None:
+        check_speed_fields(self, "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,13 +408,18 @@ def top1_accuracy(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     batch_size: int = 1024,
+    speed: SpeedSettings | None = None,
 ) -> tuple[float, float]:
-    """(top-1 accuracy as a fraction, mean cross-entropy) of `model` in eval mode on uint8 `images`."""
+    """(top-1 accuracy as a fraction, mean cross-entropy) of `model` in eval mode on uint8 `images`.
+
+    `speed` (`krrst.speed.SpeedSettings`): the forward's layout and precision; None: as the model is.
+    """
     model.eval()
     correct = 0
     loss_sum = 0.0
     for start in range(0, len(images), batch_size):
-        logits = model(_normalize(images[start : start + batch_size], mean, std))
+        inputs = _normalize(images[start : start + batch_size], mean, std)
+        logits = speed.forward(model, inputs) if speed is not None else model(inputs)
         batch_labels = labels[start : start + batch_size]
         correct += int((logits.argmax(dim=1) == batch_labels).sum())
         loss_sum += float(F.cross_entropy(logits.float(), batch_labels, reduction="sum"))
@@ -615,7 +650,9 @@ def pretrain(
     go to `create_model` (e.g. `widths=(16, 32, 64)` for a narrow CPU
     network). `on_epoch(epoch, mean_loss)` is called after every epoch (it
     forces a device sync; leave it None for speed). A set whose images do not
-    fit the architecture is a one-line `KrrstError`.
+    fit the architecture is a one-line `KrrstError`. The network trains in
+    the layout and precision of `config.precision` / `config.channels_last`
+    and is returned in contiguous memory.
     """
     config = config or PretrainConfig()
     _check_positive(config.batch_size, "pretrain.batch_size")
@@ -628,7 +665,8 @@ def pretrain(
         num_outputs = distilled.feature_dim
     model = fresh_model(arch, num_outputs, config.seed, **arch_overrides)
     _check_set_fits(model, distilled, arch)
-    model.to(device)
+    speed = SpeedSettings.resolve(config, device)
+    model.to(device, memory_format=speed.memory_format)
     images = distilled.images.detach().to(device, torch.float32)
     targets = distilled.targets.detach().to(device)
     targets = targets.long() if kind == "hard_labels" else targets.float()
@@ -643,16 +681,20 @@ def pretrain(
     total_steps = steps_per_epoch * epochs
 
     scheduler = None
+    fused = fused_options(torch.optim.SGD if kind != "soft_labels" else torch.optim.AdamW, device)
     if kind == "representation":
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **fused
+        )
     elif kind == "hard_labels":
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.label_lr, momentum=config.momentum, weight_decay=config.label_weight_decay
+            model.parameters(), lr=config.label_lr, momentum=config.momentum, weight_decay=config.label_weight_decay,
+            **fused,
         )
         decay_step = max(1, config.epochs // 2) * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[decay_step], gamma=0.1)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.soft_label_lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.soft_label_lr, weight_decay=0.0, **fused)
         warmup = max(1, min(config.soft_label_warmup, total_steps))
 
         def warmup_cosine(step: int) -> float:
@@ -674,7 +716,7 @@ def pretrain(
                 inputs = images[batch]
                 if augment:
                     inputs = strong_augment(inputs, generator, config.padding)
-                outputs = model(inputs)
+                outputs = speed.forward(model, inputs)  # float32: the losses below are computed in float32
                 if kind == "representation":
                     loss = F.mse_loss(outputs, targets[batch])
                 elif kind == "hard_labels":
@@ -695,7 +737,8 @@ def pretrain(
             bar.update(1)
     finally:
         bar.close()
-    return model.eval()
+    # Contiguous whatever the training layout: the caller's code (and a saved copy) sees a plain network.
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 # --------------------------------------------------------------------------- fine-tuning and probes
@@ -753,9 +796,11 @@ def finetune(
     # Teachers come frozen (requires_grad False); fine-tuning trains every weight whatever the caller's flags.
     network.requires_grad_(True)
     _seeded_reset_head(network, num_classes, config.seed)
-    network.to(device).train()
+    speed = SpeedSettings.resolve(config, device)
+    network.to(device, memory_format=speed.memory_format).train()
     optimizer = torch.optim.SGD(
-        network.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        network.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+        **fused_options(torch.optim.SGD, device),
     )
     scheduler = _cosine_lr(optimizer, config.iterations)
     generator = _seeded_generator(config.seed)
@@ -768,7 +813,7 @@ def finetune(
             batch = next(batches)
             pixels = train_images[batch].float().div_(255.0)
             inputs = _normalize(_crop_flip(pixels, config.padding, generator), mean, std)
-            loss = F.cross_entropy(network(inputs), train_labels[batch])
+            loss = F.cross_entropy(speed.forward(network, inputs), train_labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -779,7 +824,7 @@ def finetune(
             bar.update(1)
     finally:
         bar.close()
-    accuracy, test_loss = top1_accuracy(network, test_images, test_labels, mean, std, config.eval_batch_size)
+    accuracy, test_loss = top1_accuracy(network, test_images, test_labels, mean, std, config.eval_batch_size, speed)
     return {
         "accuracy": accuracy,
         "test_loss": test_loss,
@@ -799,13 +844,18 @@ def extract_features(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     batch_size: int = 1024,
+    speed: SpeedSettings | None = None,
 ) -> torch.Tensor:
-    """`model.forward_features` of uint8 `images` in eval mode, batched, as float32 (N x feature_dim)."""
+    """`model.forward_features` of uint8 `images` in eval mode, batched, as float32 (N x feature_dim).
+
+    `speed` (`krrst.speed.SpeedSettings`): the forward's layout and precision; None: as the model is.
+    """
     model.eval()
-    chunks = [
-        model.forward_features(_normalize(images[start : start + batch_size], mean, std)).float()
-        for start in range(0, len(images), batch_size)
-    ]
+    forward = model.forward_features
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        inputs = _normalize(images[start : start + batch_size], mean, std)
+        chunks.append((speed.forward(forward, inputs) if speed is not None else forward(inputs)).float())
     return torch.cat(chunks) if chunks else torch.empty(0, model.feature_dim, device=images.device)
 
 
@@ -817,7 +867,8 @@ def fit_linear_sgd(
         torch.manual_seed(config.seed)
         classifier = nn.Linear(features.shape[1], num_classes).to(features.device)
     optimizer = torch.optim.SGD(
-        classifier.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        classifier.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+        **fused_options(torch.optim.SGD, features.device),
     )
     scheduler = _cosine_lr(optimizer, config.iterations)
     generator = _seeded_generator(config.seed)
@@ -904,9 +955,10 @@ def linear_probe(
         model, target_train, target_test, label_fraction, config.seed, image_size, device
     )
     mean, std = tuple(target_train.mean), tuple(target_train.std)
-    network = copy.deepcopy(model).to(device)
-    train_features = extract_features(network, train_images, mean, std, config.eval_batch_size)
-    test_features = extract_features(network, test_images, mean, std, config.eval_batch_size)
+    speed = SpeedSettings.resolve(config, device)
+    network = copy.deepcopy(model).to(device, memory_format=speed.memory_format)
+    train_features = extract_features(network, train_images, mean, std, config.eval_batch_size, speed)
+    test_features = extract_features(network, test_images, mean, std, config.eval_batch_size, speed)
     del network
     fit = fit_linear_lbfgs if config.solver == "lbfgs" else fit_linear_sgd
     classifier = fit(train_features, train_labels, num_classes, config, progress)

@@ -30,7 +30,6 @@ single-process run on the same global batch; rank 0 writes the files.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import math
@@ -58,6 +57,7 @@ from krrst.distributed import (
 )
 from krrst.errors import KrrstError
 from krrst.io import atomic_write, load_state, load_tensors, save_state, save_tensors, write_json
+from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
 TEACHER_FILE = "teacher.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -80,9 +80,9 @@ SIMCLR_CIFAR_OVERRIDES: dict[str, Any] = {
     "solarize_p": (0.0, 0.0),  # solo-learn's symmetric.yaml
 }
 
-# Config fields that only steer logging and checkpointing: they may change on
-# resume without changing the result.
-_RESUME_FREE_FIELDS = ("checkpoint_every", "log_every")
+# Config fields that only steer logging and checkpointing, or the memory layout
+# (float rounding, not the method): they may change on resume.
+_RESUME_FREE_FIELDS = ("checkpoint_every", "log_every", "channels_last")
 
 
 # --------------------------------------------------------------------------- config
@@ -133,6 +133,14 @@ class TeacherConfig:
         seed: seeds the initial weights, the batch order and the augmentation.
         checkpoint_every: steps between checkpoints (one is always written at the end).
         log_every: steps between loss syncs to the CSV and the progress bar.
+        precision: "bfloat16" runs the backbone and projector under autocast
+            (the SSL loss stays float32); "auto" = bfloat16 on CUDA, float32
+            elsewhere (`krrst.speed`).
+        channels_last: "auto" (= on), "on" or "off": the backbone and the
+            views in NHWC memory layout.
+
+    `krrst.speed.reference_speed(config)` (float32, channels_last off) is the
+    reference path the fast one is tested against (tests/test_teacher.py).
     """
 
     method: Literal["barlow_twins", "simclr"] = "barlow_twins"
@@ -161,6 +169,11 @@ class TeacherConfig:
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 10
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self) -> None:
+        check_speed_fields(self, "teacher")
 
 
 # --------------------------------------------------------------------------- losses
@@ -269,15 +282,20 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def _make_optimizer(config: TeacherConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _make_optimizer(
+    config: TeacherConfig, params: list[nn.Parameter], device: torch.device = torch.device("cpu")
+) -> torch.optim.Optimizer:
+    # SGD and AdamW take one fused kernel per step on CUDA; LARS (not in torch) stays a per-tensor loop.
     if config.optimizer == "lars":
         return LARS(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, eta=config.lars_eta
         )
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               **fused_options(torch.optim.SGD, device))
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                 **fused_options(torch.optim.AdamW, device))
     raise KrrstError(f"teacher.optimizer={config.optimizer!r} is not valid; expected one of {', '.join(OPTIMIZERS)}")
 
 
@@ -395,8 +413,9 @@ def train_teacher(
 
     Returns:
         The backbone (no head, no projector) in eval mode with
-        `requires_grad_(False)`; `forward(x)` gives the features. Every rank
-        returns the same weights.
+        `requires_grad_(False)`, in contiguous memory whatever the training
+        layout; `forward(x)` gives the features. Every rank returns the same
+        weights.
 
     Raises:
         KrrstError: on bad settings, a diverging loss, or a collapsed teacher.
@@ -435,13 +454,13 @@ def train_teacher(
         torch.manual_seed(config.seed)
         backbone = build_backbone(config, images.image_size)
         projector = build_projector(backbone.feature_dim, tuple(config.projector_dims))
-    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
-    backbone.to(device=device, memory_format=memory_format)
+    speed = SpeedSettings.resolve(config, device)
+    backbone.to(device=device, memory_format=speed.memory_format)
     projector.to(device)
     if sharded:
         # Batch statistics over the global batch, as the single process sees them.
         backbone, projector = convert_sync_batchnorm(backbone), convert_sync_batchnorm(projector)
-    optimizer = _make_optimizer(config, list(backbone.parameters()) + list(projector.parameters()))
+    optimizer = _make_optimizer(config, list(backbone.parameters()) + list(projector.parameters()), device)
     generator = torch.Generator().manual_seed(config.seed)
     start_step = 0
 
@@ -484,9 +503,6 @@ def train_teacher(
         loss_fn = lambda a, b: barlow_twins_loss(a, b, config.lambda_offdiag, config.loss_scale)  # noqa: E731
     else:
         loss_fn = lambda a, b: simclr_loss(a, b, config.temperature)  # noqa: E731
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
-    )
 
     def save_checkpoint(step: int) -> None:
         if checkpoint_path is None:
@@ -533,15 +549,13 @@ def train_teacher(
                 # Views of the whole global batch from the shared generator, then this
                 # rank's rows: the union over ranks is exactly the single-process batch.
                 view_a, view_b = view_a[local_rows], view_b[local_rows]
-            if on_cuda:
-                view_a = view_a.contiguous(memory_format=torch.channels_last)
-                view_b = view_b.contiguous(memory_format=torch.channels_last)
+            view_a, view_b = speed.layout(view_a), speed.layout(view_b)
             lr = learning_rate_at(step, total_steps, steps_per_epoch, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Each view goes through the network on its own so that BatchNorm
             # sees per-view statistics, as in the Barlow Twins and solo-learn code.
-            with autocast:
+            with speed.autocast(device):
                 if two_views is not None:
                     z_a, z_b = two_views(view_a, view_b)
                 else:
@@ -576,9 +590,10 @@ def train_teacher(
         # A plain backbone (BatchNorm, not SyncBatchNorm) with the trained weights, for single-process use.
         with torch.random.fork_rng(devices=[]):
             plain = build_backbone(config, images.image_size)
-        plain.to(device=device, memory_format=memory_format).load_state_dict(backbone.state_dict())
+        plain.to(device=device).load_state_dict(backbone.state_dict())
         backbone = plain
-    teacher = _freeze(backbone)
+    # Contiguous, as `load_teacher` gives it: the returned teacher computes the same bits as its file's.
+    teacher = _freeze(backbone.to(memory_format=torch.contiguous_format))
     if stop < total_steps:
         if sharded:
             barrier()  # rank 0's last checkpoint is on disk before any rank returns

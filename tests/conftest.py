@@ -33,3 +33,24 @@ def cifar10_small(shared_data):
     train = load_images("imagefolder", shared_data / "cifar10-jpeg.zip", "train", max_per_class=200)
     test = load_images("imagefolder", shared_data / "cifar10-jpeg.zip", "test", max_per_class=100)
     return train, test
+
+
+@pytest.fixture
+def conv_calls(monkeypatch):
+    """(input layout, weight layout, autocast dtype or None) of every `Conv2d` forward: what the speed knobs did."""
+    calls = []
+    forward = torch.nn.Conv2d.forward
+
+    def layout(tensor: torch.Tensor) -> str:
+        if tensor.is_contiguous():
+            return "contiguous"
+        return "channels_last" if tensor.is_contiguous(memory_format=torch.channels_last) else "strided"
+
+    def recording(self, images):
+        device = images.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        calls.append((layout(images), layout(self.weight), dtype))
+        return forward(self, images)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording)
+    return calls

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -10,11 +12,13 @@ import torch
 from torch import nn
 
 from krrst import evaluate as E
+from krrst.augment import crop_flip, normalize
 from krrst.data import ImageSet
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.models import list_models
 from krrst.report import RESULT_FIELDS, read_results
+from krrst.speed import SpeedSettings, reference_speed
 
 NARROW = {"widths": (8, 16, 16), "image_size": 16}
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -114,6 +118,142 @@ def test_pretrain_fits_label_sets(kind):
     with torch.no_grad():
         accuracy = (model(images).argmax(dim=1) == labels).float().mean()
     assert accuracy >= 0.9
+
+
+# --------------------------------------------------------------------------- speed: the fast path against the reference
+
+
+def _floats(state: dict) -> torch.Tensor:
+    return torch.cat([v.flatten().double() for v in state.values() if v.is_floating_point()])
+
+
+def _assert_same_update(fast: torch.Tensor, reference: torch.Tensor, initial: torch.Tensor, tolerance: float) -> None:
+    """The fast run moved the weights in the reference's direction, by the same amount, to `tolerance`."""
+    fast_update, reference_update = fast - initial, reference - initial
+    cosine = nn.functional.cosine_similarity(fast_update, reference_update, dim=0)
+    assert cosine > 1 - tolerance, float(cosine)
+    assert abs(float(fast_update.norm() / reference_update.norm()) - 1) < 10 * tolerance
+    assert float(reference_update.norm()) > 1e-2  # the steps moved the weights far more than the tolerance
+
+
+FAST_PATHS = pytest.mark.parametrize(
+    "fast, tolerance, convolutions",
+    [
+        (dict(channels_last="on"), 1e-5, ("channels_last", "channels_last", None)),
+        (dict(precision="bfloat16"), 3e-2, ("contiguous", "contiguous", torch.bfloat16)),  # 8 bits of mantissa
+    ],
+    ids=["channels_last", "bf16-autocast"],
+)
+PLAIN = ("contiguous", "contiguous", None)
+
+
+def test_speed_knobs_are_validated_in_one_line():
+    with pytest.raises(KrrstError, match="pretrain.precision='fp16' is not valid; expected one of auto, float32, bf"):
+        E.PretrainConfig(precision="fp16")
+    with pytest.raises(KrrstError, match="finetune.channels_last='yes' is not valid; expected one of auto, on, off"):
+        E.FinetuneConfig(channels_last="yes")
+    with pytest.raises(KrrstError, match="linear.precision='half' is not valid"):
+        E.LinearProbeConfig(precision="half")
+
+
+def test_pretrain_reference_path_is_the_plain_float32_loop_bit_for_bit(conv_calls):
+    distilled = _representation_set(m=40)
+    config = reference_speed(E.PretrainConfig(epochs=2, batch_size=16, seed=2))
+    model = E.pretrain(distilled, "convnet3", config, device="cpu", progress=False, **NARROW)
+    assert set(conv_calls) == {PLAIN}
+
+    expected = E.fresh_model("convnet3", distilled.feature_dim, config.seed, **NARROW).train()
+    optimizer = torch.optim.SGD(expected.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in range(2):
+        for batch in torch.randperm(40, generator=generator).split(16):  # 16, 16, 8
+            loss = nn.functional.mse_loss(expected(distilled.images[batch]), distilled.targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for key, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), f"{key} differs from the plain loop"
+
+
+@FAST_PATHS
+@pytest.mark.parametrize("kind", ["representation", "hard_labels"])
+def test_pretrain_fast_path_takes_the_reference_steps(kind, fast, tolerance, convolutions, conv_calls):
+    distilled = _representation_set(m=40)
+    if kind == "hard_labels":  # cross-entropy and the strong augmentation of label sets
+        distilled = DistilledSet(images=distilled.images, targets=torch.arange(40) % 3, mean=MEAN, std=STD,
+                                 target_kind="hard_labels", config={"num_classes": 3})
+    reference = reference_speed(E.PretrainConfig(epochs=2, batch_size=16, label_lr=0.1))
+    models = {}
+    for name, config in (("reference", reference), ("fast", dataclasses.replace(reference, **fast))):
+        conv_calls.clear()
+        models[name] = E.pretrain(distilled, "convnet3", config, device="cpu", progress=False, **NARROW)
+        # the fit check's probe forward runs before the knobs apply; the training forwards follow them
+        assert set(conv_calls[3:]) == {convolutions if name == "fast" else PLAIN}
+        assert models[name].blocks[0][0].weight.is_contiguous()  # returned plain, whatever the training layout
+    initial = _floats(E.fresh_model("convnet3", models["reference"].head.out_features, 0, **NARROW).state_dict())
+    fast_weights, reference_weights = _floats(models["fast"].state_dict()), _floats(models["reference"].state_dict())
+    _assert_same_update(fast_weights, reference_weights, initial, tolerance)
+
+
+def _finetune_by_hand(model, train, test, config):
+    """`finetune` written out: fresh head, SGD + cosine, crop/flip, float32 and contiguous throughout."""
+    network = copy.deepcopy(model).requires_grad_(True)
+    E._seeded_reset_head(network, 3, config.seed)
+    network.train()
+    optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iterations)
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = E._batch_stream(len(train.images), config.batch_size, generator, torch.device("cpu"))
+    for _ in range(config.iterations):
+        batch = next(batches)
+        pixels = crop_flip(train.images[batch].float() / 255, config.padding, generator)
+        inputs = normalize(pixels, train.mean, train.std)
+        loss = nn.functional.cross_entropy(network(inputs), train.labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return E.top1_accuracy(network, test.images, test.labels, train.mean, train.std)
+
+
+@FAST_PATHS
+def test_finetune_reference_is_the_plain_loop_and_the_fast_path_agrees(fast, tolerance, convolutions, conv_calls):
+    train, test = _colour_set(20, seed=0), _colour_set(10, seed=1)
+    model = E.fresh_model("convnet3", None, 0, **NARROW)
+    reference = reference_speed(E.FinetuneConfig(iterations=6, batch_size=16, lr=0.05))
+    reference_metrics = E.finetune(model, train, test, reference, device="cpu", progress=False)
+    assert set(conv_calls) == {PLAIN}
+    accuracy, test_loss = _finetune_by_hand(model, train, test, reference)
+    assert (reference_metrics["accuracy"], reference_metrics["test_loss"]) == (accuracy, test_loss)  # bit for bit
+
+    conv_calls.clear()
+    fast_metrics = E.finetune(model, train, test, dataclasses.replace(reference, **fast), device="cpu", progress=False)
+    assert set(conv_calls) == {convolutions}  # training and the test pass
+    assert fast_metrics["test_loss"] == pytest.approx(test_loss, rel=tolerance)
+    assert fast_metrics["train_loss"] == pytest.approx(reference_metrics["train_loss"], rel=tolerance)
+
+
+@FAST_PATHS
+def test_feature_extraction_fast_path_agrees_with_the_reference(fast, tolerance, convolutions, conv_calls):
+    images = _colour_set(20, seed=0).images
+    model = E.fresh_model("convnet3", None, 0, **NARROW)
+    cpu = torch.device("cpu")
+    plain = E.extract_features(model, images, MEAN, STD, batch_size=32)
+    reference = E.extract_features(model, images, MEAN, STD, 32, SpeedSettings.from_fields("float32", "off", cpu))
+    assert torch.equal(reference, plain)
+    speed = SpeedSettings.resolve(dataclasses.replace(reference_speed(E.LinearProbeConfig()), **fast), cpu)
+    conv_calls.clear()
+    features = E.extract_features(model.to(memory_format=speed.memory_format), images, MEAN, STD, 32, speed)
+    assert set(conv_calls) == {convolutions} and features.dtype == torch.float32
+    torch.testing.assert_close(features, plain, rtol=tolerance, atol=tolerance * float(plain.abs().max()))
+    # the probe on top: the colour classes stay perfectly separable either way
+    probe = dataclasses.replace(reference_speed(E.LinearProbeConfig(iterations=40, batch_size=16)), **fast)
+    conv_calls.clear()
+    model = E.fresh_model("convnet3", None, 0, **NARROW)
+    train, test = _colour_set(20, seed=0), _colour_set(10, seed=1)
+    assert E.linear_probe(model, train, test, probe, device="cpu", progress=False)["accuracy"] == 1.0
+    assert set(conv_calls) == {convolutions}
 
 
 # --------------------------------------------------------------------------- fine-tuning on real data

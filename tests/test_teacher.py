@@ -8,12 +8,18 @@ import torch
 import torchvision
 from torch import nn
 
+from krrst.augment import ssl_view_pair
+from krrst.data import ImageSet
 from krrst.errors import KrrstError
 from krrst.models import create_model
+from krrst.speed import reference_speed
 from krrst.teacher import (
     LARS,
     TeacherConfig,
+    _epoch_permutation,
     barlow_twins_loss,
+    build_backbone,
+    build_projector,
     check_not_collapsed,
     feature_health,
     knn_accuracy,
@@ -23,6 +29,7 @@ from krrst.teacher import (
     save_teacher,
     simclr_loss,
     train_teacher,
+    view_configs,
 )
 
 # A narrow ConvNet teacher and a small projector: a few CPU seconds per run.
@@ -144,6 +151,102 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert learning_rate_at(1000, 10_000, 100, config) == pytest.approx(0.3)
     assert learning_rate_at(10_000, 10_000, 100, config) == pytest.approx(0.0, abs=1e-12)
     assert learning_rate_at(500, 10_000, 100, config) == pytest.approx((3e-5 + 0.3) / 2, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- speed: the fast path against the reference
+
+# A teacher of a few CPU seconds: 6 steps of 16 noise images, stopped at step 3 (no health check).
+SPEED_TINY = TeacherConfig(
+    arch="convnet3", convnet_widths=(8, 16, 16), batch_size=16, steps=6, lr=0.2, warmup_epochs=0.0,
+    projector_dims=(32, 32), checkpoint_every=10**6, log_every=1, seed=1,
+)
+
+
+def _noise(n: int = 64, size: int = 16) -> ImageSet:
+    images = torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return ImageSet(images=images, labels=None, class_names=[], mean=(0.5,) * 3, std=(0.25,) * 3, name="noise")
+
+
+def _floats(state: dict) -> torch.Tensor:
+    return torch.cat([v.flatten().double() for v in state.values() if v.is_floating_point()])
+
+
+def test_speed_knobs_are_validated_in_one_line():
+    with pytest.raises(KrrstError, match="teacher.precision='fp8' is not valid; expected one of auto, float32, bf"):
+        TeacherConfig(precision="fp8")
+    with pytest.raises(KrrstError, match="teacher.channels_last='yes' is not valid; expected one of auto, on, off"):
+        TeacherConfig(channels_last="yes")
+
+
+def test_reference_path_is_the_plain_float32_loop_bit_for_bit(conv_calls):
+    """Knobs off, `train_teacher` is exactly the straightforward loop (float32, contiguous), written out here."""
+    images, config = _noise(), reference_speed(SPEED_TINY)
+    teacher = train_teacher(images, config, device="cpu", stop_at_step=3, progress=False)
+    assert set(conv_calls) == {("contiguous", "contiguous", None)}
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        backbone = build_backbone(config, 16)
+        projector = build_projector(backbone.feature_dim, config.projector_dims)
+    optimizer = LARS(list(backbone.parameters()) + list(projector.parameters()), lr=config.lr,
+                     momentum=config.momentum, weight_decay=config.weight_decay, eta=config.lars_eta)
+    generator = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = len(images) // config.batch_size
+    for step in range(3):
+        epoch, position = divmod(step, steps_per_epoch)
+        order = _epoch_permutation(config.seed, epoch, len(images))
+        batch = images.images[order[position * config.batch_size : (position + 1) * config.batch_size]]
+        view_a, view_b = ssl_view_pair(batch, images.mean, images.std, generator, view_configs(config))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, config.steps, steps_per_epoch, config)
+        loss = barlow_twins_loss(projector(backbone(view_a)), projector(backbone(view_b)),
+                                 config.lambda_offdiag, config.loss_scale)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(teacher.state_dict()[key], value), f"{key} differs from the plain loop"
+
+
+@pytest.mark.parametrize(
+    "fast, tolerance, convolutions",
+    [
+        (dict(channels_last="on"), 1e-5, ("channels_last", "channels_last", None)),
+        (dict(precision="bfloat16"), 3e-2, ("contiguous", "contiguous", torch.bfloat16)),  # 8 bits of mantissa
+    ],
+    ids=["channels_last", "bf16-autocast"],
+)
+def test_fast_path_takes_the_reference_steps(fast, tolerance, convolutions, tmp_path, conv_calls):
+    """Same losses and the same weight updates (direction and size) as the reference, to float / bf16 tolerance."""
+    images = _noise()
+    reference = reference_speed(SPEED_TINY)
+    initial = _floats(train_teacher(images, reference, device="cpu", stop_at_step=0, progress=False).state_dict())
+    runs = {}
+    for name, config in (("reference", reference), ("fast", TeacherConfig(**{**reference.__dict__, **fast}))):
+        conv_calls.clear()
+        teacher = train_teacher(images, config, out_dir=tmp_path / name, device="cpu", stop_at_step=3, progress=False)
+        losses = [row["loss"] for row in read_loss_log(tmp_path / name / "loss.csv")]
+        runs[name] = (_floats(teacher.state_dict()) - initial, losses)
+        assert set(conv_calls) == {convolutions if name == "fast" else ("contiguous", "contiguous", None)}
+        assert teacher.blocks[0][0].weight.is_contiguous()  # returned as load_teacher gives it, whatever the layout
+    (reference_update, reference_losses), (fast_update, fast_losses) = runs["reference"], runs["fast"]
+    assert len(fast_losses) == 3
+    np.testing.assert_allclose(fast_losses, reference_losses, rtol=tolerance)
+    cosine = torch.nn.functional.cosine_similarity(fast_update, reference_update, dim=0)
+    assert cosine > 1 - tolerance, float(cosine)
+    assert abs(float(fast_update.norm() / reference_update.norm()) - 1) < 10 * tolerance
+    assert float(reference_update.norm()) > 1e-2  # the steps moved the weights far more than the tolerance
+
+
+def test_channels_last_may_change_on_resume_but_precision_may_not(tmp_path):
+    images = _noise()
+    reference = reference_speed(SPEED_TINY)
+    train_teacher(images, reference, out_dir=tmp_path, device="cpu", stop_at_step=1, progress=False)
+    fast_layout = TeacherConfig(**{**reference.__dict__, "channels_last": "on"})
+    train_teacher(images, fast_layout, out_dir=tmp_path, resume=True, device="cpu", stop_at_step=2, progress=False)
+    bf16 = TeacherConfig(**{**reference.__dict__, "precision": "bfloat16"})
+    with pytest.raises(KrrstError, match=r"precision \(float32 -> bfloat16\)"):
+        train_teacher(images, bf16, out_dir=tmp_path, resume=True, device="cpu", progress=False)
 
 
 # --------------------------------------------------------------------------- training on real images
