@@ -280,9 +280,18 @@ def _without(config: Any, fields: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """`stage.field` keys whose values differ.
+
+    A field missing from `old` (added since) counts as its default; a stage
+    missing from `old` (added since) counts as no change: that version could
+    not have run it, and the stage fingerprints decide what runs.
+    """
     keys = []
     for stage in sorted(set(old) | set(new)):
-        old_stage, new_stage = old.get(stage, {}), new.get(stage, {})
+        if stage not in old:
+            continue
+        defaults = _jsonable(config_to_dict(STAGE_CONFIGS[stage]())) if stage in STAGE_CONFIGS else {}
+        old_stage, new_stage = {**defaults, **old.get(stage, {})}, new.get(stage, {})
         for field in sorted(set(old_stage) | set(new_stage)):
             if old_stage.get(field) != new_stage.get(field):
                 keys.append(f"{stage}.{field}")

@@ -302,3 +302,19 @@ def test_cli_distill_runs_mkdt_and_evaluate_expands_a_protocol_suite(finished_ru
                  str(tmp_path / "eval"), "--no-progress", "--device", "cpu"]) == 0
     assert seen["protocols"] == ["linear@1%", "linear@5%", "linear@10%", "linear@50%"]
     assert seen["pretrain_config"].epochs == 20 and seen["linear_config"].solver == "lbfgs"
+
+
+def test_a_run_directory_of_an_older_version_is_not_refused_for_fields_added_since(finished_run, tmp_path):
+    """config.json written before a field existed: the field counts as its default, not as a change."""
+    import shutil
+
+    out, _ = finished_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["distill"]["compile_mode"], saved["pretrain"]["channels_last"]
+    saved.pop("mkdt")
+    (old / "config.json").write_text(json.dumps(saved))
+    pipeline.prepare_run_dir(old, tiny_config(), "demo", force=False)  # no KrrstError
+    with pytest.raises(KrrstError, match="differs in distill.steps"):
+        pipeline.prepare_run_dir(old, tiny_config(**{"distill.steps": "4"}), "demo", force=False)
