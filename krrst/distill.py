@@ -1112,6 +1112,7 @@ def distill(
         bar.close()
 
     result = distilled_set(last_step)
+    teacher.to(memory_format=torch.contiguous_format)  # leave the caller's teacher as it came (Module.to is in place)
     if out_dir is not None and is_main:
         if start_step == last_step:
             save_run(last_step)  # nothing ran: still leave a complete run folder

@@ -626,3 +626,13 @@ def test_initialisations_start_from_the_images_they_choose(cifar10_small, init, 
     assert not torch.equal(result.images, random_start.images)
     again = distill(train, _teacher(), config, progress=False)
     assert torch.equal(again.images, result.images), "seeded"
+
+
+def test_distill_leaves_the_callers_teacher_contiguous():
+    """channels_last is a distillation detail: the teacher passed in is handed back in its own layout."""
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    teacher = create_model("convnet3", widths=(4, 4, 4), image_size=16)
+    config = DistillConfig(num_images=8, image_size=16, widths=(4, 8, 8), steps=2, batch_size=16, pool_size=2,
+                           pool_steps=1, validate_every=0, channels_last="on")
+    distill(ImageSet(images, None, [], MEAN, STD, "noise"), teacher, config, progress=False)
+    assert all(p.is_contiguous() for p in teacher.parameters())
