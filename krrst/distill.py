@@ -145,6 +145,12 @@ class DistillConfig:
             teacher's representations of the same views of real images; each
             real image of a batch is shown in one view drawn at random. The
             distilled set holds every view (A x m images). Boost-DD.
+        final_targets: "learned" (the paper): the set carries the learned
+            `Y_s`; "teacher": the learned `Y_s` serve the distillation only and
+            the set carries the teacher's representations of its final images
+            (of every view). At CPU scale the learned targets drift far from
+            the teacher's and cost accuracy while the learned images help
+            (docs/results.md, cpu-mini follow-ups).
 
     `reference_config(config)` turns every speed knob off (no cache, float32,
     contiguous, no compile): the straightforward implementation, kept as the
@@ -189,6 +195,7 @@ class DistillConfig:
     fixed_augmentations: tuple[str, ...] = ()
     predictor_hidden: int = 0
     predictor_lr: float = 1e-4
+    final_targets: Literal["learned", "teacher"] = "learned"
 
     def __post_init__(self) -> None:
         positive = ("num_images", "image_size", "batch_size", "pool_size", "log_every", "validation_images")
@@ -225,6 +232,8 @@ class DistillConfig:
             check_fixed_augmentations(self.fixed_augmentations)
             if self.teacher_cache_views > 0:
                 raise KrrstError("distill.fixed_augmentations cannot be combined with distill.teacher_cache_views > 0")
+        if self.final_targets not in ("learned", "teacher"):
+            raise KrrstError(f"distill.final_targets={self.final_targets!r} is not valid; expected learned or teacher")
         if self.predictor_hidden < 0 or not self.predictor_lr > 0:
             raise KrrstError("distill.predictor_hidden must be >= 0 and distill.predictor_lr > 0")
         if self.kernel_dtype not in KERNEL_DTYPES:
@@ -1112,6 +1121,10 @@ def distill(
         bar.close()
 
     result = distilled_set(last_step)
+    if config.final_targets == "teacher":
+        result = dataclasses.replace(
+            result, targets=_forward_in_chunks(teacher, result.images.to(device)).float().cpu()
+        )
     teacher.to(memory_format=torch.contiguous_format)  # leave the caller's teacher as it came (Module.to is in place)
     if out_dir is not None and is_main:
         if start_step == last_step:

@@ -636,3 +636,18 @@ def test_distill_leaves_the_callers_teacher_contiguous():
                            pool_steps=1, validate_every=0, channels_last="on")
     distill(ImageSet(images, None, [], MEAN, STD, "noise"), teacher, config, progress=False)
     assert all(p.is_contiguous() for p in teacher.parameters())
+
+
+@pytest.mark.shared_data
+def test_final_targets_teacher_relabels_the_distilled_images_with_the_teacher(cifar10_small):
+    train, _ = cifar10_small
+    config = dataclasses.replace(RUN, steps=4, validation_models=0)
+    learned = distill(train, _teacher(), config, progress=False)
+    relabelled = distill(train, _teacher(), dataclasses.replace(config, final_targets="teacher"), progress=False)
+    assert torch.equal(relabelled.images, learned.images), "the distillation itself is unchanged"
+    teacher = _teacher().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(relabelled.targets, teacher(relabelled.images), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(learned.targets, relabelled.targets, atol=1e-3), "the learned targets had drifted"
+    with pytest.raises(KrrstError, match="distill.final_targets='mean' is not valid"):
+        DistillConfig(final_targets="mean")
