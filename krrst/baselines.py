@@ -488,7 +488,7 @@ def high_loss_indices(
 
     if models is None:
         from krrst.augment import normalize
-        from krrst.models import create_model
+        from krrst.evaluate import fresh_model
 
         models = []
         total = students * epochs * -(-len(pool) // batch_size)
@@ -496,9 +496,7 @@ def high_loss_indices(
         try:
             for _ in range(students):
                 student_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(student_seed)
-                    model = create_model(arch, targets.shape[1], **(arch_options or {})).to(device)
+                model = fresh_model(arch, targets.shape[1], student_seed, **(arch_options or {})).to(device)
                 optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
                 model.train()
                 for _ in range(epochs):

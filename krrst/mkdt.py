@@ -43,7 +43,8 @@ from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
 from krrst.config import config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
-from krrst.models import create_model, model_options
+from krrst.distill import _draw_seed, _model_options
+from krrst.evaluate import fresh_model
 
 DISTILLED_NAME = "distilled.safetensors"
 LOSS_CSV_NAME = "loss.csv"
@@ -152,21 +153,9 @@ class MKDTConfig:
 # --------------------------------------------------------------------------- helpers
 
 
-def _model_options(config: MKDTConfig) -> dict[str, Any]:
-    accepted = model_options(config.arch)
-    wanted = {"widths": config.widths, "image_size": config.image_size, "norm": config.norm}
-    return {name: value for name, value in wanted.items() if name in accepted}
-
-
-def _seeded_model(config: MKDTConfig, num_outputs: int, seed: int) -> nn.Module:
-    """A fresh student whose weights depend only on `seed` (the global RNG is left untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return create_model(config.arch, num_outputs, **_model_options(config))
-
-
-def _draw_seed(generator: torch.Generator) -> int:
-    return int(torch.randint(0, 2**62, (1,), generator=generator))
+def _student(config: MKDTConfig, num_outputs: int, seed: int) -> nn.Module:
+    """A fresh student of the distillation architecture whose weights depend only on `seed`."""
+    return fresh_model(config.arch, num_outputs, seed, **_model_options(config))
 
 
 def _stage_seeds(seed: int) -> tuple[int, int, int]:
@@ -229,7 +218,7 @@ def train_expert_trajectories(
                disable=None if progress else True)
     try:
         for _ in range(config.experts):
-            model = _seeded_model(config, target_reps.shape[1], _draw_seed(generator)).to(device).train()
+            model = _student(config, target_reps.shape[1], _draw_seed(generator)).to(device).train()
             optimizer = torch.optim.SGD(model.parameters(), lr=config.expert_lr, momentum=config.expert_momentum,
                                         weight_decay=config.expert_weight_decay)
             checkpoints, step = [flat_parameters(model).cpu()], 0
@@ -397,14 +386,14 @@ def mkdt_distill(
             source_images, mean, std, teacher, config, device=device, progress=progress, target_reps=target_reps
         )
     _, init_seed, match_seed = _stage_seeds(config.seed)
-    student = _seeded_model(config, target_reps.shape[1], match_seed).to(device).train()
+    student = _student(config, target_reps.shape[1], match_seed).to(device).train()
     _check_trajectories(trajectories, config, sum(p.numel() for p in student.parameters()))
 
     if config.init == "high-loss":
         # Score with every expert's last checkpoint, in train mode (batch statistics, as the unrolled students).
         scorers = []
         for trajectory in trajectories:
-            scorer = _seeded_model(config, target_reps.shape[1], 0).to(device).train()
+            scorer = _student(config, target_reps.shape[1], 0).to(device).train()
             nn.utils.vector_to_parameters(trajectory[-1].to(device), scorer.parameters())
             scorers.append(scorer)
         initial = high_loss_indices(
@@ -501,7 +490,7 @@ def mkdt_cost(config: MKDTConfig, num_source: int = 50_000, feature_dim: int = 5
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    student = _seeded_model(config, feature_dim, 0)
+    student = _student(config, feature_dim, 0)
     probe = torch.zeros(1, 3, config.image_size, config.image_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         student(probe)

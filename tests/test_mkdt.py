@@ -42,7 +42,7 @@ def _config(**overrides) -> M.MKDTConfig:
 @pytest.mark.parametrize("norm", ["instance", "batch"])
 def test_unrolled_gradients_match_central_finite_differences(norm):
     config = _config(widths=(2, 2, 2), norm=norm)
-    student = M._seeded_model(config, 3, seed=1).double().train()
+    student = M._student(config, 3, seed=1).double().train()
     generator = torch.Generator().manual_seed(0)
     start = M.flat_parameters(student)
     target = start + 0.05 * torch.randn(start.shape, generator=generator, dtype=torch.float64)
@@ -70,7 +70,7 @@ def test_unrolled_gradients_match_central_finite_differences(norm):
 
 def test_matching_loss_against_a_hand_computed_step():
     config = _config()
-    student = M._seeded_model(config, 3, seed=0).train()
+    student = M._student(config, 3, seed=0).train()
     start = M.flat_parameters(student)
     target = start + 0.01
     generator = torch.Generator().manual_seed(0)
@@ -97,7 +97,7 @@ def test_expert_trajectories_have_every_checkpoint_and_learn(tmp_path):
     source, teacher = _source(), _teacher()
     config = _config(norm="batch")  # instance norm would hide the mean colours the teacher sees
     trajectories = M.train_expert_trajectories(source.images, MEAN, STD, teacher, config, device="cpu", progress=False)
-    student = M._seeded_model(config, 4, seed=0).train()
+    student = M._student(config, 4, seed=0).train()
     num_params = sum(p.numel() for p in student.parameters())
     assert len(trajectories) == 2 and all(len(t) == 4 for t in trajectories)
     assert all(c.shape == (num_params,) and c.dtype == torch.float32 for t in trajectories for c in t)
@@ -170,7 +170,7 @@ def test_mkdt_distill_returns_and_writes_a_distilled_set(tmp_path):
     indices = torch.tensor(initial.config["init_indices"])
     scorers = []
     for trajectory in trajectories:
-        scorer = M._seeded_model(config, 4, seed=0).train()
+        scorer = M._student(config, 4, seed=0).train()
         nn.utils.vector_to_parameters(trajectory[-1], scorer.parameters())
         scorers.append(scorer)
     targets = teacher(normalize(source.images, MEAN, STD)).detach()
