@@ -417,7 +417,7 @@ def test_cached_distillation_replays_views_without_running_the_teacher(cifar10_s
 
 
 @pytest.mark.shared_data
-def test_cached_distillation_lowers_the_loss_and_resumes_exactly(cifar10_small, tmp_path, monkeypatch):
+def test_cached_distillation_lowers_the_loss_and_resumes_exactly(cifar10_small, tmp_path):
     train, _ = cifar10_small
     config = DistillConfig(
         num_images=20, widths=(16, 32, 64), steps=30, batch_size=64, pool_size=3, pool_steps=10,
@@ -428,17 +428,8 @@ def test_cached_distillation_lowers_the_loss_and_resumes_exactly(cifar10_small, 
     losses = [float(row["loss"]) for row in _history(tmp_path / "whole") if row["loss"]]
     assert len(losses) == 6 and sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2, losses
 
-    real_save = distill_module._save_checkpoint
-
-    def save_then_stop(path, state):
-        real_save(path, state)
-        if state["step"] == 15:
-            raise _Interrupted
-
-    monkeypatch.setattr(distill_module, "_save_checkpoint", save_then_stop)
-    with pytest.raises(_Interrupted):
-        distill(train, _teacher(), config, out_dir=tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(distill_module, "_save_checkpoint", real_save)
+    # stopped after step 15's checkpoint, as a kill there would (a real kill: test_resume_reaches_the_same_set_as_an_uninterrupted_run)
+    distill(train, _teacher(), config, out_dir=tmp_path / "resumed", progress=False, stop_at_step=15)
     resumed = distill(train, _teacher(), config, out_dir=tmp_path / "resumed", resume=True, progress=False)
     assert torch.equal(resumed.images, expected.images) and torch.equal(resumed.targets, expected.targets)
     assert _history(tmp_path / "resumed") == _history(tmp_path / "whole")
@@ -542,7 +533,7 @@ def test_speed_knobs_are_resolved_per_device_and_validated():
 
 
 @pytest.mark.shared_data
-def test_basis_parameterisation_distils_resumes_and_records_its_storage(cifar10_small, tmp_path, monkeypatch):
+def test_basis_parameterisation_distils_resumes_and_records_its_storage(cifar10_small, tmp_path):
     train, _ = cifar10_small
     config = dataclasses.replace(RUN, num_images=12, steps=6, parameterization="basis", image_rank=6, target_rank=4,
                                  validation_models=0, checkpoint_every=3)
@@ -558,17 +549,8 @@ def test_basis_parameterisation_distils_resumes_and_records_its_storage(cifar10_
     losses = [float(row["loss"]) for row in _history(tmp_path / "whole") if row["loss"]]
     assert all(torch.isfinite(torch.tensor(losses)))
 
-    real_save = distill_module._save_checkpoint
-
-    def save_then_stop(path, state):
-        real_save(path, state)
-        if state["step"] == 3:
-            raise _Interrupted
-
-    monkeypatch.setattr(distill_module, "_save_checkpoint", save_then_stop)
-    with pytest.raises(_Interrupted):
-        distill(train, _teacher(), config, out_dir=tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(distill_module, "_save_checkpoint", real_save)
+    # stopped after step 3's checkpoint, as a kill there would (a real kill: test_resume_reaches_the_same_set_as_an_uninterrupted_run)
+    distill(train, _teacher(), config, out_dir=tmp_path / "resumed", progress=False, stop_at_step=3)
     resumed = distill(train, _teacher(), config, out_dir=tmp_path / "resumed", resume=True, progress=False)
     assert torch.equal(resumed.images, expected.images) and torch.equal(resumed.targets, expected.targets)
 
