@@ -148,7 +148,9 @@ class DistillConfig:
         final_targets: "learned" (the paper): the set carries the learned
             `Y_s`; "teacher": the learned `Y_s` serve the distillation only and
             the set carries the teacher's representations of its final images
-            (of every view). At CPU scale the learned targets drift far from
+            within the set's storage (a basis set: their best rank-`target_rank`
+            fit; fixed views: the predictor's targets from them, not the
+            teacher's, which the set does not ship). At CPU scale the learned targets drift far from
             the teacher's and cost accuracy while the learned images help
             (docs/results.md, cpu-mini follow-ups).
 
@@ -938,6 +940,21 @@ def distill(
             return images, targets
         return fixed_augment_all(images, views), predictor(targets)
 
+    def teacher_final_targets() -> torch.Tensor:
+        """`final_targets=teacher`: the teacher's representations of the final images, as the set can store them.
+
+        The stored set stays what `storage_bytes` counts: a basis set keeps the
+        best rank-k_t fit of them (`project_targets`), and the fixed views'
+        targets come from the predictor applied to the images' targets, not
+        from the teacher (which the set does not ship).
+        """
+        with torch.no_grad():
+            images = synthetic.images().detach()
+            targets = synthetic.project_targets(_forward_in_chunks(teacher, images.to(device)).float().to(images.device))
+            if predictor is not None:
+                targets = predictor(targets)
+        return targets.cpu()
+
     pool = ModelPool(
         config.arch, feature_dim, _model_options(config), config.pool_size, config.pool_steps,
         lr=config.pool_lr, momentum=config.pool_momentum, weight_decay=config.pool_weight_decay,
@@ -1122,9 +1139,7 @@ def distill(
 
     result = distilled_set(last_step)
     if config.final_targets == "teacher":
-        result = dataclasses.replace(
-            result, targets=_forward_in_chunks(teacher, result.images.to(device)).float().cpu()
-        )
+        result = dataclasses.replace(result, targets=teacher_final_targets())
     teacher.to(memory_format=torch.contiguous_format)  # leave the caller's teacher as it came (Module.to is in place)
     if out_dir is not None and is_main:
         if start_step == last_step:

@@ -117,6 +117,13 @@ class PixelSet:
             {"params": [self.target_values], "lr": target_lr}
         ]
 
+    def project_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """The closest targets this set can store: any m x d targets, as they are."""
+        if targets.shape != self.target_values.shape:
+            raise KrrstError(f"project_targets: expected targets of shape {tuple(self.target_values.shape)}, "
+                             f"got {tuple(targets.shape)}")
+        return targets
+
     def storage_bytes(self, bytes_per_value: int = 4) -> int:
         return sum(p.numel() for p in self.parameters()) * bytes_per_value
 
@@ -226,6 +233,20 @@ class BasisSet:
                    "basis": step / float(self.scales[f"{what}_coefficient_norm"]), "mean": step}
             groups += [{"params": [self.leaves[f"{what}_{part}"]], "lr": lr} for part, lr in lrs.items()]
         return groups
+
+    def project_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """The closest targets this set can store in its own budget: their best rank-k_t affine fit.
+
+        A fresh PCA of `targets` (`_pca`, Eckart-Young) with the set's target
+        rank: `A_t' B_t' + mu_t'` has the shapes of `A_t, B_t, mu_t`, so a set
+        carrying these targets (e.g. the teacher's representations of its final
+        images) costs the bytes `storage_bytes()` reports.
+        """
+        expected = (self.num_images, self.leaves["target_basis"].shape[1])
+        if tuple(targets.shape) != expected:
+            raise KrrstError(f"project_targets: expected targets of shape {expected}, got {tuple(targets.shape)}")
+        coefficients, basis, mean = _pca(targets.detach(), self.target_rank)
+        return torch.addmm(mean, coefficients, basis)
 
     def storage_bytes(self, bytes_per_value: int = 4) -> int:
         return sum(p.numel() for p in self.parameters()) * bytes_per_value

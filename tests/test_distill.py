@@ -633,3 +633,31 @@ def test_final_targets_teacher_relabels_the_distilled_images_with_the_teacher(ci
     assert not torch.allclose(learned.targets, relabelled.targets, atol=1e-3), "the learned targets had drifted"
     with pytest.raises(KrrstError, match="distill.final_targets='mean' is not valid"):
         DistillConfig(final_targets="mean")
+
+
+@pytest.mark.shared_data
+def test_final_targets_teacher_stays_within_the_sets_storage(cifar10_small):
+    """A basis set stores the best rank-k_t fit of the teacher's targets; fixed views take the predictor's."""
+    train, _ = cifar10_small
+    teacher = _teacher().eval()
+    basis_config = dataclasses.replace(RUN, num_images=12, steps=2, parameterization="basis", image_rank=6,
+                                       target_rank=3, validation_models=0, final_targets="teacher")
+    basis = distill(train, _teacher(), basis_config, progress=False)
+    with torch.no_grad():
+        exact = teacher(basis.images)
+    centred = exact - exact.mean(0)
+    residual = (basis.targets - exact).pow(2).sum()
+    torch.testing.assert_close(residual, torch.linalg.svdvals(centred.double())[3:].pow(2).sum().float(),
+                               rtol=1e-3, atol=1e-4)
+    assert torch.linalg.matrix_rank(basis.targets - basis.targets.mean(0), rtol=1e-4) == 3
+
+    # 0 steps: the predictor is still the identity, so every view carries the plain image's teacher targets
+    views_config = dataclasses.replace(RUN, steps=0, fixed_augmentations=("rot90",), validation_models=0,
+                                       final_targets="teacher")
+    views = distill(train, _teacher(), views_config, progress=False)
+    plain, rotated = views.images.split(views_config.num_images)
+    plain_targets, rotated_targets = views.targets.split(views_config.num_images)
+    with torch.no_grad():
+        torch.testing.assert_close(plain_targets, teacher(plain), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(rotated_targets, teacher(rotated), atol=1e-3), "not the teacher's view targets"
+    torch.testing.assert_close(rotated_targets, plain_targets)

@@ -108,6 +108,23 @@ def test_basis_pca_init_is_the_best_rank_k_fit():
     assert (centred - centred @ q @ q.T).pow(2).sum() > error
 
 
+def test_project_targets_keeps_what_each_set_can_store():
+    images, targets = initial_set(m=10, d=6)
+    other = torch.randn(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(PixelSet(images, targets).project_targets(other), other)
+    k = 2
+    projected = BasisSet(images, targets, image_rank=3, target_rank=k).project_targets(other)
+    # the best rank-k affine fit of the new targets (not of the set's own): Eckart-Young residual
+    centred = other - other.mean(0)
+    error = (projected - other).pow(2).sum()
+    torch.testing.assert_close(error, torch.linalg.svdvals(centred)[k:].pow(2).sum())
+    assert torch.linalg.matrix_rank(projected - projected.mean(0), rtol=1e-9) == k
+    full = BasisSet(images, targets, image_rank=3, target_rank=6).project_targets(other)
+    torch.testing.assert_close(full, other, rtol=0, atol=1e-12)
+    with pytest.raises(KrrstError, match=r"project_targets: expected targets of shape \(10, 6\), got \(10, 5\)"):
+        BasisSet(images, targets, image_rank=3, target_rank=k).project_targets(other[:, :5])
+
+
 def test_basis_storage_by_hand_and_summary():
     synthetic = BasisSet(*initial_set(m=6, shape=(3, 4, 4), d=5), image_rank=2, target_rank=3)
     # coefficients 6x2, basis 2x48, mean 48; target coefficients 6x3, basis 3x5, mean 5
