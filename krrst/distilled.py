@@ -92,6 +92,18 @@ class DistilledSet:
             return int(self.targets.max()) + 1
         return self.targets.shape[1]
 
+    def storage_bytes(self) -> int:
+        """Bytes the set takes as stored, for comparisons "at the same storage".
+
+        What its parameterisation recorded (`config["synthetic"]["storage_bytes"]`:
+        coefficients and bases of a basis set, a fixed-view predictor), else the
+        images as float32 plus the targets as they are held.
+        """
+        recorded = self.config.get("synthetic", {}).get("storage_bytes") if isinstance(self.config, dict) else None
+        if isinstance(recorded, int) and recorded > 0:
+            return recorded
+        return 4 * self.images.numel() + self.targets.numel() * self.targets.element_size()
+
     def to(self, device: str | torch.device) -> "DistilledSet":
         return dataclasses.replace(self, images=self.images.to(device), targets=self.targets.to(device))
 

@@ -613,6 +613,14 @@ def run(
         sets["mkdt"] = DistilledSet.load(mkdt_dir / "distilled.safetensors")
     for method in wanted:
         sets[method] = DistilledSet.load(baselines_dir / f"{method}.safetensors")
+    if main:  # what each set costs, for the report's "same storage" table
+        from krrst.report import SETS_NAME
+
+        write_json(out_dir / SETS_NAME, {
+            method: {"images": len(distilled), "storage_bytes": distilled.storage_bytes(),
+                     "parameterization": distilled.config.get("synthetic", {}).get("kind", "pixels")}
+            for method, distilled in sets.items() if distilled is not None
+        })
 
     # -- evaluation -----------------------------------------------------------------------------
     eval_dir = out_dir / "eval"

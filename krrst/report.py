@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from krrst.errors import KrrstError
 from krrst.io import atomic_write, read_json
 
+SETS_NAME = "sets.json"  # per method: images, storage_bytes, parameterization (written by the pipeline)
 RESULT_FIELDS = ("method", "source", "target", "arch", "protocol", "seed", "accuracy", "wall_time_s")
 
 _TEXT_FIELDS = ("method", "source", "target", "arch", "protocol")
@@ -373,6 +374,31 @@ def markdown_table(rows: Iterable[dict], arch: str | None = None) -> str:
     return "\n".join(parts)
 
 
+def sets_table(sets: Any) -> str:
+    """Markdown table of what each pre-training set holds: images, storage in MB and relative to KRR-ST's.
+
+    `sets` is `sets.json` of a run directory: `{method: {"images", "storage_bytes", "parameterization"}}`
+    (written by the pipeline). A malformed entry is a one-line `KrrstError`.
+    """
+    if not isinstance(sets, dict):
+        raise KrrstError(f"{SETS_NAME}: expected an object of methods, got {type(sets).__name__}")
+    for method, entry in sets.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("images"), int)
+                and isinstance(entry.get("storage_bytes"), int) and entry["storage_bytes"] > 0):
+            raise KrrstError(f"{SETS_NAME}: entry {method!r} needs integer images and storage_bytes > 0, got {entry!r}")
+    reference = sets.get("krr-st", {}).get("storage_bytes")
+    lines = ["| set | images | parameterisation | storage (MB) |" + (" vs krr-st |" if reference else ""),
+             "|---|---:|---|---:|" + ("---:|" if reference else "")]
+    for method in sorted(sets, key=_method_sort_key):
+        entry = sets[method]
+        cells = [_markdown_escape(str(method)), str(entry["images"]),
+                 _markdown_escape(str(entry.get("parameterization", "pixels"))), f"{entry['storage_bytes'] / 1e6:.2f}"]
+        if reference:
+            cells.append(f"{entry['storage_bytes'] / reference:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "Pre-training sets (storage: float32 values as stored, bases and predictors included).\n\n" + "\n".join(lines) + "\n"
+
+
 def html_table(rows: Iterable[dict], arch: str | None = None) -> str:
     """The same table(s) as `markdown_table`, as escaped HTML."""
     tables = _table_models(rows, arch)
@@ -648,6 +674,11 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
     else:
         provenance = _provenance_line(run_dir, rows, env if isinstance(env, dict) else None)
         markdown = markdown_table(rows)
+        if (run_dir / SETS_NAME).is_file():
+            try:
+                markdown += "\n" + sets_table(read_json(run_dir / SETS_NAME, SETS_NAME))
+            except KrrstError as exc:
+                read_notes.append(f"{SETS_NAME} left out: {exc}")
         with atomic_write(run_dir / "results.md") as tmp:
             tmp.write_text(f"# Results: {run_dir.name}\n\n{markdown}\n{provenance}\n", encoding="utf-8")
         written["results_md"] = run_dir / "results.md"

@@ -34,6 +34,17 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.teacher_arch == "resnet18" and loaded.feature_dim == 5 and loaded.image_size == 8
 
 
+def test_storage_bytes_counts_float32_values_or_what_the_parameterisation_recorded(tmp_path):
+    plain = make_set(m=6, d=5)
+    assert plain.storage_bytes() == 4 * (6 * 3 * 8 * 8 + 6 * 5)
+    labels = DistilledSet(images=plain.images, targets=torch.arange(6), mean=MEAN, std=STD, target_kind="hard_labels")
+    assert labels.storage_bytes() == 4 * 6 * 3 * 8 * 8 + 8 * 6  # int64 labels
+    basis = DistilledSet(images=plain.images, targets=plain.targets, mean=MEAN, std=STD,
+                         config={"synthetic": {"kind": "basis", "storage_bytes": 1234}})
+    basis.save(tmp_path / "basis.safetensors")
+    assert DistilledSet.load(tmp_path / "basis.safetensors").storage_bytes() == 1234
+
+
 def test_wrong_shapes_are_one_line_errors(tmp_path):
     with pytest.raises(KrrstError, match="6 images but 4 targets"):
         DistilledSet(images=torch.zeros(6, 3, 8, 8), targets=torch.zeros(4, 5), mean=MEAN, std=STD)

@@ -74,6 +74,12 @@ def test_run_directory_holds_every_output(finished_run):
     table = (out / "results.md").read_text()
     for method in methods:
         assert f"| {method} |" in table
+    sets = json.loads((out / "sets.json").read_text())
+    assert set(sets) == {"krr-st", "random", "kmeans"}, "what each pre-training set holds"
+    assert sets["krr-st"] == {"images": 10, "storage_bytes": 4 * 10 * (3 * 32 * 32 + distilled.feature_dim),
+                              "parameterization": "pixels"}
+    assert sets["random"]["storage_bytes"] == sets["krr-st"]["storage_bytes"]
+    assert "| krr-st | 10 | pixels |" in table
 
 
 def test_random_baseline_is_the_images_krrst_started_from(finished_run):

@@ -326,6 +326,26 @@ def test_write_report_on_a_full_run_directory(tmp_path):
     assert "teacher/loss.csv" in text  # the missing teacher log is noted
 
 
+def test_sets_table_shows_images_and_storage_against_krrst(tmp_path):
+    sets = {"random": {"images": 200, "storage_bytes": 4_096_000, "parameterization": "pixels"},
+            "krr-st": {"images": 400, "storage_bytes": 3_940_352, "parameterization": "basis"}}
+    table = report.sets_table(sets)
+    lines = table.splitlines()
+    assert "| krr-st | 400 | basis | 3.94 | 1.00x |" in lines and "| random | 200 | pixels | 4.10 | 1.04x |" in lines
+    assert lines.index("| krr-st | 400 | basis | 3.94 | 1.00x |") < lines.index("| random | 200 | pixels | 4.10 | 1.04x |")
+    assert "vs krr-st" not in report.sets_table({"random": sets["random"]})
+    with pytest.raises(KrrstError, match="sets.json: entry 'random' needs integer images"):
+        report.sets_table({"random": {"images": "many", "storage_bytes": 1}})
+
+    append_results(tmp_path, [row(method="krr-st", seed=0, accuracy=0.5)])
+    (tmp_path / report.SETS_NAME).write_text(json.dumps(sets))
+    assert "| random | 200 | pixels | 4.10 | 1.04x |" in write_report(tmp_path)["results_md"].read_text()
+    (tmp_path / report.SETS_NAME).write_text(json.dumps({"random": {"images": 1}}))
+    paths = write_report(tmp_path)
+    assert "| random |" not in paths["results_md"].read_text()
+    assert "sets.json left out" in "".join(parse_html(paths["report_html"].read_text()).text)
+
+
 def test_write_report_on_an_empty_run_directory(tmp_path):
     paths = write_report(tmp_path)
     assert set(paths) == {"report_html"}
