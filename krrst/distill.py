@@ -134,7 +134,15 @@ class DistillConfig:
             (every pixel and target entry, the paper) or "basis" (coefficients
             over PCA-initialised learnt bases of `image_rank` images and
             `target_rank` targets, Boost-DD: more images for the same storage;
-            see `krrst.parameterize.basis_images_for_budget`).
+            see `krrst.parameterize.basis_images_for_budget`) or "pyramid"
+            (each image the sum of learnt levels of sides `pyramid_levels`,
+            bilinearly upsampled, fitted coarse to fine to the initial images;
+            targets learnt as with pixels; see `krrst.parameterize.PyramidSet`
+            and `pyramid_images_for_budget`).
+        pyramid_levels: the pyramid's sides, strictly increasing, each in
+            [1, image_size], e.g. (8, 16) for 32 x 32 images (storage per image
+            C*(8² + 16²) + d values instead of C*32² + d); only read when
+            `parameterization` is "pyramid".
         init: the real images `X_s` starts from: "random" (the paper), "kmeans"
             (nearest to k-means centroids in teacher space) or "high-loss" (the
             hardest to regress for briefly trained students, MKDT).
@@ -190,9 +198,10 @@ class DistillConfig:
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    parameterization: Literal["pixels", "basis"] = "pixels"
+    parameterization: Literal["pixels", "basis", "pyramid"] = "pixels"
     image_rank: int = 0
     target_rank: int = 0
+    pyramid_levels: tuple[int, ...] = (8, 16)
     init: Literal["random", "kmeans", "high-loss"] = "random"
     fixed_augmentations: tuple[str, ...] = ()
     predictor_hidden: int = 0
@@ -224,10 +233,21 @@ class DistillConfig:
             raise KrrstError(
                 f"distill.compile_mode={self.compile_mode!r} is not valid; expected one of {', '.join(compile_modes)}"
             )
-        if self.parameterization not in ("pixels", "basis"):
-            raise KrrstError(f"distill.parameterization={self.parameterization!r} is not valid; expected pixels or basis")
+        if self.parameterization not in ("pixels", "basis", "pyramid"):
+            raise KrrstError(
+                f"distill.parameterization={self.parameterization!r} is not valid; expected pixels, basis or pyramid"
+            )
         if self.parameterization == "basis" and (self.image_rank < 1 or self.target_rank < 1):
             raise KrrstError("distill.parameterization=basis needs distill.image_rank >= 1 and distill.target_rank >= 1")
+        levels = self.pyramid_levels
+        if self.parameterization == "pyramid" and (
+            not levels or levels[0] < 1 or levels[-1] > self.image_size
+            or any(a >= b for a, b in zip(levels, levels[1:]))
+        ):
+            raise KrrstError(
+                f"distill.pyramid_levels must be strictly increasing sides in [1, distill.image_size="
+                f"{self.image_size}], e.g. 8,16; got {','.join(map(str, levels)) or 'none'}"
+            )
         if self.init not in ("random", "kmeans", "high-loss"):
             raise KrrstError(f"distill.init={self.init!r} is not valid; expected random, kmeans or high-loss")
         if self.fixed_augmentations:
@@ -909,11 +929,12 @@ def distill(
     if initial_targets.dim() != 2:
         raise KrrstError(f"teacher must output N x d features, got shape {tuple(initial_targets.shape)}")
     feature_dim = initial_targets.shape[1]
-    basis_options = (
-        {"image_rank": config.image_rank, "target_rank": config.target_rank}
-        if config.parameterization == "basis" else {}
-    )
-    synthetic = make_synthetic_set(config.parameterization, initial_images, initial_targets, **basis_options)
+    set_options = {
+        "pixels": {},
+        "basis": {"image_rank": config.image_rank, "target_rank": config.target_rank},
+        "pyramid": {"levels": config.pyramid_levels},
+    }[config.parameterization]
+    synthetic = make_synthetic_set(config.parameterization, initial_images, initial_targets, **set_options)
     optimizer = _outer_optimizer(synthetic, config, std)
 
     def lr_factor(step: int) -> float:

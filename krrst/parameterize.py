@@ -7,14 +7,16 @@ Distillation via Parameterization, Predefined Augmentation, and Approximation"
 low-dimensional bases, so the storage of m0 pixel images holds more images,
 and predicts the representations of fixed augmented views with a small network.
 
-- `PixelSet` (kind "pixels"), `BasisSet` (kind "basis"), built by
+- `PixelSet` (kind "pixels"), `BasisSet` (kind "basis"), `PyramidSet` (kind
+  "pyramid": each image a sum of learnt lower-resolution levels, upsampled), built by
   `make_synthetic_set(kind, initial_images, initial_targets, **options)`.
   Each has `kind`, `num_images`, `images()`, `targets()` (differentiable
   w.r.t. `parameters()`), `param_groups(image_lr, target_lr, std)` (AdamW
   groups; `image_lr` in raw-pixel units, see `krrst.distill.DistillConfig`),
   `storage_bytes()`, `summary()` (JSON-able) and `state_dict()` /
   `load_state_dict()` (tensors only, for `krrst.io.save_state`).
-- `pixel_storage_bytes`, `basis_images_for_budget`: "same storage, more images".
+- `pixel_storage_bytes`, `basis_images_for_budget`, `pyramid_images_for_budget`:
+  "same storage, more images".
 - `AugmentationPredictor`, `augmentation_predictor_loss`: representations of
   the views of `krrst.augment.fixed_augment_all`, predicted from `Y_s`.
 
@@ -48,7 +50,7 @@ from torch import nn
 from krrst.augment import ROTATIONS, check_fixed_augmentations
 from krrst.errors import KrrstError
 
-SYNTHETIC_KINDS = ("pixels", "basis")
+SYNTHETIC_KINDS = ("pixels", "basis", "pyramid")
 
 
 def _check_initial(images: torch.Tensor, targets: torch.Tensor) -> None:
@@ -265,6 +267,134 @@ class BasisSet:
                 tensor.copy_(state[name])
 
 
+def _check_levels(levels: Sequence[int], image_shape: Sequence[int]) -> tuple[int, ...]:
+    """The pyramid's sides as a tuple: non-empty, strictly increasing integers in [1, H] of square C x H x H images."""
+    height, width = image_shape[-2:]
+    if height != width:
+        raise KrrstError(f"pyramid synthetic set: images must be square, got {height} x {width}")
+    sides = tuple(levels) if isinstance(levels, Sequence) and not isinstance(levels, str) else ()
+    if (not sides or not all(isinstance(r, int) and not isinstance(r, bool) for r in sides)
+            or sides[0] < 1 or sides[-1] > height or any(a >= b for a, b in zip(sides, sides[1:]))):
+        raise KrrstError(f"synthetic set: levels must be strictly increasing integers in [1, {height}] "
+                         f"(the image side), got {levels!r}")
+    return sides
+
+
+def _upsample(level: torch.Tensor, side: int) -> torch.Tensor:
+    """`up_l`: bilinear (align_corners=False) from r x r to side x side; the identity at r = side.
+
+    Bilinear rather than nearest: the images stay smooth at the level's
+    resolution instead of carrying block edges at every (side/r)-th pixel, an
+    artefact no real image has and that a 3x3 convolution responds to (the
+    multi-formation decoder of IDC, Kim et al., ICML 2022, also resizes
+    bilinearly). Each output pixel is a convex combination (weights >= 0,
+    summing to 1, borders clamped) of at most 4 entries, which is what the
+    learning-rate rule of `PyramidSet` uses.
+    """
+    if level.shape[-1] == side:
+        return level
+    return F.interpolate(level, size=(side, side), mode="bilinear", align_corners=False)
+
+
+class PyramidSet:
+    """`X_i = sum_l up_l(P_{i,l})`: each image a sum of learnt levels at lower resolutions; `Y_s` learnt as is.
+
+    `P_{i,l}`: C x r_l x r_l for each side r_l of `levels` (strictly
+    increasing, in [1, H]; square H x H images), `up_l` the fixed bilinear
+    upsampling of `_upsample`. Initialised coarse to fine from the initial
+    images: `P_{:,1} = down_1(X)`, then `P_{:,l} = down_l(X - sum_{j<l} up_j(P_{:,j}))`,
+    `down_l` area (average-pool) downsampling to r_l x r_l; so the start is
+    exact when the finest level is H (down and up are then the identity) and
+    `up_1(down_1(X))` for a single level below H. Targets: m x d, as `PixelSet`.
+    Storage: m * sum_l C*r_l² + m*d values.
+
+    Learning rates (`param_groups`): one leaf per (level, channel), lr
+    `image_lr / (std_c * L)` for L levels; targets `target_lr`. An Adam step
+    moves every entry by at most about its lr (exactly its lr on the first
+    step), and a pixel of `up_l(P_l)` is a convex combination of entries of
+    `P_l`, so it moves by at most that level's lr, whatever r_l (an entry at
+    resolution r spreads over about (H/r)² pixels, but its weights in each
+    pixel, with its neighbours', sum to 1). Summed over the L levels, a pixel
+    moves by at most `image_lr / std_c`, exactly `PixelSet`'s step, and by that
+    much when every level's entries around it move the same way (a smooth
+    gradient); levels that disagree move it less. With `levels = (H,)` the set
+    is `PixelSet`, update for update.
+    """
+
+    kind = "pyramid"
+
+    def __init__(self, initial_images: torch.Tensor, initial_targets: torch.Tensor, levels: Sequence[int]):
+        _check_initial(initial_images, initial_targets)
+        self.image_shape = tuple(initial_images.shape[1:])
+        self.levels = _check_levels(levels, self.image_shape)
+        side = self.image_shape[-1]
+        parts, residual = [], initial_images.detach()
+        with torch.no_grad():  # coarse to fine: each level is the area downsampling of what is not yet explained
+            for r in self.levels:
+                parts.append(F.adaptive_avg_pool2d(residual, r))
+                residual = residual - _upsample(parts[-1], side)
+        # one leaf per (level, channel), so that channel c gets its own lr (see the class docstring)
+        self.level_channels = [[part[:, c : c + 1].clone().requires_grad_(True) for c in range(part.shape[1])]
+                               for part in parts]
+        self.target_values = initial_targets.detach().clone().requires_grad_(True)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.target_values)
+
+    def level(self, index: int) -> torch.Tensor:
+        """`P_{:,l}`: m x C x r_l x r_l."""
+        return torch.cat(self.level_channels[index], dim=1)
+
+    def images(self) -> torch.Tensor:
+        side = self.image_shape[-1]
+        total = _upsample(self.level(0), side)
+        for index in range(1, len(self.levels)):
+            total = total + _upsample(self.level(index), side)
+        return total
+
+    def targets(self) -> torch.Tensor:
+        return self.target_values
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [leaf for channels in self.level_channels for leaf in channels] + [self.target_values]
+
+    def param_groups(self, image_lr: float, target_lr: float, std: Sequence[float]) -> list[dict[str, Any]]:
+        std = _check_std(std, self.image_shape[0])
+        share = len(self.levels)
+        return [{"params": [leaf], "lr": image_lr / (std[c] * share)}
+                for channels in self.level_channels for c, leaf in enumerate(channels)] + [
+            {"params": [self.target_values], "lr": target_lr}
+        ]
+
+    def project_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """The closest targets this set can store: any m x d targets, as they are."""
+        if targets.shape != self.target_values.shape:
+            raise KrrstError(f"project_targets: expected targets of shape {tuple(self.target_values.shape)}, "
+                             f"got {tuple(targets.shape)}")
+        return targets
+
+    def storage_bytes(self, bytes_per_value: int = 4) -> int:
+        return sum(p.numel() for p in self.parameters()) * bytes_per_value
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_images": self.num_images, "levels": list(self.levels),
+                "storage_bytes": self.storage_bytes()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"level_{r}": self.level(index).detach().clone() for index, r in enumerate(self.levels)}
+        return state | {"targets": self.target_values.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {f"level_{r}": self.level(index) for index, r in enumerate(self.levels)}
+        _check_state(state, expected | {"targets": self.target_values}, self.kind)
+        with torch.no_grad():  # in place: the optimiser keeps referring to the same leaves
+            for r, channels in zip(self.levels, self.level_channels):
+                for c, leaf in enumerate(channels):
+                    leaf.copy_(state[f"level_{r}"][:, c : c + 1])
+            self.target_values.copy_(state["targets"])
+
+
 def pixel_storage_bytes(num_images: int, image_shape: Sequence[int], target_dim: int, bytes_per_value: int = 4) -> int:
     """Storage of a `PixelSet` of `num_images`: (m*C*H*W + m*d) values."""
     return num_images * (math.prod(image_shape) + target_dim) * bytes_per_value
@@ -289,15 +419,37 @@ def basis_images_for_budget(budget_bytes: int, image_shape: Sequence[int], targe
     return int(count)
 
 
+def pyramid_images_for_budget(budget_bytes: int, image_shape: Sequence[int], target_dim: int, levels: Sequence[int],
+                              bytes_per_value: int = 4) -> int:
+    """The largest m whose `PyramidSet` storage fits `budget_bytes`.
+
+    Nothing is shared: each image costs `C * sum_l r_l² + d` values, so
+    m = floor(budget / bytes_per_value / (C * sum_l r_l² + d)).
+    "Same storage, more images": `budget_bytes = pixel_storage_bytes(m0, ...)`.
+    """
+    sides = _check_levels(levels, image_shape)
+    per_image = image_shape[0] * sum(r * r for r in sides) + target_dim
+    count = budget_bytes // bytes_per_value // per_image
+    if count < 1:
+        raise KrrstError(
+            f"a storage budget of {budget_bytes} bytes holds no pyramid image at levels={list(sides)} "
+            f"({per_image * bytes_per_value} bytes each): coarsen the levels or raise the budget"
+        )
+    return int(count)
+
+
 def make_synthetic_set(kind: str, initial_images: torch.Tensor, initial_targets: torch.Tensor, **options: Any):
-    """A `PixelSet` (kind "pixels", no options) or `BasisSet` (kind "basis": `image_rank`, `target_rank`)."""
-    accepted = {"pixels": (), "basis": ("image_rank", "target_rank")}
+    """A `PixelSet` (kind "pixels", no options), `BasisSet` (kind "basis": `image_rank`, `target_rank`)
+    or `PyramidSet` (kind "pyramid": `levels`)."""
+    accepted = {"pixels": (), "basis": ("image_rank", "target_rank"), "pyramid": ("levels",)}
     if kind not in accepted:
         raise KrrstError(f"unknown synthetic set kind {kind!r}; expected one of {', '.join(SYNTHETIC_KINDS)}")
     if set(options) != set(accepted[kind]):
         raise KrrstError(f"synthetic set kind {kind!r} takes options {list(accepted[kind])}, got {sorted(options)}")
     if kind == "pixels":
         return PixelSet(initial_images, initial_targets)
+    if kind == "pyramid":
+        return PyramidSet(initial_images, initial_targets, **options)
     return BasisSet(initial_images, initial_targets, **options)
 
 

@@ -556,6 +556,49 @@ def test_basis_parameterisation_distils_resumes_and_records_its_storage(cifar10_
 
 
 @pytest.mark.shared_data
+def test_pyramid_parameterisation_distils_resumes_and_records_its_storage(cifar10_small, tmp_path):
+    train, _ = cifar10_small
+    config = dataclasses.replace(RUN, num_images=12, steps=6, parameterization="pyramid", pyramid_levels=(4, 8),
+                                 validation_models=0, checkpoint_every=3)
+    expected = distill(train, _teacher(), config, out_dir=tmp_path / "whole", progress=False)
+    summary = expected.config["synthetic"]
+    assert summary["kind"] == "pyramid" and summary["levels"] == [4, 8] and expected.images.shape == (12, 3, 32, 32)
+    d = expected.targets.shape[1]
+    assert summary["storage_bytes"] == 4 * (12 * 3 * (4 * 4 + 8 * 8) + 12 * d)  # levels, targets
+    # no content above the finest level: every channel lies in the span of the upsampled 4x4 and 8x8 grids
+    def upsampled_grid(side):
+        return F.interpolate(torch.eye(side * side, dtype=torch.float64).view(-1, 1, side, side), size=(32, 32),
+                             mode="bilinear", align_corners=False).flatten(1)
+
+    def residual(images, sides):
+        grid = torch.cat([upsampled_grid(side) for side in sides])  # (sum r²) x 1024
+        rows = images.double().flatten(2).flatten(0, 1)  # one row per image and channel
+        fit = torch.linalg.lstsq(grid.T, rows.T).solution.T @ grid
+        return ((rows - fit).norm() / rows.norm()).item()
+
+    assert residual(expected.images, (4, 8)) < 1e-5
+    assert residual(expected.images, (4,)) > 1e-2, "the 8x8 level carries content of its own"
+    losses = [float(row["loss"]) for row in _history(tmp_path / "whole") if row["loss"]]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+    # stopped after step 3's checkpoint, as a kill there would
+    distill(train, _teacher(), config, out_dir=tmp_path / "resumed", progress=False, stop_at_step=3)
+    resumed = distill(train, _teacher(), config, out_dir=tmp_path / "resumed", resume=True, progress=False)
+    assert torch.equal(resumed.images, expected.images) and torch.equal(resumed.targets, expected.targets)
+
+    # the levels are read only for a pyramid, and are checked against the image size there
+    assert DistillConfig(image_size=8).pyramid_levels == (8, 16)
+    with pytest.raises(KrrstError, match=r"distill.pyramid_levels must be strictly increasing sides in \[1, "
+                                         r"distill.image_size=8\], e.g. 8,16; got 8,16"):
+        DistillConfig(image_size=8, parameterization="pyramid")
+    for bad in ((), (16, 8), (0, 8), (8, 8)):
+        with pytest.raises(KrrstError, match="distill.pyramid_levels"):
+            DistillConfig(parameterization="pyramid", pyramid_levels=bad)
+    with pytest.raises(KrrstError, match="expected pixels, basis or pyramid"):
+        DistillConfig(parameterization="wavelet")
+
+
+@pytest.mark.shared_data
 def test_fixed_augmentations_put_every_view_in_the_set_and_fit_the_predictor(cifar10_small, monkeypatch):
     train, _ = cifar10_small
     predictor_losses = []

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from krrst import io
 from krrst.augment import fixed_augment_all
@@ -12,10 +13,12 @@ from krrst.parameterize import (
     AugmentationPredictor,
     BasisSet,
     PixelSet,
+    PyramidSet,
     augmentation_predictor_loss,
     basis_images_for_budget,
     make_synthetic_set,
     pixel_storage_bytes,
+    pyramid_images_for_budget,
 )
 
 STD = (0.2470, 0.2435, 0.2616)
@@ -233,6 +236,175 @@ def test_factory_and_rank_validation():
         make_synthetic_set("basis", images, targets, image_rank=0, target_rank=2)
     with pytest.raises(KrrstError, match="initial targets"):
         make_synthetic_set("pixels", images, targets[:3])
+
+
+# --------------------------------------------------------------------------- pyramid set
+
+
+def _up(level, side):
+    return F.interpolate(level, size=(side, side), mode="bilinear", align_corners=False)
+
+
+def test_pyramid_start_is_exact_when_the_finest_level_is_full_resolution():
+    images, targets = initial_set(m=6, shape=(3, 8, 8), d=5)
+    synthetic = PyramidSet(images, targets, levels=(2, 3, 8))
+    assert synthetic.kind == "pyramid" and synthetic.num_images == 6 and synthetic.levels == (2, 3, 8)
+    assert [tuple(synthetic.level(i).shape) for i in range(3)] == [(6, 3, 2, 2), (6, 3, 3, 3), (6, 3, 8, 8)]
+    torch.testing.assert_close(synthetic.images(), images, rtol=0, atol=1e-12)
+    assert torch.equal(synthetic.targets(), targets)
+    # the coarsest level is the plain block mean of the image (area downsampling), 4 x 4 blocks at side 2
+    torch.testing.assert_close(synthetic.level(0).detach(), images.reshape(6, 3, 2, 4, 2, 4).mean((3, 5)))
+    with torch.no_grad():
+        synthetic.level_channels[0][0].add_(1.0)
+    assert not torch.equal(synthetic.images(), images)
+    assert torch.equal(initial_set(m=6, shape=(3, 8, 8), d=5)[0], images)  # the caller's tensor is untouched
+    assert all(p.is_leaf and p.requires_grad for p in synthetic.parameters())
+
+
+def test_pyramid_start_below_full_resolution_is_the_upsampled_area_downsampling():
+    images, targets = initial_set(m=4, shape=(3, 8, 8), d=5)
+    single = PyramidSet(images, targets, levels=(4,))
+    expected = _up(F.interpolate(images, size=(4, 4), mode="area"), 8)
+    torch.testing.assert_close(single.images(), expected, rtol=0, atol=1e-12)
+    # coarse to fine: the next level is the area downsampling of what the coarser one leaves unexplained
+    coarse = F.interpolate(images, size=(2, 2), mode="area")
+    fine = F.interpolate(images - _up(coarse, 8), size=(4, 4), mode="area")
+    two = PyramidSet(images, targets, levels=(2, 4))
+    torch.testing.assert_close(two.level(0).detach(), coarse, rtol=0, atol=1e-12)
+    torch.testing.assert_close(two.level(1).detach(), fine, rtol=0, atol=1e-12)
+    torch.testing.assert_close(two.images(), _up(coarse, 8) + _up(fine, 8), rtol=0, atol=1e-12)
+    # a low-resolution approximation: closer to the images than their mean, and not exact
+    error = (single.images().detach() - images).pow(2).sum()
+    assert 0 < error < (images - images.mean((2, 3), keepdim=True)).pow(2).sum()
+
+
+def test_pyramid_with_one_full_resolution_level_is_the_pixel_set():
+    images, targets = initial_set(m=5, shape=(3, 4, 4), d=3)
+    pyramid, pixels = PyramidSet(images, targets, levels=(4,)), PixelSet(images, targets)
+    assert [g["lr"] for g in pyramid.param_groups(1e-3, 2e-3, STD)] == [
+        g["lr"] for g in pixels.param_groups(1e-3, 2e-3, STD)
+    ]
+    optimizers = [torch.optim.Adam(s.param_groups(1e-3, 2e-3, STD)) for s in (pyramid, pixels)]
+    weights = torch.randn(5, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        for synthetic, optimizer in zip((pyramid, pixels), optimizers):
+            optimizer.zero_grad()
+            ((synthetic.images() * weights).sin().sum() + synthetic.targets().pow(2).sum()).backward()
+            optimizer.step()
+    assert torch.equal(pyramid.images(), pixels.images()) and torch.equal(pyramid.targets(), pixels.targets())
+
+
+def test_pyramid_learning_rates_move_pixels_like_the_pixel_set():
+    images, targets = initial_set(m=4, shape=(3, 8, 8), d=5)
+    levels = (2, 3, 8)
+    groups = PyramidSet(images, targets, levels).param_groups(1e-3, 2e-3, STD)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3 / (s * 3) for s in STD] * 3 + [2e-3])
+
+    def moved(weights: torch.Tensor) -> torch.Tensor:
+        """|change| of the materialised pixels after one Adam step on sum(images * weights)."""
+        probe = PyramidSet(images, targets, levels)
+        optimizer = torch.optim.Adam(probe.param_groups(1e-3, 2e-3, STD), eps=1e-30)
+        (probe.images() * weights).sum().backward()
+        optimizer.step()
+        return (probe.images().detach() - PyramidSet(images, targets, levels).images().detach()).abs()
+
+    pixel_step = torch.tensor([1e-3 / s for s in STD], dtype=torch.float64).view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(4)
+    # a gradient of one sign: every entry of every level moves its full lr the same way, every pixel by image_lr/std_c
+    torch.testing.assert_close(moved(torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=g) + 0.1),
+                               pixel_step.expand(4, 3, 8, 8), rtol=1e-9, atol=0)
+    # any gradient: no pixel moves further than the pixel set's step, and levels that disagree move it less
+    rough = moved(torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g))
+    assert (rough <= pixel_step * (1 + 1e-9)).all() and (rough < 0.9 * pixel_step).any()
+
+
+def test_pyramid_storage_by_hand_and_summary():
+    synthetic = PyramidSet(*initial_set(m=6, shape=(3, 8, 8), d=5), levels=(2, 4))
+    values = 6 * 3 * (2 * 2 + 4 * 4) + 6 * 5  # levels 6x3x2x2 and 6x3x4x4, targets 6x5
+    assert values == 390
+    assert synthetic.storage_bytes() == values * 4 and synthetic.storage_bytes(2) == values * 2
+    assert synthetic.summary() == {"kind": "pyramid", "num_images": 6, "levels": [2, 4], "storage_bytes": 1560}
+
+
+def test_pyramid_gradients_reach_every_level_finite_differences():
+    images, targets = initial_set(m=3, shape=(2, 6, 6), d=4)
+    synthetic = PyramidSet(images, targets, levels=(2, 4, 6))  # 4 -> 6: a non-integer scale
+    weights = torch.randn(3, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+    def scalar() -> torch.Tensor:
+        return (synthetic.images().sin() * weights).sum() + synthetic.targets().pow(3).sum()
+
+    grads = torch.autograd.grad(scalar(), synthetic.parameters())
+    leaves = synthetic.parameters()
+    # (leaf index, entry): both channels of each level (leaves are level-major, then channel), then the targets
+    checked = [(0, (1, 0, 1, 0)), (1, (2, 0, 0, 1)), (2, (0, 0, 3, 2)), (3, (1, 0, 2, 3)), (4, (2, 0, 5, 0)),
+               (5, (0, 0, 1, 4)), (6, (2, 3))]
+    eps = 1e-6
+    for index, entry in checked:
+        leaf = leaves[index]
+        with torch.no_grad():
+            leaf[entry] += eps
+            plus = scalar().item()
+            leaf[entry] -= 2 * eps
+            minus = scalar().item()
+            leaf[entry] += eps
+        numeric = (plus - minus) / (2 * eps)
+        assert grads[index][entry].item() == pytest.approx(numeric, rel=1e-6, abs=1e-8), index
+        assert grads[index][entry].item() != 0
+
+
+def test_pyramid_state_dict_round_trip_through_safetensors(tmp_path):
+    source = PyramidSet(*initial_set(m=6, shape=(3, 8, 8), seed=0), levels=(2, 4))
+    with torch.no_grad():
+        source.level_channels[1][2].mul_(1.5)  # a trained state differs from any coarse-to-fine start
+    other = PyramidSet(*initial_set(m=6, shape=(3, 8, 8), seed=1), levels=(2, 4))
+    leaves = other.parameters()
+    assert sorted(source.state_dict()) == ["level_2", "level_4", "targets"]
+    io.save_state(tmp_path / "state.safetensors", {"synthetic": source.state_dict()})
+    other.load_state_dict(io.load_state(tmp_path / "state.safetensors")["synthetic"])
+    assert torch.equal(other.images(), source.images()) and torch.equal(other.targets(), source.targets())
+    assert all(a is b for a, b in zip(other.parameters(), leaves))  # loaded in place
+    with pytest.raises(KrrstError, match="keys"):
+        PyramidSet(*initial_set(m=6, shape=(3, 8, 8)), levels=(2, 8)).load_state_dict(source.state_dict())
+    with pytest.raises(KrrstError, match="shape"):
+        PyramidSet(*initial_set(m=4, shape=(3, 8, 8)), levels=(2, 4)).load_state_dict(source.state_dict())
+    with pytest.raises(KrrstError, match="keys"):
+        other.load_state_dict(PixelSet(*initial_set(m=6, shape=(3, 8, 8))).state_dict())
+
+
+def test_pyramid_images_for_budget_by_hand():
+    # C = 3, levels (2, 4): 3 * (4 + 16) + d = 65 values per image, nothing shared
+    budget = pixel_storage_bytes(10, (3, 8, 8), 5)  # (1920 + 50) * 4 = 7880 bytes = 1970 values
+    assert budget == 7880
+    m = pyramid_images_for_budget(budget, (3, 8, 8), 5, levels=(2, 4))
+    assert m == 1970 // 65 == 30
+    fits = PyramidSet(*initial_set(m=m, shape=(3, 8, 8)), levels=(2, 4))
+    too_many = PyramidSet(*initial_set(m=m + 1, shape=(3, 8, 8)), levels=(2, 4))
+    assert fits.storage_bytes() <= budget < too_many.storage_bytes()
+    assert pyramid_images_for_budget(budget, (3, 8, 8), 5, (2, 4), bytes_per_value=2) == 3940 // 65
+    with pytest.raises(KrrstError, match="holds no pyramid image at levels=.2, 4."):
+        pyramid_images_for_budget(64 * 4, (3, 8, 8), 5, (2, 4))
+    with pytest.raises(KrrstError, match="levels must be strictly increasing"):
+        pyramid_images_for_budget(budget, (3, 8, 8), 5, (4, 2))
+
+
+def test_pyramid_factory_validation_and_targets():
+    images, targets = initial_set(m=6, shape=(3, 8, 8), d=5)
+    pyramid = make_synthetic_set("pyramid", images, targets, levels=[4, 8])
+    assert isinstance(pyramid, PyramidSet) and pyramid.levels == (4, 8)
+    other = torch.randn(6, 5, dtype=torch.float64)
+    assert pyramid.project_targets(other) is other  # plain targets: any m x d, as they are
+    with pytest.raises(KrrstError, match=r"project_targets: expected targets of shape \(6, 5\)"):
+        pyramid.project_targets(other[:, :4])
+    with pytest.raises(KrrstError, match="takes options"):
+        make_synthetic_set("pyramid", images, targets)
+    for bad in ((), (4, 2), (2, 2), (0, 4), (4, 16), (2.0, 4), "48"):
+        with pytest.raises(KrrstError, match=r"levels must be strictly increasing integers in \[1, 8\]"):
+            make_synthetic_set("pyramid", images, targets, levels=bad)
+    with pytest.raises(KrrstError, match="images must be square, got 8 x 6"):
+        PyramidSet(images[..., :6], targets, levels=(2,))
+    with pytest.raises(KrrstError, match="std must hold 3"):
+        pyramid.param_groups(1e-4, 1e-4, (0.5, 0.5))
 
 
 # --------------------------------------------------------------------------- augmentation predictor
