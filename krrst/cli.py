@@ -92,14 +92,13 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     extra = {"steps": args.steps, "num_images": args.m, "image_size": args.image_size, "init": args.init}
     if args.method == "mkdt":
         config = _stage_config(MKDTConfig, "mkdt", args.preset, args.overrides, extra)
-        if args.resume:
-            raise KrrstError("--resume is not supported with --method mkdt (its runs are not checkpointed)")
     else:
         config = _stage_config(DistillConfig, "distill", args.preset, args.overrides, extra)
     teacher = load_teacher(args.teacher, arch=args.teacher_arch)
     images, heldout = split_heldout(_load_source(args), args.heldout, config.seed)
     if args.method == "mkdt":
-        distilled = mkdt_distill(images, teacher, config, out_dir=args.out, device=args.device, progress=args.progress)
+        distilled = mkdt_distill(images, teacher, config, out_dir=args.out, resume=args.resume, device=args.device,
+                                 progress=args.progress)
     else:
         context = _distributed(args)
         distilled = distill(images, teacher, config, out_dir=args.out, resume=args.resume, device=context.device,

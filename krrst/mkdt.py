@@ -17,7 +17,11 @@ distilling the SSL teacher `g` into small students first:
 
 The result is a `DistilledSet` (method `mkdt`, representation targets,
 images normalised with the source's mean/std), evaluated by the same code as
-KRR-ST's sets. Defaults are the authors' public code
+KRR-ST's sets. Given an `out_dir`, a run is resumable as `krrst.distill`'s:
+the experts are saved once (`trajectories.safetensors`) and the matching
+loop is checkpointed (`checkpoint.safetensors`), so `resume=True` continues
+an interrupted run to the set an uninterrupted one reaches. Defaults are the
+authors' public code
 (github.com/sjoshi804/mkdt-data-distill-ssl: `buffer.py`, `distill.py`, and
 the CIFAR-100 2% command of github.com/jiayini1119/MKDT): see `MKDTConfig`.
 """
@@ -40,16 +44,22 @@ from tqdm.auto import tqdm
 
 from krrst import io
 from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
-from krrst.config import config_to_dict, resolve_device
+from krrst.config import config_changes, config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
-from krrst.distill import _draw_seed, _model_options
+from krrst.distill import _draw_seed, _every, _model_options, teacher_identity
 from krrst.evaluate import fresh_model
 
+CHECKPOINT_NAME = "checkpoint.safetensors"
+TRAJECTORIES_NAME = "trajectories.safetensors"
 DISTILLED_NAME = "distilled.safetensors"
 LOSS_CSV_NAME = "loss.csv"
 LOSS_CSV_FIELDS = ("step", "loss", "syn_lr", "elapsed_s")
 Trajectories = list[list[torch.Tensor]]
+
+# Fields that change neither the synthetic set nor the random streams,
+# so a resumed run may use other values than the checkpointed one.
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +101,8 @@ class MKDTConfig:
             experts' last checkpoints, as the public code's `sort_dset.py`) or "random".
         seed: seeds every random choice.
         log_every: outer steps per row of loss.csv.
+        checkpoint_every: outer steps per checkpoint of the matching loop
+            (with an `out_dir`; 0: only at the end).
     """
 
     num_images: int = 1000
@@ -120,6 +132,7 @@ class MKDTConfig:
     init: Literal["high-loss", "random"] = "high-loss"
     seed: int = 0
     log_every: int = 100
+    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
         positive = (
@@ -129,7 +142,11 @@ class MKDTConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise KrrstError(f"mkdt.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "expert_interval", "expert_padding", "expert_weight_decay", "target_lr", "lr_lr"):
+        non_negative = (
+            "steps", "checkpoint_every", "expert_interval", "expert_padding", "expert_weight_decay", "target_lr",
+            "lr_lr",
+        )
+        for name in non_negative:
             if getattr(self, name) < 0:
                 raise KrrstError(f"mkdt.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("expert_lr", "image_lr", "init_lr"):
@@ -250,20 +267,41 @@ def train_expert_trajectories(
     return trajectories
 
 
-def save_trajectories(path: str | Path, trajectories: Trajectories, config: MKDTConfig) -> None:
-    """Write trajectories to one safetensors file (tensor `e{expert}.{checkpoint}`) with the config, atomically."""
+def save_trajectories(
+    path: str | Path,
+    trajectories: Trajectories,
+    config: MKDTConfig,
+    *,
+    source: list[Any] | None = None,
+    teacher: str | None = None,
+) -> None:
+    """Write trajectories to one safetensors file (tensor `e{expert}.{checkpoint}`) with the config, atomically.
+
+    `source` ([name, number of images]) and `teacher` (`teacher_identity`),
+    when given, are recorded too, so that resuming `mkdt_distill` can refuse
+    experts of another run.
+    """
     tensors = {f"e{e}.{c}": tensor for e, trajectory in enumerate(trajectories) for c, tensor in enumerate(trajectory)}
     metadata = {"format": "krrst.MKDTTrajectories", "lengths": [len(t) for t in trajectories],
                 "config": config_to_dict(config)}
+    if source is not None:
+        metadata["source"] = source
+    if teacher is not None:
+        metadata["teacher"] = teacher
     io.save_tensors(path, tensors, metadata)
+
+
+def _read_trajectories(path: str | Path) -> tuple[Trajectories, dict[str, Any]]:
+    tensors, metadata = io.load_tensors(path, "expert trajectories")
+    if metadata.get("format") != "krrst.MKDTTrajectories":
+        raise KrrstError(f"expert trajectories {path} is not a krrst MKDT trajectory file (no 'format' metadata)")
+    trajectories = [[tensors[f"e{e}.{c}"] for c in range(length)] for e, length in enumerate(metadata["lengths"])]
+    return trajectories, metadata
 
 
 def load_trajectories(path: str | Path) -> Trajectories:
     """Read trajectories written by `save_trajectories` (CPU tensors)."""
-    tensors, metadata = io.load_tensors(path, "expert trajectories")
-    if metadata.get("format") != "krrst.MKDTTrajectories":
-        raise KrrstError(f"expert trajectories {path} is not a krrst MKDT trajectory file (no 'format' metadata)")
-    return [[tensors[f"e{e}.{c}"] for c in range(length)] for e, length in enumerate(metadata["lengths"])]
+    return _read_trajectories(path)[0]
 
 
 # --------------------------------------------------------------------------- matching
@@ -332,15 +370,61 @@ def _write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:
         tmp.write_text(text.getvalue())
 
 
+def _check_same_run(
+    path: Path, saved: dict[str, Any], config: MKDTConfig, source_id: list[Any], teacher_id: str
+) -> None:
+    """Refuse a checkpoint or trajectory file of another run: one line naming the file and what differs."""
+    changes = config_changes(saved["config"], config, RESUMABLE_CHANGES)
+    differing = [f"{key}: {old!r} -> {new!r}" for key, old, new in changes]
+    for what, now in (("source", source_id), ("teacher", teacher_id)):
+        if what in saved and saved[what] != now:
+            differing.append(f"{what}: {saved[what]!r} -> {now!r}")
+    if differing:
+        raise KrrstError(
+            f"--resume: {path} was written by another mkdt run ({', '.join(differing)}); "
+            f"use the same settings or a new --out"
+        )
+
+
+def _initial_indices(
+    config: MKDTConfig,
+    trajectories: Trajectories,
+    source_images: torch.Tensor,
+    target_reps: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    init_seed: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The m real images `X_s` starts from (CPU indices): `config.init` = high-loss or random."""
+    if config.init == "random":
+        order = torch.randperm(len(source_images), generator=torch.Generator().manual_seed(init_seed))
+        return order[: config.num_images]
+    from krrst.baselines import high_loss_indices
+
+    # Score with every expert's last checkpoint, in train mode (batch statistics, as the unrolled students).
+    scorers = []
+    for trajectory in trajectories:
+        scorer = _student(config, target_reps.shape[1], 0).to(device).train()
+        nn.utils.vector_to_parameters(trajectory[-1].to(device), scorer.parameters())
+        scorers.append(scorer)
+    return high_loss_indices(
+        source_images, target_reps, config.num_images, mean=mean, std=std, models=scorers,
+        batch_size=config.expert_batch_size, device=device,
+    )
+
+
 def mkdt_distill(
     source: Any,
     teacher: nn.Module,
     config: MKDTConfig | None = None,
     *,
     out_dir: str | Path | None = None,
+    resume: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
     trajectories: Trajectories | None = None,
+    stop_at_step: int | None = None,
 ) -> DistilledSet:
     """Distil `source` (an `ImageSet`) into `config.num_images` images with teacher-representation targets (MKDT).
 
@@ -350,9 +434,35 @@ def mkdt_distill(
     step draws an expert and t in [0, max_start_epoch), evaluates
     `matching_loss` from θ_t to θ_{t+M} and takes one optimiser step on
     `X_s`, `Y_s` (if `target_lr` > 0) and the inner lr α (if `lr_lr` > 0; kept
-    >= 0). With `out_dir`: `loss.csv` (step, mean loss since the previous row,
-    α, elapsed seconds) every `log_every` steps and `distilled.safetensors`
-    at the end, written atomically.
+    >= 0).
+
+    Args:
+        source, teacher, config: what is distilled, by `g`, with which `MKDTConfig`.
+        out_dir: where the run is written, each file atomically:
+            `trajectories.safetensors` (the experts, once trained; given
+            `trajectories` are not written; E x (checkpoints) x parameters
+            float32, so gigabytes at the authors' scale), `checkpoint.safetensors`
+            (step, config, source, teacher, `X_s`, `Y_s`, α, the optimiser
+            state, the matching generator's state, the initial indices, the
+            loss accumulators and the history; every `checkpoint_every` steps
+            and at the last step), `loss.csv` (step, mean loss since the
+            previous row, α, wall seconds of this session's loop; every
+            `log_every` steps and at `config.steps`) and, once `config.steps`
+            are done, `distilled.safetensors`. None writes nothing.
+        resume: continue the run in `out_dir`: the saved experts are loaded
+            instead of retrained (unless `trajectories` are given), and the
+            loop continues from the checkpoint to the same `X_s`, `Y_s`, α
+            as an uninterrupted run (bitwise on CPU). A checkpoint or
+            trajectory file of another config (any field but `log_every`,
+            `checkpoint_every`; so `steps` may not change), source or teacher is
+            refused; no checkpoint starts a new run (with the saved experts if
+            there are any). Without `resume`, an existing checkpoint or
+            trajectory file in `out_dir` is refused.
+        device: None/"auto" picks CUDA when available.
+        progress: show tqdm bars (only on a terminal).
+        trajectories: experts to use instead of training (or loading) them.
+        stop_at_step: stop after this step (checkpointing it), as a kill
+            would; `resume=True` later continues the same run.
     """
     config = config or MKDTConfig()
     if not isinstance(config, MKDTConfig):
@@ -361,6 +471,16 @@ def mkdt_distill(
         raise KrrstError(f"source must be an ImageSet (uint8 images with mean/std), got {type(source).__name__}")
     device = resolve_device(device)
     out_dir = Path(out_dir) if out_dir is not None else None
+    if resume and out_dir is None:
+        raise KrrstError("--resume needs --out (the run folder holding checkpoint.safetensors)")
+    checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
+    trajectories_path = out_dir / TRAJECTORIES_NAME if out_dir is not None else None
+    if not resume and out_dir is not None:
+        for path in (checkpoint_path, trajectories_path):
+            if path.is_file():
+                raise KrrstError(f"{path} already exists; pass --resume to continue that run or choose another --out")
+    checkpoint = io.load_state(checkpoint_path) if resume and checkpoint_path.is_file() else None
+
     source_images = source.images
     if not isinstance(source_images, torch.Tensor) or source_images.dtype != torch.uint8 or source_images.dim() != 4:
         raise KrrstError("mkdt: source images must be uint8 N x C x H x W")
@@ -372,56 +492,93 @@ def mkdt_distill(
     if config.num_images > num_source:
         raise KrrstError(f"mkdt.num_images={config.num_images} exceeds the {num_source} source images")
     mean, std = tuple(float(v) for v in source.mean), tuple(float(v) for v in source.std)
+    source_id = [str(getattr(source, "name", "")), num_source]
     source_images = source_images.to(device)
     teacher = teacher.to(device).eval()
+    teacher_id = teacher_identity(teacher)
+    if checkpoint is not None:  # refuse another run's checkpoint before any expensive work
+        _check_same_run(checkpoint_path, checkpoint, config, source_id, teacher_id)
 
-    from krrst.baselines import high_loss_indices
     from krrst.teacher import teacher_features
 
     target_reps = teacher_features(teacher, source_images, mean, std, 512, device, progress).to(device)
     if target_reps.dim() != 2:
         raise KrrstError(f"teacher must output N x d features, got shape {tuple(target_reps.shape)}")
-    if trajectories is None:
+
+    # --- the experts: given, saved by an earlier session of this run, or trained now (and saved at once:
+    # they are most of the run's cost, and a resumed run must match against the same trajectories)
+    if resume and checkpoint is None:
+        saved_experts = trajectories is None and trajectories_path.is_file()
+        tqdm.write(f"--resume: no checkpoint in {out_dir}; starting a new run"
+                   + (" with its saved expert trajectories" if saved_experts else ""))
+    if trajectories is None and resume and trajectories_path.is_file():
+        trajectories, saved = _read_trajectories(trajectories_path)
+        _check_same_run(trajectories_path, saved, config, source_id, teacher_id)
+    elif trajectories is None:
         trajectories = train_expert_trajectories(
             source_images, mean, std, teacher, config, device=device, progress=progress, target_reps=target_reps
         )
+        if out_dir is not None:
+            save_trajectories(trajectories_path, trajectories, config, source=source_id, teacher=teacher_id)
     _, init_seed, match_seed = _stage_seeds(config.seed)
     student = _student(config, target_reps.shape[1], match_seed).to(device).train()
     _check_trajectories(trajectories, config, sum(p.numel() for p in student.parameters()))
 
-    if config.init == "high-loss":
-        # Score with every expert's last checkpoint, in train mode (batch statistics, as the unrolled students).
-        scorers = []
-        for trajectory in trajectories:
-            scorer = _student(config, target_reps.shape[1], 0).to(device).train()
-            nn.utils.vector_to_parameters(trajectory[-1].to(device), scorer.parameters())
-            scorers.append(scorer)
-        initial = high_loss_indices(
-            source_images, target_reps, config.num_images, mean=mean, std=std, models=scorers,
-            batch_size=config.expert_batch_size, device=device,
-        )
-        del scorers
+    # --- what is learnt: X_s (normalised real images), Y_s = g(X_s) and the inner lr α, or their checkpointed values
+    if checkpoint is None:
+        initial = _initial_indices(config, trajectories, source_images, target_reps, mean, std, init_seed, device)
+        synthetic_images = normalize(source_images[initial.to(device)], mean, std)
+        synthetic_targets = target_reps[initial.to(device)].clone()
+        syn_lr = torch.tensor(config.init_lr, device=device)
     else:
-        initial = torch.randperm(num_source, generator=torch.Generator().manual_seed(init_seed))[: config.num_images]
-    initial_on_device = initial.to(device)
-    synthetic_images = normalize(source_images[initial_on_device], mean, std).requires_grad_(True)
-    synthetic_targets = target_reps[initial_on_device].clone().requires_grad_(config.target_lr > 0)
-    syn_lr = torch.tensor(config.init_lr, device=device, requires_grad=config.lr_lr > 0)
+        initial = checkpoint["init_indices"]
+        synthetic_images = checkpoint["images"].to(device).clone()
+        synthetic_targets = checkpoint["targets"].to(device).clone()
+        syn_lr = checkpoint["syn_lr"].to(device).clone()
+    synthetic_images.requires_grad_(True)
+    synthetic_targets.requires_grad_(config.target_lr > 0)
+    syn_lr.requires_grad_(config.lr_lr > 0)
     groups = [(synthetic_images, config.image_lr), (synthetic_targets, config.target_lr), (syn_lr, config.lr_lr)]
-    learnt = [(tensor, lr) for tensor, lr in groups if lr > 0]
-    param_groups = [{"params": [tensor], "lr": lr} for tensor, lr in learnt]
+    learnt = [tensor for tensor, lr in groups if lr > 0]
+    param_groups = [{"params": [tensor], "lr": lr} for tensor, lr in groups if lr > 0]
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(param_groups, lr=config.image_lr, momentum=config.momentum)
     else:
         optimizer = torch.optim.Adam(param_groups, lr=config.image_lr)
-
+    # draws the expert, the start epoch and the unroll's batches: its state is part of the checkpoint
     generator = torch.Generator().manual_seed(match_seed)
+    start_step, history, loss_sum, loss_count = 0, [], 0.0, 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        generator.set_state(checkpoint["generator"])
+        start_step, history = int(checkpoint["step"]), list(checkpoint["history"])
+        loss_sum, loss_count = float(checkpoint["loss_sum"]), int(checkpoint["loss_count"])
+
+    def save_run(step: int) -> None:
+        state = {
+            "step": step,
+            "config": config_to_dict(config),
+            "source": source_id,
+            "teacher": teacher_id,
+            "images": synthetic_images.detach(),
+            "targets": synthetic_targets.detach(),
+            "syn_lr": syn_lr.detach(),
+            "init_indices": initial,
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "loss_sum": loss_sum,
+            "loss_count": loss_count,
+            "history": history,
+        }
+        io.save_state(checkpoint_path, state)
+        _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
+
     batch_syn = min(config.batch_syn, config.num_images)
-    history: list[dict[str, Any]] = []
-    loss_sum, loss_count, started = 0.0, 0, time.perf_counter()
-    bar = tqdm(total=config.steps, desc="mkdt", unit="step", disable=None if progress else True)
+    last_step = config.steps if stop_at_step is None else max(start_step, min(int(stop_at_step), config.steps))
+    started = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=start_step, desc="mkdt", unit="step", disable=None if progress else True)
     try:
-        for step in range(1, config.steps + 1):
+        for step in range(start_step + 1, last_step + 1):
             trajectory = trajectories[int(torch.randint(len(trajectories), (1,), generator=generator))]
             start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
             start_params = trajectory[start_epoch].to(device)
@@ -435,14 +592,14 @@ def mkdt_distill(
                 raise KrrstError(
                     f"mkdt: the matching loss is {value} at step {step}; lower mkdt.image_lr or mkdt.lr_lr"
                 )
-            tensors = [tensor for tensor, _ in learnt]
-            for tensor, gradient in zip(tensors, torch.autograd.grad(loss, tensors)):
+            for tensor, gradient in zip(learnt, torch.autograd.grad(loss, learnt)):
                 tensor.grad = gradient
             optimizer.step()
             with torch.no_grad():
                 syn_lr.clamp_(min=0.0)  # a negative inner lr would climb the inner loss
             loss_sum, loss_count = loss_sum + value, loss_count + 1
             bar.update()
+            # rows at the same steps whether or not the run was interrupted (a stop is not a row)
             if step % config.log_every == 0 or step == config.steps:
                 row = {"step": step, "loss": loss_sum / loss_count, "syn_lr": syn_lr.item(),
                        "elapsed_s": round(time.perf_counter() - started, 3)}
@@ -451,20 +608,23 @@ def mkdt_distill(
                 bar.set_postfix(loss=f"{row['loss']:.4g}", syn_lr=f"{row['syn_lr']:.3g}", refresh=False)
                 if out_dir is not None:
                     _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
+            if out_dir is not None and (step == last_step or _every(step, config.checkpoint_every)):
+                save_run(step)
     finally:
         bar.close()
 
     result = DistilledSet(
         images=synthetic_images.detach().cpu(), targets=synthetic_targets.detach().float().cpu(), mean=mean, std=std,
-        target_kind="representation", method="mkdt", source=str(getattr(source, "name", "")),
+        target_kind="representation", method="mkdt", source=source_id[0],
         teacher_arch=getattr(teacher, "spec", {}).get("arch"),
         config={**config_to_dict(config), "init_indices": [int(i) for i in initial], "syn_lr": syn_lr.item()},
-        step=config.steps,
+        step=last_step,
     )
     if out_dir is not None:
-        if not history:
-            _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
-        result.save(out_dir / DISTILLED_NAME)
+        if start_step == last_step:
+            save_run(last_step)  # nothing ran: still leave a complete run folder
+        if last_step == config.steps:
+            result.save(out_dir / DISTILLED_NAME)
     return result
 
 

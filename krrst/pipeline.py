@@ -562,13 +562,13 @@ def run(
         mark_done(distill_dir, distill_fp)
 
     mkdt_dir = out_dir / "mkdt"
-    mkdt_fp = _fingerprint(teacher_fp, source_fp, _without(config.mkdt, ("log_every",)))
+    mkdt_fp = _fingerprint(teacher_fp, source_fp, _without(config.mkdt, ("log_every", "checkpoint_every")))
     if "mkdt" in run_config.methods and not stage_done(mkdt_dir, mkdt_fp):
         start_stage(mkdt_dir, mkdt_fp)
         with _timed(out_dir, "mkdt", log, main):
-            # not data-parallel: every rank computes the same set, rank 0 writes it
-            mkdt_distill(source, teacher, config.mkdt, out_dir=mkdt_dir if main else None, device=device,
-                         progress=progress)
+            # not data-parallel: every rank computes the same set, rank 0 writes (and resumes) it
+            mkdt_distill(source, teacher, config.mkdt, out_dir=mkdt_dir if main else None, resume=main,
+                         device=device, progress=progress)
         mark_done(mkdt_dir, mkdt_fp)
 
     # -- baselines ------------------------------------------------------------------------------

@@ -234,3 +234,106 @@ def test_mkdt_cost_counts_passes_and_flops():
     assert cost["student_forward_flops"] == forward
     assert cost["student_flops"] == forward * (3 * 192 + 64 + 9 * 160)
     assert M.mkdt_cost(_config(expert_padding=2, init="random"), num_source=32)["teacher_forward_images"] == 32 + 192
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _rows(path):
+    """loss.csv without the wall-clock column, which differs between sessions."""
+    with open(path / M.LOSS_CSV_NAME) as handle:
+        return [{key: value for key, value in row.items() if key != "elapsed_s"} for row in csv.DictReader(handle)]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_resumed_run_reaches_the_uninterrupted_set_bitwise(tmp_path, optimizer):
+    source, teacher = _source(), _teacher()
+    # log_every=2 with a stop at 3: the row at step 4 averages steps 3 and 4, across the interruption
+    config = _config(steps=6, checkpoint_every=3, log_every=2, lr_lr=1e-3, optimizer=optimizer)
+    whole = M.mkdt_distill(source, teacher, config, out_dir=tmp_path / "a", device="cpu", progress=False)
+    stopped = M.mkdt_distill(source, teacher, config, out_dir=tmp_path / "b", device="cpu", progress=False,
+                             stop_at_step=3)
+    assert stopped.step == 3 and not (tmp_path / "b" / M.DISTILLED_NAME).exists()
+    resumed = M.mkdt_distill(source, teacher, config, out_dir=tmp_path / "b", resume=True, device="cpu",
+                             progress=False)
+    assert resumed.step == 6
+    assert torch.equal(resumed.images, whole.images) and torch.equal(resumed.targets, whole.targets)
+    assert resumed.config["syn_lr"] == whole.config["syn_lr"] != config.init_lr
+    assert resumed.config["init_indices"] == whole.config["init_indices"]
+    saved = DistilledSet.load(tmp_path / "b" / M.DISTILLED_NAME)
+    assert torch.equal(saved.images, whole.images) and torch.equal(saved.targets, whole.targets)
+    assert _rows(tmp_path / "b") == _rows(tmp_path / "a")
+    assert [int(row["step"]) for row in _rows(tmp_path / "a")] == [2, 4, 6]
+
+
+def test_resume_loads_the_saved_experts_instead_of_retraining_them(tmp_path, monkeypatch, capsys):
+    source, teacher = _source(), _teacher()
+    config = _config(steps=4, checkpoint_every=2, init="random")
+    train = M.train_expert_trajectories
+    calls = []
+
+    def train_once(*args, **kwargs):
+        if calls:
+            raise AssertionError("the experts were trained again")
+        calls.append(1)
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(M, "train_expert_trajectories", train_once)
+    M.mkdt_distill(source, teacher, config, out_dir=tmp_path, device="cpu", progress=False, stop_at_step=2)
+    saved = M.load_trajectories(tmp_path / M.TRAJECTORIES_NAME)
+    expected = train(source.images, MEAN, STD, teacher, config, device="cpu", progress=False)
+    assert all(torch.equal(a, b) for ta, tb in zip(saved, expected) for a, b in zip(ta, tb))
+    resumed = M.mkdt_distill(source, teacher, config, out_dir=tmp_path, resume=True, device="cpu", progress=False)
+
+    # killed before the first checkpoint: a new matching run, with the saved experts, to the same set
+    (tmp_path / M.CHECKPOINT_NAME).unlink()
+    capsys.readouterr()
+    again = M.mkdt_distill(source, teacher, config, out_dir=tmp_path, resume=True, device="cpu", progress=False)
+    assert capsys.readouterr().out.strip().endswith("starting a new run with its saved expert trajectories")
+    assert torch.equal(again.images, resumed.images) and torch.equal(again.targets, resumed.targets)
+    assert len(calls) == 1
+
+
+def test_stop_at_step_leaves_a_loadable_checkpoint(tmp_path, capsys):
+    from krrst import io
+
+    source, teacher = _source(), _teacher()
+    config = _config(steps=5, checkpoint_every=0, log_every=2)
+    M.mkdt_distill(source, teacher, config, out_dir=tmp_path, resume=True, device="cpu", progress=False,
+                   stop_at_step=3)
+    assert "no checkpoint in" in capsys.readouterr().out  # resume=True on an empty folder starts afresh
+    state = io.load_state(tmp_path / M.CHECKPOINT_NAME)
+    assert state["step"] == 3 and state["config"] == M.config_to_dict(config)
+    assert state["source"] == ["toy", 32] and state["images"].shape == (8, 3, 8, 8)
+    assert state["targets"].shape == (8, 4) and state["syn_lr"].shape == () and state["init_indices"].shape == (8,)
+    assert state["generator"].dtype == torch.uint8 and set(state["optimizer"]["state"]) == {0, 1, 2}
+    assert [row["step"] for row in state["history"]] == [2] and state["loss_count"] == 1
+    assert not (tmp_path / M.DISTILLED_NAME).exists()
+    assert [int(row["step"]) for row in _rows(tmp_path)] == [2]
+
+
+def test_resume_refuses_another_runs_checkpoint_or_experts_in_one_line(tmp_path):
+    source, teacher = _source(), _teacher()
+    config = _config(steps=4, checkpoint_every=2)
+    M.mkdt_distill(source, teacher, config, out_dir=tmp_path, device="cpu", progress=False, stop_at_step=2)
+
+    def resume(config=config, source=source, teacher=teacher, **kwargs):
+        return M.mkdt_distill(source, teacher, config, out_dir=tmp_path, device="cpu", progress=False, **kwargs)
+
+    def refused(match, **kwargs):
+        with pytest.raises(KrrstError, match=match) as error:
+            resume(**kwargs)
+        assert "\n" not in str(error.value)
+
+    checkpoint, experts = str(tmp_path / M.CHECKPOINT_NAME), str(tmp_path / M.TRAJECTORIES_NAME)
+    refused("already exists; pass --resume")
+    refused(f"{checkpoint} was written by another mkdt run \\(syn_steps: 4 -> 3\\)",
+            config=_config(steps=4, checkpoint_every=2, syn_steps=3), resume=True)
+    refused("steps: 4 -> 6", config=_config(steps=6, checkpoint_every=2), resume=True)
+    refused(r"source: \['toy', 32\] -> \['toy', 31\]", source=_source(31), resume=True)
+    refused("teacher: ", teacher=_teacher(d=5), resume=True)
+    (tmp_path / M.CHECKPOINT_NAME).unlink()  # the saved experts are checked alike
+    refused(f"{experts} was written by another mkdt run \\(seed: 0 -> 1\\)",
+            config=_config(steps=4, checkpoint_every=2, seed=1), resume=True)
+    # logging and checkpoint cadence may change
+    assert resume(config=_config(steps=4, checkpoint_every=1, log_every=3), resume=True).step == 4
