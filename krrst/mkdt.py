@@ -625,6 +625,7 @@ def mkdt_distill(
             save_run(last_step)  # nothing ran: still leave a complete run folder
         if last_step == config.steps:
             result.save(out_dir / DISTILLED_NAME)
+            result.preview(out_dir / "preview.png")
     return result
 
 

@@ -262,6 +262,7 @@ def test_a_resumed_run_reaches_the_uninterrupted_set_bitwise(tmp_path, optimizer
     assert resumed.config["init_indices"] == whole.config["init_indices"]
     saved = DistilledSet.load(tmp_path / "b" / M.DISTILLED_NAME)
     assert torch.equal(saved.images, whole.images) and torch.equal(saved.targets, whole.targets)
+    assert (tmp_path / "b" / "preview.png").read_bytes().startswith(b"\x89PNG")
     assert _rows(tmp_path / "b") == _rows(tmp_path / "a")
     assert [int(row["step"]) for row in _rows(tmp_path / "a")] == [2, 4, 6]
 
