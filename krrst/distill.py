@@ -25,9 +25,7 @@ The method and the project's decisions where the public code
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io as _stdio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -674,16 +672,6 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     io.save_state(path, state)
 
 
-def _write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    text = _stdio.StringIO()
-    writer = csv.DictWriter(text, fieldnames=LOSS_CSV_FIELDS)
-    writer.writeheader()
-    for row in history:
-        writer.writerow({key: ("" if row.get(key) is None else row[key]) for key in LOSS_CSV_FIELDS})
-    with io.atomic_write(path) as tmp:
-        tmp.write_text(text.getvalue())
-
-
 def _write_loss_plot(path: Path, history: list[dict[str, Any]]) -> None:
     # A bare Figure renders with Agg and leaves pyplot's global backend alone.
     from matplotlib.figure import Figure
@@ -1076,7 +1064,7 @@ def distill(
             "history": history,
         }
         _save_checkpoint(checkpoint_path, state)
-        _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
+        io.write_csv(out_dir / LOSS_CSV_NAME, history, LOSS_CSV_FIELDS)
         _write_loss_plot(out_dir / LOSS_PLOT_NAME, history)
         distilled_set(step).preview(out_dir / PREVIEW_NAME)
 
@@ -1102,7 +1090,7 @@ def distill(
         history.append(row)
         bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "val_loss") if row[k] is not None}, refresh=False)
         if out_dir is not None and is_main:
-            _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
+            io.write_csv(out_dir / LOSS_CSV_NAME, history, LOSS_CSV_FIELDS)
 
     last_step = config.steps if stop_at_step is None else max(start_step, min(int(stop_at_step), config.steps))
     try:

@@ -9,6 +9,8 @@ is pickled, so loading a file never executes code.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import platform
@@ -59,6 +61,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], fieldnames: tuple[str, ...]) -> None:
+    """Write `rows` under the header `fieldnames`, atomically; a missing or None value is an empty cell."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fieldnames)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if row.get(key) is None else row[key] for key in fieldnames})
+    with atomic_write(path) as tmp:
+        tmp.write_text(text.getvalue())
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:

@@ -28,9 +28,7 @@ the CIFAR-100 2% command of github.com/jiayini1119/MKDT): see `MKDTConfig`.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io as _stdio
 import math
 import time
 from pathlib import Path
@@ -361,15 +359,6 @@ def _check_trajectories(trajectories: Trajectories, config: MKDTConfig, num_para
             )
 
 
-def _write_loss_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    text = _stdio.StringIO()
-    writer = csv.DictWriter(text, fieldnames=LOSS_CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(history)
-    with io.atomic_write(path) as tmp:
-        tmp.write_text(text.getvalue())
-
-
 def _check_same_run(
     path: Path, saved: dict[str, Any], config: MKDTConfig, source_id: list[Any], teacher_id: str
 ) -> None:
@@ -571,7 +560,7 @@ def mkdt_distill(
             "history": history,
         }
         io.save_state(checkpoint_path, state)
-        _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
+        io.write_csv(out_dir / LOSS_CSV_NAME, history, LOSS_CSV_FIELDS)
 
     batch_syn = min(config.batch_syn, config.num_images)
     last_step = config.steps if stop_at_step is None else max(start_step, min(int(stop_at_step), config.steps))
@@ -607,7 +596,7 @@ def mkdt_distill(
                 loss_sum, loss_count = 0.0, 0
                 bar.set_postfix(loss=f"{row['loss']:.4g}", syn_lr=f"{row['syn_lr']:.3g}", refresh=False)
                 if out_dir is not None:
-                    _write_loss_csv(out_dir / LOSS_CSV_NAME, history)
+                    io.write_csv(out_dir / LOSS_CSV_NAME, history, LOSS_CSV_FIELDS)
             if out_dir is not None and (step == last_step or _every(step, config.checkpoint_every)):
                 save_run(step)
     finally:
