@@ -695,8 +695,24 @@ def _write_loss_plot(path: Path, history: list[dict[str, Any]]) -> None:
         figure.savefig(tmp, format="png", dpi=100)
 
 
+def unused_fields(config: DistillConfig) -> tuple[str, ...]:
+    """Fields `config` never reads: the options of a parameterisation or of fixed views it does not use.
+
+    Left out of the resume check and of the pipeline's stage fingerprint, so
+    setting one cannot refuse or re-run a distillation it does not change.
+    """
+    unused = []
+    if config.parameterization != "basis":
+        unused += ["image_rank", "target_rank"]
+    if config.parameterization != "pyramid":
+        unused += ["pyramid_levels"]
+    if not config.fixed_augmentations:
+        unused += ["predictor_hidden", "predictor_lr"]
+    return tuple(unused)
+
+
 def _check_resumable(saved: dict[str, Any], config: DistillConfig, where: Path) -> None:
-    differing = config_changes(saved, config, RESUMABLE_CHANGES)
+    differing = config_changes(saved, config, RESUMABLE_CHANGES + unused_fields(config))
     if differing:
         details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing)
         raise KrrstError(

@@ -375,6 +375,12 @@ def _check_same_run(
         )
 
 
+def _trajectories_identity(trajectories: Trajectories) -> str:
+    """Shape and a float64 checksum of the experts: enough to refuse resuming against other trajectories."""
+    checksum = sum(float(params.double().abs().sum()) for trajectory in trajectories for params in trajectory)
+    return f"{len(trajectories)}x{len(trajectories[0])}x{trajectories[0][0].numel()}:{checksum:.12e}"
+
+
 def _initial_indices(
     config: MKDTConfig,
     trajectories: Trajectories,
@@ -414,6 +420,7 @@ def mkdt_distill(
     progress: bool = True,
     trajectories: Trajectories | None = None,
     stop_at_step: int | None = None,
+    write: bool = True,
 ) -> DistilledSet:
     """Distil `source` (an `ImageSet`) into `config.num_images` images with teacher-representation targets (MKDT).
 
@@ -452,6 +459,9 @@ def mkdt_distill(
         trajectories: experts to use instead of training (or loading) them.
         stop_at_step: stop after this step (checkpointing it), as a kill
             would; `resume=True` later continues the same run.
+        write: False reads `out_dir` (to resume) but writes nothing: the
+            other ranks of a torchrun group, whose rank 0 writes. Every rank
+            then resumes from the same files and does the same work.
     """
     config = config or MKDTConfig()
     if not isinstance(config, MKDTConfig):
@@ -464,7 +474,7 @@ def mkdt_distill(
         raise KrrstError("--resume needs --out (the run folder holding checkpoint.safetensors)")
     checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
     trajectories_path = out_dir / TRAJECTORIES_NAME if out_dir is not None else None
-    if not resume and out_dir is not None:
+    if not resume and out_dir is not None and write:
         for path in (checkpoint_path, trajectories_path):
             if path.is_file():
                 raise KrrstError(f"{path} already exists; pass --resume to continue that run or choose another --out")
@@ -507,11 +517,16 @@ def mkdt_distill(
         trajectories = train_expert_trajectories(
             source_images, mean, std, teacher, config, device=device, progress=progress, target_reps=target_reps
         )
-        if out_dir is not None:
+        if out_dir is not None and write:
             save_trajectories(trajectories_path, trajectories, config, source=source_id, teacher=teacher_id)
     _, init_seed, match_seed = _stage_seeds(config.seed)
     student = _student(config, target_reps.shape[1], match_seed).to(device).train()
     _check_trajectories(trajectories, config, sum(p.numel() for p in student.parameters()))
+    experts_id = _trajectories_identity(trajectories)
+    if checkpoint is not None and checkpoint.get("experts", experts_id) != experts_id:
+        # e.g. a run started with caller-given experts, resumed without them: its X_s were matched to other experts
+        raise KrrstError(f"--resume: {checkpoint_path} was matched against other expert trajectories "
+                         f"({checkpoint.get('experts')} -> {experts_id}); pass the same trajectories or a new --out")
 
     # --- what is learnt: X_s (normalised real images), Y_s = g(X_s) and the inner lr α, or their checkpointed values
     if checkpoint is None:
@@ -549,6 +564,7 @@ def mkdt_distill(
             "config": config_to_dict(config),
             "source": source_id,
             "teacher": teacher_id,
+            "experts": experts_id,
             "images": synthetic_images.detach(),
             "targets": synthetic_targets.detach(),
             "syn_lr": syn_lr.detach(),
@@ -595,9 +611,9 @@ def mkdt_distill(
                 history.append(row)
                 loss_sum, loss_count = 0.0, 0
                 bar.set_postfix(loss=f"{row['loss']:.4g}", syn_lr=f"{row['syn_lr']:.3g}", refresh=False)
-                if out_dir is not None:
+                if out_dir is not None and write:
                     io.write_csv(out_dir / LOSS_CSV_NAME, history, LOSS_CSV_FIELDS)
-            if out_dir is not None and (step == last_step or _every(step, config.checkpoint_every)):
+            if out_dir is not None and write and (step == last_step or _every(step, config.checkpoint_every)):
                 save_run(step)
     finally:
         bar.close()
@@ -609,7 +625,7 @@ def mkdt_distill(
         config={**config_to_dict(config), "init_indices": [int(i) for i in initial], "syn_lr": syn_lr.item()},
         step=last_step,
     )
-    if out_dir is not None:
+    if out_dir is not None and write:
         if start_step == last_step:
             save_run(last_step)  # nothing ran: still leave a complete run folder
         if last_step == config.steps:

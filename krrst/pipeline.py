@@ -29,6 +29,7 @@ import torch
 from krrst.config import apply_overrides, config_to_dict, resolve_device
 from krrst.distill import PRESETS as DISTILL_PRESETS
 from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
+from krrst.distill import unused_fields
 from krrst.distill import DistillConfig
 from krrst.errors import KrrstError
 from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
@@ -553,7 +554,7 @@ def run(
 
     # -- distillation ---------------------------------------------------------------------------
     distill_dir = out_dir / "distill"
-    distill_fp = _fingerprint(teacher_fp, source_fp, _without(config.distill, RESUMABLE_DISTILL_CHANGES))
+    distill_fp = _fingerprint(teacher_fp, source_fp, _without(config.distill, RESUMABLE_DISTILL_CHANGES + unused_fields(config.distill)))
     if "krr-st" in run_config.methods and not stage_done(distill_dir, distill_fp):
         start_stage(distill_dir, distill_fp)
         with _timed(out_dir, "distill", log, main):
@@ -566,9 +567,9 @@ def run(
     if "mkdt" in run_config.methods and not stage_done(mkdt_dir, mkdt_fp):
         start_stage(mkdt_dir, mkdt_fp)
         with _timed(out_dir, "mkdt", log, main):
-            # not data-parallel: every rank computes the same set, rank 0 writes (and resumes) it
-            mkdt_distill(source, teacher, config.mkdt, out_dir=mkdt_dir if main else None, resume=main,
-                         device=device, progress=progress)
+            # not data-parallel: every rank computes the same set from the same files (resuming alike), rank 0 writes
+            mkdt_distill(source, teacher, config.mkdt, out_dir=mkdt_dir, resume=True, write=main, device=device,
+                         progress=progress)
         mark_done(mkdt_dir, mkdt_fp)
 
     # -- baselines ------------------------------------------------------------------------------
@@ -618,7 +619,7 @@ def run(
 
         write_json(out_dir / SETS_NAME, {
             method: {"images": len(distilled), "storage_bytes": distilled.storage_bytes(),
-                     "parameterization": distilled.config.get("synthetic", {}).get("kind", "pixels")}
+                     "parameterization": _parameterization_label(distilled)}
             for method, distilled in sets.items() if distilled is not None
         })
 
@@ -658,6 +659,14 @@ def run(
         write_report(out_dir)
         log(report_text(out_dir))
     return run_on_main(lambda: read_results(out_dir))
+
+
+def _parameterization_label(distilled: DistilledSet) -> str:
+    """e.g. "pixels", "basis", "pixels, 4 fixed views" (the set then holds every view of its images)."""
+    synthetic = distilled.config.get("synthetic", {})
+    views = synthetic.get("views") or ["identity"]
+    kind = synthetic.get("kind", "pixels")
+    return kind if len(views) == 1 else f"{kind}, {len(views)} fixed views"
 
 
 def evaluate_methods(

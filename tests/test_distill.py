@@ -21,6 +21,7 @@ from krrst.distill import (
     make_step_loss,
     preset_config,
     reference_config,
+    unused_fields,
 )
 from krrst.data import ImageSet
 from krrst.parameterize import PixelSet
@@ -317,6 +318,13 @@ def test_resume_refuses_a_different_config_and_a_wrong_source(cifar10_small, uni
         distill(train, _teacher(seed=1), RUN, out_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(KrrstError, match="already exists; pass --resume"):
         distill(train, _teacher(), RUN, out_dir=tmp_path, resume=False, progress=False)
+    # options of a parameterisation the run does not use may differ (they cannot change it)
+    unused = dataclasses.replace(RUN, pyramid_levels=(4,), image_rank=3, predictor_hidden=5)
+    assert set(unused_fields(unused)) >= {"pyramid_levels", "image_rank", "target_rank", "predictor_hidden"}
+    resumed = distill(train, _teacher(), unused, out_dir=tmp_path, resume=True, progress=False)
+    assert resumed.step == RUN.steps
+    basis = dataclasses.replace(RUN, parameterization="basis", image_rank=4, target_rank=4)
+    assert "image_rank" not in unused_fields(basis)
 
 
 @pytest.mark.shared_data
@@ -679,7 +687,7 @@ def test_final_targets_teacher_relabels_the_distilled_images_with_the_teacher(ci
 
 
 @pytest.mark.shared_data
-def test_final_targets_teacher_stays_within_the_sets_storage(cifar10_small):
+def test_final_targets_teacher_stays_within_the_sets_storage(cifar10_small, monkeypatch):
     """A basis set stores the best rank-k_t fit of the teacher's targets; fixed views take the predictor's."""
     train, _ = cifar10_small
     teacher = _teacher().eval()
@@ -694,13 +702,29 @@ def test_final_targets_teacher_stays_within_the_sets_storage(cifar10_small):
                                rtol=1e-3, atol=1e-4)
     assert torch.linalg.matrix_rank(basis.targets - basis.targets.mean(0), rtol=1e-4) == 3
 
-    # 0 steps: the predictor is still the identity, so every view carries the plain image's teacher targets
-    views_config = dataclasses.replace(RUN, steps=0, fixed_augmentations=("rot90",), validation_models=0,
-                                       final_targets="teacher")
+    # basis + fixed views, a few steps: the plain view carries the projected teacher targets, the rotated view
+    # the (trained) predictor's targets from them, not the teacher's of the rotated images
+    predictors = []
+
+    class RecordedPredictor(distill_module.AugmentationPredictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            predictors.append(self)
+
+    monkeypatch.setattr(distill_module, "AugmentationPredictor", RecordedPredictor)
+    views_config = dataclasses.replace(basis_config, steps=3, fixed_augmentations=("rot90",), predictor_lr=1e-2)
     views = distill(train, _teacher(), views_config, progress=False)
     plain, rotated = views.images.split(views_config.num_images)
     plain_targets, rotated_targets = views.targets.split(views_config.num_images)
     with torch.no_grad():
-        torch.testing.assert_close(plain_targets, teacher(plain), rtol=1e-4, atol=1e-5)
+        exact = teacher(plain)
+        centred = exact - exact.mean(0)
+        top = torch.linalg.svd(centred, full_matrices=False)[2][:3]  # the target rank's principal directions
+        projected = exact.mean(0) + centred @ top.T @ top
+        torch.testing.assert_close(plain_targets, projected, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(rotated_targets, predictors[0](plain_targets)[len(plain):], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(rotated_targets, plain_targets, atol=1e-3), "the predictor was trained"
         assert not torch.allclose(rotated_targets, teacher(rotated), atol=1e-3), "not the teacher's view targets"
-    torch.testing.assert_close(rotated_targets, plain_targets)
+    assert views.config["synthetic"]["storage_bytes"] == (
+        basis.config["synthetic"]["storage_bytes"] + predictors[0].storage_bytes()
+    )

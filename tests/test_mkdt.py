@@ -338,3 +338,32 @@ def test_resume_refuses_another_runs_checkpoint_or_experts_in_one_line(tmp_path)
             config=_config(steps=4, checkpoint_every=2, seed=1), resume=True)
     # logging and checkpoint cadence may change
     assert resume(config=_config(steps=4, checkpoint_every=1, log_every=3), resume=True).step == 4
+
+
+def test_resume_refuses_a_checkpoint_matched_against_other_experts(tmp_path):
+    """A run started with caller-given experts (not saved) cannot silently continue against retrained ones."""
+    source, teacher = _source(), _teacher()
+    config = _config(steps=4, checkpoint_every=2)
+    given = M.train_expert_trajectories(source.images, source.mean, source.std, teacher,
+                                        _config(steps=4, checkpoint_every=2, seed=7), device="cpu", progress=False)
+    M.mkdt_distill(source, teacher, config, out_dir=tmp_path, device="cpu", progress=False, stop_at_step=2,
+                   trajectories=given)
+    assert not (tmp_path / M.TRAJECTORIES_NAME).exists()
+    with pytest.raises(KrrstError, match="was matched against other expert trajectories"):
+        M.mkdt_distill(source, teacher, config, out_dir=tmp_path, device="cpu", progress=False, resume=True)
+    resumed = M.mkdt_distill(source, teacher, config, out_dir=tmp_path, device="cpu", progress=False, resume=True,
+                             trajectories=given)
+    assert resumed.step == 4
+
+
+def test_a_rank_that_does_not_write_resumes_from_the_same_files(tmp_path):
+    """torchrun: every rank resumes from rank 0's files; only rank 0 (write=True) writes."""
+    source, teacher = _source(), _teacher()
+    config = _config(steps=6, checkpoint_every=3)
+    whole = M.mkdt_distill(source, teacher, config, device="cpu", progress=False)
+    M.mkdt_distill(source, teacher, config, out_dir=tmp_path, device="cpu", progress=False, stop_at_step=3)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    other_rank = M.mkdt_distill(source, teacher, config, out_dir=tmp_path, device="cpu", progress=False,
+                                resume=True, write=False)
+    assert torch.equal(other_rank.images, whole.images) and torch.equal(other_rank.targets, whole.targets)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before, "wrote nothing"

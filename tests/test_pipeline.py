@@ -324,3 +324,14 @@ def test_a_run_directory_of_an_older_version_is_not_refused_for_fields_added_sin
     pipeline.prepare_run_dir(old, tiny_config(), "demo", force=False)  # no KrrstError
     with pytest.raises(KrrstError, match="differs in distill.steps"):
         pipeline.prepare_run_dir(old, tiny_config(**{"distill.steps": "4"}), "demo", force=False)
+
+
+def test_parameterization_label_names_the_kind_and_the_fixed_views():
+    from krrst.pipeline import _parameterization_label
+
+    images, targets = torch.zeros(8, 3, 4, 4), torch.zeros(8, 5)
+    plain = DistilledSet(images=images, targets=targets, mean=(0, 0, 0), std=(1, 1, 1))
+    assert _parameterization_label(plain) == "pixels"
+    views = DistilledSet(images=images, targets=targets, mean=(0, 0, 0), std=(1, 1, 1),
+                         config={"synthetic": {"kind": "basis", "views": ["identity", "rot90", "rot180", "rot270"]}})
+    assert _parameterization_label(views) == "basis, 4 fixed views"
