@@ -29,8 +29,7 @@ import torch
 from krrst.config import apply_overrides, config_to_dict, resolve_device
 from krrst.distill import PRESETS as DISTILL_PRESETS
 from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
-from krrst.distill import unused_fields
-from krrst.distill import DistillConfig
+from krrst.distill import DistillConfig, unused_fields
 from krrst.errors import KrrstError
 from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
 from krrst.distributed import (
@@ -554,7 +553,9 @@ def run(
 
     # -- distillation ---------------------------------------------------------------------------
     distill_dir = out_dir / "distill"
-    distill_fp = _fingerprint(teacher_fp, source_fp, _without(config.distill, RESUMABLE_DISTILL_CHANGES + unused_fields(config.distill)))
+    distill_fp = _fingerprint(
+        teacher_fp, source_fp, _without(config.distill, RESUMABLE_DISTILL_CHANGES + unused_fields(config.distill))
+    )
     if "krr-st" in run_config.methods and not stage_done(distill_dir, distill_fp):
         start_stage(distill_dir, distill_fp)
         with _timed(out_dir, "distill", log, main):
