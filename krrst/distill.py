@@ -51,7 +51,12 @@ from krrst.distributed import DistributedContext, all_reduce_mean_, current_cont
 from krrst.errors import KrrstError
 from krrst.models import create_model, model_options
 from krrst.objective import krr_predict_with_info, krr_st_loss
-from krrst.parameterize import AugmentationPredictor, augmentation_predictor_loss, make_synthetic_set
+from krrst.parameterize import (
+    AugmentationPredictor,
+    augmentation_predictor_loss,
+    make_synthetic_set,
+    valid_pyramid_levels,
+)
 from krrst.speed import SpeedSettings, check_speed_fields, reference_speed  # SpeedSettings: also imported from here
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -237,14 +242,10 @@ class DistillConfig:
             )
         if self.parameterization == "basis" and (self.image_rank < 1 or self.target_rank < 1):
             raise KrrstError("distill.parameterization=basis needs distill.image_rank >= 1 and distill.target_rank >= 1")
-        levels = self.pyramid_levels
-        if self.parameterization == "pyramid" and (
-            not levels or levels[0] < 1 or levels[-1] > self.image_size
-            or any(a >= b for a, b in zip(levels, levels[1:]))
-        ):
+        if self.parameterization == "pyramid" and not valid_pyramid_levels(self.pyramid_levels, self.image_size):
             raise KrrstError(
                 f"distill.pyramid_levels must be strictly increasing sides in [1, distill.image_size="
-                f"{self.image_size}], e.g. 8,16; got {','.join(map(str, levels)) or 'none'}"
+                f"{self.image_size}], e.g. 8,16; got {','.join(map(str, self.pyramid_levels)) or 'none'}"
             )
         if self.init not in ("random", "kmeans", "high-loss"):
             raise KrrstError(f"distill.init={self.init!r} is not valid; expected random, kmeans or high-loss")

@@ -83,6 +83,13 @@ def _rms_row_norm(rows: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
+def _plain_targets(targets: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """`project_targets` of a set that learns every target entry: `targets` as they are, if shaped like `stored`."""
+    if targets.shape != stored.shape:
+        raise KrrstError(f"project_targets: expected targets of shape {tuple(stored.shape)}, got {tuple(targets.shape)}")
+    return targets
+
+
 class PixelSet:
     """Every pixel of `X_s` and every entry of `Y_s` learnt (KRR-ST).
 
@@ -121,10 +128,7 @@ class PixelSet:
 
     def project_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """The closest targets this set can store: any m x d targets, as they are."""
-        if targets.shape != self.target_values.shape:
-            raise KrrstError(f"project_targets: expected targets of shape {tuple(self.target_values.shape)}, "
-                             f"got {tuple(targets.shape)}")
-        return targets
+        return _plain_targets(targets, self.target_values)
 
     def storage_bytes(self, bytes_per_value: int = 4) -> int:
         return sum(p.numel() for p in self.parameters()) * bytes_per_value
@@ -272,12 +276,18 @@ def _check_levels(levels: Sequence[int], image_shape: Sequence[int]) -> tuple[in
     height, width = image_shape[-2:]
     if height != width:
         raise KrrstError(f"pyramid synthetic set: images must be square, got {height} x {width}")
-    sides = tuple(levels) if isinstance(levels, Sequence) and not isinstance(levels, str) else ()
-    if (not sides or not all(isinstance(r, int) and not isinstance(r, bool) for r in sides)
-            or sides[0] < 1 or sides[-1] > height or any(a >= b for a, b in zip(sides, sides[1:]))):
+    if not valid_pyramid_levels(levels, height):
         raise KrrstError(f"synthetic set: levels must be strictly increasing integers in [1, {height}] "
                          f"(the image side), got {levels!r}")
-    return sides
+    return tuple(levels)
+
+
+def valid_pyramid_levels(levels: Any, side: int) -> bool:
+    """Whether `levels` are pyramid sides for side x side images: a non-empty, strictly increasing sequence of
+    integers in [1, side] (checked here for `PyramidSet` and by `DistillConfig` for `distill.pyramid_levels`)."""
+    sides = tuple(levels) if isinstance(levels, Sequence) and not isinstance(levels, str) else ()
+    return (bool(sides) and all(isinstance(r, int) and not isinstance(r, bool) for r in sides)
+            and sides[0] >= 1 and sides[-1] <= side and all(a < b for a, b in zip(sides, sides[1:])))
 
 
 def _upsample(level: torch.Tensor, side: int) -> torch.Tensor:
@@ -369,10 +379,7 @@ class PyramidSet:
 
     def project_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """The closest targets this set can store: any m x d targets, as they are."""
-        if targets.shape != self.target_values.shape:
-            raise KrrstError(f"project_targets: expected targets of shape {tuple(self.target_values.shape)}, "
-                             f"got {tuple(targets.shape)}")
-        return targets
+        return _plain_targets(targets, self.target_values)
 
     def storage_bytes(self, bytes_per_value: int = 4) -> int:
         return sum(p.numel() for p in self.parameters()) * bytes_per_value

@@ -29,6 +29,17 @@ def initial_set(m=6, shape=(3, 4, 4), d=5, seed=0, dtype=torch.float64):
     return torch.randn(m, *shape, generator=g, dtype=dtype), torch.randn(m, d, generator=g, dtype=dtype)
 
 
+def central_difference(scalar, leaf: torch.Tensor, entry, eps: float = 1e-6) -> float:
+    """(f(x + eps e) - f(x - eps e)) / 2 eps for one entry of `leaf`, which is left as it was."""
+    with torch.no_grad():
+        leaf[entry] += eps
+        plus = scalar().item()
+        leaf[entry] -= 2 * eps
+        minus = scalar().item()
+        leaf[entry] += eps
+    return (plus - minus) / (2 * eps)
+
+
 # --------------------------------------------------------------------------- pixel set
 
 
@@ -149,16 +160,8 @@ def test_gradients_reach_coefficients_and_bases_finite_differences():
     grads = dict(zip(synthetic.leaves, torch.autograd.grad(scalar(), synthetic.parameters())))
     checked = [("image_coefficients", (2, 1)), ("image_basis", (1, 7)), ("image_mean", (5,)),
                ("target_coefficients", (4, 0)), ("target_basis", (1, 3)), ("target_mean", (2,))]
-    eps = 1e-6
     for name, index in checked:
-        leaf = synthetic.leaves[name]
-        with torch.no_grad():
-            leaf[index] += eps
-            plus = scalar().item()
-            leaf[index] -= 2 * eps
-            minus = scalar().item()
-            leaf[index] += eps
-        numeric = (plus - minus) / (2 * eps)
+        numeric = central_difference(scalar, synthetic.leaves[name], index)
         assert grads[name][index].item() == pytest.approx(numeric, rel=1e-6, abs=1e-8), name
         assert grads[name][index].item() != 0
 
@@ -339,16 +342,8 @@ def test_pyramid_gradients_reach_every_level_finite_differences():
     # (leaf index, entry): both channels of each level (leaves are level-major, then channel), then the targets
     checked = [(0, (1, 0, 1, 0)), (1, (2, 0, 0, 1)), (2, (0, 0, 3, 2)), (3, (1, 0, 2, 3)), (4, (2, 0, 5, 0)),
                (5, (0, 0, 1, 4)), (6, (2, 3))]
-    eps = 1e-6
     for index, entry in checked:
-        leaf = leaves[index]
-        with torch.no_grad():
-            leaf[entry] += eps
-            plus = scalar().item()
-            leaf[entry] -= 2 * eps
-            minus = scalar().item()
-            leaf[entry] += eps
-        numeric = (plus - minus) / (2 * eps)
+        numeric = central_difference(scalar, leaves[index], entry)
         assert grads[index][entry].item() == pytest.approx(numeric, rel=1e-6, abs=1e-8), index
         assert grads[index][entry].item() != 0
 
