@@ -84,7 +84,7 @@ import torch
 from tqdm import tqdm
 
 from krrst.errors import KrrstError
-from krrst.io import atomic_write, read_json, write_json
+from krrst.io import atomic_write, describe_exception, read_json, write_json
 
 Stats = tuple[float, float, float]
 
@@ -140,6 +140,13 @@ class ImageSet:
                 kind = "positive floats" if field == "std" else "floats"
                 raise KrrstError(f"ImageSet {self.name!r}: {field} must be 3 {kind}, got {values}")
             setattr(self, field, values)
+
+    def __repr__(self) -> str:
+        # The dataclass default prints the tensors and every class name: kilobytes for one set.
+        shape = "x".join(str(n) for n in self.images.shape[1:])
+        labels = f"{len(self.class_names)} classes" if self.labels is not None else "unlabelled"
+        dtype = str(self.images.dtype).removeprefix("torch.")
+        return f"ImageSet(name={self.name!r}, {len(self)} images {shape} {dtype}, {labels})"
 
     def __len__(self) -> int:
         return len(self.images)
@@ -244,7 +251,8 @@ class _Archive:
         except FileNotFoundError:
             raise KrrstError(f"{self.path / name}: file is listed by the dataset's annotations but missing") from None
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
-            raise KrrstError(f"{self.path}: cannot read {name} ({exc}); the archive is damaged") from None
+            reason = describe_exception(exc)
+            raise KrrstError(f"{self.path}: cannot read {name} ({reason}); the archive is damaged") from None
 
     def _read_stored(self, info: zipfile.ZipInfo) -> bytes:
         """An uncompressed member in one `os.pread`.
@@ -302,7 +310,9 @@ def _open_archive(root: Path) -> _Archive:
     try:
         archive = zipfile.ZipFile(root)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
-        raise KrrstError(f"{root} is not a readable zip archive ({exc}); expected a dataset folder or a .zip") from None
+        raise KrrstError(
+            f"{root} is not a readable zip archive ({describe_exception(exc)}); expected a dataset folder or a .zip"
+        ) from None
     return _Archive(root, archive, os.open(root, os.O_RDONLY) if hasattr(os, "pread") else None)
 
 
@@ -354,7 +364,7 @@ def _decode_one(data: bytes, member: str, archive_path: Path) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as pil_image:
             array = np.asarray(pil_image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise KrrstError(f"{archive_path}: cannot decode image {member} ({exc})") from None
+        raise KrrstError(f"{archive_path}: cannot decode image {member} ({describe_exception(exc)})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -497,7 +507,7 @@ def _load_mat(archive: _Archive, name: str) -> dict[str, Any]:
         try:
             return loadmat(handle, squeeze_me=True)
         except (ValueError, TypeError, OSError) as exc:
-            raise KrrstError(f"{archive.path / name} is not a readable .mat file ({exc})") from None
+            raise KrrstError(f"{archive.path / name} is not a readable .mat file ({describe_exception(exc)})") from None
 
 
 def _read_lines(archive: _Archive, name: str) -> list[str]:
@@ -612,8 +622,9 @@ def _load_pickle(archive: _Archive, name: str) -> dict[str, Any]:
     with archive.open(name) as handle:
         try:
             batch = _ArrayUnpickler(handle, encoding="latin1").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-            raise KrrstError(f"{archive.path / name} is not a readable CIFAR python batch ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - no code runs (restricted globals); damaged bytes raise many types
+            reason = describe_exception(exc)
+            raise KrrstError(f"{archive.path / name} is not a readable CIFAR python batch ({reason})") from None
     if not isinstance(batch, dict):
         raise KrrstError(f"{archive.path / name} is not a readable CIFAR python batch (not a dict)")
     return batch
@@ -807,7 +818,8 @@ def _npz(archive: _Archive, name: str) -> Iterator[Any]:
             if missing:
                 raise ValueError(f"no {' or '.join(sorted(missing))} array")
         except (ValueError, OSError, zipfile.BadZipFile) as exc:
-            raise KrrstError(f"{archive.path / name} is not a readable ImageNet64 .npz batch ({exc})") from None
+            reason = describe_exception(exc)
+            raise KrrstError(f"{archive.path / name} is not a readable ImageNet64 .npz batch ({reason})") from None
         with npz:
             yield npz
 
@@ -885,7 +897,7 @@ def _download(name: str, root: Path) -> None:
     try:
         fetchers[name]()
     except Exception as exc:  # network errors come in many types; any of them means "could not fetch"
-        raise KrrstError(f"downloading {name} into {root} failed ({type(exc).__name__}: {exc})") from None
+        raise KrrstError(f"downloading {name} into {root} failed ({describe_exception(exc)})") from None
 
 
 def default_cache_dir() -> Path:
@@ -922,7 +934,9 @@ def _read_cache(stem: Path) -> ImageSet | None:
             raise ValueError(f"{len(images)} images, expected {meta['count']}")
         return ImageSet(images, labels, meta["class_names"], tuple(meta["mean"]), tuple(meta["std"]), meta["name"])
     except (KrrstError, OSError, ValueError, KeyError, TypeError) as exc:
-        warnings.warn(f"ignoring unreadable cache entry {meta_path} ({exc}); reading the dataset again", stacklevel=3)
+        reason = describe_exception(exc)
+        warnings.warn(f"ignoring unreadable cache entry {meta_path} ({reason}); reading the dataset again",
+                      stacklevel=3)
         return None
 
 
@@ -945,7 +959,8 @@ def _write_cache(stem: Path, image_set: ImageSet) -> None:
         }
         write_json(meta_path, meta)
     except OSError as exc:
-        warnings.warn(f"could not write the dataset cache {meta_path} ({exc}); continuing without it", stacklevel=3)
+        reason = describe_exception(exc)
+        warnings.warn(f"could not write the dataset cache {meta_path} ({reason}); continuing without it", stacklevel=3)
 
 
 def cache_file(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from krrst.errors import KrrstError
-from krrst.io import atomic_write, load_tensors, save_tensors
+from krrst.io import atomic_write, load_tensors, save_tensors, torch_load_weights_only
 
 TARGET_KINDS = ("representation", "hard_labels", "soft_labels")
 FORMAT_VERSION = 1
@@ -77,6 +77,20 @@ class DistilledSet:
             )
         if self.target_kind == "hard_labels" and (self.targets.dtype.is_floating_point or self.targets.min() < 0):
             raise KrrstError(f"{where}: hard labels must be non-negative integers")
+
+    def __repr__(self) -> str:
+        # The dataclass default prints every tensor element: kilobytes for one set.
+        shape = "x".join(str(n) for n in self.images.shape[1:])
+        targets = "x".join(str(n) for n in self.targets.shape)
+        synthetic = self.config.get("synthetic") if isinstance(self.config, dict) else None
+        kind = synthetic.get("kind") if isinstance(synthetic, dict) else None
+        extra = f", parameterization={kind}" if kind else ""
+        teacher = f", teacher={self.teacher_arch}" if self.teacher_arch else ""
+        source = f", source={self.source!r}" if self.source else ""
+        return (
+            f"DistilledSet(method={self.method!r}, {len(self)} images {shape}, targets {targets} ({self.target_kind})"
+            f"{source}{teacher}{extra}, step={self.step})"
+        )
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -217,10 +231,9 @@ def _load_torch_tensor(path: str | os.PathLike, what: str) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise KrrstError(f"{what} file not found: {path}")
-    try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        raise KrrstError(f"{what} file {path} could not be read safely ({str(exc).splitlines()[0][:120]})") from None
+    value = torch_load_weights_only(
+        path, f"{what} file", "a weights-only PyTorch tensor file", "as a plain tensor (torch.save(tensor, ...))"
+    )
     if not isinstance(value, torch.Tensor):
         raise KrrstError(f"{what} file {path} holds a {type(value).__name__}, expected a tensor")
     return value

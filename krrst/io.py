@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -85,6 +86,34 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise KrrstError(f"{what} {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
 
 
+def describe_exception(exc: BaseException) -> str:
+    """`Type: first line of the message` (at most 120 characters), for "(...)" in a one-line error.
+
+    The type is kept because some messages are meaningless alone: torch reports
+    a text file as `KeyError: 101`, a missing cache field is `KeyError: 'count'`.
+    """
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:120]}" if lines else type(exc).__name__
+
+
+def torch_load_weights_only(path: str | os.PathLike, what: str, expected: str, resave: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU; any failure is a one-line `KrrstError`.
+
+    `what` names the file ("teacher file"), `expected` the accepted format and
+    `resave` how to convert a rejected file. torch's own message for a rejected
+    pickle recommends `weights_only=False`, which would run the file's code, so
+    that message is replaced, never passed on.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise KrrstError(
+            f"{what} {path} is not {expected} (UnpicklingError); krrst never unpickles code: re-save it {resave}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types (KeyError, RuntimeError, ...) for foreign bytes
+        raise KrrstError(f"{what} {path} is not {expected} ({describe_exception(exc)})") from None
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Save named tensors to a safetensors file with `metadata` as JSON, atomically."""
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
@@ -109,7 +138,7 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str,
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise KrrstError(f"{what} {path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        raise KrrstError(f"{what} {path} is not a readable safetensors file ({describe_exception(exc)})") from None
     try:
         metadata = json.loads(header.get(_METADATA_KEY, "{}"))
     except json.JSONDecodeError:

@@ -34,9 +34,7 @@ import csv
 import dataclasses
 import math
 import os
-import pickle
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
@@ -56,7 +54,15 @@ from krrst.distributed import (
     shard_slice,
 )
 from krrst.errors import KrrstError
-from krrst.io import atomic_write, load_state, load_tensors, save_state, save_tensors, write_json
+from krrst.io import (
+    atomic_write,
+    load_state,
+    load_tensors,
+    save_state,
+    save_tensors,
+    torch_load_weights_only,
+    write_json,
+)
 from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
 TEACHER_FILE = "teacher.safetensors"
@@ -775,7 +781,8 @@ def load_teacher(
     - a `teacher.safetensors` written by `train_teacher`/`save_teacher`: the
       architecture comes from its metadata (`arch`, if given, must agree);
     - any other safetensors state dict of a registered architecture `arch`
-      (built with its default options);
+      (built with its default options, except `widths`, which is read off
+      the conv weights for the architectures that take it);
     - a torchvision-layout `.pt`/`.pth` state dict, read with
       `torch.load(weights_only=True)` into `arch` (default `resnet18_pad2`:
       the authors' released teacher, a torchvision ResNet-18 with a 3x3
@@ -792,7 +799,7 @@ def load_teacher(
             mismatch (missing/unexpected key or the two shapes), or saying that
             the file is unreadable.
     """
-    from krrst.models import create_model, list_models
+    from krrst.models import create_model, list_models, model_options
 
     path = Path(path)
     if not path.is_file():
@@ -803,6 +810,7 @@ def load_teacher(
     else:
         tensors = _torch_load_state_dict(path)
 
+    state = _clean_state_dict(tensors)
     if metadata.get("kind") == TEACHER_KIND:
         spec = dict(metadata["spec"])
         if arch is not None and arch != spec["arch"]:
@@ -822,9 +830,9 @@ def load_teacher(
             raise KrrstError(
                 f"--teacher-arch {arch!r} is not a registered model; expected one of: {', '.join(list_models())}"
             )
-        model = create_model(arch, num_outputs=None)
+        options = {"widths": _infer_widths(arch, state, path)} if "widths" in model_options(arch) else {}
+        model = create_model(arch, num_outputs=None, **options)
         mean, std = None, None
-    state = _clean_state_dict(tensors)
     _load_exactly(model, state, path, model.spec["arch"])
     model.teacher_mean = tuple(mean) if mean else None
     model.teacher_std = tuple(std) if std else None
@@ -839,14 +847,12 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-        AttributeError, TypeError,
-    ) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KrrstError(f"teacher file {path} is not a readable PyTorch state dict ({first_line[:200]})") from None
+    loaded = torch_load_weights_only(
+        path,
+        "teacher file",
+        "a weights-only PyTorch checkpoint or safetensors file",
+        "as a state dict (torch.save(model.state_dict(), ...)) or as safetensors",
+    )
     # Training scripts often wrap the weights: {'state_dict': ...}, {'model': ...}.
     for wrapper in ("state_dict", "model", "backbone", "teacher", "encoder"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
@@ -896,6 +902,31 @@ def _load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
                 f"{tuple(state[key].shape)} in the file but {tuple(tensor.shape)} in the model"
             )
     model.load_state_dict({key: state[key].to(expected[key].dtype) for key in expected}, strict=True)
+
+
+def _infer_widths(arch: str, state: Mapping[str, torch.Tensor], path: Path) -> tuple[int, ...]:
+    """The `widths` option of `arch` read off the output channels of the conv weights in `state`.
+
+    A plain state dict carries no options, and ConvNets are often trained
+    narrower than the registry's default widths; the weights themselves say
+    how wide each block is.
+    """
+    from krrst.models import create_model
+
+    with torch.device("meta"):
+        reference = create_model(arch, num_outputs=None)
+    conv_keys = [key for key, tensor in reference.state_dict().items() if tensor.dim() == 4]
+    for key in conv_keys:
+        if key not in state or state[key].dim() != 4:
+            found = "is missing" if key not in state else f"has shape {tuple(state[key].shape)}"
+            guess = _guess_arch(state)
+            holds = f" (its keys look like {guess!r})" if guess and guess != arch else ""
+            raise KrrstError(
+                f"teacher file {path} does not fit architecture {arch!r}{holds}: cannot infer its widths option, "
+                f"{key!r} {found}; expected {len(conv_keys)} conv weights {', '.join(conv_keys)} of shape "
+                f"(width, in_channels, k, k)"
+            )
+    return tuple(int(state[key].shape[0]) for key in conv_keys)
 
 
 def _guess_arch(state: Mapping[str, torch.Tensor]) -> str | None:

@@ -261,7 +261,17 @@ def test_cifar_pickle_refuses_code(tmp_path):
             return (os.system, ("echo pwned",))
 
     (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(pickle.dumps({"data": Evil()}, protocol=2))
-    with pytest.raises(KrrstError, match=r"data_batch_1 is not a readable CIFAR python batch \(refusing to load"):
+    refused = r"data_batch_1 is not a readable CIFAR python batch \(UnpicklingError: refusing to load"
+    with pytest.raises(KrrstError, match=refused):
+        load_images("cifar10", tmp_path, "train", cache_dir=False)
+
+
+def test_cifar_pickle_damaged_into_any_exception_is_one_line(tmp_path):
+    _write_cifar(tmp_path, False)
+    # An allowed global called with bad arguments: the unpickler raises LookupError, not UnpicklingError.
+    damaged = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x04\x00\x00\x00nope\x86R."
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(damaged)
+    with pytest.raises(KrrstError, match=r"data_batch_1 is not a readable CIFAR python batch \(LookupError: unknown"):
         load_images("cifar10", tmp_path, "train", cache_dir=False)
 
 
@@ -549,3 +559,13 @@ def test_imageset_validation_subset_and_to():
         ImageSet(images, labels[:3], ["a", "b"], (0.5,) * 3, (0.25,) * 3, "toy")
     unlabelled = ImageSet(images, None, [], (0.5,) * 3, (0.25,) * 3, "toy")
     assert unlabelled.subset([0]).labels is None
+
+
+def test_imageset_repr_is_a_short_summary_not_the_tensors():
+    images = torch.zeros(500, 3, 32, 32, dtype=torch.uint8)
+    labelled = ImageSet(images, torch.arange(500) % 10, CIFAR10_CLASSES, (0.5,) * 3, (0.25,) * 3, "cifar10")
+    text = repr(labelled)
+    assert len(text) < 300 and "tensor(" not in text and str(labelled) == text
+    assert text == "ImageSet(name='cifar10', 500 images 3x32x32 uint8, 10 classes)"
+    unlabelled = ImageSet(images[:7], None, [], (0.5,) * 3, (0.25,) * 3, "stl10")
+    assert repr(unlabelled) == "ImageSet(name='stl10', 7 images 3x32x32 uint8, unlabelled)"

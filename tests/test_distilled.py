@@ -87,13 +87,41 @@ def test_authors_files_are_normalised_on_load(tmp_path):
     expected = (raw - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     assert torch.allclose(distilled.images, expected) and distilled.feature_dim == 512
     (tmp_path / "corrupt.pt").write_bytes(b"not a torch file")
-    with pytest.raises(KrrstError, match="could not be read safely"):
+    with pytest.raises(KrrstError, match="corrupt.pt is not a weights-only PyTorch tensor file"):
         DistilledSet.from_authors_files(tmp_path / "corrupt.pt", tmp_path / "y_syn.pt", MEAN, STD)
-    # weights_only=True refuses arbitrary pickled objects instead of executing them.
+    # torch's whole message for a text file is "101": the exception type makes it a message.
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(KrrstError, match=r"text.pt is not a weights-only PyTorch tensor file \(KeyError: 101\)$"):
+        DistilledSet.from_authors_files(tmp_path / "text.pt", tmp_path / "y_syn.pt", MEAN, STD)
+    # weights_only=True refuses arbitrary pickled objects instead of executing them, and the
+    # error does not pass on torch's advice to retry with weights_only=False.
     torch.save(Payload(), tmp_path / "evil.pt")
-    with pytest.raises(KrrstError, match="could not be read safely"):
+    refused = r"evil.pt is not a weights-only .*\(UnpicklingError\); krrst never unpickles code"
+    with pytest.raises(KrrstError, match=refused) as info:
         DistilledSet.from_authors_files(tmp_path / "evil.pt", tmp_path / "y_syn.pt", MEAN, STD)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
 
 
 class Payload:
     """A pickled object that is not a tensor: loading it must not run its code."""
+
+
+def test_repr_is_a_short_summary_not_the_tensors():
+    distilled = DistilledSet(
+        images=torch.randn(200, 3, 32, 32),
+        targets=torch.randn(200, 2048),
+        mean=MEAN,
+        std=STD,
+        source="cifar10",
+        teacher_arch="resnet18_pad2",
+        config={"synthetic": {"kind": "basis", "storage_bytes": 1000}},
+        step=1000,
+    )
+    text = repr(distilled)
+    assert len(text) < 300 and "tensor(" not in text
+    assert text == (
+        "DistilledSet(method='krr-st', 200 images 3x32x32, targets 200x2048 (representation), source='cifar10', "
+        "teacher=resnet18_pad2, parameterization=basis, step=1000)"
+    )
+    labels = DistilledSet(torch.randn(10, 3, 8, 8), torch.arange(10), MEAN, STD, target_kind="hard_labels", method="dc")
+    assert repr(labels) == "DistilledSet(method='dc', 10 images 3x8x8, targets 10 (hard_labels), step=0)"

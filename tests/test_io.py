@@ -67,3 +67,10 @@ def test_capture_env_records_versions_and_seed():
     assert env["seed"] == 3 and env["device"] == "cpu"
     assert env["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert env["command"], "the command line is recorded"
+
+
+def test_describe_exception_keeps_the_type_of_a_bare_message():
+    assert io.describe_exception(KeyError(101)) == "KeyError: 101"
+    assert io.describe_exception(RuntimeError("first line\nsecond line")) == "RuntimeError: first line"
+    assert io.describe_exception(EOFError()) == "EOFError"
+    assert io.describe_exception(ValueError("x" * 500)) == "ValueError: " + "x" * 120

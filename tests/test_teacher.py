@@ -427,12 +427,87 @@ def test_load_teacher_refuses_another_architecture(tmp_path):
     message = _one_line_error(excinfo)
     assert "convnet3" in message and "resnet18" in message and "missing" in message
 
-    # Same keys, other widths: the first mismatching shape is named.
-    wider = tmp_path / "wider.pt"
-    torch.save(create_model("convnet3", widths=(16, 8, 8)).state_dict(), wider)
-    with pytest.raises(KrrstError, match=r"'blocks.0.0.weight' has shape \(16, 3, 3, 3\) in the file") as excinfo:
-        load_teacher(wider, arch="convnet3")
+    # Same keys, a BatchNorm narrower than its conv: the first mismatching shape is named.
+    damaged = create_model("convnet3", widths=(16, 8, 8)).state_dict()
+    damaged["blocks.0.1.weight"] = torch.ones(4)
+    bad = tmp_path / "bad.pt"
+    torch.save(damaged, bad)
+    with pytest.raises(KrrstError, match=r"'blocks.0.1.weight' has shape \(4,\) in the file but \(16,\)") as excinfo:
+        load_teacher(bad, arch="convnet3")
     _one_line_error(excinfo)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_load_teacher_reads_a_plain_convnet_state_dict_of_any_widths(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    reference = create_model("convnet3", widths=(8, 16, 32))
+    # non-trivial BatchNorm statistics, so that a default-initialised buffer would show
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    state = {key: value.contiguous() for key, value in reference.state_dict().items()}
+    path = tmp_path / f"plain_convnet3{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+
+    loaded = load_teacher(path, arch="convnet3")
+    assert loaded.spec["widths"] == [8, 16, 32]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference.eval()(x))
+
+
+def test_load_teacher_says_when_widths_cannot_be_inferred(tmp_path):
+    resnet = tmp_path / "resnet.pt"
+    torch.save(create_model("resnet18").state_dict(), resnet)
+    with pytest.raises(KrrstError) as excinfo:
+        load_teacher(resnet, arch="convnet3")
+    message = _one_line_error(excinfo)
+    assert "cannot infer its widths" in message and "'blocks.0.0.weight' is missing" in message
+    assert "resnet18" in message and str(resnet) in message  # what the keys look like instead
+
+    flat = create_model("convnet3", widths=(8, 8, 8)).state_dict()
+    flat["blocks.1.0.weight"] = flat["blocks.1.0.weight"].flatten(1)
+    flattened = tmp_path / "flat.pt"
+    torch.save(flat, flattened)
+    with pytest.raises(KrrstError, match=r"'blocks.1.0.weight' has shape \(8, 72\); expected 3 conv weights"):
+        load_teacher(flattened, arch="convnet3")
+
+
+class _Pickled:
+    """An object torch.load(weights_only=True) must refuse rather than construct."""
+
+    def __init__(self):
+        self.state = {"w": torch.zeros(1)}
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("text.pt", b"hello", "(KeyError: 101)"),  # torch's whole message for a text file is "101"
+        ("random.pth", bytes([0x13, 0x37]) + torch.randint(0, 256, (512,), generator=torch.Generator().manual_seed(0),
+                                                           dtype=torch.uint8).numpy().tobytes(), "(UnpicklingError)"),
+        ("pickled.pt", None, "(UnpicklingError)"),
+    ],
+)
+def test_load_teacher_names_foreign_pytorch_files_without_suggesting_unsafe_loading(tmp_path, name, content, reason):
+    path = tmp_path / name
+    if content is None:
+        torch.save(_Pickled(), path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(KrrstError) as excinfo:
+        load_teacher(path, arch="convnet3")
+    message = _one_line_error(excinfo)
+    assert message.startswith(f"teacher file {path} is not a weights-only PyTorch checkpoint or safetensors file")
+    assert reason in message and "weights_only" not in message
+    if reason == "(UnpicklingError)":
+        assert "never unpickles" in message and "re-save it as a state dict" in message
 
 
 @pytest.mark.parametrize("name", ["teacher.safetensors", "teacher.pt"])
