@@ -65,6 +65,8 @@ def _cmd_teacher(args: argparse.Namespace) -> None:
     from krrst.teacher import (TEACHER_FILE, TeacherConfig, check_not_collapsed, feature_health, load_teacher,
                                save_teacher, train_teacher)
 
+    if args.teacher and (args.preset or args.overrides):
+        raise KrrstError("--preset and --set configure teacher training; they have no effect when importing --teacher")
     images = _load_source(args)
     out = Path(args.out)
     if args.teacher:
@@ -116,6 +118,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from krrst.distilled import DistilledSet
     from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
     from krrst.distributed import run_on_main
+    from krrst.models import list_models
     from krrst.pipeline import (PROTOCOL_SUITES, TEST_SPLITS, claim_evaluation, evaluate_methods, file_identity,
                                 parse_protocol)
     from krrst.report import report_text, write_report
@@ -137,6 +140,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     args.overrides = suite_overrides + args.overrides  # an explicit --set wins
     if args.seeds < 1:
         raise KrrstError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.arch not in list_models():
+        raise KrrstError(f"unknown --arch {args.arch!r}; registered models: {', '.join(list_models())}")
     stages = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear": LinearProbeConfig}
     stray = [item for item in args.overrides if item.split(".", 1)[0] not in stages]
     if stray:
@@ -162,16 +167,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         elif args.baseline == "full":
             network = teacher
     image_size = args.image_size or (network.image_size if isinstance(network, DistilledSet) else None)
-    # Rows and cached networks are keyed by method: refuse to mix in results of another set or config.
-    what = file_identity(args.distilled) if args.distilled else [args.baseline, args.m, args.seed, args.source,
-                                                                  args.source_root, file_identity(args.teacher)]
-    context = _distributed(args)
-    run_on_main(lambda: claim_evaluation(args.out, method, [what, {k: str(v) for k, v in configs.items()},
-                                                           args.widths, image_size, args.target, args.max_per_class]))
+    # Everything that can fail on a mistyped option comes before the claim on --out.
     train = load_images(args.target, args.root, "train", image_size=image_size, download=args.download,
                         max_per_class=args.max_per_class)
     test = load_images(args.target, args.root, TEST_SPLITS.get(args.target, "test"), image_size=image_size,
                        download=args.download)
+    # Rows and cached networks are keyed by method: refuse to mix in results of another set or config.
+    what = file_identity(args.distilled) if args.distilled else [args.baseline, args.m, args.seed, args.source,
+                                                                  args.source_root, file_identity(args.teacher)]
+    identity = {"--distilled/--baseline": what, "--set": {k: str(v) for k, v in configs.items()},
+                "--widths": args.widths, "--image-size": image_size, "--target": args.target,
+                "--max-per-class": args.max_per_class}
+    context = _distributed(args)
+    run_on_main(lambda: claim_evaluation(args.out, method, identity))
     evaluate_methods(
         args.out, {method: network}, [(args.target, train, test)], source_name=source_name, archs=[args.arch],
         seeds=range(args.seed, args.seed + args.seeds), protocols=protocols,
@@ -190,6 +198,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_report(args: argparse.Namespace) -> None:
     from krrst.report import report_text, write_report
 
+    if not (Path(args.run_dir) / "results.csv").is_file():
+        raise KrrstError(f"{args.run_dir} holds no results.csv; give a run directory of `krrst run` or `krrst evaluate`")
     paths = write_report(args.run_dir)
     print(report_text(args.run_dir))
     print("wrote " + ", ".join(str(path) for path in paths.values()))
@@ -214,9 +224,20 @@ def _cmd_run(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- parser
 
 
-def _common(parser: argparse.ArgumentParser, stages: str) -> None:
+def _widths(text: str) -> list[int]:
+    try:
+        widths = [int(value) for value in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, e.g. 32,64,128; got {text!r}")
+    return widths
+
+
+def _common(parser: argparse.ArgumentParser, stages: str, example: str) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",
-                        help=f"override any config field of {stages}; repeatable, e.g. --set distill.steps=200")
+                        help=f"override any config field of {stages} (`krrst run --print-config` lists them); "
+                        f"repeatable, e.g. --set {example}")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
@@ -235,7 +256,9 @@ def _run_args(parser: argparse.ArgumentParser, preset: str | None) -> None:
         parser.add_argument("--preset", required=True, help="demo, cpu-mini, cifar100, tinyimagenet or imagenet64")
     else:
         parser.set_defaults(preset=preset)
-    parser.add_argument("--root", default=".", help="data root: dataset paths in the config are relative to it")
+    parser.add_argument("--root", default=".", help="data root: the config's dataset paths (run.source_root, "
+                        "run.targets) are relative to it; cpu-mini needs the folder holding cifar10-jpeg.zip "
+                        "(default: the current folder)")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<preset>); re-running resumes it")
     parser.add_argument("--force", action="store_true",
                         help="reuse a run directory of another config, re-running only the stages that changed")
@@ -243,7 +266,7 @@ def _run_args(parser: argparse.ArgumentParser, preset: str | None) -> None:
     parser.add_argument("--protocol", choices=("krrst", "mkdt"), default=None,
                         help="a published evaluation protocol: krrst (1,000 pre-training epochs, full fine-tuning) or "
                         "mkdt (20 epochs, L-BFGS linear probe on 1/5/10/50%% of the labels); default: the preset's")
-    _common(parser, "run, teacher, distill, mkdt, pretrain, finetune, linear")
+    _common(parser, "run, teacher, distill, mkdt, pretrain, finetune, linear", "distill.steps=200")
     parser.set_defaults(handler=_cmd_run)
 
 
@@ -255,14 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    sub.add_parser("datasets", help="list the datasets krrst can load and the layout each expects").set_defaults(
-        handler=_cmd_datasets)
-    sub.add_parser("models", help="list the registered architectures with feature size and parameters").set_defaults(
-        handler=_cmd_models)
+    for name, handler, text in (
+        ("datasets", _cmd_datasets, "list the datasets krrst can load and the folder or archive layout each expects"),
+        ("models", _cmd_models, "list the registered architectures (--arch, teacher.arch) with feature size and "
+         "parameters"),
+    ):
+        sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".").set_defaults(handler=handler)
 
     teacher = sub.add_parser("teacher", help="train a self-supervised teacher (Barlow Twins) or import your own",
                              description="Train an SSL teacher on the source images (labels unused), or import a "
-                             "teacher file with --teacher, check its features, and store it as teacher.safetensors.")
+                             "teacher file with --teacher, check its features, and store it as teacher.safetensors. "
+                             "Training defaults: Barlow Twins (--set teacher.method=simclr for SimCLR) on a ResNet-18 "
+                             "(--set teacher.arch=convnet3 --set teacher.convnet_widths=32,64,128 for a CPU-sized one); "
+                             "`krrst run --print-config` lists every teacher field.")
     _data_args(teacher)
     teacher.add_argument("--out", required=True, help="output folder: teacher.safetensors, checkpoint, loss.csv, health.json")
     teacher.add_argument("--preset", default=None, help="take the teacher settings of a pipeline preset (e.g. cpu-mini)")
@@ -270,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--teacher", default=None, help="import this teacher file (safetensors, or a torchvision .pt/.pth)")
     teacher.add_argument("--teacher-arch", default=None,
                          help="its architecture (default: from the file; .pt files: resnet18_pad2, the authors' teacher)")
-    _common(teacher, "teacher")
+    _common(teacher, "teacher", "teacher.steps=2000")
     teacher.set_defaults(handler=_cmd_teacher)
 
     distill = sub.add_parser("distill", help="distil a source dataset into a KRR-ST synthetic set",
@@ -294,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "write --num-images (torchrun takes --m for one of its own options)")
     distill.add_argument("--heldout", type=int, default=1000, help="source images held out for the validation signal (0: none)")
     distill.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    _common(distill, "distill (krr-st) or mkdt")
+    _common(distill, "distill (krr-st) or mkdt", "distill.image_lr=0.001")
     distill.set_defaults(handler=_cmd_distill)
 
     evaluate = sub.add_parser("evaluate", help="pre-train on a distilled set or baseline, then fine-tune / linear-probe",
@@ -304,11 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--distilled", default=None, help="a DistilledSet file (distilled.safetensors)")
     evaluate.add_argument("--baseline", choices=("random", "kmeans", "high-loss", "none", "full"), default=None,
                           help="evaluate a baseline instead: random subset, k-means coreset, high-loss subset (MKDT's "
-                          "initialisation), no pre-training, the teacher")
+                          "initialisation), no pre-training, the teacher itself (rows named full-ssl)")
     evaluate.add_argument("--target", required=True, help="target dataset name (see `krrst datasets`)")
     evaluate.add_argument("--root", required=True, help="the target dataset's folder or .zip")
-    evaluate.add_argument("--arch", default="convnet3", help="evaluation architecture (see `krrst models`)")
-    evaluate.add_argument("--widths", type=lambda text: [int(v) for v in text.split(",")], default=[],
+    evaluate.add_argument("--arch", default="convnet3", help="evaluation architecture (default: convnet3; see `krrst models`)")
+    evaluate.add_argument("--widths", type=_widths, default=[],
                           help="ConvNet widths, e.g. 32,64,128 for narrow CPU networks")
     evaluate.add_argument("--protocol", action="append", default=None,
                           help="finetune (default), linear, or either @P%% for a label fraction (e.g. linear@1%%); or a "
@@ -317,18 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seeds", type=int, default=3, help="number of seeds (paired across methods)")
     evaluate.add_argument("--seed", type=int, default=0, help="first seed")
     evaluate.add_argument("--out", required=True, help="run directory receiving results.csv/json/md")
-    evaluate.add_argument("--teacher", default=None, help="teacher file (needed by --baseline random, kmeans and full)")
+    evaluate.add_argument("--teacher", default=None,
+                          help="teacher file (needed by --baseline random, kmeans, high-loss and full)")
     evaluate.add_argument("--teacher-arch", default=None, help="the teacher's architecture when the file does not say")
-    evaluate.add_argument("--source", default=None, help="source dataset for --baseline random/kmeans")
+    evaluate.add_argument("--source", default=None, help="source dataset for --baseline random/kmeans/high-loss")
     evaluate.add_argument("--source-root", default=None, help="its folder or .zip")
-    evaluate.add_argument("--m", type=int, default=1000, help="subset size for --baseline random/kmeans")
-    evaluate.add_argument("--image-size", type=int, default=None, help="resize targets to N (default: the set's size)")
+    evaluate.add_argument("--m", type=int, default=1000, help="subset size for --baseline random/kmeans/high-loss")
+    evaluate.add_argument("--image-size", type=int, default=None,
+                          help="resize the target (and a baseline's source images) to N x N (default: the set's size)")
     evaluate.add_argument("--max-per-class", type=int, default=None, help="keep the first K training images per class")
     evaluate.add_argument("--download", action="store_true", help="download the target when absent (where possible)")
-    _common(evaluate, "pretrain, finetune, linear")
+    _common(evaluate, "pretrain, finetune, linear", "pretrain.epochs=50")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
-    report = sub.add_parser("report", help="print and write the results table and report.html of a run directory")
+    report = sub.add_parser("report", help="print and write the results table and report.html of a run directory",
+                            description="Rebuild results.md/json/png and report.html from RUN_DIR/results.csv and "
+                            "print the table (mean ± std over seeds).")
     report.add_argument("run_dir", help="a run directory (holding results.csv)")
     report.set_defaults(handler=_cmd_report)
 

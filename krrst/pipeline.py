@@ -300,6 +300,9 @@ def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return keys
 
 
+STAGE_DIRS = ("teacher", "distill", "mkdt", "baselines", "eval")
+
+
 def prepare_run_dir(out_dir: Path, config: PipelineConfig, preset: str, force: bool) -> None:
     """Create the run directory or check that it holds a run of this config (else refuse unless `force`)."""
     resolved = {"preset": preset, **config.to_dict()}
@@ -309,7 +312,9 @@ def prepare_run_dir(out_dir: Path, config: PipelineConfig, preset: str, force: b
         differing = _diff_keys(
             {k: v for k, v in previous.items() if k != "preset"}, {k: v for k, v in resolved.items() if k != "preset"}
         )
-        if differing and not force:
+        # A run that stopped before any stage began (e.g. a wrong data path) has nothing to protect.
+        started = any((out_dir / name).exists() for name in STAGE_DIRS)
+        if differing and started and not force:
             shown = ", ".join(differing[:6]) + (" ..." if len(differing) > 6 else "")
             raise KrrstError(
                 f"run directory {out_dir} holds a run of another config (differs in {shown}); "
@@ -330,16 +335,31 @@ def file_identity(path: str | Path | None) -> list[Any] | None:
     return [str(path.resolve()), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
 
 
-def claim_evaluation(out_dir: str | Path, method: str, identity: Any) -> None:
-    """Record what `method`'s rows in `out_dir` come from; refuse rows of another set or config there."""
-    path = Path(out_dir) / "eval" / f"{method}.fingerprint.json"
+def claim_evaluation(out_dir: str | Path, method: str, identity: Mapping[str, Any]) -> None:
+    """Record what `method`'s rows in `out_dir` come from; refuse rows of another set or config there.
+
+    `identity` maps a name (an option, e.g. "--target") to what it was. A claim
+    with no rows and no pre-trained network of `method` behind it (a start that
+    failed early, e.g. on a mistyped option) protects nothing and is replaced.
+    """
+    from krrst.report import read_results
+
+    out_dir = Path(out_dir)
+    path = out_dir / "eval" / f"{method}.fingerprint.json"
     fingerprint = _fingerprint(identity)
-    if path.exists() and read_json(path).get("fingerprint") != fingerprint:
-        raise KrrstError(
-            f"{out_dir} already holds '{method}' results of another set or config; "
-            "choose another --out (or delete that run directory) to evaluate this one"
-        )
-    write_json(path, {"fingerprint": fingerprint})
+    previous = read_json(path) if path.exists() else {}
+    if previous and previous.get("fingerprint") != fingerprint:
+        has_rows = any(row["method"] == method for row in read_results(out_dir))
+        has_networks = any((out_dir / "eval" / "pretrained").glob(f"{method}-*.safetensors"))
+        if has_rows or has_networks:
+            old = previous.get("identity", {})
+            differing = [name for name in identity if _jsonable(old.get(name)) != _jsonable(identity[name])]
+            raise KrrstError(
+                f"{out_dir} already holds '{method}' results of another set or config"
+                + (f" (differs in {', '.join(differing)})" if old and differing else "")
+                + "; choose another --out (or delete that run directory) to evaluate this one"
+            )
+    write_json(path, {"fingerprint": fingerprint, "identity": _jsonable(dict(identity))})
 
 
 def _stage_done(stage_dir: Path, fingerprint: str) -> bool:
@@ -398,6 +418,18 @@ def dataset_path(root: Path, path: str) -> Path:
     return candidate if candidate.is_absolute() else Path(root).expanduser() / candidate
 
 
+def _existing_dataset_path(root: Path, path: str, option: str, download: bool) -> Path:
+    """`dataset_path`, or a one-line error naming the config option and `--root` when nothing is there."""
+    location = dataset_path(root, path)
+    if not location.exists() and not download:
+        raise KrrstError(
+            f"{option}: {location} does not exist (the config's {path!r} under --root {str(root)!r}); pass --root "
+            "DIR for the folder that holds it (e.g. --root ../shared/data), or --set run.download=true where "
+            "the dataset can be downloaded"
+        )
+    return location
+
+
 def parse_target(spec: str) -> tuple[str, str]:
     """`"cifar10"` -> `("cifar10", ".")`; `"imagefolder=cifar10-jpeg.zip"` -> `("imagefolder", "cifar10-jpeg.zip")`."""
     name, eq, path = spec.partition("=")
@@ -408,10 +440,9 @@ def load_source(run: RunConfig, root: Path):
     """The unlabelled source split and `run.heldout_images` held-out images (never distilled on)."""
     from krrst.data import load_images
 
-    source = load_images(
-        run.source, dataset_path(root, run.source_root), run.source_split, image_size=run.image_size,
-        download=run.download, max_per_class=run.source_per_class,
-    )
+    location = _existing_dataset_path(root, run.source_root, "run.source_root", run.download)
+    source = load_images(run.source, location, run.source_split, image_size=run.image_size, download=run.download,
+                         max_per_class=run.source_per_class)
     source = dataclasses.replace(source, labels=None)  # the source is used without labels
     return split_heldout(source, run.heldout_images, run.seed)
 
@@ -421,7 +452,8 @@ def split_heldout(images, count: int, seed: int):
     if count <= 0:
         return images, None
     if count >= len(images):
-        raise KrrstError(f"holding out {count} images leaves none to distil (the source has {len(images)})")
+        raise KrrstError(f"holding out {count} images (--heldout, run.heldout_images) leaves none to distil (the "
+                         f"source has {len(images)}); hold out fewer, or 0 for no validation signal")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return images.subset(order[count:].sort().values), images.subset(order[:count])
 
@@ -431,7 +463,7 @@ def load_target(spec: str, run: RunConfig, root: Path):
     from krrst.data import load_images
 
     name, path = parse_target(spec)
-    location = dataset_path(root, path)
+    location = _existing_dataset_path(root, path, f"run.targets entry {spec!r}", run.download)
     common = {"image_size": run.image_size, "download": run.download}
     train = load_images(name, location, "train", max_per_class=run.target_train_per_class, **common)
     test = load_images(name, location, TEST_SPLITS.get(name, "test"), max_per_class=run.target_test_per_class, **common)

@@ -1,5 +1,6 @@
 """The whole pipeline on a shortened demo config: files, resume at every stage boundary, reproducibility, errors."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from krrst.augment import normalize
 from krrst.cli import main
 from krrst.distill import distill, initial_indices
 from krrst.errors import KrrstError
-from krrst.io import load_tensors
+from krrst.io import load_tensors, read_json
 from krrst.report import read_results
 
 # A demo run shrunk to seconds: 200 source images, a few steps per stage, one seed.
@@ -170,11 +171,59 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         (["distill", "--source", "imagefolder", "--root", str(tmp_path / "missing.zip"), "--teacher",
           str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "d")], "not found"),
         (["evaluate", "--target", "cifar10", "--root", ".", "--out", str(tmp_path / "e")], "exactly one of"),
+        (["report", str(tmp_path)], "holds no results.csv"),
+        (["teacher", "--source", "imagefolder", "--root", str(tmp_path), "--out", str(tmp_path / "t"),
+          "--teacher", str(tmp_path / "t.pt"), "--preset", "demo"], "no effect when importing --teacher"),
+        (["evaluate", "--baseline", "none", "--target", "cifar10", "--root", ".", "--arch", "convnet9",
+          "--out", str(tmp_path / "e")], "unknown --arch 'convnet9'"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, (argv, err)
+
+
+def test_cli_root_error_names_the_option_and_root(tmp_path, capsys):
+    assert main(["run", "--preset", "cpu-mini", "--root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "run.source_root" in err and "cifar10-jpeg.zip" in err and "--root" in err
+
+
+def test_a_run_that_failed_before_any_stage_takes_the_corrected_config(tmp_path):
+    out = tmp_path / "r"
+    with pytest.raises(KrrstError, match="run.source_root"):
+        pipeline.run(tiny_config(**{"run.source_root": "missing.zip"}), out, preset="demo", device="cpu",
+                     progress=False, log=lambda _: None)
+    assert (out / "config.json").exists() and not any((out / name).exists() for name in pipeline.STAGE_DIRS)
+    pipeline.prepare_run_dir(out, tiny_config(), "demo", force=False)  # the fixed config is taken without --force
+    assert read_json(out / "config.json")["run"]["source_root"] == tiny_config().run.source_root
+    (out / "teacher").mkdir()  # once a stage began, a changed config needs --force
+    with pytest.raises(KrrstError, match="run.source_root.*--force"):
+        pipeline.prepare_run_dir(out, tiny_config(**{"run.source_root": "missing.zip"}), "demo", force=False)
+
+
+def test_widths_option_rejects_malformed_lists(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--baseline", "none", "--target", "cifar10", "--root", ".", "--out", "x", "--widths", "8,x"])
+    assert "expected comma-separated positive integers, e.g. 32,64,128; got '8,x'" in capsys.readouterr().err
+
+
+def test_set_help_examples_are_accepted_by_their_command():
+    """Each command's --set example is a key that command takes (the teacher's once said distill.steps)."""
+    import argparse
+
+    from krrst.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    stages = {"teacher": ("teacher",), "distill": ("distill", "mkdt"), "evaluate": ("pretrain", "finetune", "linear"),
+              "run": tuple(pipeline.STAGE_CONFIGS)}
+    for command, allowed in stages.items():
+        option = next(a for a in subparsers.choices[command]._actions if a.dest == "overrides")
+        example = option.help.rsplit("--set ", 1)[1]
+        stage, _, field = example.partition("=")[0].partition(".")
+        assert stage in allowed, (command, example)
+        assert field in {f.name for f in dataclasses.fields(pipeline.STAGE_CONFIGS[stage])}, (command, example)
 
 
 def test_print_config_and_help(capsys):
@@ -231,7 +280,26 @@ def test_cli_evaluate_appends_rows_and_refuses_another_set(finished_run, tmp_pat
     changed.save(other)
     capsys.readouterr()
     assert main(["evaluate", "--distilled", str(other), *common]) == 2
-    assert "already holds 'krr-st' results of another set" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds 'krr-st' results of another set" in err and "differs in --distilled/--baseline" in err
+
+
+def test_cli_evaluate_typo_does_not_block_the_folder(finished_run, tmp_path, capsys):
+    """A start that fails on a mistyped option leaves no claim a corrected command would trip over."""
+    out, _ = finished_run
+    distilled = str(out / "distill" / "distilled.safetensors")
+    common = ["--root", str(pipeline.sample_path()), "--widths", "16,32,64", "--seeds", "1", "--protocol", "linear",
+              "--set", "pretrain.epochs=1", "--set", "linear.iterations=2", "--out", str(tmp_path / "eval"),
+              "--no-progress", "--device", "cpu", "--distilled", distilled]
+    assert main(["evaluate", "--target", "imagefoldr", "--max-per-class", "5", *common]) == 2
+    assert "unknown dataset 'imagefoldr'" in capsys.readouterr().err
+    # a claim left by a start that failed before any row or network (an older version claimed first)
+    pipeline.claim_evaluation(tmp_path / "eval", "krr-st", {"--target": "imagefoldr"})
+    assert main(["evaluate", "--target", "imagefolder", "--max-per-class", "4", *common]) == 0
+    assert len(read_results(tmp_path / "eval")) == 1
+    capsys.readouterr()
+    assert main(["evaluate", "--target", "imagefolder", "--max-per-class", "5", *common]) == 2, "rows are protected"
+    assert "differs in --max-per-class" in capsys.readouterr().err
 
 
 def test_a_config_field_added_at_its_default_keeps_old_fingerprints():
