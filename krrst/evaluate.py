@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from krrst.config import resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
+from krrst.io import describe_exception, torch_load_weights_only
 from krrst.models import create_model, reset_head
 from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
@@ -444,14 +445,10 @@ def _read_label_file(path: Path) -> dict[str, Any]:
             with np.load(path, allow_pickle=False) as archive:
                 return {name: torch.from_numpy(archive[name].copy()) for name in archive.files}
         except (ValueError, OSError) as exc:
-            raise KrrstError(f"label-based set {path} is not a readable .npz file ({str(exc).splitlines()[0][:120]})") from None
+            raise KrrstError(f"label-based set {path} is not a readable .npz file ({describe_exception(exc)})") from None
     if suffix in (".pt", ".pth"):
-        try:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for corrupt or unsafe files
-            raise KrrstError(
-                f"label-based set {path} could not be read safely ({str(exc).splitlines()[0][:120]})"
-            ) from None
+        value = torch_load_weights_only(path, "label-based set", "a weights-only PyTorch file of tensors",
+                                        "as tensors (images, labels) with torch.save, or as .safetensors/.npz")
         return _unpack_torch_value(value, path)
     raise KrrstError(f"label-based set {path}: unknown file type {suffix!r}; expected one of {', '.join(LABEL_FILE_SUFFIXES)}")
 
