@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from krrst.errors import KrrstError
@@ -119,6 +120,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
     from krrst.distributed import run_on_main
     from krrst.models import list_models
+    from krrst.io import exclusive_lock
     from krrst.pipeline import (PROTOCOL_SUITES, TEST_SPLITS, claim_evaluation, evaluate_methods, file_identity,
                                 parse_protocol)
     from krrst.report import report_text, write_report
@@ -179,17 +181,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                 "--widths": args.widths, "--image-size": image_size, "--target": args.target,
                 "--max-per-class": args.max_per_class}
     context = _distributed(args)
-    run_on_main(lambda: claim_evaluation(args.out, method, identity))
-    evaluate_methods(
-        args.out, {method: network}, [(args.target, train, test)], source_name=source_name, archs=[args.arch],
-        seeds=range(args.seed, args.seed + args.seeds), protocols=protocols,
-        pretrain_config=configs["pretrain"], finetune_config=configs["finetune"], linear_config=configs["linear"],
-        eval_widths=tuple(args.widths), image_size=image_size, device=context.device,
-        progress=args.progress and context.is_main, distributed=context,
-        # An explicit --set finetune.iterations holds for fine-grained targets too (default there: 5,000).
-        finegrained_iterations=configs["finetune"].iterations
-        if any(item.startswith("finetune.iterations=") for item in args.overrides) else 5000,
-    )
+    with exclusive_lock(args.out, "evaluation folder") if context.is_main else nullcontext():
+        run_on_main(lambda: claim_evaluation(args.out, method, identity))
+        evaluate_methods(
+            args.out, {method: network}, [(args.target, train, test)], source_name=source_name, archs=[args.arch],
+            seeds=range(args.seed, args.seed + args.seeds), protocols=protocols,
+            pretrain_config=configs["pretrain"], finetune_config=configs["finetune"], linear_config=configs["linear"],
+            eval_widths=tuple(args.widths), image_size=image_size, device=context.device,
+            progress=args.progress and context.is_main, distributed=context,
+            # An explicit --set finetune.iterations holds for fine-grained targets too (default there: 5,000).
+            finegrained_iterations=configs["finetune"].iterations
+            if any(item.startswith("finetune.iterations=") for item in args.overrides) else 5000,
+        )
     if context.is_main:
         write_report(args.out)
         print(report_text(args.out))

@@ -106,12 +106,55 @@ def torch_load_weights_only(path: str | os.PathLike, what: str, expected: str, r
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise KrrstError(
-            f"{what} {path} is not {expected} (UnpicklingError); krrst never unpickles code: re-save it {resave}"
-        ) from None
+    except MemoryError:  # the machine's limit, not the file's fault
+        raise
+    except OSError as exc:
+        raise KrrstError(f"cannot read {what} {path} ({describe_exception(exc)})") from None
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Unsupported global" in text:  # a real pickle that holds objects besides tensors
+            raise KrrstError(
+                f"{what} {path} is not {expected}: it holds pickled objects (UnpicklingError), and krrst never "
+                f"unpickles code; re-save it {resave}"
+            ) from None
+        # torch's text around the reason advises weights_only=False: keep the reason alone.
+        _, marker, reason = text.partition("WeightsUnpickler error:")
+        detail = (reason.strip().splitlines() or [""])[0][:120] if marker else describe_exception(exc)
+        raise KrrstError(f"{what} {path} is not {expected} (UnpicklingError: {detail})") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types (KeyError, RuntimeError, ...) for foreign bytes
         raise KrrstError(f"{what} {path} is not {expected} ({describe_exception(exc)})") from None
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: str | os.PathLike, what: str = "run directory") -> Iterator[None]:
+    """Hold an advisory lock on `directory/.lock` for the block; a second process is refused in one line.
+
+    Two krrst processes writing one run directory would each take the other's
+    files for their own (a cached network, a checkpoint, a claim). The lock
+    is released when the block ends or the process dies; where the platform
+    has no `fcntl` (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_NAME, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise KrrstError(
+                f"{what} {directory} is in use by another krrst process; wait for it to end or choose another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

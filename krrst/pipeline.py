@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -40,7 +41,7 @@ from krrst.distributed import (
     run_on_main,
     split_jobs,
 )
-from krrst.io import capture_env, read_json, write_json
+from krrst.io import LOCK_NAME, capture_env, exclusive_lock, read_json, write_json
 from krrst.mkdt import MKDTConfig
 from krrst.teacher import TeacherConfig
 
@@ -214,6 +215,7 @@ def resolve_config(
     }
     config = PipelineConfig(**stages)
     _check_run_config(config.run)
+    _check_architectures(config)
     if "mkdt" in config.run.methods and config.mkdt.image_size != config.run.image_size:
         raise KrrstError(
             f"mkdt.image_size={config.mkdt.image_size} differs from run.image_size={config.run.image_size}; "
@@ -225,6 +227,17 @@ def resolve_config(
             "(the size the source is loaded at); set both to the same value"
         )
     return config
+
+
+def _check_architectures(config: PipelineConfig) -> None:
+    """Architecture names the run will build, checked before any stage starts (not hours into one)."""
+    from krrst.models import list_models
+
+    named = [("teacher.arch", config.teacher.arch), ("distill.arch", config.distill.arch),
+             ("mkdt.arch", config.mkdt.arch), *(("run.archs", arch) for arch in config.run.archs)]
+    for option, arch in named:
+        if arch not in list_models():
+            raise KrrstError(f"{option}: unknown model {arch!r}; registered models: {', '.join(list_models())}")
 
 
 def _check_run_config(run: RunConfig) -> None:
@@ -303,6 +316,17 @@ def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 STAGE_DIRS = ("teacher", "distill", "mkdt", "baselines", "eval")
 
 
+def _run_started(out_dir: Path) -> bool:
+    """Whether anything was computed in `out_dir`: a run that stopped before (a wrong data path, a
+    mistyped option) has nothing a changed config could mix with, so the corrected one is taken."""
+    if any((out_dir / name).exists() for name in ("results.csv", "sets.json")):
+        return True
+    return any(
+        path.name != "fingerprint.json" for name in STAGE_DIRS if (out_dir / name).is_dir()
+        for path in (out_dir / name).iterdir()
+    )
+
+
 def prepare_run_dir(out_dir: Path, config: PipelineConfig, preset: str, force: bool) -> None:
     """Create the run directory or check that it holds a run of this config (else refuse unless `force`)."""
     resolved = {"preset": preset, **config.to_dict()}
@@ -312,15 +336,13 @@ def prepare_run_dir(out_dir: Path, config: PipelineConfig, preset: str, force: b
         differing = _diff_keys(
             {k: v for k, v in previous.items() if k != "preset"}, {k: v for k, v in resolved.items() if k != "preset"}
         )
-        # A run that stopped before any stage began (e.g. a wrong data path) has nothing to protect.
-        started = any((out_dir / name).exists() for name in STAGE_DIRS)
-        if differing and started and not force:
+        if differing and _run_started(out_dir) and not force:
             shown = ", ".join(differing[:6]) + (" ..." if len(differing) > 6 else "")
             raise KrrstError(
                 f"run directory {out_dir} holds a run of another config (differs in {shown}); "
                 "pass --force to re-run the stages that changed, or choose another --out"
             )
-    elif out_dir.exists() and any(out_dir.iterdir()):
+    elif out_dir.exists() and any(path.name != LOCK_NAME for path in out_dir.iterdir()):
         raise KrrstError(f"--out {out_dir} exists and is not a krrst run directory (no config.json); choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(config_path, resolved)
@@ -346,11 +368,13 @@ def claim_evaluation(out_dir: str | Path, method: str, identity: Mapping[str, An
 
     out_dir = Path(out_dir)
     path = out_dir / "eval" / f"{method}.fingerprint.json"
-    fingerprint = _fingerprint(identity)
+    fingerprint = _fingerprint(list(identity.values()))  # the values alone: claims of older versions still match
     previous = read_json(path) if path.exists() else {}
     if previous and previous.get("fingerprint") != fingerprint:
         has_rows = any(row["method"] == method for row in read_results(out_dir))
-        has_networks = any((out_dir / "eval" / "pretrained").glob(f"{method}-*.safetensors"))
+        network_name = re.compile(rf"{re.escape(method)}-[^-]+-seed\d+\.safetensors")
+        pretrained = out_dir / "eval" / "pretrained"
+        has_networks = pretrained.is_dir() and any(network_name.fullmatch(p.name) for p in pretrained.iterdir())
         if has_rows or has_networks:
             old = previous.get("identity", {})
             differing = [name for name in identity if _jsonable(old.get(name)) != _jsonable(identity[name])]
@@ -423,9 +447,10 @@ def _existing_dataset_path(root: Path, path: str, option: str, download: bool) -
     location = dataset_path(root, path)
     if not location.exists() and not download:
         raise KrrstError(
-            f"{option}: {location} does not exist (the config's {path!r} under --root {str(root)!r}); pass --root "
-            "DIR for the folder that holds it (e.g. --root ../shared/data), or --set run.download=true where "
-            "the dataset can be downloaded"
+            f"{option}: {location} does not exist"
+            + ("" if Path(path).expanduser().is_absolute() else f" (the config's {path!r} under --root {str(root)!r}; "
+               "pass --root DIR for the folder that holds it)")
+            + "; for cifar10/cifar100/aircraft/flowers --set run.download=true fetches the dataset"
         )
     return location
 
@@ -526,8 +551,19 @@ def run(
     teacher and the distillation run data-parallel over the ranks, the
     baselines and MKDT run alike on every rank, the evaluation jobs (method x
     arch x seed) are spread over the ranks, and rank 0 alone writes files;
-    the run directory must be on a file system every rank sees.
+    the run directory must be on a file system every rank sees. A second
+    process started on the same `out_dir` is refused (`io.exclusive_lock`).
     """
+    context = distributed or current_context(resolve_device(device))
+    with exclusive_lock(out_dir) if context.is_main else nullcontext():
+        return _run_stages(config, Path(out_dir), Path(root), preset, force, context, progress, log)
+
+
+def _run_stages(
+    config: PipelineConfig, out_dir: Path, root: Path, preset: str, force: bool, context: DistributedContext,
+    progress: bool, log,
+) -> list[dict[str, Any]]:
+    """`run`'s body, with the run directory locked by rank 0."""
     from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset_of
     from krrst.mkdt import mkdt_distill
     from krrst.distill import distill, initial_indices
@@ -535,9 +571,6 @@ def run(
     from krrst.report import read_results, report_text, write_report
     from krrst.teacher import TEACHER_FILE, load_teacher, train_teacher
 
-    out_dir = Path(out_dir)
-    root = Path(root)
-    context = distributed or current_context(resolve_device(device))
     device, main = context.device, context.is_main
     if not main:
         log, progress = (lambda _: None), False

@@ -8,7 +8,7 @@ initialisation and batch order per seed). Prints a Markdown table: one row
 per entry, one column per protocol, `mean ± std` and, for entries other than
 the reference, the paired differences per seed and their mean; with more
 than 5 seeds, their mean ± standard error and on how many seeds the entry is
-above the reference. `--seeds N` keeps seeds 0..N-1 only, so runs with more
+above the reference. `--seeds N` keeps seeds below N only, so runs with more
 seeds than others are compared on the same ones.
 """
 
@@ -26,7 +26,7 @@ def load(entry: str, seeds: int) -> tuple[str, dict[tuple, float]]:
     run_dir, _, method = location.rpartition(":")
     rows = [row for row in read_results(run_dir) if row["method"] == method and int(row["seed"]) < seeds]
     if not rows:
-        raise SystemExit(f"{entry}: no rows of method {method!r} in {run_dir}/results.csv")
+        raise SystemExit(f"{entry}: no rows of method {method!r} with a seed below {seeds} in {run_dir}/results.csv")
     return label, {(row["target"], row["arch"], row["protocol"], int(row["seed"])): 100 * float(row["accuracy"])
                    for row in rows}
 
@@ -35,8 +35,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ref", required=True, help="LABEL=RUN_DIR:METHOD the differences are taken against")
     parser.add_argument("entries", nargs="+", help="LABEL=RUN_DIR:METHOD")
-    parser.add_argument("--seeds", type=int, default=10**9, help="use seeds 0..N-1 only (default: all)")
+    parser.add_argument("--seeds", type=int, default=10**9, help="use the seeds below N only (default: all)")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     reference_label, reference = load(args.ref, args.seeds)
     entries = [(reference_label, reference)] + [load(entry, args.seeds) for entry in args.entries]
     protocols = sorted({key[2] for _, rows in entries for key in rows}, key=lambda p: (p.split("@")[0], len(p), p))

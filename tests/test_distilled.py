@@ -96,7 +96,7 @@ def test_authors_files_are_normalised_on_load(tmp_path):
     # weights_only=True refuses arbitrary pickled objects instead of executing them, and the
     # error does not pass on torch's advice to retry with weights_only=False.
     torch.save(Payload(), tmp_path / "evil.pt")
-    refused = r"evil.pt is not a weights-only .*\(UnpicklingError\); krrst never unpickles code"
+    refused = r"evil.pt is not a weights-only .*holds pickled objects \(UnpicklingError\), and krrst never unpickles code"
     with pytest.raises(KrrstError, match=refused) as info:
         DistilledSet.from_authors_files(tmp_path / "evil.pt", tmp_path / "y_syn.pt", MEAN, STD)
     assert "weights_only" not in str(info.value) and "\n" not in str(info.value)

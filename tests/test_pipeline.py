@@ -197,9 +197,65 @@ def test_a_run_that_failed_before_any_stage_takes_the_corrected_config(tmp_path)
     assert (out / "config.json").exists() and not any((out / name).exists() for name in pipeline.STAGE_DIRS)
     pipeline.prepare_run_dir(out, tiny_config(), "demo", force=False)  # the fixed config is taken without --force
     assert read_json(out / "config.json")["run"]["source_root"] == tiny_config().run.source_root
-    (out / "teacher").mkdir()  # once a stage began, a changed config needs --force
+    (out / "teacher").mkdir()  # once a stage computed something, a changed config needs --force
+    (out / "teacher" / "checkpoint.safetensors").write_bytes(b"")
     with pytest.raises(KrrstError, match="run.source_root.*--force"):
         pipeline.prepare_run_dir(out, tiny_config(**{"run.source_root": "missing.zip"}), "demo", force=False)
+
+
+def test_claims_of_older_versions_still_match(tmp_path):
+    """Before claims named their parts they hashed the bare list of values; such folders resume."""
+    identity = {"--distilled/--baseline": ["set.safetensors", 10, 1], "--set": {"pretrain": "x"}, "--widths": [8],
+                "--image-size": 32, "--target": "imagefolder", "--max-per-class": None}
+    claim = tmp_path / "eval" / "krr-st.fingerprint.json"
+    claim.parent.mkdir(parents=True)
+    claim.write_text(json.dumps({"fingerprint": pipeline._fingerprint(list(identity.values()))}))
+    (tmp_path / "eval" / "pretrained").mkdir()
+    (tmp_path / "eval" / "pretrained" / "krr-st-convnet3-seed0.safetensors").write_bytes(b"")
+    pipeline.claim_evaluation(tmp_path, "krr-st", identity)  # the same values: accepted
+    with pytest.raises(KrrstError, match=r"another set or config \(differs in --widths\)"):
+        pipeline.claim_evaluation(tmp_path, "krr-st", {**identity, "--widths": [16]})
+
+
+def test_a_cached_network_without_rows_keeps_the_claim(tmp_path):
+    """An evaluation interrupted after pre-training has a network of its config: another config is refused."""
+    identity = {"--target": "imagefolder", "--widths": [8]}
+    pipeline.claim_evaluation(tmp_path, "krr-st", identity)
+    pretrained = tmp_path / "eval" / "pretrained"
+    pretrained.mkdir()
+    (pretrained / "krr-st-basis-convnet3-seed0.safetensors").write_bytes(b"")  # another method's network
+    pipeline.claim_evaluation(tmp_path, "krr-st", {**identity, "--widths": [16]})
+    (pretrained / "krr-st-convnet3-seed0.safetensors").write_bytes(b"")
+    with pytest.raises(KrrstError, match=r"differs in --widths"):
+        pipeline.claim_evaluation(tmp_path, "krr-st", identity)
+
+
+def test_a_run_started_means_something_was_computed(tmp_path):
+    assert not pipeline._run_started(tmp_path)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "fingerprint.json").write_text("{}")
+    assert not pipeline._run_started(tmp_path), "a stage that wrote only its fingerprint computed nothing"
+    (tmp_path / "results.csv").write_text("")
+    assert pipeline._run_started(tmp_path), "rows are results, even with the stage folders deleted"
+    (tmp_path / "results.csv").unlink()
+    (tmp_path / "teacher" / "checkpoint.safetensors").write_bytes(b"")
+    assert pipeline._run_started(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["teacher.arch", "distill.arch", "mkdt.arch", "run.archs"])
+def test_unknown_architectures_are_refused_before_any_stage(key):
+    with pytest.raises(KrrstError, match=rf"{key}: unknown model 'resnet81'; registered models: alexnet"):
+        tiny_config(**{key: "resnet81"})
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
+    from krrst.io import exclusive_lock
+
+    out = tmp_path / "busy"
+    with exclusive_lock(out):  # another open file description: as another process would hold it
+        with pytest.raises(KrrstError, match=r"run directory .*busy is in use by another krrst process"):
+            run_tiny(out)
+    assert not (out / "config.json").exists(), "the refused run wrote nothing"
 
 
 def test_widths_option_rejects_malformed_lists(capsys):
