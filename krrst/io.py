@@ -129,32 +129,46 @@ LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
-def exclusive_lock(directory: str | os.PathLike, what: str = "run directory") -> Iterator[None]:
-    """Hold an advisory lock on `directory/.lock` for the block; a second process is refused in one line.
+def file_lock(path: str | os.PathLike, *, wait: bool = True) -> Iterator[None]:
+    """Hold an advisory lock (POSIX `flock`) on the file `path` for the block.
 
-    Two krrst processes writing one run directory would each take the other's
-    files for their own (a cached network, a checkpoint, a claim). The lock
-    is released when the block ends or the process dies; where the platform
-    has no `fcntl` (Windows) nothing is locked.
+    Held by another process: wait for it, or with `wait=False` raise
+    `BlockingIOError`. The lock goes when the block ends or the process dies.
+    Where the platform has no `fcntl` (Windows) nothing is locked.
     """
     try:
         import fcntl
     except ImportError:
         yield
         return
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK_NAME, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise KrrstError(
-                f"{what} {directory} is in use by another krrst process; wait for it to end or choose another --out"
-            ) from None
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: str | os.PathLike, what: str = "run directory") -> Iterator[None]:
+    """Lock `directory/.lock` for the block; a second process is refused in one line, not made to wait.
+
+    Two krrst processes writing one run directory would each take the other's
+    files for their own (a cached network, a checkpoint, a claim).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    locked = False
+    try:
+        with file_lock(directory / LOCK_NAME, wait=False):
+            locked = True
+            yield
+    except BlockingIOError:
+        if locked:  # raised by the block itself, not by the lock
+            raise
+        raise KrrstError(
+            f"{what} {directory} is in use by another krrst process; wait for it to end or choose another --out"
+        ) from None
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

@@ -12,7 +12,6 @@ Accuracies are stored as fractions in [0, 1] and shown in percent.
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import html
 import io
@@ -21,10 +20,10 @@ import math
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 from krrst.errors import KrrstError
-from krrst.io import atomic_write, read_json
+from krrst.io import atomic_write, file_lock, read_json
 
 SETS_NAME = "sets.json"  # per method: images, storage_bytes, parameterization (written by the pipeline)
 RESULT_FIELDS = ("method", "source", "target", "arch", "protocol", "seed", "accuracy", "wall_time_s")
@@ -104,22 +103,6 @@ def _as_float(value: Any, field: str, where: str) -> float:
     return number
 
 
-@contextlib.contextmanager
-def _results_lock(run_dir: Path) -> Iterator[None]:
-    """Serialise read-modify-write of the results files between processes (POSIX only)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: single-process use is still safe
-        yield
-        return
-    with open(run_dir / ".results.lock", "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=RESULT_FIELDS)
@@ -144,7 +127,7 @@ def append_results(run_dir: str | os.PathLike, rows: list[dict]) -> None:
     if not new_rows:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _results_lock(run_dir):
+    with file_lock(run_dir / ".results.lock"):  # read-modify-write of the results files between processes
         existing = read_results(run_dir)
         new_keys = {tuple(row[field] for field in _EVALUATION_KEY) for row in new_rows}
         kept = [row for row in existing if tuple(row[field] for field in _EVALUATION_KEY) not in new_keys]

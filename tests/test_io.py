@@ -74,3 +74,17 @@ def test_describe_exception_keeps_the_type_of_a_bare_message():
     assert io.describe_exception(RuntimeError("first line\nsecond line")) == "RuntimeError: first line"
     assert io.describe_exception(EOFError()) == "EOFError"
     assert io.describe_exception(ValueError("x" * 500)) == "ValueError: " + "x" * 120
+
+
+def test_exclusive_lock_refuses_a_second_holder_until_released(tmp_path):
+    from krrst.io import exclusive_lock
+
+    with exclusive_lock(tmp_path / "run"):
+        with pytest.raises(KrrstError, match=r"run directory .*run is in use by another krrst process"):
+            with exclusive_lock(tmp_path / "run"):
+                pass
+    with exclusive_lock(tmp_path / "run"):  # released: taken again
+        pass
+    with pytest.raises(BlockingIOError, match="the block's own"):  # not mistaken for the lock being held
+        with exclusive_lock(tmp_path / "run"):
+            raise BlockingIOError("the block's own")
