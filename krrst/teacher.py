@@ -781,8 +781,9 @@ def load_teacher(
     - a `teacher.safetensors` written by `train_teacher`/`save_teacher`: the
       architecture comes from its metadata (`arch`, if given, must agree);
     - any other safetensors state dict of a registered architecture `arch`
-      (built with its default options, except `widths`, which is read off
-      the conv weights for the architectures that take it);
+      (built with its default options, except `widths`, read off the conv
+      weights, and `norm`, read off which norm parameters the file holds,
+      for the architectures that take them; `image_size` stays the default);
     - a torchvision-layout `.pt`/`.pth` state dict, read with
       `torch.load(weights_only=True)` into `arch` (default `resnet18_pad2`:
       the authors' released teacher, a torchvision ResNet-18 with a 3x3
@@ -831,6 +832,8 @@ def load_teacher(
                 f"--teacher-arch {arch!r} is not a registered model; expected one of: {', '.join(list_models())}"
             )
         options = {"widths": _infer_widths(arch, state, path)} if "widths" in model_options(arch) else {}
+        if "norm" in model_options(arch):
+            options["norm"] = _infer_norm(arch, options, state)
         model = create_model(arch, num_outputs=None, **options)
         mean, std = None, None
     _load_exactly(model, state, path, model.spec["arch"])
@@ -927,6 +930,23 @@ def _infer_widths(arch: str, state: Mapping[str, torch.Tensor], path: Path) -> t
                 f"(width, in_channels, k, k)"
             )
     return tuple(int(state[key].shape[0]) for key in conv_keys)
+
+
+def _infer_norm(arch: str, options: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> str:
+    """The `norm` option whose parameters and buffers the file holds (BatchNorm's running
+    statistics, an affine instance norm's weights, or none). A file that fits none gets the
+    default, so that `_load_exactly` names the first key that does not fit."""
+    from krrst.models import NORMS, create_model, model_options
+
+    def names(keys) -> set[str]:  # some writers drop BatchNorm's step counter
+        return {key for key in keys if not key.endswith("num_batches_tracked")}
+
+    for norm in NORMS:
+        with torch.device("meta"):
+            expected = create_model(arch, num_outputs=None, **options, norm=norm).state_dict()
+        if names(expected) == names(state):
+            return norm
+    return model_options(arch)["norm"]
 
 
 def _guess_arch(state: Mapping[str, torch.Tensor]) -> str | None:

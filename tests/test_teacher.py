@@ -437,12 +437,16 @@ def test_load_teacher_refuses_another_architecture(tmp_path):
     _one_line_error(excinfo)
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_load_teacher_reads_a_plain_convnet_state_dict_of_any_widths(tmp_path, suffix):
+@pytest.mark.parametrize("suffix, norm", [(".safetensors", "batch"), (".pt", "batch"), (".pt", "instance"),
+                                          (".safetensors", "none")])
+def test_load_teacher_reads_a_plain_convnet_state_dict_of_any_widths(tmp_path, suffix, norm):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    reference = create_model("convnet3", widths=(8, 16, 32))
+    reference = create_model("convnet3", widths=(8, 16, 32), norm=norm)
+    for module in reference.modules():
+        if isinstance(module, nn.GroupNorm):  # not the initial affine, so a default one would show
+            module.weight.data.uniform_(0.5, 1.5)
     # non-trivial BatchNorm statistics, so that a default-initialised buffer would show
     for module in reference.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -456,7 +460,7 @@ def test_load_teacher_reads_a_plain_convnet_state_dict_of_any_widths(tmp_path, s
         save_file(state, str(path))
 
     loaded = load_teacher(path, arch="convnet3")
-    assert loaded.spec["widths"] == [8, 16, 32]
+    assert loaded.spec["widths"] == [8, 16, 32] and loaded.spec["norm"] == norm
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), reference.eval()(x))
