@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(run, None)
     demo = sub.add_parser("demo", help="the offline demo on the CIFAR-10 sample shipped in the package (= run --preset demo)",
                           description="Teacher, distillation, baselines and evaluation on 4,000 real CIFAR-10 images "
-                          "shipped in the package; about 10 minutes on 2 CPU cores.")
+                          "shipped in the package; about 4 minutes on 2 idle CPU cores.")
     _run_args(demo, "demo")
     return parser
 
