@@ -831,8 +831,9 @@ def load_teacher(
             raise KrrstError(
                 f"--teacher-arch {arch!r} is not a registered model; expected one of: {', '.join(list_models())}"
             )
-        options = {"widths": _infer_widths(arch, state, path)} if "widths" in model_options(arch) else {}
-        if "norm" in model_options(arch):
+        accepted = model_options(arch)
+        options = {"widths": _infer_widths(arch, state, path)} if "widths" in accepted else {}
+        if "norm" in accepted:
             options["norm"] = _infer_norm(arch, options, state)
         model = create_model(arch, num_outputs=None, **options)
         mean, std = None, None
