@@ -51,9 +51,10 @@ ChannelStats = Sequence[float] | torch.Tensor
 
 
 def to_float01(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [0, 1]; float images are returned as they are (assumed in [0, 1])."""
+    """uint8 images -> floats in [0, 1] of the default dtype (float32 unless a float64 reference run set it);
+    float images are returned as they are (assumed in [0, 1])."""
     if images.dtype == torch.uint8:
-        return images.float().div_(255.0)
+        return images.to(torch.get_default_dtype()).div_(255.0)
     if not images.is_floating_point():
         raise KrrstError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
     return images
@@ -383,9 +384,9 @@ def ssl_views(
     default): random resized crop to `config.output_size` (bilinear, through
     one batched `affine_grid` + `grid_sample`) with the horizontal flip folded
     into the same sampling grid, colour jitter, greyscale, Gaussian blur,
-    solarisation, then `normalize(mean, std)`. Returns float32
-    B x 3 x S x S. Call it twice (e.g. with the two `BARLOW_TWINS_CIFAR`
-    configs) for a pair of views.
+    solarisation, then `normalize(mean, std)`. Returns B x 3 x S x S in the
+    default dtype (float32 unless a float64 reference run set it). Call it
+    twice (e.g. with the two `BARLOW_TWINS_CIFAR` configs) for a pair of views.
 
     The crop box is torchvision's (integer pixels, same scale/ratio rule);
     the bilinear resize reads the pixels just outside the box at its edges
@@ -426,11 +427,11 @@ def ssl_views(
     )
     # One host-to-device copy of everything the batch needs.
     packed = torch.cat([theta.reshape(batch, 6), factors, sigma[:, None], masks.to(theta.dtype)], dim=1)
-    packed = packed.to(device=device, dtype=torch.float32)
+    packed = packed.to(device=device, dtype=torch.get_default_dtype())  # float32 but in a float64 reference run
     theta, factors, sigma = packed[:, :6].reshape(batch, 2, 3), packed[:, 6:10], packed[:, 10]
     jitter_mask, gray_mask, blur_mask, solarize_mask = (packed[:, 11:15] > 0.5).T[:, :, None, None, None]
 
-    x = to_float01(images).float()
+    x = to_float01(images).to(packed.dtype)
     grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

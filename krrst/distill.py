@@ -25,6 +25,7 @@ The method and the project's decisions where the public code
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from krrst.config import apply_overrides, config_changes, config_to_dict, resolv
 from krrst.distilled import DistilledSet
 from krrst.distributed import DistributedContext, all_reduce_mean_, current_context, shard_slice
 from krrst.errors import KrrstError
+from krrst.finite import LossWatch
 from krrst.models import create_model, model_options
 from krrst.objective import krr_predict_with_info, krr_st_loss
 from krrst.parameterize import (
@@ -58,6 +60,7 @@ from krrst.parameterize import (
     valid_pyramid_levels,
 )
 from krrst.speed import SpeedSettings, check_speed_fields, reference_speed  # SpeedSettings: also imported from here
+from krrst.teacher import check_teacher_features
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 DISTILLED_NAME = "distilled.safetensors"
@@ -320,9 +323,11 @@ def make_step_loss(
     (their gradient is never used), then `krr_st_loss`. The Cholesky status
     comes back as a tensor instead of being checked here, so the step has no
     host-device synchronisation; the loop checks it when it logs or saves.
-    With `speed.compile`, the function is `torch.compile`d once over a
-    `template` network of the pool's architecture whose weights are replaced by
-    each picked model's (`torch.func.functional_call`).
+    With `speed.compile`, the function is `torch.compile`d once over a private
+    copy of `template` (a network of the pool's architecture) whose weights and
+    buffers are replaced by each picked model's (`torch.func.functional_call`)
+    and whose mode follows the picked model's, so the compiled step computes
+    exactly what the reference path computes and, in eval mode, writes nothing.
     """
     kernel_dtype = KERNEL_DTYPES[config.kernel_dtype]
 
@@ -341,7 +346,10 @@ def make_step_loss(
 
         return step_loss
 
-    wrapper = _Features(template).eval()
+    # A private copy: the pool trains (and re-initialises) its own models, and a shared template would carry their
+    # train mode into the compiled forward, which would then use batch statistics and write them into the picked
+    # model's running buffers through the aliases `functional_call` hands it.
+    wrapper = _Features(copy.deepcopy(template)).eval()
 
     def functional_loss(weights, synthetic_images, synthetic_targets, real_images, real_targets):
         def features(images):
@@ -354,6 +362,7 @@ def make_step_loss(
     compiled = torch.compile(functional_loss, dynamic=False, mode=speed.compile_mode)
 
     def compiled_step_loss(model, synthetic_images, synthetic_targets, real_images, real_targets):
+        wrapper.train(model.training)  # the mode the reference path would run: the loop puts the picked model in eval
         weights = {f"net.{name}": value.detach() for name, value in model.state_dict(keep_vars=True).items()}
         return compiled(weights, synthetic_images, synthetic_targets, real_images, real_targets)
 
@@ -696,6 +705,36 @@ def _write_loss_plot(path: Path, history: list[dict[str, Any]]) -> None:
         figure.savefig(tmp, format="png", dpi=100)
 
 
+def _all_finite(model: nn.Module) -> torch.Tensor:
+    """Whether every float weight and buffer of `model` is finite, as a device bool (one fused norm, no sync)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return torch.isfinite(torch.nn.utils.get_total_norm(tensors, foreach=True))
+
+
+def _diagnosis(
+    cause: str, step: int, checked: int, now: int, config: DistillConfig, cached: bool, loss: tuple[int, float] | None
+) -> str:
+    """The one line for the first problem of a run: what went non-finite first, and what to change."""
+    saved = "nothing was saved from the diverged state"
+    if cause == "teacher":
+        where = " (cached in float16 by distill.teacher_cache_views: set it to 0)" if cached else ""
+        return (f"distillation stopped: the teacher's features of the real batch at step {step} hold NaN or inf"
+                f"{where}; the teacher is at fault, not the distillation settings; {saved}")
+    if cause == "set":
+        return (f"distillation diverged: the synthetic set held NaN or inf at step {step}; likely cause: "
+                f"distill.image_lr / distill.target_lr too high; {saved}")
+    if cause == "pool":
+        return (f"distillation diverged: the pool model picked at step {step} held NaN or inf weights, so its "
+                f"features were; likely cause: distill.pool_lr too high for the set's scale (or distill.image_lr / "
+                f"target_lr so high that the set outgrew it); {saved}")
+    if cause == "solve":
+        return (f"distillation stopped: the kernel matrix was not positive definite at some step in ({checked}, {now}] "
+                f"(m={config.num_images}, ridge={config.ridge}, kernel_dtype={config.kernel_dtype}); "
+                "increase distill.ridge or use distill.kernel_dtype=float64")
+    return (f"distillation diverged: the loss was {loss[1] if loss else 'NaN'} at step {step}; likely cause: "
+            f"distill.image_lr / distill.target_lr too high for distill.batch_size; {saved}")
+
+
 def unused_fields(config: DistillConfig) -> tuple[str, ...]:
     """Fields `config` never reads: the options of a parameterisation or of fixed views it does not use.
 
@@ -811,10 +850,11 @@ def select_initial_indices(
     if config.init == "random":
         return indices
     from krrst.baselines import high_loss_indices, kmeans, nearest_distinct
-    from krrst.teacher import teacher_features
+    from krrst.teacher import check_teacher_features, teacher_features
 
     init_seed = _stage_seeds(config.seed)[5]
     features = teacher_features(teacher, source_images, mean, std, 512, device, progress)
+    check_teacher_features(teacher, features, f"the {len(features):,} source images ({config.init} init)")
     if config.init == "kmeans":
         centroids, _ = kmeans(features, config.num_images, seed=init_seed, progress=progress)
         return nearest_distinct(features, centroids).cpu()
@@ -933,6 +973,7 @@ def distill(
     initial_targets = _forward_in_chunks(teacher, initial_images)
     if initial_targets.dim() != 2:
         raise KrrstError(f"teacher must output N x d features, got shape {tuple(initial_targets.shape)}")
+    check_teacher_features(teacher, initial_targets, f"the {len(initial_targets):,} initial images")
     feature_dim = initial_targets.shape[1]
     set_options = {
         "pixels": {},
@@ -1001,6 +1042,7 @@ def distill(
             heldout_images = heldout_images[chosen[: config.validation_images]]
         heldout_images = normalize(heldout_images.to(device), mean, std)
         heldout_targets = _forward_in_chunks(teacher, heldout_images)
+        check_teacher_features(teacher, heldout_targets, f"the {len(heldout_targets):,} held-out images")
         validation = _ValidationSignal(config, heldout_images, heldout_targets, validation_seed)
 
     cache = None
@@ -1013,18 +1055,21 @@ def distill(
     start_step, history = 0, []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     loss_count = 0
-    # Cholesky failures since the last check, kept on the device (reading it would synchronise every step)
-    failed_solves = torch.zeros((), dtype=torch.int64, device=device)
+    # The first step with non-finite teacher targets, a non-finite set, a failed Cholesky solve or a non-finite
+    # loss, kept on the device (reading them would synchronise every step); checked at each log and checkpoint.
+    watches = {name: LossWatch("distillation", "", device) for name in ("teacher", "set", "pool", "solve", "loss")}
     last_checked_step = 0
 
-    def check_solves(step: int) -> None:
+    def check_run(step: int) -> None:
+        """Stop at the first problem since the start, naming its first cause; never checkpoint past it."""
         nonlocal last_checked_step
-        if int(failed_solves) != 0:
-            raise KrrstError(
-                f"distillation stopped: the kernel matrix was not positive definite at some step in "
-                f"({last_checked_step}, {step}] (m={config.num_images}, ridge={config.ridge}, "
-                f"kernel_dtype={config.kernel_dtype}); increase distill.ridge or use distill.kernel_dtype=float64"
-            )
+        # within a step: the teacher's targets, the set and the pool model go in, then the solve, then the loss
+        events = sorted((found[0], order, name) for order, (name, watch) in enumerate(watches.items())
+                        if (found := watch.first()) is not None)
+        if events:
+            first_step, _, cause = events[0]
+            raise KrrstError(_diagnosis(cause, first_step, last_checked_step, step, config, cache is not None,
+                                        watches["loss"].first()))
         last_checked_step = step
     if checkpoint is not None:
         # checkpoints of pixel runs before `parameterization` existed hold images/targets at the top level
@@ -1060,7 +1105,7 @@ def distill(
         )
 
     def save_run(step: int) -> None:
-        check_solves(step)  # never checkpoint a set updated through a failed solve
+        check_run(step)  # never checkpoint a set updated through a failed solve or a NaN
         if not is_main:
             return
         state = {
@@ -1090,7 +1135,7 @@ def distill(
 
     def log_row(step: int) -> None:
         nonlocal loss_count
-        check_solves(step)
+        check_run(step)
         row = {"step": step, "loss": None, "lr": config.image_lr * lr_factor(step),
                "val_loss": None, "val_reference": None, "elapsed_s": round(time.perf_counter() - started, 3)}
         all_reduce_mean_([loss_sum])  # each rank summed its share's losses: their mean is the global batch's
@@ -1138,8 +1183,13 @@ def distill(
 
             index = pool.pick()
             model = pool.models[index].eval()
-            loss, info = step_loss(model, *support_set(), real_images, real_targets)
-            failed_solves += info != 0
+            support_images, support_targets = support_set()
+            watches["teacher"].note(~torch.isfinite(real_targets).all(), step)
+            watches["set"].note(~(torch.isfinite(support_images).all() & torch.isfinite(support_targets).all()), step)
+            watches["pool"].note(~_all_finite(model), step)
+            loss, info = step_loss(model, support_images, support_targets, real_images, real_targets)
+            watches["solve"].note(info != 0, step)
+            watches["loss"].update(loss, step)
             # grad w.r.t. the set only: the pool model's (and the predictor's) weights take none from this loss
             parameters = synthetic.parameters()
             gradients = torch.autograd.grad(loss, parameters)

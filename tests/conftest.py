@@ -13,6 +13,14 @@ TINYIMAGENET_ZIP = SHARED_DATA / "tiny-imagenet-200-250pc.zip"
 # Decoded-dataset caches of the tests stay inside the checkout (git-ignored), not in the user's home.
 os.environ.setdefault("KRRST_CACHE", str(Path(__file__).resolve().parents[1] / ".krrst-cache"))
 
+# torch.compile's C++ kernels: a cache per CPU capability. Inductor's precompiled header does not record the
+# ATEN_CPU_CAPABILITY it was built under, so a cache shared between `ATEN_CPU_CAPABILITY=default` and native runs
+# fails to compile ("at::vec has not been declared"). Inside the checkout (git-ignored).
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    str(Path(__file__).resolve().parents[1] / ".inductor-cache" / os.environ.get("ATEN_CPU_CAPABILITY", "native")),
+)
+
 # One thread: the tests are tiny, and two threads on a busy 2-core machine spin-wait on each other (10x slower).
 torch.set_num_threads(1)
 

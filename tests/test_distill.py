@@ -1,5 +1,6 @@
 """KRR-ST distillation: pool schedule by counting, lr conversion, a real tiny run, resume and crash safety."""
 
+import copy
 import csv
 import dataclasses
 
@@ -461,36 +462,161 @@ def _step_inputs(seed: int = 0):
     return model, synthetic_images, synthetic_targets, real_images, real_targets
 
 
-def _loss_and_gradients(config: DistillConfig, inputs):
-    model, synthetic_images, synthetic_targets, real_images, real_targets = inputs
+@pytest.fixture
+def float64_default():
+    """Run a stage in float64: both sides of a fast-vs-reference comparison then differ only by float64 rounding."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+# Why float64, and why these tolerances. In float32 the two paths differ by the rounding of convolutions that sum in
+# another order (NHWC kernels, fused inductor kernels, other CPUs' vector widths): a relative 1e-7 in the features,
+# which the ridge solve amplifies by the condition number of K + ridge I (1e3 to 1e5 for these kernels), so a float32
+# comparison can only promise about 1e-3 and would hide a real bug of that size. In float64 the same reordering costs
+# ~1e-16 x (terms per sum, < 1e3) x condition number (< 1e5) < 1e-8, while every bug this guards against (train-mode
+# BatchNorm, a stale weight, a missed re-initialisation) moves the loss by 1e-3 or more. Hence 1e-8 below.
+FLOAT64_RTOL = 1e-8
+# bf16 keeps 8 bits of mantissa: every rounded input, weight and activation carries a relative error up to
+# u = 2^-8 = 3.9e-3. Through three convolution blocks the features carry about 3u = 1.2e-2; the loss, a squared
+# residual, moves by up to twice that, and the gradient's direction by the same order: 3e-2 (about 8u) bounds both.
+BF16_RTOL = 3e-2
+
+TINY_POOL = dict(num_images=12, image_size=16, widths=(8, 16, 16), pool_size=2, pool_steps=6, kernel_dtype="float64")
+
+
+def _warmed_up_step(float64: bool):
+    """The state a real run reaches: a pool after its warm-up, the picked model with trained BatchNorm statistics.
+
+    Returns the pool's template (`models[0]`, left in train mode by the warm-up, as in `distill`), the picked model
+    (`models[1]`, in eval mode, as the loop puts it) and the step's inputs.
+    """
+    dtype = torch.float64 if float64 else torch.float32
+    generator = torch.Generator().manual_seed(3)
+    synthetic_images = torch.randn(12, 3, 16, 16, generator=generator, dtype=dtype).requires_grad_()
+    synthetic_targets = torch.randn(12, 10, generator=generator, dtype=dtype).requires_grad_()
+    real_images = torch.randn(20, 3, 16, 16, generator=generator, dtype=dtype)
+    real_targets = torch.randn(20, 10, generator=generator, dtype=dtype)
+    pool = ModelPool("convnet3", 10, {"widths": (8, 16, 16), "image_size": 16}, size=2, steps_per_model=6, seed=1)
+    pool.models = [model.to(dtype) for model in pool.models]
+    pool.optimizers = [pool._optimizer(model) for model in pool.models]
+    pool.warm_up(2 * synthetic_images.detach() + 1, synthetic_targets.detach())  # BN statistics far from 0 and 1
+    picked = pool.models[1].eval()
+    assert pool.models[0].training and picked.blocks[0][1].running_mean.abs().max() > 0.1
+    return pool.models[0], picked, (synthetic_images, synthetic_targets, real_images, real_targets)
+
+
+def _step(config: DistillConfig, template, picked, inputs):
+    """One step's loss and its gradient w.r.t. (X_s, Y_s) on `config`'s path."""
     speed = SpeedSettings.resolve(config, torch.device("cpu"))
-    model = model.to(memory_format=speed.memory_format)
-    step_loss = make_step_loss(config, speed, model)
-    loss, info = step_loss(model, synthetic_images, synthetic_targets, real_images, real_targets)
+    template, picked = (model.to(memory_format=speed.memory_format) for model in (template, picked))
+    step_loss = make_step_loss(config, speed, template)
+    template.train()  # the pool goes on training its models after the loss is made (warm-up, train_step)
+    loss, info = step_loss(picked, *inputs)
     assert int(info) == 0
-    gradients = torch.autograd.grad(loss, [synthetic_images, synthetic_targets])
+    gradients = torch.autograd.grad(loss, inputs[:2])
     return loss.detach(), torch.cat([g.flatten() for g in gradients])
 
 
-@pytest.mark.parametrize(
-    "fast, tolerance",
-    [
-        (dict(channels_last="on"), 1e-5),
-        (dict(compile=True), 1e-5),
-        (dict(precision="bfloat16"), 3e-2),  # bf16 keeps 8 bits of mantissa in the convolutions
-    ],
-    ids=["channels_last", "compile", "bf16-autocast"],
-)
-def test_fast_path_gives_the_reference_loss_and_update_direction(fast, tolerance):
-    inputs = _step_inputs()
-    reference = reference_config(DistillConfig(num_images=12, image_size=16, widths=(8, 16, 16)))
-    reference_loss, reference_gradient = _loss_and_gradients(reference, inputs)
-    fast_loss, fast_gradient = _loss_and_gradients(dataclasses.replace(reference, **fast), inputs)
-    torch.testing.assert_close(fast_loss, reference_loss, rtol=tolerance, atol=0)
-    cosine = F.cosine_similarity(fast_gradient, reference_gradient, dim=0)
-    assert cosine > 1 - tolerance, float(cosine)
-    relative_norm = fast_gradient.norm() / reference_gradient.norm()
-    assert abs(relative_norm - 1) < 10 * tolerance, float(relative_norm)
+def _state(model):
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def _assert_same_direction(fast_gradient, reference_gradient, rtol):
+    cosine = F.cosine_similarity(fast_gradient.double(), reference_gradient.double(), dim=0)
+    assert cosine > 1 - rtol, float(cosine)
+    relative_norm = fast_gradient.double().norm() / reference_gradient.double().norm()
+    assert abs(relative_norm - 1) < rtol, float(relative_norm)
+
+
+@pytest.mark.parametrize("fast", [dict(channels_last="on"), dict(compile=True)], ids=["channels_last", "compile"])
+def test_fast_step_equals_the_reference_step_on_a_warmed_up_pool(fast):
+    """In float64, in a warmed-up pool, with the template in train mode: same loss, same gradient, picked model intact.
+
+    The compiled path once ran its template's mode (train, after the warm-up) instead of the picked model's, so it used
+    batch statistics and wrote them into the picked model's running buffers.
+    """
+    reference = reference_config(DistillConfig(**TINY_POOL))
+    template, picked, inputs = _warmed_up_step(float64=True)
+    before = _state(picked)
+    reference_loss, reference_gradient = _step(reference, template, picked, inputs)
+    fast_loss, fast_gradient = _step(dataclasses.replace(reference, **fast), template, picked, inputs)
+    torch.testing.assert_close(fast_loss, reference_loss, rtol=FLOAT64_RTOL, atol=0)
+    _assert_same_direction(fast_gradient, reference_gradient, FLOAT64_RTOL)
+    after = _state(picked)
+    for name, value in before.items():  # bitwise: an eval-mode step reads the model and writes nothing
+        assert torch.equal(after[name], value), f"the step changed the picked model's {name}"
+    assert not picked.training
+
+
+def test_bf16_step_stays_within_bf16_rounding_of_the_float64_step():
+    reference = reference_config(DistillConfig(**TINY_POOL))
+    template, picked, inputs = _warmed_up_step(float64=True)
+    reference_loss, reference_gradient = _step(reference, template, picked, inputs)
+    # the same pool and inputs in float32 under bf16 autocast (autocast leaves float64 alone)
+    template32, picked32 = (copy.deepcopy(model).float() for model in (template, picked))
+    inputs32 = tuple(x.detach().float().requires_grad_(x.requires_grad) for x in inputs)
+    fast_loss, fast_gradient = _step(dataclasses.replace(reference, precision="bfloat16"), template32, picked32, inputs32)
+    torch.testing.assert_close(fast_loss.double(), reference_loss, rtol=BF16_RTOL, atol=0)
+    _assert_same_direction(fast_gradient, reference_gradient, BF16_RTOL)
+
+
+def _distil_recording_the_pool(monkeypatch, config, source, teacher):
+    pools = []
+
+    class RecordingPool(ModelPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(distill_module, "ModelPool", RecordingPool)
+    result = distill(source, copy.deepcopy(teacher), config, progress=False)
+    return result, pools[-1]
+
+
+@pytest.mark.parametrize("fast", [dict(channels_last="on"), dict(compile=True)], ids=["channels_last", "compile"])
+def test_fast_path_reaches_the_reference_run_state_after_several_steps(fast, float64_default, monkeypatch):
+    """A whole float64 run: warm-up, picks, a re-initialisation at T, pool training; then set and pool compared."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    source = ImageSet(images, None, [], MEAN, STD, "noise")
+    teacher = distill_module._seeded_model("convnet3", None, {"widths": (4, 8, 8), "image_size": 16}, 5)
+    reference = reference_config(DistillConfig(**{**TINY_POOL, "num_images": 8, "pool_steps": 3}, steps=8,
+                                               batch_size=16, log_every=2, validate_every=0))
+    expected, expected_pool = _distil_recording_the_pool(monkeypatch, reference, source, teacher)
+    result, pool = _distil_recording_the_pool(monkeypatch, dataclasses.replace(reference, **fast), source, teacher)
+    assert expected.images.dtype == torch.float64
+    torch.testing.assert_close(result.images, expected.images, rtol=0, atol=FLOAT64_RTOL * expected.images.abs().max())
+    torch.testing.assert_close(result.targets, expected.targets, rtol=0, atol=FLOAT64_RTOL * expected.targets.abs().max())
+    assert pool.counters == expected_pool.counters
+    for index, (model, expected_model) in enumerate(zip(pool.models, expected_pool.models)):
+        for (name, value), (_, expected_value) in zip(model.state_dict().items(), expected_model.state_dict().items()):
+            if not value.is_floating_point():
+                assert torch.equal(value, expected_value), f"model {index} {name}"
+                continue
+            bound = FLOAT64_RTOL * max(float(expected_value.abs().max()), 1.0)
+            torch.testing.assert_close(value, expected_value, rtol=0, atol=bound, msg=f"model {index} {name}")
+
+
+def test_fused_outer_optimizer_takes_the_multi_tensor_update():
+    """The fused AdamW used on CUDA against the CPU's multi-tensor AdamW, in float64, on the set's parameter groups."""
+    generator = torch.Generator().manual_seed(0)
+    images, targets = torch.randn(6, 3, 8, 8, generator=generator, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    config = DistillConfig(num_images=6, image_size=8, image_lr=1e-2, target_lr=3e-2, weight_decay=1e-2)
+    sets = [PixelSet(images.clone(), targets.clone()) for _ in range(2)]
+    optimizers = [_outer_optimizer(sets[0], config, STD)]
+    optimizers.append(torch.optim.AdamW(sets[1].param_groups(config.image_lr, config.target_lr, STD),
+                                        weight_decay=config.weight_decay, fused=True))
+    for step in range(5):
+        direction = torch.randn(6, 3, 8, 8, generator=generator, dtype=torch.float64)
+        for synthetic, optimizer in zip(sets, optimizers):
+            optimizer.zero_grad()
+            ((synthetic.images() * direction).sum() + synthetic.targets().pow(2).sum()).backward()
+            optimizer.step()
+    for multi, fused in zip(sets[0].parameters(), sets[1].parameters()):
+        torch.testing.assert_close(fused, multi, rtol=1e-12, atol=1e-14)  # same arithmetic, float64 rounding
+    assert not torch.equal(sets[0].images(), images), "the optimiser moved the set"
 
 
 def test_the_reference_path_has_the_plain_krr_st_loss():
