@@ -567,12 +567,14 @@ def train_teacher(
                 else:
                     z_a = projector(backbone(view_a))
                     z_b = projector(backbone(view_b))
+            # The loss in the views' dtype (float32, float64 in a float64 reference run), not autocast's.
+            z_a, z_b = z_a.to(view_a.dtype), z_b.to(view_b.dtype)
             if sharded:
                 # Every rank computes the loss of the global batch; the gather's backward
                 # sums the ranks' gradients and DDP averages them: the single-process gradient.
-                loss = loss_fn(all_gather_with_grad(z_a.float()), all_gather_with_grad(z_b.float()))
+                loss = loss_fn(all_gather_with_grad(z_a), all_gather_with_grad(z_b))
             else:
-                loss = loss_fn(z_a.float(), z_b.float())
+                loss = loss_fn(z_a, z_b)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
