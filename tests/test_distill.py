@@ -353,6 +353,17 @@ def _small_teacher(seed=0):
         return create_model("convnet3", None, widths=(4, 8, 8), image_size=8).eval()
 
 
+def _assert_within_target_perturbation(loss, reference_loss, target_change):
+    """`loss` = mean((p - t - δ)^2) against `reference_loss` = mean((p - t)^2) with the same predictions p.
+
+    By Cauchy-Schwarz |loss - reference| <= 2 sqrt(reference) rms(δ) + rms(δ)^2, whatever the CPU; the slack covers
+    float32 rounding of the two means (1e-5 of the loss, far above n x 6e-8 for these sizes).
+    """
+    rms = target_change.double().pow(2).mean().sqrt()
+    bound = 2 * reference_loss.double().sqrt() * rms + rms**2 + 1e-5 * reference_loss.double()
+    assert abs(loss.double() - reference_loss.double()) <= bound, (float(loss), float(reference_loss), float(bound))
+
+
 def test_teacher_cache_holds_the_teacher_features_of_the_replayed_views():
     images, teacher = _random_source(), _small_teacher()
     cache = build_teacher_cache(teacher, images, 3, 2, MEAN, STD, torch.Generator().manual_seed(5), chunk=7)
@@ -370,7 +381,8 @@ def test_teacher_cache_holds_the_teacher_features_of_the_replayed_views():
         uncached = teacher(real_images)
     cached = cache.targets(indices, views)
     assert cached.dtype == torch.float32
-    torch.testing.assert_close(cached, uncached, rtol=1e-3, atol=1e-3)  # fp16 storage
+    # fp16 storage: a relative error up to 2^-11 = 4.9e-4 per value (1e-3 = 2 roundoffs; atol for values near 0)
+    torch.testing.assert_close(cached, uncached, rtol=1e-3, atol=1e-3)
     assert not torch.allclose(cache.targets(indices, (views + 1) % 3), uncached, atol=1e-2)  # views differ
 
     # and so the KRR-ST loss of a step is the uncached loss, to fp16 tolerance
@@ -380,7 +392,7 @@ def test_teacher_cache_holds_the_teacher_features_of_the_replayed_views():
     real_features = torch.randn(6, 6, generator=generator)
     loss_cached = krr_st_loss(synthetic_features, synthetic_targets, real_features, cached, 1e-6)
     loss_uncached = krr_st_loss(synthetic_features, synthetic_targets, real_features, uncached, 1e-6)
-    torch.testing.assert_close(loss_cached, loss_uncached, rtol=1e-3, atol=0)
+    _assert_within_target_perturbation(loss_cached, loss_uncached, cached - uncached)
 
 
 @pytest.mark.shared_data
@@ -422,7 +434,7 @@ def test_cached_distillation_replays_views_without_running_the_teacher(cifar10_s
             torch.testing.assert_close(real_targets, uncached_targets, rtol=1e-3, atol=1e-3)
             cached_loss, _ = step_loss(*loss_args)
             uncached_loss, _ = step_loss(model, synthetic_images, synthetic_targets, real_images, uncached_targets)
-            torch.testing.assert_close(cached_loss, uncached_loss, rtol=1e-3, atol=0)
+            _assert_within_target_perturbation(cached_loss, uncached_loss, real_targets - uncached_targets)
 
 
 @pytest.mark.shared_data
@@ -845,9 +857,12 @@ def test_final_targets_teacher_stays_within_the_sets_storage(cifar10_small, monk
     with torch.no_grad():
         exact = teacher(plain)
         centred = exact - exact.mean(0)
-        top = torch.linalg.svd(centred, full_matrices=False)[2][:3]  # the target rank's principal directions
-        projected = exact.mean(0) + centred @ top.T @ top
-        torch.testing.assert_close(plain_targets, projected, rtol=1e-3, atol=1e-4)
+        # the best rank-3 fit: its residual is the tail of the spectrum (a check that, unlike comparing the fit
+        # itself, does not depend on how well separated the third and fourth singular values happen to be)
+        plain_residual = (plain_targets - exact).double().pow(2).sum()
+        optimum = torch.linalg.svdvals(centred.double())[3:].pow(2).sum()
+        torch.testing.assert_close(plain_residual, optimum, rtol=1e-3, atol=1e-4)
+        assert torch.linalg.matrix_rank(plain_targets - plain_targets.mean(0), rtol=1e-4) == 3
         torch.testing.assert_close(rotated_targets, predictors[0](plain_targets)[len(plain):], rtol=1e-4, atol=1e-5)
         assert not torch.allclose(rotated_targets, plain_targets, atol=1e-3), "the predictor was trained"
         assert not torch.allclose(rotated_targets, teacher(rotated), atol=1e-3), "not the teacher's view targets"
