@@ -135,7 +135,7 @@ def sample_crop_flip(
         raise KrrstError(f"crop padding must be >= 0, got {padding}")
     generator = _check_generator(generator)
     offsets = torch.randint(0, 2 * padding + 1, (2, batch_size), generator=generator, dtype=torch.int64)
-    flips = torch.rand(batch_size, generator=generator) < 0.5
+    flips = torch.rand(batch_size, generator=generator, dtype=torch.float32) < 0.5  # the same flips in float64 runs
     return CropFlipParams(offsets[0], offsets[1], flips).to(device)
 
 

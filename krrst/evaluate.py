@@ -300,7 +300,8 @@ def _dsa_colour(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     ~ U(0, 1) per image; applied in the normalised space as DSA does.
     """
     n = images.shape[0]
-    draws = torch.rand(3, n, 1, 1, 1, generator=generator).to(images.device, images.dtype)
+    # float32 draws whatever the default dtype: a float64 reference run sees the same jitter
+    draws = torch.rand(3, n, 1, 1, 1, generator=generator, dtype=torch.float32).to(images.device, images.dtype)
     images = images + (draws[0] - 0.5)
     channel_mean = images.mean(dim=1, keepdim=True)
     images = (images - channel_mean) * (draws[1] * 2.0) + channel_mean
@@ -612,7 +613,7 @@ def _soft_label_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str) ->
 
 def _check_set_fits(model: nn.Module, distilled: DistilledSet, arch: str) -> None:
     """A probe forward pass turns a size/channel mismatch into a one-line error before training."""
-    probe = distilled.images[:2].detach().float().cpu()  # the fresh model is still on the CPU
+    probe = distilled.images[:2].detach().to("cpu", torch.get_default_dtype())  # the fresh model is still on the CPU
     was_training = model.training
     model.eval()
     try:
@@ -664,9 +665,9 @@ def pretrain(
     _check_set_fits(model, distilled, arch)
     speed = SpeedSettings.resolve(config, device)
     model.to(device, memory_format=speed.memory_format)
-    images = distilled.images.detach().to(device, torch.float32)
+    images = distilled.images.detach().to(device, torch.get_default_dtype())  # float32 but in a float64 reference run
     targets = distilled.targets.detach().to(device)
-    targets = targets.long() if kind == "hard_labels" else targets.float()
+    targets = targets.long() if kind == "hard_labels" else targets.to(images.dtype)
     m = len(distilled)
     batch_size, epochs = config.batch_size, config.epochs
     if kind == "soft_labels":
@@ -808,7 +809,7 @@ def finetune(
     try:
         for iteration in range(config.iterations):
             batch = next(batches)
-            pixels = train_images[batch].float().div_(255.0)
+            pixels = train_images[batch].to(torch.get_default_dtype()).div_(255.0)
             inputs = _normalize(_crop_flip(pixels, config.padding, generator), mean, std)
             loss = F.cross_entropy(speed.forward(network, inputs), train_labels[batch])
             optimizer.zero_grad(set_to_none=True)
@@ -852,7 +853,7 @@ def extract_features(
     chunks = []
     for start in range(0, len(images), batch_size):
         inputs = _normalize(images[start : start + batch_size], mean, std)
-        chunks.append((speed.forward(forward, inputs) if speed is not None else forward(inputs)).float())
+        chunks.append((speed.forward(forward, inputs) if speed is not None else forward(inputs)).to(inputs.dtype))
     return torch.cat(chunks) if chunks else torch.empty(0, model.feature_dim, device=images.device)
 
 
