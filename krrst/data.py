@@ -5,6 +5,10 @@ split as one contiguous `uint8` tensor N x 3 x H x W, the integer labels, the
 class names and the per-channel mean/std used to normalise it downstream
 (`krrst.augment.normalize`). One small reader per layout:
 
+- `folder`: your own images in any layout: flat, nested at any depth, a
+  `.zip`/`.tar`/`.tar.gz` of either, or a text list of image paths;
+  `<class>/<image>` folders give labels. Splits: all; train/test of a
+  labelled folder are a seeded, stratified split (`stratified_split`).
 - `imagefolder`: `<split>/<class>/<image>`, optionally inside one top folder;
   splits: the split folders present.
 - `tinyimagenet`: `tiny-imagenet-200/{wnids.txt, words.txt,
@@ -26,15 +30,21 @@ class names and the per-channel mean/std used to normalise it downstream
   those in `lists/`), as images.tar and lists.tar extract; train, test.
 - `imagenet64`: `train_data_batch_1..10.npz`, `val_data.npz` (the npz release
   of downsampled ImageNet 64x64), optional `map_clsloc.txt`; train, val.
+- `hf`: a Hugging Face `datasets` dataset (hub name or `save_to_disk` folder;
+  optional extra `krrst[hf]`); its splits, plus a stratified train/test.
 
 The dataset folder may be `root` itself or sit up to a few levels below it, so
 both torchvision's `root` and the dataset's own folder work.
 
 Sizes: `image_size=None` keeps the native size (the images of a split must
 then share one size); the fine-grained datasets (aircraft, flowers, cars, cub,
-dogs) have images of every size and default to 32 x 32. Resizing squashes to
-`image_size` x `image_size` with antialiased bilinear interpolation on the
-uint8 tensors, batched per group of equally-sized images.
+dogs) have images of every size and default to 32 x 32. Resizing follows one
+policy, `resize="crop"` (the default): the short side to `image_size`
+(antialiased bilinear on the uint8 tensors, batched per group of
+equally-sized images), then the centre `image_size` x `image_size`;
+`resize="stretch"` resizes both sides. The set records it (`ImageSet.resize`).
+An undecodable file stops the load with its name, or with `skip_corrupt` is
+left out and reported (`ImageSet.skipped`).
 
 Normalisation statistics: CIFAR-10/100 use their usual published train-set
 stats; Tiny-ImageNet, ImageNet64 and the fine-grained datasets use the usual
@@ -54,24 +64,32 @@ torch in its workers, and "fork" is unsafe once torch has started threads.
 Cache: the decoded tensors are stored under `cache_dir` (default `$KRRST_CACHE`
 or `~/.cache/krrst`; `cache_dir=False` disables it) as a raw `.npy` of images,
 a `.npy` of labels and a JSON of class names and stats, keyed by the dataset
-name, the resolved root path with its size and mtime, the split, the size and
-`max_per_class`. A cached load memory-maps the images (copy-on-write), so it
-takes well under a second and a large set is not held in RAM twice.
+name, the resolved root path with its size and mtime (for your own folders
+and lists: every image's name, size and mtime), the split, the size, the
+resize policy, `skip_corrupt` and `max_per_class`. Images are decoded
+straight into a memory-mapped temp file in the cache folder that is renamed
+into the entry, so a set of millions of images is never held in RAM; every
+load hands out a copy-on-write map of the entry.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import pickle
 import re
 import struct
+import tarfile
+import tempfile
+import threading
 import warnings
 import zipfile
 import zlib
@@ -96,7 +114,8 @@ IMAGENET_STATS: tuple[Stats, Stats] = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.2
 FINE_GRAINED_DEFAULT_SIZE = 32
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _CHUNK = 512  # images per decode task: enough to amortise the task, small enough for a smooth progress bar
-_CACHE_FORMAT = 1  # bump when a reader's output changes, so old cache entries are not reused
+DEFAULT_TEST_FRACTION = 0.2  # the test share of a labelled set that has no test split of its own
+_CACHE_FORMAT = 2  # bump when a reader's output changes, so old cache entries are not reused
 
 
 @dataclasses.dataclass
@@ -104,7 +123,9 @@ class ImageSet:
     """One split of a dataset: uint8 images N x 3 x H x W, labels, class names and normalisation stats.
 
     `labels` is None for unlabelled images. `mean`/`std` are per-channel in
-    [0, 1] units, for `krrst.augment.normalize`.
+    [0, 1] units, for `krrst.augment.normalize`. `resize` names the policy the
+    images were resized with (None: native size), `skipped` the files left out
+    as undecodable.
     """
 
     images: torch.Tensor
@@ -113,6 +134,8 @@ class ImageSet:
     mean: Stats
     std: Stats
     name: str
+    resize: str | None = None  # the policy that brought every image to H x W (`RESIZE_POLICIES`), None: native
+    skipped: tuple[str, ...] = ()  # files skipped as undecodable (`skip_corrupt`)
 
     def __post_init__(self) -> None:
         images = self.images
@@ -184,21 +207,114 @@ class _Options:
     max_per_class: int | None
     num_workers: int | None
     root: Path
+    resize: str = "crop"
+    skip_corrupt: bool = False
+    test_fraction: float = DEFAULT_TEST_FRACTION
+    split_seed: int = 0
+    sink: _Sink | None = dataclasses.field(default=None, compare=False)
+    identity: tuple = ()  # what identifies data that is not a path (a Hugging Face dataset's fingerprint)
+
+    def allocate(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised uint8 tensor of `shape`: memory-mapped into the cache folder when caching."""
+        return self.sink.allocate(shape) if self.sink is not None else torch.empty(shape, dtype=torch.uint8)
+
+
+class _Sink:
+    """Decoded images go straight into a memory-mapped `.npy` temp file in the cache folder.
+
+    A large set is then never held in memory: the pages are the file's, written
+    back by the kernel, and on success the temp file is renamed into the cache
+    entry (`claim`). A temp file that is not claimed is removed (`discard`).
+    Without room on the disk the images are decoded into memory instead.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.files: dict[int, tuple[Path, np.memmap]] = {}  # data_ptr of the tensor -> its temp file and map
+
+    def allocate(self, shape: tuple[int, ...]) -> torch.Tensor:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=".decoding.", suffix=".npy.tmp", dir=self.folder)
+            os.close(fd)
+            array = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=shape)
+            if hasattr(os, "posix_fallocate") and array.size:
+                # Reserve the blocks now: writing a page of a sparse map on a full disk kills the process (SIGBUS).
+                with open(name, "rb+") as handle:
+                    os.posix_fallocate(handle.fileno(), 0, os.path.getsize(name))
+        except OSError as exc:
+            if "name" in locals():
+                Path(name).unlink(missing_ok=True)
+            warnings.warn(f"cannot decode into the cache folder {self.folder} ({describe_exception(exc)}); "
+                          "decoding into memory", stacklevel=4)
+            return torch.empty(shape, dtype=torch.uint8)
+        tensor = torch.from_numpy(array)
+        self.files[tensor.data_ptr()] = (Path(name), array)
+        return tensor
+
+    def claim(self, tensor: torch.Tensor, destination: Path) -> bool:
+        """Flush the temp file behind `tensor` and rename it to `destination`; False if `tensor` has none."""
+        entry = self.files.get(tensor.data_ptr())
+        if entry is None or tuple(entry[1].shape) != tuple(tensor.shape):
+            return False
+        path, array = entry
+        array.flush()
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(path, destination)
+        del self.files[tensor.data_ptr()]
+        return True
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Remove the temp file behind `tensor` (replaced by a compacted copy)."""
+        entry = self.files.pop(tensor.data_ptr(), None)
+        if entry is not None:
+            entry[0].unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        for path, _ in self.files.values():
+            path.unlink(missing_ok=True)
+        self.files.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Archives: a folder or a zip, addressed by '/'-separated member names relative to the root.
+# Archives: a folder, a zip, a tar (optionally compressed) or a list of image files, addressed by '/'-separated
+# member names relative to the root.
+
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 
 @dataclasses.dataclass
 class _Archive:
-    """A dataset root opened for reading: a folder, or a zip file read in place."""
+    """A dataset root opened for reading: a folder, a zip read in place, a tar, or a text list of image paths.
+
+    A plain `.tar` is read like a zip (one `os.pread` per member). A compressed
+    tar cannot be read at random: `stream` decompresses it once, in order, for
+    the images, and `read` serves the few annotation files.
+    """
 
     path: Path
-    zip: zipfile.ZipFile | None
-    fd: int | None = None  # a raw descriptor on the zip for os.pread (POSIX only)
+    zip: zipfile.ZipFile | None = None
+    fd: int | None = None  # a raw descriptor on the zip or plain tar for os.pread (POSIX only)
+    tar_members: dict[str, tarfile.TarInfo] | None = None
+    tar: tarfile.TarFile | None = None  # a compressed tar, opened for random reads of small files
+    listed: dict[str, Path] | None = None  # a list file: each entry as written -> the file it names
+    rows: Any = None  # a Hugging Face dataset whose `column` holds undecoded images; members are row numbers
+    column: str = ""
     _names: list[str] | None = None
     _name_set: frozenset[str] | None = None
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the member names come from an index (zip, tar, list) rather than the file system."""
+        return any(x is not None for x in (self.zip, self.tar_members, self.listed, self.rows))
+
+    @property
+    def streamed(self) -> bool:
+        """Whether images must be read in archive order (`stream`): a compressed tar."""
+        return self.tar is not None
 
     @property
     def names(self) -> list[str]:
@@ -206,18 +322,16 @@ class _Archive:
         if self._names is None:
             if self.zip is not None:
                 self._names = sorted(n for n in self.zip.namelist() if not n.endswith("/") and not _hidden(n))
+            elif self.tar_members is not None:
+                self._names = sorted(n for n in self.tar_members if not _hidden(n))
+            elif self.listed is not None:
+                self._names = sorted(self.listed)
             else:
-                found = []
-                for folder, dirs, files in os.walk(self.path):
-                    dirs[:] = [d for d in dirs if not _hidden(d)]
-                    relative = Path(folder).relative_to(self.path).as_posix()
-                    prefix = "" if relative == "." else relative + "/"
-                    found.extend(prefix + f for f in files if not _hidden(f))
-                self._names = sorted(found)
+                self._names = sorted(name for name, _ in _walk_files(self.path))
         return self._names
 
     def exists(self, name: str) -> bool:
-        if self.zip is not None:
+        if self.indexed:
             if self._name_set is None:
                 self._name_set = frozenset(self.names)
             return name in self._name_set
@@ -225,7 +339,7 @@ class _Archive:
 
     def find(self, marker: str, max_depth: int = 3) -> str | None:
         """The prefix ('' or 'a/b/') of the shallowest `<prefix><marker>` file, or None."""
-        if self.zip is not None:
+        if self.indexed:
             hits = [n[: -len(marker)] for n in self.names if n == marker or n.endswith("/" + marker)]
         else:
             # Probe a few depths instead of walking: torchvision-style roots often hold other big datasets.
@@ -240,19 +354,52 @@ class _Archive:
 
     def read(self, name: str) -> bytes:
         try:
-            if self.zip is None:
-                return (self.path / name).read_bytes()
-            info = self.zip.getinfo(name)
-            if self.fd is not None and info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
-                return self._read_stored(info)
-            return self.zip.read(info)
+            if self.zip is not None:
+                info = self.zip.getinfo(name)
+                if self.fd is not None and info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+                    return self._read_stored(info)
+                return self.zip.read(info)
+            if self.tar_members is not None:
+                return self._read_tar(self.tar_members[name])
+            if self.listed is not None:
+                return self.listed[name].read_bytes()
+            if self.rows is not None:
+                with self._lock:
+                    item = self.rows[int(name)][self.column]
+                return item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
+            return (self.path / name).read_bytes()
         except KeyError:
             raise KrrstError(f"{self.path}: member {name} is listed by the dataset's annotations but missing") from None
         except FileNotFoundError:
+            if self.listed is not None:
+                raise KrrstError(f"{self.listed[name]}: listed in {self.path} but missing") from None
             raise KrrstError(f"{self.path / name}: file is listed by the dataset's annotations but missing") from None
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError) as exc:
             reason = describe_exception(exc)
             raise KrrstError(f"{self.path}: cannot read {name} ({reason}); the archive is damaged") from None
+
+    def _read_tar(self, info: tarfile.TarInfo) -> bytes:
+        if self.tar is not None:  # compressed: seeking decompresses from the start, so only for small files
+            with self._lock:
+                handle = self.tar.extractfile(info)
+                return handle.read() if handle is not None else b""
+        data = os.pread(self.fd, info.size, info.offset_data)
+        if len(data) != info.size:
+            raise EOFError(f"{info.name} is cut short")
+        return data
+
+    def stream(self, wanted: Iterator[str] | set[str]) -> Iterator[tuple[str, bytes]]:
+        """`(name, bytes)` of the `wanted` members of a compressed tar, in archive order, in one pass."""
+        wanted = set(wanted)
+        try:
+            with tarfile.open(self.path, "r|*") as tar:
+                for info in tar:
+                    name = _tar_name(info)
+                    if info.isfile() and name in wanted:
+                        yield name, tar.extractfile(info).read()
+        except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
+            reason = describe_exception(exc)
+            raise KrrstError(f"{self.path}: cannot read the archive ({reason}); it is damaged") from None
 
     def _read_stored(self, info: zipfile.ZipInfo) -> bytes:
         """An uncompressed member in one `os.pread`.
@@ -276,7 +423,7 @@ class _Archive:
 
     def open(self, name: str) -> BinaryIO:
         """A seekable binary stream of one member (for .mat / .npz / pickle readers)."""
-        if self.zip is not None:
+        if self.indexed:
             return io.BytesIO(self.read(name))
         if not (self.path / name).is_file():
             raise KrrstError(f"{self.path / name}: file not found")
@@ -284,7 +431,7 @@ class _Archive:
 
     def subfolders(self, prefix: str) -> list[str]:
         """The sorted names of the folders directly under `prefix` (which ends with '/' or is '')."""
-        if self.zip is None:
+        if not self.indexed:
             folder = self.path / prefix
             if not folder.is_dir():
                 return []
@@ -293,8 +440,9 @@ class _Archive:
         return sorted({rest.split("/", 1)[0] for rest in below if "/" in rest})
 
     def close(self) -> None:
-        if self.zip is not None:
-            self.zip.close()
+        for handle in (self.zip, self.tar):
+            if handle is not None:
+                handle.close()
         if self.fd is not None:
             os.close(self.fd)
 
@@ -303,17 +451,79 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__MACOSX") or "/." in name or "/__MACOSX" in name
 
 
+def _walk_files(folder: Path) -> Iterator[tuple[str, os.DirEntry]]:
+    """`(relative name, entry)` of every file under `folder`, hidden files and folders skipped, in no set order."""
+    stack = [("", folder)]
+    while stack:
+        prefix, current = stack.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if _hidden(entry.name):
+                    continue
+                if entry.is_dir():
+                    stack.append((prefix + entry.name + "/", Path(entry.path)))
+                elif entry.is_file():
+                    yield prefix + entry.name, entry
+
+
+def _tar_name(info: tarfile.TarInfo) -> str:
+    name = info.name
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
 def _open_archive(root: Path) -> _Archive:
-    """Open `root` as a folder or a zip; anything else is a one-line KrrstError naming it."""
+    """Open `root` as a folder, zip, tar or list file; anything else is a one-line KrrstError naming it."""
     if root.is_dir():
-        return _Archive(root, None)
+        return _Archive(root)
+    lower = root.name.lower()
+    if lower.endswith(_LIST_SUFFIXES):
+        return _open_list(root)
+    is_tar = lower.endswith(_TAR_SUFFIXES)
+    if not is_tar and (lower.endswith(".zip") or zipfile.is_zipfile(root)):
+        try:
+            archive = zipfile.ZipFile(root)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+            raise KrrstError(
+                f"{root} is not a readable zip archive ({describe_exception(exc)}); expected a dataset folder or a .zip"
+            ) from None
+        return _Archive(root, archive, os.open(root, os.O_RDONLY) if hasattr(os, "pread") else None)
+    if is_tar or tarfile.is_tarfile(root):
+        return _open_tar(root)
+    raise KrrstError(
+        f"{root} is not a folder, a .zip, a .tar (.tar.gz, .tgz) or a .txt list of image paths; "
+        "expected one of those (see `krrst datasets`)"
+    )
+
+
+def _open_tar(root: Path) -> _Archive:
     try:
-        archive = zipfile.ZipFile(root)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
-        raise KrrstError(
-            f"{root} is not a readable zip archive ({describe_exception(exc)}); expected a dataset folder or a .zip"
-        ) from None
-    return _Archive(root, archive, os.open(root, os.O_RDONLY) if hasattr(os, "pread") else None)
+        with open(root, "rb") as handle:
+            magic = handle.read(6)
+        tar = tarfile.open(root, "r:*")
+        members = {_tar_name(info): info for info in tar.getmembers() if info.isfile()}
+    except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
+        raise KrrstError(f"{root} is not a readable tar archive ({describe_exception(exc)})") from None
+    if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":  # gzip, bzip2, xz
+        return _Archive(root, tar_members=members, tar=tar)
+    tar.close()
+    return _Archive(root, fd=os.open(root, os.O_RDONLY), tar_members=members)
+
+
+def _open_list(root: Path) -> _Archive:
+    """A text file naming one image per line, relative to the file's folder or absolute ('#' starts a comment)."""
+    try:
+        lines = root.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KrrstError(f"{root} is not a readable text list of image paths ({describe_exception(exc)})") from None
+    listed: dict[str, Path] = {}
+    for line in lines:
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            path = Path(entry).expanduser()
+            listed[entry] = path if path.is_absolute() else root.parent / path
+    return _Archive(root, listed=listed)
 
 
 def _locate(archive: _Archive, marker: str, dataset: str, layout: str) -> str:
@@ -348,8 +558,15 @@ def _fast_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
     return lambda data: decode(data, rgb, False)
 
 
+class _Undecodable(KrrstError):
+    """One image file that neither decoder can read (skipped under `skip_corrupt`)."""
+
+
+SKIP_HINT = "pass --skip-corrupt (skip_corrupt=True, --set run.skip_corrupt=true) to skip unreadable images"
+
+
 def _decode_one(data: bytes, member: str, archive_path: Path) -> torch.Tensor:
-    """Decode one encoded image to uint8 3 x H x W RGB (greyscale, palette and RGBA become RGB)."""
+    """Decode one encoded image to uint8 3 x H x W RGB (greyscale, palette, RGBA and CMYK become RGB)."""
     fast = _fast_decoder()
     if fast is not None:
         try:
@@ -363,74 +580,173 @@ def _decode_one(data: bytes, member: str, archive_path: Path) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as pil_image:
             array = np.asarray(pil_image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise KrrstError(f"{archive_path}: cannot decode image {member} ({describe_exception(exc)})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise _Undecodable(f"{archive_path}: cannot decode image {member} ({describe_exception(exc)})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Antialiased bilinear resize of a uint8 batch N x 3 x H x W to N x 3 x size x size."""
+RESIZE_POLICIES = {
+    "crop": "resize the short side to S (antialiased bilinear), then take the centre S x S",
+    "stretch": "resize both sides to S (antialiased bilinear), changing the aspect ratio",
+}
+
+
+def _resize(images: torch.Tensor, size: int, policy: str = "crop") -> torch.Tensor:
+    """Resize a uint8 batch N x 3 x H x W to N x 3 x size x size under `policy` (`RESIZE_POLICIES`).
+
+    "crop" is torchvision's `Resize(size)` + `CenterCrop(size)`: the short side
+    becomes `size`, the long side `int(size * long / short)`, and the centre is kept.
+    """
     from torchvision.transforms.v2 import functional as F
 
     if images.shape[-2:] == (size, size):
         return images
-    return F.resize(images, [size, size], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    bilinear = F.InterpolationMode.BILINEAR
+    if policy == "stretch":
+        return F.resize(images, [size, size], interpolation=bilinear, antialias=True)
+    resized = F.resize(images, size, interpolation=bilinear, antialias=True)
+    return F.center_crop(resized, [size, size]).contiguous()
 
 
-def _decode_chunk(archive: _Archive, members: Sequence[str], out: torch.Tensor, image_size: int | None) -> None:
-    """Decode `members` into the preallocated `out` (len(members) x 3 x H x W)."""
-    images = [_decode_one(archive.read(member), member, archive.path) for member in members]
+def _decode_chunk(
+    archive: _Archive, members: Sequence[str], rows: Sequence[int], out: torch.Tensor, opts: _Options,
+    datas: Sequence[bytes] | None = None,
+) -> list[int]:
+    """Decode `members` into `out[rows]` (reading them here unless `datas` holds their bytes).
+
+    Returns the positions in `members` of the images skipped as undecodable
+    (only under `opts.skip_corrupt`; otherwise the first one raises).
+    """
+    images: list[torch.Tensor | None] = []
+    skipped = []
+    for index, member in enumerate(members):
+        data = archive.read(member) if datas is None else datas[index]
+        try:
+            images.append(_decode_one(data, member, archive.path))
+        except _Undecodable as exc:
+            if not opts.skip_corrupt:
+                raise KrrstError(f"{exc}; {SKIP_HINT}") from None
+            images.append(None)
+            skipped.append(index)
     target = tuple(out.shape[2:])
-    if all(tuple(image.shape[1:]) == target for image in images):
-        torch.stack(images, out=out)  # the common case: one copy for the whole chunk
-        return
     to_resize: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
+        if image is None:
+            continue
         if tuple(image.shape[1:]) == target:
-            out[index] = image
-        elif image_size is None:
+            out[rows[index]] = image
+        elif opts.image_size is None:
             raise KrrstError(
                 f"{archive.path}: image {members[index]} is {image.shape[2]}x{image.shape[1]} but earlier images are "
                 f"{target[1]}x{target[0]}; pass image_size (--image-size) to resize them all"
             )
         else:
             to_resize.setdefault(tuple(image.shape[1:]), []).append(index)
-    for indices in to_resize.values():
-        out[indices] = _resize(torch.stack([images[i] for i in indices]), image_size)
+    for indices in to_resize.values():  # one batched resize per group of equally-sized images
+        resized = _resize(torch.stack([images[i] for i in indices]), opts.image_size, opts.resize)
+        for image, index in zip(resized, indices):
+            out[rows[index]] = image
+    return skipped
 
 
 def _decode_members(
-    archive: _Archive, members: Sequence[str], image_size: int | None, num_workers: int | None, desc: str
-) -> torch.Tensor:
-    """Decode every member into one contiguous uint8 tensor N x 3 x S x S, on a thread pool."""
+    archive: _Archive, members: Sequence[str], opts: _Options, desc: str
+) -> tuple[torch.Tensor, list[int]]:
+    """Decode every member into one contiguous uint8 tensor N x 3 x S x S, on a thread pool.
+
+    Returns the tensor and the indices of the members skipped as undecodable
+    (always empty unless `opts.skip_corrupt`); their rows are not in the tensor.
+    """
     if not members:
         raise KrrstError(f"{archive.path}: no images to load for {desc}")
-    if image_size is None:
-        first = _decode_one(archive.read(members[0]), members[0], archive.path)
-        height, width = first.shape[1:]
+    if archive.streamed:
+        chunks = _streamed_chunks(archive, members)
     else:
-        height = width = image_size
-    out = torch.empty((len(members), 3, height, width), dtype=torch.uint8)
-    workers = num_workers or min(_available_cores(), 16)  # past ~16 threads the GIL-held part dominates
-    starts = range(0, len(members), _CHUNK)
+        chunks = ((range(s, min(s + _CHUNK, len(members))), None) for s in range(0, len(members), _CHUNK))
+    chunks = iter(chunks)
+    first_rows, first_datas = next(chunks)
+    shape = _first_shape(archive, members, first_rows, first_datas, opts)
+    out = opts.allocate((len(members), 3, *shape))
+    skipped: list[int] = []
+
+    def decode(rows: Sequence[int], datas: Sequence[bytes] | None) -> list[int]:
+        bad = _decode_chunk(archive, [members[r] for r in rows], rows, out, opts, datas)
+        return [rows[i] for i in bad]
+
+    workers = opts.num_workers or min(_available_cores(), 16)  # past ~16 threads the GIL-held part dominates
     with tqdm(total=len(members), desc=desc, unit="img", disable=None, leave=False) as progress:
-        if workers == 1:
-            for start in starts:
-                _decode_chunk(archive, members[start : start + _CHUNK], out[start : start + _CHUNK], image_size)
-                progress.update(len(members[start : start + _CHUNK]))
-            return out
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="krrst-decode")
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="krrst-decode") if workers > 1 else None
+        pending: collections.deque = collections.deque()
         try:
-            futures = {
-                pool.submit(_decode_chunk, archive, members[s : s + _CHUNK], out[s : s + _CHUNK], image_size): s
-                for s in starts
-            }
-            for future in as_completed(futures):
-                future.result()  # re-raises a worker's KrrstError
-                progress.update(min(_CHUNK, len(members) - futures[future]))
+            for rows, datas in itertools.chain([(first_rows, first_datas)], chunks):
+                if pool is None:
+                    skipped += decode(rows, datas)
+                    progress.update(len(rows))
+                    continue
+                pending.append((pool.submit(decode, rows, datas), len(rows)))
+                # Collected in order, so an error names the first bad file; the bound keeps streamed bytes few.
+                while len(pending) > 4 * workers or (pending and pending[0][0].done()):
+                    future, count = pending.popleft()
+                    skipped += future.result()
+                    progress.update(count)
+            while pending:
+                future, count = pending.popleft()
+                skipped += future.result()
+                progress.update(count)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return out
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+    return _without_rows(out, sorted(skipped), opts, archive), sorted(skipped)
+
+
+def _streamed_chunks(archive: _Archive, members: Sequence[str]) -> Iterator[tuple[list[int], list[bytes]]]:
+    """Chunks of `(rows, bytes)` of a compressed tar, in archive order (the rows say where each image goes)."""
+    row_of = {member: row for row, member in enumerate(members)}
+    rows: list[int] = []
+    datas: list[bytes] = []
+    for name, data in archive.stream(row_of):
+        rows.append(row_of[name])
+        datas.append(data)
+        if len(rows) == _CHUNK:
+            yield rows, datas
+            rows, datas = [], []
+    if rows:
+        yield rows, datas
+
+
+def _first_shape(
+    archive: _Archive, members: Sequence[str], rows: Sequence[int], datas: Sequence[bytes] | None, opts: _Options
+) -> tuple[int, int]:
+    """The H x W of the output: `image_size`, else the size of the first decodable image."""
+    if opts.image_size is not None:
+        return opts.image_size, opts.image_size
+    candidates = rows if datas is not None else range(len(members))  # a stream has only its first chunk at hand
+    for index, row in enumerate(candidates):
+        data = archive.read(members[row]) if datas is None else datas[index]
+        try:
+            return tuple(_decode_one(data, members[row], archive.path).shape[1:])
+        except _Undecodable as exc:
+            if not opts.skip_corrupt:
+                raise KrrstError(f"{exc}; {SKIP_HINT}") from None
+    raise KrrstError(f"{archive.path}: the first {len(candidates)} images cannot be decoded; "
+                     "pass image_size (--image-size) to read the rest, or check the files")
+
+
+def _without_rows(out: torch.Tensor, skipped: list[int], opts: _Options, archive: _Archive) -> torch.Tensor:
+    """`out` less the rows of skipped images, copied by chunks into a fresh allocation (a map stays a map)."""
+    if not skipped:
+        return out
+    if len(skipped) == len(out):
+        raise KrrstError(f"{archive.path}: none of the {len(out)} images could be decoded")
+    keep = torch.ones(len(out), dtype=torch.bool)
+    keep[skipped] = False
+    kept = keep.nonzero().squeeze(1)
+    compact = opts.allocate((len(kept), *out.shape[1:]))
+    for start in range(0, len(kept), 4096):
+        compact[start : start + 4096] = out[kept[start : start + 4096]]
+    if opts.sink is not None:
+        opts.sink.release(out)
+    return compact
 
 
 def _available_cores() -> int:
@@ -453,16 +769,22 @@ def _first_per_class(labels: Sequence[int], max_per_class: int | None) -> list[i
 def _labelled_files(
     archive: _Archive,
     members: list[str],
-    labels: list[int],
+    labels: list[int] | None,
     class_names: list[str],
     stats: tuple[Stats, Stats],
     opts: _Options,
 ) -> ImageSet:
-    """Decode a listed split (members + labels) into an ImageSet, honouring max_per_class."""
-    keep = _first_per_class(labels, opts.max_per_class)
+    """Decode a listed split (members + labels, or None: unlabelled) into an ImageSet, honouring max_per_class."""
+    keep = _first_per_class(labels if labels is not None else [0] * len(members), opts.max_per_class)
     members = [members[i] for i in keep]
-    images = _decode_members(archive, members, opts.image_size, opts.num_workers, f"{opts.name} {opts.split}")
-    return ImageSet(images, torch.tensor([labels[i] for i in keep], dtype=torch.int64), class_names, *stats, opts.name)
+    images, skipped = _decode_members(archive, members, opts, f"{opts.name} {opts.split}")
+    if skipped:
+        bad = set(skipped)
+        keep = [k for position, k in enumerate(keep) if position not in bad]
+    label_tensor = None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.int64)
+    resize = opts.resize if opts.image_size is not None else None
+    return ImageSet(images, label_tensor, class_names, *stats, opts.name, resize=resize,
+                    skipped=tuple(members[i] for i in skipped))
 
 
 def _array_set(
@@ -478,8 +800,12 @@ def _array_set(
         keep = torch.tensor(_first_per_class(labels.tolist(), opts.max_per_class), dtype=torch.long)
         images, labels = images[keep], labels[keep.numpy()]
     if opts.image_size is not None:
-        images = torch.cat([_resize(images[s : s + 4096], opts.image_size) for s in range(0, len(images), 4096)])
-    return ImageSet(images.contiguous(), torch.from_numpy(labels.copy()), class_names, *stats, opts.name)
+        out = opts.allocate((len(images), 3, opts.image_size, opts.image_size))
+        for start in range(0, len(images), 4096):
+            out[start : start + 4096] = _resize(images[start : start + 4096], opts.image_size, opts.resize)
+        images = out
+    resize = opts.resize if opts.image_size is not None else None
+    return ImageSet(images.contiguous(), torch.from_numpy(labels.copy()), class_names, *stats, opts.name, resize=resize)
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[Stats, Stats]:
@@ -520,7 +846,7 @@ def _read_lines(archive: _Archive, name: str) -> list[str]:
 
 def _read_imagefolder(archive: _Archive, opts: _Options) -> ImageSet:
     layout = "<split>/<class>/<image> (in a folder or a .zip, optionally inside one top folder)"
-    files = [n for n in archive.names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    files = [n for n in archive.names if _is_image(n)]
     parts = [n.split("/") for n in files]
     tops = {p[0] for p in parts}
     # One top folder holding the splits (cifar10-jpeg/train/...) versus splits at the top level (train/...).
@@ -529,11 +855,16 @@ def _read_imagefolder(archive: _Archive, opts: _Options) -> ImageSet:
     for p in parts:
         if len(p) == depth + 3:
             by_split.setdefault(p[depth], []).append(p)
+    if opts.split not in by_split and archive.find("wnids.txt") is not None:
+        raise KrrstError(f"{archive.path} holds the Tiny-ImageNet-200 layout (wnids.txt); pass --source tinyimagenet")
     if not by_split:
-        raise KrrstError(f"{archive.path}: no <split>/<class>/<image> files; expected the imagefolder layout {layout}")
+        raise KrrstError(f"{archive.path}: no <split>/<class>/<image> files; {_layout_found(archive, files)}")
     if opts.split not in by_split:
         valid = ", ".join(sorted(by_split))
-        raise KrrstError(f"{archive.path}: no split folder {opts.split!r}; valid splits here: {valid}")
+        raise KrrstError(
+            f"{archive.path}: no split folder {opts.split!r}; valid splits here: {valid} (for one folder of "
+            "<class>/<image> with no split folders, pass --source folder: it splits train/test itself)"
+        )
     entries = by_split[opts.split]
     class_names = sorted({p[depth + 1] for p in entries})
     class_index = {c: i for i, c in enumerate(class_names)}
@@ -543,6 +874,102 @@ def _read_imagefolder(archive: _Archive, opts: _Options) -> ImageSet:
     image_set = _labelled_files(archive, members, labels, class_names, ((0.0,) * 3, (1.0,) * 3), opts)
     stats = CIFAR10_STATS if class_names == CIFAR10_CLASSES else _channel_stats(image_set.images)
     return dataclasses.replace(image_set, mean=stats[0], std=stats[1])
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _layout_found(archive: _Archive, images: list[str]) -> str:
+    """What the root holds instead of the imagefolder layout, and what to pass for it."""
+    if not images:
+        return _no_images(archive)
+    classes = _class_folders(images)[1]
+    if classes:
+        shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+        return (f"found <class>/<image> folders ({len(classes)} classes: {shown}) with no split folders; "
+                "pass --source folder (it makes a seeded, stratified train/test split)")
+    return (f"found {len(images)} image{'s' * (len(images) > 1)} not in <split>/<class>/ folders (e.g. {images[0]}); "
+            "pass --source folder to read images in any layout")
+
+
+def _no_images(archive: _Archive) -> str:
+    others = archive.names
+    if not others:
+        return "it is empty; expected image files (.jpg, .png, .webp, ...)"
+    return (f"found {len(others)} files but no images (e.g. {others[0]}); expected files ending in "
+            f"{', '.join(IMAGE_EXTENSIONS)}")
+
+
+def _class_folders(files: list[str]) -> tuple[list[int] | None, list[str]]:
+    """`(labels, class names)` when every image sits in a `<class>/` folder (below common folders), else `(None, [])`.
+
+    Folders every file shares (`photos/2024/...`) are not classes; at least two
+    class folders are needed. Images at different depths are unlabelled.
+    """
+    parts = [name.split("/") for name in files]
+    while parts and all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
+        parts = [p[1:] for p in parts]
+    if not parts or any(len(p) != 2 for p in parts) or len({p[0] for p in parts}) < 2:
+        return None, []
+    class_names = sorted({p[0] for p in parts})
+    index = {name: i for i, name in enumerate(class_names)}
+    return [index[p[0]] for p in parts], class_names
+
+
+def stratified_split(labels: Sequence[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """`(train, test)` indices: each class gives `round(test_fraction * n_c)` images to test, drawn by `seed`.
+
+    A class of two or more images keeps at least one on each side; a class of
+    one image stays in train. Both lists are sorted, disjoint and cover every index.
+    """
+    if not 0 < test_fraction < 1:
+        raise KrrstError(f"test_fraction (run.test_fraction) must lie in (0, 1), got {test_fraction!r}")
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(index)
+    test: list[int] = []
+    for label in sorted(by_class):
+        indices = by_class[label]
+        count = round(test_fraction * len(indices))
+        count = min(max(count, 1), len(indices) - 1) if len(indices) > 1 else 0
+        order = torch.randperm(len(indices), generator=generator)[:count]
+        test.extend(indices[i] for i in order.tolist())
+    chosen = set(test)
+    return [i for i in range(len(labels)) if i not in chosen], sorted(test)
+
+
+def _read_folder(archive: _Archive, opts: _Options) -> ImageSet:
+    """Images in any layout: flat, nested, zipped, tarred or listed; `<class>/<image>` folders give labels.
+
+    Splits: `all` (every image); `train` and `test` split a labelled folder
+    (seeded, stratified, `opts.test_fraction` to test); an unlabelled one has
+    no test split and `train` is every image.
+    """
+    files = [n for n in archive.names if _is_image(n)]
+    if not files:
+        raise KrrstError(f"{archive.path}: no images found; {_no_images(archive)}")
+    labels, class_names = _class_folders(files)
+    base = re.sub(r"(\.tar(\.\w+)?|\.tgz|\.zip|\.txt|\.lst|\.list)$", "", archive.path.name, flags=re.I)
+    name = base
+    if labels is None and opts.split == "test":
+        raise KrrstError(
+            f"{archive.path}: no test split: the images are not in <class>/<image> folders, so they have no labels "
+            "to split by (a target needs them; a <split>/<class>/<image> tree is --source imagefolder)"
+        )
+    if labels is not None and opts.split != "all":
+        train, test = stratified_split(labels, opts.test_fraction, opts.split_seed)
+        chosen = train if opts.split == "train" else test
+        files, labels = [files[i] for i in chosen], [labels[i] for i in chosen]
+        # The split is part of the data: rows of another fraction or seed must not be mixed with these.
+        name = f"{base} (test {100 * opts.test_fraction:g}%, seed {opts.split_seed})"
+    order = sorted(range(len(files)), key=lambda i: (labels[i] if labels else 0, files[i]))
+    files = [files[i] for i in order]
+    labels = None if labels is None else [labels[i] for i in order]
+    image_set = _labelled_files(archive, files, labels, class_names, ((0.0,) * 3, (1.0,) * 3), opts)
+    stats = CIFAR10_STATS if class_names == CIFAR10_CLASSES else _channel_stats(image_set.images)
+    return dataclasses.replace(image_set, mean=stats[0], std=stats[1], name=name)
 
 
 def _read_tinyimagenet(archive: _Archive, opts: _Options) -> ImageSet:
@@ -790,14 +1217,16 @@ def _read_imagenet64(archive: _Archive, opts: _Options) -> ImageSet:
         images = torch.from_numpy(kept.reshape(-1, 3, side, side))
         if out is None:
             size = opts.image_size or side
-            out = torch.empty((int(keep.sum()), 3, size, size), dtype=torch.uint8)
+            out = opts.allocate((int(keep.sum()), 3, size, size))
         for start in range(0, len(images), 4096):
             chunk = images[start : start + 4096]
-            out[row : row + len(chunk)] = _resize(chunk, out.shape[-1]) if out.shape[-1] != side else chunk
+            out[row : row + len(chunk)] = _resize(chunk, out.shape[-1], opts.resize) if out.shape[-1] != side else chunk
             row += len(chunk)
         del data, kept, images
     class_names = _imagenet64_class_names(archive, int(all_labels.max()) + 1)
-    return ImageSet(out, torch.from_numpy(all_labels[keep].copy()), class_names, *IMAGENET_STATS, opts.name)
+    resize = opts.resize if opts.image_size is not None else None
+    return ImageSet(out, torch.from_numpy(all_labels[keep].copy()), class_names, *IMAGENET_STATS, opts.name,
+                    resize=resize)
 
 
 def _imagenet64_candidates(archive: _Archive) -> list[str]:
@@ -850,13 +1279,16 @@ _READERS: dict[str, tuple[_Reader, tuple[str, ...] | None]] = {
     "cub": (_read_cub, ("train", "test")),
     "dogs": (_read_dogs, ("train", "test")),
     "imagenet64": (_read_imagenet64, ("train", "val")),
+    "folder": (_read_folder, ("train", "test", "all")),
+    "hf": (None, None),  # splits: the dataset's own, plus train/test made by a stratified split
 }
+_SPLITS_ITSELF = {"folder", "hf"}  # sources that split a labelled set into train/test (`stratified_split`)
 _FINE_GRAINED = {"aircraft", "flowers", "cars", "cub", "dogs"}
 _DOWNLOADABLE = {"cifar10", "cifar100", "aircraft", "flowers"}
 
 
 _LAYOUTS = {
-    "imagefolder": "<root>/<split>/<class>/<image>, a folder or a .zip (e.g. ../shared/data/cifar10-jpeg.zip)",
+    "imagefolder": "<split>/<class>/<image>, a folder or a .zip (e.g. ~/data/cifar10-jpeg.zip)",
     "tinyimagenet": "tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images + val_annotations.txt}",
     "cifar10": "cifar-10-batches-py/ (python pickle batches; --download fetches it)",
     "cifar100": "cifar-100-python/ (python pickle batches; --download fetches it)",
@@ -866,14 +1298,33 @@ _LAYOUTS = {
     "cub": "CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/}",
     "dogs": "Stanford Dogs: Images/<wnid-breed>/*.jpg + train_list.mat / test_list.mat (or lists/)",
     "imagenet64": "Imagenet64_train/train_data_batch_{1..10}.npz + val_data.npz (official downsampled release)",
+    "folder": "your own images in any layout (the examples below)",
+    "hf": "a Hugging Face dataset: a hub name (e.g. --root cifar10) or a save_to_disk folder (pip install 'krrst[hf]')",
 }
+
+_FOLDER_EXAMPLES = (
+    ("~/photos", "flat: ~/photos/*.jpg (unlabelled; train = all = every image)"),
+    ("~/photos", "nested at any depth: ~/photos/2023/trip/*.png (unlabelled)"),
+    ("~/pets", "classes: ~/pets/<class>/*.jpg (labelled; train/test: a seeded, stratified split)"),
+    ("~/photos.zip", "a .zip, .tar, .tar.gz or .tgz of any of these, read without extracting"),
+    ("~/photos.txt", "a list: one image path per line, relative to the list's folder or absolute"),
+)
 
 
 def describe_datasets() -> str:
     """A table of every dataset name, its splits and the on-disk layout it reads (for `krrst datasets`)."""
-    lines = [f"{'name':<13} {'splits':<12} layout under --root"]
+    lines = [f"{'name':<13} {'splits':<16} layout under --root"]
     for name, (_, splits) in _READERS.items():
-        lines.append(f"{name:<13} {','.join(splits) if splits else '<folders>':<12} {_LAYOUTS[name]}")
+        shown = ",".join(splits) if splits else "<its own>" if name == "hf" else "<folders>"
+        lines.append(f"{name:<13} {shown:<16} {_LAYOUTS[name]}")
+        if name == "folder":
+            lines += [f"{'':<13} {'':<16}   --root {root:<14} {text}" for root, text in _FOLDER_EXAMPLES]
+    lines += [
+        "",
+        "Formats: JPEG, PNG, WebP, BMP, GIF, TIFF; greyscale, palette, RGBA and CMYK images become RGB.",
+        f"--image-size S: {RESIZE_POLICIES['crop']} (images of mixed sizes need it).",
+        "An undecodable file stops the load with its name; --skip-corrupt skips such files and reports them.",
+    ]
     return "\n".join(lines)
 
 
@@ -905,12 +1356,40 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("KRRST_CACHE") or Path.home() / ".cache" / "krrst").expanduser()
 
 
-def _cache_stem(cache_dir: Path, opts: _Options) -> Path:
+def _root_identity(opts: _Options) -> list[Any]:
+    """What says the data under the root is unchanged.
+
+    A zip, a tar or a released dataset's folder: the root's size and mtime.
+    Your own folder of images: every image's name, size and mtime (a file
+    changed deep inside a folder leaves the folder's mtime alone); a list: its
+    text and every listed file's size and mtime.
+    """
+    if opts.identity:
+        return list(opts.identity)
     resolved = opts.root.resolve()
+    if opts.name in ("folder", "imagefolder") and resolved.is_dir():
+        digest = hashlib.sha256()
+        for name, entry in sorted(_walk_files(resolved), key=lambda item: item[0]):
+            if _is_image(name):
+                info = entry.stat()
+                digest.update(f"{name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        return [str(resolved), digest.hexdigest()]
+    if opts.name == "folder" and resolved.name.lower().endswith(_LIST_SUFFIXES) and resolved.is_file():
+        digest = hashlib.sha256(resolved.read_bytes())
+        for path in _open_list(resolved).listed.values():
+            info = path.stat() if path.exists() else None
+            digest.update(f"{path}\0{info and info.st_size}\0{info and info.st_mtime_ns}\n".encode())
+        return [str(resolved), digest.hexdigest()]
     info = resolved.stat()
-    fields = [_CACHE_FORMAT, opts.name, str(resolved), info.st_size, info.st_mtime_ns]
-    key = json.dumps(fields + [opts.split, opts.image_size, opts.max_per_class])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return [str(resolved), info.st_size, info.st_mtime_ns]
+
+
+def _cache_stem(cache_dir: Path, opts: _Options) -> Path:
+    fields = [_CACHE_FORMAT, opts.name, *_root_identity(opts), opts.split, opts.image_size, opts.max_per_class,
+              opts.resize, opts.skip_corrupt]
+    if opts.name in _SPLITS_ITSELF:
+        fields += [opts.test_fraction, opts.split_seed]
+    digest = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:20]
     size = opts.image_size or "native"
     count = opts.max_per_class or "all"
     return cache_dir / f"{opts.name}-{opts.split}-{size}-{count}-{digest}"
@@ -932,7 +1411,8 @@ def _read_cache(stem: Path) -> ImageSet | None:
         labels = torch.from_numpy(np.load(labels_path, allow_pickle=False)) if meta["labelled"] else None
         if len(images) != meta["count"]:
             raise ValueError(f"{len(images)} images, expected {meta['count']}")
-        return ImageSet(images, labels, meta["class_names"], tuple(meta["mean"]), tuple(meta["std"]), meta["name"])
+        return ImageSet(images, labels, meta["class_names"], tuple(meta["mean"]), tuple(meta["std"]), meta["name"],
+                        resize=meta.get("resize"), skipped=tuple(meta.get("skipped", ())))
     except (KrrstError, OSError, ValueError, KeyError, TypeError) as exc:
         reason = describe_exception(exc)
         warnings.warn(f"ignoring unreadable cache entry {meta_path} ({reason}); reading the dataset again",
@@ -940,11 +1420,13 @@ def _read_cache(stem: Path) -> ImageSet | None:
         return None
 
 
-def _write_cache(stem: Path, image_set: ImageSet) -> None:
+def _write_cache(stem: Path, image_set: ImageSet, sink: _Sink) -> None:
+    """Store `image_set` as a cache entry: its images are renamed into place when decoded into `sink`'s map."""
     images_path, labels_path, meta_path = _cache_paths(stem)
     try:
-        with atomic_write(images_path) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, image_set.images.numpy(), allow_pickle=False)
+        if not sink.claim(image_set.images, images_path):
+            with atomic_write(images_path) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, image_set.images.numpy(), allow_pickle=False)
         if image_set.labels is not None:
             with atomic_write(labels_path) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, image_set.labels.numpy(), allow_pickle=False)
@@ -956,6 +1438,8 @@ def _write_cache(stem: Path, image_set: ImageSet) -> None:
             "class_names": image_set.class_names,
             "mean": list(image_set.mean),
             "std": list(image_set.std),
+            "resize": image_set.resize,
+            "skipped": list(image_set.skipped),
         }
         write_json(meta_path, meta)
     except OSError as exc:
@@ -971,11 +1455,16 @@ def cache_file(
     *,
     max_per_class: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    resize: str = "crop",
+    skip_corrupt: bool = False,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    split_seed: int = 0,
 ) -> Path:
     """The JSON file marking the cache entry `load_images` would use for these arguments (it may not exist yet)."""
     if name in _FINE_GRAINED and image_size is None:
         image_size = FINE_GRAINED_DEFAULT_SIZE
-    opts = _Options(name, split, image_size, max_per_class, None, Path(root).expanduser())
+    opts = _Options(name, split, image_size, max_per_class, None, Path(root).expanduser(), resize, skip_corrupt,
+                    test_fraction, split_seed)
     return _cache_paths(_cache_stem(Path(cache_dir) if cache_dir else default_cache_dir(), opts))[2]
 
 
@@ -989,16 +1478,25 @@ def load_images(
     max_per_class: int | None = None,
     cache_dir: str | os.PathLike | bool | None = None,
     num_workers: int | None = None,
+    resize: str = "crop",
+    skip_corrupt: bool = False,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    split_seed: int = 0,
 ) -> ImageSet:
-    """Read one split of dataset `name` from `root` (a folder or a .zip) as an `ImageSet`.
+    """Read one split of dataset `name` from `root` (a folder, a .zip, a .tar or a list) as an `ImageSet`.
 
-    `image_size` resizes every image to image_size x image_size (antialiased
-    bilinear; fine-grained datasets default to 32). `max_per_class` keeps the
+    `image_size` brings every image to image_size x image_size under `resize`
+    ("crop": the short side to image_size, then the centre; "stretch": both
+    sides; fine-grained datasets default to 32). `max_per_class` keeps the
     first k images of each class in the layout's order (sorted file names, or
     the annotation files' order). `download` fetches cifar10/cifar100/
     aircraft/flowers with torchvision when absent. `cache_dir` is where decoded
     tensors are cached (None: `default_cache_dir()`; False: no cache).
-    `num_workers` decoding threads (default: every core).
+    `num_workers` decoding threads (default: every core). `skip_corrupt` skips
+    undecodable image files (warning with their count and first names)
+    instead of stopping at the first. `test_fraction` and `split_seed` make
+    the seeded, stratified train/test split of a labelled `folder` (or `hf`
+    dataset) that has no test split of its own.
     Every user mistake (unknown name or split, missing or unreadable root,
     wrong layout) raises a one-line `KrrstError`.
     """
@@ -1010,21 +1508,43 @@ def load_images(
     for option, value in (("image_size", image_size), ("max_per_class", max_per_class), ("num_workers", num_workers)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise KrrstError(f"{option} must be a positive integer or None, got {value!r}")
+    if resize not in RESIZE_POLICIES:
+        raise KrrstError(f"unknown resize policy {resize!r}; valid policies: {', '.join(RESIZE_POLICIES)}")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise KrrstError(f"test_fraction (run.test_fraction) must lie in (0, 1), got {test_fraction!r}")
     if name in _FINE_GRAINED and image_size is None:
         image_size = FINE_GRAINED_DEFAULT_SIZE
+    archive = reader = None
+    identity: tuple = ()
+    if name == "hf":
+        archive, reader, identity = _open_hf(str(root), split)
     root = Path(root).expanduser()
     if cache_dir is False:
         cache_root = None
     else:
         cache_root = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir).expanduser()
+    sink = _Sink(cache_root) if cache_root is not None else None
+    opts = _Options(name, split, image_size, max_per_class, num_workers, root, resize, bool(skip_corrupt),
+                    float(test_fraction), split_seed, sink, identity)
 
-    def options() -> _Options:
-        return _Options(name, split, image_size, max_per_class, num_workers, root)
+    image_set = None
+    if cache_root is not None and (identity or root.exists()):
+        image_set = _read_cache(_cache_stem(cache_root, opts))
+    if image_set is None:
+        if archive is None:
+            archive = _open_root(opts, download)
+        image_set = _read_into_cache(archive, reader, opts, cache_root)
+    elif archive is not None:
+        archive.close()
+    if image_set.skipped:
+        shown = ", ".join(image_set.skipped[:3]) + (", ..." if len(image_set.skipped) > 3 else "")
+        warnings.warn(f"{root}: skipped {len(image_set.skipped)} unreadable image file(s): {shown}", stacklevel=2)
+    return image_set
 
-    if cache_root is not None and root.exists():
-        cached = _read_cache(_cache_stem(cache_root, options()))
-        if cached is not None:
-            return cached
+
+def _open_root(opts: _Options, download: bool) -> _Archive:
+    """Open the dataset's root, fetching it first when asked and possible."""
+    name, root = opts.name, opts.root
     if download and name in _DOWNLOADABLE:
         _download(name, root)
     if not root.exists():
@@ -1034,15 +1554,86 @@ def load_images(
         elif download:
             hint = f" (krrst cannot download {name}; fetch it from its official site)"
         raise KrrstError(f"dataset root {root} does not exist{hint}")
-    archive = _open_archive(root)
+    return _open_archive(root)
+
+
+def _read_into_cache(archive: _Archive, reader: _Reader | None, opts: _Options, cache_root: Path | None) -> ImageSet:
+    """Read the dataset and store it in the cache (the images decoded straight into the entry's file)."""
+    reader = reader or _READERS[opts.name][0]
     try:
-        image_set = reader(archive, options())
+        image_set = reader(archive, opts)
+        if opts.name == "imagefolder":
+            # Name the set after its archive/folder ("cifar10-jpeg"), which says more than "imagefolder".
+            image_set = dataclasses.replace(image_set, name=opts.root.name.removesuffix(".zip"))
+        if cache_root is not None:
+            stem = _cache_stem(cache_root, opts)  # keyed again: a download has just changed the root's mtime
+            _write_cache(stem, image_set, opts.sink)
+            # The decoding map is writable and shared with the file: hand out the copy-on-write map instead.
+            image_set = _read_cache(stem) or image_set
     finally:
         archive.close()
-    if name == "imagefolder":
-        # Name the set after its archive/folder ("cifar10-jpeg"), which says more than "imagefolder".
-        image_set = dataclasses.replace(image_set, name=root.name.removesuffix(".zip"))
-    if cache_root is not None:
-        # Keyed again: a download has just changed the root's mtime.
-        _write_cache(_cache_stem(cache_root, options()), image_set)
+        if opts.sink is not None:
+            opts.sink.discard()
     return image_set
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face datasets (optional: pip install 'krrst[hf]').
+
+
+def _open_hf(root: str, split: str) -> tuple[_Archive, _Reader, tuple]:
+    """A Hugging Face dataset as an archive of its rows, the reader of the split, and what identifies it.
+
+    `root` is a folder written by `save_to_disk` (read offline) or a hub name
+    (fetched by `datasets`). The first `Image` column holds the images and the
+    first `ClassLabel` column, when there is one, the labels. A split the
+    dataset has is read as it is; `train`/`test` of a labelled dataset with no
+    `test` split come from a seeded, stratified split of its `train` split (or
+    of its only one).
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise KrrstError("reading a Hugging Face dataset needs the datasets package: pip install 'krrst[hf]'") from None
+    local = Path(root).expanduser()
+    try:
+        data = datasets.load_from_disk(str(local)) if local.exists() else datasets.load_dataset(root)
+    except Exception as exc:  # noqa: BLE001 - network, format and hub errors come in many types
+        raise KrrstError(f"cannot open the Hugging Face dataset {root!r} ({describe_exception(exc)}); expected a "
+                         "hub name or a folder written by save_to_disk") from None
+    splits = dict(data) if isinstance(data, datasets.DatasetDict) else {"all": data}
+    if split in splits:
+        base, derived = split, False
+    elif split in ("train", "test", "all") and "test" not in splits and ("train" in splits or len(splits) == 1):
+        base, derived = ("train" if "train" in splits else next(iter(splits))), True
+    else:
+        raise KrrstError(f"Hugging Face dataset {root!r} has no split {split!r}; its splits: {', '.join(splits)}")
+    rows = splits[base]
+    image_column = next((c for c, f in rows.features.items() if isinstance(f, datasets.Image)), None)
+    if image_column is None:
+        raise KrrstError(f"Hugging Face dataset {root!r} has no Image column (columns: {', '.join(rows.features)})")
+    label_column = next((c for c, f in rows.features.items() if isinstance(f, datasets.ClassLabel)), None)
+    rows = rows.cast_column(image_column, datasets.Image(decode=False))
+    archive = _Archive(local if local.exists() else Path(root), rows=rows, column=image_column)
+    archive._names = [str(i) for i in range(len(rows))]
+    identity = ("hf", str(local.resolve()) if local.exists() else root, base, derived, rows._fingerprint)
+
+    def read(archive: _Archive, opts: _Options) -> ImageSet:
+        members = archive._names
+        labels = class_names = None
+        if label_column is not None:
+            labels = [int(label) for label in rows[label_column]]
+            class_names = list(rows.features[label_column].names)
+        name = Path(root).name or root
+        if derived and split != "all" and labels is not None:
+            train, test = stratified_split(labels, opts.test_fraction, opts.split_seed)
+            chosen = train if split == "train" else test
+            members, labels = [members[i] for i in chosen], [labels[i] for i in chosen]
+            name = f"{name} (test {100 * opts.test_fraction:g}%, seed {opts.split_seed})"
+        elif derived and split == "test":
+            raise KrrstError(f"Hugging Face dataset {root!r} has no test split and no ClassLabel column to split by")
+        image_set = _labelled_files(archive, members, labels, class_names or [], ((0.0,) * 3, (1.0,) * 3), opts)
+        stats = _channel_stats(image_set.images)
+        return dataclasses.replace(image_set, mean=stats[0], std=stats[1], name=name)
+
+    return archive, read, identity

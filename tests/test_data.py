@@ -452,12 +452,14 @@ def test_cache_keys_on_root_mtime_and_can_be_disabled(tmp_path):
     second = load_images("imagefolder", root, "train", cache_dir=cache_dir)
     assert (len(first), len(second)) == (1, 2)
     assert cache_file("imagefolder", root, "train", cache_dir=cache_dir) != marker
-    # a damaged entry is ignored with a warning, and the data is read again
+    # a damaged entry is ignored with a warning, and the data is read again (`second` maps the entry's file:
+    # keep a copy of its pixels before damaging that file in place)
+    expected = second.images.clone()
     entry = cache_file("imagefolder", root, "train", cache_dir=cache_dir)
     Path(str(entry).replace(".json", ".images.npy")).write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="ignoring unreadable cache entry"):
         again = load_images("imagefolder", root, "train", cache_dir=cache_dir)
-    assert torch.equal(again.images, second.images)
+    assert torch.equal(again.images, expected)
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
@@ -507,8 +509,8 @@ def test_bad_roots(tmp_path):
     with zipfile.ZipFile(wrong, "w") as archive:
         archive.writestr("readme.txt", "hello")
         archive.writestr("pictures/cat.jpg", solid((1, 2, 3)))
-    expected = f"{wrong}: no <split>/<class>/<image> files; expected the imagefolder layout"
-    with pytest.raises(KrrstError, match=re.escape(expected)):
+    expected = f"{wrong}: no <split>/<class>/<image> files; found 1 image not in <split>/<class>/ folders"
+    with pytest.raises(KrrstError, match=re.escape(expected) + ".*pass --source folder"):
         load_images("imagefolder", wrong, "train", cache_dir=False)
     expected = f"{wrong}: no wnids.txt found; expected the Tiny-ImageNet-200 layout tiny-imagenet-200/"
     with pytest.raises(KrrstError, match=re.escape(expected)):
@@ -569,3 +571,339 @@ def test_imageset_repr_is_a_short_summary_not_the_tensors():
     assert text == "ImageSet(name='cifar10', 500 images 3x32x32 uint8, 10 classes)"
     unlabelled = ImageSet(images[:7], None, [], (0.5,) * 3, (0.25,) * 3, "stl10")
     assert repr(unlabelled) == "ImageSet(name='stl10', 7 images 3x32x32 uint8, unlabelled)"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Your own images: `folder` in any layout, every format, the resize policy, corrupt files, splits, the cache.
+
+
+def colour_image(colour: tuple[int, int, int], fmt: str, mode: str = "RGB", size: tuple[int, int] = (12, 10)) -> bytes:
+    """A solid image saved as `fmt` after converting to `mode` (L, P, RGBA, CMYK, ...)."""
+    return solid(colour, size, fmt, mode)
+
+
+def pillow_rgb(data: bytes) -> torch.Tensor:
+    """What Pillow decodes `data` to, as RGB 3 x H x W: the reference every format must match."""
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+
+
+def tar_folder(folder: Path, tar_path: Path, mode: str) -> Path:
+    import tarfile
+
+    with tarfile.open(tar_path, mode) as archive:
+        archive.add(folder, arcname=folder.name)
+    return tar_path
+
+
+@pytest.fixture
+def photos(tmp_path) -> tuple[Path, list[tuple[int, int, int]]]:
+    """~/photos-like flat folder: six PNGs in two sizes' worth of names, one colour each (sorted by name)."""
+    root = tmp_path / "photos"
+    for i, colour in enumerate(PALETTE):
+        write(root / f"img_{i}.png", solid(colour, (12, 12), "PNG"))
+    write(root / "notes.txt", "not an image")
+    write(root / ".hidden.png", solid((1, 1, 1), (12, 12), "PNG"))
+    return root, PALETTE
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested", "zip", "tar", "tar.gz", "list-relative", "list-absolute"])
+def test_folder_reads_every_layout_unlabelled(tmp_path, photos, layout):
+    root, colours = photos
+    if layout == "nested":  # images at several depths: no classes
+        nested = tmp_path / "nested"
+        for i, colour in enumerate(colours):
+            write(nested / ("a/b" if i % 2 else "c") / f"img_{i}.png", solid(colour, (12, 12), "PNG"))
+        root = nested
+    elif layout == "zip":
+        root = zip_folder(root, tmp_path / "photos.zip")
+    elif layout in ("tar", "tar.gz"):
+        root = tar_folder(root, tmp_path / f"photos.{layout}", "w" if layout == "tar" else "w:gz")
+    elif layout.startswith("list"):
+        lines = [str(root / f"img_{i}.png") if layout == "list-absolute" else f"photos/img_{i}.png"
+                 for i in range(len(colours))]
+        root = tmp_path / "photos.txt"
+        root.write_text("# my photos\n" + "\n".join(lines) + "\n\n")
+    image_set = load_images("folder", root, cache_dir=False, num_workers=2)
+    assert image_set.labels is None and image_set.class_names == [] and len(image_set) == 6
+    assert image_set.name in ("photos", "nested")
+    # sorted by path: img_0 .. img_5 in the flat layouts; the nested one sorts a/b/ before c/
+    order = [1, 3, 5, 0, 2, 4] if layout == "nested" else range(6)
+    assert torch.equal(image_set.images, torch.tensor([colours[i] for i in order], dtype=torch.uint8)[:, :, None, None]
+                       .expand(6, 3, 12, 12))
+    assert load_images("folder", root, "all", cache_dir=False).images.shape == image_set.images.shape
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("PNG", "RGB"), ("WEBP", "RGB"), ("BMP", "RGB"), ("PNG", "L"),
+                                      ("PNG", "P"), ("PNG", "RGBA"), ("JPEG", "CMYK"), ("JPEG", "L"), ("TIFF", "CMYK")])
+def test_every_format_and_mode_becomes_rgb_as_pillow_decodes_it(tmp_path, fmt, mode):
+    colours = [(200, 40, 90), (30, 160, 220)]
+    root = tmp_path / "formats"
+    encoded = [colour_image(colour, fmt, mode) for colour in colours]
+    for i, data in enumerate(encoded):
+        write(root / f"{i}.{fmt.lower()}", data)
+    image_set = load_images("folder", root, cache_dir=False)
+    assert image_set.images.shape == (2, 3, 10, 12)
+    for ours, data, colour in zip(image_set.images, encoded, colours):
+        reference = pillow_rgb(data)
+        # libjpeg builds differ by a level or two; lossless formats are exact
+        assert (ours.float() - reference.float()).abs().max() <= (3 if fmt == "JPEG" else 0), (fmt, mode)
+        if mode in ("RGB", "RGBA", "P", "CMYK"):  # the colour itself survives (greyscale keeps luminance only)
+            assert (ours.float().mean(dim=(1, 2)) - torch.tensor(colour)).abs().max() < 6
+
+
+def test_resize_policy_short_side_then_centre_crop(tmp_path):
+    """A 40x20 image, green in its outer 6 columns, red then blue inside: at 10 px the centre crop keeps no green."""
+    bands = np.zeros((20, 40, 3), dtype=np.uint8)
+    bands[:, :6] = bands[:, 34:] = (0, 255, 0)
+    bands[:, 6:20] = (255, 0, 0)
+    bands[:, 20:34] = (0, 0, 255)
+    root = tmp_path / "mixed"
+    buffer = io.BytesIO()
+    Image.fromarray(bands).save(buffer, "PNG")
+    write(root / "a_wide.png", buffer.getvalue())
+    buffer = io.BytesIO()
+    Image.fromarray(bands.transpose(1, 0, 2).copy()).save(buffer, "PNG")  # the same bands, horizontal, 20x40
+    write(root / "b_tall.png", buffer.getvalue())
+    write(root / "c_square.png", solid((7, 8, 9), (10, 10), "PNG"))
+    image_set = load_images("folder", root, image_size=10, cache_dir=False)
+    assert image_set.images.shape == (3, 3, 10, 10) and image_set.resize == "crop"
+    wide, tall, square = image_set.images.long()
+    # 40x20 -> 20x10, centre 10 columns = resized columns 5..14 = original columns 10..29 (the antialiasing
+    # kernel reaches 2 columns further): pure red at the left edge, pure blue at the right, no green anywhere
+    assert torch.equal(wide[:, :, 0], torch.tensor([255, 0, 0]).view(3, 1).expand(3, 10))
+    assert torch.equal(wide[:, :, 9], torch.tensor([0, 0, 255]).view(3, 1).expand(3, 10))
+    assert int(wide[1].max()) == 0  # the green outer bands are cropped away
+    assert torch.equal(tall, wide.transpose(1, 2))
+    assert torch.equal(square, torch.tensor([7, 8, 9]).view(3, 1, 1).expand(3, 10, 10))
+    # "stretch" keeps the whole width (green at the edges): the policy is really applied, and recorded
+    stretched = load_images("folder", root, image_size=10, resize="stretch", cache_dir=False)
+    assert stretched.resize == "stretch" and int(stretched.images[0, 1, :, 0].min()) > 200
+    with pytest.raises(KrrstError, match=r"b_tall.png is 20x40 but earlier images are 40x20; pass image_size"):
+        load_images("folder", root, cache_dir=False)
+    with pytest.raises(KrrstError, match=r"unknown resize policy 'squash'; valid policies: crop, stretch"):
+        load_images("folder", root, image_size=10, resize="squash", cache_dir=False)
+
+
+def test_corrupt_file_stops_with_its_name_or_is_skipped_and_reported(tmp_path):
+    root = tmp_path / "photos"
+    for i in range(5):
+        write(root / f"{i}.jpg", solid(PALETTE[i], (16, 16)))
+    write(root / "2b.jpg", b"\xff\xd8 not really a jpeg")
+    write(root / "3b.png", b"\x89PNG garbage")
+    with pytest.raises(KrrstError) as error:
+        load_images("folder", root, cache_dir=False, num_workers=2)
+    message = str(error.value)
+    assert "cannot decode image 2b.jpg" in message and "\n" not in message
+    assert "--skip-corrupt" in message and "skip_corrupt=True" in message
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image file\(s\): 2b.jpg, 3b.png"):
+        image_set = load_images("folder", root, skip_corrupt=True, cache_dir=False, num_workers=2)
+    assert image_set.skipped == ("2b.jpg", "3b.png") and len(image_set) == 5
+    assert_colours(image_set, PALETTE[:5])
+    # labelled: the labels of the skipped files go with them; through the cache the report repeats
+    labelled = tmp_path / "pets"
+    for i in range(3):
+        write(labelled / "cat" / f"{i}.jpg", solid(PALETTE[0], (16, 16)))
+        write(labelled / "dog" / f"{i}.jpg", solid(PALETTE[1], (16, 16)))
+    write(labelled / "cat" / "1.jpg", b"broken")
+    for _ in range(2):
+        with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): cat/1.jpg"):
+            pets = load_images("folder", labelled, "all", skip_corrupt=True, cache_dir=tmp_path / "cache")
+        assert pets.labels.tolist() == [0, 0, 1, 1, 1]
+        assert_colours(pets, [PALETTE[0]] * 2 + [PALETTE[1]] * 3)
+
+
+def test_empty_folder_and_folder_of_non_images_are_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(KrrstError, match=re.escape(f"{empty}: no images found; it is empty")):
+        load_images("folder", empty, cache_dir=False)
+    docs = tmp_path / "docs"
+    write(docs / "a.txt", "text")
+    write(docs / "sub" / "b.csv", "1,2")
+    with pytest.raises(KrrstError, match=re.escape(f"{docs}: no images found; found 2 files but no images (e.g. a.txt)")):
+        load_images("folder", docs, cache_dir=False)
+    with pytest.raises(KrrstError, match=r"it is empty"):
+        load_images("imagefolder", empty, cache_dir=False)
+    listed = tmp_path / "list.txt"
+    listed.write_text("photos/missing.jpg\n")
+    with pytest.raises(KrrstError, match=r"photos/missing.jpg: listed in .*list.txt but missing"):
+        load_images("folder", listed, cache_dir=False)
+    with pytest.raises(KrrstError, match=r"not a folder, a .zip, a .tar \(.tar.gz, .tgz\) or a .txt list"):
+        load_images("folder", write_returning(tmp_path / "photo.dat", b"\x00\x01 binary"), cache_dir=False)
+
+
+def write_returning(path: Path, data: bytes) -> Path:
+    write(path, data)
+    return path
+
+
+def test_wrong_source_names_what_was_found_and_what_to_pass(tmp_path):
+    flat = tmp_path / "photos"
+    for i in range(3):
+        write(flat / f"{i}.jpg", solid(PALETTE[i]))
+    with pytest.raises(KrrstError, match=r"found 3 images not in <split>/<class>/ folders \(e.g. 0.jpg\); pass --source folder"):
+        load_images("imagefolder", flat, cache_dir=False)
+    pets = tmp_path / "pets"
+    for name in ("cat", "dog", "emu", "yak"):
+        write(pets / name / "0.jpg", solid(PALETTE[0]))
+    with pytest.raises(KrrstError, match=r"found <class>/<image> folders \(4 classes: cat, dog, emu, \.\.\.\) with no "
+                       r"split folders; pass --source folder"):
+        load_images("imagefolder", pets, cache_dir=False)
+    # a Tiny-ImageNet zip given as imagefolder (its val/images/ looks like a split of one class)
+    tiny = tmp_path / "tiny.zip"
+    with zipfile.ZipFile(tiny, "w") as archive:
+        archive.writestr("tiny-imagenet-200/wnids.txt", "n01\n")
+        archive.writestr("tiny-imagenet-200/train/n01/images/n01_0.JPEG", solid(PALETTE[0]))
+        archive.writestr("tiny-imagenet-200/val/images/val_0.JPEG", solid(PALETTE[1]))
+        archive.writestr("tiny-imagenet-200/val/val_annotations.txt", "val_0.JPEG\tn01\n")
+    with pytest.raises(KrrstError, match=re.escape(f"{tiny} holds the Tiny-ImageNet-200 layout (wnids.txt); "
+                                                   "pass --source tinyimagenet")):
+        load_images("imagefolder", tiny, "train", cache_dir=False)
+    # an unlabelled folder has no test split to give a target
+    with pytest.raises(KrrstError, match=r"no test split: the images are not in <class>/<image> folders"):
+        load_images("folder", flat, "test", cache_dir=False)
+    # imagefolder itself is unchanged: a split that is absent lists those present and points to folder
+    write(tmp_path / "set" / "train" / "a" / "0.png", solid((1, 1, 1), (4, 4), "PNG"))
+    with pytest.raises(KrrstError, match=r"no split folder 'test'; valid splits here: train \(.*--source folder"):
+        load_images("imagefolder", tmp_path / "set", "test", cache_dir=False)
+
+
+def test_stratified_split_is_seeded_stratified_disjoint_and_respects_the_fraction():
+    from krrst.data import stratified_split
+
+    labels = [0] * 50 + [1] * 30 + [2] * 7 + [3] * 2 + [4]
+    train, test = stratified_split(labels, 0.2, seed=0)
+    assert sorted(train + test) == list(range(len(labels))) and not set(train) & set(test)
+    test_counts = torch.tensor([labels[i] for i in test]).bincount(minlength=5).tolist()
+    assert test_counts == [10, 6, 1, 1, 0]  # round(0.2 n) per class; 2 images: one each side; 1 image: train
+    assert stratified_split(labels, 0.2, seed=0) == (train, test)
+    other = stratified_split(labels, 0.2, seed=1)
+    assert other[1] != test and torch.tensor([labels[i] for i in other[1]]).bincount(minlength=5).tolist() == test_counts
+    assert [len(stratified_split(labels, f, 0)[1]) for f in (0.1, 0.5)] == [5 + 3 + 1 + 1, 25 + 15 + 4 + 1]
+    with pytest.raises(KrrstError, match=r"test_fraction \(run.test_fraction\) must lie in \(0, 1\), got 1.0"):
+        stratified_split(labels, 1.0, 0)
+
+
+def test_labelled_folder_gets_train_and_test_splits(tmp_path):
+    root = tmp_path / "pets"
+    for c, name in enumerate(("cat", "dog")):
+        for i in range(10):
+            write(root / "all-photos" / name / f"{i:02d}.png", solid(PALETTE[c], (8, 8), "PNG"))
+    zipped = zip_folder(root / "all-photos", tmp_path / "pets.zip")  # one common top folder is not a class
+    for location in (root, zipped):
+        train = load_images("folder", location, "train", test_fraction=0.3, cache_dir=False)
+        test = load_images("folder", location, "test", test_fraction=0.3, cache_dir=False)
+        assert train.class_names == test.class_names == ["cat", "dog"]
+        assert train.labels.bincount().tolist() == [7, 7] and test.labels.bincount().tolist() == [3, 3]
+        assert test.name == train.name == f"{location.name.removesuffix('.zip')} (test 30%, seed 0)"
+        assert_colours(test, [PALETTE[0]] * 3 + [PALETTE[1]] * 3)
+    everything = load_images("folder", root, "all", cache_dir=False)
+    assert len(everything) == 20 and everything.name == "pets"
+    seeded = load_images("folder", root, "test", test_fraction=0.3, split_seed=1, cache_dir=False)
+    assert seeded.name == "pets (test 30%, seed 1)"
+
+
+def test_folder_cache_reuses_without_decoding_and_a_changed_file_invalidates_it(tmp_path, monkeypatch):
+    import krrst.data
+
+    root = tmp_path / "photos"
+    for i in range(4):
+        write(root / "deep" / "er" / f"{i}.png", solid(PALETTE[i], (8, 8), "PNG"))
+    cache_dir = tmp_path / "cache"
+    first = load_images("folder", root, cache_dir=cache_dir)
+    marker = cache_file("folder", root, cache_dir=cache_dir)
+    assert marker.is_file() and not list(cache_dir.glob(".decoding.*"))  # the temp map was renamed into place
+    calls = []
+    decode = krrst.data._decode_one
+    monkeypatch.setattr(krrst.data, "_decode_one", lambda *a: calls.append(a[1]) or decode(*a))
+    again = load_images("folder", root, cache_dir=cache_dir)
+    assert calls == [] and torch.equal(again.images, first.images) and again.name == first.name
+    again.images[0] = 0  # the handed-out map is copy-on-write: the entry's file keeps its pixels
+    assert torch.equal(load_images("folder", root, cache_dir=cache_dir).images, first.images)
+    # rewriting one image deep inside (the folder's own mtime does not change) invalidates the entry
+    folder_mtime = root.stat().st_mtime_ns
+    write(root / "deep" / "er" / "2.png", solid((1, 2, 3), (8, 8), "PNG"))
+    assert root.stat().st_mtime_ns == folder_mtime
+    changed = load_images("folder", root, cache_dir=cache_dir)
+    assert sorted(set(calls)) == [f"deep/er/{i}.png" for i in range(4)]
+    assert cache_file("folder", root, cache_dir=cache_dir) != marker
+    assert changed.images[2, :, 0, 0].tolist() == [1, 2, 3]
+    # the resize policy and the split are part of the key
+    assert cache_file("folder", root, image_size=4, cache_dir=cache_dir) != cache_file(
+        "folder", root, image_size=4, resize="stretch", cache_dir=cache_dir)
+
+
+def test_hugging_face_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the optional extra krrst[hf] (datasets) is not installed")
+    colours = [PALETTE[i % 2] for i in range(10)]
+    images = [Image.new("RGB", (8, 8), colour) for colour in colours]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["red", "green"])})
+    labelled = datasets.Dataset.from_dict({"img": images, "label": [i % 2 for i in range(10)]}, features=features)
+    labelled.save_to_disk(str(tmp_path / "saved"))
+    train = load_images("hf", tmp_path / "saved", "train", test_fraction=0.2, cache_dir=False)
+    test = load_images("hf", tmp_path / "saved", "test", test_fraction=0.2, cache_dir=False)
+    assert train.class_names == ["red", "green"] and train.labels.bincount().tolist() == [4, 4]
+    assert test.labels.bincount().tolist() == [1, 1] and test.name == "saved (test 20%, seed 0)"
+    assert_colours(test, [PALETTE[label] for label in test.labels.tolist()])  # each image keeps its label
+    # a DatasetDict with its own test split is read as it is, through the cache too; an unlabelled one as a source
+    split = datasets.DatasetDict({"train": labelled, "test": labelled.select([0, 1])})
+    split.save_to_disk(str(tmp_path / "dict"))
+    for _ in range(2):
+        own = load_images("hf", tmp_path / "dict", "test", cache_dir=tmp_path / "cache")
+        assert own.labels.tolist() == [0, 1] and own.name == "dict"
+    unlabelled = datasets.Dataset.from_dict({"img": images}, features=datasets.Features({"img": datasets.Image()}))
+    unlabelled.save_to_disk(str(tmp_path / "plain"))
+    source = load_images("hf", tmp_path / "plain", "train", cache_dir=False)
+    assert source.labels is None and len(source) == 10
+    with pytest.raises(KrrstError, match=r"has no split 'val'; its splits: train, test"):
+        load_images("hf", tmp_path / "dict", "val", cache_dir=False)
+
+
+def test_datasets_listing_shows_every_layout_with_example_paths():
+    from krrst.data import describe_datasets
+
+    text = describe_datasets()
+    for needle in ("folder", "~/photos/*.jpg", "~/pets/<class>/*.jpg", "~/photos.zip", ".tar.gz", "~/photos.txt",
+                   "hf", "save_to_disk", "short side", "--skip-corrupt", "CMYK"):
+        assert needle in text, needle
+    assert "../shared" not in text and "/work" not in text
+
+
+@pytest.mark.parametrize("command", ["teacher", "distill"])
+def test_cli_teacher_and_distill_accept_a_flat_folder(tmp_path, command, capsys):
+    from krrst.cli import main
+    from krrst.teacher import TEACHER_FILE, TeacherConfig, save_teacher, train_teacher
+
+    photos = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for i in range(24):  # mixed sizes: --image-size brings them to 16
+        size = (20 + i % 3 * 4, 16 + i % 2 * 8)
+        write(photos / f"IMG_{i:04d}.jpg", pillow_jpeg(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)))
+    write(photos / "broken.jpg", b"not a jpeg")
+    common = ["--source", "folder", "--root", str(photos), "--image-size", "16", "--device", "cpu", "--no-progress"]
+    if command == "teacher":
+        argv = ["teacher", *common, "--out", str(tmp_path / "t"), "--set", "teacher.arch=convnet3",
+                "--set", "teacher.convnet_widths=4,8,8", "--set", "teacher.projector_dims=16,16",
+                "--set", "teacher.steps=2", "--set", "teacher.batch_size=8"]
+    else:
+        with pytest.warns(UserWarning, match="skipped 1"):
+            source = load_images("folder", photos, image_size=16, skip_corrupt=True, cache_dir=False)
+        config = TeacherConfig(arch="convnet3", convnet_widths=(4, 8, 8), projector_dims=(16, 16), steps=1, batch_size=8)
+        teacher = train_teacher(source, config, device="cpu", progress=False)
+        save_teacher(tmp_path / TEACHER_FILE, teacher, (0.5,) * 3, (0.25,) * 3)
+        argv = ["distill", *common, "--teacher", str(tmp_path / TEACHER_FILE), "--out", str(tmp_path / "d"),
+                "--m", "4", "--steps", "2", "--heldout", "0", "--set", "distill.widths=4,8,8", "--set", "distill.pool_size=2",
+                "--set", "distill.batch_size=8", "--set", "distill.image_size=16"]
+    assert main(argv) == 2  # the broken file stops it, in one line naming it and the option to skip it
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "broken.jpg" in error and "--skip-corrupt" in error
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): broken.jpg"):
+        assert main([*argv, "--skip-corrupt"]) == 0
+    produced = tmp_path / ("t" if command == "teacher" else "d")
+    assert (produced / (TEACHER_FILE if command == "teacher" else "distilled.safetensors")).is_file()
+
+
+def pillow_jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
