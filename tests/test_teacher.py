@@ -336,6 +336,58 @@ def test_fast_path_reaches_the_reference_state(fast, convolutions, tmp_path, con
     assert float(running_mean.norm()) > 0.1, "BatchNorm's running statistics should have moved"
 
 
+def _optimizer_settings():
+    """(optimizer, settings) of every optimiser the stages build (teacher, pre-training, fine-tuning, probe)."""
+    from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
+
+    teacher, pre, fine, probe = TeacherConfig(), PretrainConfig(), FinetuneConfig(), LinearProbeConfig()
+    sgd = lambda lr, momentum, weight_decay: (torch.optim.SGD, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))  # noqa: E731
+    return {
+        "teacher-sgd": sgd(teacher.lr, teacher.momentum, teacher.weight_decay),
+        "teacher-adamw": (torch.optim.AdamW, dict(lr=teacher.lr, weight_decay=teacher.weight_decay)),
+        "pretrain-representation": sgd(pre.lr, pre.momentum, pre.weight_decay),
+        "pretrain-hard-labels": sgd(pre.label_lr, pre.momentum, pre.label_weight_decay),
+        "pretrain-soft-labels": (torch.optim.AdamW, dict(lr=pre.soft_label_lr, weight_decay=0.0)),
+        "finetune": sgd(fine.lr, fine.momentum, fine.weight_decay),
+        "linear-probe": sgd(probe.lr, probe.momentum, probe.weight_decay),
+    }
+
+
+@pytest.mark.parametrize("name", list(_optimizer_settings()))
+def test_fused_optimiser_takes_the_per_tensor_step(name):
+    """`fused_options` (CUDA) promises the per-tensor (foreach) update up to rounding: held here on torch's CPU kernels.
+
+    In float64, over 5 steps of a decaying learning rate: each step's update
+    is a handful of roundings of size u64 = 2^-53, so the two paths may
+    differ by 8 u64 per step relative to how far the weights moved.
+    """
+    optimizer_class, settings = _optimizer_settings()[name]
+
+    def trained(kernel: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        generator = torch.Generator().manual_seed(0)
+        weights = [torch.randn(shape, dtype=torch.float64, generator=generator).requires_grad_()
+                   for shape in [(8, 3, 3, 3), (8,), (16, 8)]]  # a conv weight, a bias or BatchNorm scale, a linear
+        initial = [weight.detach().clone() for weight in weights]
+        optimizer = optimizer_class(weights, **settings, **kernel)
+        for step in range(5):
+            for group in optimizer.param_groups:
+                group["lr"] = settings["lr"] * (1 - step / 10)
+            for weight in weights:
+                weight.grad = torch.randn(weight.shape, dtype=weight.dtype, generator=generator)
+            optimizer.step()
+        return initial, [weight.detach() for weight in weights]
+
+    try:
+        _, fused = trained({"fused": True})
+    except RuntimeError as error:  # a torch without CPU fused kernels
+        pytest.skip(f"no fused {optimizer_class.__name__} on the CPU: {error}")
+    initial, foreach = trained({"foreach": True})
+    for start, fused_weight, foreach_weight in zip(initial, fused, foreach):
+        moved = float((foreach_weight - start).norm())
+        assert moved > 1e-4
+        assert float((fused_weight - foreach_weight).norm()) <= 5 * 8 * 2.0**-53 * moved
+
+
 def test_channels_last_may_change_on_resume_but_precision_may_not(tmp_path):
     images = _noise()
     reference = reference_speed(SPEED_TINY)
