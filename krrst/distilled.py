@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from krrst.errors import KrrstError
+from krrst.finite import check_finite
 from krrst.io import atomic_write, load_tensors, save_tensors, torch_load_weights_only
 
 TARGET_KINDS = ("representation", "hard_labels", "soft_labels")
@@ -65,6 +66,8 @@ class DistilledSet:
         m, channels = self.images.shape[:2]
         if len(self.mean) != channels or len(self.std) != channels:
             raise KrrstError(f"{where}: mean/std have {len(self.mean)} channels, images have {channels}")
+        if not all(math.isfinite(v) and v > 0 for v in self.std) or not all(math.isfinite(v) for v in self.mean):
+            raise KrrstError(f"{where}: mean {list(self.mean)} and std {list(self.std)} must be finite, std > 0")
         if self.target_kind not in TARGET_KINDS:
             raise KrrstError(f"{where}: target_kind {self.target_kind!r} is not one of {', '.join(TARGET_KINDS)}")
         if self.targets.shape[0] != m:
@@ -143,7 +146,7 @@ class DistilledSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "DistilledSet":
-        """Read a set written by `save`; a missing field or bad shape is a one-line `KrrstError`."""
+        """Read a set written by `save`; a missing field, bad shape or NaN/inf value is a one-line `KrrstError`."""
         tensors, metadata = load_tensors(path, "distilled set")
         where = f"distilled set {path}"
         if metadata.get("format") != "krrst.DistilledSet":
@@ -154,6 +157,8 @@ class DistilledSet:
         for name in ("mean", "std"):
             if name not in metadata:
                 raise KrrstError(f"{where} has no '{name}' in its metadata")
+        for name in ("images", "targets"):  # NaN pre-trains without a word into a chance-level result
+            check_finite(tensors[name], where, name)
         distilled = cls(
             images=tensors["images"].to(map_location),
             targets=tensors["targets"].to(map_location),
@@ -215,9 +220,12 @@ class DistilledSet:
 
         Read with `torch.load(weights_only=True)` (no code runs) and normalised
         with `mean`/`std`, because the public code kept images unnormalised.
+        A file holding NaN or inf is a one-line `KrrstError`.
         """
         raw_images = _load_torch_tensor(images_path, "synthetic images")
         targets = _load_torch_tensor(targets_path, "synthetic targets")
+        check_finite(raw_images, f"synthetic images file {images_path}", "images")
+        check_finite(targets, f"synthetic targets file {targets_path}", "targets")
         if raw_images.dim() != 4:
             raise KrrstError(f"synthetic images {images_path}: expected m x C x H x W, got {tuple(raw_images.shape)}")
         mean_t = torch.tensor(mean).view(1, -1, 1, 1)

@@ -58,6 +58,35 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Refuse, in one line naming `option` and the path, a folder that cannot be written; returns it as a Path.
+
+    Checked before any work starts, so a mistyped `--out` is not found hours
+    later: an existing regular file, a path inside a file, a folder (or its
+    nearest existing parent) the user cannot write. Nothing is created.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise KrrstError(f"{option} {path} is an existing file, not a folder; choose a folder")
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KrrstError(f"{option} {path} lies inside {existing}, which is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KrrstError(f"{option} {path}: the folder {existing} is not writable")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """`check_output_dir` for a file to be written: its folder must be writable and the path not a folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise KrrstError(f"{what} {path} is a folder; it must be a file (or absent)")
+    check_output_dir(path.parent, f"the folder of {what}")
+    return path
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_write(path) as tmp:
