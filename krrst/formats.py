@@ -1,0 +1,358 @@
+"""Teachers from the field's libraries and files, converted at the edge into a krrst teacher.
+
+A krrst teacher is any `nn.Module` that maps a batch of images to N x d
+features. This module builds one from what researchers bring:
+
+- an architecture of torchvision (`torchvision:resnet50`) or timm
+  (`timm:resnet50`, an optional extra), its classification head removed so
+  that it returns its pooled penultimate feature;
+- its weights from a state-dict file (safetensors, or a `.pt`/`.pth` read
+  weights-only), from a Lightning `.ckpt` of solo-learn or lightly (the
+  `backbone.` weights; projector, predictor, momentum copies and online
+  classifier dropped), or from the library's own pretrained weights by name
+  (online);
+- a TorchScript file, taken as it is (it must return the features).
+
+Each such teacher declares the input it was trained on (`TeacherInput`:
+size and normalisation, e.g. 224 px with ImageNet statistics). Inside the
+stages, `fit_to_source` wraps it so that it receives krrst's images (the
+source's resolution and normalisation) the way it was trained; the student
+and the synthetic set stay at the source's resolution.
+
+Nothing here unpickles code: tensors come from safetensors, from
+`torch.load(weights_only=True)`, or, for Lightning checkpoints whose
+hyper-parameters hold other objects, from an unpickler that rebuilds tensors
+and containers and turns every other object into an inert placeholder.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from krrst.errors import KrrstError
+
+LIBRARIES = ("torchvision", "timm")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# Keys that are not the backbone: SSL heads, momentum copies and online classifiers of solo-learn and lightly.
+_NOT_BACKBONE = ("projector.", "predictor.", "prediction_head.", "projection_head.", "momentum_", "classifier.",
+                 "head.", "fc.", "heads.", "queue", "prototypes.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "encoder.")
+
+
+class TeacherInput(NamedTuple):
+    """What a teacher was trained on: square input size (None: any) and per-channel normalisation."""
+
+    size: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def is_library_arch(arch: str | None) -> bool:
+    """True for `torchvision:NAME` and `timm:NAME`."""
+    return bool(arch) and arch.partition(":")[0] in LIBRARIES and ":" in arch
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+def library_backbone(arch: str, pretrained: bool = False, input_size: int | None = None) -> nn.Module:
+    """`torchvision:NAME` or `timm:NAME` without its classification head: forward gives N x d pooled features.
+
+    `pretrained=True` downloads the library's default weights (online only).
+    The teacher's input (size, mean, std) comes from the library's pretrained
+    configuration (timm) or is ImageNet's 224 px (torchvision); `input_size`
+    overrides the size.
+    """
+    library, _, name = arch.partition(":")
+    if library == "torchvision":
+        model, declared = _torchvision_model(name, pretrained), TeacherInput(224, IMAGENET_MEAN, IMAGENET_STD)
+        feature_dim = remove_head(model, arch)
+    elif library == "timm":
+        model, declared = _timm_model(name, pretrained)
+        feature_dim = int(model.num_features)
+    else:
+        raise KrrstError(f"--teacher-arch {arch!r}: expected a registered model, torchvision:NAME or timm:NAME")
+    model.teacher_input = declared._replace(size=int(input_size or declared.size))
+    model.spec = {"arch": arch, "input_size": model.teacher_input.size}  # what `save_teacher` records to rebuild it
+    model.feature_dim = feature_dim
+    return model
+
+
+def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise KrrstError(f"--teacher-arch torchvision:{name} is not a torchvision classification model; "
+                         f"e.g. {', '.join(n for n in available if n.startswith('resnet'))}")
+    try:
+        return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+    except (OSError, RuntimeError) as exc:  # no network, or a broken download
+        raise KrrstError(f"cannot fetch torchvision's pretrained {name} weights ({exc}); "
+                         f"download them elsewhere and pass the file with --teacher") from None
+
+
+def _timm_model(name: str, pretrained: bool) -> tuple[nn.Module, TeacherInput]:
+    try:
+        import timm
+    except ImportError:
+        raise KrrstError(f"--teacher-arch timm:{name} needs timm: pip install 'krrst[timm]'") from None
+    if not timm.is_model(name):
+        raise KrrstError(f"--teacher-arch timm:{name} is not a timm model (timm.list_models() names them)")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0)  # num_classes=0: pooled features
+    except (OSError, RuntimeError) as exc:
+        raise KrrstError(f"cannot fetch timm's pretrained {name} weights ({exc}); "
+                         f"download them elsewhere and pass the file with --teacher") from None
+    config = getattr(model, "pretrained_cfg", None) or {}
+    size = config.get("input_size", (3, 224, 224))[-1]
+    return model, TeacherInput(int(size), tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD)))
+
+
+def remove_head(model: nn.Module, arch: str) -> int:
+    """Replace the model's last `nn.Linear` (its classifier) by the identity; return the feature size it took."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise KrrstError(f"{arch} has no final linear classifier to remove; export its feature extractor as "
+                         f"TorchScript and pass that file instead")
+    parent_name, _, child = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    feature_dim = int(getattr(parent, child).in_features)
+    setattr(parent, child, nn.Identity())
+    return feature_dim
+
+
+# --------------------------------------------------------------------------- files
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip holding compiled code (`code/`) and `constants.pkl`."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(name.endswith("constants.pkl") for name in names) and any("/code/" in name for name in names)
+
+
+def load_torchscript(path: Path) -> nn.Module:
+    """A TorchScript teacher (compiled TorchScript, not pickled Python); it must return N x d features."""
+    try:
+        model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a broken archive
+        raise KrrstError(f"teacher file {path} is not a loadable TorchScript archive ({type(exc).__name__})") from None
+    model.spec = {"arch": f"torchscript:{path.name}"}
+    return model
+
+
+class _Inert:
+    """Stands in for any pickled object that is not a tensor or a plain container: built, never run."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Inert":
+        return _Inert()
+
+
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): torch.Size,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+}
+
+
+# torch's own functions that rebuild a tensor or parameter from storage; none of them calls an argument
+_REBUILD_FUNCTIONS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                      "_rebuild_parameter_with_state")
+
+
+class _TensorsOnly(pickle.Unpickler):
+    """Rebuilds tensors (torch's own rebuild functions) and containers; every other global becomes `_Inert`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        if module == "torch._utils" and name in _REBUILD_FUNCTIONS:
+            return getattr(torch._utils, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        return _Inert
+
+
+class _TensorsOnlyModule:
+    """A `pickle_module` for `torch.load` whose unpickler never imports or calls the file's own objects."""
+
+    Unpickler = _TensorsOnly
+    load = staticmethod(pickle.load)
+    __name__ = "krrst_tensors_only"
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, as a flat state dict (`state_dict`/`model` wrappers opened)."""
+    from krrst.io import load_tensors
+
+    if path.suffix == ".safetensors":
+        tensors, _ = load_tensors(path, "teacher file")
+        return tensors
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - other objects beside the tensors (a Lightning hyper-parameter config, ...)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyModule)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise KrrstError(f"teacher file {path} is not a PyTorch checkpoint or safetensors file "
+                             f"({type(exc).__name__})") from None
+    for wrapper in ("state_dict", "model", "teacher", "backbone"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
+            loaded = loaded[wrapper]
+            break
+    if not isinstance(loaded, Mapping):
+        raise KrrstError(f"teacher file {path} does not hold a state dict (got {type(loaded).__name__})")
+    tensors = {str(key): value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise KrrstError(f"teacher file {path} holds no tensors")
+    return tensors
+
+
+def backbone_state(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's weights out of an SSL library's state dict, under `model`'s names.
+
+    solo-learn and lightly keep the backbone under `backbone.` beside the
+    projector, the predictor, momentum copies and an online classifier: only
+    `backbone.` is kept. lightly's backbone is often `nn.Sequential(*children)`,
+    whose keys start with the child's index: they are renamed to the model's
+    children in order.
+    """
+    if any(key.startswith("backbone.") for key in state):
+        state = {key[len("backbone."):]: value for key, value in state.items() if key.startswith("backbone.")}
+    cleaned = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        cleaned[key] = value
+    expected = model.state_dict()
+    if cleaned and all(key.split(".", 1)[0].isdigit() for key in cleaned):
+        children = [name for name, _ in model.named_children()]
+        cleaned = {f"{children[int(index)]}.{rest}": value
+                   for key, value in cleaned.items() for index, rest in [key.split(".", 1)]
+                   if int(index) < len(children)}
+    return {key: value for key, value in cleaned.items() if key in expected or not key.startswith(_NOT_BACKBONE)}
+
+
+def load_backbone_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Load `state` into `model` strictly; the first mismatch is one line naming the file, arch and key."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in state if key not in expected]
+    for what, keys in (("is missing", missing), ("is not in the model", unexpected)):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise KrrstError(f"teacher file {path} does not fit {arch}: {keys[0]!r} {what}{more}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            hint = ""
+            if value.dim() == 4 and value.shape[-1] == 3 and expected[key].shape[-1] == 7:
+                hint = "; a 3x3 stem is a CIFAR-style ResNet: use --teacher-arch resnet18_pad2 (or resnet18)"
+            raise KrrstError(f"teacher file {path} does not fit {arch}: {key!r} has shape {tuple(value.shape)} in "
+                             f"the file but {tuple(expected[key].shape)} in the model{hint}")
+    model.load_state_dict({key: value.to(expected[key].dtype) for key, value in state.items()}, strict=False)
+
+
+def load_library_teacher(path: Path | None, arch: str, input_size: int | None = None) -> nn.Module:
+    """`arch` (torchvision:NAME / timm:NAME) with weights from `path`, or the library's pretrained ones if None."""
+    model = library_backbone(arch, pretrained=path is None, input_size=input_size)
+    if path is not None:
+        state = read_checkpoint(path)
+        load_backbone_weights(model, backbone_state(state, model), path, arch)
+    return model
+
+
+# --------------------------------------------------------------------------- the teacher's own preprocessing
+
+
+class PreprocessedTeacher(nn.Module):
+    """A teacher fed krrst's images the way it was trained.
+
+    Input: images normalised with the source's statistics at the source's
+    resolution (what every stage holds). They are mapped back to [0, 1],
+    resized to the teacher's input size (bilinear, antialiased when shrinking)
+    and normalised with the teacher's statistics. Output: N x d features.
+    The statistics and size are buffers, so a run's teacher identity (its
+    checksum) changes with them and a resume with another preprocessing is
+    refused.
+    """
+
+    def __init__(self, backbone: nn.Module, wanted: TeacherInput, source_mean, source_std):
+        super().__init__()
+        self.backbone = backbone
+        self.teacher_input = wanted
+        self.spec = {**dict(getattr(backbone, "spec", {}) or {}), "input": list(wanted)}
+        self.feature_dim = getattr(backbone, "feature_dim", None)
+        channel = lambda values: torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
+        self.register_buffer("source_mean", channel(source_mean))
+        self.register_buffer("source_std", channel(source_std))
+        self.register_buffer("teacher_mean", channel(wanted.mean))
+        self.register_buffer("teacher_std", channel(wanted.std))
+        self.register_buffer("input_size", torch.tensor(float(wanted.size or 0)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, h, w) source-normalised -> (N, d)
+        unit = images * self.source_std.to(images.dtype) + self.source_mean.to(images.dtype)
+        size = self.teacher_input.size
+        if size and tuple(unit.shape[-2:]) != (size, size):
+            unit = F.interpolate(unit, size=(size, size), mode="bilinear", align_corners=False,
+                                 antialias=size < unit.shape[-1])
+        inputs = (unit - self.teacher_mean.to(images.dtype)) / self.teacher_std.to(images.dtype)
+        return self.backbone(inputs).flatten(1)
+
+
+def fit_to_source(teacher: nn.Module, source_mean, source_std, image_size: int) -> nn.Module:
+    """The teacher as a stage must call it on source images of `image_size` px normalised with the source's stats.
+
+    A teacher that declares its own input (`teacher_input`: a library or
+    TorchScript teacher) is wrapped in `PreprocessedTeacher` (re-wrapped when
+    the source's statistics differ from the wrapper's). A krrst teacher takes
+    the source's images as they are; one built for a fixed input size that
+    differs from the source's is refused in one line.
+    """
+    if isinstance(teacher, PreprocessedTeacher):
+        same = (torch.allclose(teacher.source_mean.flatten().cpu(), torch.tensor(source_mean, dtype=torch.float32))
+                and torch.allclose(teacher.source_std.flatten().cpu(), torch.tensor(source_std, dtype=torch.float32)))
+        if same:
+            return teacher
+        teacher = teacher.backbone
+    wanted = getattr(teacher, "teacher_input", None)
+    if wanted is not None:
+        device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+        return PreprocessedTeacher(teacher, TeacherInput(*wanted), source_mean, source_std).to(device).eval()
+    spec = getattr(teacher, "spec", None) or {}
+    built_for = spec.get("image_size") if isinstance(spec, Mapping) else None
+    if built_for and int(built_for) != int(image_size):
+        raise KrrstError(
+            f"the teacher ({spec.get('arch')}) takes {built_for}x{built_for} images but the source's are "
+            f"{image_size}x{image_size}; load the source with --image-size {built_for}, or use a teacher trained at "
+            f"{image_size} px"
+        )
+    return teacher
+
