@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from krrst.config import resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
+from krrst.finite import LossWatch
+from krrst.progress import progress_bar
 
 if TYPE_CHECKING:
     from krrst.data import ImageSet
@@ -73,13 +74,16 @@ def teacher_features(
     progress: bool = False,
 ) -> torch.Tensor:
     """The teacher's features (float32 N x d, on `device`) of the source images, or of `indices` only."""
+    from krrst.teacher import check_teacher_features
     from krrst.teacher import teacher_features as features_of
 
     device = resolve_device(device)
     images = source.images if indices is None else source.images[indices.to(source.images.device)]
     if len(images) == 0:
         raise KrrstError("teacher features: no images")
-    return features_of(teacher, images, source.mean, source.std, batch_size, device, progress).to(device)
+    features = features_of(teacher, images, source.mean, source.std, batch_size, device, progress).to(device)
+    check_teacher_features(teacher, features, f"{len(images):,} images of {source.name or 'the source'}")
+    return features
 
 
 def _make_set(
@@ -269,7 +273,7 @@ def kmeans(
     else:
         centroids = features[kmeans_plus_plus(features, k, generator).to(features.device)].clone()
 
-    bar = tqdm(total=iterations, desc=f"k-means ({algorithm}, k={k})", unit="it", disable=not progress, leave=False)
+    bar = progress_bar(iterations, f"k-means ({algorithm}, k={k})", enabled=progress, leave=False)
     try:
         if algorithm == "lloyd":
             previous = None
@@ -492,7 +496,9 @@ def high_loss_indices(
 
         models = []
         total = students * epochs * -(-len(pool) // batch_size)
-        bar = tqdm(total=total, desc="high-loss students", unit="step", disable=None if progress else True, leave=False)
+        watch = LossWatch("high-loss students", "their lr too high for their batch size", device)
+        steps = 0
+        bar = progress_bar(total, "high-loss students", unit="step", enabled=progress, leave=False)
         try:
             for _ in range(students):
                 student_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -507,7 +513,10 @@ def high_loss_indices(
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
+                        steps += 1
+                        watch.update(loss, steps)
                         bar.update()
+                watch.check()  # a diverged student would score every image NaN
                 models.append(model.eval())
         finally:
             bar.close()

@@ -15,6 +15,13 @@ from pathlib import Path
 from krrst.errors import KrrstError
 
 
+def _check_out(path: str, option: str = "--out") -> None:
+    """An output folder that cannot be written (a file, inside a file, read-only) is refused before any work."""
+    from krrst.pipeline import check_output_paths
+
+    check_output_paths(path, option)
+
+
 def _cmd_datasets(args: argparse.Namespace) -> None:
     from krrst.data import describe_datasets
 
@@ -59,19 +66,39 @@ def _load_source(args: argparse.Namespace):
     from krrst.data import load_images
 
     return load_images(args.source, args.root, args.split, image_size=args.image_size, download=args.download,
-                       max_per_class=args.max_per_class)
+                       max_per_class=args.max_per_class, skip_corrupt=args.skip_corrupt)
+
+
+PRETRAINED = "pretrained"
+
+
+def _teacher_arch_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher-arch", default=None,
+                        help="the teacher's architecture when the file does not say: a registered model (.pt default: "
+                        "resnet18_pad2, the authors' teacher), torchvision:NAME or timm:NAME (e.g. torchvision:resnet50)")
+    parser.add_argument("--teacher-input-size", type=int, default=None,
+                        help="the input size the teacher was trained at (torchvision/timm: their own, e.g. 224); images "
+                        "are resized to it for the teacher only")
+
+
+def _load_teacher(args: argparse.Namespace):
+    from krrst.teacher import load_teacher
+
+    path = None if args.teacher == PRETRAINED else args.teacher
+    return load_teacher(path, arch=args.teacher_arch, input_size=args.teacher_input_size)
 
 
 def _cmd_teacher(args: argparse.Namespace) -> None:
-    from krrst.teacher import (TEACHER_FILE, TeacherConfig, check_not_collapsed, feature_health, load_teacher,
-                               save_teacher, train_teacher)
+    from krrst.teacher import (TEACHER_FILE, TeacherConfig, check_not_collapsed, feature_health, save_teacher,
+                               train_teacher)
 
     if args.teacher and (args.preset or args.overrides):
         raise KrrstError("--preset and --set configure teacher training; they have no effect when importing --teacher")
+    _check_out(args.out)
     images = _load_source(args)
     out = Path(args.out)
     if args.teacher:
-        teacher = load_teacher(args.teacher, arch=args.teacher_arch)
+        teacher = _load_teacher(args)
         health = feature_health(teacher, images.images[:1000], images.mean, images.std, device=args.device)
         check_not_collapsed(health, where=f"teacher {args.teacher}")
         save_teacher(out / TEACHER_FILE, teacher, images.mean, images.std, source=images.name)
@@ -90,14 +117,14 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     from krrst.distill import DistillConfig, distill
     from krrst.mkdt import MKDTConfig, mkdt_distill
     from krrst.pipeline import split_heldout
-    from krrst.teacher import load_teacher
 
+    _check_out(args.out)
     extra = {"steps": args.steps, "num_images": args.m, "image_size": args.image_size, "init": args.init}
     if args.method == "mkdt":
         config = _stage_config(MKDTConfig, "mkdt", args.preset, args.overrides, extra)
     else:
         config = _stage_config(DistillConfig, "distill", args.preset, args.overrides, extra)
-    teacher = load_teacher(args.teacher, arch=args.teacher_arch)
+    teacher = _load_teacher(args)
     images, heldout = split_heldout(_load_source(args), args.heldout, config.seed)
     if args.method == "mkdt":
         distilled = mkdt_distill(images, teacher, config, out_dir=args.out, resume=args.resume, device=args.device,
@@ -124,10 +151,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from krrst.pipeline import (PROTOCOL_SUITES, TEST_SPLITS, claim_evaluation, evaluate_methods, file_identity,
                                 parse_protocol)
     from krrst.report import report_text, write_report
-    from krrst.teacher import load_teacher
 
     if (args.distilled is None) == (args.baseline is None):
         raise KrrstError("give exactly one of --distilled PATH or --baseline random|kmeans|high-loss|none|full")
+    _check_out(args.out)
     protocols, suite_overrides = [], []
     for protocol in args.protocol or ["finetune"]:
         if protocol in PROTOCOL_SUITES:  # a published protocol: its rows and its pre-training/probe settings
@@ -152,7 +179,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         stage: _stage_config(cls, stage, None, [item for item in args.overrides if item.startswith(stage + ".")])
         for stage, cls in stages.items()
     }
-    teacher = load_teacher(args.teacher, arch=args.teacher_arch) if args.teacher else None
+    teacher = _load_teacher(args) if args.teacher else None
     if args.distilled is not None:
         network = DistilledSet.load(args.distilled)
         method, source_name = network.method, network.source
@@ -203,6 +230,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     if not (Path(args.run_dir) / "results.csv").is_file():
         raise KrrstError(f"{args.run_dir} holds no results.csv; give a run directory of `krrst run` or `krrst evaluate`")
+    _check_out(args.run_dir, "RUN_DIR")
     paths = write_report(args.run_dir)
     print(report_text(args.run_dir))
     print("wrote " + ", ".join(str(path) for path in paths.values()))
@@ -217,6 +245,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
         print(json.dumps({"preset": args.preset, **config.to_dict()}, indent=2))
         return
     out = args.out or f"runs/{args.preset}"
+    _check_out(out)
     context = _distributed(args)
     run(config, out, root=args.root, preset=args.preset, force=args.force, device=context.device,
         progress=args.progress, distributed=context, log=print if context.is_main else (lambda _: None))
@@ -246,10 +275,15 @@ def _common(parser: argparse.ArgumentParser, stages: str, example: str) -> None:
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, help="source dataset name (see `krrst datasets`)")
-    parser.add_argument("--root", required=True, help="the dataset's folder or .zip (the layout `krrst datasets` lists)")
+    parser.add_argument("--source", required=True,
+                        help="source dataset name (see `krrst datasets`); `folder` reads your own images in any layout")
+    parser.add_argument("--root", required=True, help="the dataset's folder, .zip, .tar(.gz) or list of image paths "
+                        "(the layouts `krrst datasets` lists)")
     parser.add_argument("--split", default="train", help="which split to read (default: train)")
-    parser.add_argument("--image-size", type=int, default=None, help="resize images to N x N (default: as stored)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize images to N x N: the short side to N, then the centre (default: as stored)")
+    parser.add_argument("--skip-corrupt", action="store_true",
+                        help="skip image files that cannot be decoded (reported with a count) instead of stopping")
     parser.add_argument("--max-per-class", type=int, default=None, help="keep the first K images of each class (quick runs)")
     parser.add_argument("--download", action="store_true", help="download cifar10/cifar100/aircraft/flowers when absent")
 
@@ -298,9 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--out", required=True, help="output folder: teacher.safetensors, checkpoint, loss.csv, health.json")
     teacher.add_argument("--preset", default=None, help="take the teacher settings of a pipeline preset (e.g. cpu-mini)")
     teacher.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    teacher.add_argument("--teacher", default=None, help="import this teacher file (safetensors, or a torchvision .pt/.pth)")
-    teacher.add_argument("--teacher-arch", default=None,
-                         help="its architecture (default: from the file; .pt files: resnet18_pad2, the authors' teacher)")
+    teacher.add_argument("--teacher", default=None,
+                         help="import this teacher: a safetensors or .pt/.pth state dict, a solo-learn/lightly .ckpt, a "
+                         "TorchScript file, or `pretrained` (the library's weights of --teacher-arch, online)")
+    _teacher_arch_args(teacher)
     _common(teacher, "teacher", "teacher.steps=2000")
     teacher.set_defaults(handler=_cmd_teacher)
 
@@ -308,8 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                              description="KRR-ST: learn m synthetic images and their target representations so that "
                              "kernel ridge regression on them predicts the teacher's features of real images.")
     _data_args(distill)
-    distill.add_argument("--teacher", required=True, help="teacher file (teacher.safetensors from `krrst teacher`, or your own)")
-    distill.add_argument("--teacher-arch", default=None, help="the teacher's architecture when the file does not say")
+    distill.add_argument("--teacher", required=True,
+                         help="teacher file (teacher.safetensors from `krrst teacher`, or your own: a state dict, a "
+                         "solo-learn/lightly .ckpt, TorchScript), or `pretrained` with a library --teacher-arch")
+    _teacher_arch_args(distill)
     distill.add_argument("--out", required=True, help="output folder: distilled.safetensors, checkpoint, loss.csv/png, preview.png")
     distill.add_argument("--method", choices=("krr-st", "mkdt"), default="krr-st",
                          help="krr-st (default; --set distill.FIELD=...) or the MKDT comparator (trajectory matching "
@@ -350,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="run directory receiving results.csv/json/md")
     evaluate.add_argument("--teacher", default=None,
                           help="teacher file (needed by --baseline random, kmeans, high-loss and full)")
-    evaluate.add_argument("--teacher-arch", default=None, help="the teacher's architecture when the file does not say")
+    _teacher_arch_args(evaluate)
     evaluate.add_argument("--source", default=None, help="source dataset for --baseline random/kmeans/high-loss")
     evaluate.add_argument("--source-root", default=None, help="its folder or .zip")
     evaluate.add_argument("--m", type=int, default=1000, help="subset size for --baseline random/kmeans/high-loss")

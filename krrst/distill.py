@@ -51,6 +51,7 @@ from krrst.distilled import DistilledSet
 from krrst.distributed import DistributedContext, all_reduce_mean_, current_context, shard_slice
 from krrst.errors import KrrstError
 from krrst.finite import LossWatch
+from krrst.formats import fit_to_source
 from krrst.models import create_model, model_options
 from krrst.objective import krr_predict_with_info, krr_st_loss
 from krrst.parameterize import (
@@ -59,6 +60,7 @@ from krrst.parameterize import (
     make_synthetic_set,
     valid_pyramid_levels,
 )
+from krrst.progress import progress_bar
 from krrst.speed import SpeedSettings, check_speed_fields, reference_speed  # SpeedSettings: also imported from here
 from krrst.teacher import check_teacher_features
 
@@ -470,7 +472,7 @@ class ModelPool:
         if self.steps_per_model < 2:
             return
         lengths = torch.randint(1, self.steps_per_model, (len(self),), generator=self.generator).tolist()
-        with tqdm(total=sum(lengths), desc="pool warm-up", disable=None if progress else True) as bar:
+        with progress_bar(sum(lengths), "pool warm-up", unit="step", enabled=progress) as bar:
             for index, length in enumerate(lengths):
                 for _ in range(length):
                     self._train_once(index, images, targets)
@@ -606,7 +608,7 @@ def build_teacher_cache(
     image_of_view = torch.arange(num_images, device=device).repeat_interleave(views)
     features: torch.Tensor | None = None
     total = num_images * views
-    with tqdm(total=total, desc="teacher cache", unit="view", disable=None if progress else True) as bar:
+    with progress_bar(total, "teacher cache", unit="view", enabled=progress) as bar:
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)
             crop = CropFlipParams(
@@ -954,7 +956,8 @@ def distill(
                 f"not [{source_name!r}, {num_source}]"
             )
     speed = SpeedSettings.resolve(config, device)
-    teacher = teacher.to(device, memory_format=speed.memory_format).eval()
+    # a library teacher sees its own input size and normalisation; its identity then covers that preprocessing
+    teacher = fit_to_source(teacher, mean, std, height).to(device, memory_format=speed.memory_format).eval()
     teacher_id = teacher_identity(teacher)
     if checkpoint is not None and checkpoint.get("teacher", teacher_id) != teacher_id:
         raise KrrstError(
@@ -1131,7 +1134,7 @@ def distill(
         distilled_set(step).preview(out_dir / PREVIEW_NAME)
 
     started = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=start_step, desc="distill", unit="step", disable=None if progress else True)
+    bar = progress_bar(config.steps, "distill", unit="step", initial=start_step, enabled=progress)
 
     def log_row(step: int) -> None:
         nonlocal loss_count

@@ -47,13 +47,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from krrst.config import resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
+from krrst.finite import LossWatch, check_finite
 from krrst.io import describe_exception, torch_load_weights_only
 from krrst.models import create_model, reset_head
+from krrst.progress import progress_bar
 from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
 if TYPE_CHECKING:
@@ -318,8 +319,8 @@ def strong_augment(images: torch.Tensor, generator: torch.Generator, padding: in
     return _dsa_colour(_crop_flip(images, padding, generator), generator)
 
 
-def _progress_bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True, leave=False)
+def _progress_bar(total: int, desc: str, unit: str, progress: bool):
+    return progress_bar(total, desc, unit=unit, enabled=progress, leave=False)
 
 
 # --------------------------------------------------------------------------- labelled target data
@@ -540,6 +541,8 @@ def load_label_set(
             "name it with labels_key or give labels_path"
         )
     where = f"label-based set {path}"
+    check_finite(images, where, "images")
+    check_finite(labels, f"labels file {labels_path}" if labels_path is not None else where, "labels")
     channels = len(mean)
     if len(std) != channels:
         raise KrrstError(f"{where}: mean has {channels} channels but std has {len(std)}")
@@ -704,6 +707,9 @@ def pretrain(
 
     augment = kind != "representation" and config.label_augment
     generator = _seeded_generator(config.seed)
+    lr_field = {"representation": "lr", "hard_labels": "label_lr", "soft_labels": "soft_label_lr"}[kind]
+    watch = LossWatch(f"pre-training {arch} on {distilled.method}",
+                      f"pretrain.{lr_field} too high for pretrain.batch_size and the targets' scale", device, "epoch")
     model.train()
     bar = _progress_bar(epochs, f"pre-train {arch} on {distilled.method}", "epoch", progress)
     try:
@@ -728,6 +734,9 @@ def pretrain(
                     scheduler.step()
                 epoch_loss += loss.detach()
             mean_loss = epoch_loss / max(1, len(batches))
+            watch.update(mean_loss, epoch + 1)
+            if on_epoch is not None or epoch % 10 == 0 or epoch == epochs - 1:  # a log point
+                watch.check()
             if on_epoch is not None:
                 on_epoch(epoch, float(mean_loss))
             if progress and (epoch % 10 == 0 or epoch == epochs - 1):
@@ -805,6 +814,7 @@ def finetune(
     batches = _batch_stream(len(train_images), config.batch_size, generator, device)
     target_name = getattr(target_train, "name", "target")
     bar = _progress_bar(config.iterations, f"fine-tune on {target_name}", "it", progress)
+    watch = LossWatch(f"fine-tuning on {target_name}", "finetune.lr too high for finetune.batch_size", device)
     last_loss = float("nan")
     try:
         for iteration in range(config.iterations):
@@ -816,7 +826,9 @@ def finetune(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            watch.update(loss, iteration + 1)
             if iteration % 50 == 0 or iteration == config.iterations - 1:
+                watch.check()
                 last_loss = float(loss.detach())
                 bar.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
             bar.update(1)
@@ -872,6 +884,8 @@ def fit_linear_sgd(
     generator = _seeded_generator(config.seed)
     batches = _batch_stream(len(features), config.batch_size, generator, features.device)
     bar = _progress_bar(config.iterations, "linear probe (sgd)", "it", progress)
+    watch = LossWatch("the linear probe (sgd)", "linear.lr too high for linear.batch_size and the features' scale",
+                      features.device)
     try:
         for iteration in range(config.iterations):
             batch = next(batches)
@@ -880,7 +894,9 @@ def fit_linear_sgd(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if iteration % 100 == 0:
+            watch.update(loss, iteration + 1)
+            if iteration % 100 == 0 or iteration == config.iterations - 1:
+                watch.check()
                 bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
             bar.update(1)
     finally:
@@ -910,10 +926,15 @@ def fit_linear_lbfgs(
         return loss
 
     bar = _progress_bar(config.lbfgs_steps, "linear probe (lbfgs)", "step", progress)
+    watch = LossWatch("the linear probe (lbfgs)", "features too large for linear.lbfgs_l2 (or non-finite)",
+                      features.device)
     try:
         previous = None
-        for _ in range(config.lbfgs_steps):
-            loss = float(optimizer.step(closure).detach())
+        for step in range(1, config.lbfgs_steps + 1):
+            loss_tensor = optimizer.step(closure).detach()
+            watch.update(loss_tensor, step)
+            watch.check()  # L-BFGS reads its loss on the host every step anyway
+            loss = float(loss_tensor)
             bar.set_postfix(loss=f"{loss:.5g}", refresh=False)
             bar.update(1)
             if previous is not None and abs(previous - loss) <= 1e-9 * max(1.0, abs(loss)):
@@ -958,6 +979,9 @@ def linear_probe(
     train_features = extract_features(network, train_images, mean, std, config.eval_batch_size, speed)
     test_features = extract_features(network, test_images, mean, std, config.eval_batch_size, speed)
     del network
+    for split, values in (("train", train_features), ("test", test_features)):
+        check_finite(values, f"linear probe on {getattr(target_train, 'name', 'the target')}",
+                     f"the network's features of the {split} split (the pre-trained network holds NaN or inf)")
     fit = fit_linear_lbfgs if config.solver == "lbfgs" else fit_linear_sgd
     classifier = fit(train_features, train_labels, num_classes, config, progress)
     with torch.no_grad():
@@ -1041,6 +1065,7 @@ def knowledge_distillation(
     scheduler = _cosine_lr(optimizer, steps_per_epoch * config.epochs)
     generator = _seeded_generator(config.seed)
     bar = _progress_bar(config.epochs, "knowledge distillation", "epoch", progress)
+    watch = LossWatch("knowledge distillation", "kd.lr too high for kd.batch_size", device, "epoch")
     try:
         for epoch in range(config.epochs):
             for batch in _epoch_batches(m, config.batch_size, generator, device):
@@ -1052,7 +1077,9 @@ def knowledge_distillation(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                watch.update(loss, epoch + 1)
             if epoch % 10 == 0 or epoch == config.epochs - 1:
+                watch.check()
                 bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
             bar.update(1)
     finally:

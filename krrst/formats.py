@@ -153,8 +153,19 @@ def load_torchscript(path: Path) -> nn.Module:
         model = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch raises several types for a broken archive
         raise KrrstError(f"teacher file {path} is not a loadable TorchScript archive ({type(exc).__name__})") from None
-    model.spec = {"arch": f"torchscript:{path.name}"}
-    return model
+    return _Scripted(model, f"torchscript:{path.name}")
+
+
+class _Scripted(nn.Module):
+    """A TorchScript module inside a plain one, which takes attributes and `requires_grad_` as every teacher does."""
+
+    def __init__(self, scripted: nn.Module, arch: str):
+        super().__init__()
+        self.scripted = scripted
+        self.spec = {"arch": arch}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.scripted(images)
 
 
 class _Inert:

@@ -45,8 +45,11 @@ from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
 from krrst.config import config_changes, config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
+from krrst.finite import LossWatch
 from krrst.distill import _draw_seed, _every, _model_options, teacher_identity
 from krrst.evaluate import fresh_model
+from krrst.formats import fit_to_source
+from krrst.progress import progress_bar
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 TRAJECTORIES_NAME = "trajectories.safetensors"
@@ -229,8 +232,9 @@ def train_expert_trajectories(
     steps_per_epoch = math.ceil(num_source / batch)
     generator = torch.Generator().manual_seed(_stage_seeds(config.seed)[0])
     trajectories: Trajectories = []
-    bar = tqdm(total=config.experts * config.expert_epochs * steps_per_epoch, desc="mkdt experts", unit="step",
-               disable=None if progress else True)
+    bar = progress_bar(config.experts * config.expert_epochs * steps_per_epoch, "mkdt experts", unit="step",
+                       enabled=progress)
+    watch = LossWatch("mkdt expert training", "mkdt.expert_lr too high for mkdt.expert_batch_size", device)
     try:
         for _ in range(config.experts):
             model = _student(config, target_reps.shape[1], _draw_seed(generator)).to(device).train()
@@ -253,11 +257,13 @@ def train_expert_trajectories(
                     loss.backward()
                     optimizer.step()
                     step += 1
+                    watch.update(loss, step)
                     bar.update()
                     if config.expert_interval and step % config.expert_interval == 0:
                         checkpoints.append(flat_parameters(model).cpu())
                 if not config.expert_interval:
                     checkpoints.append(flat_parameters(model).cpu())
+                watch.check()  # once an epoch: no trajectory of a diverged expert is kept
                 bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
             trajectories.append(checkpoints)
     finally:
@@ -493,16 +499,17 @@ def mkdt_distill(
     mean, std = tuple(float(v) for v in source.mean), tuple(float(v) for v in source.std)
     source_id = [str(getattr(source, "name", "")), num_source]
     source_images = source_images.to(device)
-    teacher = teacher.to(device).eval()
+    teacher = fit_to_source(teacher, mean, std, height).to(device).eval()  # a library teacher's own preprocessing
     teacher_id = teacher_identity(teacher)
     if checkpoint is not None:  # refuse another run's checkpoint before any expensive work
         _check_same_run(checkpoint_path, checkpoint, config, source_id, teacher_id)
 
-    from krrst.teacher import teacher_features
+    from krrst.teacher import check_teacher_features, teacher_features
 
     target_reps = teacher_features(teacher, source_images, mean, std, 512, device, progress).to(device)
     if target_reps.dim() != 2:
         raise KrrstError(f"teacher must output N x d features, got shape {tuple(target_reps.shape)}")
+    check_teacher_features(teacher, target_reps, f"the {num_source:,} source images")
 
     # --- the experts: given, saved by an earlier session of this run, or trained now (and saved at once:
     # they are most of the run's cost, and a resumed run must match against the same trajectories)
@@ -551,14 +558,19 @@ def mkdt_distill(
         optimizer = torch.optim.Adam(param_groups, lr=config.image_lr)
     # draws the expert, the start epoch and the unroll's batches: its state is part of the checkpoint
     generator = torch.Generator().manual_seed(match_seed)
-    start_step, history, loss_sum, loss_count = 0, [], 0.0, 0
+    start_step, history, loss_count = 0, [], 0
+    # the losses since the last row, summed on the device: the loop reads them only when it logs
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    watch = LossWatch("mkdt matching", "mkdt.image_lr / mkdt.lr_lr / mkdt.target_lr too high", device)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         generator.set_state(checkpoint["generator"])
         start_step, history = int(checkpoint["step"]), list(checkpoint["history"])
-        loss_sum, loss_count = float(checkpoint["loss_sum"]), int(checkpoint["loss_count"])
+        loss_sum.fill_(float(checkpoint["loss_sum"]))
+        loss_count = int(checkpoint["loss_count"])
 
     def save_run(step: int) -> None:
+        watch.check()  # never checkpoint a diverged set
         state = {
             "step": step,
             "config": config_to_dict(config),
@@ -571,7 +583,7 @@ def mkdt_distill(
             "init_indices": initial,
             "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(),
-            "loss_sum": loss_sum,
+            "loss_sum": float(loss_sum),
             "loss_count": loss_count,
             "history": history,
         }
@@ -581,7 +593,7 @@ def mkdt_distill(
     batch_syn = min(config.batch_syn, config.num_images)
     last_step = config.steps if stop_at_step is None else max(start_step, min(int(stop_at_step), config.steps))
     started = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=start_step, desc="mkdt", unit="step", disable=None if progress else True)
+    bar = progress_bar(config.steps, "mkdt", unit="step", initial=start_step, enabled=progress)
     try:
         for step in range(start_step + 1, last_step + 1):
             trajectory = trajectories[int(torch.randint(len(trajectories), (1,), generator=generator))]
@@ -592,24 +604,23 @@ def mkdt_distill(
                 student, start_params, target_params, synthetic_images, synthetic_targets, syn_lr,
                 syn_steps=config.syn_steps, batch_syn=batch_syn, generator=generator,
             )
-            value = loss.item()
-            if not math.isfinite(value):
-                raise KrrstError(
-                    f"mkdt: the matching loss is {value} at step {step}; lower mkdt.image_lr or mkdt.lr_lr"
-                )
+            watch.update(loss, step)
             for tensor, gradient in zip(learnt, torch.autograd.grad(loss, learnt)):
                 tensor.grad = gradient
             optimizer.step()
             with torch.no_grad():
                 syn_lr.clamp_(min=0.0)  # a negative inner lr would climb the inner loss
-            loss_sum, loss_count = loss_sum + value, loss_count + 1
+            loss_sum += loss.detach()
+            loss_count += 1
             bar.update()
             # rows at the same steps whether or not the run was interrupted (a stop is not a row)
             if step % config.log_every == 0 or step == config.steps:
-                row = {"step": step, "loss": loss_sum / loss_count, "syn_lr": syn_lr.item(),
+                watch.check()
+                row = {"step": step, "loss": float(loss_sum) / loss_count, "syn_lr": syn_lr.item(),
                        "elapsed_s": round(time.perf_counter() - started, 3)}
                 history.append(row)
-                loss_sum, loss_count = 0.0, 0
+                loss_sum.zero_()
+                loss_count = 0
                 bar.set_postfix(loss=f"{row['loss']:.4g}", syn_lr=f"{row['syn_lr']:.3g}", refresh=False)
                 if out_dir is not None and write:
                     io.write_csv(out_dir / LOSS_CSV_NAME, history, LOSS_CSV_FIELDS)
@@ -618,6 +629,7 @@ def mkdt_distill(
     finally:
         bar.close()
 
+    watch.check()
     result = DistilledSet(
         images=synthetic_images.detach().cpu(), targets=synthetic_targets.detach().float().cpu(), mean=mean, std=std,
         target_kind="representation", method="mkdt", source=source_id[0],

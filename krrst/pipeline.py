@@ -41,7 +41,7 @@ from krrst.distributed import (
     run_on_main,
     split_jobs,
 )
-from krrst.io import LOCK_NAME, capture_env, exclusive_lock, read_json, write_json
+from krrst.io import LOCK_NAME, capture_env, check_output_dir, exclusive_lock, read_json, write_json
 from krrst.mkdt import MKDTConfig
 from krrst.teacher import TeacherConfig
 
@@ -97,6 +97,12 @@ class RunConfig:
     teacher_path: str = ""
     teacher_arch: str = ""
     download: bool = False
+    # how images of another size reach image_size: crop (short side, then the centre) or stretch (krrst.data)
+    resize: str = "crop"
+    # skip image files that cannot be decoded (reported with a count) instead of stopping at the first
+    skip_corrupt: bool = False
+    # the test share of a labelled folder / HF dataset with no test split (seeded, stratified; in the target's name)
+    test_fraction: float = 0.2
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -327,6 +333,23 @@ def _run_started(out_dir: Path) -> bool:
     )
 
 
+REPORT_FILES = ("results.csv", "results.json", "results.md", "results.png", "report.html")
+
+
+def check_output_paths(out_dir: str | Path, option: str = "--out") -> Path:
+    """Refuse an output folder that cannot take a run's files, in one line naming the path, before any work.
+
+    An existing regular file, a path inside a file, a folder that is not
+    writable (`io.check_output_dir`), or a folder where a results or report
+    file should go.
+    """
+    out = check_output_dir(out_dir, option)
+    for name in REPORT_FILES:
+        if (out / name).is_dir():
+            raise KrrstError(f"{option} {out}: {out / name} is a folder; the results and report are files there")
+    return out
+
+
 def prepare_run_dir(out_dir: Path, config: PipelineConfig, preset: str, force: bool) -> None:
     """Create the run directory or check that it holds a run of this config (else refuse unless `force`)."""
     resolved = {"preset": preset, **config.to_dict()}
@@ -419,16 +442,19 @@ def _timed(out_dir: Path, stage: str, log, write: bool = True) -> Iterator[None]
     """Add the stage's wall time to `timings.json` (accumulated across resumes; `write=False`: other ranks)."""
     started = time.perf_counter()
     log(f"[{stage}] started")
+    finished = False
     try:
         yield
+        finished = True
     finally:
-        if not write:
-            return
-        path = out_dir / "timings.json"
-        timings = read_json(path) if path.exists() else {}
-        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 2)
-        write_json(path, timings)
-        log(f"[{stage}] {time.perf_counter() - started:.1f} s")
+        elapsed = time.perf_counter() - started
+        if write:
+            path = out_dir / "timings.json"
+            timings = read_json(path) if path.exists() else {}
+            timings[stage] = round(timings.get(stage, 0.0) + elapsed, 2)
+            write_json(path, timings)
+        # an interrupted stage must not read as done: a re-run resumes it
+        log(f"[{stage}] finished in {elapsed:.1f} s" if finished else f"[{stage}] stopped after {elapsed:.1f} s")
 
 
 # ----------------------------------------------------------------------------- data
@@ -467,7 +493,8 @@ def load_source(run: RunConfig, root: Path):
 
     location = _existing_dataset_path(root, run.source_root, "run.source_root", run.download)
     source = load_images(run.source, location, run.source_split, image_size=run.image_size, download=run.download,
-                         max_per_class=run.source_per_class)
+                         max_per_class=run.source_per_class, resize=run.resize, skip_corrupt=run.skip_corrupt,
+                         test_fraction=run.test_fraction)
     source = dataclasses.replace(source, labels=None)  # the source is used without labels
     return split_heldout(source, run.heldout_images, run.seed)
 
@@ -489,7 +516,8 @@ def load_target(spec: str, run: RunConfig, root: Path):
 
     name, path = parse_target(spec)
     location = _existing_dataset_path(root, path, f"run.targets entry {spec!r}", run.download)
-    common = {"image_size": run.image_size, "download": run.download}
+    common = {"image_size": run.image_size, "download": run.download, "resize": run.resize,
+              "skip_corrupt": run.skip_corrupt, "test_fraction": run.test_fraction}
     train = load_images(name, location, "train", max_per_class=run.target_train_per_class, **common)
     test = load_images(name, location, TEST_SPLITS.get(name, "test"), max_per_class=run.target_test_per_class, **common)
     if train.labels is None or test.labels is None:
@@ -555,6 +583,7 @@ def run(
     process started on the same `out_dir` is refused (`io.exclusive_lock`).
     """
     context = distributed or current_context(resolve_device(device))
+    check_output_paths(out_dir)
     with exclusive_lock(out_dir) if context.is_main else nullcontext():
         return _run_stages(config, Path(out_dir), Path(root), preset, force, context, progress, log)
 

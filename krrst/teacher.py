@@ -41,7 +41,6 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from krrst.augment import normalize, ssl_view_pair
 from krrst.config import config_changes, config_to_dict, resolve_device
@@ -54,6 +53,19 @@ from krrst.distributed import (
     shard_slice,
 )
 from krrst.errors import KrrstError
+from krrst.finite import LossWatch, describe_nonfinite, first_nonfinite_tensor
+from krrst.formats import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TeacherInput,
+    fit_to_source,
+    is_library_arch,
+    is_torchscript,
+    library_backbone,
+    load_backbone_weights,
+    load_library_teacher,
+    load_torchscript,
+)
 from krrst.io import (
     atomic_write,
     load_state,
@@ -63,6 +75,7 @@ from krrst.io import (
     torch_load_weights_only,
     write_json,
 )
+from krrst.progress import progress_bar
 from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
 TEACHER_FILE = "teacher.safetensors"
@@ -408,7 +421,7 @@ def train_teacher(
             accuracy probe, reported in `health.json`.
         stop_at_step: stop after this global step, checkpoint and return the
             unfinished backbone (for time-sliced runs and the resume test).
-        progress: show the tqdm bar and the summary line (None: bar only on a tty).
+        progress: show progress and the summary line (None: a bar on a terminal, plain lines in a log file).
         distributed: the `krrst.distributed.init_distributed()` context of a
             torchrun process; with world_size > 1 the ranks split each global
             batch of `config.batch_size` (a multiple of the world size) and
@@ -530,18 +543,13 @@ def train_teacher(
             },
         )
 
-    bar = tqdm(
-        total=total_steps * config.batch_size,
-        initial=start_step * config.batch_size,
-        unit="img",
-        unit_scale=True,
-        desc=f"teacher {config.method} {config.arch}",
-        disable=(None if progress is None else not progress) if is_main else True,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(total_steps * config.batch_size, f"teacher {config.method} {config.arch}", unit="img",
+                       initial=start_step * config.batch_size, enabled=is_main and progress is not False)
     backbone.train()
     projector.train()
     pending: list[tuple[int, torch.Tensor, float, float]] = []
+    watch = LossWatch(f"teacher training ({config.method})",
+                      "teacher.lr too high for teacher.batch_size (or teacher.loss_scale too large)", device)
     call_start = time.perf_counter()
     permutation, permutation_epoch = None, -1
     try:
@@ -579,16 +587,13 @@ def train_teacher(
             loss.backward()
             optimizer.step()
             pending.append((step + 1, loss.detach(), lr, time.perf_counter() - call_start))
+            watch.update(loss, step + 1)
 
             done = step + 1
             if done % config.log_every == 0 or done % config.checkpoint_every == 0 or done == stop:
                 last_loss = _flush_losses(pending, loss_path, bar, config.batch_size)
                 pending = []
-                if not math.isfinite(last_loss):
-                    raise KrrstError(
-                        f"teacher loss became {last_loss} by step {done} (lr {lr:.3g}); "
-                        f"lower teacher.lr or check the source images"
-                    )
+                watch.check()  # before any checkpoint: none is written from a diverged state
             if done % config.checkpoint_every == 0 or done == stop:
                 save_checkpoint(done)
     finally:
@@ -775,9 +780,20 @@ def save_teacher(
 
 
 def load_teacher(
-    path: str | os.PathLike, arch: str | None = None, device: str | torch.device | None = "cpu"
+    path: str | os.PathLike | None,
+    arch: str | None = None,
+    device: str | torch.device | None = "cpu",
+    input_size: int | None = None,
 ) -> nn.Module:
     """Load a teacher (frozen backbone, forward = features) from a file.
+
+    Teachers of other libraries (`krrst.formats`): `arch` =
+    `torchvision:NAME` or `timm:NAME` with a state dict, a solo-learn or
+    lightly `.ckpt`, or `path=None` for the library's pretrained weights
+    (online); a TorchScript file is taken as it is. They declare their input
+    (size and normalisation; `input_size` overrides the size, and gives a
+    TorchScript teacher ImageNet's normalisation at that size), which the
+    stages honour (`krrst.formats.fit_to_source`).
 
     Accepted files:
     - a `teacher.safetensors` written by `train_teacher`/`save_teacher`: the
@@ -804,6 +820,8 @@ def load_teacher(
     """
     from krrst.models import create_model, list_models, model_options
 
+    if path is None or is_library_arch(arch) or is_torchscript(Path(path)):
+        return _load_foreign_teacher(path, arch, device, input_size)
     path = Path(path)
     if not path.is_file():
         raise KrrstError(f"teacher file not found: {path}")
@@ -814,6 +832,15 @@ def load_teacher(
         tensors = _torch_load_state_dict(path)
 
     state = _clean_state_dict(tensors)
+    nonfinite = first_nonfinite_tensor(state.items())
+    if nonfinite is not None:
+        raise KrrstError(f"teacher file {path}: {nonfinite[1]} in its weights ({nonfinite[0]}); its features would be NaN")
+    if metadata.get("kind") == TEACHER_KIND and is_library_arch(metadata["spec"]["arch"]):
+        # an imported torchvision/timm teacher: rebuilt by its library, its weights as saved (head already removed)
+        spec = metadata["spec"]
+        model = library_backbone(spec["arch"], input_size=spec.get("input_size"))
+        load_backbone_weights(model, tensors, path, spec["arch"])
+        return _freeze(model.to(resolve_device(device)))
     if metadata.get("kind") == TEACHER_KIND:
         spec = dict(metadata["spec"])
         if arch is not None and arch != spec["arch"]:
@@ -842,6 +869,27 @@ def load_teacher(
     _load_exactly(model, state, path, model.spec["arch"])
     model.teacher_mean = tuple(mean) if mean else None
     model.teacher_std = tuple(std) if std else None
+    return _freeze(model.to(resolve_device(device)))
+
+
+def _load_foreign_teacher(
+    path: str | os.PathLike | None, arch: str | None, device: str | torch.device | None, input_size: int | None
+) -> nn.Module:
+    """A torchvision/timm teacher (weights from `path`, or pretrained when None) or a TorchScript file."""
+    if path is not None and not Path(path).is_file():
+        raise KrrstError(f"teacher file not found: {path}")
+    if path is None and not is_library_arch(arch):
+        raise KrrstError("a teacher without a file needs --teacher-arch torchvision:NAME or timm:NAME "
+                         "(the library's pretrained weights)")
+    if is_library_arch(arch):
+        model = load_library_teacher(None if path is None else Path(path), arch, input_size)
+    else:
+        model = load_torchscript(Path(path))
+        if input_size:
+            model.teacher_input = TeacherInput(int(input_size), IMAGENET_MEAN, IMAGENET_STD)
+    nonfinite = first_nonfinite_tensor(model.state_dict().items())
+    if nonfinite is not None:
+        raise KrrstError(f"teacher file {path}: {nonfinite[1]} in its weights ({nonfinite[0]}); its features would be NaN")
     return _freeze(model.to(resolve_device(device)))
 
 
@@ -990,16 +1038,36 @@ def teacher_features(
         device = resolve_device(device)
     else:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model = fit_to_source(model, mean, std, images_uint8.shape[-1])  # a library teacher's own preprocessing
     was_training = model.training
     model.to(device).eval()
     outputs = []
     starts = range(0, images_uint8.shape[0], batch_size)
-    with torch.no_grad():
-        for start in tqdm(starts, desc="teacher features", unit="batch", disable=not progress, leave=False):
+    with torch.no_grad(), progress_bar(len(starts), "teacher features", unit="batch", enabled=progress,
+                                       leave=False) as bar:
+        for start in starts:
             batch = normalize(images_uint8[start : start + batch_size].to(device), mean, std)
             outputs.append(model(batch).float().flatten(1).cpu())
+            bar.update()
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def check_teacher_features(teacher: nn.Module, features: torch.Tensor, what: str) -> None:
+    """One line when the teacher's first features hold NaN or inf, naming the teacher as the cause.
+
+    Checked where a stage first computes them (distillation, MKDT, the
+    baselines), so a NaN teacher is reported as such and not, steps later,
+    as a kernel that is not positive definite.
+    """
+    found = describe_nonfinite(features)
+    if found is None:
+        return
+    arch = getattr(teacher, "spec", {}).get("arch", type(teacher).__name__)
+    weights = first_nonfinite_tensor(teacher.state_dict().items())
+    cause = (f"its weights hold {weights[1]} ({weights[0]})" if weights is not None
+             else "its weights are finite, so its arithmetic overflowed on these images")
+    raise KrrstError(f"the teacher ({arch})'s features of {what} hold {found}: {cause}; use another teacher file")
 
 
 # Thresholds of the collapse check. A random network's per-dimension spread is
