@@ -96,6 +96,8 @@ class RunConfig:
     seed: int = 0
     teacher_path: str = ""
     teacher_arch: str = ""
+    # the input size the teacher was trained at (0: its own; torchvision/timm declare theirs, e.g. 224)
+    teacher_input_size: int = 0
     download: bool = False
     # how images of another size reach image_size: crop (short side, then the centre) or stretch (krrst.data)
     resize: str = "crop"
@@ -626,12 +628,18 @@ def _run_stages(
         + "; ".join(f"target {train.name}: {len(train)} train / {len(test)} test" for train, test in targets.values()))
 
     # -- teacher --------------------------------------------------------------------------------
-    if run_config.teacher_path:
-        teacher = load_teacher(dataset_path(root, run_config.teacher_path), arch=run_config.teacher_arch or None, device=device)
+    if run_config.teacher_path == "pretrained":  # the library's own weights of run.teacher_arch (online)
+        teacher = load_teacher(None, arch=run_config.teacher_arch or None, device=device,
+                               input_size=run_config.teacher_input_size or None)
+        teacher_fp = _fingerprint("pretrained", run_config.teacher_arch, run_config.teacher_input_size)
+    elif run_config.teacher_path:
         teacher_file = dataset_path(root, run_config.teacher_path)
+        teacher = load_teacher(teacher_file, arch=run_config.teacher_arch or None, device=device,
+                               input_size=run_config.teacher_input_size or None)
         # The file's size and modification time: replacing the teacher invalidates what was distilled from it.
         teacher_fp = _fingerprint(str(teacher_file), run_config.teacher_arch, teacher_file.stat().st_size,
-                                  teacher_file.stat().st_mtime_ns)
+                                  teacher_file.stat().st_mtime_ns, *([run_config.teacher_input_size]
+                                                                     if run_config.teacher_input_size else []))
     else:
         teacher_dir = out_dir / "teacher"
         teacher_fp = _fingerprint(source_fp, _without(config.teacher, ("checkpoint_every", "log_every")))
