@@ -4,11 +4,16 @@ Each stage has one frozen dataclass of hyper-parameters, shared by the CLI and
 the Python API. This module turns dicts and `key=value` strings into those
 dataclasses, refusing unknown keys and ill-typed values with a message that
 lists what is valid, and picks the device once (CUDA when present, else CPU).
+
+Numbers are checked here, once for every stage: a float must be finite and
+within float32 range (the tensors it reaches are float32; `1e39` would only
+fail later, deep inside a loop), an integer within int64 range.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -18,6 +23,9 @@ import torch
 from krrst.errors import KrrstError
 
 ConfigT = TypeVar("ConfigT")
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # about 3.4e38
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -81,25 +89,68 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes", "on")
         raise KrrstError(f"{where}={value!r} is not valid; expected true or false")
     if annotation is int:
-        if isinstance(value, bool):
-            raise KrrstError(f"{where}={value!r} is not valid; expected an integer")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise KrrstError(f"{where}={value!r} is not valid; expected an integer") from None
-        if not as_float.is_integer():
-            raise KrrstError(f"{where}={value!r} is not valid; expected an integer")
-        return int(as_float)
+        return check_number(_as_integer(value, where), where, shown=value)
     if annotation is float:
         if isinstance(value, bool):
             raise KrrstError(f"{where}={value!r} is not valid; expected a number")
         try:
-            return float(value)
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            number = math.inf
         except (TypeError, ValueError):
             raise KrrstError(f"{where}={value!r} is not valid; expected a number") from None
+        return check_number(number, where, shown=value)
     if annotation is str:
         return str(value)
     return value
+
+
+def _as_integer(value: Any, where: str) -> int:
+    """An int from an int, an integral float or a string such as "100" or "1e3" (exact for long digit strings)."""
+    if isinstance(value, bool):
+        raise KrrstError(f"{where}={value!r} is not valid; expected an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())  # exact, however many digits
+        except ValueError:
+            pass
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise KrrstError(f"{where}={value!r} is not valid; expected an integer") from None
+    if not as_float.is_integer():
+        raise KrrstError(f"{where}={value!r} is not valid; expected an integer")
+    return int(as_float)
+
+
+def check_number(value: Any, where: str, shown: Any = None) -> Any:
+    """`value` itself when it is a number a stage can use: a finite float within float32 range, an int within
+    int64's; otherwise a one-line `KrrstError` naming `where` (e.g. "linear.lr") and `shown` (what the user
+    typed, by default `value`). Other values pass through."""
+    if isinstance(value, bool):
+        return value
+    text = repr(value if shown is None else shown)
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise KrrstError(
+            f"{where}={text} is not valid; expected a finite number within float32 range (|x| <= {FLOAT32_MAX:.4g})"
+        )
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise KrrstError(f"{where}={text} is not valid; expected an integer within int64 range (|x| < 2**63)")
+    return value
+
+
+def check_numeric_fields(config: Any, stage: str) -> None:
+    """`check_number` on every numeric field of a config dataclass (and on the items of tuple/list fields).
+
+    For a config built directly rather than through `apply_overrides`: a
+    `__post_init__` calls it with its stage name.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            check_number(item, f"{stage}.{field.name}")
 
 
 def config_from_dict(cls: type[ConfigT], mapping: Mapping[str, Any], where: str = "") -> ConfigT:

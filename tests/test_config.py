@@ -70,3 +70,32 @@ def test_config_changes_ignores_listed_fields_and_defaults_missing_ones():
     current = ToyConfig(lr=0.3, flag=True)
     assert config_changes(saved, current, ignore=("flag",)) == [("lr", 0.2, 0.3)]
     assert config_changes(saved, ToyConfig(lr=0.2), ignore=()) == [], "lists equal tuples; a missing field is its default"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e39", "-3.5e38", float("nan"),
+                                   pytest.param(10**400, id="int-1e400")])
+def test_floats_that_are_not_finite_or_beyond_float32_are_refused_naming_the_field(value):
+    with pytest.raises(KrrstError, match=r"^linear\.lr=.* is not valid; expected a finite number within float32 range"):
+        apply_overrides(ToyConfig(), {"lr": value}, "linear")
+
+
+def test_the_float32_limit_itself_and_long_integers_are_exact():
+    limit = float(torch.finfo(torch.float32).max)
+    assert apply_overrides(ToyConfig(), {"lr": repr(limit)}).lr == limit
+    assert apply_overrides(ToyConfig(), {"limit": str(2**63 - 1)}).limit == 2**63 - 1, "no rounding through float"
+    with pytest.raises(KrrstError, match=r"^run\.limit='9223372036854775808' is not valid; expected an integer within int64"):
+        apply_overrides(ToyConfig(), {"limit": str(2**63)}, "run")
+    with pytest.raises(KrrstError, match=r"^run\.steps='1e30' is not valid; expected an integer within int64"):
+        apply_overrides(ToyConfig(), {"steps": "1e30"}, "run")
+
+
+def test_check_numeric_fields_walks_tuples_and_names_the_stage():
+    from krrst.config import check_numeric_fields
+
+    @dataclasses.dataclass(frozen=True)
+    class Scales:
+        factors: tuple[float, ...] = (1.0, float("inf"))
+
+    check_numeric_fields(ToyConfig(), "toy")
+    with pytest.raises(KrrstError, match=r"^toy\.factors=inf is not valid"):
+        check_numeric_fields(Scales(), "toy")
