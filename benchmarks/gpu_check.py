@@ -368,21 +368,26 @@ def section_demo(scale, device, deadline, rows):
     row = {"section": "demo", "variant": f"krrst run --preset demo, {overrides['distill.steps']} distill steps",
            "status": "ok"}
     rows.append(row)
+    started = time.perf_counter()
+    try:
+        _run_demo(row, overrides, device, deadline)
+    except Exception as exc:  # the row says what failed, the budget's end included
+        row["status"] = _error(exc)
+    row["wall_s"] = time.perf_counter() - started
+    print(f"gpu_check: demo: {row['status']} ({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+
+
+def _run_demo(row: dict, overrides: dict, device: torch.device, deadline: float) -> None:
+    """`krrst run --preset demo` with `overrides` in a subprocess (killed at the deadline); its results into `row`."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         command = [sys.executable, "-m", "krrst.cli", "run", "--preset", "demo", "--out", str(run_dir),
                    "--no-progress", "--device", str(device)]
         for key, value in overrides.items():
             command += ["--set", f"{key}={value}"]
-        started = time.perf_counter()
-        try:  # subprocess.run kills the run on any exception, the budget's included
-            finished = subprocess.run(command, capture_output=True, text=True,
-                                      timeout=max(1.0, deadline - time.monotonic()))
-        except (subprocess.TimeoutExpired, BudgetSpent):
-            row["status"] = "error: section budget spent (run killed)"
-            return
-        finally:
-            row["wall_s"] = time.perf_counter() - started
+        # subprocess.run kills the run on any exception: its timeout, or the budget's alarm
+        finished = subprocess.run(command, capture_output=True, text=True,
+                                  timeout=max(1.0, deadline - time.monotonic()))
         row["rc"] = finished.returncode
         if finished.returncode != 0:
             last = (finished.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -393,7 +398,6 @@ def section_demo(scale, device, deadline, rows):
     accuracy = "; ".join(f"{method} " + " / ".join(f"{protocol} {value:.1%}" for protocol, value in protocols.items())
                          for method, protocols in row["accuracy"].items())
     row["note"] = f"rc 0; {row['result_rows']} result rows; {timings}; mean accuracy: {accuracy}"
-    print(f"gpu_check: demo: {row['status']} ({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
 
 
 SECTION_FUNCTIONS = {"step": section_step, "tinyimagenet": section_tinyimagenet, "demo": section_demo,

@@ -20,7 +20,7 @@ def _gpu_check(monkeypatch):
 def test_smoke_step_section_gives_the_reference_loss_and_direction_in_float64(tmp_path, monkeypatch):
     out = tmp_path / "gpu_check.json"
     rows = _gpu_check(monkeypatch).main(["--smoke", "--only", "step", "--device", "cpu", "--dtype", "float64",
-                              "--teacher-cache", "0", "--steps", "1", "--skip", "1", "--out", str(out)])
+                                         "--teacher-cache", "0", "--steps", "1", "--skip", "1", "--out", str(out)])
 
     assert [row["variant"] for row in rows] == ["reference", "fast"]
     assert all(row["status"] == "ok" for row in rows), rows
