@@ -2,6 +2,7 @@
 
     python benchmarks/bench_distill.py --grid cpu                 # this CPU: narrow networks
     python benchmarks/bench_distill.py --grid paper --steps 3     # the paper's CIFAR-100 step
+    python benchmarks/bench_distill.py --grid teachers --teacher-cache 2   # ConvNet / ResNet-18 / ResNet-50 teachers
     python benchmarks/bench_distill.py --grid gpu --device cuda   # m 250..4000, batch 256/1024, 32/64 px
     python benchmarks/bench_distill.py --grid gpu --device cuda --compile
 
@@ -68,14 +69,22 @@ def grid(name: str) -> list[dict]:
         settings = [dict(m=m, batch=batch, size=32, arch="convnet3", widths=NARROW3, teacher="resnet18")
                     for batch in (256, 1024) for m in (250, 1000, 4000)]
         return settings + [dict(m=500, batch=256, size=64, arch="convnet3", widths=NARROW3, teacher="resnet18")]
-    raise SystemExit(f"unknown grid {name!r}; expected cpu, gpu, paper or tinyimagenet")
+    if name == "teachers":  # what the teacher costs per outer step: a ConvNet, the CIFAR ResNet-18, a 224 px ResNet-50
+        return [dict(m=100, batch=64, size=32, arch="convnet3", widths=NARROW3, teacher=teacher)
+                for teacher in ("convnet3", "resnet18", "torchvision:resnet50")]
+    raise SystemExit(f"unknown grid {name!r}; expected cpu, gpu, paper, tinyimagenet or teachers")
 
 
 def _teacher(name: str, size: int):
     from krrst.models import create_model
 
     torch.manual_seed(0)
-    return create_model(name)  # ResNet-18 (CIFAR stem, global pooling) takes any image size
+    if name.startswith(("torchvision:", "timm:")):  # at its own input size (224 px), as `distill` feeds it
+        from krrst.formats import library_backbone
+
+        return library_backbone(name)
+    return create_model(name, image_size=size) if name.startswith("convnet") else create_model(name)  # ResNet-18
+    # (CIFAR stem, global pooling) takes any image size
 
 
 def _config(setting: dict, path: str, steps: int, log_every: int, teacher_cache: int, compile_step: bool):
@@ -96,8 +105,11 @@ def step_flops(setting: dict, with_teacher: bool) -> int:
     from krrst.distill import _model_options, _seeded_model
 
     config = _config(setting, "reference", 1, 1, 0, False)
+    from krrst.formats import fit_to_source
+
     with torch.device("meta"):
-        teacher = _teacher(setting["teacher"], setting["size"]).eval()
+        teacher = fit_to_source(_teacher(setting["teacher"], setting["size"]), (0.5,) * 3, (0.25,) * 3,
+                                setting["size"]).eval()
         feature_dim = teacher(torch.empty(2, 3, setting["size"], setting["size"])).shape[1]
         model = _seeded_model(config.arch, feature_dim, _model_options(config), 0)
         synthetic = torch.empty(setting["m"], 3, setting["size"], setting["size"], requires_grad=True)
