@@ -88,3 +88,20 @@ def test_exclusive_lock_refuses_a_second_holder_until_released(tmp_path):
     with pytest.raises(BlockingIOError, match="the block's own"):  # not mistaken for the lock being held
         with exclusive_lock(tmp_path / "run"):
             raise BlockingIOError("the block's own")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_every_written_file_takes_the_users_umask(tmp_path, umask):
+    """Collaborators on a shared file system read a run's files as they read any other (0644 under umask 022)."""
+    import os
+
+    from krrst.io import save_tensors, write_json
+
+    previous = os.umask(umask)
+    try:
+        save_tensors(tmp_path / "set.safetensors", {"images": torch.zeros(2, 3)}, {"kind": "test"})
+        write_json(tmp_path / "config.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    for name in ("set.safetensors", "config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
