@@ -107,7 +107,7 @@ def _cmd_teacher(args: argparse.Namespace) -> None:
         return
     config = _stage_config(TeacherConfig, "teacher", args.preset, args.overrides)
     context = _distributed(args)
-    train_teacher(images, config, out_dir=out, resume=args.resume, device=context.device,
+    train_teacher(images, config, out_dir=out, resume=True, device=context.device,
                   progress=args.progress and context.is_main, distributed=context)
     if context.is_main:
         print(f"wrote {out / TEACHER_FILE}")
@@ -127,17 +127,33 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     teacher = _load_teacher(args)
     images, heldout = split_heldout(_load_source(args), args.heldout, config.seed)
     if args.method == "mkdt":
-        distilled = mkdt_distill(images, teacher, config, out_dir=args.out, resume=args.resume, device=args.device,
+        distilled = mkdt_distill(images, teacher, config, out_dir=args.out, resume=True, device=args.device,
                                  progress=args.progress)
     else:
         context = _distributed(args)
-        distilled = distill(images, teacher, config, out_dir=args.out, resume=args.resume, device=context.device,
+        distilled = distill(images, teacher, config, out_dir=args.out, resume=True, device=context.device,
                             heldout=heldout, progress=args.progress, distributed=context)
         if not context.is_main:
             return
     out = Path(args.out)
     print(f"distilled {len(distilled)} images with {distilled.feature_dim}-d targets into "
           f"{out / 'distilled.safetensors'} (preview: {out / 'preview.png'})")
+
+
+def _evaluation_provenance(args: argparse.Namespace) -> str:
+    """What the evaluated set comes from: its file's hash, or a fingerprint of the options that define a baseline."""
+    from krrst.pipeline import baseline_provenance, set_provenance
+
+    if args.distilled:
+        return set_provenance(args.distilled)
+    if args.baseline == "none":  # a fresh network: nothing defines it (`krrst run` writes the same)
+        return baseline_provenance("none")
+    teacher = [set_provenance(args.teacher) if Path(args.teacher).is_file() else args.teacher,
+               args.teacher_arch, args.teacher_input_size]
+    if args.baseline == "full":
+        return baseline_provenance("full", teacher=teacher)
+    return baseline_provenance(args.baseline, m=args.m, seed=args.seed, source=args.source, teacher=teacher,
+                               source_root=str(Path(args.source_root).resolve()), image_size=args.image_size)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -207,15 +223,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     identity = {"--distilled/--baseline": what, "--set": {k: str(v) for k, v in configs.items()},
                 "--widths": args.widths, "--image-size": image_size, "--target": args.target,
                 "--max-per-class": args.max_per_class}
+    provenance = _evaluation_provenance(args)
     context = _distributed(args)
     with exclusive_lock(args.out, "evaluation folder") if context.is_main else nullcontext():
-        run_on_main(lambda: claim_evaluation(args.out, method, identity))
+        run_on_main(lambda: claim_evaluation(args.out, method, identity, provenance))
         evaluate_methods(
             args.out, {method: network}, [(args.target, train, test)], source_name=source_name, archs=[args.arch],
             seeds=range(args.seed, args.seed + args.seeds), protocols=protocols,
             pretrain_config=configs["pretrain"], finetune_config=configs["finetune"], linear_config=configs["linear"],
             eval_widths=tuple(args.widths), image_size=image_size, device=context.device,
-            progress=args.progress and context.is_main, distributed=context,
+            progress=args.progress and context.is_main, distributed=context, provenance={method: provenance},
             # An explicit --set finetune.iterations holds for fine-grained targets too (default there: 5,000).
             finegrained_iterations=configs["finetune"].iterations
             if any(item.startswith("finetune.iterations=") for item in args.overrides) else 5000,
@@ -331,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(teacher)
     teacher.add_argument("--out", required=True, help="output folder: teacher.safetensors, checkpoint, loss.csv, health.json")
     teacher.add_argument("--preset", default=None, help="take the teacher settings of a pipeline preset (e.g. cpu-mini)")
-    teacher.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    teacher.add_argument("--resume", action="store_true",
+                         help="accepted for scripts: re-running the command on its --out always resumes")
     teacher.add_argument("--teacher", default=None,
                          help="import this teacher: a safetensors or .pt/.pth state dict, a solo-learn/lightly .ckpt, a "
                          "TorchScript file, or `pretrained` (the library's weights of --teacher-arch, online)")
@@ -361,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="m, the synthetic images (paper: 1,000 CIFAR-100, 2,000 Tiny-ImageNet); under torchrun "
                          "write --num-images (torchrun takes --m for one of its own options)")
     distill.add_argument("--heldout", type=int, default=1000, help="source images held out for the validation signal (0: none)")
-    distill.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    distill.add_argument("--resume", action="store_true",
+                         help="accepted for scripts: re-running the command on its --out always resumes")
     _common(distill, "distill (krr-st) or mkdt", "distill.image_lr=0.001")
     distill.set_defaults(handler=_cmd_distill)
 
@@ -425,8 +444,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"krrst {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from krrst.progress import stopped_loops
+
         _leave_process_group()
-        print(f"krrst {args.command}: interrupted; finished checkpoints are kept, re-run to resume", file=sys.stderr)
+        where = stopped_loops()
+        at = f" ({where[-1]})" if where else ""  # the outermost loop: the stage's own count
+        print(f"krrst {args.command}: interrupted{at}; the last checkpoint is kept: re-run the same command to resume",
+              file=sys.stderr)
         return 130
     _leave_process_group()
     return 0

@@ -1111,8 +1111,10 @@ def result_row(
     seed: int,
     accuracy: float,
     wall_time_s: float,
+    provenance: str = "",
 ) -> dict[str, Any]:
-    """One results row with exactly `krrst.report.RESULT_FIELDS` (accuracy a fraction in [0, 1])."""
+    """One results row with exactly `krrst.report.RESULT_FIELDS` (accuracy a fraction in [0, 1]; `provenance`
+    what the set came from, filled in by whoever knows it: the pipeline or the CLI)."""
     return {
         "method": str(method),
         "source": str(source),
@@ -1122,6 +1124,7 @@ def result_row(
         "seed": int(seed),
         "accuracy": float(accuracy),
         "wall_time_s": float(wall_time_s),
+        "provenance": str(provenance),
     }
 
 

@@ -43,6 +43,7 @@ from krrst.distributed import (
 )
 from krrst.io import LOCK_NAME, capture_env, check_output_dir, exclusive_lock, read_json, write_json
 from krrst.mkdt import MKDTConfig
+from krrst.progress import stopped_loops
 from krrst.teacher import TeacherConfig
 
 SAMPLE_ROOT = "@sample"
@@ -382,16 +383,34 @@ def file_identity(path: str | Path | None) -> list[Any] | None:
     return [str(path.resolve()), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
 
 
-def claim_evaluation(out_dir: str | Path, method: str, identity: Mapping[str, Any]) -> None:
+def set_provenance(path: str | Path) -> str:
+    """`sha256:<first 16 hex digits>` of a file's bytes (read in 1 MiB chunks): the provenance of its rows."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def baseline_provenance(baseline: str, **options: Any) -> str:
+    """`baseline:<fingerprint>` of what defines a baseline set (its kind, size, seed, source, teacher)."""
+    return "baseline:" + _fingerprint(baseline, options)
+
+
+def claim_evaluation(out_dir: str | Path, method: str, identity: Mapping[str, Any], provenance: str = "") -> None:
     """Record what `method`'s rows in `out_dir` come from; refuse rows of another set or config there.
 
+    `provenance` (`set_provenance`, `baseline_provenance`) is checked first:
+    rows of `method` from another set are refused naming both provenances.
     `identity` maps a name (an option, e.g. "--target") to what it was. A claim
     with no rows and no pre-trained network of `method` behind it (a start that
     failed early, e.g. on a mistyped option) protects nothing and is replaced.
     """
-    from krrst.report import read_results
+    from krrst.report import check_provenance, read_results
 
     out_dir = Path(out_dir)
+    if provenance:
+        check_provenance(out_dir, {method: provenance})
     path = out_dir / "eval" / f"{method}.fingerprint.json"
     fingerprint = _fingerprint(list(identity.values()))  # the values alone: claims of older versions still match
     previous = read_json(path) if path.exists() else {}
@@ -456,7 +475,12 @@ def _timed(out_dir: Path, stage: str, log, write: bool = True) -> Iterator[None]
             timings[stage] = round(timings.get(stage, 0.0) + elapsed, 2)
             write_json(path, timings)
         # an interrupted stage must not read as done: a re-run resumes it
-        log(f"[{stage}] finished in {elapsed:.1f} s" if finished else f"[{stage}] stopped after {elapsed:.1f} s")
+        if finished:
+            log(f"[{stage}] finished in {elapsed:.1f} s")
+        else:
+            where = stopped_loops(clear=False)  # the CLI reports them too
+            log(f"[{stage}] stopped after {elapsed:.1f} s" + (f" ({where[-1]})" if where else "")
+                + "; re-running the same command resumes it")
 
 
 # ----------------------------------------------------------------------------- data
@@ -745,6 +769,9 @@ def _run_stages(
     run_on_main(start_evaluation)
     if "full-ssl" in run_config.methods:
         sets["full-ssl"] = teacher
+    # Each row names the stage fingerprint that built its set, as `krrst evaluate` names a set file's hash.
+    provenance = {"krr-st": f"distill:{distill_fp}", "mkdt": f"mkdt:{mkdt_fp}", "full-ssl": f"teacher:{teacher_fp}",
+                  "none": baseline_provenance("none"), **{method: f"baselines:{baselines_fp}" for method in wanted}}
     with _timed(out_dir, "evaluate", log, main):
         evaluate_methods(
             out_dir, {method: sets[method] for method in run_config.methods},
@@ -753,7 +780,7 @@ def _run_stages(
             protocols=run_config.protocols, pretrain_config=config.pretrain, finetune_config=config.finetune,
             linear_config=config.linear, eval_widths=run_config.eval_widths, image_size=run_config.image_size,
             finegrained_iterations=run_config.finegrained_iterations, device=device, progress=progress, log=log,
-            distributed=context,
+            distributed=context, provenance=provenance,
         )
     mark_done(eval_dir, eval_fp)
 
@@ -791,14 +818,17 @@ def evaluate_methods(
     progress: bool = True,
     log=print,
     distributed: DistributedContext | None = None,
+    provenance: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every method x arch x seed x target x protocol, appending rows to `out_dir/results.csv`.
 
     `sets` maps a method name to a `DistilledSet` (pre-trained on, once per
     arch and seed, the network cached under `eval/pretrained/`), to a network
     used as it is (`full-ssl`: the teacher), or to None (`none`: a fresh
-    network). `targets` are `(dataset_name, train, test)` triples. Rows
-    already in `results.csv` are skipped, so an interrupted evaluation
+    network). `provenance` maps a method to what its set came from, written
+    on its rows; a method whose rows in `results.csv` carry another is
+    refused before any work. `targets` are `(dataset_name, train, test)`
+    triples. Rows already in `results.csv` are skipped, so an interrupted evaluation
     resumes at the first missing one. Seeds are paired: seed s gives every
     method the same initialisation, label subset and batch order.
 
@@ -808,11 +838,13 @@ def evaluate_methods(
     they pre-trained, which are cached).
     """
     from krrst.evaluate import evaluate_set, pretrain
-    from krrst.report import append_results, has_result, read_results
+    from krrst.report import append_results, check_provenance, has_result, read_results
 
     out_dir = Path(out_dir)
     context = distributed or current_context(resolve_device(device))
     device = context.device
+    provenance = {method: value for method, value in (provenance or {}).items() if method in sets and value}
+    run_on_main(lambda: check_provenance(out_dir, provenance))
     rows = run_on_main(lambda: read_results(out_dir))
     jobs = [(arch, seed, method) for arch in archs for seed in seeds for method in sets]
     mine = set(split_jobs(range(len(jobs)), context.rank, context.world_size))
@@ -853,6 +885,7 @@ def evaluate_methods(
                 device=device, progress=progress, arch_options=None if pretrained is not None else overrides,
             )
             row["protocol"] = protocol
+            row["provenance"] = provenance.get(method, "")
             if context.is_main:
                 append_results(out_dir, [row])
             rows.append(row)

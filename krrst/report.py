@@ -1,7 +1,10 @@
 """Results of evaluations and the user-facing report of a run directory.
 
 Every evaluation appends one row (`RESULT_FIELDS`) to `results.csv` and
-`results.json` in the run directory. From those rows this module builds the
+`results.json` in the run directory. A row carries its provenance: what the
+pre-training set came from (`sha256:<16 hex>` of a set file, or the
+fingerprint of the config that built it), so rows of two different sets are
+never mixed under one method name. From those rows this module builds the
 Markdown table of mean ± std over seeds (`results.md`), a bar chart
 (`results.png`), loss-curve plots and `report.html`: one self-contained page
 (images embedded as data URIs, inline CSS) that shows what a run did.
@@ -26,7 +29,9 @@ from krrst.errors import KrrstError
 from krrst.io import atomic_write, file_lock, read_json
 
 SETS_NAME = "sets.json"  # per method: images, storage_bytes, parameterization (written by the pipeline)
-RESULT_FIELDS = ("method", "source", "target", "arch", "protocol", "seed", "accuracy", "wall_time_s")
+RESULT_FIELDS = ("method", "source", "target", "arch", "protocol", "seed", "accuracy", "wall_time_s", "provenance")
+# Files written before rows carried their provenance: still read (provenance ""), upgraded on the next append.
+LEGACY_RESULT_FIELDS = RESULT_FIELDS[:-1]
 
 _TEXT_FIELDS = ("method", "source", "target", "arch", "protocol")
 # One evaluation is identified by these; a re-run of the same evaluation replaces its row.
@@ -51,7 +56,7 @@ def _coerce_row(row: Any, where: str) -> dict[str, Any]:
     """Check one result row against RESULT_FIELDS and return it with canonical types."""
     if not isinstance(row, dict):
         raise KrrstError(f"{where}: a result row must be a dict with keys {', '.join(RESULT_FIELDS)}, got {type(row).__name__}")
-    missing = [field for field in RESULT_FIELDS if field not in row]
+    missing = [field for field in LEGACY_RESULT_FIELDS if field not in row]  # provenance may be left out: ""
     unknown = [str(key) for key in row if key not in RESULT_FIELDS]
     if missing or unknown:
         problems = []
@@ -68,6 +73,9 @@ def _coerce_row(row: Any, where: str) -> dict[str, Any]:
         if field != "source" and not value.strip():
             raise KrrstError(f"{where}: {field} must not be empty")
         clean[field] = value
+    provenance = row.get("provenance", "")
+    if not isinstance(provenance, str) or provenance != provenance.strip() or "\n" in provenance:
+        raise KrrstError(f"{where}: provenance must be a string without surrounding spaces, got {provenance!r}")
     clean["seed"] = _as_int(row["seed"], "seed", where)
     clean["accuracy"] = _as_float(row["accuracy"], "accuracy", where)
     clean["wall_time_s"] = _as_float(row["wall_time_s"], "wall_time_s", where)
@@ -75,6 +83,7 @@ def _coerce_row(row: Any, where: str) -> dict[str, Any]:
         raise KrrstError(f"{where}: accuracy must be a fraction in [0, 1], got {clean['accuracy']!r} (not percent)")
     if clean["wall_time_s"] < 0:
         raise KrrstError(f"{where}: wall_time_s must be >= 0, got {clean['wall_time_s']!r}")
+    clean["provenance"] = provenance
     return clean
 
 
@@ -111,14 +120,45 @@ def _write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             writer.writerow(row)
 
 
+def _check_one_provenance(path: Path, rows: Iterable[dict], methods: Iterable[str]) -> None:
+    """Refuse, in one line, a method of `methods` whose rows carry two provenances (empty: unknown, never a clash)."""
+    methods = set(methods)
+    seen: dict[str, str] = {}
+    for row in rows:
+        if row["method"] not in methods or not row["provenance"]:
+            continue
+        first = seen.setdefault(row["method"], row["provenance"])
+        if row["provenance"] != first:
+            raise KrrstError(
+                f"{path}: the rows of method '{row['method']}' come from {first}, these from {row['provenance']} "
+                "(another set under the same name); refusing to mix them: choose another --out"
+            )
+
+
+def check_provenance(run_dir: str | os.PathLike, provenance: dict[str, str]) -> None:
+    """Refuse before any work to add rows of `{method: provenance}` that `append_results` would refuse."""
+    path = Path(run_dir) / "results.csv"
+    incoming = [{"method": method, "provenance": value} for method, value in provenance.items()]
+    _check_one_provenance(path, [*read_results(run_dir), *incoming], provenance)
+
+
+def method_provenance(rows: Iterable[dict]) -> dict[str, str]:
+    """`{method: provenance}` for every method whose rows carry one (rows of older files carry none)."""
+    return {row["method"]: row["provenance"] for row in rows if row["provenance"]}
+
+
 def append_results(run_dir: str | os.PathLike, rows: list[dict]) -> None:
     """Append evaluation rows to `run_dir/results.csv` and rewrite `run_dir/results.json`.
 
-    Every row must have exactly the keys of `RESULT_FIELDS` (`accuracy` as a
-    fraction in [0, 1]); otherwise a `KrrstError` names the missing or unknown
-    key and nothing is written. A row for an evaluation already recorded (same
-    method, source, target, arch, protocol and seed) replaces the old row, so a
-    re-run never counts a seed twice. Both files are rewritten atomically
+    Every row must have the keys of `RESULT_FIELDS` (`accuracy` as a
+    fraction in [0, 1]; `provenance` may be left out, meaning unknown);
+    otherwise a `KrrstError` names the missing or unknown key and nothing is
+    written. Rows of a method whose rows already carry another provenance are
+    refused the same way: they come from another set under the same name. A
+    row for an evaluation already recorded (same method, source, target,
+    arch, protocol and seed) replaces the old row, so a re-run never counts a
+    seed twice. A file of the older 8-column layout is rewritten in the
+    current one (its rows with an empty provenance). Both files are rewritten atomically
     (temporary file + rename): a crash leaves the previous files intact.
     `results.csv` is the record; `results.json` mirrors it.
     """
@@ -129,6 +169,7 @@ def append_results(run_dir: str | os.PathLike, rows: list[dict]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(run_dir / ".results.lock"):  # read-modify-write of the results files between processes
         existing = read_results(run_dir)
+        _check_one_provenance(run_dir / "results.csv", [*existing, *new_rows], {row["method"] for row in new_rows})
         new_keys = {tuple(row[field] for field in _EVALUATION_KEY) for row in new_rows}
         kept = [row for row in existing if tuple(row[field] for field in _EVALUATION_KEY) not in new_keys]
         merged: dict[tuple, dict[str, Any]] = {}
@@ -146,6 +187,8 @@ def read_results(run_dir: str | os.PathLike) -> list[dict]:
 
     A missing file means no results yet (an empty list); a file with another
     header or an unparsable value is a one-line `KrrstError` naming the line.
+    A file of the older layout (`LEGACY_RESULT_FIELDS`) reads with an empty
+    provenance on every row.
     """
     path = Path(run_dir) / "results.csv"
     if not path.is_file():
@@ -154,12 +197,12 @@ def read_results(run_dir: str | os.PathLike) -> list[dict]:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             header = tuple(reader.fieldnames or ())
-            if header != RESULT_FIELDS:
+            if header not in (RESULT_FIELDS, LEGACY_RESULT_FIELDS):
                 raise KrrstError(f"{path}: header is {','.join(header) or '(empty)'}, expected {','.join(RESULT_FIELDS)}")
             rows = []
             for row in reader:
                 if None in row or any(value is None for value in row.values()):
-                    raise KrrstError(f"{path} line {reader.line_num}: expected {len(RESULT_FIELDS)} columns")
+                    raise KrrstError(f"{path} line {reader.line_num}: expected {len(header)} columns")
                 rows.append(_coerce_row(row, f"{path} line {reader.line_num}"))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise KrrstError(f"{path} is not a readable CSV file ({exc})") from None
@@ -357,11 +400,12 @@ def markdown_table(rows: Iterable[dict], arch: str | None = None) -> str:
     return "\n".join(parts)
 
 
-def sets_table(sets: Any) -> str:
+def sets_table(sets: Any, provenance: dict[str, str] | None = None) -> str:
     """Markdown table of what each pre-training set holds: images, storage in MB and relative to KRR-ST's.
 
     `sets` is `sets.json` of a run directory: `{method: {"images", "storage_bytes", "parameterization"}}`
-    (written by the pipeline). A malformed entry is a one-line `KrrstError`.
+    (written by the pipeline). A malformed entry is a one-line `KrrstError`. With `provenance`
+    (`method_provenance` of the results) a last column says what each set's rows came from.
     """
     if not isinstance(sets, dict):
         raise KrrstError(f"{SETS_NAME}: expected an object of methods, got {type(sets).__name__}")
@@ -370,14 +414,17 @@ def sets_table(sets: Any) -> str:
                 and isinstance(entry.get("storage_bytes"), int) and entry["storage_bytes"] > 0):
             raise KrrstError(f"{SETS_NAME}: entry {method!r} needs integer images and storage_bytes > 0, got {entry!r}")
     reference = sets.get("krr-st", {}).get("storage_bytes")
-    lines = ["| set | images | parameterisation | storage (MB) |" + (" vs krr-st |" if reference else ""),
-             "|---|---:|---|---:|" + ("---:|" if reference else "")]
+    lines = ["| set | images | parameterisation | storage (MB) |" + (" vs krr-st |" if reference else "")
+             + (" provenance |" if provenance else ""),
+             "|---|---:|---|---:|" + ("---:|" if reference else "") + ("---|" if provenance else "")]
     for method in sorted(sets, key=_method_sort_key):
         entry = sets[method]
         cells = [_markdown_escape(str(method)), str(entry["images"]),
                  _markdown_escape(str(entry.get("parameterization", "pixels"))), f"{entry['storage_bytes'] / 1e6:.2f}"]
         if reference:
             cells.append(f"{entry['storage_bytes'] / reference:.2f}x")
+        if provenance:
+            cells.append(_markdown_escape(provenance.get(method, _MISSING_CELL)))
         lines.append("| " + " | ".join(cells) + " |")
     return "Pre-training sets (storage: float32 values as stored, bases and predictors included).\n\n" + "\n".join(lines) + "\n"
 
@@ -572,6 +619,9 @@ def _provenance_line(run_dir: Path, rows: Sequence[dict], env: dict | None) -> s
     from krrst import __version__
 
     parts = [f"{len(rows)} result rows from results.csv", f"krrst {__version__}"]
+    sets = method_provenance(rows)
+    if sets:
+        parts.append("sets " + ", ".join(f"{method} {sets[method]}" for method in sorted(sets, key=_method_sort_key)))
     if isinstance(env, dict):
         if env.get("git_commit"):
             parts.append(f"commit {env['git_commit']}")
@@ -659,7 +709,7 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
         markdown = markdown_table(rows)
         if (run_dir / SETS_NAME).is_file():
             try:
-                markdown += "\n" + sets_table(read_json(run_dir / SETS_NAME, SETS_NAME))
+                markdown += "\n" + sets_table(read_json(run_dir / SETS_NAME, SETS_NAME), method_provenance(rows))
             except KrrstError as exc:
                 read_notes.append(f"{SETS_NAME} left out: {exc}")
         with atomic_write(run_dir / "results.md") as tmp:

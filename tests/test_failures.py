@@ -22,6 +22,7 @@ from krrst.finite import LossWatch, describe_nonfinite
 from krrst.io import load_state, save_tensors
 from krrst.mkdt import MKDTConfig, mkdt_distill
 from krrst.models import create_model
+from krrst.report import read_results
 from krrst.teacher import TeacherConfig, load_teacher, save_teacher, train_teacher
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -125,6 +126,42 @@ def test_cli_evaluate_of_a_nan_set_is_one_line_and_leaves_the_results_untouched(
     assert main(["evaluate", "--distilled", str(tmp_path / "broken.safetensors"), *common]) == 2
     assert one_error_line(capsys, "evaluate").endswith("broken.safetensors: 24,576 NaN values in images")
     assert (out / "results.csv").read_bytes() == before
+
+
+def test_cli_evaluate_refuses_another_set_under_the_same_method_name_even_with_the_same_path_size_and_mtime(
+        tmp_path, capsys):
+    import hashlib
+    import os
+
+    out, path = tmp_path / "eval", tmp_path / "set.safetensors"
+    common = ["--target", "imagefolder", "--root", SAMPLE, "--widths", "4,8,8", "--max-per-class", "3", "--seeds",
+              "1", "--protocol", "linear", "--set", "pretrain.epochs=1", "--set", "linear.iterations=2",
+              "--out", str(out), "--no-progress", "--device", "cpu"]
+    toy_set(images=torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))).save(path)
+    first = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert main(["evaluate", "--distilled", str(path), *common]) == 0
+    assert [row["provenance"] for row in read_results(out)] == [first]
+    before, stat = (out / "results.csv").read_bytes(), path.stat()
+    # another set of the same shapes, written over the first one, its modification time put back
+    toy_set(images=torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))).save(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    second = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    capsys.readouterr()
+    (tmp_path / "copy.safetensors").write_bytes(path.read_bytes())
+    for candidate in (path, tmp_path / "copy.safetensors"):  # the same path, size and mtime; then another path
+        assert main(["evaluate", "--distilled", str(candidate), *common]) == 2
+        line = one_error_line(capsys, "evaluate")
+        assert f"{out / 'results.csv'}: the rows of method 'toy' come from {first}, these from {second}" in line
+        assert (out / "results.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("setting", ["linear.lr=1e39", "distill.image_lr=nan"])
+def test_a_config_number_that_is_not_finite_or_beyond_float32_is_one_line(tmp_path, capsys, setting):
+    assert main(["run", "--preset", "demo", "--set", setting, "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    field, value = setting.split("=")
+    assert f"{field}='{value}' is not valid; expected a finite number within float32" in one_error_line(capsys, "run")
+    assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------- teachers

@@ -83,6 +83,16 @@ def test_run_directory_holds_every_output(finished_run):
     assert "| krr-st | 10 | pixels |" in table
 
 
+def test_run_rows_carry_the_fingerprint_of_the_stage_that_built_their_set(finished_run):
+    out, rows = finished_run
+    stage = {name: read_json(out / name / "fingerprint.json")["fingerprint"] for name in ("distill", "baselines")}
+    expected = {"krr-st": f"distill:{stage['distill']}", "random": f"baselines:{stage['baselines']}",
+                "kmeans": f"baselines:{stage['baselines']}", "none": pipeline.baseline_provenance("none")}
+    assert {row["method"]: row["provenance"] for row in read_results(out)} == expected
+    sets_rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| krr-st | 10 |")]
+    assert len(sets_rows) == 1 and sets_rows[0].endswith(f" 1.00x | distill:{stage['distill']} |"), sets_rows
+
+
 def test_random_baseline_is_the_images_krrst_started_from(finished_run):
     out, _ = finished_run
     config = tiny_config(**{"distill.image_lr": "1e-12", "distill.target_lr": "1e-12", "distill.steps": "1"})
@@ -335,9 +345,12 @@ def test_cli_evaluate_appends_rows_and_refuses_another_set(finished_run, tmp_pat
     changed.images = changed.images.flip(-1)
     changed.save(other)
     capsys.readouterr()
+    before = (tmp_path / "eval" / "results.csv").read_bytes()
     assert main(["evaluate", "--distilled", str(other), *common]) == 2
     err = capsys.readouterr().err
-    assert "already holds 'krr-st' results of another set" in err and "differs in --distilled/--baseline" in err
+    assert f"the rows of method 'krr-st' come from {pipeline.set_provenance(distilled)}, these from " \
+           f"{pipeline.set_provenance(other)}" in err
+    assert (tmp_path / "eval" / "results.csv").read_bytes() == before
 
 
 def test_cli_evaluate_typo_does_not_block_the_folder(finished_run, tmp_path, capsys):

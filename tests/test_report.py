@@ -153,6 +153,53 @@ def test_read_results_rejects_a_foreign_csv(tmp_path):
     assert read_results(tmp_path / "absent") == []
 
 
+def test_an_older_results_file_without_provenance_loads_and_is_upgraded_on_append(tmp_path):
+    old_header = ",".join(RESULT_FIELDS[:-1])
+    assert RESULT_FIELDS[-1] == "provenance" and old_header.count(",") == 7
+    (tmp_path / "results.csv").write_text(f"{old_header}\nkrr-st,cifar10,cifar10,convnet3,finetune,0,0.5,1.5\n")
+    assert [(r["method"], r["seed"], r["provenance"]) for r in read_results(tmp_path)] == [("krr-st", 0, "")]
+    append_results(tmp_path, [{**row(seed=1), "provenance": "sha256:00112233aabbccdd"}])
+    with open(tmp_path / "results.csv", newline="") as handle:
+        stored = list(csv.DictReader(handle))
+    assert tuple(stored[0]) == RESULT_FIELDS, "rewritten in the current layout"
+    assert [(r["seed"], r["provenance"]) for r in stored] == [("0", ""), ("1", "sha256:00112233aabbccdd")]
+    assert json.loads((tmp_path / "results.json").read_text()) == read_results(tmp_path)
+
+
+def test_rows_of_another_provenance_under_the_same_method_are_refused_naming_both(tmp_path):
+    first, second = "sha256:00112233aabbccdd", "sha256:ffeeddccbbaa9988"
+    append_results(tmp_path, [{**row(seed=0), "provenance": first}, row(method="random", seed=0)])
+    before = (tmp_path / "results.csv").read_bytes()
+    with pytest.raises(KrrstError) as info:
+        append_results(tmp_path, [{**row(seed=1), "provenance": second}])
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'results.csv'}: ")
+    assert f"method 'krr-st' come from {first}, these from {second}" in message
+    with pytest.raises(KrrstError, match="these from sha256:ffeeddccbbaa9988"):  # a re-run of a recorded row too
+        append_results(tmp_path, [{**row(seed=0), "provenance": second}])
+    with pytest.raises(KrrstError, match="method 'random' come from a, these from b"):  # within one call
+        append_results(tmp_path, [{**row(method="random", seed=1), "provenance": p} for p in "ab"])
+    with pytest.raises(KrrstError, match=f"come from {first}, these from {second}"):
+        report.check_provenance(tmp_path, {"krr-st": second})
+    assert (tmp_path / "results.csv").read_bytes() == before
+    # the same provenance, or none (an unknown one), joins; another method is another set
+    report.check_provenance(tmp_path, {"krr-st": first, "kmeans": second})
+    append_results(tmp_path, [{**row(seed=1), "provenance": first}, row(seed=2), {**row(method="kmeans"), "provenance": second}])
+    assert report.method_provenance(read_results(tmp_path)) == {"krr-st": first, "kmeans": second}
+
+
+def test_the_report_shows_each_sets_provenance(tmp_path):
+    sets = {"krr-st": {"images": 10, "storage_bytes": 4000, "parameterization": "pixels"},
+            "random": {"images": 10, "storage_bytes": 4000, "parameterization": "pixels"}}
+    (tmp_path / report.SETS_NAME).write_text(json.dumps(sets))
+    append_results(tmp_path, [{**row(), "provenance": "distill:0123456789abcdef"}, row(method="random")])
+    markdown = write_report(tmp_path)["results_md"].read_text()
+    assert "| krr-st | 10 | pixels | 0.00 | 1.00x | distill:0123456789abcdef |" in markdown
+    assert "| random | 10 | pixels | 0.00 | 1.00x | – |" in markdown, "rows of an older file name none"
+    assert "sets krr-st distill:0123456789abcdef." in markdown
+    assert "distill:0123456789abcdef" in (tmp_path / "report.html").read_text()
+
+
 def test_has_result_matches_finished_jobs(tmp_path):
     append_results(tmp_path, [row(method="krr-st", seed=0), row(method="random", seed=1, protocol="linear@1%")])
     rows = read_results(tmp_path)
