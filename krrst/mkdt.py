@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -483,7 +484,7 @@ def mkdt_distill(
     if not resume and out_dir is not None and write:
         for path in (checkpoint_path, trajectories_path):
             if path.is_file():
-                raise KrrstError(f"{path} already exists; pass --resume to continue that run or choose another --out")
+                raise KrrstError(f"{path} already exists; resume that run (re-run the krrst command, or resume=True) or choose another --out")
     checkpoint = io.load_state(checkpoint_path) if resume and checkpoint_path.is_file() else None
 
     source_images = source.images
@@ -513,10 +514,9 @@ def mkdt_distill(
 
     # --- the experts: given, saved by an earlier session of this run, or trained now (and saved at once:
     # they are most of the run's cost, and a resumed run must match against the same trajectories)
-    if resume and checkpoint is None:
-        saved_experts = trajectories is None and trajectories_path.is_file()
-        tqdm.write(f"--resume: no checkpoint in {out_dir}; starting a new run"
-                   + (" with its saved expert trajectories" if saved_experts else ""))
+    if resume and checkpoint is None and trajectories is None and trajectories_path.is_file():
+        tqdm.write(f"mkdt: {out_dir} holds expert trajectories and no matching checkpoint; matching starts from them",
+                   file=sys.stderr)
     if trajectories is None and resume and trajectories_path.is_file():
         trajectories, saved = _read_trajectories(trajectories_path)
         _check_same_run(trajectories_path, saved, config, source_id, teacher_id)
@@ -566,6 +566,8 @@ def mkdt_distill(
         optimizer.load_state_dict(checkpoint["optimizer"])
         generator.set_state(checkpoint["generator"])
         start_step, history = int(checkpoint["step"]), list(checkpoint["history"])
+        tqdm.write(f"mkdt: resuming {out_dir} at step {start_step:,}/{config.steps:,}"
+                   if start_step < config.steps else f"mkdt: {out_dir} was finished ({config.steps:,} steps)", file=sys.stderr)
         loss_sum.fill_(float(checkpoint["loss_sum"]))
         loss_count = int(checkpoint["loss_count"])
 

@@ -25,6 +25,24 @@ from tqdm.auto import tqdm
 DEFAULT_INTERVAL_S = 30.0
 INTERVAL_ENV = "KRRST_PROGRESS_INTERVAL"
 
+# Loops closed by an exception (Ctrl-C, an error) before their end, innermost first: "distill at 37/200 steps".
+_stopped: list[str] = []
+
+
+def _note_if_stopped(desc: str, n: int, total: int | None, unit: str) -> None:
+    """Record where a loop stood if it is being closed while an exception propagates (from a `finally`)."""
+    if sys.exc_info()[0] is not None and (total is None or n < total):
+        units = unit if unit.endswith("s") else f"{unit}s"
+        _stopped.append(f"{desc} at {n:,}/{total:,} {units}" if total else f"{desc} at {n:,} {units}")
+
+
+def stopped_loops(clear: bool = True) -> list[str]:
+    """Where the loops an exception stopped stood, innermost first (and forget them)."""
+    found = list(_stopped)
+    if clear:
+        _stopped.clear()
+    return found
+
 
 def log_interval() -> float:
     """Seconds between two plain progress lines (`KRRST_PROGRESS_INTERVAL`, default 30)."""
@@ -44,8 +62,8 @@ class LogProgress:
     """tqdm's loop interface, printing one plain line every `interval` seconds and one at the end."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", initial: int = 0,
-                 interval: float | None = None, file: TextIO | None = None):
-        self.total, self.desc, self.unit = total, desc, unit
+                 interval: float | None = None, file: TextIO | None = None, silent: bool = False):
+        self.total, self.desc, self.unit, self.silent = total, desc, unit, silent
         self.n = self.start_n = initial
         self.interval = log_interval() if interval is None else interval
         self.file = file
@@ -55,6 +73,8 @@ class LogProgress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        if self.silent:
+            return
         now = time.perf_counter()
         if now - self.last_line >= self.interval:
             self.last_line = now
@@ -86,7 +106,8 @@ class LogProgress:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.n > self.start_n:  # a loop that ran: its last state, however short it was
+            _note_if_stopped(self.desc, self.n, self.total, self.unit)
+            if self.n > self.start_n and not self.silent:  # a loop that ran: its last state, however short
                 self._print()
 
     def __enter__(self) -> "LogProgress":
@@ -96,10 +117,25 @@ class LogProgress:
         self.close()
 
 
+class _Bar(tqdm):
+    """tqdm that records where it stood when an exception closed it."""
+
+    def close(self) -> None:
+        if not getattr(self, "_noted", False):
+            self._noted = True
+            _note_if_stopped(self.desc.rstrip(": "), self.n, self.total, self.unit)
+        super().close()
+
+
 def progress_bar(total: int | None, desc: str, *, unit: str = "it", initial: int = 0, enabled: bool = True,
                  leave: bool = True) -> tqdm | LogProgress:
-    """A tqdm bar on a terminal, plain periodic lines otherwise, nothing when `enabled` is False."""
-    if enabled and not sys.stderr.isatty():
+    """A tqdm bar on a terminal, plain periodic lines otherwise, nothing shown when `enabled` is False.
+
+    Every kind counts its steps, so a loop stopped by Ctrl-C or an error can
+    say where it stood (`stopped_loops`).
+    """
+    if not enabled:
+        return LogProgress(total, desc, unit, initial, silent=True)
+    if not sys.stderr.isatty():
         return LogProgress(total, desc, unit, initial)
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, leave=leave,
-                dynamic_ncols=True)
+    return _Bar(total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True)

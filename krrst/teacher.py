@@ -34,6 +34,7 @@ import csv
 import dataclasses
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
@@ -487,9 +488,8 @@ def train_teacher(
         if checkpoint_path is None or not checkpoint_path.exists():
             return None
         if not resume:
-            raise KrrstError(
-                f"{checkpoint_path} already exists; pass --resume to continue that run or choose another --out"
-            )
+            raise KrrstError(f"{checkpoint_path} already exists; resume that run (re-run the krrst command, or "
+                             f"resume=True) or choose another --out")
         state = load_state(checkpoint_path, "teacher checkpoint")
         _check_resumable(state, config, checkpoint_path, num_images)
         return state
@@ -502,6 +502,9 @@ def train_teacher(
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         start_step = int(state["step"])
+        if is_main:
+            print(f"teacher: resuming {out_dir} at step {start_step:,}/{total_steps:,}" if start_step < total_steps
+                  else f"teacher: {out_dir} was finished ({total_steps:,} steps)", file=sys.stderr)
     two_views: nn.Module | None = None
     if sharded:
         # DDP all-reduces (averages) the gradients in buckets during backward.

@@ -317,7 +317,7 @@ def test_resume_refuses_a_different_config_and_a_wrong_source(cifar10_small, uni
         distill(test, _teacher(), RUN, out_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(KrrstError, match="another teacher"):
         distill(train, _teacher(seed=1), RUN, out_dir=tmp_path, resume=True, progress=False)
-    with pytest.raises(KrrstError, match="already exists; pass --resume"):
+    with pytest.raises(KrrstError, match="already exists; resume that run"):
         distill(train, _teacher(), RUN, out_dir=tmp_path, resume=False, progress=False)
     # options of a parameterisation the run does not use may differ (they cannot change it)
     unused = dataclasses.replace(RUN, pyramid_levels=(4,), image_rank=3, predictor_hidden=5)

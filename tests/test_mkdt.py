@@ -290,7 +290,7 @@ def test_resume_loads_the_saved_experts_instead_of_retraining_them(tmp_path, mon
     (tmp_path / M.CHECKPOINT_NAME).unlink()
     capsys.readouterr()
     again = M.mkdt_distill(source, teacher, config, out_dir=tmp_path, resume=True, device="cpu", progress=False)
-    assert capsys.readouterr().out.strip().endswith("starting a new run with its saved expert trajectories")
+    assert capsys.readouterr().err.strip().endswith("holds expert trajectories and no matching checkpoint; matching starts from them")
     assert torch.equal(again.images, resumed.images) and torch.equal(again.targets, resumed.targets)
     assert len(calls) == 1
 
@@ -327,7 +327,7 @@ def test_resume_refuses_another_runs_checkpoint_or_experts_in_one_line(tmp_path)
         assert "\n" not in str(error.value)
 
     checkpoint, experts = str(tmp_path / M.CHECKPOINT_NAME), str(tmp_path / M.TRAJECTORIES_NAME)
-    refused("already exists; pass --resume")
+    refused("already exists; resume that run")
     refused(f"{checkpoint} was written by another mkdt run \\(syn_steps: 4 -> 3\\)",
             config=_config(steps=4, checkpoint_every=2, syn_steps=3), resume=True)
     refused("steps: 4 -> 6", config=_config(steps=6, checkpoint_every=2), resume=True)

@@ -436,7 +436,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cifar10_small, ti
     # ... and a crash left a loss row the checkpoint does not cover.
     with open(tmp_path / "loss.csv", "a") as handle:
         handle.write("8,123.0,0.1,9.9\n")
-    with pytest.raises(KrrstError, match="--resume"):
+    with pytest.raises(KrrstError, match="already exists; resume that run"):
         train_teacher(train, TINY, out_dir=tmp_path, device="cpu", progress=False)
     resumed = train_teacher(
         train, TINY, out_dir=tmp_path, resume=True, device="cpu", heldout=train.subset(torch.arange(100)),
