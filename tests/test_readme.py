@@ -96,3 +96,94 @@ def test_use_your_own_teacher_runs_as_written(users_folder):
     assert (users_folder / "teacher-r50" / "teacher.safetensors").is_file()
     assert (users_folder / "distill-r50" / "distilled.safetensors").is_file()
     assert read_results(users_folder / "runs" / "mine-r50")
+
+
+# --------------------------------------------------------------------------- "Reproduce the paper": the presets' table
+
+SOURCE_NAMES = {"CIFAR-100": "cifar100", "Tiny-ImageNet": "tinyimagenet", "ImageNet 64x64": "imagenet64"}
+TARGET_NAMES = {"CIFAR-100": "cifar100", "CIFAR-10": "cifar10", "Tiny-ImageNet": "tinyimagenet", "Aircraft": "aircraft",
+                "Cars": "cars", "CUB": "cub", "Dogs": "dogs", "Flowers": "flowers"}
+
+
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _expected(fields: tuple[str, ...], cell: str) -> dict[str, object]:
+    """What a cell of the README's preset table claims, as {stage.field: value}."""
+    if fields == ("run.source",):
+        return {"run.source": SOURCE_NAMES[cell]}
+    if fields == ("distill.arch", "distill.widths", "run.archs"):
+        name, widths = (part.strip() for part in cell.split(","))
+        arch = name.lower().replace("-", "")
+        return {"distill.arch": arch, "distill.widths": [_number(w) for w in widths.split("-")], "run.archs": [arch]}
+    if fields == ("distill.image_lr", "distill.target_lr"):
+        return dict.fromkeys(fields, float(cell))
+    if fields == ("distill.pool_size", "distill.pool_steps"):
+        size, steps = re.fullmatch(r"(\d+) models, T = ([\d,]+)", cell).groups()
+        return {"distill.pool_size": _number(size), "distill.pool_steps": _number(steps)}
+    if fields == ("run.targets",):
+        return {"run.targets": [TARGET_NAMES[name.strip()] for name in cell.split(",")]}
+    if fields == ("pretrain.epochs", "pretrain.batch_size"):
+        epochs, batch = re.fullmatch(r"([\d,]+) epochs, batch (\d+)", cell).groups()
+        return {"pretrain.epochs": _number(epochs), "pretrain.batch_size": _number(batch)}
+    if fields == ("finetune.iterations", "run.finegrained_iterations", "finetune.batch_size"):
+        iterations, finegrained, batch = re.fullmatch(
+            r"([\d,]+) iterations \(([\d,]+) on the fine-grained sets\), batch (\d+)", cell).groups()
+        return dict(zip(fields, map(_number, (iterations, finegrained, batch))))
+    (field,) = fields  # a plain count: image size, m, steps, batch, seeds
+    return {field: _number(cell)}
+
+
+def readme_preset_table() -> tuple[list[str], list[tuple[tuple[str, ...], list[str]]]]:
+    """(presets, [(config fields, one cell per preset)]) of the table under "What the presets set"."""
+    body = README.read_text().split("### What the presets set\n", 1)[1].split("\n### ", 1)[0]
+    lines = [line for line in body.splitlines() if line.startswith("|")]
+    presets = re.findall(r"`([\w-]+)`", lines[0])
+    rows = []
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows.append((tuple(re.findall(r"`([\w.]+)`", cells[0])), cells[1:]))
+    return presets, rows
+
+
+def test_readme_paper_presets_match_print_config(capsys):
+    """Every value the README's "Reproduce the paper" table states is what `krrst run --print-config` resolves."""
+    import json
+
+    presets, rows = readme_preset_table()
+    assert presets == ["cifar100", "tinyimagenet", "imagenet64"]
+    assert len(rows) >= 11
+    for index, preset in enumerate(presets):
+        assert main(["run", "--preset", preset, "--print-config"]) == 0
+        config = json.loads(capsys.readouterr().out)
+        for fields, cells in rows:
+            for key, value in _expected(fields, cells[index]).items():
+                stage, field = key.split(".")
+                assert config[stage][field] == value, f"README says {key}={value!r} for {preset}"
+
+
+def test_readme_paper_commands_name_their_preset_and_root():
+    """The three copy-paste commands resolve (every --set is a valid key) and name the preset of their comment."""
+    commands = readme_commands("Reproduce the paper")
+    assert [argv[argv.index("--preset") + 1] for argv in commands] == [
+        "cifar100", "tinyimagenet", "imagenet64", "cifar100"]
+    for argv in commands:
+        assert main(argv[1:] + ["--print-config"]) == 0, argv
+
+
+# --------------------------------------------------------------------------- "Python API": the example as written
+
+def test_python_api_example_runs_on_the_shipped_sample(capsys):
+    """The README's Python API block runs after `pip install`, with only its step/epoch/iteration counts shrunk."""
+    body = README.read_text().split("## Python API\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    assert "shared" not in code and "sample_path()" in code
+    small, count = re.subn(r"\b(steps|epochs|iterations)=\d+", r"\1=2", code)
+    assert count == 4, "the teacher's and the distillation's steps, the epochs and the iterations are what is shrunk"
+    namespace: dict = {}
+    exec(compile(small, "README.md (Python API)", "exec"), namespace)
+    accuracy = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= accuracy <= 1.0
+    assert len(namespace["synthetic"]) == 100
+    assert len(namespace["source"]) == 4000 and len(namespace["test"]) == 1000
