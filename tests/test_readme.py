@@ -187,3 +187,15 @@ def test_python_api_example_runs_on_the_shipped_sample(capsys):
     assert 0.0 <= accuracy <= 1.0
     assert len(namespace["synthetic"]) == 100
     assert len(namespace["source"]) == 4000 and len(namespace["test"]) == 1000
+
+
+def test_citation_file_names_the_package_version():
+    """CITATION.cff cites the version pyproject.toml builds, and the README's BibTeX the paper CITATION.cff prefers."""
+    root = README.parent
+    # pyproject's [project] version line (tomllib is Python 3.11+; the package supports 3.10)
+    version = re.search(r'^version = "([^"]+)"$', (root / "pyproject.toml").read_text(), flags=re.M).group(1)
+    citation = (root / "CITATION.cff").read_text()
+    assert re.search(r"^version: (\S+)$", citation, flags=re.M).group(1) == version
+    title = re.search(r"^preferred-citation:\n(?:  .*\n)*?  title: (.+)$", citation, flags=re.M).group(1)
+    bibtex = README.read_text().split("## Citation\n", 1)[1]
+    assert f"title     = {{{title}}}" in bibtex
