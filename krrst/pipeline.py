@@ -170,7 +170,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "finetune": {"iterations": 100, "batch_size": 128},
         "linear": {"iterations": 300, "batch_size": 256},
     },
-    # The real-data CPU protocol (issue 7): CIFAR-10 train images without labels as the source, CIFAR-10 labels
+    # The real-data CPU protocol: CIFAR-10 train images without labels as the source, CIFAR-10 labels
     # (1%, 10%, 100%) as the target, the full 10,000 test images, 3 paired seeds; about 55 minutes on one core.
     "cpu-mini": {
         "run": {"source": "imagefolder", "source_root": "cifar10-jpeg.zip", "heldout_images": 1000,
