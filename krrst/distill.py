@@ -15,12 +15,13 @@ predicts the teacher's representations `g(X_t)` of real images
   steps: `step`, `loss` (mean outer loss over the steps since the previous
   row), `lr` (of `X_s`, in the public code's raw-pixel units), `val_loss` and
   `val_reference` (the validation signal and its mean-predictor reference, on
-  validation steps), `elapsed_s` (wall time of this session's loop);
+  validation steps), `elapsed_s` (wall time of the loop since this process started it: a resumed run counts afresh);
 - `preview.png`: a grid of the current images, refreshed at each checkpoint;
 - `distilled.safetensors`: the final `DistilledSet`.
 
-The method and the project's decisions where the public code
-(github.com/db-Lee/selfsup_dd) has a quirk are in ../shared/METHOD.md.
+The method, and krrst's choices where the public code
+(github.com/db-Lee/selfsup_dd) has a quirk, are in the README ("Method notes" and
+"Reproduce the paper").
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class DistillConfig:
             pool model's weights enter as inputs via `torch.func.functional_call`,
             so re-initialised models reuse the compiled graph).
         compile_mode: `torch.compile`'s mode; "reduce-overhead" replays the
-            step as CUDA graphs (on CUDA; not measured yet: no GPU was lent).
+            step as CUDA graphs (on CUDA; not yet measured on a GPU).
         parameterization: what is learnt (`krrst.parameterize`): "pixels"
             (every pixel and target entry, the paper) or "basis" (coefficients
             over PCA-initialised learnt bases of `image_rank` images and

@@ -1,8 +1,8 @@
 """The evaluation protocol: pre-train on a set, then fine-tune, linear-probe or distil knowledge.
 
 A distilled set is only worth what it does downstream. This module holds the
-paper's protocol as plain functions (see `../shared/METHOD.md`, "Evaluation
-protocol"):
+paper's protocol as plain functions (see the README, "Reproduce the paper",
+and docs/reproduce.md):
 
 - `pretrain(distilled, arch, PretrainConfig)`: a fresh network regresses the
   set's target representations with MSE (SGD lr 0.1, wd 1e-3, batch 256,
@@ -129,8 +129,8 @@ class FinetuneConfig:
     SGD with momentum and weight decay, cosine learning rate from `lr` to 0
     over `iterations`, random crop (zero padding `padding`, in pixel space) +
     horizontal flip, batches of `batch_size` drawn without replacement,
-    epoch by epoch. The authors' code uses batch 128; METHOD.md and the paper
-    say 256, the default here. `precision` and `channels_last` are the speed
+    epoch by epoch. The authors' code uses batch 128; the protocol krrst
+    follows says 256, the default here. `precision` and `channels_last` are the speed
     knobs of `krrst.speed` (training and the test pass).
     """
 

@@ -449,7 +449,7 @@ def mkdt_distill(
             state, the matching generator's state, the initial indices, the
             loss accumulators and the history; every `checkpoint_every` steps
             and at the last step), `loss.csv` (step, mean loss since the
-            previous row, α, wall seconds of this session's loop; every
+            previous row, α, wall seconds of this process's loop; every
             `log_every` steps and at `config.steps`) and, once `config.steps`
             are done, `distilled.safetensors`. None writes nothing.
         resume: continue the run in `out_dir`: the saved experts are loaded
@@ -512,7 +512,7 @@ def mkdt_distill(
         raise KrrstError(f"teacher must output N x d features, got shape {tuple(target_reps.shape)}")
     check_teacher_features(teacher, target_reps, f"the {num_source:,} source images")
 
-    # --- the experts: given, saved by an earlier session of this run, or trained now (and saved at once:
+    # --- the experts: given, saved by an earlier start of this run, or trained now (and saved at once:
     # they are most of the run's cost, and a resumed run must match against the same trajectories)
     if resume and checkpoint is None and trajectories is None and trajectories_path.is_file():
         tqdm.write(f"mkdt: {out_dir} holds expert trajectories and no matching checkpoint; matching starts from them",
