@@ -261,7 +261,7 @@ def _train_teacher_on_two_ranks(context: DistributedContext, out_root: Path) -> 
     # Interrupted after step 2, to be resumed by one process.
     train_teacher(images, TINY, out_dir=out_root / "two_partial", distributed=context, stop_at_step=2, progress=False)
     # Rank 0 reads the checkpoint; its refusal reaches every rank.
-    with pytest.raises(KrrstError, match="--resume"):
+    with pytest.raises(KrrstError, match="already exists; resume that run"):
         train_teacher(images, TINY, out_dir=out_root / "two", distributed=context, progress=False)
     odd = TeacherConfig(**{**TINY.__dict__, "batch_size": 33})
     with pytest.raises(KrrstError, match="teacher.batch_size=33"):
