@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The real archives: $KRRST_TEST_DATA, else the `shared/data` folder beside the checkout (where CI puts it).
+SHARED_DATA = Path(os.environ.get("KRRST_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 CIFAR10_ZIP = SHARED_DATA / "cifar10-jpeg.zip"
 TINYIMAGENET_ZIP = SHARED_DATA / "tiny-imagenet-200-250pc.zip"
 
@@ -27,9 +28,9 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The folder of real archives (../shared/data); skips the test where it is absent."""
+    """The folder of real archives; skips the test where it is absent."""
     if not CIFAR10_ZIP.exists():
-        pytest.skip(f"real data not found at {SHARED_DATA} (CI provides ../shared/data)")
+        pytest.skip(f"real data not found at {SHARED_DATA} (set KRRST_TEST_DATA to the folder holding cifar10-jpeg.zip)")
     return SHARED_DATA
 
 
