@@ -30,7 +30,8 @@ import torch
 from krrst.config import apply_overrides, config_to_dict, resolve_device
 from krrst.distill import PRESETS as DISTILL_PRESETS
 from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
-from krrst.distill import DistillConfig, unused_fields
+from krrst.distill import CHECKPOINT_NAME as DISTILL_CHECKPOINT
+from krrst.distill import DISTILLED_NAME, DistillConfig, unused_fields
 from krrst.errors import KrrstError
 from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
 from krrst.distributed import (
@@ -42,9 +43,11 @@ from krrst.distributed import (
     split_jobs,
 )
 from krrst.io import LOCK_NAME, capture_env, check_output_dir, exclusive_lock, read_json, write_json
-from krrst.mkdt import MKDTConfig
+from krrst.mkdt import CHECKPOINT_NAME as MKDT_CHECKPOINT
+from krrst.mkdt import TRAJECTORIES_NAME, MKDTConfig
 from krrst.progress import stopped_loops
-from krrst.teacher import TeacherConfig
+from krrst.teacher import CHECKPOINT_FILE as TEACHER_CHECKPOINT
+from krrst.teacher import TEACHER_FILE, TeacherConfig
 
 SAMPLE_ROOT = "@sample"
 FINE_GRAINED = ("aircraft", "cars", "cub", "dogs", "flowers")
@@ -106,6 +109,9 @@ class RunConfig:
     skip_corrupt: bool = False
     # the test share of a labelled folder / HF dataset with no test split (seeded, stratified; in the target's name)
     test_fraction: float = 0.2
+    # keep what finished stages wrote only to resume (teacher/distill/mkdt checkpoints, MKDT's expert trajectories);
+    # by default it is removed once the stage's output is written (done.json marks the stage finished without it)
+    keep_checkpoints: bool = False
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -323,6 +329,15 @@ def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 STAGE_DIRS = ("teacher", "distill", "mkdt", "baselines", "eval")
+# Per stage: its final output, and what it writes only to resume itself (dead weight once that output exists:
+# a changed config changes the stage's fingerprint, which clears the folder, so nothing would resume from them).
+STAGE_CHECKPOINTS = {
+    "teacher": (TEACHER_FILE, (TEACHER_CHECKPOINT,)),
+    "distill": (DISTILLED_NAME, (DISTILL_CHECKPOINT,)),
+    "mkdt": (DISTILLED_NAME, (MKDT_CHECKPOINT, TRAJECTORIES_NAME)),
+}
+# `stage.field` keys that decide what a run folder keeps, never a result: changing one needs no --force.
+HOUSEKEEPING_KEYS = ("run.keep_checkpoints",)
 
 
 def _run_started(out_dir: Path) -> bool:
@@ -359,9 +374,9 @@ def prepare_run_dir(out_dir: Path, config: PipelineConfig, preset: str, force: b
     config_path = out_dir / "config.json"
     if config_path.exists():
         previous = read_json(config_path, "run config")
-        differing = _diff_keys(
+        differing = [key for key in _diff_keys(
             {k: v for k, v in previous.items() if k != "preset"}, {k: v for k, v in resolved.items() if k != "preset"}
-        )
+        ) if key not in HOUSEKEEPING_KEYS]
         if differing and _run_started(out_dir) and not force:
             shown = ", ".join(differing[:6]) + (" ..." if len(differing) > 6 else "")
             raise KrrstError(
@@ -442,6 +457,22 @@ def _stage_done(stage_dir: Path, fingerprint: str) -> bool:
 
 def _mark_done(stage_dir: Path, fingerprint: str) -> None:
     write_json(stage_dir / "done.json", {"fingerprint": fingerprint})
+
+
+def _drop_checkpoints(stage_dir: Path, log) -> None:
+    """Remove the resume-only files of a finished stage (`STAGE_CHECKPOINTS`), if its final output exists."""
+    from krrst.report import format_bytes
+
+    final, resume_only = STAGE_CHECKPOINTS[stage_dir.name]
+    if not (stage_dir / final).is_file():
+        return
+    freed = 0
+    for path in (stage_dir / name for name in resume_only):
+        if path.is_file() and not path.is_symlink():
+            freed += path.stat().st_size
+            path.unlink()
+    if freed:
+        log(f"[{stage_dir.name}] removed its checkpoints ({format_bytes(freed)}; --set run.keep_checkpoints=true keeps them)")
 
 
 def _start_stage(stage_dir: Path, fingerprint: str) -> None:
@@ -643,6 +674,12 @@ def _run_stages(
     def mark_done(stage_dir: Path, fingerprint: str) -> None:
         run_on_main(lambda: _mark_done(stage_dir, fingerprint))  # also a barrier: rank 0's files are written
 
+    def drop_checkpoints(stage_dir: Path, fingerprint: str) -> None:
+        # after mark_done's barrier (no rank reads them any more); also for a stage found finished, so a run
+        # stopped between done.json and this, or one kept before, ends up as the setting says
+        if main and not run_config.keep_checkpoints and _stage_done(stage_dir, fingerprint):
+            _drop_checkpoints(stage_dir, log)
+
     source_fp = _fingerprint(
         {k: v for k, v in config_to_dict(run_config).items() if k.startswith("source") or k in ("image_size", "heldout_images", "seed")}
     )
@@ -674,6 +711,7 @@ def _run_stages(
                 train_teacher(source, config.teacher, out_dir=teacher_dir, resume=True, device=device, heldout=heldout,
                               labelled=(first_train, first_test), progress=progress, distributed=context)
             mark_done(teacher_dir, teacher_fp)
+        drop_checkpoints(teacher_dir, teacher_fp)
         teacher = load_teacher(teacher_dir / TEACHER_FILE, device=device)
     teacher = teacher.to(device).eval()
 
@@ -688,6 +726,7 @@ def _run_stages(
             distill(source, teacher, config.distill, out_dir=distill_dir, resume=True, device=device, heldout=heldout,
                     progress=progress, distributed=context)
         mark_done(distill_dir, distill_fp)
+    drop_checkpoints(distill_dir, distill_fp)
 
     mkdt_dir = out_dir / "mkdt"
     mkdt_fp = _fingerprint(teacher_fp, source_fp, _without(config.mkdt, ("log_every", "checkpoint_every")))
@@ -698,6 +737,7 @@ def _run_stages(
             mkdt_distill(source, teacher, config.mkdt, out_dir=mkdt_dir, resume=True, write=main, device=device,
                          progress=progress)
         mark_done(mkdt_dir, mkdt_fp)
+    drop_checkpoints(mkdt_dir, mkdt_fp)
 
     # -- baselines ------------------------------------------------------------------------------
     baselines_dir = out_dir / "baselines"
@@ -756,7 +796,8 @@ def _run_stages(
     # invalidate the others (rows are keyed by method, target, arch, protocol and seed).
     eval_fp = _fingerprint(distill_fp, baselines_fp, mkdt_fp, _without(config.pretrain), _without(config.finetune),
                            _without(config.linear),
-                           _without(run_config, ("methods", "protocols", "archs", "seeds", "download")))
+                           _without(run_config, ("methods", "protocols", "archs", "seeds", "download",
+                                                 "keep_checkpoints")))
     marker = eval_dir / "fingerprint.json"
 
     def start_evaluation() -> None:

@@ -294,8 +294,12 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     return summaries
 
 
-def _format_cell(mean: float, std: float) -> str:
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+def _format_cell(summary: dict, max_n: int) -> str:
+    """`mean ± std`, with `(n=k)` when fewer seeds than the table's most; one seed has no spread to show."""
+    if summary["n"] == 1:
+        return f"{100 * summary['mean']:.1f} (n=1)"
+    text = f"{100 * summary['mean']:.1f} ± {100 * summary['std']:.1f}"
+    return text + (f" (n={summary['n']})" if summary["n"] < max_n else "")
 
 
 def _table_models(rows: Iterable[dict], arch: str | None = None) -> list[dict]:
@@ -339,9 +343,7 @@ def _table_models(rows: Iterable[dict], arch: str | None = None) -> list[dict]:
                 if summary is None:
                     row_cells.append((_MISSING_CELL, False))
                     continue
-                text = _format_cell(summary["mean"], summary["std"])
-                if summary["n"] < max_n:
-                    text += f" (n={summary['n']})"
+                text = _format_cell(summary, max_n)
                 is_best = (
                     column in best
                     and method not in REFERENCE_METHODS
@@ -364,10 +366,12 @@ def _table_models(rows: Iterable[dict], arch: str | None = None) -> list[dict]:
 
 
 def _table_caption(table: dict) -> str:
-    caption = (
-        f"Top-1 accuracy (%), mean ± sample std over seeds ({table['max_n']} per cell unless marked n=, "
-        f"seeds {', '.join(map(str, table['seeds']))}); arch {table['arch']}; best per column in bold"
-    )
+    seeds = ", ".join(map(str, table["seeds"]))
+    if table["max_n"] == 1:
+        spread = f"one seed per cell (seed{'s' if len(table['seeds']) > 1 else ''} {seeds}), so no spread over seeds"
+    else:
+        spread = f"mean ± sample std over seeds ({table['max_n']} per cell unless marked n=, seeds {seeds})"
+    caption = f"Top-1 accuracy (%), {spread}; arch {table['arch']}; best per column in bold"
     if table["has_reference"]:
         caption += f" ({', '.join(REFERENCE_METHODS)} is the ceiling and not ranked)"
     return caption + "."
@@ -653,15 +657,53 @@ def _env_value_text(key: str, value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def format_bytes(size: float) -> str:
+    """`1234567` -> `"1.2 MB"` (decimal units, as the sets table's MB)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files at or under `path`; symbolic links count as themselves, not as what they point to."""
+    if path.is_symlink() or not path.is_dir():
+        paths = [str(path)]
+    else:
+        paths = [os.path.join(folder, name) for folder, _, files in os.walk(path) for name in files]
+    total = 0
+    for name in paths:
+        try:
+            total += os.lstat(name).st_size
+        except OSError:  # removed while we walk
+            pass
+    return total
+
+
+def disk_usage_text(run_dir: str | os.PathLike, largest: int = 3) -> str:
+    """One line: the bytes of the run folder's files, and of its `largest` subfolders.
+
+    e.g. `runs/demo holds 2.4 MB (eval/ 1.1 MB, distill/ 0.9 MB, teacher/ 0.3 MB)`.
+    """
+    run_dir = Path(run_dir)
+    entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
+    total = sum(_tree_bytes(entry) for entry in entries)
+    folders = sorted(((_tree_bytes(entry), entry.name) for entry in entries if entry.is_dir() and not entry.is_symlink()),
+                     reverse=True)
+    shown = ", ".join(f"{name}/ {format_bytes(size)}" for size, name in folders[:largest] if size)
+    return f"{run_dir} holds {format_bytes(total)}" + (f" ({shown})" if shown else "") + "\n"
+
+
 def report_text(run_dir: str | os.PathLike) -> str:
-    """What `krrst report RUN_DIR` prints: the Markdown results table(s), or a note when there are none."""
+    """What `krrst report RUN_DIR` prints: the Markdown results table(s) (or a note when there are none), then
+    the folder's disk use (`disk_usage_text`)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise KrrstError(f"run directory not found: {run_dir}")
     rows = read_results(run_dir)
-    if not rows:
-        return f"No results yet in {run_dir / 'results.csv'}.\n"
-    return markdown_table(rows)
+    table = markdown_table(rows) if rows else f"No results yet in {run_dir / 'results.csv'}.\n"
+    return table + "\n" + disk_usage_text(run_dir)
 
 
 def print_table(run_dir: str | os.PathLike) -> None:

@@ -472,3 +472,68 @@ def test_parameterization_label_names_the_kind_and_the_fixed_views():
     views = DistilledSet(images=images, targets=targets, mean=(0, 0, 0), std=(1, 1, 1),
                          config={"synthetic": {"kind": "basis", "views": ["identity", "rot90", "rot180", "rot270"]}})
     assert _parameterization_label(views) == "basis, 4 fixed views"
+
+
+def checkpoint_files(out):
+    """The resume-only files present in a run directory, as `stage/name`."""
+    return sorted(f"{stage}/{name}" for stage, (_, names) in pipeline.STAGE_CHECKPOINTS.items() for name in names
+                  if (out / stage / name).exists())
+
+
+def fail_every_stage(monkeypatch):
+    """Make every stage's work raise: a re-run that calls any of it fails."""
+    import krrst.baselines
+    import krrst.distill
+    import krrst.evaluate
+    import krrst.mkdt
+    import krrst.teacher
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    for module, name in ((krrst.teacher, "train_teacher"), (krrst.distill, "distill"), (krrst.mkdt, "mkdt_distill"),
+                         (krrst.baselines, "kmeans_coreset"), (krrst.baselines, "random_subset_of"),
+                         (krrst.evaluate, "pretrain"), (krrst.evaluate, "evaluate_set")):
+        monkeypatch.setattr(module, name, must_not_run)
+
+
+def test_a_finished_run_holds_no_checkpoints_and_a_rerun_skips_every_stage(finished_run, monkeypatch):
+    out, rows = finished_run
+    assert checkpoint_files(out) == [], "checkpoints of finished stages are removed"
+    for stage in ("teacher", "distill"):
+        final = pipeline.STAGE_CHECKPOINTS[stage][0]
+        assert (out / stage / final).is_file() and (out / stage / "loss.csv").is_file(), "outputs are kept"
+    fail_every_stage(monkeypatch)
+    lines = []
+    again = pipeline.run(tiny_config(), out, preset="demo", device="cpu", progress=False, log=lines.append)
+    assert again == read_results(out) and sorted(map(str, again)) == sorted(map(str, rows)), "rows unchanged"
+    assert f"{out} holds " in lines[-1], "the run ends with the folder's disk use"
+
+
+def test_keep_checkpoints_keeps_them_and_flipping_it_reruns_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "kept"
+    settings = {**TINY_MKDT, "run.methods": "krr-st,mkdt,none", "run.protocols": "linear@50%"}
+    rows = run_tiny(out, **settings, **{"run.keep_checkpoints": "true"})
+    everything = ["distill/checkpoint.safetensors", "mkdt/checkpoint.safetensors", "mkdt/trajectories.safetensors",
+                  "teacher/checkpoint.safetensors"]
+    assert checkpoint_files(out) == everything
+    fail_every_stage(monkeypatch)
+    lines = []
+    again = pipeline.run(tiny_config(**settings), out, preset="demo", device="cpu", progress=False, log=lines.append)
+    assert sorted(map(str, again)) == sorted(map(str, rows)), "no --force needed, no stage re-run, rows unchanged"
+    assert checkpoint_files(out) == [], "a finished run re-run without keep_checkpoints sheds them"
+    assert sum("removed its checkpoints" in line for line in lines) == 3, lines
+    for stage in ("teacher", "distill", "mkdt"):
+        assert (out / stage / pipeline.STAGE_CHECKPOINTS[stage][0]).is_file()
+
+
+def test_checkpoints_stay_until_the_final_output_exists(tmp_path):
+    stage = tmp_path / "distill"
+    stage.mkdir()
+    for name in ("checkpoint.safetensors", "loss.csv", "other.safetensors"):
+        (stage / name).write_bytes(b"x")
+    pipeline._drop_checkpoints(stage, log=lambda _: None)
+    assert (stage / "checkpoint.safetensors").exists(), "an unfinished stage resumes from it"
+    (stage / "distilled.safetensors").write_bytes(b"x")
+    pipeline._drop_checkpoints(stage, log=lambda _: None)
+    assert sorted(path.name for path in stage.iterdir()) == ["distilled.safetensors", "loss.csv", "other.safetensors"]

@@ -247,16 +247,18 @@ def test_bold_moves_to_the_best_method_per_column():
     ]
     cells = table_cells(markdown_table(rows))
     assert cells["__header__"] == ["cifar10 linear@1%", "cifar10 finetune"]
-    assert cells["krr-st"] == ["30.0 ± 0.0", "**60.0 ± 0.0**"]
-    assert cells["random"] == ["**35.0 ± 0.0**", "55.0 ± 0.0"]
-    assert cells["full-ssl"] == ["–", "90.0 ± 0.0"]
+    assert cells["krr-st"] == ["30.0 (n=1)", "**60.0 (n=1)**"]
+    assert cells["random"] == ["**35.0 (n=1)**", "55.0 (n=1)"]
+    assert cells["full-ssl"] == ["–", "90.0 (n=1)"]
 
 
-def test_one_seed_row_shows_zero_std_and_its_n():
+def test_one_seed_cell_shows_no_spread_and_its_n():
     rows = [row(method="krr-st", seed=s, accuracy=0.5) for s in range(3)] + [row(method="random", seed=0, accuracy=0.4)]
+    rows += [row(method="none", seed=s, accuracy=0.3) for s in range(2)]
     cells = table_cells(markdown_table(rows))
-    assert cells["random"] == ["40.0 ± 0.0 (n=1)"]
-    assert cells["krr-st"] == ["**50.0 ± 0.0**"]
+    assert cells["random"] == ["40.0 (n=1)"], "one seed has no std to show"
+    assert cells["krr-st"] == ["**50.0 ± 0.0**"], "three equal seeds: a measured zero spread"
+    assert cells["none"] == ["30.0 ± 0.0 (n=2)"]
 
 
 def test_methods_ordered_krr_st_first_none_and_ceiling_last():
@@ -271,7 +273,7 @@ def test_markdown_table_per_architecture():
     both = markdown_table(rows)
     assert "arch convnet3" in both and "arch resnet18" in both
     only = markdown_table(rows, arch="resnet18")
-    assert table_cells(only)["krr-st"] == ["60.0 ± 0.0"] and "convnet3" not in only
+    assert table_cells(only)["krr-st"] == ["60.0 (n=1)"] and "convnet3" not in only
     assert "No results" in markdown_table([])
 
 
@@ -424,3 +426,32 @@ def test_report_text_is_the_markdown_table(tmp_path, capsys):
     assert table_cells(report.report_text(tmp_path))["krr-st"] == ["60.0 ± 14.1"]
     report.print_table(tmp_path)
     assert "60.0 ± 14.1" in capsys.readouterr().out
+
+
+def test_a_one_seed_run_reads_n1_in_results_md_the_console_and_report_html(tmp_path, capsys):
+    append_results(tmp_path, [row(method="krr-st", accuracy=0.184), row(method="none", accuracy=0.1)])
+    paths = write_report(tmp_path)
+    results_md = paths["results_md"].read_text()
+    report.print_table(tmp_path)
+    console = capsys.readouterr().out
+    page = parse_html(paths["report_html"].read_text())
+    html_text = "".join(page.text)
+    for shown in (results_md, console, html_text):
+        assert "18.4 (n=1)" in shown and "10.0 (n=1)" in shown and "±" not in shown.split("Provenance")[0]
+        assert "one seed per cell (seed 0), so no spread over seeds" in shown
+    assert table_cells(results_md)["krr-st"] == table_cells(console)["krr-st"] == ["**18.4 (n=1)**"]
+
+
+def test_disk_usage_names_the_total_and_the_largest_subfolders(tmp_path):
+    sizes = {"eval/pretrained/a.safetensors": 3000, "eval/b": 500, "distill/distilled.safetensors": 2000,
+             "teacher/teacher.safetensors": 1000, "baselines/random.safetensors": 10, "env.json": 7}
+    for name, size in sizes.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * size)
+    assert report.disk_usage_text(tmp_path) == (
+        f"{tmp_path} holds 6.5 kB (eval/ 3.5 kB, distill/ 2.0 kB, teacher/ 1.0 kB)\n"
+    )
+    assert report.disk_usage_text(tmp_path, largest=1).endswith("(eval/ 3.5 kB)\n")
+    assert report.report_text(tmp_path).endswith(report.disk_usage_text(tmp_path))
+    assert [report.format_bytes(n) for n in (999, 1000, 1_260_000, 325_000_000, 4.2e12)] == [
+        "999 B", "1.0 kB", "1.3 MB", "325.0 MB", "4200.0 GB"]
