@@ -1,18 +1,68 @@
 """The `krrst` command: argparse sub-commands that parse, call one library function, and print.
 
 User mistakes surface as a `KrrstError` and are printed as one line on stderr
-with exit status 2; anything else is a bug and keeps its traceback.
+with exit status 2; anything else is a bug and keeps its traceback. A
+mistyped name (preset, config key, architecture, dataset, protocol) gets
+"did you mean". torch is imported inside the handlers only, so `--help` and
+`--version` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
+from krrst.config import did_you_mean, parse_assignments, read_config_file, unknown_name
 from krrst.errors import KrrstError
+
+
+def _version() -> str:
+    """The installed package's version, else (a source checkout) the one pyproject.toml declares."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("krrst")
+    except PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+        if found:
+            return found.group(1)
+        from krrst import __version__
+
+        return __version__
+
+
+def _check_arch(arch: str, option: str) -> None:
+    from krrst.models import list_models
+
+    if arch not in list_models():
+        raise unknown_name(option, arch, list_models(), "registered models (krrst models)")
+
+
+def _check_teacher_arch(arch: str | None) -> None:
+    """A registered model, or torchvision:NAME / timm:NAME (those names are checked by the library itself)."""
+    from krrst.formats import LIBRARIES
+
+    if arch is None:
+        return
+    library, colon, _ = arch.partition(":")
+    if colon and library not in LIBRARIES:
+        raise KrrstError(f"--teacher-arch {arch!r}: unknown library {library!r}; expected "
+                         f"{' or '.join(name + ':NAME' for name in LIBRARIES)}{did_you_mean(library, LIBRARIES)}")
+    if not colon:
+        _check_arch(arch, "--teacher-arch")
+
+
+def _check_dataset(name: str, option: str) -> None:
+    from krrst.data import list_datasets
+
+    if name not in list_datasets():
+        raise KrrstError(f"{option}: {unknown_name('dataset', name, list_datasets(), 'valid names (krrst datasets)')}")
 
 
 def _check_out(path: str, option: str = "--out") -> None:
@@ -29,22 +79,25 @@ def _cmd_datasets(args: argparse.Namespace) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
+    import torch
+
     from krrst.models import create_model, list_models
 
     print(f"{'name':<16} {'features':>8} {'params (no head)':>17}")
     for name in list_models():
-        model = create_model(name)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = create_model(name)
         params = sum(p.numel() for p in model.parameters())
         print(f"{name:<16} {model.feature_dim:>8} {params / 1e6:>16.2f}M")
 
 
 def _stage_config(cls, stage: str, preset: str | None, overrides: list[str], extra: dict | None = None):
     """A stage's config: the preset's values for that stage, then `extra`, then `--set stage.field=value`."""
-    from krrst.config import apply_overrides, parse_assignments
+    from krrst.config import apply_overrides
     from krrst.pipeline import PRESETS
 
     if preset is not None and preset not in PRESETS:
-        raise KrrstError(f"unknown --preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+        raise unknown_name("--preset", preset, PRESETS, "valid presets")
     values = dict(PRESETS[preset].get(stage, {})) if preset else {}
     values.update({key: value for key, value in (extra or {}).items() if value is not None})
     for key, value in parse_assignments(overrides).items():
@@ -65,6 +118,7 @@ def _distributed(args: argparse.Namespace):
 def _load_source(args: argparse.Namespace):
     from krrst.data import load_images
 
+    _check_dataset(args.source, "--source")
     return load_images(args.source, args.root, args.split, image_size=args.image_size, download=args.download,
                        max_per_class=args.max_per_class, skip_corrupt=args.skip_corrupt)
 
@@ -84,6 +138,7 @@ def _teacher_arch_args(parser: argparse.ArgumentParser) -> None:
 def _load_teacher(args: argparse.Namespace):
     from krrst.teacher import load_teacher
 
+    _check_teacher_arch(args.teacher_arch)
     path = None if args.teacher == PRETRAINED else args.teacher
     return load_teacher(path, arch=args.teacher_arch, input_size=args.teacher_input_size)
 
@@ -140,12 +195,101 @@ def _cmd_distill(args: argparse.Namespace) -> None:
           f"{out / 'distilled.safetensors'} (preview: {out / 'preview.png'})")
 
 
+def _protocol_overrides(protocols: list[str]) -> dict[str, Any]:
+    """`--protocol` values as config overrides: `run.protocols` (what to evaluate) and the published suites'
+    pre-training/probe settings (`PROTOCOL_SUITES`). Two suites that set one field differently are refused."""
+    from krrst.pipeline import BASE_PROTOCOLS, PROTOCOL_SUITES, parse_protocol
+
+    chosen: list[str] = []
+    settings: dict[str, tuple[Any, str]] = {}  # key -> (value, the suite that set it)
+    for protocol in protocols:
+        if protocol in PROTOCOL_SUITES:
+            suite = dict(PROTOCOL_SUITES[protocol])
+            items = suite.pop("run.protocols")
+            for key, value in suite.items():
+                if key in settings and settings[key][0] != value:
+                    raise KrrstError(f"--protocol {settings[key][1]} and --protocol {protocol} set {key} differently "
+                                     f"({settings[key][0]} and {value}); evaluate them into two --out folders")
+                settings[key] = (value, protocol)
+        else:
+            name = protocol.partition("@")[0]
+            if name not in BASE_PROTOCOLS:
+                valid = [*PROTOCOL_SUITES, *BASE_PROTOCOLS]
+                raise KrrstError(f"--protocol {protocol!r} is not valid; expected {', '.join(valid)}, or finetune/linear "
+                                 f"@P% (e.g. linear@1%){did_you_mean(name, valid)}")
+            parse_protocol(protocol)
+            items = (protocol,)
+        chosen += [item for item in items if item not in chosen]
+    overrides = {key: value for key, (value, _) in settings.items()}
+    return {"run.protocols": tuple(chosen), **overrides} if chosen else overrides
+
+
+def _set_files(args: argparse.Namespace) -> list[str]:
+    """The files that define the evaluated set: `--distilled`, and `y_syn.pt` beside the authors' `x_syn.pt` or
+    the `--labels` file of a label set."""
+    path = Path(args.distilled)
+    if args.labels:
+        return [args.distilled, args.labels]
+    targets = path.with_name("y" + path.name[1:])
+    if path.name.startswith("x_syn") and path.suffix in (".pt", ".pth") and targets.is_file():
+        return [args.distilled, str(targets)]
+    return [args.distilled]
+
+
+def _is_krrst_set(path: str) -> bool:
+    """A krrst `DistilledSet` file, told by its header alone (another method's set may be a .safetensors too)."""
+    from safetensors import SafetensorError, safe_open
+
+    if Path(path).suffix.lower() != ".safetensors":
+        return False
+    try:
+        with safe_open(path, framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return True  # unreadable: `DistilledSet.load` says so in one line
+    return any("krrst.DistilledSet" in value for value in header.values())
+
+
+def _load_set(args: argparse.Namespace, stats: tuple[tuple[float, ...], tuple[float, ...]] | None):
+    """`--distilled` as a `DistilledSet`: a krrst file; the authors' `x_syn.pt` + `y_syn.pt` (raw [0, 1] pixels);
+    or another method's label set. Raw pixels of the last two are normalised with `stats` (mean, std); without
+    them (a first look, for the image size) with mean 0 and std 1."""
+    from krrst.distilled import DistilledSet
+    from krrst.evaluate import load_label_set
+
+    if _is_krrst_set(args.distilled):
+        if args.labels or args.mean or args.std:
+            raise KrrstError(f"--labels, --mean and --std are for sets of other formats; {args.distilled} is a krrst "
+                             "DistilledSet, which holds its targets and is normalised already")
+        return DistilledSet.load(args.distilled)
+    mean, std = stats or ((0.0,) * 3, (1.0,) * 3)
+    files = _set_files(args)
+    if len(files) == 2 and not args.labels:  # the authors' released format
+        return DistilledSet.from_authors_files(files[0], files[1], mean, std)
+    return load_label_set(args.distilled, mean, std, labels_path=args.labels)
+
+
+def _set_stats(args: argparse.Namespace, target) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """--mean/--std, else the target's: what raw pixels of a set in another format are normalised with."""
+    if (args.mean is None) != (args.std is None):
+        raise KrrstError("--mean and --std go together: give both (e.g. --mean 0.507,0.487,0.441 --std 0.267,0.256,0.276)")
+    if args.mean is not None:
+        return tuple(args.mean), tuple(args.std)
+    print(f"normalising {args.distilled} with the target's mean/std {_rounded(target.mean)} / {_rounded(target.std)} "
+          "(--mean/--std for its source's)", file=sys.stderr)
+    return tuple(target.mean), tuple(target.std)
+
+
+def _rounded(values) -> str:
+    return ",".join(f"{float(value):.4f}" for value in values)
+
+
 def _evaluation_provenance(args: argparse.Namespace) -> str:
-    """What the evaluated set comes from: its file's hash, or a fingerprint of the options that define a baseline."""
+    """What the evaluated set comes from: its files' hash, or a fingerprint of the options that define a baseline."""
     from krrst.pipeline import baseline_provenance, set_provenance
 
     if args.distilled:
-        return set_provenance(args.distilled)
+        return "+".join(set_provenance(path) for path in _set_files(args))
     if args.baseline == "none":  # a fresh network: nothing defines it (`krrst run` writes the same)
         return baseline_provenance("none")
     teacher = [set_provenance(args.teacher) if Path(args.teacher).is_file() else args.teacher,
@@ -156,48 +300,45 @@ def _evaluation_provenance(args: argparse.Namespace) -> str:
                                source_root=str(Path(args.source_root).resolve()), image_size=args.image_size)
 
 
+def _evaluation_configs(args: argparse.Namespace, suite: dict[str, Any]) -> dict[str, Any]:
+    """The pretrain / finetune / linear configs: a protocol suite's settings, then `--set`."""
+    import dataclasses
+
+    from krrst.config import did_you_mean_key
+    from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
+
+    stages = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear": LinearProbeConfig}
+    overrides = [f"{key}={value}" for key, value in suite.items()] + args.overrides  # an explicit --set wins
+    keys = [f"{stage}.{field.name}" for stage, cls in stages.items() for field in dataclasses.fields(cls)]
+    for key in parse_assignments(overrides):
+        if key.split(".", 1)[0] not in stages:
+            raise KrrstError(f"--set {key!r}: keys must start with one of {', '.join(stages)}"
+                             f"{did_you_mean_key(key, keys)}")
+    return {stage: _stage_config(cls, stage, None, [item for item in overrides if item.startswith(stage + ".")])
+            for stage, cls in stages.items()}
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset
     from krrst.data import load_images
     from krrst.distilled import DistilledSet
-    from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
-    from krrst.distributed import run_on_main
-    from krrst.models import list_models
-    from krrst.io import exclusive_lock
-    from krrst.pipeline import (PROTOCOL_SUITES, TEST_SPLITS, claim_evaluation, evaluate_methods, file_identity,
-                                parse_protocol)
-    from krrst.report import report_text, write_report
+    from krrst.pipeline import TEST_SPLITS, file_identity
 
     if (args.distilled is None) == (args.baseline is None):
         raise KrrstError("give exactly one of --distilled PATH or --baseline random|kmeans|high-loss|none|full")
+    if args.labels and not args.distilled:
+        raise KrrstError("--labels goes with --distilled (the labels file of a label set stored in two files)")
     _check_out(args.out)
-    protocols, suite_overrides = [], []
-    for protocol in args.protocol or ["finetune"]:
-        if protocol in PROTOCOL_SUITES:  # a published protocol: its rows and its pre-training/probe settings
-            for key, value in PROTOCOL_SUITES[protocol].items():
-                if key == "run.protocols":
-                    protocols += [item for item in value if item not in protocols]
-                else:
-                    suite_overrides.append(f"{key}={value}")
-        else:
-            parse_protocol(protocol)
-            protocols.append(protocol)
-    args.overrides = suite_overrides + args.overrides  # an explicit --set wins
+    suite = _protocol_overrides(args.protocol or ["finetune"])
+    protocols = list(suite.pop("run.protocols"))
     if args.seeds < 1:
         raise KrrstError(f"--seeds must be at least 1, got {args.seeds}")
-    if args.arch not in list_models():
-        raise KrrstError(f"unknown --arch {args.arch!r}; registered models: {', '.join(list_models())}")
-    stages = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear": LinearProbeConfig}
-    stray = [item for item in args.overrides if item.split(".", 1)[0] not in stages]
-    if stray:
-        raise KrrstError(f"--set {stray[0]!r}: keys must start with one of {', '.join(stages)}")
-    configs = {
-        stage: _stage_config(cls, stage, None, [item for item in args.overrides if item.startswith(stage + ".")])
-        for stage, cls in stages.items()
-    }
+    _check_arch(args.arch, "--arch")
+    _check_dataset(args.target, "--target")
+    configs = _evaluation_configs(args, suite)
     teacher = _load_teacher(args) if args.teacher else None
     if args.distilled is not None:
-        network = DistilledSet.load(args.distilled)
+        network = _load_set(args, None)
         method, source_name = network.method, network.source
     else:
         method, source_name, network = {"full": "full-ssl"}.get(args.baseline, args.baseline), args.source or "", None
@@ -206,6 +347,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         if args.baseline in ("random", "kmeans", "high-loss"):
             if not args.source or not args.source_root:
                 raise KrrstError(f"--baseline {args.baseline} needs --source NAME and --source-root PATH to pick images from")
+            _check_dataset(args.source, "--source")
             source = load_images(args.source, args.source_root, "train", image_size=args.image_size)
             pick = {"random": random_subset, "kmeans": kmeans_coreset, "high-loss": high_loss_subset}[args.baseline]
             network, source_name = pick(source, args.m, teacher, seed=args.seed, device=args.device), source.name
@@ -217,18 +359,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                         max_per_class=args.max_per_class)
     test = load_images(args.target, args.root, TEST_SPLITS.get(args.target, "test"), image_size=image_size,
                        download=args.download)
+    foreign = args.distilled is not None and not _is_krrst_set(args.distilled)
+    if foreign:  # raw pixels: normalised now that the target's statistics are known
+        stats = _set_stats(args, train)
+        network = _load_set(args, stats)
     # Rows and cached networks are keyed by method: refuse to mix in results of another set or config.
-    what = file_identity(args.distilled) if args.distilled else [args.baseline, args.m, args.seed, args.source,
-                                                                  args.source_root, file_identity(args.teacher)]
+    if args.distilled:
+        what = file_identity(args.distilled) if not foreign else [file_identity(path) for path in _set_files(args)]
+    else:
+        what = [args.baseline, args.m, args.seed, args.source, args.source_root, file_identity(args.teacher)]
     identity = {"--distilled/--baseline": what, "--set": {k: str(v) for k, v in configs.items()},
                 "--widths": args.widths, "--image-size": image_size, "--target": args.target,
                 "--max-per-class": args.max_per_class}
+    if foreign:
+        identity["--mean/--std"] = [list(stats[0]), list(stats[1])]
     provenance = _evaluation_provenance(args)
+    _evaluate_into(args, method, network, source_name, (train, test), protocols, configs, image_size,
+                   identity, provenance)
+
+
+def _evaluate_into(args, method, network, source_name, target, protocols, configs, image_size, identity, provenance):
+    """Claim `--out` for this method, evaluate, and write and print the report."""
+    from krrst.distributed import run_on_main
+    from krrst.io import exclusive_lock
+    from krrst.pipeline import claim_evaluation, evaluate_methods
+    from krrst.report import report_text, write_report
+
     context = _distributed(args)
     with exclusive_lock(args.out, "evaluation folder") if context.is_main else nullcontext():
         run_on_main(lambda: claim_evaluation(args.out, method, identity, provenance))
         evaluate_methods(
-            args.out, {method: network}, [(args.target, train, test)], source_name=source_name, archs=[args.arch],
+            args.out, {method: network}, [(args.target, *target)], source_name=source_name, archs=[args.arch],
             seeds=range(args.seed, args.seed + args.seeds), protocols=protocols,
             pretrain_config=configs["pretrain"], finetune_config=configs["finetune"], linear_config=configs["linear"],
             eval_widths=tuple(args.widths), image_size=image_size, device=context.device,
@@ -245,6 +406,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_report(args: argparse.Namespace) -> None:
     from krrst.report import report_text, write_report
 
+    if not Path(args.run_dir).exists():
+        raise KrrstError(f"{args.run_dir} does not exist; give a run directory of `krrst run` or `krrst evaluate`")
+    if not Path(args.run_dir).is_dir():
+        raise KrrstError(f"{args.run_dir} is a file; give a run directory of `krrst run` or `krrst evaluate`")
     if not (Path(args.run_dir) / "results.csv").is_file():
         raise KrrstError(f"{args.run_dir} holds no results.csv; give a run directory of `krrst run` or `krrst evaluate`")
     _check_out(args.run_dir, "RUN_DIR")
@@ -253,24 +418,90 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(path) for path in paths.values()))
 
 
-def _cmd_run(args: argparse.Namespace) -> None:
-    from krrst.config import parse_assignments
-    from krrst.pipeline import resolve_config, run
+def _run_config(args: argparse.Namespace):
+    """`(preset, PipelineConfig)`: the preset, then `--config FILE`, then `--protocol`, then the shortcuts
+    (`--steps`, `--m`, `--download`), then `--set`: each wins over the ones before."""
+    from krrst.pipeline import resolve_config
 
-    config = resolve_config(args.preset, parse_assignments(args.overrides), protocol=args.protocol)
+    preset, from_file = read_config_file(args.config) if args.config else (None, {})
+    preset = args.preset or preset
+    if preset is None:
+        raise KrrstError("give --preset NAME (e.g. --preset demo) or --config FILE (a `--print-config` output)")
+    if from_file:
+        try:  # a mistake in the file is named with the file
+            resolve_config(preset, from_file)
+        except KrrstError as exc:
+            raise KrrstError(f"--config {args.config}: {exc}") from None
+    shortcuts = {"distill.steps": args.steps, "distill.num_images": args.m, "run.download": args.download or None}
+    overrides = {**from_file, **_protocol_overrides(args.protocol or []),
+                 **{key: value for key, value in shortcuts.items() if value is not None},
+                 **parse_assignments(args.overrides)}
+    return preset, resolve_config(preset, overrides)
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from krrst.pipeline import run
+
+    preset, config = _run_config(args)
     if args.print_config:
-        print(json.dumps({"preset": args.preset, **config.to_dict()}, indent=2))
+        print(json.dumps({"preset": preset, **config.to_dict()}, indent=2))
         return
-    out = args.out or f"runs/{args.preset}"
+    out = args.out or f"runs/{preset}"
     _check_out(out)
     context = _distributed(args)
-    run(config, out, root=args.root, preset=args.preset, force=args.force, device=context.device,
+    run(config, out, root=args.root, preset=preset, force=args.force, device=context.device,
         progress=args.progress, distributed=context, log=print if context.is_main else (lambda _: None))
     if context.is_main:
         print(f"run directory: {out} (open {Path(out) / 'report.html'})")
 
 
 # ----------------------------------------------------------------------------- parser
+
+PROTOCOL_HELP = ("what to evaluate, repeatable: finetune or linear, either @P%% for a fraction of the labels (e.g. "
+                 "linear@1%%), or a published protocol: krrst (1,000 pre-training epochs, full fine-tuning) or mkdt "
+                 "(20 pre-training epochs, L-BFGS linear probe on 1/5/10/50%% of the labels); --set wins over a "
+                 "protocol's settings")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Examples keep their lines; an option shows its default unless it has none or its help already says it."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or default is None or isinstance(default, bool)
+                or default == [] or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: an unknown option is reported under this command's usage, not the top-level one."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(value) for value in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or not all(abs(value) < float("inf") for value in values):
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers (R,G,B), e.g. 0.5,0.5,0.5; got {text!r}")
+    return values
 
 
 def _widths(text: str) -> list[int]:
@@ -307,9 +538,13 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
 
 def _run_args(parser: argparse.ArgumentParser, preset: str | None) -> None:
     if preset is None:
-        parser.add_argument("--preset", required=True, help="demo, cpu-mini, cifar100, tinyimagenet or imagenet64")
+        parser.add_argument("--preset", default=None, help="demo, cpu-mini, cifar100, tinyimagenet or imagenet64 "
+                            "(needed unless --config names one)")
     else:
         parser.set_defaults(preset=preset)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a JSON config as --print-config prints it (\"preset\" and one object per stage); "
+                        "--protocol, --steps, --m, --download and --set win over it")
     parser.add_argument("--root", default=".", help="data root: the config's dataset paths (run.source_root, "
                         "run.targets) are relative to it; cpu-mini needs the folder holding cifar10-jpeg.zip "
                         "(default: the current folder)")
@@ -317,9 +552,13 @@ def _run_args(parser: argparse.ArgumentParser, preset: str | None) -> None:
     parser.add_argument("--force", action="store_true",
                         help="reuse a run directory of another config, re-running only the stages that changed")
     parser.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
-    parser.add_argument("--protocol", choices=("krrst", "mkdt"), default=None,
-                        help="a published evaluation protocol: krrst (1,000 pre-training epochs, full fine-tuning) or "
-                        "mkdt (20 epochs, L-BFGS linear probe on 1/5/10/50%% of the labels); default: the preset's")
+    parser.add_argument("--protocol", action="append", default=None,
+                        help=PROTOCOL_HELP + " (default: the preset's run.protocols)")
+    parser.add_argument("--steps", type=int, default=None, help="KRR-ST's outer steps (= --set distill.steps=N)")
+    parser.add_argument("--num-images", "--m", dest="m", type=int, default=None,
+                        help="m, the synthetic images (= --set distill.num_images=M); under torchrun write --num-images")
+    parser.add_argument("--download", action="store_true",
+                        help="download cifar10/cifar100/aircraft/flowers when absent (= --set run.download=true)")
     _common(parser, "run, teacher, distill, mkdt, pretrain, finetune, linear", "distill.steps=200")
     parser.set_defaults(handler=_cmd_run)
 
@@ -329,17 +568,36 @@ def build_parser() -> argparse.ArgumentParser:
         prog="krrst",
         description="Self-supervised dataset distillation (KRR-ST, ICLR 2024): distil an unlabelled image dataset "
         "into a few synthetic images with learned target representations.",
+        formatter_class=_HelpFormatter,
+        epilog=_examples("krrst demo                            # the whole pipeline offline, about 4 minutes on CPU",
+                         "krrst run --preset cpu-mini --root data",
+                         "krrst distill --help                  # each command's options and examples"),
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"krrst {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
 
-    for name, handler, text in (
-        ("datasets", _cmd_datasets, "list the datasets krrst can load and the folder or archive layout each expects"),
+    def command(name: str, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description, epilog=_examples(*examples),
+                              formatter_class=_HelpFormatter)
+
+    for name, handler, text, examples in (
+        ("datasets", _cmd_datasets, "list the datasets krrst can load and the folder or archive layout each expects",
+         ["krrst datasets",
+          "krrst teacher --source folder --root photos.zip --image-size 32 --out runs/teacher"]),
         ("models", _cmd_models, "list the registered architectures (--arch, teacher.arch) with feature size and "
-         "parameters"),
+         "parameters",
+         ["krrst models",
+          "krrst evaluate --baseline none --target cifar10 --root data --arch resnet18 --out runs/eval"]),
     ):
-        sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".").set_defaults(handler=handler)
+        command(name, text, text[0].upper() + text[1:] + ".", examples).set_defaults(handler=handler)
+    parser.commands = sub.choices  # for "did you mean" on a mistyped command
 
-    teacher = sub.add_parser("teacher", help="train a self-supervised teacher (Barlow Twins) or import your own",
+    teacher = command("teacher", help="train a self-supervised teacher (Barlow Twins) or import your own",
+                      examples=["krrst teacher --source cifar100 --root data --download --out runs/teacher",
+                                "krrst teacher --source imagefolder --root cifar10-jpeg.zip --preset cpu-mini "
+                                "--out runs/teacher",
+                                "krrst teacher --source cifar100 --root data --teacher barlow_twins.ckpt "
+                                "--teacher-arch resnet18 --out runs/teacher"],
                              description="Train an SSL teacher on the source images (labels unused), or import a "
                              "teacher file with --teacher, check its features, and store it as teacher.safetensors. "
                              "Training defaults: Barlow Twins (--set teacher.method=simclr for SimCLR) on a ResNet-18 "
@@ -357,7 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(teacher, "teacher", "teacher.steps=2000")
     teacher.set_defaults(handler=_cmd_teacher)
 
-    distill = sub.add_parser("distill", help="distil a source dataset into a KRR-ST synthetic set",
+    distill = command("distill", help="distil a source dataset into a KRR-ST synthetic set",
+                      examples=["krrst distill --source cifar100 --root data --teacher runs/teacher/teacher.safetensors "
+                                "--out runs/distill",
+                                "krrst distill --source imagefolder --root cifar10-jpeg.zip --teacher "
+                                "runs/teacher/teacher.safetensors --preset cpu-mini --steps 200 --m 100 --out runs/distill",
+                                "krrst distill --source cifar100 --root data --teacher runs/teacher/teacher.safetensors "
+                                "--method mkdt --out runs/mkdt"],
                              description="KRR-ST: learn m synthetic images and their target representations so that "
                              "kernel ridge regression on them predicts the teacher's features of real images.")
     _data_args(distill)
@@ -384,11 +648,26 @@ def build_parser() -> argparse.ArgumentParser:
     _common(distill, "distill (krr-st) or mkdt", "distill.image_lr=0.001")
     distill.set_defaults(handler=_cmd_distill)
 
-    evaluate = sub.add_parser("evaluate", help="pre-train on a distilled set or baseline, then fine-tune / linear-probe",
+    evaluate = command("evaluate", help="pre-train on a distilled set or baseline, then fine-tune / linear-probe",
+                       examples=["krrst evaluate --distilled runs/distill/distilled.safetensors --target cifar100 "
+                                 "--root data --out runs/eval",
+                                 "krrst evaluate --distilled x_syn.pt --target cifar100 --root data --protocol mkdt "
+                                 "--out runs/eval        # the authors' set (y_syn.pt beside it)",
+                                 "krrst evaluate --baseline random --teacher runs/teacher/teacher.safetensors --source "
+                                 "cifar100 --source-root data --target cifar10 --root data --out runs/eval"],
                               description="Pre-train a fresh network on a distilled set (or a baseline), fine-tune or "
                               "linear-probe it on a labelled target, and append rows to OUT/results.csv; finished "
                               "seeds are skipped, so an interrupted evaluation resumes.")
-    evaluate.add_argument("--distilled", default=None, help="a DistilledSet file (distilled.safetensors)")
+    evaluate.add_argument("--distilled", default=None,
+                          help="the set to evaluate: a krrst file (distilled.safetensors), the authors' x_syn.pt (with "
+                          "y_syn.pt beside it), or another method's label set (.pt/.npz/.safetensors holding images and "
+                          "labels; krrst.evaluate.load_label_set), read weights-only")
+    evaluate.add_argument("--labels", default=None, metavar="FILE",
+                          help="the labels file of a label set stored in two files (e.g. MTT's labels_best.pt)")
+    evaluate.add_argument("--mean", type=_floats, default=None, metavar="R,G,B",
+                          help="the mean that raw pixels of an x_syn.pt or label set are normalised with (with --std; "
+                          "default: the target's, e.g. 0.5071,0.4865,0.4409 for CIFAR-100)")
+    evaluate.add_argument("--std", type=_floats, default=None, metavar="R,G,B", help="the std that goes with --mean")
     evaluate.add_argument("--baseline", choices=("random", "kmeans", "high-loss", "none", "full"), default=None,
                           help="evaluate a baseline instead: random subset, k-means coreset, high-loss subset (MKDT's "
                           "initialisation), no pre-training, the teacher itself (rows named full-ssl)")
@@ -397,10 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--arch", default="convnet3", help="evaluation architecture (default: convnet3; see `krrst models`)")
     evaluate.add_argument("--widths", type=_widths, default=[],
                           help="ConvNet widths, e.g. 32,64,128 for narrow CPU networks")
-    evaluate.add_argument("--protocol", action="append", default=None,
-                          help="finetune (default), linear, or either @P%% for a label fraction (e.g. linear@1%%); or a "
-                          "published protocol: krrst (1,000 pre-training epochs + fine-tuning) or mkdt (20 epochs + "
-                          "L-BFGS linear probe on 1/5/10/50%% of labels); repeatable")
+    evaluate.add_argument("--protocol", action="append", default=None, help=PROTOCOL_HELP + " (default: finetune)")
     evaluate.add_argument("--seeds", type=int, default=3, help="number of seeds (paired across methods)")
     evaluate.add_argument("--seed", type=int, default=0, help="first seed")
     evaluate.add_argument("--out", required=True, help="run directory receiving results.csv/json/md")
@@ -417,17 +693,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(evaluate, "pretrain, finetune, linear", "pretrain.epochs=50")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
-    report = sub.add_parser("report", help="print and write the results table and report.html of a run directory",
+    report = command("report", help="print and write the results table and report.html of a run directory",
+                     examples=["krrst report runs/demo", "krrst report runs/eval"],
                             description="Rebuild results.md/json/png and report.html from RUN_DIR/results.csv and "
                             "print the table (mean ± std over seeds).")
     report.add_argument("run_dir", help="a run directory (holding results.csv)")
     report.set_defaults(handler=_cmd_report)
 
-    run = sub.add_parser("run", help="run a preset's whole pipeline: teacher, distil, baselines, evaluate, report",
+    run = command("run", help="run a preset's whole pipeline: teacher, distil, baselines, evaluate, report",
+                  examples=["krrst run --preset demo --steps 50 --out runs/quick",
+                            "krrst run --preset cpu-mini --root data --protocol mkdt --out runs/cpu-mini",
+                            "krrst run --preset cifar100 --root data --download",
+                            "krrst run --preset demo --print-config > demo.json && krrst run --config demo.json "
+                            "--set distill.steps=100"],
                          description="Run every stage of a preset into a run directory; a re-run skips finished stages "
                          "and resumes an interrupted one.")
     _run_args(run, None)
-    demo = sub.add_parser("demo", help="the offline demo on the CIFAR-10 sample shipped in the package (= run --preset demo)",
+    demo = command("demo", help="the offline demo on the CIFAR-10 sample shipped in the package (= run --preset demo)",
+                   examples=["krrst demo", "krrst demo --steps 50 --out runs/quick-demo", "krrst demo --print-config"],
                           description="Teacher, distillation, baselines and evaluation on 4,000 real CIFAR-10 images "
                           "shipped in the package; about 4 minutes on 2 idle CPU cores.")
     _run_args(demo, "demo")
@@ -436,6 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in parser.commands:
+        parser.error(str(unknown_name("command", argv[0], parser.commands, "commands")))
     args = parser.parse_args(argv)
     try:
         args.handler(args)

@@ -8,28 +8,63 @@ lists what is valid, and picks the device once (CUDA when present, else CPU).
 Numbers are checked here, once for every stage: a float must be finite and
 within float32 range (the tensors it reaches are float32; `1e39` would only
 fail later, deep inside a loop), an integer within int64 range.
+
+A mistyped name (a key, a preset, an architecture) gets "did you mean" from
+`close_matches`. Nothing here imports torch until a device is resolved, so the
+command line can build its parser and `--help` without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
 import types
 import typing
-from typing import Any, Mapping, TypeVar
-
-import torch
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, TypeVar
 
 from krrst.errors import KrrstError
 
+if TYPE_CHECKING:
+    import torch
+
 ConfigT = TypeVar("ConfigT")
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # about 3.4e38
+FLOAT32_MAX = (2 - 2**-23) * 2.0**127  # torch.finfo(torch.float32).max, about 3.4e38, without importing torch
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def close_matches(name: str, valid: Iterable[str], n: int = 3) -> list[str]:
+    """The valid names a mistyped `name` most likely meant: a difference of case only first, else difflib's."""
+    valid = list(valid)
+    same_but_case = [option for option in valid if option.lower() == name.lower()]
+    if same_but_case:
+        return same_but_case
+    by_lower = {option.lower(): option for option in valid}
+    return [by_lower[match] for match in difflib.get_close_matches(name.lower(), list(by_lower), n=n)]
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """`"; did you mean 'demo'?"` for a name close to a valid one, else `""`."""
+    return _did_you_mean(close_matches(name, valid))
+
+
+def _did_you_mean(matches: list[str]) -> str:
+    return f"; did you mean {' or '.join(repr(match) for match in matches)}?" if matches else ""
+
+
+def unknown_name(what: str, name: str, valid: Iterable[str], listing: str = "valid names") -> KrrstError:
+    """`unknown preset 'Demo'; valid presets: cifar100, ..., demo; did you mean 'demo'?` as a `KrrstError`."""
+    valid = list(valid)
+    return KrrstError(f"unknown {what} {name!r}; {listing}: {', '.join(valid)}{did_you_mean(name, valid)}")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`None`/"auto" -> CUDA when available, else CPU; otherwise the named device, checked."""
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device is None or device == "auto":
@@ -165,11 +200,42 @@ def apply_overrides(config: ConfigT, overrides: Mapping[str, Any], where: str = 
     changes = {}
     for key, value in overrides.items():
         if key not in types_by_name:
-            raise KrrstError(
-                f"unknown config key '{prefix}{key}'; valid keys: {', '.join(prefix + name for name in types_by_name)}"
-            )
+            raise unknown_key(prefix + key, [prefix + name for name in types_by_name])
         changes[key] = _coerce(value, types_by_name[key], prefix + key)
     return dataclasses.replace(config, **changes)
+
+
+def suggest_keys(key: str, valid_keys: Iterable[str]) -> list[str]:
+    """The `stage.field` keys a mistyped `key` most likely meant: the field compared within its stage (a mistyped
+    stage is matched first), and a bare field name (`steps`) looked up in every stage."""
+    fields_by_stage: dict[str, list[str]] = {}
+    for valid in valid_keys:
+        stage, _, field = valid.rpartition(".")
+        fields_by_stage.setdefault(stage, []).append(field)
+    stage, dot, field = key.rpartition(".")
+    if stage in fields_by_stage:
+        stages = [stage]
+    else:
+        stages = close_matches(stage, fields_by_stage) if dot else list(fields_by_stage)
+
+    def joined(stage: str, field: str) -> str:
+        return f"{stage}.{field}" if stage else field
+
+    same_field = [joined(stage, field) for stage in stages if field in fields_by_stage[stage]]
+    return same_field or [joined(stage, close) for stage in stages for close in close_matches(field, fields_by_stage[stage])]
+
+
+def did_you_mean_key(key: str, valid_keys: Iterable[str]) -> str:
+    """`did_you_mean` for `stage.field` keys (see `suggest_keys`)."""
+    return _did_you_mean(suggest_keys(key, valid_keys))
+
+
+def unknown_key(key: str, valid_keys: list[str]) -> KrrstError:
+    """An unknown config key: the keys it most likely meant when there are some, else every valid key."""
+    hint = did_you_mean_key(key, valid_keys)
+    if hint:
+        return KrrstError(f"unknown config key {key!r}{hint} (`krrst run --print-config` lists every key)")
+    return KrrstError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys)}")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -194,6 +260,32 @@ def config_changes(saved: Mapping[str, Any], config: Any, ignore: tuple[str, ...
         for key, value in config_to_dict(config).items()
         if key not in ignore and plain(saved.get(key, defaults[key])) != plain(value)
     ]
+
+
+def read_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:
+    """`(preset, {"stage.field": value})` from a JSON file shaped as `krrst run --print-config` prints it:
+    an optional "preset" and one object of fields per stage. The keys are checked where the config is resolved."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KrrstError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KrrstError(f"--config {path}: cannot be read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise KrrstError(f"--config {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    example = '{"preset": "demo", "distill": {"steps": 100}}'
+    if not isinstance(data, dict):
+        raise KrrstError(f"--config {path}: expected a JSON object of stages, e.g. {example}")
+    preset = data.pop("preset", None)
+    if preset is not None and not isinstance(preset, str):
+        raise KrrstError(f"--config {path}: \"preset\" must be a preset name, got {preset!r}")
+    overrides: dict[str, Any] = {}
+    for stage, fields in data.items():
+        if not isinstance(fields, dict):
+            raise KrrstError(f"--config {path}: {stage!r} must be an object of fields, e.g. {example}")
+        overrides.update({f"{stage}.{field}": value for field, value in fields.items()})
+    return preset, overrides
 
 
 def parse_assignments(assignments: list[str] | None, option: str = "--set") -> dict[str, str]:

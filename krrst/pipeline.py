@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from krrst.config import apply_overrides, config_to_dict, resolve_device
+from krrst.config import apply_overrides, config_to_dict, did_you_mean_key, resolve_device, unknown_name
 from krrst.distill import PRESETS as DISTILL_PRESETS
 from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
 from krrst.distill import CHECKPOINT_NAME as DISTILL_CHECKPOINT
@@ -203,6 +203,11 @@ def list_presets() -> list[str]:
     return list(PRESETS)
 
 
+def all_keys() -> list[str]:
+    """Every `stage.field` key that `--set` and `--config` reach."""
+    return [f"{stage}.{field.name}" for stage, cls in STAGE_CONFIGS.items() for field in dataclasses.fields(cls)]
+
+
 def resolve_config(
     preset: str = "cifar100", overrides: Mapping[str, Any] | None = None, protocol: str | None = None
 ) -> PipelineConfig:
@@ -212,7 +217,7 @@ def resolve_config(
     suites, stages, keys and ill-typed values are one-line `KrrstError`s.
     """
     if preset not in PRESETS:
-        raise KrrstError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+        raise unknown_name("preset", preset, PRESETS, "valid presets")
     if protocol is not None:
         if protocol not in PROTOCOL_SUITES:
             raise KrrstError(f"unknown --protocol {protocol!r}; valid protocols: {', '.join(PROTOCOL_SUITES)}")
@@ -223,6 +228,7 @@ def resolve_config(
         if not dot or stage not in STAGE_CONFIGS:
             raise KrrstError(
                 f"--set key {key!r} must be stage.field with stage one of {', '.join(STAGE_CONFIGS)} (e.g. distill.steps=100)"
+                + did_you_mean_key(key, all_keys())
             )
         per_stage.setdefault(stage, {})[field] = value
     stages = {
@@ -252,7 +258,7 @@ def _check_architectures(config: PipelineConfig) -> None:
              ("mkdt.arch", config.mkdt.arch), *(("run.archs", arch) for arch in config.run.archs)]
     for option, arch in named:
         if arch not in list_models():
-            raise KrrstError(f"{option}: unknown model {arch!r}; registered models: {', '.join(list_models())}")
+            raise KrrstError(f"{option}: {unknown_name('model', arch, list_models(), 'registered models')}")
 
 
 def _check_run_config(run: RunConfig) -> None:

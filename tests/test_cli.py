@@ -81,3 +81,169 @@ def test_teacher_resumes_by_re_running_the_same_command(tmp_path, monkeypatch, c
     cut, _ = load_tensors(tmp_path / "cut" / TEACHER_FILE)
     assert whole.keys() == cut.keys() and all(torch.equal(whole[key], cut[key]) for key in whole)
     assert expected  # the uninterrupted file exists and was read
+
+
+# ----------------------------------------------------------------------------- a command line that guides
+
+
+def _error_line(capsys, argv):
+    """The one stderr line of a command refused with exit status 2."""
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "--preset", "cpu-mnii", "--print-config"], "did you mean 'cpu-mini'?"),
+    (["run", "--preset", "Demo", "--print-config"], "did you mean 'demo'?"),  # a case mistake
+    (["run", "--preset", "demo", "--set", "distill.step=3", "--print-config"], "did you mean 'distill.steps'?"),
+    (["run", "--preset", "demo", "--set", "distil.steps=3", "--print-config"], "did you mean 'distill.steps'?"),
+    (["run", "--preset", "demo", "--set", "run.archs=resnet81", "--print-config"], "did you mean 'resnet18'"),
+    (["evaluate", "--baseline", "none", "--target", "cifar10", "--root", ".", "--arch", "Resnet18", "--out", "e"],
+     "did you mean 'resnet18'?"),
+    (["evaluate", "--baseline", "none", "--target", "cifar10", "--root", ".", "--out", "e", "--protocol", "linaer@1%"],
+     "did you mean 'linear'?"),
+    (["evaluate", "--baseline", "none", "--target", "imagefoldr", "--root", ".", "--out", "e"],
+     "did you mean 'imagefolder'"),
+    (["teacher", "--source", "CIFAR10", "--root", ".", "--out", "t"], "did you mean 'cifar10'?"),
+    (["distill", *DATA, "--teacher", "t.pt", "--teacher-arch", "resnet81", "--out", "d"], "did you mean 'resnet18'"),
+])
+def test_a_mistyped_name_gets_did_you_mean(argv, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert expected in _error_line(capsys, argv)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "d").exists(), "refused before any output"
+
+
+def test_a_mistyped_key_names_its_close_matches_instead_of_every_key(capsys):
+    err = _error_line(capsys, ["run", "--preset", "demo", "--set", "distill.step=3", "--print-config"])
+    assert "distill.steps" in err and "distill.image_lr" not in err
+    err = _error_line(capsys, ["run", "--preset", "demo", "--set", "distill.qqqqqq=3", "--print-config"])
+    assert "valid keys: distill.num_images" in err, "with nothing close, every key is listed"
+
+
+def test_an_unknown_option_shows_the_command_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", *DATA, "--teacher", "t.pt", "--out", "d", "--bogus"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("usage: krrst distill ") and "krrst distill: error: unrecognized arguments: --bogus" in err
+    with pytest.raises(SystemExit):
+        main(["distil"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: krrst [-h]") and "unknown command 'distil'" in err and "did you mean 'distill'?" in err
+
+
+def test_version_is_the_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"krrst {version('krrst')}"
+
+
+@pytest.mark.parametrize("command", ["datasets", "models", "teacher", "distill", "evaluate", "report", "run", "demo"])
+def test_every_help_has_examples_of_its_command(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    examples = out.split("examples:\n", 1)[1].splitlines()
+    assert 2 <= len(examples) <= 4 and any(line.strip().startswith(f"krrst {command}") for line in examples)
+    if command == "evaluate":
+        assert "(default: 3)" in out and "(default: finetune)" in out, "defaults are shown"
+
+
+def test_help_builds_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom krrst.cli import main\ntry:\n    main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported for --help'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def _print_config(capsys, *argv):
+    import json
+
+    assert main(["run", *argv, "--print-config"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_run_shortcuts_reach_the_config(capsys):
+    config = _print_config(capsys, "--preset", "demo", "--steps", "7", "--m", "9", "--download")
+    assert (config["distill"]["steps"], config["distill"]["num_images"], config["run"]["download"]) == (7, 9, True)
+    config = _print_config(capsys, "--preset", "demo", "--steps", "7", "--set", "distill.steps=8")
+    assert config["distill"]["steps"] == 8, "--set wins over a shortcut"
+
+
+def test_run_and_evaluate_protocols_mean_the_same(capsys):
+    assert _print_config(capsys, "--preset", "demo", "--protocol", "linear@1%")["run"]["protocols"] == ["linear@1%"]
+    config = _print_config(capsys, "--preset", "demo", "--protocol", "mkdt", "--protocol", "finetune")
+    assert config["run"]["protocols"] == ["linear@1%", "linear@5%", "linear@10%", "linear@50%", "finetune"]
+    assert config["pretrain"]["epochs"] == 20 and config["linear"]["solver"] == "lbfgs"
+    err = _error_line(capsys, ["run", "--preset", "demo", "--protocol", "krrst", "--protocol", "mkdt"])
+    assert "set pretrain.epochs differently" in err
+
+
+def test_config_file_round_trip_and_set_wins(tmp_path, capsys):
+    import json
+
+    printed = _print_config(capsys, "--preset", "demo", "--set", "distill.steps=17", "--set", "run.seeds=2")
+    (tmp_path / "config.json").write_text(json.dumps(printed))
+    assert _print_config(capsys, "--config", str(tmp_path / "config.json")) == printed
+    changed = _print_config(capsys, "--config", str(tmp_path / "config.json"), "--set", "distill.steps=5")
+    assert changed["distill"]["steps"] == 5 and changed["run"]["seeds"] == 2
+    assert {**changed, "distill": printed["distill"]} == printed and changed["preset"] == "demo"
+
+    printed["distill"]["step"] = 3
+    (tmp_path / "bad.json").write_text(json.dumps(printed))
+    err = _error_line(capsys, ["run", "--config", str(tmp_path / "bad.json"), "--print-config"])
+    assert err == (f"krrst run: error: --config {tmp_path / 'bad.json'}: unknown config key 'distill.step'; did you "
+                   "mean 'distill.steps'? (`krrst run --print-config` lists every key)")
+
+
+def test_report_says_a_missing_folder_does_not_exist(tmp_path, capsys):
+    assert "does not exist" in _error_line(capsys, ["report", str(tmp_path / "nothere")])
+    assert "holds no results.csv" in _error_line(capsys, ["report", str(tmp_path)])
+
+
+def _captured_evaluation(monkeypatch, argv):
+    """Run `krrst evaluate` up to its evaluation and return the set it would pre-train on."""
+    seen = {}
+    monkeypatch.setattr(pipeline, "evaluate_methods", lambda out, sets, *args, **kwargs: seen.update(sets))
+    monkeypatch.setattr("krrst.report.write_report", lambda *args: None)
+    monkeypatch.setattr("krrst.report.report_text", lambda *args: "")
+    assert main(["evaluate", *argv]) == 0
+    (method, network), = seen.items()
+    return method, network
+
+
+@pytest.mark.parametrize("stats", [None, ["--mean", "0.5,0.4,0.3", "--std", "0.2,0.25,0.3"]])
+def test_evaluate_reads_the_authors_x_syn_and_y_syn(tmp_path, monkeypatch, capsys, stats):
+    from krrst.data import load_images
+
+    generator = torch.Generator().manual_seed(0)
+    torch.save(torch.rand(4, 3, 32, 32, generator=generator), tmp_path / "x_syn.pt")
+    torch.save(torch.randn(4, 8, generator=generator), tmp_path / "y_syn.pt")
+    argv = ["--distilled", str(tmp_path / "x_syn.pt"), "--target", "imagefolder", "--root", SAMPLE,
+            "--max-per-class", "2", "--seeds", "1", "--out", str(tmp_path / "eval"), "--device", "cpu", *(stats or [])]
+    method, network = _captured_evaluation(monkeypatch, argv)
+    if stats:
+        mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    else:  # the target's statistics, said on stderr
+        target = load_images("imagefolder", SAMPLE, "train", max_per_class=2)
+        mean, std = tuple(target.mean), tuple(target.std)
+        assert "with the target's mean/std" in capsys.readouterr().err
+    expected = DistilledSet.from_authors_files(tmp_path / "x_syn.pt", tmp_path / "y_syn.pt", mean, std)
+    assert method == "x_syn" and network.target_kind == "representation"
+    assert torch.equal(network.images, expected.images) and torch.equal(network.targets, expected.targets)
+
+
+def test_evaluate_reads_another_methods_label_set(tmp_path, monkeypatch):
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    torch.save({"images": images, "labels": torch.tensor([0, 1, 2, 1])}, tmp_path / "dsa.pt")
+    argv = ["--distilled", str(tmp_path / "dsa.pt"), "--target", "imagefolder", "--root", SAMPLE, "--max-per-class",
+            "2", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--out", str(tmp_path / "eval"), "--device", "cpu"]
+    method, network = _captured_evaluation(monkeypatch, argv)
+    assert method == "dsa" and network.target_kind == "hard_labels"
+    torch.testing.assert_close(network.images, (images.double() / 255 - 0.5) / 0.25, check_dtype=False)
