@@ -343,7 +343,8 @@ STAGE_CHECKPOINTS = {
     "mkdt": (DISTILLED_NAME, (MKDT_CHECKPOINT, TRAJECTORIES_NAME)),
 }
 # `stage.field` keys that decide what a run folder keeps, never a result: changing one needs no --force.
-HOUSEKEEPING_KEYS = ("run.keep_checkpoints",)
+# `run.download` only says whether a missing dataset may be fetched: the data read is the same either way.
+HOUSEKEEPING_KEYS = ("run.keep_checkpoints", "run.download")
 
 
 def _run_started(out_dir: Path) -> bool:

@@ -537,3 +537,13 @@ def test_checkpoints_stay_until_the_final_output_exists(tmp_path):
     (stage / "distilled.safetensors").write_bytes(b"x")
     pipeline._drop_checkpoints(stage, log=lambda _: None)
     assert sorted(path.name for path in stage.iterdir()) == ["distilled.safetensors", "loss.csv", "other.safetensors"]
+
+
+def test_flipping_run_download_needs_no_force(tmp_path):
+    """Whether a missing dataset may be fetched changes no result: a started run takes it without --force."""
+    out = tmp_path / "run"
+    pipeline.prepare_run_dir(out, tiny_config(), "demo", force=False)
+    (out / "results.csv").write_text("started\n")
+    pipeline.prepare_run_dir(out, tiny_config(**{"run.download": "true"}), "demo", force=False)
+    with pytest.raises(KrrstError, match=r"differs in distill\.steps"):
+        pipeline.prepare_run_dir(out, tiny_config(**{"distill.steps": "4"}), "demo", force=False)
