@@ -1,6 +1,7 @@
 """Config dataclasses: unknown keys and bad values are clear errors; strings are parsed by type."""
 
 import dataclasses
+import re
 from typing import Literal
 
 import pytest
@@ -99,3 +100,55 @@ def test_check_numeric_fields_walks_tuples_and_names_the_stage():
     check_numeric_fields(ToyConfig(), "toy")
     with pytest.raises(KrrstError, match=r"^toy\.factors=inf is not valid"):
         check_numeric_fields(Scales(), "toy")
+
+
+def test_close_matches_put_a_case_mistake_first_and_find_typos():
+    from krrst.config import close_matches, did_you_mean
+
+    assert close_matches("Demo", ["cifar100", "demo", "cpu-mini"]) == ["demo"]
+    assert close_matches("cpu-mnii", ["cifar100", "demo", "cpu-mini"]) == ["cpu-mini"]
+    assert close_matches("zzz", ["cifar100", "demo"]) == [] and did_you_mean("zzz", ["demo"]) == ""
+    assert did_you_mean("dem", ["demo"]) == "; did you mean 'demo'?"
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("distill.step", ["distill.steps"]),  # the field, compared within its stage
+    ("distil.steps", ["distill.steps"]),  # a mistyped stage
+    ("steps", ["teacher.steps", "distill.steps"]),  # a bare field: every stage that has it
+    ("distill.zzzzzz", []),  # a shared "distill." prefix is no match
+])
+def test_suggest_keys(key, expected):
+    from krrst.config import suggest_keys
+
+    valid = ["teacher.steps", "teacher.lr", "distill.steps", "distill.seed", "distill.pool_steps"]
+    assert suggest_keys(key, valid) == expected
+
+
+def test_unknown_key_lists_every_key_only_when_nothing_is_close():
+    with pytest.raises(KrrstError, match=r"^unknown config key 'toy\.step'; did you mean 'toy\.steps'\? "):
+        apply_overrides(ToyConfig(), {"step": 1}, "toy")
+    with pytest.raises(KrrstError, match=r"^unknown config key 'toy\.qqqq'; valid keys: toy\.steps, toy\.lr"):
+        apply_overrides(ToyConfig(), {"qqqq": 1}, "toy")
+
+
+def test_read_config_file(tmp_path):
+    from krrst.config import read_config_file
+
+    path = tmp_path / "config.json"
+    path.write_text('{"preset": "demo", "distill": {"steps": 5, "widths": [8, 16]}, "run": {}}')
+    assert read_config_file(path) == ("demo", {"distill.steps": 5, "distill.widths": [8, 16]})
+    for text, message in [("{", "not valid JSON"), ("[1]", "expected a JSON object"),
+                          ('{"distill": 3}', "'distill' must be an object"), ('{"preset": 1}', "preset")]:
+        path.write_text(text)
+        with pytest.raises(KrrstError, match=rf"^--config {re.escape(str(path))}: .*{message}"):
+            read_config_file(path)
+    with pytest.raises(KrrstError, match="no such file"):
+        read_config_file(tmp_path / "missing.json")
+
+
+def test_config_module_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, krrst.config; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
