@@ -480,16 +480,6 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-class _CommandParser(argparse.ArgumentParser):
-    """A command's parser: an unknown option is reported under this command's usage, not the top-level one."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        namespace, extras = super().parse_known_args(args, namespace)
-        if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return namespace, extras
-
-
 def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
@@ -574,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "krrst distill --help                  # each command's options and examples"),
     )
     parser.add_argument("--version", action="version", version=f"krrst {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=description, epilog=_examples(*examples),
@@ -722,7 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and not argv[0].startswith("-") and argv[0] not in parser.commands:
         parser.error(str(unknown_name("command", argv[0], parser.commands, "commands")))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would show the top-level usage; the command's is the one that helps
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.handler(args)
     except KrrstError as exc:
