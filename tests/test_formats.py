@@ -248,3 +248,19 @@ def test_cli_imports_a_torchvision_teacher_and_distils_with_it(tmp_path, capsys)
                  "--set", "distill.widths=4,8,8", "--set", "distill.batch_size=8", "--set", "distill.pool_size=2",
                  "--set", "distill.validate_every=0"]) == 0
     assert (tmp_path / "d" / "distilled.safetensors").is_file()
+
+
+def test_pretrained_weights_without_a_network_are_one_line(monkeypatch):
+    import urllib.error
+
+    real = torchvision.models.get_model
+
+    def offline(name, weights=None, **kwargs):
+        if weights is not None:
+            raise urllib.error.URLError("Name or service not known")
+        return real(name, weights=None, **kwargs)
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with pytest.raises(KrrstError, match=r"cannot fetch torchvision's pretrained resnet18 weights .*pass the file "
+                                         r"with --teacher"):
+        load_teacher(None, arch="torchvision:resnet18")
