@@ -197,16 +197,25 @@ class FeatureModel(nn.Module):
 # --------------------------------------------------------------------------- ConvNet
 
 
+POOLS = ("flatten", "avg")
+
+
 class ConvNet(FeatureModel):
-    """conv3x3 (pad 1) -> norm -> ReLU -> AvgPool 2x2 per block, then flatten.
+    """conv3x3 (pad 1) -> norm -> ReLU -> AvgPool 2x2 per block, then flatten (or global average pooling).
 
     As the authors' `models/convnet.py` (and DC/DSA/FRePo's ConvNet): the
-    convolutions keep their bias even before BatchNorm.
+    convolutions keep their bias even before BatchNorm, and the features are
+    the flattened last map. `pool="avg"` averages it over space instead
+    (width features): a representation that, like a ResNet's, changes little
+    under crops and flips, for a ConvNet used as a teacher.
     """
 
-    def __init__(self, arch: str, widths: Sequence[int], image_size: int, norm: str, num_outputs: int | None):
+    def __init__(self, arch: str, widths: Sequence[int], image_size: int, norm: str, num_outputs: int | None,
+                 pool: str = "flatten"):
         super().__init__()
         _check_norm(arch, norm)
+        if pool not in POOLS:
+            raise KrrstError(f"model {arch!r}: option pool must be one of {', '.join(POOLS)}, got {pool!r}")
         widths = tuple(int(w) for w in widths)
         depth = len(widths)
         if image_size % (2**depth) != 0 or image_size <= 0:
@@ -229,7 +238,8 @@ class ConvNet(FeatureModel):
             )
             in_channels = width
         self.blocks = nn.Sequential(*blocks)
-        self.feature_dim = widths[-1] * (self.image_size // 2**depth) ** 2
+        self.pool = pool
+        self.feature_dim = widths[-1] * (1 if pool == "avg" else (self.image_size // 2**depth) ** 2)
         self.head = _make_head(self.feature_dim, num_outputs)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +249,8 @@ class ConvNet(FeatureModel):
                 f"(option image_size) but got {x.shape[-2]}x{x.shape[-1]}; "
                 f"create it with image_size={x.shape[-1]}"
             )
-        return torch.flatten(self.blocks(x), 1)
+        maps = self.blocks(x)  # (N, width, s, s)
+        return maps.mean((2, 3)) if self.pool == "avg" else torch.flatten(maps, 1)
 
 
 def _widths(arch: str, widths: Sequence[int], depth: int) -> tuple[int, ...]:
@@ -255,9 +266,10 @@ def convnet3(
     widths: Sequence[int] = (128, 256, 512),
     image_size: int = 32,
     norm: str = "batch",
+    pool: str = "flatten",
 ) -> nn.Module:
-    """The CIFAR distillation ConvNet: 3 blocks (128, 256, 512); 8,192 features at 32x32."""
-    return ConvNet("convnet3", _widths("convnet3", widths, 3), image_size, norm, num_outputs)
+    """The CIFAR distillation ConvNet: 3 blocks (128, 256, 512); 8,192 features at 32x32 (512 with pool="avg")."""
+    return ConvNet("convnet3", _widths("convnet3", widths, 3), image_size, norm, num_outputs, pool)
 
 
 @register_model("convnet4")
@@ -266,9 +278,10 @@ def convnet4(
     widths: Sequence[int] = (64, 128, 256, 512),
     image_size: int = 64,
     norm: str = "batch",
+    pool: str = "flatten",
 ) -> nn.Module:
     """The Tiny-ImageNet/ImageNet-64 distillation ConvNet: 4 blocks (64..512); 8,192 features at 64x64."""
-    return ConvNet("convnet4", _widths("convnet4", widths, 4), image_size, norm, num_outputs)
+    return ConvNet("convnet4", _widths("convnet4", widths, 4), image_size, norm, num_outputs, pool)
 
 
 # --------------------------------------------------------------------------- ResNets

@@ -129,6 +129,9 @@ class TeacherConfig:
         convnet_widths: the `widths` option of a ConvNet teacher; empty = the
             architecture's default. ConvNets are built for the source's
             image size.
+        convnet_pool: a ConvNet teacher's representation: "flatten" (the
+            last map, as the distillation ConvNet) or "avg" (global average
+            pooling, width features, as a ResNet's pooled feature).
         epochs: passes over the source set; ignored when `steps` > 0.
         steps: total optimiser steps (0: `epochs` x batches per epoch).
         batch_size: images per step (each gives two views).
@@ -166,6 +169,7 @@ class TeacherConfig:
     method: Literal["barlow_twins", "simclr"] = "barlow_twins"
     arch: str = "resnet18"
     convnet_widths: tuple[int, ...] = ()
+    convnet_pool: str = "flatten"
     epochs: int = 1000
     steps: int = 0
     batch_size: int = 256
@@ -341,6 +345,10 @@ def build_backbone(config: TeacherConfig, image_size: int) -> nn.Module:
         if "widths" not in valid:
             raise KrrstError(f"teacher.convnet_widths is set but model {config.arch!r} has no widths option")
         options["widths"] = tuple(config.convnet_widths)
+    if config.convnet_pool != "flatten":
+        if "pool" not in valid:
+            raise KrrstError(f"teacher.convnet_pool is set but model {config.arch!r} has no pool option")
+        options["pool"] = config.convnet_pool
     if "image_size" in valid:
         options["image_size"] = int(image_size)
     return create_model(config.arch, num_outputs=None, **options)

@@ -233,3 +233,20 @@ def test_resnet18_uses_the_usual_stem_and_the_same_key_layout():
     assert {k for k in model.state_dict()} == torchvision_keys
     assert len(create_model("resnet10").layer1) == 1 and len(model.layer1) == 2
     assert create_model("resnet10", stem_padding=2).conv1.padding == (2, 2)
+
+
+def test_convnet_global_average_pooling_gives_width_features():
+    """pool="avg": the mean of the last map over space, with the same weights as the flattened ConvNet."""
+    torch.manual_seed(0)
+    flat = create_model("convnet3", widths=(4, 8, 16), image_size=16)
+    pooled = create_model("convnet3", widths=(4, 8, 16), image_size=16, pool="avg")
+    pooled.load_state_dict(flat.state_dict())
+    assert pooled.feature_dim == 16 and flat.feature_dim == 16 * 2 * 2
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    flat, pooled = flat.double().eval(), pooled.double().eval()
+    with torch.no_grad():
+        maps = flat.blocks(x)
+        torch.testing.assert_close(pooled.forward_features(x), maps.mean((2, 3)), rtol=1e-12, atol=1e-12)
+    assert create_model(**pooled.spec).feature_dim == 16, "the option survives the spec round trip"
+    with pytest.raises(KrrstError, match="option pool must be one of flatten, avg"):
+        create_model("convnet3", pool="max")

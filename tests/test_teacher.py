@@ -709,3 +709,15 @@ def test_simclr_teacher_runs_behind_the_same_interface(cifar10_small, tmp_path):
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert abs(losses[0] - math.log(2 * 64 - 1)) < 1.0
     assert load_teacher(tmp_path / "teacher.safetensors").feature_dim == teacher.feature_dim
+
+
+def test_a_convnet_teacher_can_take_a_pooled_representation(tmp_path):
+    from krrst.teacher import build_backbone, load_teacher, save_teacher
+
+    config = TeacherConfig(arch="convnet3", convnet_widths=(4, 8, 16), convnet_pool="avg")
+    backbone = build_backbone(config, 16)
+    assert backbone.feature_dim == 16
+    save_teacher(tmp_path / "t.safetensors", backbone, (0.5,) * 3, (0.25,) * 3, config)
+    assert load_teacher(tmp_path / "t.safetensors").feature_dim == 16, "the pooling is part of the saved spec"
+    with pytest.raises(KrrstError, match="teacher.convnet_pool is set but model 'resnet18' has no pool option"):
+        build_backbone(TeacherConfig(arch="resnet18", convnet_pool="avg"), 32)
