@@ -404,17 +404,26 @@ def _evaluate_into(args, method, network, source_name, target, protocols, config
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from krrst.report import report_text, write_report
+    from krrst.report import comparison_text, report_text, write_comparison, write_report
 
-    if not Path(args.run_dir).exists():
-        raise KrrstError(f"{args.run_dir} does not exist; give a run directory of `krrst run` or `krrst evaluate`")
-    if not Path(args.run_dir).is_dir():
-        raise KrrstError(f"{args.run_dir} is a file; give a run directory of `krrst run` or `krrst evaluate`")
-    if not (Path(args.run_dir) / "results.csv").is_file():
-        raise KrrstError(f"{args.run_dir} holds no results.csv; give a run directory of `krrst run` or `krrst evaluate`")
-    _check_out(args.run_dir, "RUN_DIR")
-    paths = write_report(args.run_dir)
-    print(report_text(args.run_dir))
+    for run_dir in args.run_dirs:
+        if not Path(run_dir).exists():
+            raise KrrstError(f"{run_dir} does not exist; give a run directory of `krrst run` or `krrst evaluate`")
+        if not Path(run_dir).is_dir():
+            raise KrrstError(f"{run_dir} is a file; give a run directory of `krrst run` or `krrst evaluate`")
+        if not (Path(run_dir) / "results.csv").is_file():
+            raise KrrstError(f"{run_dir} holds no results.csv; give a run directory of `krrst run` or `krrst evaluate`")
+    references = args.ref or ["random", "none"]
+    if len(args.run_dirs) == 1 and args.out is None:
+        _check_out(args.run_dirs[0], "RUN_DIR")
+        paths = write_report(args.run_dirs[0], references)
+        print(report_text(args.run_dirs[0], references))
+    else:
+        if args.out is None:
+            raise KrrstError("several run directories are merged into one page: give --out DIR for it")
+        _check_out(args.out)
+        paths = write_comparison(args.run_dirs, args.out, references)
+        print(comparison_text(args.run_dirs, references))
     print("wrote " + ", ".join(str(path) for path in paths.values()))
 
 
@@ -684,10 +693,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     report = command("report", help="print and write the results table and report.html of a run directory",
-                     examples=["krrst report runs/demo", "krrst report runs/eval"],
+                     examples=["krrst report runs/demo", "krrst report runs/eval",
+                               "krrst report runs/e1 runs/e2 --out runs/e1-vs-e2   # one page comparing two runs",
+                               "krrst report runs/e1 runs/e2 --out cmp --ref e1:random"],
                             description="Rebuild results.md/json/png and report.html from RUN_DIR/results.csv and "
-                            "print the table (mean ± std over seeds).")
-    report.add_argument("run_dir", help="a run directory (holding results.csv)")
+                            "print the table (mean ± std over seeds) and the paired differences against the random "
+                            "subset and no pre-training (mean, 95% t-interval, wins). Several run directories are "
+                            "merged into one page in --out, their methods named RUN:METHOD.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory (holding results.csv)")
+    report.add_argument("--out", default=None,
+                        help="folder of the merged report.html and results.md (needed with several RUN_DIRs; "
+                        "default: the one RUN_DIR itself)")
+    report.add_argument("--ref", action="append", default=None, metavar="METHOD",
+                        help="a reference the paired differences are taken against, repeatable, in order: each "
+                        "method meets the references after it (default: random, then none); with several runs "
+                        "RUN:METHOD, or METHOD for the first run that has it")
     report.set_defaults(handler=_cmd_report)
 
     run = command("run", help="run a preset's whole pipeline: teacher, distil, baselines, evaluate, report",

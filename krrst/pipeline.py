@@ -47,7 +47,7 @@ from krrst.mkdt import CHECKPOINT_NAME as MKDT_CHECKPOINT
 from krrst.mkdt import TRAJECTORIES_NAME, MKDTConfig
 from krrst.progress import stopped_loops
 from krrst.teacher import CHECKPOINT_FILE as TEACHER_CHECKPOINT
-from krrst.teacher import TEACHER_FILE, TeacherConfig
+from krrst.teacher import HEALTH_FILE, TEACHER_FILE, TeacherConfig
 
 SAMPLE_ROOT = "@sample"
 FINE_GRAINED = ("aircraft", "cars", "cub", "dogs", "flowers")
@@ -720,6 +720,9 @@ def _run_stages(
             mark_done(teacher_dir, teacher_fp)
         drop_checkpoints(teacher_dir, teacher_fp)
         teacher = load_teacher(teacher_dir / TEACHER_FILE, device=device)
+        if main:
+            _add_random_network_knn(teacher_dir / HEALTH_FILE, config.teacher, run_config.image_size,
+                                    next(iter(targets.values())), device)
     teacher = teacher.to(device).eval()
 
     # -- distillation ---------------------------------------------------------------------------
@@ -837,6 +840,27 @@ def _run_stages(
         write_report(out_dir)
         log(report_text(out_dir))
     return run_on_main(lambda: read_results(out_dir))
+
+
+def _add_random_network_knn(health_path: Path, teacher_config: TeacherConfig, image_size: int, labelled,
+                            device: torch.device) -> None:
+    """Add to the teacher's `health.json` the k-NN accuracy of an untrained network of its architecture.
+
+    The teacher's k-NN accuracy means little alone: a random ConvNet already
+    scores well above chance on CIFAR. Computed once (a re-run finds it there).
+    """
+    from krrst.teacher import build_backbone, knn_accuracy
+
+    if not health_path.is_file():
+        return
+    health = read_json(health_path, "teacher health")
+    if "knn_accuracy" not in health or "random_knn_accuracy" in health:
+        return
+    with torch.random.fork_rng(devices=[]):  # the same random network every time, the run's generators untouched
+        torch.manual_seed(0)
+        network = build_backbone(teacher_config, image_size).to(device).eval()
+    health["random_knn_accuracy"] = knn_accuracy(network, *labelled, k=int(health.get("knn_k", 20)), device=device)
+    write_json(health_path, health)
 
 
 def _parameterization_label(distilled: DistilledSet) -> str:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -455,6 +456,160 @@ def html_table(rows: Iterable[dict], arch: str | None = None) -> str:
     return "\n".join(parts)
 
 
+# --------------------------------------------------------------------------- paired differences
+# The floors each method is compared with, in order: a method is compared with every reference listed at or
+# after its own place (random with none, but none not with random: that is the same pair, negated).
+DEFAULT_REFERENCES = ("random", "none")
+CONFIDENCE = 0.95
+
+
+def _t_central_mass(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with an integer number of degrees of freedom `df` >= 1.
+
+    Exact finite sums in theta = atan(t / sqrt(df)) (Abramowitz & Stegun 26.7.3 and 26.7.4):
+    odd df: (2/pi) [theta + sin(theta) (cos(theta) + 2/3 cos^3(theta) + ... + (2.4...(df-3))/(1.3...(df-2)) cos^(df-2))];
+    even df: sin(theta) [1 + 1/2 cos^2(theta) + ... + (1.3...(df-3))/(2.4...(df-2)) cos^(df-2)(theta)].
+    """
+    theta = math.atan(t / math.sqrt(df))
+    cos_squared = math.cos(theta) ** 2
+    if df % 2:
+        if df == 1:
+            return 2 * theta / math.pi
+        term = total = math.cos(theta)
+        for k in range(3, df - 1, 2):
+            term *= (k - 1) / k * cos_squared
+            total += term
+        return 2 / math.pi * (theta + math.sin(theta) * total)
+    term = total = 1.0
+    for k in range(2, df - 1, 2):
+        term *= (k - 1) / k * cos_squared
+        total += term
+    return math.sin(theta) * total
+
+
+def t_quantile(df: int, probability: float = 0.975) -> float:
+    """The `probability` quantile (> 0.5) of Student's t with `df` degrees of freedom, without scipy.
+
+    Bisection on the exact distribution function `_t_central_mass` (to float
+    precision): t_quantile(1) = tan(0.475 pi) = 12.706, t_quantile(2) = 4.303,
+    t_quantile(10) = 2.228, and 1.960 as df grows.
+    """
+    if df < 1 or not 0.5 < probability < 1:
+        raise ValueError(f"t_quantile needs df >= 1 and 0.5 < probability < 1, got {df}, {probability}")
+    mass = 2 * probability - 1
+    low, high = 0.0, 1.0
+    while _t_central_mass(high, df) < mass:
+        low, high = high, 2 * high
+    for _ in range(200):
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        low, high = (middle, high) if _t_central_mass(middle, df) < mass else (low, middle)
+    return (low + high) / 2
+
+
+def paired_summary(differences: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Mean of paired differences, its t-interval and the wins: `{n, mean, low, high, wins, losses}`.
+
+    The interval is mean ± t_{(1+confidence)/2, n-1} · s / sqrt(n) with s the
+    sample std (ddof=1); with one pair there is none (`low`, `high` None).
+    `wins` counts the positive differences, `losses` the negative ones.
+    """
+    n = len(differences)
+    if n == 0:
+        raise ValueError("paired_summary needs at least one difference")
+    mean = math.fsum(differences) / n
+    low = high = None
+    if n > 1:
+        std = math.sqrt(math.fsum((value - mean) ** 2 for value in differences) / (n - 1))
+        half = t_quantile(n - 1, (1 + confidence) / 2) * std / math.sqrt(n)
+        low, high = mean - half, mean + half
+    return {"n": n, "mean": mean, "low": low, "high": high,
+            "wins": sum(value > 0 for value in differences), "losses": sum(value < 0 for value in differences)}
+
+
+def paired_comparisons(rows: Iterable[dict], references: Sequence[str] = DEFAULT_REFERENCES) -> list[dict]:
+    """Each method against each reference, paired by (target, arch, protocol, seed), in accuracy points.
+
+    A method is compared with every reference listed after it in
+    `references` (the reference itself excluded), so with ("random", "none")
+    KRR-ST meets both, random meets none, and none meets nothing; a merged
+    method `<run>:<method>` counts as its `<method>` there. Rows pair
+    when they share target, arch, protocol and seed: the same label subset,
+    initialisation and batch order. Returns one dict per (reference, method,
+    source, target, arch, protocol) with at least one pair: those keys,
+    `seeds`, `differences` (100 x (method - reference) per seed) and
+    `paired_summary`'s fields, ordered by reference, arch, target, protocol
+    and method.
+    """
+    rows = list(rows)
+    accuracy: dict[tuple, dict[str, float]] = {}  # (method, target, arch, protocol, seed) -> {source: accuracy}
+    for row in rows:
+        key = (row["method"], row["target"], row["arch"], row["protocol"], row["seed"])
+        accuracy.setdefault(key, {})[row["source"]] = row["accuracy"]
+    methods = sorted({row["method"] for row in rows}, key=_method_sort_key)
+    targets = _first_appearance(row["target"] for row in rows)
+    archs = _first_appearance(row["arch"] for row in rows)
+    groups = _first_appearance((row["source"], row["target"], row["arch"], row["protocol"]) for row in rows)
+    groups.sort(key=lambda g: (archs.index(g[2]), targets.index(g[1]), _protocol_sort_key(g[3]), g[0]))
+    comparisons = []
+    for index, reference in enumerate(references):
+        # merged runs name methods `<run>:<method>`: e2:none is not compared with e1:random either
+        later = {name.rsplit(":", 1)[-1] for name in references[index:]}
+        for source, target, arch, protocol in groups:
+            for method in methods:
+                if method.rsplit(":", 1)[-1] in later:
+                    continue
+                pairs = []
+                for seed in sorted({r["seed"] for r in rows if r["method"] == method and r["source"] == source
+                                    and (r["target"], r["arch"], r["protocol"]) == (target, arch, protocol)}):
+                    floor = accuracy.get((reference, target, arch, protocol, seed), {})
+                    # the reference's row of the same source, else its only row (e.g. none, which has no source)
+                    value = floor.get(source, next(iter(floor.values())) if len(floor) == 1 else None)
+                    if value is not None:
+                        ours = accuracy[(method, target, arch, protocol, seed)][source]
+                        pairs.append((seed, 100 * (ours - value)))
+                if pairs:
+                    comparisons.append({
+                        "reference": reference, "method": method, "source": source, "target": target, "arch": arch,
+                        "protocol": protocol, "seeds": [seed for seed, _ in pairs],
+                        "differences": [difference for _, difference in pairs],
+                        **paired_summary([difference for _, difference in pairs]),
+                    })
+    return comparisons
+
+
+def _interval_text(comparison: dict) -> str:
+    if comparison["low"] is None:
+        return "–"
+    return f"[{comparison['low']:+.1f}, {comparison['high']:+.1f}]"
+
+
+def _comparison_column(comparison: dict, several_targets: bool, several_archs: bool) -> str:
+    parts = [comparison["target"]] if several_targets else []
+    parts.append(comparison["protocol"])
+    if several_archs:
+        parts.append(comparison["arch"])
+    return " ".join(parts)
+
+
+def paired_markdown(comparisons: Sequence[dict]) -> str:
+    """Markdown table of `paired_comparisons`: mean difference, 95% t-interval, wins / paired seeds."""
+    if not comparisons:
+        return ""
+    several_targets = len({c["target"] for c in comparisons}) > 1
+    several_archs = len({c["arch"] for c in comparisons}) > 1
+    lines = ["| method | against | protocol | mean difference (points) | 95% t-interval | wins / seeds | per seed |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for c in comparisons:
+        per_seed = ", ".join(f"{d:+.1f}" for d in c["differences"])
+        lines.append(f"| {_markdown_escape(c['method'])} | {_markdown_escape(c['reference'])} | "
+                     f"{_markdown_escape(_comparison_column(c, several_targets, several_archs))} | {c['mean']:+.2f} | "
+                     f"{_interval_text(c)} | {c['wins']}/{c['n']} | {per_seed} |")
+    return (f"Paired differences (method minus reference, accuracy points, paired by seed; "
+            f"{CONFIDENCE:.0%} t-interval over the paired seeds).\n\n" + "\n".join(lines) + "\n")
+
+
 # --------------------------------------------------------------------------- plots
 def _new_figure(width: float, height: float):
     # A bare Figure renders through Agg without pyplot: no display, no global state.
@@ -590,22 +745,182 @@ def loss_curve(csv_path_or_rows: str | os.PathLike | Iterable[dict], path: str |
     return _write_png(path, _loss_curve_png(csv_path_or_rows, title))
 
 
+def _method_colors(methods: Iterable[str]) -> dict[str, str]:
+    """One colour per method, the same in every figure of a page (krr-st first: C0)."""
+    ordered = sorted(set(methods), key=_method_sort_key)
+    return {method: f"C{index % 10}" for index, method in enumerate(ordered)}
+
+
+def _paired_plot_png(comparisons: Sequence[dict]) -> bytes:
+    """Dot plot of paired differences: the mean with its t-interval, each seed's difference, 0 marked.
+
+    One panel per reference, each on its own axis scaled to its differences
+    (against no pre-training they can be ten times those against random).
+    """
+    references = _first_appearance(c["reference"] for c in comparisons)
+    several_targets = len({c["target"] for c in comparisons}) > 1
+    several_archs = len({c["arch"] for c in comparisons}) > 1
+    colors = _method_colors(c["method"] for c in comparisons)
+    most = max(sum(c["reference"] == reference for c in comparisons) for reference in references)
+    figure = _new_figure(5.2 * len(references) + 0.6, 1.1 + 0.36 * most)
+    for index, reference in enumerate(references):
+        axes = figure.add_subplot(1, len(references), index + 1)
+        members = [c for c in comparisons if c["reference"] == reference]
+        values = [0.0]
+        for row, c in enumerate(members):
+            y = len(members) - 1 - row
+            color = colors[c["method"]]
+            axes.scatter(c["differences"], [y] * c["n"], s=14, color=color, alpha=0.45, linewidths=0, zorder=2)
+            if c["low"] is not None:
+                axes.errorbar(c["mean"], y, xerr=[[c["mean"] - c["low"]], [c["high"] - c["mean"]]], fmt="o",
+                              color=color, capsize=3, markersize=6, zorder=3)
+                values += [c["low"], c["high"]]
+            else:
+                axes.plot(c["mean"], y, "o", color=color, markersize=6, zorder=3)
+            values += list(c["differences"])
+            axes.annotate(f"{c['wins']}/{c['n']}", xy=(1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                          textcoords="offset points", va="center", fontsize=8, color="#555")
+        span = max(values) - min(values) or 1.0
+        axes.set_xlim(min(values) - 0.08 * span, max(values) + 0.08 * span)
+        axes.set_ylim(-0.6, len(members) - 0.4)
+        axes.axvline(0.0, color="#333", linewidth=0.9, zorder=1)
+        labels = [f"{_comparison_column(c, several_targets, several_archs)} · {c['method']}" for c in members]
+        axes.set_yticks(range(len(members)), labels[::-1], fontsize=8)
+        for row in range(1, len(members)):  # a rule between protocols
+            if _comparison_column(members[row], several_targets, several_archs) != _comparison_column(
+                    members[row - 1], several_targets, several_archs):
+                axes.axhline(len(members) - row - 0.5, color="#ddd", linewidth=0.8)
+        axes.set_xlabel(f"minus {reference} (accuracy points)")
+        axes.set_title(f"against {reference}   (wins/seeds at right)", fontsize=9)
+        axes.grid(axis="x", alpha=0.3)
+    return _figure_png_bytes(figure)
+
+
+def _pixels(distilled) -> "torch.Tensor":
+    """A set's images in grey levels 0-255 (float64, unclamped: distillation may leave the pixel range)."""
+    import torch
+
+    mean = torch.tensor(distilled.mean, dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.tensor(distilled.std, dtype=torch.float64).view(1, -1, 1, 1)
+    return 255 * (distilled.images.double() * std + mean)
+
+
+def image_change(start, final) -> dict[str, float]:
+    """How far distillation moved the images, in grey levels (0-255): mean, 99th percentile and max of |final - start|.
+
+    `start` and `final` are `DistilledSet`s of the same shape, pixel by pixel
+    (the real images distillation started from and what it made of them).
+    """
+    change = (_pixels(final) - _pixels(start)).abs().flatten()
+    return {"mean": float(change.mean()), "p99": float(change.quantile(0.99)) if change.numel() <= 16_000_000
+            else float(change[:: change.numel() // 1_000_000 + 1].quantile(0.99)), "max": float(change.max())}
+
+
+def target_drift(targets, teacher_final, teacher_start=None) -> dict[str, float]:
+    """Relative MSEs of representations, against the spread of the teacher's representations of the final images.
+
+    `drift` = sum (targets - teacher_final)^2 / sum (teacher_final - its mean)^2: how far the set's targets
+    are from what the teacher says of its images (0: they are the teacher's; 1: as far as the mean predictor).
+    With `teacher_start` (the teacher's representations of the images distillation started from), `moved` =
+    sum (teacher_final - teacher_start)^2 on the same scale: how far the images moved in the teacher's eyes.
+    """
+    final = teacher_final.double()
+    spread = float((final - final.mean(0, keepdim=True)).pow(2).sum())
+    result = {"drift": float((targets.double() - final).pow(2).sum()) / spread}
+    if teacher_start is not None:
+        result["moved"] = float((final - teacher_start.double()).pow(2).sum()) / spread
+    return result
+
+
+def _change_grid_png(start, final, count: int = 12) -> tuple[bytes, float]:
+    """The real start images, the distilled images and |difference| (heat map) for `count` images spread over the set.
+
+    Returns the PNG and the colour scale's top in grey levels (the 99th percentile of the shown differences).
+    """
+    import torch
+
+    indices = torch.linspace(0, len(final) - 1, min(count, len(final))).round().long().unique()
+    before, after = _pixels(start)[indices], _pixels(final)[indices]
+    difference = (after - before).abs().mean(1)  # k x H x W, averaged over channels
+    top = max(float(difference.flatten().quantile(0.99)), 1e-6)
+    figure = _new_figure(0.95 * len(indices) + 1.2, 3.3)
+    grid = figure.subplots(3, len(indices), squeeze=False)
+    for column, index in enumerate(indices.tolist()):
+        for row, picture in enumerate((before[column], after[column])):
+            grid[row][column].imshow((picture.clamp(0, 255) / 255).permute(1, 2, 0).numpy(), interpolation="nearest")
+        grid[2][column].imshow(difference[column].numpy(), cmap="magma", vmin=0, vmax=top, interpolation="nearest")
+        grid[0][column].set_title(f"#{index}", fontsize=7)
+    for row, label in enumerate(("real", "distilled", "|Δ|")):
+        grid[row][0].set_ylabel(label, fontsize=8)
+    for axes in grid.flat:
+        axes.set_xticks([])
+        axes.set_yticks([])
+    return _figure_png_bytes(figure), top
+
+
+def _distill_curves_png(rows: Sequence[dict]) -> bytes:
+    """Three panels from distill/loss.csv: the losses with the mean-predictor reference, the lr, seconds per step."""
+    steps = [_numeric(row.get("step")) for row in rows]
+    figure = _new_figure(11.0, 3.4)
+    loss_axes, lr_axes, time_axes = figure.subplots(1, 3)
+    for name, label, style in (("loss", "training KRR loss", "-"), ("val_loss", "held-out KRR loss", "-o"),
+                               ("val_reference", "mean predictor (held-out)", "--")):
+        points = [(x, _numeric(row.get(name))) for x, row in zip(steps, rows)]
+        points = [(x, y) for x, y in points if x is not None and y is not None]
+        if points:
+            xs, ys = zip(*points)
+            loss_axes.plot(xs, ys, style, label=label, markersize=3, color="#777" if name == "val_reference" else None)
+    loss_axes.set(xlabel="outer step", ylabel="loss", title="KRR-ST loss")
+    loss_axes.legend(fontsize=7, loc="center right")
+    loss_axes.grid(alpha=0.3)
+    rates = [(x, _numeric(row.get("lr"))) for x, row in zip(steps, rows)]
+    rates = [(x, y) for x, y in rates if x is not None and y is not None]
+    if rates:
+        lr_axes.plot(*zip(*rates))
+    lr_axes.set(xlabel="outer step", ylabel="lr factor" if not rates else "lr", title="learning-rate schedule")
+    lr_axes.grid(alpha=0.3)
+    per_step = seconds_per_step(rows)
+    if per_step:
+        time_axes.plot(*zip(*per_step), color="C2")
+    time_axes.set(xlabel="outer step", ylabel="seconds per step", title="wall time per step")
+    time_axes.set_ylim(bottom=0)
+    time_axes.grid(alpha=0.3)
+    return _figure_png_bytes(figure)
+
+
+def seconds_per_step(rows: Sequence[dict]) -> list[tuple[float, float]]:
+    """(step, seconds per step) between consecutive log rows, from their `elapsed_s` (a resume restarts the clock:
+    the interval across it is left out)."""
+    points = [(_numeric(row.get("step")), _numeric(row.get("elapsed_s"))) for row in rows]
+    points = [(step, elapsed) for step, elapsed in points if step is not None and elapsed is not None]
+    return [(step, (elapsed - last_elapsed) / (step - last_step))
+            for (last_step, last_elapsed), (step, elapsed) in zip(points, points[1:])
+            if step > last_step and elapsed >= last_elapsed]
+
+
 # --------------------------------------------------------------------------- report
 _CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1150px;
        padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+h1 { font-size: 1.5em; margin-bottom: .2em; }
+h2 { font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+h3 { font-size: 1em; margin: 1.2em 0 .3em; }
+nav { font-size: .9em; margin: .6em 0 1em; } nav a { margin-right: .9em; color: #2a5db0; text-decoration: none; }
 table { border-collapse: collapse; margin: .8em 0; font-size: .92em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 thead th { background: #f3f3f3; }
 caption { caption-side: top; text-align: left; font-size: .9em; color: #555; padding-bottom: .3em; }
 td.best { background: #eaf6ea; }
+td.pos { color: #1a7f37; } td.neg { color: #b42318; } td.l { text-align: left; }
 pre { background: #f7f7f7; border: 1px solid #e2e2e2; padding: .8em; overflow-x: auto; font-size: .85em; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 img.preview { image-rendering: pixelated; }
 .note { color: #8a5a00; background: #fff7e6; border-left: 3px solid #f0b400; padding: .3em .6em; }
-.provenance { color: #555; font-size: .9em; }
+.lead { font-size: 1.02em; background: #f4f8fd; border-left: 3px solid #2a5db0; padding: .4em .7em; }
+.provenance, .method { color: #555; font-size: .9em; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
+details { margin: .6em 0; } summary { cursor: pointer; color: #2a5db0; }
 """
 
 
@@ -695,15 +1010,400 @@ def disk_usage_text(run_dir: str | os.PathLike, largest: int = 3) -> str:
     return f"{run_dir} holds {format_bytes(total)}" + (f" ({shown})" if shown else "") + "\n"
 
 
-def report_text(run_dir: str | os.PathLike) -> str:
-    """What `krrst report RUN_DIR` prints: the Markdown results table(s) (or a note when there are none), then
-    the folder's disk use (`disk_usage_text`)."""
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _img(png: bytes, alt: str, css_class: str = "") -> str:
+    extra = f' class="{css_class}"' if css_class else ""
+    return f'<img{extra} src="{_data_uri(png)}" alt="{html.escape(alt)}">'
+
+
+def _html_table(header: Sequence[str], body: Iterable[Sequence[Any]], caption: str = "") -> str:
+    """An escaped HTML table; a cell given as (text, css_class) gets that class."""
+    def cell(value: Any, tag: str = "td") -> str:
+        text, css = value if isinstance(value, tuple) else (value, "")
+        attribute = f' class="{css}"' if css else ""
+        return f"<{tag}{attribute}>{html.escape(str(text))}</{tag}>"
+
+    head = f"<thead><tr>{''.join(cell(name, 'th') for name in header)}</tr></thead>" if header else ""
+    rows = "".join("<tr>" + "".join(cell(value) for value in row) + "</tr>" for row in body)
+    caption_html = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table>{caption_html}{head}<tbody>{rows}</tbody></table>"
+
+
+def _signed(value: float) -> tuple[str, str]:
+    return f"{value:+.2f}", "pos" if value > 0 else "neg" if value < 0 else ""
+
+
+_INTERVAL_METHOD = (
+    "Each difference is the method's accuracy minus the reference's on the same seed (same label subset, "
+    "initialisation and batch order), in points. Interval: the mean ± t(0.975, n−1) · s/√n over the n paired "
+    "seeds (a Student t-interval; the t quantile is computed exactly for integer degrees of freedom, "
+    "Abramowitz & Stegun 26.7.3–4, by bisection). Wins: seeds on which the method is above the reference. "
+    "With one seed there is no interval."
+)
+
+
+def _headline_html(comparisons: Sequence[dict]) -> tuple[str, bytes | None]:
+    parts = ['<h2 id="headline">Headline: paired differences</h2>']
+    if not comparisons:
+        parts.append(_note("No paired differences: no method shares seeds with random or none (the references)."))
+        return "\n".join(parts), None
+    several_targets = len({c["target"] for c in comparisons}) > 1
+    several_archs = len({c["arch"] for c in comparisons}) > 1
+    body = [((c["method"], "l"), (c["reference"], "l"), (_comparison_column(c, several_targets, several_archs), "l"),
+             _signed(c["mean"]), _interval_text(c), f"{c['wins']}/{c['n']}",
+             ", ".join(f"{d:+.1f}" for d in c["differences"])) for c in comparisons]
+    parts.append(_html_table(
+        ("method", "minus", "protocol", "mean (points)", f"{CONFIDENCE:.0%} t-interval", "wins / seeds", "per seed"),
+        body, caption="Method minus reference, top-1 accuracy points, paired by seed."))
+    png = _paired_plot_png(comparisons)
+    parts.append(_img(png, "paired differences with 95% t-intervals"))
+    method = _INTERVAL_METHOD if max(c["n"] for c in comparisons) > 1 else (
+        "Each difference is the method's accuracy minus the reference's on the same seed, in points; one seed "
+        "per pair, so no interval over seeds.")
+    parts.append(f'<p class="method">{html.escape(method)}</p>')
+    return "\n".join(parts), png
+
+
+def _floor_notes(rows: Sequence[dict], comparisons: Sequence[dict], references: Sequence[str]) -> list[str]:
+    """Where a column's best mean is a reference's (no pre-training, random), what the paired differences say."""
+    notes = []
+    summaries = summarize(rows)
+    columns = _first_appearance((s["source"], s["target"], s["arch"], s["protocol"]) for s in summaries)
+    for source, target, arch, protocol in columns:
+        ranked = [s for s in summaries if (s["source"], s["target"], s["arch"], s["protocol"]) == (source, target, arch, protocol)
+                  and s["method"] not in REFERENCE_METHODS]
+        if not ranked:
+            continue
+        best = max(ranked, key=lambda s: s["mean"])
+        if best["method"] not in references:
+            continue
+        against = [c for c in comparisons if c["reference"] == best["method"] and c["target"] == target
+                   and c["arch"] == arch and c["protocol"] == protocol]
+        said = "; ".join(f"{c['method']} {c['mean']:+.1f} {_interval_text(c)} ({c['wins']}/{c['n']} seeds above)"
+                         for c in against)
+        notes.append(f"{target} {protocol}: the highest mean is {best['method']}'s ({100 * best['mean']:.1f}%)"
+                     + (f"; paired differences against it: {said}" if said else "")
+                     + ". An interval that holds 0 means the methods are not told apart on these seeds.")
+    return notes
+
+
+def _accuracy_html(rows: Sequence[dict], comparisons: Sequence[dict], references: Sequence[str]) -> str:
+    parts = ['<h2 id="accuracy">Accuracy</h2>', html_table(rows)]
+    parts += [f'<p class="method">{html.escape(text)}</p>' for text in _floor_notes(rows, comparisons, references)]
+    return "\n".join(parts)
+
+
+def _load_set(path: Path, notes: list[str]):
+    from krrst.distilled import DistilledSet
+
+    if not path.is_file():
+        return None
+    try:
+        return DistilledSet.load(path)
+    except KrrstError as exc:
+        notes.append(str(exc))
+        return None
+
+
+def _run_teacher(run_dir: Path, config: Any, notes: list[str]):
+    """The run's teacher (its own `teacher/teacher.safetensors`, else `run.teacher_path` when that is a file here)."""
+    from krrst.teacher import TEACHER_FILE, load_teacher
+
+    run = config.get("run", {}) if isinstance(config, dict) else {}
+    candidates = [run_dir / "teacher" / TEACHER_FILE]
+    if run.get("teacher_path") and run["teacher_path"] != "pretrained":
+        candidates.append(Path(run["teacher_path"]))
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        notes.append("the teacher file was not found (neither teacher/teacher.safetensors nor run.teacher_path, "
+                     "which is read relative to the run's --root), so the targets' drift is not computed")
+        return None
+    try:
+        return load_teacher(path, arch=run.get("teacher_arch") or None, device="cpu",
+                            input_size=run.get("teacher_input_size") or None)
+    except (KrrstError, OSError, RuntimeError) as exc:
+        notes.append(f"the teacher {path} could not be loaded ({exc}), so the targets' drift is not computed")
+        return None
+
+
+def _teacher_representations(teacher, distilled) -> "torch.Tensor":
+    import torch
+
+    from krrst.formats import fit_to_source
+
+    model = fit_to_source(teacher, distilled.mean, distilled.std, distilled.image_size).eval()
+    with torch.no_grad():
+        return torch.cat([model(chunk).float().flatten(1) for chunk in distilled.images.split(256)])
+
+
+def _images_html(run_dir: Path, config: Any) -> str:
+    parts = ['<h2 id="images">What distillation changed</h2>']
+    notes: list[str] = []
+    distill = config.get("distill", {}) if isinstance(config, dict) else {}
+    final = _load_set(run_dir / "distill" / "distilled.safetensors", notes)
+    start = _load_set(run_dir / "baselines" / "random.safetensors", notes)
+    if final is None:
+        notes.append("No distill/distilled.safetensors: the distillation stage has not run here.")
+    elif start is None or distill.get("init", "random") != "random" or start.images.shape != final.images.shape:
+        notes.append("No before/after view: it needs baselines/random.safetensors (the real images KRR-ST started "
+                     "from, with distill.init=random) of the distilled set's shape.")
+    else:
+        change = image_change(start, final)
+        grid, top = _change_grid_png(start, final)
+        teacher = _run_teacher(run_dir, config, notes)
+        facts = [f"Distillation moved the {len(final)} images by {change['mean']:.1f} grey levels on average "
+                 f"(of 255; 99th percentile {change['p99']:.1f}, max {change['max']:.0f}), over all pixels and channels."]
+        if teacher is not None:
+            drift = target_drift(final.targets, _teacher_representations(teacher, final), start.targets)
+            facts.append(f"The set's targets are at relative MSE {drift['drift']:.3f} from the teacher's representations "
+                         f"of the final images (0: the teacher's own; 1: as far as their mean), and the images' "
+                         f"representations moved by {drift['moved']:.3f} on the same scale "
+                         f"(distill.final_targets={distill.get('final_targets', 'learned')}).")
+        parts.append(f'<p class="lead">{html.escape(" ".join(facts))}</p>')
+        parts.append(_img(grid, "real start images, distilled images and their difference", "preview"))
+        parts.append(f'<p class="method">{html.escape(f"Top: the real images the set started from (the random baseline holds exactly these); middle: the same images after distillation; bottom: |distilled − real| averaged over channels, colour scale 0 to {top:.0f} grey levels (the shown differences 99th percentile), so the change is amplified about {255 / top:.0f}x.")}</p>')
+    preview = run_dir / "distill" / "preview.png"
+    if preview.is_file():
+        data = preview.read_bytes()
+        if data.startswith(_PNG_SIGNATURE):
+            parts.append("<details><summary>All distilled images (distill/preview.png)</summary>"
+                         + _img(data, "grid of distilled images", "preview") + "</details>")
+        else:
+            notes.append("distill/preview.png is not a PNG file; left out.")
+    parts += [_note(text) for text in notes]
+    return "\n".join(parts)
+
+
+def _teacher_html(run_dir: Path) -> str:
+    parts = ['<h2 id="teacher">Teacher</h2>']
+    notes: list[str] = []
+    health = _load_optional_json(run_dir / "teacher" / "health.json", "teacher health", notes)
+    if isinstance(health, dict):
+        def percent(key: str) -> str:
+            return f"{100 * health[key]:.1f}%" if _numeric(health.get(key)) is not None else "missing"
+
+        body = []
+        if "knn_accuracy" in health:
+            body.append((f"{health.get('knn_k', 20)}-NN accuracy ({health.get('knn_sets', 'labelled target')})",
+                         percent("knn_accuracy"), percent("random_knn_accuracy")))
+        if _numeric(health.get("effective_rank")) is not None:
+            body.append(("effective rank of the features", f"{health['effective_rank']:.1f} of {health.get('feature_dim')}", ""))
+        if _numeric(health.get("std_median")) is not None:
+            body.append(("per-dimension feature std: median (relative to the features' RMS)",
+                         f"{health['std_median']:.3g} ({health.get('relative_median_std', float('nan')):.3g})", ""))
+        if _numeric(health.get("dead_fraction")) is not None:
+            body.append(("dead dimensions", f"{100 * health['dead_fraction']:.1f}%", ""))
+        parts.append(_html_table(("health check", "teacher", "random network, same architecture"), body,
+                                 caption=f"Features of the {health.get('images', 'check images')}."))
+        if "knn_accuracy" in health and "random_knn_accuracy" not in health:
+            notes.append("health.json has no random-network k-NN accuracy (a run of an older krrst; re-running "
+                         "`krrst run` on this folder adds it).")
+    elif health is None and not notes:
+        notes.append("No teacher/health.json: the teacher was not trained in this run (run.teacher_path).")
+    loss = run_dir / "teacher" / "loss.csv"
+    if loss.is_file():
+        try:
+            parts.append(_img(_loss_curve_png(loss, title="teacher SSL loss"), "teacher loss curve"))
+        except Exception as exc:  # a corrupt or empty log is reported, not fatal
+            notes.append(f"teacher/loss.csv could not be plotted: {exc}")
+    else:
+        notes.append("No teacher/loss.csv: the teacher stage has not run (or logged no loss).")
+    parts += [_note(text) for text in notes]
+    return "\n".join(parts)
+
+
+def _distill_html(run_dir: Path) -> str:
+    parts = ['<h2 id="distillation">Distillation</h2>']
+    path = run_dir / "distill" / "loss.csv"
+    if not path.is_file():
+        return "\n".join(parts + [_note("No distill/loss.csv: the distill stage has not run (or logged no loss).")])
+    try:
+        rows, _ = _read_loss_rows(path)
+        if not rows:
+            raise KrrstError("it holds no rows")
+        png = _distill_curves_png(rows)
+    except Exception as exc:  # a corrupt or empty log is reported, not fatal
+        return "\n".join(parts + [_note(f"distill/loss.csv could not be plotted: {exc}")])
+    held_out = [(row["step"], _numeric(row.get("val_loss")), _numeric(row.get("val_reference"))) for row in rows
+                if _numeric(row.get("val_loss")) is not None]
+    facts = []
+    if held_out:
+        (first_step, first, reference), (last_step, last, _) = held_out[0], held_out[-1]
+        facts.append(f"Held-out KRR loss {first:.4g} at step {first_step} → {last:.4g} at step {last_step}"
+                     + (f" (mean predictor {reference:.4g})." if reference is not None else "."))
+    per_step = seconds_per_step(rows)
+    if per_step:
+        facts.append(f"{statistics.median(value for _, value in per_step):.3g} s per outer step (median over log intervals).")
+    if facts:
+        parts.append(f'<p class="lead">{html.escape(" ".join(facts))}</p>')
+    parts.append(_img(png, "distillation loss, learning rate and time per step"))
+    return "\n".join(parts)
+
+
+def storage_verdict(sets: dict) -> str:
+    """One sentence: whether the pre-training sets take the same storage (their `storage_bytes` in `sets.json`)."""
+    sizes = {method: entry["storage_bytes"] for method, entry in sets.items()}
+    if not sizes:
+        return "No pre-training sets recorded."
+    if len(set(sizes.values())) == 1:
+        return f"All {len(sizes)} sets take the same storage ({format_bytes(next(iter(sizes.values())))}): compared at equal storage."
+    low, high = min(sizes.values()), max(sizes.values())
+    listing = ", ".join(f"{method} {format_bytes(size)}" for method, size in sorted(sizes.items(), key=lambda i: _method_sort_key(i[0])))
+    return f"Not compared at equal storage: {listing} (the largest is {high / low:.2f}x the smallest)."
+
+
+def _storage_html(run_dir: Path, rows: Sequence[dict], notes: list[str]) -> str:
+    parts = ['<h2 id="storage">Storage per set</h2>']
+    if not (run_dir / SETS_NAME).is_file():
+        return "\n".join(parts + [_note(f"No {SETS_NAME}: the sets were not recorded in this folder.")])
+    try:
+        sets = read_json(run_dir / SETS_NAME, SETS_NAME)
+        sets_table(sets)  # validates
+    except KrrstError as exc:
+        notes.append(f"{SETS_NAME} left out: {exc}")
+        return "\n".join(parts + [_note(f"{SETS_NAME} left out: {exc}")])
+    provenance = method_provenance(rows)
+    reference = sets.get("krr-st", {}).get("storage_bytes")
+    body = []
+    for method in sorted(sets, key=_method_sort_key):
+        entry = sets[method]
+        body.append((method, entry["images"], (entry.get("parameterization", "pixels"), "l"),
+                     format_bytes(entry["storage_bytes"]), f"{entry['storage_bytes'] / reference:.2f}x" if reference else "–",
+                     (provenance.get(method, _MISSING_CELL), "l")))
+    parts.append(f'<p class="lead">{html.escape(storage_verdict(sets))}</p>')
+    parts.append(_html_table(("set", "images", "parameterisation", "storage", "vs krr-st", "provenance"), body,
+                             caption="Float32 values as stored: bases, coefficients and view predictors included."))
+    return "\n".join(parts)
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix: config}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_diff(config: dict, baseline: dict) -> list[tuple[str, Any, Any]]:
+    """`(stage.field, baseline value, config value)` for every field of `config` whose value differs, sorted.
+
+    A field `config` lacks is left out (a config written by an older krrst
+    has no entry for a field added since); one `baseline` lacks shows None.
+    """
+    ours, theirs = _flatten(json.loads(json.dumps(config, default=str))), _flatten(json.loads(json.dumps(baseline, default=str)))
+    return [(key, theirs.get(key), ours[key]) for key in sorted(ours) if ours[key] != theirs.get(key)]
+
+
+def _preset_config(preset: str) -> dict:
+    from krrst.pipeline import resolve_config  # the report sits above the pipeline; a stage never imports it
+
+    return resolve_config(preset).to_dict()
+
+
+def _value_text(value: Any) -> str:
+    return "(absent)" if value is None else json.dumps(value) if not isinstance(value, str) else value
+
+
+def _config_html(config: Any) -> str:
+    parts = ['<h2 id="config">Config</h2>']
+    if config is None:
+        return "\n".join(parts + [_note("No config.json in this run directory.")])
+    preset = config.get("preset") if isinstance(config, dict) else None
+    try:
+        baseline = _preset_config(preset) if isinstance(preset, str) else None
+    except KrrstError as exc:
+        parts.append(_note(f"the preset {preset!r} of config.json is not known to this krrst ({exc})"))
+        baseline = None
+    if baseline is not None:
+        changes = [change for change in config_diff({k: v for k, v in config.items() if k != "preset"}, baseline)]
+        if changes:
+            parts.append(_html_table(("setting", f"preset {preset}", "this run"),
+                                     [(key, _value_text(old), _value_text(new)) for key, old, new in changes],
+                                     caption=f"Settings that differ from the preset {preset} (--set, --config, --steps, ...)."))
+        else:
+            parts.append(f'<p class="lead">{html.escape(f"The preset {preset} as it is: no setting changed.")}</p>')
+    elif preset is None:
+        parts.append(_note("config.json names no preset, so no difference from one is shown."))
+    parts.append("<details><summary>The full resolved config (config.json)</summary>"
+                 f"<pre>{html.escape(json.dumps(config, indent=2, default=str))}</pre></details>")
+    return "\n".join(parts)
+
+
+def _timings_html(timings: Any) -> str:
+    if timings is None:
+        return ""
+    if not (isinstance(timings, dict) and all(_numeric(value) is not None for value in timings.values())):
+        return _note("timings.json is not a mapping of stage to seconds; left out.")
+    body = [(stage, _format_duration(float(seconds)), f"{float(seconds):.1f}") for stage, seconds in timings.items()]
+    total = math.fsum(float(seconds) for seconds in timings.values())
+    body.append(("total", _format_duration(total), f"{total:.1f}"))
+    return _html_table(("stage", "h:mm:ss", "seconds"), body, caption="Wall time per stage (timings.json).")
+
+
+def _env_html(run_dir: Path, env: Any, timings: Any) -> str:
+    parts = ['<h2 id="environment">Environment, timings and disk use</h2>']
+    if env is None:
+        parts.append(_note("No env.json in this run directory."))
+    elif isinstance(env, dict):
+        parts.append(_html_table((), [(key, (_env_value_text(str(key), value), "l")) for key, value in env.items()],
+                                 caption="env.json: versions, git commit, device, command line."))
+    else:
+        parts.append(f"<pre>{html.escape(json.dumps(env, indent=2, default=str))}</pre>")
+    parts.append(_timings_html(timings))
+    parts.append(f'<p class="provenance">{html.escape(disk_usage_text(run_dir).strip())}.</p>')
+    return "\n".join(part for part in parts if part)
+
+
+def _summary_line(config: Any) -> str:
+    if not isinstance(config, dict):
+        return ""
+    run, distill = config.get("run", {}), config.get("distill", {})
+    bits = [f"preset {config['preset']}" if config.get("preset") else "",
+            f"source {run['source']}" if run.get("source") else "",
+            f"m = {distill['num_images']} images, {distill.get('steps')} outer steps" if distill.get("num_images") else "",
+            f"{run['seeds']} paired seeds" if run.get("seeds") else ""]
+    return "; ".join(bit for bit in bits if bit)
+
+
+_NAV = (("headline", "Headline"), ("accuracy", "Accuracy"), ("images", "Images"), ("teacher", "Teacher"),
+        ("distillation", "Distillation"), ("storage", "Storage"), ("config", "Config"), ("environment", "Environment"))
+
+
+def _page(title: str, subtitle: str, sections: Sequence[str], nav: Sequence[tuple[str, str]]) -> str:
+    links = "".join(f'<a href="#{anchor}">{html.escape(name)}</a>' for anchor, name in nav)
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<h1>{html.escape(title)}</h1>\n<p class=\"provenance\">{html.escape(subtitle)}</p>\n<nav>{links}</nav>\n"
+        + "\n".join(section for section in sections if section)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def _read_rows(run_dir: Path) -> tuple[list[dict], str | None]:
+    try:
+        return read_results(run_dir), None
+    except KrrstError as exc:
+        return [], str(exc)
+
+
+def report_text(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT_REFERENCES) -> str:
+    """What `krrst report RUN_DIR` prints: the Markdown results table(s) (or a note when there are none), the
+    paired differences against `references`, then the folder's disk use (`disk_usage_text`)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise KrrstError(f"run directory not found: {run_dir}")
     rows = read_results(run_dir)
-    table = markdown_table(rows) if rows else f"No results yet in {run_dir / 'results.csv'}.\n"
-    return table + "\n" + disk_usage_text(run_dir)
+    if not rows:
+        return f"No results yet in {run_dir / 'results.csv'}.\n\n" + disk_usage_text(run_dir)
+    paired = paired_markdown(paired_comparisons(rows, references))
+    return markdown_table(rows) + ("\n" + paired if paired else "") + "\n" + disk_usage_text(run_dir)
 
 
 def print_table(run_dir: str | os.PathLike) -> None:
@@ -711,147 +1411,171 @@ def print_table(run_dir: str | os.PathLike) -> None:
     print(report_text(run_dir), end="")
 
 
-def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
+def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT_REFERENCES) -> dict[str, Path]:
     """Write `results.md`, `results.png` and `report.html` for a run directory; returns the paths written.
 
-    Reads whatever the run holds (`config.json`, `env.json`, `timings.json`,
-    `results.csv`, `distill/preview.png`, `distill/loss.csv`,
-    `teacher/loss.csv`); a missing or unreadable piece is left out of the
-    page with a note, never an error. `results.md` and `results.png` are only
-    written when there are results. `report.html` is one self-contained page:
-    images as base64 data URIs, inline CSS, every text HTML-escaped.
+    The page leads with the paired differences of every method against
+    `references` (mean, 95% t-interval, wins), then the accuracy table, what
+    distillation changed in the images, the teacher's health, the
+    distillation's curves, storage per set, the config as a diff from its
+    preset, and the environment. It reads whatever the run holds; a missing
+    or unreadable piece is left out with a note, never an error.
+    `results.png` (the paired differences, else the accuracy bars) and
+    `results.md` are written only when there are results. `report.html` is
+    one self-contained page: images as base64 data URIs, inline CSS, no
+    script, every text HTML-escaped.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise KrrstError(f"run directory not found: {run_dir}")
     written: dict[str, Path] = {}
-    sections: list[str] = []
-    read_notes: list[str] = []
+    notes: list[str] = []
+    config = _load_optional_json(run_dir / "config.json", "config", notes)
+    env = _load_optional_json(run_dir / "env.json", "env", notes)
+    timings = _load_optional_json(run_dir / "timings.json", "timings", notes)
+    rows, results_error = _read_rows(run_dir)
+    comparisons = paired_comparisons(rows, references) if rows else []
 
-    config = _load_optional_json(run_dir / "config.json", "config", read_notes)
-    env = _load_optional_json(run_dir / "env.json", "env", read_notes)
-    timings = _load_optional_json(run_dir / "timings.json", "timings", read_notes)
-
-    def note(text: str) -> str:
-        return f'<p class="note">{html.escape(text)}</p>'
-
-    # Results: table and bar chart.
-    try:
-        rows = read_results(run_dir)
-        results_error = None
-    except KrrstError as exc:
-        rows, results_error = [], str(exc)
-    results_html = ["<h2>Results</h2>"]
+    sections = []
     if results_error:
-        results_html.append(note(f"results.csv could not be read: {results_error}"))
+        sections.append('<h2 id="headline">Results</h2>' + _note(f"results.csv could not be read: {results_error}"))
     elif not rows:
-        results_html.append(note("No results yet (results.csv is absent or empty): the evaluation stage has not run."))
+        sections.append('<h2 id="headline">Results</h2>'
+                        + _note("No results yet (results.csv is absent or empty): the evaluation stage has not run."))
     else:
+        headline, paired_png = _headline_html(comparisons)
         provenance = _provenance_line(run_dir, rows, env if isinstance(env, dict) else None)
-        markdown = markdown_table(rows)
+        sections += [headline, _accuracy_html(rows, comparisons, references),
+                     f'<p class="provenance">{html.escape(provenance)}</p>']
+        markdown = markdown_table(rows) + ("\n" + paired_markdown(comparisons) if comparisons else "")
         if (run_dir / SETS_NAME).is_file():
             try:
                 markdown += "\n" + sets_table(read_json(run_dir / SETS_NAME, SETS_NAME), method_provenance(rows))
-            except KrrstError as exc:
-                read_notes.append(f"{SETS_NAME} left out: {exc}")
+            except KrrstError:
+                pass  # the page's storage section says why
         with atomic_write(run_dir / "results.md") as tmp:
             tmp.write_text(f"# Results: {run_dir.name}\n\n{markdown}\n{provenance}\n", encoding="utf-8")
         written["results_md"] = run_dir / "results.md"
-        results_html.append(html_table(rows))
-        results_html.append(f'<p class="provenance">{html.escape(provenance)}</p>')
         try:
-            chart = _bar_chart_png(rows)
+            written["results_png"] = _write_png(run_dir / "results.png", paired_png or _bar_chart_png(rows))
         except Exception as exc:  # a plotting failure must not cost the user the rest of the report
-            results_html.append(note(f"bar chart failed: {exc}"))
-        else:
-            written["results_png"] = _write_png(run_dir / "results.png", chart)
-            results_html.append(f'<img src="{_data_uri(chart)}" alt="bar chart of accuracy per method">')
-    sections.append("\n".join(results_html))
-
-    # Distilled images.
-    preview_path = run_dir / "distill" / "preview.png"
-    preview_html = ["<h2>Distilled images</h2>"]
-    if not preview_path.is_file():
-        preview_html.append(note("No distill/preview.png: the distillation stage has not run."))
-    else:
-        data = preview_path.read_bytes()
-        if not data.startswith(_PNG_SIGNATURE):
-            preview_html.append(note("distill/preview.png is not a PNG file; left out."))
-        else:
-            preview_html.append(
-                f'<img class="preview" src="{_data_uri(data)}" alt="grid of distilled images">'
-            )
-    sections.append("\n".join(preview_html))
-
-    # Loss curves.
-    loss_html = ["<h2>Loss curves</h2>"]
-    for stage in ("teacher", "distill"):
-        loss_path = run_dir / stage / "loss.csv"
-        if not loss_path.is_file():
-            loss_html.append(note(f"No {stage}/loss.csv: the {stage} stage has not run (or logged no loss)."))
-            continue
-        try:
-            png = _loss_curve_png(loss_path, title=f"{stage} loss")
-        except Exception as exc:  # a corrupt or empty log is reported, not fatal
-            loss_html.append(note(f"{stage}/loss.csv could not be plotted: {exc}"))
-        else:
-            loss_html.append(f'<img src="{_data_uri(png)}" alt="{html.escape(stage)} loss curve">')
-    sections.append("\n".join(loss_html))
-
-    # Stage wall times.
-    if timings is not None:
-        timing_html = ["<h2>Stage wall times</h2>"]
-        if isinstance(timings, dict) and all(_numeric(value) is not None for value in timings.values()):
-            body = "".join(
-                f"<tr><td>{html.escape(str(stage))}</td><td>{_format_duration(float(seconds))}</td>"
-                f"<td>{float(seconds):.1f}</td></tr>"
-                for stage, seconds in timings.items()
-            )
-            total = math.fsum(float(seconds) for seconds in timings.values())
-            timing_html.append(
-                "<table><thead><tr><th>stage</th><th>h:mm:ss</th><th>seconds</th></tr></thead>"
-                f"<tbody>{body}<tr><th>total</th><th>{_format_duration(total)}</th><th>{total:.1f}</th></tr></tbody></table>"
-            )
-        else:
-            timing_html.append(note("timings.json is not a mapping of stage to seconds; left out."))
-        sections.append("\n".join(timing_html))
-
-    # Config and environment.
-    config_html = ["<h2>Config</h2>"]
-    if config is None:
-        config_html.append(note("No config.json in this run directory."))
-    else:
-        config_html.append(f"<pre>{html.escape(json.dumps(config, indent=2, default=str))}</pre>")
-    sections.append("\n".join(config_html))
-
-    env_html = ["<h2>Environment</h2>"]
-    if env is None:
-        env_html.append(note("No env.json in this run directory."))
-    elif isinstance(env, dict):
-        body = "".join(
-            f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(_env_value_text(str(key), value))}</td></tr>"
-            for key, value in env.items()
-        )
-        env_html.append(f'<table class="env"><tbody>{body}</tbody></table>')
-    else:
-        env_html.append(f"<pre>{html.escape(json.dumps(env, indent=2, default=str))}</pre>")
-    sections.append("\n".join(env_html))
-
-    if read_notes:
-        sections.insert(0, "\n".join(note(text) for text in read_notes))
-
+            notes.append(f"results.png failed: {exc}")
+    sections += [_images_html(run_dir, config), _teacher_html(run_dir), _distill_html(run_dir),
+                 _storage_html(run_dir, rows, notes), _config_html(config), _env_html(run_dir, env, timings)]
+    if notes:
+        sections.insert(0, "\n".join(_note(text) for text in notes))
     title = f"krrst run: {run_dir.resolve().name}"
-    page = (
-        "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        f"<h1>{html.escape(title)}</h1>\n"
-        f'<p class="provenance">Run directory: {html.escape(str(run_dir.resolve()))}</p>\n'
-        + "\n".join(sections)
-        + "\n</body>\n</html>\n"
-    )
+    subtitle = "; ".join(bit for bit in (_summary_line(config), f"run directory {run_dir.resolve()}") if bit)
     with atomic_write(run_dir / "report.html") as tmp:
-        tmp.write_text(page, encoding="utf-8")
+        tmp.write_text(_page(title, subtitle, sections, _NAV), encoding="utf-8")
     written["report_html"] = run_dir / "report.html"
+    return written
+
+
+# --------------------------------------------------------------------------- several runs
+def run_labels(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """A short label per run folder: its name, or as much of its path as tells two equal names apart."""
+    paths = [Path(run_dir).resolve() for run_dir in run_dirs]
+    if len(set(paths)) < len(paths):
+        twice = next(str(run_dir) for run_dir, path in zip(run_dirs, paths) if paths.count(path) > 1)
+        raise KrrstError(f"run directory {twice} is given twice")
+    for depth in range(1, max(len(path.parts) for path in paths) + 1):
+        labels = ["/".join(path.parts[-depth:]) for path in paths]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(path) for path in paths]
+
+
+def merged_rows(run_dirs: Sequence[str | os.PathLike]) -> list[dict]:
+    """The results rows of several run folders, each method named `<run label>:<method>` (`run_labels`)."""
+    rows = []
+    for label, run_dir in zip(run_labels(run_dirs), run_dirs):
+        if not Path(run_dir).is_dir():
+            raise KrrstError(f"run directory not found: {run_dir}")
+        found = read_results(run_dir)
+        if not found:
+            raise KrrstError(f"{run_dir} holds no results (results.csv is absent or empty)")
+        rows += [{**row, "method": f"{label}:{row['method']}"} for row in found]
+    return rows
+
+
+def resolve_references(rows: Iterable[dict], references: Sequence[str]) -> list[str]:
+    """Each reference as a method of the merged rows: given as `<run label>:<method>`, or as a bare method
+    (`random`): that method of the first run that has it. References found nowhere are dropped."""
+    methods = _first_appearance(row["method"] for row in rows)
+    resolved = []
+    for reference in references:
+        match = reference if reference in methods else next(
+            (method for method in methods if method.rsplit(":", 1)[-1] == reference), None)
+        if match is not None and match not in resolved:
+            resolved.append(match)
+    return resolved
+
+
+def comparison_text(run_dirs: Sequence[str | os.PathLike], references: Sequence[str] = DEFAULT_REFERENCES) -> str:
+    """What `krrst report RUN RUN2 ...` prints: the merged table and the paired differences."""
+    rows = merged_rows(run_dirs)
+    paired = paired_markdown(paired_comparisons(rows, resolve_references(rows, references)))
+    return markdown_table(rows) + ("\n" + paired if paired else "")
+
+
+def write_comparison(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                     references: Sequence[str] = DEFAULT_REFERENCES) -> dict[str, Path]:
+    """Merge several run folders into `out_dir/report.html` and `out_dir/results.md`; returns the paths written.
+
+    Methods are named `<run label>:<method>`; paired differences pair rows
+    of any two runs by target, arch, protocol and seed (`references` as in
+    `resolve_references`). The page shows the headline, the accuracy table,
+    each run's storage, each run's config as a diff from the first run's, and
+    each run's environment; each run's own report.html shows its images,
+    teacher and distillation.
+    """
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    rows = merged_rows(run_dirs)
+    references = resolve_references(rows, references)
+    comparisons = paired_comparisons(rows, references)
+    labels = run_labels(run_dirs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    headline, paired_png = _headline_html(comparisons)
+    sections = [headline, _accuracy_html(rows, comparisons, references)]
+    notes: list[str] = []
+    storage, configs, environments = ['<h2 id="storage">Storage per set</h2>'], [], []
+    for label, run_dir in zip(labels, run_dirs):
+        storage.append(f"<h3>{html.escape(label)}</h3>" + _storage_html(run_dir, read_results(run_dir), notes)
+                       .removeprefix('<h2 id="storage">Storage per set</h2>'))
+        configs.append(_load_optional_json(run_dir / "config.json", "config", notes))
+        env = _load_optional_json(run_dir / "env.json", "env", notes)
+        environments.append((label, _env_value_text("versions", env.get("versions")) if isinstance(env, dict) else "–",
+                             env.get("git_commit", "–") if isinstance(env, dict) else "–",
+                             (env.get("cuda_device") or env.get("device") or "–") if isinstance(env, dict) else "–",
+                             disk_usage_text(run_dir).strip()))
+    sections.append("\n".join(storage))
+    config_parts = ['<h2 id="config">Config</h2>']
+    for label, config in zip(labels[1:], configs[1:]):
+        if isinstance(config, dict) and isinstance(configs[0], dict):
+            changes = config_diff(config, configs[0])
+            config_parts.append(_html_table(("setting", labels[0], label), [(k, _value_text(a), _value_text(b)) for k, a, b in changes],
+                                            caption=f"{label} against {labels[0]}: settings that differ.")
+                                if changes else f'<p class="lead">{html.escape(f"{label}: the same config as {labels[0]}.")}</p>')
+        else:
+            config_parts.append(_note(f"{label} or {labels[0]} has no readable config.json."))
+    for label, config in zip(labels, configs):
+        config_parts.append(f"<details><summary>{html.escape(label)}: the full config</summary>"
+                            f"<pre>{html.escape(json.dumps(config, indent=2, default=str))}</pre></details>")
+    sections.append("\n".join(config_parts))
+    sections.append('<h2 id="environment">Environment and disk use</h2>'
+                    + _html_table(("run", "versions", "git commit", "device", "disk use"), environments))
+    if notes:
+        sections.insert(0, "\n".join(_note(text) for text in notes))
+    markdown = markdown_table(rows) + ("\n" + paired_markdown(comparisons) if comparisons else "")
+    with atomic_write(out_dir / "results.md") as tmp:
+        tmp.write_text(f"# Results: {', '.join(labels)}\n\n{markdown}", encoding="utf-8")
+    subtitle = "Runs: " + "; ".join(f"{label} = {run_dir.resolve()}" for label, run_dir in zip(labels, run_dirs))
+    nav = [item for item in _NAV if item[0] in ("headline", "accuracy", "storage", "config", "environment")]
+    with atomic_write(out_dir / "report.html") as tmp:
+        tmp.write_text(_page(f"krrst runs: {', '.join(labels)}", subtitle, sections, nav), encoding="utf-8")
+    written = {"results_md": out_dir / "results.md", "report_html": out_dir / "report.html"}
+    if paired_png:
+        written["results_png"] = _write_png(out_dir / "results.png", paired_png)
     return written
