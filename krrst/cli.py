@@ -44,7 +44,7 @@ def _check_arch(arch: str, option: str) -> None:
         raise unknown_name(option, arch, list_models(), "registered models (krrst models)")
 
 
-def _check_teacher_arch(arch: str | None) -> None:
+def _check_teacher_arch(arch: str | None, option: str = "--teacher-arch") -> None:
     """A registered model, or torchvision:NAME / timm:NAME (those names are checked by the library itself)."""
     from krrst.formats import LIBRARIES
 
@@ -52,10 +52,10 @@ def _check_teacher_arch(arch: str | None) -> None:
         return
     library, colon, _ = arch.partition(":")
     if colon and library not in LIBRARIES:
-        raise KrrstError(f"--teacher-arch {arch!r}: unknown library {library!r}; expected "
+        raise KrrstError(f"{option} {arch!r}: unknown library {library!r}; expected "
                          f"{' or '.join(name + ':NAME' for name in LIBRARIES)}{did_you_mean(library, LIBRARIES)}")
     if not colon:
-        _check_arch(arch, "--teacher-arch")
+        _check_arch(arch, option)
 
 
 def _check_dataset(name: str, option: str) -> None:
@@ -301,20 +301,23 @@ def _evaluation_provenance(args: argparse.Namespace) -> str:
 
 
 def _evaluation_configs(args: argparse.Namespace, suite: dict[str, Any]) -> dict[str, Any]:
-    """The pretrain / finetune / linear configs: a protocol suite's settings, then `--set`."""
+    """The pretrain / finetune / linear / kd configs: a protocol suite's settings and `--kd-teacher-arch`, then
+    `--set`."""
     import dataclasses
 
     from krrst.config import did_you_mean_key
-    from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
+    from krrst.evaluate import FinetuneConfig, KDConfig, LinearProbeConfig, PretrainConfig
 
-    stages = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear": LinearProbeConfig}
+    stages = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear": LinearProbeConfig, "kd": KDConfig}
     overrides = [f"{key}={value}" for key, value in suite.items()] + args.overrides  # an explicit --set wins
     keys = [f"{stage}.{field.name}" for stage, cls in stages.items() for field in dataclasses.fields(cls)]
     for key in parse_assignments(overrides):
         if key.split(".", 1)[0] not in stages:
             raise KrrstError(f"--set {key!r}: keys must start with one of {', '.join(stages)}"
                              f"{did_you_mean_key(key, keys)}")
-    return {stage: _stage_config(cls, stage, None, [item for item in overrides if item.startswith(stage + ".")])
+    extra = {"kd": {"teacher_arch": args.kd_teacher_arch}}
+    return {stage: _stage_config(cls, stage, None, [item for item in overrides if item.startswith(stage + ".")],
+                                 extra.get(stage))
             for stage, cls in stages.items()}
 
 
@@ -335,6 +338,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         raise KrrstError(f"--seeds must be at least 1, got {args.seeds}")
     _check_arch(args.arch, "--arch")
     _check_dataset(args.target, "--target")
+    _check_kd_options(args, protocols)
     configs = _evaluation_configs(args, suite)
     teacher = _load_teacher(args) if args.teacher else None
     if args.distilled is not None:
@@ -373,9 +377,42 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                 "--max-per-class": args.max_per_class}
     if foreign:
         identity["--mean/--std"] = [list(stats[0]), list(stats[1])]
+    if "kd" in protocols:
+        _check_kd_teacher(args, configs["kd"], train, test, image_size)
+        identity["--kd-teacher"] = file_identity(args.kd_teacher)
     provenance = _evaluation_provenance(args)
     _evaluate_into(args, method, network, source_name, (train, test), protocols, configs, image_size,
                    identity, provenance)
+
+
+def _check_kd_options(args: argparse.Namespace, protocols: list[str]) -> None:
+    """--kd-teacher/--kd-teacher-arch go with --protocol kd, which needs a set's images (or none's noise)."""
+    if "kd" not in protocols:
+        if args.kd_teacher or args.kd_teacher_arch:
+            raise KrrstError("--kd-teacher and --kd-teacher-arch go with --protocol kd")
+        return
+    if args.baseline == "full":
+        raise KrrstError("--protocol kd distils through a set's images, and --baseline full (the teacher used as it "
+                         "is) has none; evaluate kd with --distilled or --baseline random|kmeans|high-loss|none")
+    if args.kd_teacher_arch:
+        _check_teacher_arch(args.kd_teacher_arch, "--kd-teacher-arch")
+
+
+def _check_kd_teacher(args: argparse.Namespace, config, train, test, image_size: int | None) -> None:
+    """Load --kd-teacher once before any work: a wrong architecture or class count is one line naming the file."""
+    from krrst.evaluate import KD_TEACHER_ARCH, class_count, load_kd_teacher
+    from krrst.formats import is_library_arch
+    from krrst.pipeline import eval_overrides
+
+    named = config.teacher_arch or None  # None: the file's own, else KD_TEACHER_ARCH
+    if not args.kd_teacher:
+        if is_library_arch(named):
+            raise KrrstError(f"--kd-teacher-arch {named}: krrst trains registered architectures only; "
+                             "give that classifier as a file with --kd-teacher")
+        return
+    options = {} if is_library_arch(named) else eval_overrides(named or KD_TEACHER_ARCH, (), image_size)
+    load_kd_teacher(args.kd_teacher, class_count(train, test), named, arch_options=options,
+                    target=f"target {test.name!r}")
 
 
 def _evaluate_into(args, method, network, source_name, target, protocols, configs, image_size, identity, provenance):
@@ -394,6 +431,7 @@ def _evaluate_into(args, method, network, source_name, target, protocols, config
             pretrain_config=configs["pretrain"], finetune_config=configs["finetune"], linear_config=configs["linear"],
             eval_widths=tuple(args.widths), image_size=image_size, device=context.device,
             progress=args.progress and context.is_main, distributed=context, provenance={method: provenance},
+            kd_config=configs["kd"], kd_teacher_path=args.kd_teacher, kd_noise_images=args.m,
             # An explicit --set finetune.iterations holds for fine-grained targets too (default there: 5,000).
             finegrained_iterations=configs["finetune"].iterations
             if any(item.startswith("finetune.iterations=") for item in args.overrides) else 5000,
@@ -441,7 +479,8 @@ def _run_config(args: argparse.Namespace):
             resolve_config(preset, from_file)
         except KrrstError as exc:
             raise KrrstError(f"--config {args.config}: {exc}") from None
-    shortcuts = {"distill.steps": args.steps, "distill.num_images": args.m, "run.download": args.download or None}
+    shortcuts = {"distill.steps": args.steps, "distill.num_images": args.m, "run.download": args.download or None,
+                 "kd.teacher_path": args.kd_teacher, "kd.teacher_arch": args.kd_teacher_arch}
     overrides = {**from_file, **_protocol_overrides(args.protocol or []),
                  **{key: value for key, value in shortcuts.items() if value is not None},
                  **parse_assignments(args.overrides)}
@@ -467,7 +506,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- parser
 
 PROTOCOL_HELP = ("what to evaluate, repeatable: finetune or linear, either @P%% for a fraction of the labels (e.g. "
-                 "linear@1%%), or a published protocol: krrst (1,000 pre-training epochs, full fine-tuning) or mkdt "
+                 "linear@1%%); kd (target-data-free knowledge distillation of a target classifier through the set's "
+                 "images, no label fraction); or a published protocol: krrst (1,000 pre-training epochs, full fine-tuning) or mkdt "
                  "(20 pre-training epochs, L-BFGS linear probe on 1/5/10/50%% of the labels); --set wins over a "
                  "protocol's settings")
 
@@ -521,6 +561,16 @@ def _common(parser: argparse.ArgumentParser, stages: str, example: str) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 
+def _kd_args(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--kd-teacher", default=None, metavar="FILE",
+                        help=f"--protocol kd: the target's classifier, head included, as a weights-only state dict "
+                        f"(.safetensors/.pt/.pth; {default})")
+    parser.add_argument("--kd-teacher-arch", default=None, metavar="ARCH",
+                        help="its architecture, or the one krrst trains: a registered model, or torchvision:NAME / "
+                        "timm:NAME for a file (= --set kd.teacher_arch=ARCH; default: the one a krrst file names, "
+                        "else resnet18)")
+
+
 def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True,
                         help="source dataset name (see `krrst datasets`); `folder` reads your own images in any layout")
@@ -558,7 +608,9 @@ def _run_args(parser: argparse.ArgumentParser, preset: str | None) -> None:
                         help="m, the synthetic images (= --set distill.num_images=M); under torchrun write --num-images")
     parser.add_argument("--download", action="store_true",
                         help="download cifar10/cifar100/aircraft/flowers when absent (= --set run.download=true)")
-    _common(parser, "run, teacher, distill, mkdt, pretrain, finetune, linear", "distill.steps=200")
+    _kd_args(parser, "= --set kd.teacher_path=FILE, relative to --root; one target only; default: krrst trains one "
+             "per target, once, cached in OUT/eval/kd-teacher/")
+    _common(parser, "run, teacher, distill, mkdt, pretrain, finetune, linear, kd", "distill.steps=200")
     parser.set_defaults(handler=_cmd_run)
 
 
@@ -689,7 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="resize the target (and a baseline's source images) to N x N (default: the set's size)")
     evaluate.add_argument("--max-per-class", type=int, default=None, help="keep the first K training images per class")
     evaluate.add_argument("--download", action="store_true", help="download the target when absent (where possible)")
-    _common(evaluate, "pretrain, finetune, linear", "pretrain.epochs=50")
+    _kd_args(evaluate, "default: krrst trains one on the target, once, cached in OUT/eval/kd-teacher/")
+    _common(evaluate, "pretrain, finetune, linear, kd", "pretrain.epochs=50")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     report = command("report", help="print and write the results table and report.html of a run directory",

@@ -15,7 +15,9 @@ and docs/reproduce.md):
   paper's) or L-BFGS (MKDT's few-label probe).
 - `few_label_split(...)`: the class-balanced label subsets of the few-label
   protocols, fixed by the seed so every method sees the same images.
-- `knowledge_distillation(...)`: target-data-free KD through the distilled images.
+- `knowledge_distillation(...)`: target-data-free KD through the distilled images
+  (protocol `kd`); its target-task teacher comes from `train_kd_teacher` or
+  `load_kd_teacher`.
 - `evaluate_set(...)` chains them and returns one results row
   (`krrst.report.RESULT_FIELDS`); `append_rows` stores rows in a run directory.
 
@@ -51,7 +53,7 @@ from torch import nn
 from krrst.config import resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
-from krrst.finite import LossWatch, check_finite
+from krrst.finite import LossWatch, check_finite, first_nonfinite_tensor
 from krrst.io import describe_exception, torch_load_weights_only
 from krrst.models import create_model, reset_head
 from krrst.progress import progress_bar
@@ -60,7 +62,10 @@ from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 if TYPE_CHECKING:
     from krrst.data import ImageSet
 
-PROTOCOLS = ("finetune", "linear", "knowledge_distillation")
+PROTOCOLS = ("finetune", "linear", "kd")
+KD_TEACHER_ARCH = "resnet18"
+# "knowledge_distillation" is read as "kd", the name its rows carry
+_PROTOCOL_ALIASES = {"knowledge_distillation": "kd"}
 LABEL_FILE_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
 
 # Names other projects use for the two tensors of a label-based set (DC/DSA/DM
@@ -190,20 +195,47 @@ class LinearProbeConfig:
 class KDConfig:
     """Target-data-free knowledge distillation through the distilled images (the paper's KD experiment).
 
-    Adam `lr` (1e-4), `epochs` passes over the distilled images in batches of
-    `batch_size`, cosine schedule, soft cross-entropy at `temperature`; each
-    batch is strongly augmented (crop pad `padding` + flip + DSA colour jitter)
-    and both networks see the same augmented batch.
+    The student (the network pre-trained on the set, with a fresh head) is
+    trained with Adam `lr`, `epochs` passes over the set's images in batches
+    of `batch_size`, cosine schedule, soft cross-entropy at `temperature`;
+    each batch is strongly augmented (crop pad `padding` + flip + DSA colour
+    jitter) and teacher and student see the same augmented batch. The
+    no-pre-training baseline (`none`) has no set: its fresh student sees
+    Gaussian noise instead, at `noise_lr`, as the authors' code does.
+
+    The target-task teacher is a file (`teacher_path`, of architecture
+    `teacher_arch`), or, without one, a fresh `teacher_arch` network trained
+    on the target's train split with the `teacher_*` recipe (SGD, cosine,
+    crop + flip; trained once per target and architecture, then reused).
     """
 
+    # 1,000 epochs, batch 512, Adam (AdamW, wd 0) 1e-4: the authors' test_kd.py (test_epoch, test_batch_size,
+    # test_lr, test_wd; github.com/db-Lee/selfsup_dd) and the paper's KD experiment
     epochs: int = 1000
     batch_size: int = 512
     lr: float = 1e-4
     weight_decay: float = 0.0
+    # soft cross-entropy at T = 1: algorithms/zeroshot_kd.py, distillation_loss(T=1.0)
     temperature: float = 1.0
+    # zero padding of the random crop (pixels); the strong augmentation stands in for DSA's
     padding: int = 4
+    # lr of the no-pre-training student on Gaussian noise (test_kd.py: test_lr = 1e-3 for method "gaussian")
+    noise_lr: float = 1e-3
     seed: int = 0
     eval_batch_size: int = 1024
+    # the target classifier's file (a state dict, weights-only); empty: krrst trains one on the target
+    teacher_path: str = ""
+    # its architecture: a registered model, or torchvision:NAME / timm:NAME for a file; empty: the one a krrst
+    # file names, else KD_TEACHER_ARCH (the paper's teacher: a ResNet-18)
+    teacher_arch: str = ""
+    # the recipe krrst trains the teacher with (the authors ship their CIFAR-10 ResNet-18 without one):
+    # the common CIFAR ResNet-18 recipe, 200 epochs of SGD 0.1, momentum 0.9, wd 5e-4, batch 128, cosine, crop + flip
+    teacher_epochs: int = 200
+    teacher_batch_size: int = 128
+    teacher_lr: float = 0.1
+    teacher_momentum: float = 0.9
+    teacher_weight_decay: float = 5e-4
+    teacher_seed: int = 0
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -332,6 +364,11 @@ def _target_tensors(images_set: "ImageSet", what: str) -> tuple[torch.Tensor, to
     return images_set.images, images_set.labels
 
 
+def class_count(*sets: "ImageSet") -> int:
+    """The number of classes of a labelled target (its class names, else the largest label + 1)."""
+    return _num_classes(*sets)
+
+
 def _num_classes(*sets: "ImageSet") -> int:
     names = getattr(sets[0], "class_names", None)
     if names:
@@ -374,15 +411,20 @@ def few_label_split(labels: torch.Tensor, fraction: float, seed: int, num_classe
 
 
 def protocol_name(protocol: str, label_fraction: float = 1.0) -> str:
-    """`finetune`, `linear`, `knowledge_distillation`, or `finetune@P%` / `linear@P%` for a label fraction."""
+    """`finetune`, `linear`, `kd`, or `finetune@P%` / `linear@P%` for a label fraction.
+
+    `kd` takes no fraction: target-data-free KD uses no target label (its
+    teacher is trained on the target's full train split, or comes from a file).
+    """
+    protocol = _PROTOCOL_ALIASES.get(protocol, protocol)
     if protocol not in PROTOCOLS:
         raise KrrstError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
     if not 0.0 < float(label_fraction) <= 1.0:
         raise KrrstError(f"label fraction must be in (0, 1], got {label_fraction!r}")
     if float(label_fraction) == 1.0:
         return protocol
-    if protocol == "knowledge_distillation":
-        raise KrrstError("knowledge_distillation uses no target labels; a label fraction does not apply")
+    if protocol == "kd":
+        raise KrrstError("kd (knowledge distillation) uses no target labels; a label fraction does not apply")
     return f"{protocol}@{float(label_fraction) * 100:g}%"
 
 
@@ -777,6 +819,7 @@ def finetune(
     image_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    return_model: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a copy of `model` on a labelled target; returns `{"accuracy", "test_loss", ...}`.
 
@@ -787,7 +830,8 @@ def finetune(
     are resized to `image_size` (default: the network's own input size when
     it has one, e.g. ConvNets; else the target's size) and normalised with
     the target's mean/std. `accuracy` is top-1 on the whole test split, as a
-    fraction.
+    fraction. With `return_model`, the trained copy is returned too, as
+    `"model"` (eval mode, contiguous).
     """
     config = config or FinetuneConfig()
     _check_positive(config.batch_size, "finetune.batch_size")
@@ -844,6 +888,7 @@ def finetune(
         "image_size": size,
         "iterations": config.iterations,
         "wall_time_s": time.perf_counter() - started,
+        **({"model": network.to(memory_format=torch.contiguous_format).eval()} if return_model else {}),
     }
 
 
@@ -1020,13 +1065,37 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return per_example.mean() * temperature**2
 
 
+def _kd_inputs(
+    distilled_images: DistilledSet | torch.Tensor | None, target: "ImageSet", noise_images: int, size: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, bool]:
+    """The images KD runs on, normalised with the target's statistics (what the teacher was trained on), and
+    whether they are the Gaussian-noise stand-in of the no-pre-training baseline (only their shape is used)."""
+    if distilled_images is None:
+        _check_positive(noise_images, "the number of Gaussian-noise images of kd for none")
+        channels, side = int(target.images.shape[1]), int(size or target.images.shape[-1])
+        return torch.zeros(int(noise_images), channels, side, side, device=device), True
+    if isinstance(distilled_images, DistilledSet):
+        images = distilled_images.images.detach().to(device, torch.float32)
+        source_mean, source_std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in
+                                   (distilled_images.mean, distilled_images.std))
+        target_mean, target_std = (torch.tensor(tuple(v), device=device, dtype=torch.float32).view(1, -1, 1, 1)
+                                   for v in (target.mean, target.std))
+        # the set is normalised with its source's statistics; the teacher and the test see the target's
+        return ((images * source_std + source_mean) - target_mean) / target_std, False
+    if distilled_images.dim() != 4:
+        raise KrrstError(f"KD distilled images must be m x C x H x W, got shape {tuple(distilled_images.shape)}")
+    return distilled_images.detach().to(device, torch.float32), False
+
+
 def knowledge_distillation(
     teacher_classifier: nn.Module,
     student_init: nn.Module,
-    distilled_images: DistilledSet | torch.Tensor,
+    distilled_images: DistilledSet | torch.Tensor | None,
     target_test: "ImageSet",
     config: KDConfig | None = None,
     *,
+    noise_images: int = 1000,
     image_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -1036,21 +1105,24 @@ def knowledge_distillation(
     The student gets a fresh head with as many outputs as the teacher has
     and is trained with `soft_cross_entropy` (Adam, cosine) on strongly
     augmented distilled images (`strong_augment`), teacher and student
-    seeing the same batch; no target training image is used. The teacher
-    runs in eval mode (the authors' code left it in train mode, so its
-    BatchNorm used batch statistics of the synthetic images). The student is
-    tested on `target_test`, resized to the distilled images' size (or
+    seeing the same batch; no target training image is used. A
+    `DistilledSet`'s images are re-normalised from its source's statistics
+    to the target's (the teacher's inputs); a bare tensor is taken as
+    normalised already. `distilled_images=None` is the no-pre-training
+    baseline of the authors' code: every batch is fresh N(0, 1) noise
+    (`noise_images` per epoch, no augmentation) at `config.noise_lr`. The
+    teacher runs in eval mode (the authors' code left it in train mode, so
+    its BatchNorm used batch statistics of the synthetic images). The
+    student is tested on `target_test`, resized to the images' size (or
     `image_size`) and normalised with the target's mean/std. Returns
     `{"accuracy", "test_loss", ...}`; accuracy a fraction.
     """
     config = config or KDConfig()
     _check_positive(config.batch_size, "kd.batch_size")
+    _check_positive(config.epochs, "kd.epochs", allow_zero=True)
     device = resolve_device(device)
     started = time.perf_counter()
-    images = distilled_images.images if isinstance(distilled_images, DistilledSet) else distilled_images
-    if images.dim() != 4:
-        raise KrrstError(f"KD distilled images must be m x C x H x W, got shape {tuple(images.shape)}")
-    images = images.detach().to(device, torch.float32)
+    images, noise = _kd_inputs(distilled_images, target_test, noise_images, image_size, device)
     teacher = copy.deepcopy(teacher_classifier).to(device).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -1059,18 +1131,22 @@ def knowledge_distillation(
     student = copy.deepcopy(student_init).requires_grad_(True)
     _seeded_reset_head(student, num_classes, config.seed)
     student.to(device).train()
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    lr, lr_field = (config.noise_lr, "kd.noise_lr") if noise else (config.lr, "kd.lr")
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=config.weight_decay)
     m = len(images)
     steps_per_epoch = len(_epoch_batches(m, config.batch_size, _seeded_generator(0), torch.device("cpu")))
     scheduler = _cosine_lr(optimizer, steps_per_epoch * config.epochs)
     generator = _seeded_generator(config.seed)
     bar = _progress_bar(config.epochs, "knowledge distillation", "epoch", progress)
-    watch = LossWatch("knowledge distillation", "kd.lr too high for kd.batch_size", device, "epoch")
+    watch = LossWatch("knowledge distillation", f"{lr_field} too high for kd.batch_size", device, "epoch")
     try:
         for epoch in range(config.epochs):
             for batch in _epoch_batches(m, config.batch_size, generator, device):
                 with torch.no_grad():
-                    inputs = strong_augment(images[batch], generator, config.padding)
+                    if noise:
+                        inputs = torch.randn(images[batch].shape, generator=generator).to(device)
+                    else:
+                        inputs = strong_augment(images[batch], generator, config.padding)
                     teacher_logits = teacher(inputs)
                 loss = soft_cross_entropy(student(inputs), teacher_logits, config.temperature)
                 optimizer.zero_grad(set_to_none=True)
@@ -1096,6 +1172,173 @@ def knowledge_distillation(
         "image_size": size,
         "wall_time_s": time.perf_counter() - started,
     }
+
+
+def train_kd_teacher(
+    target_train: "ImageSet",
+    target_test: "ImageSet",
+    config: KDConfig | None = None,
+    *,
+    arch_options: dict[str, Any] | None = None,
+    image_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The target-task classifier of `kd`: a fresh `config.teacher_arch` (default `KD_TEACHER_ARCH`) trained
+    on the whole train split.
+
+    Trained by `finetune` (every weight, SGD + cosine, crop + flip) for
+    `teacher_epochs` passes of `teacher_batch_size` images, at
+    `teacher_lr`, `teacher_momentum`, `teacher_weight_decay`, seeded by
+    `teacher_seed`. Returns `(classifier, metrics)`; the classifier is in
+    eval mode with a head of the target's class count, and `metrics` holds
+    its test accuracy.
+    """
+    from krrst.formats import is_library_arch
+
+    config = config or KDConfig()
+    arch = config.teacher_arch or KD_TEACHER_ARCH
+    if is_library_arch(arch):
+        raise KrrstError(f"kd.teacher_arch={arch!r}: krrst trains registered architectures only; "
+                         "give a classifier of that library as a file (kd.teacher_path, --kd-teacher)")
+    _check_positive(config.teacher_batch_size, "kd.teacher_batch_size")
+    _check_positive(config.teacher_epochs, "kd.teacher_epochs")
+    iterations = math.ceil(config.teacher_epochs * len(target_train) / config.teacher_batch_size)
+    recipe = FinetuneConfig(
+        iterations=iterations, batch_size=config.teacher_batch_size, lr=config.teacher_lr,
+        momentum=config.teacher_momentum, weight_decay=config.teacher_weight_decay, padding=config.padding,
+        seed=config.teacher_seed, eval_batch_size=config.eval_batch_size,
+    )
+    model = fresh_model(arch, None, config.teacher_seed, **(arch_options or {}))
+    metrics = finetune(model, target_train, target_test, recipe, image_size=image_size, device=device,
+                       progress=progress, return_model=True)
+    classifier = metrics.pop("model").requires_grad_(False)
+    return classifier, metrics
+
+
+_KD_WRAPPERS = ("state_dict", "model", "classifier", "teacher")
+_KD_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _read_classifier_file(path: Path, option: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of a classifier file (safetensors, or a weights-only .pt/.pth) and a krrst model spec if any."""
+    if path.suffix.lower() == ".safetensors":
+        from krrst.io import load_tensors
+
+        tensors, metadata = load_tensors(path, f"{option} file")
+        return dict(tensors), dict(metadata.get("spec") or {})
+    loaded = torch_load_weights_only(path, f"{option} file", "a weights-only PyTorch state dict or safetensors file",
+                                     "as a state dict (torch.save(model.state_dict(), ...)) or as safetensors")
+    for wrapper in _KD_WRAPPERS:
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+            break
+    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise KrrstError(f"{option} {path} does not hold a state dict of tensors (got {type(loaded).__name__})")
+    return dict(loaded), {}
+
+
+def _library_classifier(arch: str, num_classes: int, option: str) -> nn.Module:
+    """A torchvision or timm classification network with `num_classes` outputs, untrained."""
+    library, _, name = arch.partition(":")
+    if library == "torchvision":
+        import torchvision
+
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise KrrstError(f"{option} architecture {arch!r} is not a torchvision classification model")
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    try:
+        import timm
+    except ImportError:
+        raise KrrstError(f"{option} architecture {arch!r} needs timm: pip install 'krrst[timm]'") from None
+    if not timm.is_model(name):
+        raise KrrstError(f"{option} architecture {arch!r} is not a timm model")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def _last_linear(model: nn.Module) -> str | None:
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else None
+
+
+def load_kd_teacher(
+    path: str | os.PathLike,
+    num_classes: int,
+    arch: str | None = None,
+    *,
+    arch_options: dict[str, Any] | None = None,
+    target: str = "the target",
+    device: str | torch.device | None = None,
+    option: str = "--kd-teacher",
+) -> nn.Module:
+    """A target-task classifier for `kd` from a weights-only file; frozen, in eval mode.
+
+    `path`: a safetensors file (a krrst model file names its architecture in
+    its metadata) or a `.pt`/`.pth` state dict read with
+    `torch.load(weights_only=True)`. `arch`: a registered model (a
+    torchvision-layout `fc.` head is read as `head.`) or `torchvision:NAME` /
+    `timm:NAME`; default: the one a krrst file names, else `KD_TEACHER_ARCH`
+    (`resnet18`). The file must hold the whole classifier,
+    head included, with `num_classes` outputs. It is fed images at the
+    evaluation's size normalised with the target's statistics. A wrong
+    architecture or class count is one line naming `option`, the file and
+    the mismatch.
+    """
+    from krrst.formats import is_library_arch
+    from krrst.models import create_model, list_models, model_options
+
+    path = Path(path)
+    if not path.is_file():
+        raise KrrstError(f"{option} {path}: no such file")
+    state, spec = _read_classifier_file(path, option)
+    if spec.get("arch"):
+        if arch and arch != spec["arch"]:
+            raise KrrstError(f"{option} {path} holds a {spec['arch']!r} classifier, not {arch!r}")
+        arch, options = spec["arch"], {k: v for k, v in spec.items() if k not in ("arch", "num_outputs")}
+    else:
+        arch = arch or KD_TEACHER_ARCH
+        accepted = model_options(arch) if arch in list_models() else {}
+        options = {k: v for k, v in (arch_options or {}).items() if k in accepted}
+    if is_library_arch(arch):
+        model = _library_classifier(arch, num_classes, option)
+    elif arch in list_models():
+        model = create_model(arch, num_outputs=num_classes, **options)
+    else:
+        raise KrrstError(f"{option} architecture {arch!r} is not a registered model, torchvision:NAME or timm:NAME")
+    _load_classifier_weights(model, state, path, arch, num_classes, target, option)
+    return model.to(resolve_device(device)).eval().requires_grad_(False)
+
+
+def _load_classifier_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str,
+                             num_classes: int, target: str, option: str) -> None:
+    """Load `state` into `model` strictly; the class count, then the first missing/unexpected/misshapen key."""
+    expected = model.state_dict()
+    cleaned = {}
+    for key, value in state.items():
+        while key.startswith(_KD_PREFIXES):
+            key = key.split(".", 1)[1]
+        if key.startswith("fc.") and key not in expected and "head." + key[3:] in expected:
+            key = "head." + key[3:]  # a torchvision-layout file of a registered architecture
+        cleaned[key] = value
+    head = _last_linear(model)
+    head_weight = cleaned.get(f"{head}.weight") if head else None
+    if head_weight is not None and head_weight.dim() == 2 and head_weight.shape[0] != num_classes:
+        raise KrrstError(f"{option} {path}: a classifier of {head_weight.shape[0]} classes, but {target} has "
+                         f"{num_classes}; give a classifier trained on {target}")
+    missing = [key for key in expected if key not in cleaned and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in cleaned if key not in expected]
+    for what, keys in (("is missing", missing), ("is not in the model", unexpected)):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise KrrstError(f"{option} {path} does not fit architecture {arch!r}: {keys[0]!r} {what}{more}")
+    for key, value in cleaned.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise KrrstError(f"{option} {path} does not fit architecture {arch!r}: {key!r} has shape "
+                             f"{tuple(value.shape)} in the file but {tuple(expected[key].shape)} in the model")
+    nonfinite = first_nonfinite_tensor(cleaned.items())
+    if nonfinite is not None:
+        raise KrrstError(f"{option} {path}: {nonfinite[1]} in its weights ({nonfinite[0]}); its logits would be NaN")
+    model.load_state_dict({key: value.to(expected[key].dtype) for key, value in cleaned.items()}, strict=False)
 
 
 # --------------------------------------------------------------------------- results rows
@@ -1158,6 +1401,8 @@ def evaluate_set(
     linear_config: LinearProbeConfig | None = None,
     kd_config: KDConfig | None = None,
     kd_teacher: nn.Module | None = None,
+    kd_images: DistilledSet | torch.Tensor | None = None,
+    kd_noise_images: int = 1000,
     image_size: int | None = None,
     arch_options: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
@@ -1173,9 +1418,12 @@ def evaluate_set(
     - `distilled`: `pretrain(distilled, arch, pretrain_config)`;
     - neither: a freshly initialised `arch` network — the `none` (no
       pre-training) baseline.
-    Then `protocol` (`finetune`, `linear` or `knowledge_distillation`, the
-    last needing `kd_teacher` and `distilled`) runs with `seed` replacing
-    every config's seed, on `label_fraction` of the target's labels.
+    Then `protocol` (`finetune`, `linear` or `kd`) runs with `seed`
+    replacing every config's seed, on `label_fraction` of the target's
+    labels. `kd` needs `kd_teacher` (the target-task classifier) and distils
+    it through `kd_images` (default: `distilled`); with neither (the `none`
+    baseline) the fresh network learns from `kd_noise_images` Gaussian-noise
+    images per epoch (`knowledge_distillation`).
     `method` defaults to the set's method, `full-ssl` for a bare
     `pretrained` network and `none` for no network; `source` to the set's;
     `target` to the test split's name.
@@ -1189,6 +1437,7 @@ def evaluate_set(
     arch_options = {**(arch_options or {}), **arch_overrides}
     started = time.perf_counter()
     protocol_label = protocol_name(protocol, label_fraction)
+    protocol = protocol_label.partition("@")[0]
     if method is None:
         method = distilled.method if distilled is not None else ("full-ssl" if pretrained is not None else "none")
     if source is None:
@@ -1219,11 +1468,15 @@ def evaluate_set(
             label_fraction=label_fraction, image_size=image_size, device=device, progress=progress,
         )
     else:
-        if kd_teacher is None or distilled is None:
-            raise KrrstError("protocol knowledge_distillation needs a target-task teacher classifier and a distilled set")
+        kd_images = kd_images if kd_images is not None else distilled
+        if kd_teacher is None:
+            raise KrrstError("protocol kd needs the target-task teacher classifier (kd_teacher)")
+        if kd_images is None and pretrained is not None:
+            raise KrrstError("protocol kd with a network given as it is needs the images to distil through (kd_images)")
         config = dataclasses.replace(kd_config or KDConfig(), seed=seed)
         metrics = knowledge_distillation(
-            kd_teacher, model, distilled, target_test, config, image_size=image_size, device=device, progress=progress
+            kd_teacher, model, kd_images, target_test, config, noise_images=kd_noise_images, image_size=image_size,
+            device=device, progress=progress,
         )
     return result_row(
         method=method,

@@ -33,7 +33,7 @@ from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
 from krrst.distill import CHECKPOINT_NAME as DISTILL_CHECKPOINT
 from krrst.distill import DISTILLED_NAME, DistillConfig, unused_fields
 from krrst.errors import KrrstError
-from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
+from krrst.evaluate import FinetuneConfig, KDConfig, LinearProbeConfig, PretrainConfig
 from krrst.distributed import (
     DistributedContext,
     barrier,
@@ -64,7 +64,7 @@ PROTOCOL_SUITES: dict[str, dict[str, Any]] = {
     "mkdt": {"pretrain.epochs": 20, "linear.solver": "lbfgs",
              "run.protocols": ("linear@1%", "linear@5%", "linear@10%", "linear@50%")},
 }
-BASE_PROTOCOLS = ("finetune", "linear")
+BASE_PROTOCOLS = ("finetune", "linear", "kd")
 
 
 def sample_path() -> Path:
@@ -79,7 +79,7 @@ class RunConfig:
     Paths are relative to `--root`; `@sample` is the CIFAR-10 sample shipped in
     the package. A target is `name` (read from `--root`) or `name=path`.
     Protocols are `finetune`, `linear`, or either with a label fraction, e.g.
-    `linear@1%`. `eval_widths` narrows ConvNet evaluation networks for CPU runs.
+    `linear@1%`, and `kd` (target-data-free knowledge distillation, `KDConfig`). `eval_widths` narrows ConvNet evaluation networks for CPU runs.
     """
 
     source: str = "cifar100"
@@ -122,6 +122,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
     "linear": LinearProbeConfig,
+    "kd": KDConfig,
 }
 
 
@@ -136,6 +137,7 @@ class PipelineConfig:
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     linear: LinearProbeConfig = LinearProbeConfig()
+    kd: KDConfig = KDConfig()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {stage: _jsonable(config_to_dict(getattr(self, stage))) for stage in STAGE_CONFIGS}
@@ -175,6 +177,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "pretrain": {"epochs": 100, "batch_size": 128},
         "finetune": {"iterations": 100, "batch_size": 128},
         "linear": {"iterations": 300, "batch_size": 256},
+        # used with --protocol kd: a narrow ConvNet teacher (run.eval_widths) and shorter schedules on CPU
+        "kd": {"epochs": 200, "teacher_arch": "convnet3", "teacher_epochs": 30},
     },
     # The real-data CPU protocol: CIFAR-10 train images without labels as the source, CIFAR-10 labels
     # (1%, 10%, 100%) as the target, the full 10,000 test images, 3 paired seeds; about 55 minutes on one core.
@@ -195,6 +199,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "pretrain": {"epochs": 600, "batch_size": 256},
         "finetune": {"iterations": 100, "batch_size": 64},
         "linear": {"iterations": 1000, "batch_size": 512},
+        "kd": {"epochs": 300, "teacher_arch": "convnet3", "teacher_epochs": 5},
     },
 }
 
@@ -237,6 +242,7 @@ def resolve_config(
     config = PipelineConfig(**stages)
     _check_run_config(config.run)
     _check_architectures(config)
+    _check_kd_config(config)
     if "mkdt" in config.run.methods and config.mkdt.image_size != config.run.image_size:
         raise KrrstError(
             f"mkdt.image_size={config.mkdt.image_size} differs from run.image_size={config.run.image_size}; "
@@ -252,10 +258,13 @@ def resolve_config(
 
 def _check_architectures(config: PipelineConfig) -> None:
     """Architecture names the run will build, checked before any stage starts (not hours into one)."""
+    from krrst.formats import is_library_arch
     from krrst.models import list_models
 
     named = [("teacher.arch", config.teacher.arch), ("distill.arch", config.distill.arch),
              ("mkdt.arch", config.mkdt.arch), *(("run.archs", arch) for arch in config.run.archs)]
+    if config.kd.teacher_arch and not (config.kd.teacher_path and is_library_arch(config.kd.teacher_arch)):
+        named.append(("kd.teacher_arch", config.kd.teacher_arch))  # a library classifier comes from a file
     for option, arch in named:
         if arch not in list_models():
             raise KrrstError(f"{option}: {unknown_name('model', arch, list_models(), 'registered models')}")
@@ -273,13 +282,29 @@ def _check_run_config(run: RunConfig) -> None:
         raise KrrstError("run.targets is empty; name at least one target dataset")
 
 
+def _check_kd_config(config: PipelineConfig) -> None:
+    """A kd teacher file is one target's classifier: a run of several targets would apply it to all."""
+    wants_kd = any(parse_protocol(protocol)[0] == "kd" for protocol in config.run.protocols)
+    if wants_kd and config.kd.teacher_path and len(config.run.targets) > 1:
+        raise KrrstError(f"kd.teacher_path (--kd-teacher) is the classifier of one target, but run.targets names "
+                         f"{len(config.run.targets)} ({', '.join(config.run.targets)}); keep one target, or leave "
+                         "kd.teacher_path empty to have krrst train one per target")
+
+
 def parse_protocol(protocol: str) -> tuple[str, float]:
-    """`"linear@10%"` -> `("linear", 0.1)`; `"finetune"` -> `("finetune", 1.0)`."""
+    """`"linear@10%"` -> `("linear", 0.1)`; `"finetune"` -> `("finetune", 1.0)`; `"kd"` -> `("kd", 1.0)`.
+
+    `kd` takes no label fraction: it uses no target label.
+    """
     name, at, percent = protocol.partition("@")
     if name not in BASE_PROTOCOLS:
-        raise KrrstError(f"protocol {protocol!r} is not valid; expected finetune or linear, optionally @P% (e.g. linear@1%)")
+        raise KrrstError(f"protocol {protocol!r} is not valid; expected finetune or linear, optionally @P% (e.g. "
+                         "linear@1%), or kd")
     if not at:
         return name, 1.0
+    if name == "kd":
+        raise KrrstError(f"protocol {protocol!r}: kd (knowledge distillation) uses no target labels, so it takes no "
+                         "label fraction; write kd")
     try:
         fraction = float(percent.rstrip("%")) / 100
     except ValueError:
@@ -804,10 +829,12 @@ def _run_stages(
     eval_dir = out_dir / "eval"
     # Which methods, protocols, archs and how many seeds are left out: adding one adds rows, it does not
     # invalidate the others (rows are keyed by method, target, arch, protocol and seed).
+    kd_teacher_file = _kd_teacher_file(config, root)
     eval_fp = _fingerprint(distill_fp, baselines_fp, mkdt_fp, _without(config.pretrain), _without(config.finetune),
                            _without(config.linear),
                            _without(run_config, ("methods", "protocols", "archs", "seeds", "download",
-                                                 "keep_checkpoints")))
+                                                 "keep_checkpoints")),
+                           *_kd_fingerprint(config, kd_teacher_file))
     marker = eval_dir / "fingerprint.json"
 
     def start_evaluation() -> None:
@@ -831,7 +858,8 @@ def _run_stages(
             protocols=run_config.protocols, pretrain_config=config.pretrain, finetune_config=config.finetune,
             linear_config=config.linear, eval_widths=run_config.eval_widths, image_size=run_config.image_size,
             finegrained_iterations=run_config.finegrained_iterations, device=device, progress=progress, log=log,
-            distributed=context, provenance=provenance,
+            distributed=context, provenance=provenance, kd_config=config.kd, kd_teacher_path=kd_teacher_file,
+            kd_noise_images=config.distill.num_images,
         )
     mark_done(eval_dir, eval_fp)
 
@@ -863,6 +891,80 @@ def _add_random_network_knn(health_path: Path, teacher_config: TeacherConfig, im
     write_json(health_path, health)
 
 
+def _kd_teacher_file(config: PipelineConfig, root: Path) -> Path | None:
+    """`kd.teacher_path` under `--root` (like every path of a run config), checked; None when krrst trains one."""
+    if not config.kd.teacher_path or not any(parse_protocol(p)[0] == "kd" for p in config.run.protocols):
+        return None
+    path = dataset_path(root, config.kd.teacher_path)
+    if not path.is_file():
+        raise KrrstError(f"kd.teacher_path (--kd-teacher): {path} is not a file (relative paths are under --root "
+                         f"{str(root)!r})")
+    return path
+
+
+def _kd_fingerprint(config: PipelineConfig, teacher_file: Path | None) -> list[Any]:
+    """What the kd rows depend on beyond the other protocols: its settings and its teacher file. Empty when kd
+    is not evaluated or runs at the defaults with a trained teacher, so such runs keep their fingerprint."""
+    if not any(parse_protocol(p)[0] == "kd" for p in config.run.protocols):
+        return []
+    settings = _without(config.kd, ("eval_batch_size",))
+    return [settings, file_identity(teacher_file)] if settings or teacher_file else []
+
+
+def kd_teacher(
+    out_dir: str | Path,
+    dataset: str,
+    train,
+    test,
+    config: KDConfig,
+    *,
+    teacher_path: str | Path | None = None,
+    eval_widths: tuple[int, ...] = (),
+    image_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    log=print,
+    write: bool = True,
+) -> torch.nn.Module:
+    """The target-task classifier of protocol `kd` for one target, frozen.
+
+    From `teacher_path` (`krrst.evaluate.load_kd_teacher`, architecture
+    `config.teacher_arch` unless the file names its own), else a
+    `config.teacher_arch` network trained on the target's train split
+    (`train_kd_teacher`, ConvNets narrowed to `eval_widths`) and cached as
+    `out_dir/eval/kd-teacher/<target>-<arch>-<recipe>.safetensors`, so every
+    method and seed, and a resumed run, reuse it (`write=False`: not saved,
+    for ranks other than 0).
+    """
+    from krrst.evaluate import KD_TEACHER_ARCH, class_count, load_kd_teacher, train_kd_teacher
+    from krrst.formats import is_library_arch
+    from krrst.io import save_tensors
+
+    num_classes = class_count(train, test)
+    where = f"target {test.name!r}"
+    if teacher_path is not None:
+        named = config.teacher_arch or None  # None: the file's own, else KD_TEACHER_ARCH
+        options = {} if is_library_arch(named) else eval_overrides(named or KD_TEACHER_ARCH, (), image_size)
+        return load_kd_teacher(teacher_path, num_classes, named, arch_options=options, target=where, device=device)
+    arch = config.teacher_arch or KD_TEACHER_ARCH
+    options = eval_overrides(arch, tuple(eval_widths), image_size)
+    recipe = {key: value for key, value in config_to_dict(config).items()
+              if key.startswith("teacher_") and key != "teacher_path" or key == "padding"}
+    key = _fingerprint(test.name, len(train), len(test), image_size, options, recipe)[:10]
+    safe = lambda name: re.sub(r"[^A-Za-z0-9_.-]+", "_", name)  # noqa: E731
+    path = Path(out_dir) / "eval" / "kd-teacher" / f"{safe(test.name)}-{safe(arch)}-{key}.safetensors"
+    if path.is_file():
+        return load_kd_teacher(path, num_classes, arch, target=where, device=device, option="cached kd teacher")
+    classifier, metrics = train_kd_teacher(train, test, config, arch_options=options, image_size=image_size,
+                                           device=device, progress=progress)
+    if write:
+        save_tensors(path, classifier.state_dict(), {"spec": classifier.spec, "target": test.name,
+                                                     "test_accuracy": metrics["accuracy"]})
+    log(f"[evaluate] kd teacher {arch} trained on {test.name}: {100 * metrics['accuracy']:.1f}% test accuracy "
+        f"({path})")
+    return classifier.to(resolve_device(device)).eval()
+
+
 def _parameterization_label(distilled: DistilledSet) -> str:
     """e.g. "pixels", "basis", "pixels, 4 fixed views" (the set then holds every view of its images)."""
     synthetic = distilled.config.get("synthetic", {})
@@ -891,6 +993,9 @@ def evaluate_methods(
     log=print,
     distributed: DistributedContext | None = None,
     provenance: Mapping[str, str] | None = None,
+    kd_config: KDConfig | None = None,
+    kd_teacher_path: str | Path | None = None,
+    kd_noise_images: int = 1000,
 ) -> list[dict[str, Any]]:
     """Evaluate every method x arch x seed x target x protocol, appending rows to `out_dir/results.csv`.
 
@@ -903,6 +1008,12 @@ def evaluate_methods(
     triples. Rows already in `results.csv` are skipped, so an interrupted evaluation
     resumes at the first missing one. Seeds are paired: seed s gives every
     method the same initialisation, label subset and batch order.
+
+    Protocol `kd` distils each target's classifier (`kd_teacher`: the file
+    `kd_teacher_path`, else one trained once per target and cached) into the
+    pre-trained network through its set's images; `none` learns from
+    `kd_noise_images` Gaussian-noise images; a network used as it is
+    (`full-ssl`) has no images and gets no kd rows.
 
     Under `torchrun` the jobs (method x arch x seed) are dealt round-robin to
     the ranks, one per device; rank 0 appends its rows as they come and the
@@ -921,14 +1032,27 @@ def evaluate_methods(
     jobs = [(arch, seed, method) for arch in archs for seed in seeds for method in sets]
     mine = set(split_jobs(range(len(jobs)), context.rank, context.world_size))
     new_rows = []
+    kd_teachers: dict[str, torch.nn.Module] = {}
+
+    def kd_teacher_of(dataset: str, train, test) -> torch.nn.Module:
+        if test.name not in kd_teachers:  # every rank builds the same one (seeded); rank 0 caches it
+            kd_teachers[test.name] = kd_teacher(
+                out_dir, dataset, train, test, kd_config or KDConfig(), teacher_path=kd_teacher_path,
+                eval_widths=tuple(eval_widths), image_size=image_size, device=device, progress=progress, log=log,
+                write=context.is_main,
+            )
+        return kd_teachers[test.name]
+
     for index, (arch, seed, method) in enumerate(jobs, 1):
         if index - 1 not in mine:
             continue
         network = sets[method]
         is_network = isinstance(network, torch.nn.Module)
         model_arch = getattr(network, "spec", {}).get("arch", arch) if is_network else arch
+        # kd distils through a set's images (none: noise); a network used as it is has neither
+        method_protocols = [p for p in protocols if not (is_network and parse_protocol(p)[0] == "kd")]
         pending = [
-            (dataset, train, test, protocol) for dataset, train, test in targets for protocol in protocols
+            (dataset, train, test, protocol) for dataset, train, test in targets for protocol in method_protocols
             if not has_result(rows, method=method, source=source_name, target=test.name, arch=model_arch,
                               protocol=protocol, seed=seed)
         ]
@@ -955,6 +1079,8 @@ def evaluate_methods(
                 pretrained=pretrained, method=method, source=source_name, target=test.name,
                 finetune_config=finetune, linear_config=linear_config, image_size=image_size,
                 device=device, progress=progress, arch_options=None if pretrained is not None else overrides,
+                kd_config=kd_config, kd_teacher=kd_teacher_of(dataset, train, test) if protocol_kind == "kd" else None,
+                kd_images=None if is_network else network, kd_noise_images=kd_noise_images,
             )
             row["protocol"] = protocol
             row["provenance"] = provenance.get(method, "")

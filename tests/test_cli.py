@@ -247,3 +247,47 @@ def test_evaluate_reads_another_methods_label_set(tmp_path, monkeypatch):
     method, network = _captured_evaluation(monkeypatch, argv)
     assert method == "dsa" and network.target_kind == "hard_labels"
     torch.testing.assert_close(network.images, (images.double() / 255 - 0.5) / 0.25, check_dtype=False)
+
+
+def _classifier_file(path, num_classes, widths=(4, 8, 8)):
+    """A krrst model file of a ConvNet classifier (its metadata names the architecture), as the kd cache writes."""
+    from krrst.io import save_tensors
+
+    model = create_model("convnet3", num_outputs=num_classes, widths=widths, image_size=32)
+    save_tensors(path, model.state_dict(), {"spec": model.spec})
+    return model
+
+
+KD_EVAL = ["--baseline", "none", "--target", "imagefolder", "--root", SAMPLE, "--max-per-class", "2", "--seeds", "1",
+           "--widths", "4,8,8", "--protocol", "kd", "--m", "8", "--set", "kd.epochs=1", "--set", "kd.batch_size=8",
+           "--device", "cpu", "--no-progress"]
+
+
+def test_evaluate_kd_distils_a_teacher_file(tmp_path, capsys):
+    from krrst.report import read_results
+
+    _classifier_file(tmp_path / "classifier.safetensors", 10)
+    assert main(["evaluate", *KD_EVAL, "--kd-teacher", str(tmp_path / "classifier.safetensors"),
+                 "--out", str(tmp_path / "eval")]) == 0
+    rows = read_results(tmp_path / "eval")
+    assert [(r["method"], r["protocol"], r["seed"]) for r in rows] == [("none", "kd", 0)]
+    assert not (tmp_path / "eval" / "eval" / "kd-teacher").exists(), "a teacher file is used, none is trained"
+
+
+def test_a_bad_kd_teacher_is_one_line_naming_the_file_and_the_mismatch(tmp_path, capsys):
+    wrong_classes = tmp_path / "five.safetensors"
+    _classifier_file(wrong_classes, 5)
+    err = _error_line(capsys, ["evaluate", *KD_EVAL, "--kd-teacher", str(wrong_classes), "--out", str(tmp_path / "a")])
+    assert f"--kd-teacher {wrong_classes}: a classifier of 5 classes, but target " in err and "has 10" in err
+    wrong_arch = tmp_path / "convnet.pt"
+    torch.save(create_model("convnet3", num_outputs=10, widths=(4, 8, 8), image_size=32).state_dict(), wrong_arch)
+    err = _error_line(capsys, ["evaluate", *KD_EVAL, "--kd-teacher", str(wrong_arch), "--kd-teacher-arch", "resnet18",
+                               "--out", str(tmp_path / "b")])
+    assert f"--kd-teacher {wrong_arch} does not fit architecture 'resnet18': " in err and "is missing" in err
+    named = _error_line(capsys, ["evaluate", *KD_EVAL, "--kd-teacher", str(wrong_classes), "--kd-teacher-arch",
+                                 "resnet18", "--out", str(tmp_path / "c")])
+    assert f"--kd-teacher {wrong_classes} holds a 'convnet3' classifier, not 'resnet18'" in named
+    assert not any((tmp_path / name / "results.csv").exists() for name in "abc"), "refused before any work"
+    without_kd = [arg for arg in KD_EVAL if arg not in ("--protocol", "kd")]
+    assert "--kd-teacher and --kd-teacher-arch go with --protocol kd" in _error_line(capsys, [
+        "evaluate", *without_kd, "--kd-teacher", str(wrong_classes), "--out", str(tmp_path / "d")])

@@ -490,6 +490,86 @@ def test_knowledge_distillation_transfers_the_teacher_without_target_images():
     assert metrics["accuracy"] > 0.8
 
 
+def test_kd_renormalises_a_set_to_the_targets_statistics():
+    """The teacher was trained on target-normalised images: a set normalised with its source's is mapped there."""
+    generator = torch.Generator().manual_seed(0)
+    unit = torch.rand(6, 3, 16, 16, generator=generator, dtype=torch.float64)
+    source_mean, source_std = (0.4, 0.45, 0.5), (0.2, 0.3, 0.25)
+    as_stored = (unit - torch.tensor(source_mean).view(1, -1, 1, 1)) / torch.tensor(source_std).view(1, -1, 1, 1)
+    distilled = DistilledSet(images=as_stored.float(), targets=torch.zeros(6, 4), mean=source_mean, std=source_std)
+    target = _colour_set(2, seed=0)
+    inputs, noise = E._kd_inputs(distilled, target, 0, None, torch.device("cpu"))
+    expected = (unit - torch.tensor(MEAN).view(1, -1, 1, 1)) / torch.tensor(STD).view(1, -1, 1, 1)
+    assert not noise
+    # float32 storage: a relative error of a few float32 epsilons, amplified by std_source / std_target <= 1.2
+    torch.testing.assert_close(inputs.double(), expected, rtol=0, atol=8 * torch.finfo(torch.float32).eps * 4)
+    noise_inputs, noise = E._kd_inputs(None, target, 5, 12, torch.device("cpu"))
+    assert noise and noise_inputs.shape == (5, 3, 12, 12)
+
+
+def test_kd_for_none_learns_from_gaussian_noise_at_the_noise_lr(monkeypatch):
+    seen, lrs = [], []
+
+    class Recording(ColourTeacher):
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return super().forward(x)
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, params, lr, **kwargs):
+            lrs.append(lr)
+            super().__init__(params, lr=lr, **kwargs)
+
+    monkeypatch.setattr(E.torch.optim, "Adam", RecordingAdam)
+    student = E.fresh_model("convnet3", None, 0, **NARROW)
+    config = E.KDConfig(epochs=3, batch_size=8, noise_lr=0.25, lr=1e-4, seed=0)
+    metrics = E.knowledge_distillation(Recording(), student, None, _colour_set(4, seed=2), config, noise_images=16,
+                                       progress=False)
+    assert lrs == [0.25] and 0.0 <= metrics["accuracy"] <= 1.0
+    batches = seen[1:]  # the first call only reads the class count
+    assert len(batches) == 3 * 2 and all(batch.shape == (8, 3, 16, 16) for batch in batches)
+    noise = torch.cat(batches)
+    # 6,144 draws of N(0, 1): mean within 5 standard errors of 0, variance within 10% of 1
+    assert abs(float(noise.mean())) < 5 / math.sqrt(noise.numel()) and abs(float(noise.var()) - 1) < 0.1
+    assert not torch.equal(batches[0], batches[1]), "fresh noise every batch"
+
+
+def test_train_kd_teacher_returns_the_classifier_it_scored():
+    train, test = _colour_set(20, seed=0), _colour_set(10, seed=1)
+    config = E.KDConfig(teacher_arch="convnet3", teacher_epochs=6, teacher_batch_size=16, teacher_lr=0.05)
+    classifier, metrics = E.train_kd_teacher(train, test, config, arch_options=NARROW, progress=False)
+    images, labels = E._prepared_target(test, "test", 16, torch.device("cpu"))
+    assert E.top1_accuracy(classifier, images, labels, MEAN, STD)[0] == metrics["accuracy"]
+    assert metrics["accuracy"] > 0.8 and metrics["iterations"] == math.ceil(6 * 60 / 16)
+    assert not any(parameter.requires_grad for parameter in classifier.parameters())
+
+
+@pytest.mark.parametrize("layout", ["krrst", "torchvision-fc", "library"])
+def test_load_kd_teacher_reads_a_classifier_of_each_layout(tmp_path, layout):
+    from krrst.io import save_tensors
+
+    inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    if layout == "library":
+        import torchvision
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = torchvision.models.resnet18(num_classes=10)
+        torch.save(model.state_dict(), tmp_path / "c.pt")
+        loaded = E.load_kd_teacher(tmp_path / "c.pt", 10, "torchvision:resnet18")
+    elif layout == "torchvision-fc":  # a CIFAR ResNet-18 saved with torchvision's names (fc., module.)
+        model = E.fresh_model("resnet18", 10, 0)
+        state = {("module." + k).replace("module.head.", "module.fc."): v for k, v in model.state_dict().items()}
+        torch.save({"state_dict": state}, tmp_path / "c.pth")
+        loaded = E.load_kd_teacher(tmp_path / "c.pth", 10)
+    else:
+        model = E.fresh_model("convnet3", 10, 0, widths=(4, 8, 8), image_size=32)
+        save_tensors(tmp_path / "c.safetensors", model.state_dict(), {"spec": model.spec})
+        loaded = E.load_kd_teacher(tmp_path / "c.safetensors", 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs), model.eval()(inputs))
+
+
 # --------------------------------------------------------------------------- label-based sets from other projects
 
 

@@ -1,5 +1,6 @@
 """The whole pipeline on a shortened demo config: files, resume at every stage boundary, reproducibility, errors."""
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -547,3 +548,57 @@ def test_flipping_run_download_needs_no_force(tmp_path):
     pipeline.prepare_run_dir(out, tiny_config(**{"run.download": "true"}), "demo", force=False)
     with pytest.raises(KrrstError, match=r"differs in distill\.steps"):
         pipeline.prepare_run_dir(out, tiny_config(**{"distill.steps": "4"}), "demo", force=False)
+
+
+# kd on the tiny run: two epochs of KD, one epoch of the target classifier (a narrow ConvNet, as in the demo preset).
+TINY_KD = {"run.methods": "krr-st,random,none", "run.protocols": "kd", "kd.epochs": "2", "kd.batch_size": "8",
+           "kd.teacher_epochs": "1", "kd.teacher_batch_size": "32"}
+
+
+def test_kd_runs_for_krrst_random_and_none_and_trains_the_target_classifier_once(tmp_path, monkeypatch):
+    import krrst.evaluate
+
+    trained, distilled_through, students = [], [], {}
+    train_kd_teacher, knowledge_distillation = krrst.evaluate.train_kd_teacher, krrst.evaluate.knowledge_distillation
+
+    def counting_teacher(*args, **kwargs):
+        trained.append(args[0].name)
+        return train_kd_teacher(*args, **kwargs)
+
+    def recording_kd(teacher, student, images, test, config, **kwargs):
+        distilled_through.append((images.method if images is not None else None, kwargs["noise_images"]))
+        students[(images.method if images is not None else "none", config.seed)] = copy.deepcopy(student.state_dict())
+        return knowledge_distillation(teacher, student, images, test, config, **kwargs)
+
+    monkeypatch.setattr(krrst.evaluate, "train_kd_teacher", counting_teacher)
+    monkeypatch.setattr(krrst.evaluate, "knowledge_distillation", recording_kd)
+    out = tmp_path / "run"
+    rows = run_tiny(out, **TINY_KD, **{"run.seeds": "2"})
+    assert sorted((r["method"], r["protocol"], r["seed"]) for r in rows) == [
+        (method, "kd", seed) for method in ("krr-st", "none", "random") for seed in (0, 1)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert len(trained) == 1, "one target: its classifier is trained once for every method and seed"
+    # each student learns from its own set's images only; none from Gaussian noise of the sets' size
+    assert sorted(distilled_through, key=str) == sorted(
+        [("krr-st", 10), ("krr-st", 10), ("random", 10), ("random", 10), (None, 10), (None, 10)], key=str)
+    cached = list((out / "eval" / "kd-teacher").glob("*.safetensors"))
+    assert len(cached) == 1
+    # the student starts from the network pre-trained on its set; none's from a fresh one of that seed
+    for seed in (0, 1):
+        pretrained, _ = load_tensors(out / "eval" / "pretrained" / f"krr-st-convnet3-seed{seed}.safetensors")
+        assert all(torch.equal(students[("krr-st", seed)][key], value) for key, value in pretrained.items())
+        fresh = krrst.evaluate.fresh_model("convnet3", None, seed, **pipeline.eval_overrides("convnet3", (32, 64, 128), 32))
+        assert all(torch.equal(students[("none", seed)][key], value) for key, value in fresh.state_dict().items())
+    # a third seed resumes: the cached classifier is reused, not trained again
+    grown = pipeline.run(tiny_config(**TINY_KD, **{"run.seeds": "3"}), out, preset="demo", force=True, device="cpu",
+                         progress=False, log=lambda _: None)
+    assert len(trained) == 1 and len(grown) == 9
+
+
+def test_kd_takes_no_label_fraction_and_a_teacher_file_is_one_targets():
+    with pytest.raises(KrrstError, match="kd .knowledge distillation. uses no target labels, so it takes no label"):
+        tiny_config(**{"run.protocols": "kd@10%"})
+    with pytest.raises(KrrstError, match=r"kd.teacher_path \(--kd-teacher\) is the classifier of one target, but "
+                                         r"run.targets names 2"):
+        tiny_config(**{"run.protocols": "kd", "kd.teacher_path": "teacher.pt",
+                       "run.targets": "imagefolder=@sample,cifar10"})
