@@ -291,3 +291,12 @@ def test_a_bad_kd_teacher_is_one_line_naming_the_file_and_the_mismatch(tmp_path,
     without_kd = [arg for arg in KD_EVAL if arg not in ("--protocol", "kd")]
     assert "--kd-teacher and --kd-teacher-arch go with --protocol kd" in _error_line(capsys, [
         "evaluate", *without_kd, "--kd-teacher", str(wrong_classes), "--out", str(tmp_path / "d")])
+
+
+def test_run_kd_teacher_options_reach_the_kd_config(capsys):
+    config = _print_config(capsys, "--preset", "demo", "--protocol", "kd", "--kd-teacher", "c10.pt",
+                           "--kd-teacher-arch", "resnet18_pad2")
+    assert config["run"]["protocols"] == ["kd"]
+    assert (config["kd"]["teacher_path"], config["kd"]["teacher_arch"]) == ("c10.pt", "resnet18_pad2")
+    assert "did you mean 'resnet18'" in _error_line(capsys, ["run", "--preset", "demo", "--protocol", "kd",
+                                                             "--kd-teacher-arch", "resnet81", "--print-config"])
