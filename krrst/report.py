@@ -912,7 +912,8 @@ th:first-child, td:first-child { text-align: left; }
 thead th { background: #f3f3f3; }
 caption { caption-side: top; text-align: left; font-size: .9em; color: #555; padding-bottom: .3em; }
 td.best { background: #eaf6ea; }
-td.pos { color: #1a7f37; } td.neg { color: #b42318; } td.l { text-align: left; }
+td.pos { color: #1a7f37; } td.neg { color: #b42318; } td.l, th.l { text-align: left; }
+img.half { max-width: 560px; }
 pre { background: #f7f7f7; border: 1px solid #e2e2e2; padding: .8em; overflow-x: auto; font-size: .85em; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 img.preview { image-rendering: pixelated; }
@@ -1045,18 +1046,39 @@ _INTERVAL_METHOD = (
 )
 
 
+def _headline_lead(comparisons: Sequence[dict]) -> str:
+    """One sentence per reference for KRR-ST (else the first method): each protocol's mean, interval and wins;
+    the differences whose interval is clear of 0 in bold."""
+    focus = next((c["method"] for c in comparisons if c["method"].rsplit(":", 1)[-1] == "krr-st"), comparisons[0]["method"])
+    sentences = []
+    for reference in _first_appearance(c["reference"] for c in comparisons):
+        items = []
+        for c in comparisons:
+            if c["method"] == focus and c["reference"] == reference:
+                text = html.escape(f"{_comparison_column(c, True, False)} {c['mean']:+.1f} {_interval_text(c)} "
+                                   f"({c['wins']}/{c['n']} seeds)")
+                clear = c["low"] is not None and (c["low"] > 0 or c["high"] < 0)
+                items.append(f"<strong>{text}</strong>" if clear else text)
+        if items:
+            sentences.append(f"{html.escape(focus)} minus {html.escape(reference)}: " + "; ".join(items) + ".")
+    return (f'<p class="lead">{" ".join(sentences)} In bold: intervals clear of 0; the others do not tell the two '
+            "apart on these seeds.</p>")
+
+
 def _headline_html(comparisons: Sequence[dict]) -> tuple[str, bytes | None]:
     parts = ['<h2 id="headline">Headline: paired differences</h2>']
     if not comparisons:
         parts.append(_note("No paired differences: no method shares seeds with random or none (the references)."))
         return "\n".join(parts), None
+    parts.append(_headline_lead(comparisons))
     several_targets = len({c["target"] for c in comparisons}) > 1
     several_archs = len({c["arch"] for c in comparisons}) > 1
     body = [((c["method"], "l"), (c["reference"], "l"), (_comparison_column(c, several_targets, several_archs), "l"),
              _signed(c["mean"]), _interval_text(c), f"{c['wins']}/{c['n']}",
              ", ".join(f"{d:+.1f}" for d in c["differences"])) for c in comparisons]
     parts.append(_html_table(
-        ("method", "minus", "protocol", "mean (points)", f"{CONFIDENCE:.0%} t-interval", "wins / seeds", "per seed"),
+        (("method", "l"), ("minus", "l"), ("protocol", "l"), "mean (points)", f"{CONFIDENCE:.0%} t-interval",
+         "wins / seeds", "per seed"),
         body, caption="Method minus reference, top-1 accuracy points, paired by seed."))
     png = _paired_plot_png(comparisons)
     parts.append(_img(png, "paired differences with 95% t-intervals"))
@@ -1206,7 +1228,7 @@ def _teacher_html(run_dir: Path) -> str:
     loss = run_dir / "teacher" / "loss.csv"
     if loss.is_file():
         try:
-            parts.append(_img(_loss_curve_png(loss, title="teacher SSL loss"), "teacher loss curve"))
+            parts.append(_img(_loss_curve_png(loss, title="teacher SSL loss"), "teacher loss curve", "half"))
         except Exception as exc:  # a corrupt or empty log is reported, not fatal
             notes.append(f"teacher/loss.csv could not be plotted: {exc}")
     else:
@@ -1274,7 +1296,7 @@ def _storage_html(run_dir: Path, rows: Sequence[dict], notes: list[str]) -> str:
                      format_bytes(entry["storage_bytes"]), f"{entry['storage_bytes'] / reference:.2f}x" if reference else "–",
                      (provenance.get(method, _MISSING_CELL), "l")))
     parts.append(f'<p class="lead">{html.escape(storage_verdict(sets))}</p>')
-    parts.append(_html_table(("set", "images", "parameterisation", "storage", "vs krr-st", "provenance"), body,
+    parts.append(_html_table(("set", "images", ("parameterisation", "l"), "storage", "vs krr-st", ("provenance", "l")), body,
                              caption="Float32 values as stored: bases, coefficients and view predictors included."))
     return "\n".join(parts)
 

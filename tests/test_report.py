@@ -647,6 +647,10 @@ def test_the_page_leads_with_paired_differences_and_shows_every_section(tmp_path
     half = report.t_quantile(2) * statistics.stdev(differences) / 3**0.5
     assert f"{mean:+.2f}" in text and f"[{mean - half:+.1f}, {mean + half:+.1f}]" in text
     assert "1/3" in text and "t-interval" in text and "Abramowitz" in text
+    lead = page[page.index('<p class="lead">'):page.index("</p>", page.index('<p class="lead">'))]
+    assert f"krr-st minus random: cifar10 linear +0.5" in lead and f"cifar10 finetune {mean:+.1f}" in lead
+    assert "<strong>" not in lead, "every interval here holds 0 (krr-st - none on linear: 2 seeds, t(0.975, 1) = 12.7)"
+
     # finetune's best mean is none's: the page says what the paired differences make of it
     assert "cifar10 finetune: the highest mean is none's" in text
     # what distillation changed, by hand
@@ -697,3 +701,13 @@ def test_report_command_merges_runs_only_into_an_out_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| e1:krr-st | e2:random | linear | +0.50 |" in out
     assert (tmp_path / "cmp" / "report.html").is_file()
+
+
+def test_the_lead_puts_intervals_clear_of_zero_in_bold():
+    rows = [row(method=m, protocol=p, seed=s, accuracy=a) for m, p, values in (
+        ("krr-st", "linear", [0.52, 0.55, 0.51]), ("random", "linear", [0.50, 0.52, 0.49]),
+        ("krr-st", "finetune", [0.60, 0.58, 0.61]), ("random", "finetune", [0.59, 0.60, 0.60]))
+        for s, a in enumerate(values)]
+    lead = report._headline_lead(report.paired_comparisons(rows))
+    assert "<strong>cifar10 linear +2.3 [" in lead  # +2, +3, +2: the interval [+0.9, +3.8] is clear of 0
+    assert "cifar10 finetune +0.0 [" in lead and "<strong>cifar10 finetune" not in lead
