@@ -232,10 +232,11 @@ def has_result(rows: Iterable[dict], **key: Any) -> bool:
 
 # --------------------------------------------------------------------------- summaries and tables
 def _method_sort_key(method: str) -> tuple[int, int, str]:
-    if method in _LEADING_METHODS:
-        return (0, _LEADING_METHODS.index(method), method)
-    if method in _TRAILING_METHODS:
-        return (2, _TRAILING_METHODS.index(method), method)
+    base = method.rsplit(":", 1)[-1]  # merged runs name methods `<run>:<method>`: krr-st of every run first
+    if base in _LEADING_METHODS:
+        return (0, _LEADING_METHODS.index(base), method)
+    if base in _TRAILING_METHODS:
+        return (2, _TRAILING_METHODS.index(base), method)
     return (1, 0, method)
 
 

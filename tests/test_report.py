@@ -682,6 +682,8 @@ def test_several_runs_merge_into_one_page_with_paired_differences_across_runs(tm
     across = next(c for c in comparisons if c["method"] == "b/e1:krr-st" and c["reference"] == "a/e1:random")
     assert across["differences"] == pytest.approx([100 * (a - b) for a, b in zip([0.63, 0.61, 0.64], [0.61, 0.60, 0.615])])
     assert not any(c["method"] == "a/e1:none" for c in comparisons)
+    against_random = [c["method"] for c in comparisons if c["reference"] == "a/e1:random" and c["protocol"] == "finetune"]
+    assert against_random == ["a/e1:krr-st", "b/e1:krr-st"], "each method of every run, krr-st first"
     text = " ".join(parse_html(paths["report_html"].read_text()).text)
     assert "b/e1:krr-st" in text and f"{across['mean']:+.2f}" in text
     assert "b/e1:krr-st" in paths["results_md"].read_text()
