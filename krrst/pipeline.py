@@ -686,7 +686,7 @@ def _run_stages(
     from krrst.mkdt import mkdt_distill
     from krrst.distill import distill, initial_indices
     from krrst.distilled import DistilledSet
-    from krrst.report import read_results, report_text, write_report
+    from krrst.report import read_results, remove_results, report_text, write_report
     from krrst.teacher import TEACHER_FILE, load_teacher, train_teacher
 
     device, main = context.device, context.is_main
@@ -833,9 +833,12 @@ def _run_stages(
     eval_fp = _fingerprint(distill_fp, baselines_fp, mkdt_fp, _without(config.pretrain), _without(config.finetune),
                            _without(config.linear),
                            _without(run_config, ("methods", "protocols", "archs", "seeds", "download",
-                                                 "keep_checkpoints")),
-                           *_kd_fingerprint(config, kd_teacher_file))
-    marker = eval_dir / "fingerprint.json"
+                                                 "keep_checkpoints")))
+    # The kd rows depend on the kd settings too; those settings govern the kd rows only, so that adding the kd
+    # protocol (whose settings the CPU presets shorten) or changing them keeps every other row.
+    kd_fp = _fingerprint(eval_fp, *_kd_fingerprint(config, kd_teacher_file))
+    marker, kd_marker = eval_dir / "fingerprint.json", eval_dir / "kd-fingerprint.json"
+    wants_kd = any(parse_protocol(protocol)[0] == "kd" for protocol in run_config.protocols)
 
     def start_evaluation() -> None:
         if marker.exists() and read_json(marker).get("fingerprint") != eval_fp:
@@ -843,6 +846,10 @@ def _run_stages(
             for name in ("results.csv", "results.json"):
                 (out_dir / name).unlink(missing_ok=True)
         _start_stage(eval_dir, eval_fp)
+        if wants_kd:
+            if kd_marker.exists() and read_json(kd_marker).get("fingerprint") != kd_fp:
+                remove_results(out_dir, lambda row: parse_protocol(row["protocol"])[0] == "kd")
+            write_json(kd_marker, {"fingerprint": kd_fp})
 
     run_on_main(start_evaluation)
     if "full-ssl" in run_config.methods:

@@ -24,7 +24,7 @@ import os
 import shlex
 import statistics
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from krrst.errors import KrrstError
 from krrst.io import atomic_write, file_lock, read_json
@@ -46,7 +46,7 @@ _TRAILING_METHODS = ("none", "full-ssl")
 # Reference rows do not compete for the bold "best" mark: the full-data
 # teacher is the ceiling the distilled sets are measured against.
 REFERENCE_METHODS = ("full-ssl",)
-_PROTOCOL_ORDER = ("linear", "finetune", "knowledge_distillation")
+_PROTOCOL_ORDER = ("linear", "finetune", "kd")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MISSING_CELL = "–"
@@ -181,6 +181,20 @@ def append_results(run_dir: str | os.PathLike, rows: list[dict]) -> None:
             _write_results_csv(tmp, all_rows)
         with atomic_write(run_dir / "results.json") as tmp:
             tmp.write_text(json.dumps(all_rows, indent=2) + "\n", encoding="utf-8")
+
+
+def remove_results(run_dir: str | os.PathLike, drop: Callable[[dict], bool]) -> int:
+    """Remove the rows for which `drop(row)` holds from both results files (atomically); returns how many."""
+    run_dir = Path(run_dir)
+    with file_lock(run_dir / ".results.lock"):
+        rows = read_results(run_dir)
+        kept = [row for row in rows if not drop(row)]
+        if len(kept) < len(rows):
+            with atomic_write(run_dir / "results.csv") as tmp:
+                _write_results_csv(tmp, kept)
+            with atomic_write(run_dir / "results.json") as tmp:
+                tmp.write_text(json.dumps(kept, indent=2) + "\n", encoding="utf-8")
+    return len(rows) - len(kept)
 
 
 def read_results(run_dir: str | os.PathLike) -> list[dict]:

@@ -602,3 +602,34 @@ def test_kd_takes_no_label_fraction_and_a_teacher_file_is_one_targets():
                                          r"run.targets names 2"):
         tiny_config(**{"run.protocols": "kd", "kd.teacher_path": "teacher.pt",
                        "run.targets": "imagefolder=@sample,cifar10"})
+
+
+def test_adding_or_changing_kd_keeps_the_other_protocols_rows(tmp_path, monkeypatch):
+    """The kd settings govern the kd rows only: adding kd, or changing its settings, re-runs kd alone."""
+    import krrst.evaluate as evaluate_module
+
+    out = tmp_path / "run"
+    small_kd = {"run.methods": "krr-st,none", "kd.epochs": "1", "kd.teacher_epochs": "1", "kd.batch_size": "16"}
+
+    def run(**extra):
+        return pipeline.run(tiny_config(**{**small_kd, **extra}), out, preset="demo", force=True, device="cpu",
+                            progress=False, log=lambda _: None)
+
+    def accuracies(rows):
+        return {(r["method"], r["protocol"], r["seed"]): r["accuracy"] for r in rows if r["protocol"] != "kd"}
+
+    before = accuracies(run())
+    with monkeypatch.context() as patch:  # a finished row recomputed would call the probe again
+        patch.setattr(evaluate_module, "linear_probe", lambda *a, **k: pytest.fail("a finished row was recomputed"))
+        with_kd = run(**{"run.protocols": "finetune,linear@50%,kd"})
+    assert accuracies(with_kd) == before, "adding kd kept every other row"
+    assert {r["method"] for r in with_kd if r["protocol"] == "kd"} == {"krr-st", "none"}
+
+    calls = []
+    real_kd = evaluate_module.knowledge_distillation
+    monkeypatch.setattr(evaluate_module, "knowledge_distillation",
+                        lambda *args, **kwargs: calls.append(1) or real_kd(*args, **kwargs))
+    monkeypatch.setattr(evaluate_module, "linear_probe", lambda *a, **k: pytest.fail("a finished row was recomputed"))
+    changed = run(**{"kd.epochs": "2", "run.protocols": "finetune,linear@50%,kd"})
+    assert accuracies(changed) == before
+    assert len(calls) == 2 and len([r for r in changed if r["protocol"] == "kd"]) == 2, "kd rows recomputed, once each"
