@@ -557,9 +557,14 @@ def dataset_path(root: Path, path: str) -> Path:
     return candidate if candidate.is_absolute() else Path(root).expanduser() / candidate
 
 
-def _existing_dataset_path(root: Path, path: str, option: str, download: bool) -> Path:
-    """`dataset_path`, or a one-line error naming the config option and `--root` when nothing is there."""
+def _existing_dataset_path(root: Path, path: str, option: str, download: bool, reader: str = "") -> Path | str:
+    """`dataset_path`, or a one-line error naming the config option and `--root` when nothing is there.
+
+    For the `hf` reader a path that is not there is a Hugging Face hub name (`user/dataset`), passed on as it is.
+    """
     location = dataset_path(root, path)
+    if reader == "hf" and not location.exists():
+        return path
     if not location.exists() and not download:
         raise KrrstError(
             f"{option}: {location} does not exist"
@@ -580,7 +585,7 @@ def load_source(run: RunConfig, root: Path):
     """The unlabelled source split and `run.heldout_images` held-out images (never distilled on)."""
     from krrst.data import load_images
 
-    location = _existing_dataset_path(root, run.source_root, "run.source_root", run.download)
+    location = _existing_dataset_path(root, run.source_root, "run.source_root", run.download, run.source)
     source = load_images(run.source, location, run.source_split, image_size=run.image_size, download=run.download,
                          max_per_class=run.source_per_class, resize=run.resize, skip_corrupt=run.skip_corrupt,
                          test_fraction=run.test_fraction)
@@ -604,7 +609,7 @@ def load_target(spec: str, run: RunConfig, root: Path):
     from krrst.data import load_images
 
     name, path = parse_target(spec)
-    location = _existing_dataset_path(root, path, f"run.targets entry {spec!r}", run.download)
+    location = _existing_dataset_path(root, path, f"run.targets entry {spec!r}", run.download, name)
     common = {"image_size": run.image_size, "download": run.download, "resize": run.resize,
               "skip_corrupt": run.skip_corrupt, "test_fraction": run.test_fraction}
     train = load_images(name, location, "train", max_per_class=run.target_train_per_class, **common)

@@ -633,3 +633,22 @@ def test_adding_or_changing_kd_keeps_the_other_protocols_rows(tmp_path, monkeypa
     changed = run(**{"kd.epochs": "2", "run.protocols": "finetune,linear@50%,kd"})
     assert accuracies(changed) == before
     assert len(calls) == 2 and len([r for r in changed if r["protocol"] == "kd"]) == 2, "kd rows recomputed, once each"
+
+
+def test_a_hugging_face_hub_name_reaches_the_reader_as_it_is(monkeypatch, tmp_path):
+    """`--set run.source=hf --set run.source_root=user/dataset`: a hub name, not a folder under --root."""
+    import krrst.data
+
+    seen = []
+
+    def recording(name, root, split, **kwargs):
+        seen.append((name, root))
+        raise KrrstError("stop here")
+
+    monkeypatch.setattr(krrst.data, "load_images", recording)
+    config = tiny_config(**{"run.source": "hf", "run.source_root": "someone/photos"})
+    with pytest.raises(KrrstError, match="stop here"):
+        pipeline.load_source(config.run, tmp_path)
+    assert seen == [("hf", "someone/photos")]
+    with pytest.raises(KrrstError, match="does not exist"):  # other readers still want the folder
+        pipeline.load_source(tiny_config(**{"run.source_root": "someone/photos"}).run, tmp_path)
