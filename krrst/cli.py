@@ -359,10 +359,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             network = teacher
     image_size = args.image_size or (network.image_size if isinstance(network, DistilledSet) else None)
     # Everything that can fail on a mistyped option comes before the claim on --out.
-    train = load_images(args.target, args.root, "train", image_size=image_size, download=args.download,
-                        max_per_class=args.max_per_class)
-    test = load_images(args.target, args.root, TEST_SPLITS.get(args.target, "test"), image_size=image_size,
-                       download=args.download)
+    reading = {"image_size": image_size, "download": args.download, "skip_corrupt": args.skip_corrupt,
+               "test_fraction": args.test_fraction}
+    train = load_images(args.target, args.root, "train", max_per_class=args.max_per_class, **reading)
+    test = load_images(args.target, args.root, TEST_SPLITS.get(args.target, "test"), **reading)
     foreign = args.distilled is not None and not _is_krrst_set(args.distilled)
     if foreign:  # raw pixels: normalised now that the target's statistics are known
         stats = _set_stats(args, train)
@@ -741,6 +741,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="resize the target (and a baseline's source images) to N x N (default: the set's size)")
     evaluate.add_argument("--max-per-class", type=int, default=None, help="keep the first K training images per class")
     evaluate.add_argument("--download", action="store_true", help="download the target when absent (where possible)")
+    evaluate.add_argument("--skip-corrupt", action="store_true",
+                          help="skip image files that cannot be decoded (reported with a count) instead of stopping")
+    evaluate.add_argument("--test-fraction", type=float, default=0.2,
+                          help="the test share of a labelled folder / HF dataset with no test split (seeded, "
+                          "stratified; part of the target's name in the rows)")
     _kd_args(evaluate, "default: krrst trains one on the target, once, cached in OUT/eval/kd-teacher/")
     _common(evaluate, "pretrain, finetune, linear, kd", "pretrain.epochs=50")
     evaluate.set_defaults(handler=_cmd_evaluate)

@@ -300,3 +300,26 @@ def test_run_kd_teacher_options_reach_the_kd_config(capsys):
     assert (config["kd"]["teacher_path"], config["kd"]["teacher_arch"]) == ("c10.pt", "resnet18_pad2")
     assert "did you mean 'resnet18'" in _error_line(capsys, ["run", "--preset", "demo", "--protocol", "kd",
                                                              "--kd-teacher-arch", "resnet81", "--print-config"])
+
+
+def test_evaluate_reads_a_labelled_folder_with_its_split_fraction_and_skips_corrupt_files(tmp_path, capsys):
+    from PIL import Image
+
+    from krrst.report import read_results
+
+    generator = torch.Generator().manual_seed(0)
+    for pet in ("cat", "dog"):
+        (tmp_path / "pets" / pet).mkdir(parents=True)
+        for index in range(10):
+            pixels = torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8, generator=generator).numpy()
+            Image.fromarray(pixels).save(tmp_path / "pets" / pet / f"{index}.png")
+    (tmp_path / "pets" / "dog" / "broken.jpg").write_bytes(b"not an image")
+    command = ["evaluate", "--baseline", "none", "--target", "folder", "--root", str(tmp_path / "pets"),
+               "--widths", "4,8,8", "--seeds", "1", "--out", str(tmp_path / "eval"), "--device", "cpu",
+               "--no-progress", "--set", "finetune.iterations=2", "--set", "finetune.batch_size=4",
+               "--test-fraction", "0.3"]
+    assert main(command) == 2
+    assert "broken.jpg" in capsys.readouterr().err  # named, with how to skip it
+    assert main([*command, "--skip-corrupt"]) == 0
+    (row,) = read_results(tmp_path / "eval")
+    assert "test 30%" in row["target"], row["target"]
