@@ -48,7 +48,7 @@ from krrst.augment import (
     normalize,
     sample_crop_flip,
 )
-from krrst.config import apply_overrides, config_changes, config_to_dict, resolve_device
+from krrst.config import apply_overrides, check_numeric_fields, config_changes, config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.distributed import DistributedContext, all_reduce_mean_, current_context, shard_slice
 from krrst.errors import KrrstError
@@ -219,6 +219,7 @@ class DistillConfig:
     final_targets: Literal["learned", "teacher"] = "learned"
 
     def __post_init__(self) -> None:
+        check_numeric_fields(self, "distill")  # finite, within float32: a config built in Python as from --set
         positive = ("num_images", "image_size", "batch_size", "pool_size", "log_every", "validation_images")
         non_negative = (
             "steps", "padding", "pool_steps", "checkpoint_every", "validate_every", "validation_models",

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krrst.config import resolve_device
+from krrst.config import check_numeric_fields, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.finite import LossWatch, check_finite, first_nonfinite_tensor
@@ -125,6 +125,7 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check_speed_fields(self, "pretrain")
+        check_numeric_fields(self, "pretrain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +153,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_speed_fields(self, "finetune")
+        check_numeric_fields(self, "finetune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +191,7 @@ class LinearProbeConfig:
 
     def __post_init__(self) -> None:
         check_speed_fields(self, "linear")
+        check_numeric_fields(self, "linear")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from krrst import io
 from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
-from krrst.config import config_changes, config_to_dict, resolve_device
+from krrst.config import check_numeric_fields, config_changes, config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.finite import LossWatch
@@ -137,6 +137,7 @@ class MKDTConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
+        check_numeric_fields(self, "mkdt")
         positive = (
             "num_images", "image_size", "experts", "expert_epochs", "expert_batch_size", "syn_steps",
             "expert_epochs_matched", "max_start_epoch", "batch_syn", "log_every",

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from krrst.augment import normalize, ssl_view_pair
-from krrst.config import config_changes, config_to_dict, resolve_device
+from krrst.config import check_numeric_fields, config_changes, config_to_dict, resolve_device
 from krrst.distributed import (
     DistributedContext,
     all_gather_with_grad,
@@ -198,6 +198,7 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         check_speed_fields(self, "teacher")
+        check_numeric_fields(self, "teacher")
 
 
 # --------------------------------------------------------------------------- losses

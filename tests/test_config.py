@@ -152,3 +152,17 @@ def test_config_module_imports_without_torch():
 
     code = "import sys, krrst.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_configs_built_in_python_refuse_numbers_that_are_not_finite():
+    from krrst.distill import DistillConfig
+    from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig
+    from krrst.mkdt import MKDTConfig
+    from krrst.teacher import TeacherConfig
+
+    for config, field, stage in ((DistillConfig, "image_lr", "distill"), (TeacherConfig, "lr", "teacher"),
+                                 (MKDTConfig, "expert_lr", "mkdt"), (PretrainConfig, "lr", "pretrain"),
+                                 (FinetuneConfig, "lr", "finetune"), (LinearProbeConfig, "lr", "linear")):
+        config()  # the defaults pass
+        with pytest.raises(KrrstError, match=rf"{stage}\.{field}"):
+            config(**{field: float("nan")})
