@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -130,7 +131,6 @@ def step_flops(setting: dict, with_teacher: bool) -> int:
 def run_one(setting: dict, path: str, steps: int, skip: int, device_name: str, teacher_cache: int,
             compile_step: bool) -> dict:
     """Time one path of one setting in this process; return its measurements."""
-    import krrst.distill as distill_module
     from krrst.config import resolve_device
     from krrst.data import ImageSet
 
@@ -142,40 +142,52 @@ def run_one(setting: dict, path: str, steps: int, skip: int, device_name: str, t
     cache = teacher_cache if path == "fast" else 0
     config = _config(setting, path, skip + steps, skip, cache, compile_step and path == "fast")
 
-    build_seconds = []
-    build_cache = distill_module.build_teacher_cache
+    teacher = _teacher(setting["teacher"], size)
+    measured = time_distill(source, teacher, config, setting["teacher"], device)
+    if device.type != "cuda":  # this process ran this path alone: its peak resident set is the path's
+        measured["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {**setting, "path": path, "teacher_cache": cache, "compile": config.compile, **measured}
 
-    def timed_build_cache(*args, **kwargs):
+
+def time_distill(source, teacher, config, teacher_name: str, device: torch.device) -> dict:
+    """steps/s, CUDA peak memory (None on CPU), cache build time, FLOPs per step and MFU of `distill()` with `config`.
+
+    steps/s runs from the log row at step `config.log_every` (after allocation, autotuning, compilation) to the
+    last; the pool warm-up is skipped (set-up, not per-step cost) and the teacher cache's build is timed apart.
+    The patches are undone on return, so nothing else in the process sees them.
+    """
+    import krrst.distill as distill_module
+
+    build_seconds = []
+    build_teacher_cache = distill_module.build_teacher_cache
+
+    def timed_build(*args, **kwargs):
         started = time.perf_counter()
-        result = build_cache(*args, **kwargs)
+        cache = build_teacher_cache(*args, **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         build_seconds.append(time.perf_counter() - started)
-        return result
+        return cache
 
-    distill_module.build_teacher_cache = timed_build_cache
-    distill_module.ModelPool.warm_up = lambda self, *args, **kwargs: None  # set-up, not per-step cost
-    teacher = _teacher(setting["teacher"], size)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, \
+            mock.patch.object(distill_module.ModelPool, "warm_up", lambda self, *args, **kwargs: None), \
+            mock.patch.object(distill_module, "build_teacher_cache", timed_build):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         distill_module.distill(source, teacher, config, out_dir=tmp, device=device, progress=False)
-        with open(Path(tmp) / "loss.csv") as handle:
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        with open(Path(tmp) / distill_module.LOSS_CSV_NAME) as handle:
             elapsed = {int(row["step"]): float(row["elapsed_s"]) for row in csv.DictReader(handle) if row["loss"]}
-    last = max(elapsed)
-    seconds_per_step = (elapsed[last] - elapsed[skip]) / (last - skip)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        where = torch.cuda.get_device_name(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        where = f"CPU, {torch.get_num_threads()} threads"
-    flops = step_flops(setting, with_teacher=cache == 0)
+    first, last = config.log_every, max(elapsed)
+    steps_per_s = (last - first) / (elapsed[last] - elapsed[first])
+    setting = dict(m=config.num_images, batch=config.batch_size, size=config.image_size, arch=config.arch,
+                   widths=config.widths, teacher=teacher_name)
+    flops = step_flops(setting, with_teacher=config.teacher_cache_views == 0)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peak_flops = next((value for key, value in PEAK_BF16.items() if key in where), None)
-    return {**setting, "path": path, "device": where, "teacher_cache": cache, "compile": config.compile,
-            "timed_steps": last - skip, "steps_per_s": 1 / seconds_per_step, "peak_gib": peak,
+    return {"device": where, "timed_steps": last - first, "steps_per_s": steps_per_s, "peak_gib": peak,
             "cache_build_s": build_seconds[0] if build_seconds else None, "gflop_per_step": flops / 1e9,
-            "mfu": flops / seconds_per_step / peak_flops if peak_flops else None}
+            "mfu": flops * steps_per_s / peak_flops if peak_flops else None}
 
 
 def main() -> None:

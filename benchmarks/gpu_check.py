@@ -64,13 +64,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_distill import PEAK_BF16, step_flops  # noqa: E402  FLOPs and MFU as the distillation benchmark counts them
+from bench_distill import time_distill  # noqa: E402  timing, FLOPs and MFU as the distillation benchmark counts them
 
 from krrst import distill as distill_module  # noqa: E402
 from krrst import io  # noqa: E402
@@ -231,44 +230,6 @@ def loss_and_gradient(config: DistillConfig, model, tensors, device: torch.devic
         gradients = torch.autograd.grad(loss, [synthetic, synthetic_targets])
     gradient = torch.cat([g.flatten() for g in gradients]).double().cpu()
     return float(loss.detach()), int(info), gradient
-
-
-def _no_warm_up(self, *args, **kwargs) -> None:
-    """The pool's warm-up (up to T steps per model) is set-up, not per-step cost."""
-
-
-def time_distill(source: ImageSet, teacher, config: DistillConfig, teacher_name: str, device: torch.device) -> dict:
-    """steps/s, peak memory, FLOPs per step and MFU of `distill()` with `config` (see the module docstring)."""
-    build_seconds = []
-    build_teacher_cache = distill_module.build_teacher_cache
-
-    def timed_build(*args, **kwargs):
-        started = time.perf_counter()
-        cache = build_teacher_cache(*args, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        build_seconds.append(time.perf_counter() - started)
-        return cache
-
-    # patch.object restores both when the loop ends, so nothing else in this process sees the patches
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(ModelPool, "warm_up", _no_warm_up), \
-            mock.patch.object(distill_module, "build_teacher_cache", timed_build):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        distill_module.distill(source, teacher, config, out_dir=tmp, device=device, progress=False)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        with open(Path(tmp) / distill_module.LOSS_CSV_NAME) as handle:
-            elapsed = {int(row["step"]): float(row["elapsed_s"]) for row in csv.DictReader(handle) if row["loss"]}
-    first, last = config.log_every, max(elapsed)
-    steps_per_s = (last - first) / (elapsed[last] - elapsed[first])
-    setting = dict(m=config.num_images, batch=config.batch_size, size=config.image_size, arch=config.arch,
-                   widths=config.widths, teacher=teacher_name)
-    flops = step_flops(setting, with_teacher=config.teacher_cache_views == 0)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak_flops = next((value for key, value in PEAK_BF16.items() if key in name), None)
-    return {"steps_per_s": steps_per_s, "peak_gib": peak, "gflop_per_step": flops / 1e9,
-            "mfu": flops * steps_per_s / peak_flops if peak_flops else None,
-            "cache_build_s": build_seconds[0] if build_seconds else None}
 
 
 def _speed_label(config: DistillConfig, device: torch.device) -> str:
