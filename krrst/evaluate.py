@@ -54,6 +54,7 @@ from krrst.config import check_numeric_fields, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.finite import LossWatch, check_finite, first_nonfinite_tensor
+from krrst.formats import last_linear, load_exactly
 from krrst.io import describe_exception, torch_load_weights_only
 from krrst.models import create_model, reset_head
 from krrst.progress import progress_bar
@@ -1259,11 +1260,6 @@ def _library_classifier(arch: str, num_classes: int, option: str) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
-def _last_linear(model: nn.Module) -> str | None:
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    return names[-1] if names else None
-
-
 def load_kd_teacher(
     path: str | os.PathLike,
     num_classes: int,
@@ -1323,25 +1319,15 @@ def _load_classifier_weights(model: nn.Module, state: dict[str, torch.Tensor], p
         if key.startswith("fc.") and key not in expected and "head." + key[3:] in expected:
             key = "head." + key[3:]  # a torchvision-layout file of a registered architecture
         cleaned[key] = value
-    head = _last_linear(model)
+    head = last_linear(model)
     head_weight = cleaned.get(f"{head}.weight") if head else None
     if head_weight is not None and head_weight.dim() == 2 and head_weight.shape[0] != num_classes:
         raise KrrstError(f"{option} {path}: a classifier of {head_weight.shape[0]} classes, but {target} has "
                          f"{num_classes}; give a classifier trained on {target}")
-    missing = [key for key in expected if key not in cleaned and not key.endswith("num_batches_tracked")]
-    unexpected = [key for key in cleaned if key not in expected]
-    for what, keys in (("is missing", missing), ("is not in the model", unexpected)):
-        if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise KrrstError(f"{option} {path} does not fit architecture {arch!r}: {keys[0]!r} {what}{more}")
-    for key, value in cleaned.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise KrrstError(f"{option} {path} does not fit architecture {arch!r}: {key!r} has shape "
-                             f"{tuple(value.shape)} in the file but {tuple(expected[key].shape)} in the model")
+    load_exactly(model, cleaned, f"{option} {path}", f"architecture {arch!r}")
     nonfinite = first_nonfinite_tensor(cleaned.items())
     if nonfinite is not None:
         raise KrrstError(f"{option} {path}: {nonfinite[1]} in its weights ({nonfinite[0]}); its logits would be NaN")
-    model.load_state_dict({key: value.to(expected[key].dtype) for key, value in cleaned.items()}, strict=False)
 
 
 # --------------------------------------------------------------------------- results rows

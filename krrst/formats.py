@@ -119,12 +119,15 @@ def _timm_model(name: str, pretrained: bool) -> tuple[nn.Module, TeacherInput]:
     return model, TeacherInput(int(size), tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD)))
 
 
+def last_linear(model: nn.Module) -> str | None:
+    """The name of the model's last `nn.Linear` (a classifier's head), or None."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else None
+
+
 def remove_head(model: nn.Module, arch: str) -> int:
     """Replace the model's last `nn.Linear` (its classifier) by the identity; return the feature size it took."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = name
+    last = last_linear(model)
     if last is None:
         raise KrrstError(f"{arch} has no final linear classifier to remove; export its feature extractor as "
                          f"TorchScript and pass that file instead")
@@ -274,20 +277,27 @@ def backbone_state(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[
 
 def load_backbone_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
     """Load `state` into `model` strictly; the first mismatch is one line naming the file, arch and key."""
+    load_exactly(model, state, f"teacher file {path}", arch,
+                 stem_hint="a 3x3 stem is a CIFAR-style ResNet: use --teacher-arch resnet18_pad2 (or resnet18)")
+
+
+def load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], subject: str, fits: str,
+                 stem_hint: str = "") -> None:
+    """Load `state` into `model`, every key and shape as the model has them (BatchNorm's step counter may be
+    absent); the first mismatch is one line, "`subject` does not fit `fits`: ...". `stem_hint` is added when a
+    3x3 convolution meets the model's 7x7 one (a CIFAR-style stem)."""
     expected = model.state_dict()
     missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
     unexpected = [key for key in state if key not in expected]
     for what, keys in (("is missing", missing), ("is not in the model", unexpected)):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise KrrstError(f"teacher file {path} does not fit {arch}: {keys[0]!r} {what}{more}")
+            raise KrrstError(f"{subject} does not fit {fits}: {keys[0]!r} {what}{more}")
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            hint = ""
-            if value.dim() == 4 and value.shape[-1] == 3 and expected[key].shape[-1] == 7:
-                hint = "; a 3x3 stem is a CIFAR-style ResNet: use --teacher-arch resnet18_pad2 (or resnet18)"
-            raise KrrstError(f"teacher file {path} does not fit {arch}: {key!r} has shape {tuple(value.shape)} in "
-                             f"the file but {tuple(expected[key].shape)} in the model{hint}")
+            stem = stem_hint and value.dim() == 4 and value.shape[-1] == 3 and expected[key].shape[-1] == 7
+            raise KrrstError(f"{subject} does not fit {fits}: {key!r} has shape {tuple(value.shape)} in the file "
+                             f"but {tuple(expected[key].shape)} in the model" + (f"; {stem_hint}" if stem else ""))
     model.load_state_dict({key: value.to(expected[key].dtype) for key, value in state.items()}, strict=False)
 
 
