@@ -932,7 +932,8 @@ def distill(
         raise KrrstError("--resume needs --out (the run folder holding checkpoint.safetensors)")
     checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
     if not resume and checkpoint_path is not None and checkpoint_path.is_file():
-        raise KrrstError(f"{checkpoint_path} already exists; resume that run (re-run the krrst command, or resume=True) or choose another --out")
+        raise KrrstError(f"{checkpoint_path} already exists; resume that run (re-run the krrst command, or "
+                         f"resume=True) or choose another --out")
     checkpoint = io.load_state(checkpoint_path) if resume and checkpoint_path.is_file() else None
 
     # --- data, on the device as uint8; normalised per batch
@@ -1091,8 +1092,8 @@ def distill(
         loss_count = int(checkpoint["loss_count"])
         start_step, history = int(checkpoint["step"]), list(checkpoint["history"])
         if is_main:
-            tqdm.write(f"distill: resuming {out_dir} at step {start_step:,}/{config.steps:,}"
-                       if start_step < config.steps else f"distill: {out_dir} was finished ({config.steps:,} steps)", file=sys.stderr)
+            tqdm.write(f"distill: resuming {out_dir} at step {start_step:,}/{config.steps:,}" if start_step < config.steps
+                       else f"distill: {out_dir} was finished ({config.steps:,} steps)", file=sys.stderr)
     else:
         with torch.no_grad():
             support_images, support_targets = support_set()

@@ -116,7 +116,8 @@ def _timm_model(name: str, pretrained: bool) -> tuple[nn.Module, TeacherInput]:
                          f"download them elsewhere and pass the file with --teacher") from None
     config = getattr(model, "pretrained_cfg", None) or {}
     size = config.get("input_size", (3, 224, 224))[-1]
-    return model, TeacherInput(int(size), tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD)))
+    mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
+    return model, TeacherInput(int(size), mean, std)
 
 
 def last_linear(model: nn.Module) -> str | None:

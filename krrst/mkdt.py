@@ -485,7 +485,8 @@ def mkdt_distill(
     if not resume and out_dir is not None and write:
         for path in (checkpoint_path, trajectories_path):
             if path.is_file():
-                raise KrrstError(f"{path} already exists; resume that run (re-run the krrst command, or resume=True) or choose another --out")
+                raise KrrstError(f"{path} already exists; resume that run (re-run the krrst command, or "
+                                 f"resume=True) or choose another --out")
     checkpoint = io.load_state(checkpoint_path) if resume and checkpoint_path.is_file() else None
 
     source_images = source.images
@@ -567,8 +568,8 @@ def mkdt_distill(
         optimizer.load_state_dict(checkpoint["optimizer"])
         generator.set_state(checkpoint["generator"])
         start_step, history = int(checkpoint["step"]), list(checkpoint["history"])
-        tqdm.write(f"mkdt: resuming {out_dir} at step {start_step:,}/{config.steps:,}"
-                   if start_step < config.steps else f"mkdt: {out_dir} was finished ({config.steps:,} steps)", file=sys.stderr)
+        tqdm.write(f"mkdt: resuming {out_dir} at step {start_step:,}/{config.steps:,}" if start_step < config.steps
+                   else f"mkdt: {out_dir} was finished ({config.steps:,} steps)", file=sys.stderr)
         loss_sum.fill_(float(checkpoint["loss_sum"]))
         loss_count = int(checkpoint["loss_count"])
 

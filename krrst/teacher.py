@@ -844,9 +844,7 @@ def load_teacher(
         tensors = _torch_load_state_dict(path)
 
     state = _clean_state_dict(tensors)
-    nonfinite = first_nonfinite_tensor(state.items())
-    if nonfinite is not None:
-        raise KrrstError(f"teacher file {path}: {nonfinite[1]} in its weights ({nonfinite[0]}); its features would be NaN")
+    _refuse_nonfinite_weights(path, state)
     if metadata.get("kind") == TEACHER_KIND and is_library_arch(metadata["spec"]["arch"]):
         # an imported torchvision/timm teacher: rebuilt by its library, its weights as saved (head already removed)
         spec = metadata["spec"]
@@ -899,10 +897,15 @@ def _load_foreign_teacher(
         model = load_torchscript(Path(path))
         if input_size:
             model.teacher_input = TeacherInput(int(input_size), IMAGENET_MEAN, IMAGENET_STD)
-    nonfinite = first_nonfinite_tensor(model.state_dict().items())
-    if nonfinite is not None:
-        raise KrrstError(f"teacher file {path}: {nonfinite[1]} in its weights ({nonfinite[0]}); its features would be NaN")
+    _refuse_nonfinite_weights(path, model.state_dict())
     return _freeze(model.to(resolve_device(device)))
+
+
+def _refuse_nonfinite_weights(path: str | os.PathLike | None, state: Mapping[str, torch.Tensor]) -> None:
+    nonfinite = first_nonfinite_tensor(state.items())
+    if nonfinite is not None:
+        raise KrrstError(f"teacher file {path}: {nonfinite[1]} in its weights ({nonfinite[0]}); its features would "
+                         "be NaN")
 
 
 def _is_safetensors(path: Path) -> bool:
