@@ -29,10 +29,14 @@ INTERVAL_ENV = "KRRST_PROGRESS_INTERVAL"
 _stopped: list[str] = []
 
 
+def _plural(unit: str) -> str:
+    return unit if unit.endswith("s") else f"{unit}s"
+
+
 def _note_if_stopped(desc: str, n: int, total: int | None, unit: str) -> None:
     """Record where a loop stood if it is being closed while an exception propagates (from a `finally`)."""
     if sys.exc_info()[0] is not None and (total is None or n < total):
-        units = unit if unit.endswith("s") else f"{unit}s"
+        units = _plural(unit)
         _stopped.append(f"{desc} at {n:,}/{total:,} {units}" if total else f"{desc} at {n:,} {units}")
 
 
@@ -90,7 +94,7 @@ class LogProgress:
         """The progress line as it stands: stage, count of total, rate, elapsed, ETA, the latest postfix."""
         elapsed = (time.perf_counter() if now is None else now) - self.started
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
-        units = f"{self.unit}s" if not self.unit.endswith("s") else self.unit
+        units = _plural(self.unit)
         count = f"{self.n:,}/{self.total:,} {units} ({100 * self.n / self.total:.1f}%)" if self.total \
             else f"{self.n:,} {units}"
         parts = [f"[{self.desc}] {count}", f"{rate:.3g} {units}/s", f"elapsed {_clock(elapsed)}"]
