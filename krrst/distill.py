@@ -4,7 +4,7 @@
 target representations `Y_s` so that, for feature extractors `f` drawn from a
 pool of partly trained networks, ridge regression fitted on `(f(X_s), Y_s)`
 predicts the teacher's representations `g(X_t)` of real images
-(`krrst.objective.krr_st_loss`). It returns a `DistilledSet` and, given an
+(`krrst.losses.krr_st_loss`). It returns a `DistilledSet` and, given an
 `out_dir`, leaves a resumable run there:
 
 - `checkpoint.safetensors`: `X_s`, `Y_s`, the outer optimiser and schedule,
@@ -55,7 +55,7 @@ from krrst.errors import KrrstError
 from krrst.finite import LossWatch
 from krrst.formats import fit_to_source
 from krrst.models import create_model, model_options
-from krrst.objective import krr_predict_with_info, krr_st_loss
+from krrst.losses import krr_predict_with_info, krr_st_loss
 from krrst.parameterize import (
     AugmentationPredictor,
     augmentation_predictor_loss,

@@ -56,6 +56,7 @@ from krrst.errors import KrrstError
 from krrst.finite import LossWatch, check_finite, first_nonfinite_tensor
 from krrst.formats import last_linear, load_exactly
 from krrst.io import describe_exception, torch_load_weights_only
+from krrst.losses import soft_cross_entropy
 from krrst.models import create_model, reset_head
 from krrst.progress import progress_bar
 from krrst.speed import SpeedSettings, check_speed_fields, fused_options
@@ -1049,24 +1050,6 @@ def linear_probe(
 
 
 # --------------------------------------------------------------------------- knowledge distillation
-
-
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Soft cross-entropy of the student against the teacher's softened distribution, mean over the batch.
-
-    L = -(T^2 / B) * sum_b sum_k softmax(t_b / T)_k * log softmax(s_b / T)_k
-
-    with teacher logits t, student logits s, batch size B and temperature T.
-    The T^2 factor (Hinton et al. 2015) keeps gradient magnitudes comparable
-    across temperatures; at the paper's T = 1 this is exactly the authors'
-    `distillation_loss`. The teacher side carries no gradient.
-    """
-    if temperature <= 0:
-        raise KrrstError(f"KD temperature must be > 0, got {temperature!r}")
-    teacher_probabilities = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    student_log_probabilities = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    per_example = -(teacher_probabilities * student_log_probabilities).sum(dim=-1)
-    return per_example.mean() * temperature**2
 
 
 def _kd_inputs(

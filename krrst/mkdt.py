@@ -50,6 +50,7 @@ from krrst.finite import LossWatch
 from krrst.distill import _draw_seed, _every, _model_options, teacher_identity
 from krrst.evaluate import fresh_model
 from krrst.formats import fit_to_source
+from krrst.losses import parameter_matching_loss
 from krrst.progress import progress_bar
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -346,8 +347,7 @@ def matching_loss(
         inner = F.mse_loss(outputs, synthetic_targets[batch])
         (gradient,) = torch.autograd.grad(inner, theta, create_graph=True)
         theta = theta - syn_lr * gradient
-    start, target = start_params.detach(), target_params.detach()
-    return (theta - target).pow(2).sum() / (start - target).pow(2).sum()
+    return parameter_matching_loss(theta, start_params, target_params)
 
 
 def _check_trajectories(trajectories: Trajectories, config: MKDTConfig, num_params: int) -> None:

@@ -76,6 +76,7 @@ from krrst.io import (
     torch_load_weights_only,
     write_json,
 )
+from krrst.losses import barlow_twins_loss, simclr_loss
 from krrst.progress import progress_bar
 from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
@@ -199,71 +200,6 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         check_speed_fields(self, "teacher")
         check_numeric_fields(self, "teacher")
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def barlow_twins_loss(
-    z_a: torch.Tensor,
-    z_b: torch.Tensor,
-    lambda_offdiag: float = 0.0051,
-    scale: float = 1.0,
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """Barlow Twins loss of two N x D embeddings of the same N images (Zbontar et al., ICML 2021).
-
-    Each dimension is standardised over the batch (as `BatchNorm1d(affine=False)`
-    in training mode: biased variance, `eps` inside the square root), then
-
-        c = z_a_stdᵀ z_b_std / N                      (D x D cross-correlation)
-        loss = scale * [ Σ_i (1 − c_ii)² + λ Σ_{i≠j} c_ij² ]
-
-    The first term makes the two views agree dimension by dimension, the second
-    decorrelates the dimensions. λ = 0.0051 is the paper's value.
-
-    >>> z = torch.randn(8, 4)
-    >>> float(barlow_twins_loss(z, z, lambda_offdiag=0.0)) < 1e-3   # identical views: diagonal is 1
-    True
-    """
-    if z_a.shape != z_b.shape or z_a.dim() != 2:
-        raise ValueError(
-            f"barlow_twins_loss needs two N x D embeddings of one shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
-        )
-    n = z_a.shape[0]
-
-    def standardise(z: torch.Tensor) -> torch.Tensor:
-        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
-
-    c = standardise(z_a).T @ standardise(z_b) / n
-    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
-    off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
-    return scale * (on_diag + lambda_offdiag * off_diag)
-
-
-def simclr_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
-    """NT-Xent, the SimCLR loss (Chen et al., ICML 2020), of two N x D embeddings.
-
-    With u = the 2N L2-normalised embeddings (views a then b) and
-    s_ij = u_i·u_j / temperature, each embedding's positive is the other view
-    of its image and its negatives are the 2N − 2 other embeddings:
-
-        loss = mean over the 2N anchors i of  −log( exp(s_i,pos(i)) / Σ_{j≠i} exp(s_ij) )
-
-    >>> z = torch.randn(8, 4)
-    >>> simclr_loss(z, z).shape
-    torch.Size([])
-    """
-    if z_a.shape != z_b.shape or z_a.dim() != 2:
-        raise ValueError(
-            f"simclr_loss needs two N x D embeddings of one shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
-        )
-    n = z_a.shape[0]
-    u = F.normalize(torch.cat([z_a, z_b]), dim=1)
-    logits = u @ u.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=u.device), float("-inf"))
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device)
-    return F.cross_entropy(logits, positives)
 
 
 # --------------------------------------------------------------------------- optimiser and schedule

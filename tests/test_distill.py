@@ -27,7 +27,7 @@ from krrst.distill import (
 from krrst.data import ImageSet
 from krrst.parameterize import PixelSet
 from krrst.augment import apply_crop_flip, normalize
-from krrst.objective import krr_st_loss
+from krrst.losses import krr_st_loss
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.io import load_state

@@ -33,7 +33,8 @@ from krrst.distributed import (
     split_jobs,
 )
 from krrst.errors import KrrstError
-from krrst.teacher import TeacherConfig, barlow_twins_loss, read_loss_log, simclr_loss, train_teacher
+from krrst.losses import barlow_twins_loss, simclr_loss
+from krrst.teacher import TeacherConfig, read_loss_log, train_teacher
 
 WORLD_SIZE = 2
 

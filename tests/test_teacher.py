@@ -13,13 +13,13 @@ from krrst.augment import ssl_view_pair
 from krrst.data import ImageSet
 from krrst.errors import KrrstError
 from krrst.io import load_state
+from krrst.losses import barlow_twins_loss, simclr_loss
 from krrst.models import create_model
 from krrst.speed import reference_speed
 from krrst.teacher import (
     LARS,
     TeacherConfig,
     _epoch_permutation,
-    barlow_twins_loss,
     build_backbone,
     build_projector,
     check_not_collapsed,
@@ -29,7 +29,6 @@ from krrst.teacher import (
     load_teacher,
     read_loss_log,
     save_teacher,
-    simclr_loss,
     train_teacher,
     view_configs,
 )

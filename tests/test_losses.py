@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from krrst.errors import KrrstError
-from krrst.objective import krr_predict, krr_st_loss
+from krrst.losses import krr_predict, krr_st_loss
 
 
 def _random_problem(m=12, n=20, p=30, d=5, seed=0, dtype=torch.float64):
