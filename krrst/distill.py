@@ -388,11 +388,14 @@ def _draw_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
-def _model_options(config: DistillConfig) -> dict[str, Any]:
-    """`widths`, `image_size`, `norm` for the distillation architecture, where it takes them."""
+def network_options(config: Any) -> dict[str, Any]:
+    """`widths`, `image_size`, `norm` of a stage config (distill, MKDT) for its `arch`, where the arch takes them."""
     accepted = model_options(config.arch)
     wanted = {"widths": config.widths, "image_size": config.image_size, "norm": config.norm}
     return {name: value for name, value in wanted.items() if name in accepted}
+
+
+_model_options = network_options  # the old name, until its last importer switches
 
 
 @torch.no_grad()
@@ -643,7 +646,7 @@ class _ValidationSignal:
 
     def __init__(self, config: DistillConfig, heldout_images: torch.Tensor, heldout_targets: torch.Tensor, seed: int):
         generator = torch.Generator().manual_seed(seed)
-        options = _model_options(config)
+        options = network_options(config)
         device = heldout_images.device
         self.models = [
             _seeded_model(config.arch, None, options, _draw_seed(generator)).to(device).eval()
@@ -865,7 +868,7 @@ def select_initial_indices(
         return nearest_distinct(features, centroids).cpu()
     return high_loss_indices(
         source_images, features, config.num_images, mean=mean, std=std, arch=config.arch,
-        arch_options=_model_options(config), seed=init_seed, device=device, progress=progress,
+        arch_options=network_options(config), seed=init_seed, device=device, progress=progress,
     ).cpu()
 
 
@@ -1028,7 +1031,7 @@ def distill(
         return targets.cpu()
 
     pool = ModelPool(
-        config.arch, feature_dim, _model_options(config), config.pool_size, config.pool_steps,
+        config.arch, feature_dim, network_options(config), config.pool_size, config.pool_steps,
         lr=config.pool_lr, momentum=config.pool_momentum, weight_decay=config.pool_weight_decay,
         counter_reset=config.pool_counter_reset, seed=pool_seed, device=device, speed=speed,
     )
