@@ -19,9 +19,10 @@ and docs/reproduce.md):
   (protocol `kd`); its target-task teacher comes from `train_kd_teacher` or
   `load_kd_teacher`.
 - `evaluate_set(...)` chains them and returns one results row
-  (`krrst.report.RESULT_FIELDS`); `append_rows` stores rows in a run directory.
+  (`krrst.results.result_row`); this module writes nothing: the caller stores
+  rows with `krrst.results.append_results`.
 
-Accuracies are fractions in [0, 1] (as `krrst.report` stores them).
+Accuracies are fractions in [0, 1] (as `krrst.results` stores them).
 
 Normalisation: every network sees images normalised with the statistics of
 the dataset they come from (a target is normalised with the target's own
@@ -59,6 +60,7 @@ from krrst.io import describe_exception, torch_load_weights_only
 from krrst.losses import soft_cross_entropy
 from krrst.models import create_model, reset_head
 from krrst.progress import progress_bar
+from krrst.results import result_row
 from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
 if TYPE_CHECKING:
@@ -1313,46 +1315,7 @@ def _load_classifier_weights(model: nn.Module, state: dict[str, torch.Tensor], p
         raise KrrstError(f"{option} {path}: {nonfinite[1]} in its weights ({nonfinite[0]}); its logits would be NaN")
 
 
-# --------------------------------------------------------------------------- results rows
-
-
-def result_row(
-    *,
-    method: str,
-    source: str,
-    target: str,
-    arch: str,
-    protocol: str,
-    seed: int,
-    accuracy: float,
-    wall_time_s: float,
-    provenance: str = "",
-) -> dict[str, Any]:
-    """One results row with exactly `krrst.report.RESULT_FIELDS` (accuracy a fraction in [0, 1]; `provenance`
-    what the set came from, filled in by whoever knows it: the pipeline or the CLI)."""
-    return {
-        "method": str(method),
-        "source": str(source),
-        "target": str(target),
-        "arch": str(arch),
-        "protocol": str(protocol),
-        "seed": int(seed),
-        "accuracy": float(accuracy),
-        "wall_time_s": float(wall_time_s),
-        "provenance": str(provenance),
-    }
-
-
-def row_key(row: dict[str, Any]) -> tuple:
-    """What identifies an evaluation: (method, source, target, arch, protocol, seed); a resumed run skips rows it has."""
-    return (row["method"], row["source"], row["target"], row["arch"], row["protocol"], int(row["seed"]))
-
-
-def append_rows(run_dir: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
-    """Append rows to `run_dir/results.csv` and `results.json` (delegates to `krrst.report.append_results`)."""
-    from krrst.report import append_results
-
-    append_results(run_dir, rows)
+# --------------------------------------------------------------------------- one evaluation
 
 
 def evaluate_set(

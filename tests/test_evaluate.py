@@ -18,7 +18,7 @@ from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.losses import soft_cross_entropy
 from krrst.models import list_models
-from krrst.report import RESULT_FIELDS, read_results
+from krrst.results import RESULT_FIELDS, append_results, read_results, row_key
 from krrst.speed import SpeedSettings, reference_speed
 from test_teacher import UNIT_ROUNDOFF, assert_states_match, fast_path_tolerances, relative_errors
 
@@ -668,9 +668,9 @@ def test_evaluate_set_rows_for_baselines_and_sets(tmp_path):
                              arch_options=NARROW)
     assert (set_row["method"], set_row["source"], set_row["target"]) == ("krr-st", "toy", "colours")
 
-    E.append_rows(tmp_path, [none_row, full_row, set_row])
+    append_results(tmp_path, [none_row, full_row, set_row])
     stored = read_results(tmp_path)
-    assert [E.row_key(row) for row in stored] == [E.row_key(row) for row in (none_row, full_row, set_row)]
+    assert [row_key(row) for row in stored] == [row_key(row) for row in (none_row, full_row, set_row)]
 
 
 @pytest.mark.parametrize("arch", list_models())

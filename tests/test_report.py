@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import statistics
 from html.parser import HTMLParser
 from pathlib import Path
@@ -13,15 +11,8 @@ import pytest
 
 from krrst import report
 from krrst.errors import KrrstError
-from krrst.report import (
-    RESULT_FIELDS,
-    append_results,
-    has_result,
-    markdown_table,
-    read_results,
-    summarize,
-    write_report,
-)
+from krrst.report import markdown_table, summarize, write_report
+from krrst.results import append_results
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -57,143 +48,7 @@ def table_cells(markdown: str) -> dict[str, list[str]]:
     return cells
 
 
-# --------------------------------------------------------------------------- results files
-def test_append_results_accumulates_and_both_files_parse(tmp_path):
-    append_results(tmp_path, [row(seed=0, accuracy=0.5), row(seed=1, accuracy=0.25)])
-    append_results(tmp_path, [row(method="random", seed=0, accuracy=0.125)])
-
-    rows = read_results(tmp_path)
-    assert [(r["method"], r["seed"], r["accuracy"]) for r in rows] == [
-        ("krr-st", 0, 0.5),
-        ("krr-st", 1, 0.25),
-        ("random", 0, 0.125),
-    ]
-    assert all(isinstance(r["seed"], int) and isinstance(r["accuracy"], float) for r in rows)
-    assert all(isinstance(r["wall_time_s"], float) for r in rows)
-
-    with open(tmp_path / "results.csv", newline="") as handle:
-        csv_rows = list(csv.DictReader(handle))
-    assert len(csv_rows) == 3 and tuple(csv_rows[0]) == RESULT_FIELDS
-    json_rows = json.loads((tmp_path / "results.json").read_text())
-    assert json_rows == rows
-
-
-def test_rerun_of_same_evaluation_replaces_its_row(tmp_path):
-    append_results(tmp_path, [row(seed=0, accuracy=0.5), row(seed=1, accuracy=0.6)])
-    append_results(tmp_path, [row(seed=0, accuracy=0.7)])
-    rows = read_results(tmp_path)
-    assert sorted((r["seed"], r["accuracy"]) for r in rows) == [(0, 0.7), (1, 0.6)]
-
-
-def test_float_values_round_trip_exactly(tmp_path):
-    accuracy = 0.1 + 0.2  # not representable in a short decimal
-    append_results(tmp_path, [row(accuracy=accuracy)])
-    assert read_results(tmp_path)[0]["accuracy"] == accuracy
-
-
-@pytest.mark.parametrize(
-    ("change", "expected"),
-    [
-        (lambda r: r.pop("accuracy"), "missing accuracy"),
-        (lambda r: r.update(top5=0.9), "unknown top5"),
-        (lambda r: r.update(accuracy=52.0), "fraction in \\[0, 1\\]"),
-        (lambda r: r.update(seed="one"), "seed must be an integer"),
-        (lambda r: r.update(method=""), "method must not be empty"),
-    ],
-)
-def test_bad_row_is_a_one_line_error_and_writes_nothing(tmp_path, change, expected):
-    append_results(tmp_path, [row(seed=0)])
-    before = (tmp_path / "results.csv").read_bytes()
-    bad = row(seed=1)
-    change(bad)
-    with pytest.raises(KrrstError, match=expected) as info:
-        append_results(tmp_path, [row(seed=2), bad])
-    assert "\n" not in str(info.value)
-    assert (tmp_path / "results.csv").read_bytes() == before
-
-
-def test_crash_during_rename_leaves_previous_results_intact(tmp_path, monkeypatch):
-    append_results(tmp_path, [row(seed=0)])
-    csv_before = (tmp_path / "results.csv").read_bytes()
-    json_before = (tmp_path / "results.json").read_bytes()
-
-    def crash(*args, **kwargs):
-        raise OSError("simulated crash")
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
-        append_results(tmp_path, [row(seed=1)])
-    monkeypatch.undo()
-
-    assert (tmp_path / "results.csv").read_bytes() == csv_before
-    assert (tmp_path / "results.json").read_bytes() == json_before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
-
-
-def test_crash_halfway_through_writing_leaves_previous_results_intact(tmp_path, monkeypatch):
-    append_results(tmp_path, [row(seed=0), row(seed=1)])
-    csv_before = (tmp_path / "results.csv").read_bytes()
-    real_writerow = csv.DictWriter.writerow
-    calls = {"n": 0}
-
-    def writerow_then_crash(self, data):
-        calls["n"] += 1
-        if calls["n"] > 2:  # the header and one row are already in the temporary file
-            raise KeyboardInterrupt
-        return real_writerow(self, data)
-
-    monkeypatch.setattr(csv.DictWriter, "writerow", writerow_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        append_results(tmp_path, [row(seed=2)])
-    monkeypatch.undo()
-
-    assert calls["n"] == 3
-    assert (tmp_path / "results.csv").read_bytes() == csv_before
-    assert [r["seed"] for r in read_results(tmp_path)] == [0, 1]
-
-
-def test_read_results_rejects_a_foreign_csv(tmp_path):
-    (tmp_path / "results.csv").write_text("method,accuracy\nkrr-st,0.5\n")
-    with pytest.raises(KrrstError, match="header"):
-        read_results(tmp_path)
-    assert read_results(tmp_path / "absent") == []
-
-
-def test_an_older_results_file_without_provenance_loads_and_is_upgraded_on_append(tmp_path):
-    old_header = ",".join(RESULT_FIELDS[:-1])
-    assert RESULT_FIELDS[-1] == "provenance" and old_header.count(",") == 7
-    (tmp_path / "results.csv").write_text(f"{old_header}\nkrr-st,cifar10,cifar10,convnet3,finetune,0,0.5,1.5\n")
-    assert [(r["method"], r["seed"], r["provenance"]) for r in read_results(tmp_path)] == [("krr-st", 0, "")]
-    append_results(tmp_path, [{**row(seed=1), "provenance": "sha256:00112233aabbccdd"}])
-    with open(tmp_path / "results.csv", newline="") as handle:
-        stored = list(csv.DictReader(handle))
-    assert tuple(stored[0]) == RESULT_FIELDS, "rewritten in the current layout"
-    assert [(r["seed"], r["provenance"]) for r in stored] == [("0", ""), ("1", "sha256:00112233aabbccdd")]
-    assert json.loads((tmp_path / "results.json").read_text()) == read_results(tmp_path)
-
-
-def test_rows_of_another_provenance_under_the_same_method_are_refused_naming_both(tmp_path):
-    first, second = "sha256:00112233aabbccdd", "sha256:ffeeddccbbaa9988"
-    append_results(tmp_path, [{**row(seed=0), "provenance": first}, row(method="random", seed=0)])
-    before = (tmp_path / "results.csv").read_bytes()
-    with pytest.raises(KrrstError) as info:
-        append_results(tmp_path, [{**row(seed=1), "provenance": second}])
-    message = str(info.value)
-    assert "\n" not in message and message.startswith(f"{tmp_path / 'results.csv'}: ")
-    assert f"method 'krr-st' come from {first}, these from {second}" in message
-    with pytest.raises(KrrstError, match="these from sha256:ffeeddccbbaa9988"):  # a re-run of a recorded row too
-        append_results(tmp_path, [{**row(seed=0), "provenance": second}])
-    with pytest.raises(KrrstError, match="method 'random' come from a, these from b"):  # within one call
-        append_results(tmp_path, [{**row(method="random", seed=1), "provenance": p} for p in "ab"])
-    with pytest.raises(KrrstError, match=f"come from {first}, these from {second}"):
-        report.check_provenance(tmp_path, {"krr-st": second})
-    assert (tmp_path / "results.csv").read_bytes() == before
-    # the same provenance, or none (an unknown one), joins; another method is another set
-    report.check_provenance(tmp_path, {"krr-st": first, "kmeans": second})
-    append_results(tmp_path, [{**row(seed=1), "provenance": first}, row(seed=2), {**row(method="kmeans"), "provenance": second}])
-    assert report.method_provenance(read_results(tmp_path)) == {"krr-st": first, "kmeans": second}
-
-
+# --------------------------------------------------------------------------- provenance in the report
 def test_the_report_shows_each_sets_provenance(tmp_path):
     sets = {"krr-st": {"images": 10, "storage_bytes": 4000, "parameterization": "pixels"},
             "random": {"images": 10, "storage_bytes": 4000, "parameterization": "pixels"}}
@@ -204,18 +59,6 @@ def test_the_report_shows_each_sets_provenance(tmp_path):
     assert "| random | 10 | pixels | 0.00 | 1.00x | – |" in markdown, "rows of an older file name none"
     assert "sets krr-st distill:0123456789abcdef." in markdown
     assert "distill:0123456789abcdef" in (tmp_path / "report.html").read_text()
-
-
-def test_has_result_matches_finished_jobs(tmp_path):
-    append_results(tmp_path, [row(method="krr-st", seed=0), row(method="random", seed=1, protocol="linear@1%")])
-    rows = read_results(tmp_path)
-    key = dict(target="cifar10", arch="convnet3")
-    assert has_result(rows, method="krr-st", protocol="finetune", seed=0, **key)
-    assert has_result(rows, method="random", protocol="linear@1%", seed="1", **key)
-    assert not has_result(rows, method="krr-st", protocol="finetune", seed=1, **key)
-    assert not has_result(rows, method="random", protocol="linear@10%", seed=1, **key)
-    with pytest.raises(TypeError, match="unknown field"):
-        has_result(rows, model="x")
 
 
 # --------------------------------------------------------------------------- summaries and tables
@@ -648,7 +491,7 @@ def test_the_page_leads_with_paired_differences_and_shows_every_section(tmp_path
     assert f"{mean:+.2f}" in text and f"[{mean - half:+.1f}, {mean + half:+.1f}]" in text
     assert "1/3" in text and "t-interval" in text and "Abramowitz" in text
     lead = page[page.index('<p class="lead">'):page.index("</p>", page.index('<p class="lead">'))]
-    assert f"krr-st minus random: cifar10 linear +0.5" in lead and f"cifar10 finetune {mean:+.1f}" in lead
+    assert "krr-st minus random: cifar10 linear +0.5" in lead and f"cifar10 finetune {mean:+.1f}" in lead
     assert "<strong>" not in lead, "every interval here holds 0 (krr-st - none on linear: 2 seeds, t(0.975, 1) = 12.7)"
 
     # finetune's best mean is none's: the page says what the paired differences make of it
