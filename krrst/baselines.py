@@ -33,6 +33,7 @@ from torch import nn
 from krrst.config import resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
+from krrst.features import batched_features
 from krrst.finite import LossWatch
 from krrst.progress import progress_bar
 
@@ -64,7 +65,7 @@ def _check_m(m: int, n: int, what: str) -> None:
         raise KrrstError(f"{what}: m={m} is more than the {n} source images")
 
 
-def teacher_features(
+def _source_features(
     teacher: nn.Module,
     source: "ImageSet",
     indices: torch.Tensor | None = None,
@@ -74,14 +75,13 @@ def teacher_features(
     progress: bool = False,
 ) -> torch.Tensor:
     """The teacher's features (float32 N x d, on `device`) of the source images, or of `indices` only."""
-    from krrst.teacher import check_teacher_features
-    from krrst.teacher import teacher_features as features_of
+    from krrst.teacher import check_teacher_features, teacher_features
 
     device = resolve_device(device)
     images = source.images if indices is None else source.images[indices.to(source.images.device)]
     if len(images) == 0:
         raise KrrstError("teacher features: no images")
-    features = features_of(teacher, images, source.mean, source.std, batch_size, device, progress).to(device)
+    features = teacher_features(teacher, images, source.mean, source.std, batch_size, device, progress).to(device)
     check_teacher_features(teacher, features, f"{len(images):,} images of {source.name or 'the source'}")
     return features
 
@@ -173,7 +173,7 @@ def random_subset_of(
     _check_targets(targets, source, teacher, "random subset")
     features = None
     if targets == "teacher":
-        features = teacher_features(teacher, source, indices, batch_size=batch_size, device=device, progress=progress)
+        features = _source_features(teacher, source, indices, batch_size=batch_size, device=device, progress=progress)
     set_config = {"m": len(indices), **(config or {}), "targets": targets}
     return _make_set(source, indices, features, targets, "random", teacher, set_config)
 
@@ -384,7 +384,7 @@ def kmeans_coreset(
     if teacher is None:
         raise KrrstError("k-means coreset needs a teacher network: clustering happens in its feature space")
     _check_targets(targets, source, teacher, "k-means coreset")
-    features = teacher_features(teacher, source, batch_size=batch_size, device=device, progress=progress)
+    features = _source_features(teacher, source, batch_size=batch_size, device=device, progress=progress)
     centroids, _ = kmeans(features, m, iterations=iterations, seed=seed, algorithm=algorithm, progress=progress)
     indices = nearest_distinct(features, centroids)
     chosen_features = features[indices.to(features.device)] if targets == "teacher" else None
@@ -400,7 +400,6 @@ def _check_positive(value: Any, name: str) -> None:
         raise KrrstError(f"high-loss subset: {name} must be a positive integer, got {value!r}")
 
 
-@torch.no_grad()
 def regression_losses(
     model: nn.Module,
     source_images: torch.Tensor,
@@ -415,14 +414,8 @@ def regression_losses(
     The model is used in the mode it is in (eval: running statistics; train:
     batch statistics) and on the images' device.
     """
-    from krrst.augment import normalize
-
-    losses = []
-    for start in range(0, len(source_images), batch_size):
-        images = normalize(source_images[start : start + batch_size], mean, std)
-        outputs = model(images).float()
-        losses.append((outputs - target_reps[start : start + batch_size].float()).pow(2).mean(dim=1))
-    return torch.cat(losses)
+    outputs = batched_features(model, source_images, mean=mean, std=std, chunk=batch_size, dtype=torch.float32)
+    return (outputs - target_reps.float()).pow(2).mean(dim=1)
 
 
 def high_loss_indices(
@@ -562,7 +555,7 @@ def high_loss_subset(
         # drawn here so that only the candidates need teacher features
         draw = torch.randperm(len(source), generator=torch.Generator().manual_seed(int(seed)))
         pool = draw[:candidates].sort().values
-    features = teacher_features(teacher, source, pool, batch_size=512, device=device, progress=progress)
+    features = _source_features(teacher, source, pool, batch_size=512, device=device, progress=progress)
     images = source.images if pool is None else source.images[pool.to(source.images.device)]
     chosen = high_loss_indices(
         images, features, m, mean=source.mean, std=source.std, arch=arch, arch_options=arch_options,

@@ -51,9 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from krrst.augment import crop_flip, normalize
 from krrst.config import check_numeric_fields, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
+from krrst.features import batched_features
 from krrst.finite import LossWatch, check_finite, first_nonfinite_tensor
 from krrst.formats import last_linear, load_exactly
 from krrst.io import describe_exception, torch_load_weights_only
@@ -320,18 +322,6 @@ def resize_images(images: torch.Tensor, size: int, chunk_size: int = 2048) -> to
     return out
 
 
-def _normalize(images_uint8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    from krrst.augment import normalize
-
-    return normalize(images_uint8, mean, std)
-
-
-def _crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    from krrst.augment import crop_flip
-
-    return crop_flip(images, padding=padding, generator=generator)
-
-
 def _dsa_colour(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """DSA's colour jitter on normalised images: brightness, saturation, contrast, one draw per image.
 
@@ -355,7 +345,7 @@ def strong_augment(images: torch.Tensor, generator: torch.Generator, padding: in
     Stands in for DSA's `color_crop_cutout_flip_scale_rotate` used by the
     authors for label-based sets and for KD (no scale, rotation or cutout).
     """
-    return _dsa_colour(_crop_flip(images, padding, generator), generator)
+    return _dsa_colour(crop_flip(images, padding=padding, generator=generator), generator)
 
 
 def _progress_bar(total: int, desc: str, unit: str, progress: bool):
@@ -470,7 +460,7 @@ def top1_accuracy(
     correct = 0
     loss_sum = 0.0
     for start in range(0, len(images), batch_size):
-        inputs = _normalize(images[start : start + batch_size], mean, std)
+        inputs = normalize(images[start : start + batch_size], mean, std)
         logits = speed.forward(model, inputs) if speed is not None else model(inputs)
         batch_labels = labels[start : start + batch_size]
         correct += int((logits.argmax(dim=1) == batch_labels).sum())
@@ -871,7 +861,7 @@ def finetune(
         for iteration in range(config.iterations):
             batch = next(batches)
             pixels = train_images[batch].to(torch.get_default_dtype()).div_(255.0)
-            inputs = _normalize(_crop_flip(pixels, config.padding, generator), mean, std)
+            inputs = normalize(crop_flip(pixels, padding=config.padding, generator=generator), mean, std)
             loss = F.cross_entropy(speed.forward(network, inputs), train_labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -899,7 +889,6 @@ def finetune(
     }
 
 
-@torch.no_grad()
 def extract_features(
     model: nn.Module,
     images: torch.Tensor,
@@ -908,17 +897,15 @@ def extract_features(
     batch_size: int = 1024,
     speed: SpeedSettings | None = None,
 ) -> torch.Tensor:
-    """`model.forward_features` of uint8 `images` in eval mode, batched, as float32 (N x feature_dim).
+    """`model.forward_features` of uint8 `images` in eval mode, batched, in the default dtype (N x feature_dim).
 
     `speed` (`krrst.speed.SpeedSettings`): the forward's layout and precision; None: as the model is.
     """
     model.eval()
-    forward = model.forward_features
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        inputs = _normalize(images[start : start + batch_size], mean, std)
-        chunks.append((speed.forward(forward, inputs) if speed is not None else forward(inputs)).to(inputs.dtype))
-    return torch.cat(chunks) if chunks else torch.empty(0, model.feature_dim, device=images.device)
+    if len(images) == 0:
+        return torch.empty(0, model.feature_dim, device=images.device)
+    return batched_features(model.forward_features, images, mean=mean, std=std, chunk=batch_size, speed=speed,
+                            dtype=torch.get_default_dtype())
 
 
 def fit_linear_sgd(
