@@ -18,7 +18,7 @@ import torch
 
 from krrst.errors import KrrstError
 from krrst.finite import check_finite
-from krrst.io import atomic_write, load_tensors, save_tensors, torch_load_weights_only
+from krrst.io import atomic_write, load_tensors, save_tensors
 
 TARGET_KINDS = ("representation", "hard_labels", "soft_labels")
 FORMAT_VERSION = 1
@@ -216,32 +216,9 @@ class DistilledSet:
         std: tuple[float, ...],
         source: str = "",
     ) -> "DistilledSet":
-        """Load the authors' released KRR-ST set (`x_syn.pt` in raw [0,1] pixels, `y_syn.pt`).
+        """The authors' released KRR-ST set: `krrst.formats.load_authors_set`, under its older name."""
+        # Other projects' files are read in krrst.formats, which sits above this module: imported late. Kept until
+        # its callers name krrst.formats.load_authors_set.
+        from krrst.formats import load_authors_set
 
-        Read with `torch.load(weights_only=True)` (no code runs) and normalised
-        with `mean`/`std`, because the public code kept images unnormalised.
-        A file holding NaN or inf is a one-line `KrrstError`.
-        """
-        raw_images = _load_torch_tensor(images_path, "synthetic images")
-        targets = _load_torch_tensor(targets_path, "synthetic targets")
-        check_finite(raw_images, f"synthetic images file {images_path}", "images")
-        check_finite(targets, f"synthetic targets file {targets_path}", "targets")
-        if raw_images.dim() != 4:
-            raise KrrstError(f"synthetic images {images_path}: expected m x C x H x W, got {tuple(raw_images.shape)}")
-        mean_t = torch.tensor(mean).view(1, -1, 1, 1)
-        std_t = torch.tensor(std).view(1, -1, 1, 1)
-        images = (raw_images.float() - mean_t) / std_t
-        return cls(images=images, targets=targets.float(), mean=mean, std=std, method=Path(images_path).stem, source=source)
-
-
-def _load_torch_tensor(path: str | os.PathLike, what: str) -> torch.Tensor:
-    """Load one tensor from a `.pt` file without executing pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise KrrstError(f"{what} file not found: {path}")
-    value = torch_load_weights_only(
-        path, f"{what} file", "a weights-only PyTorch tensor file", "as a plain tensor (torch.save(tensor, ...))"
-    )
-    if not isinstance(value, torch.Tensor):
-        raise KrrstError(f"{what} file {path} holds a {type(value).__name__}, expected a tensor")
-    return value
+        return load_authors_set(images_path, targets_path, mean, std, source)

@@ -56,11 +56,12 @@ from krrst.config import check_numeric_fields, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.features import batched_features
-from krrst.finite import LossWatch, check_finite, first_nonfinite_tensor
-from krrst.formats import last_linear, load_exactly
-from krrst.io import describe_exception, torch_load_weights_only
+from krrst.finite import LossWatch, check_finite
+from krrst.formats import is_library_arch, library_classifier, load_classifier_weights, read_classifier_file
+# Another project's label set is read in krrst.formats; importable from here until the README names it there.
+from krrst.formats import load_label_set  # noqa: F401
 from krrst.losses import soft_cross_entropy
-from krrst.models import create_model, reset_head
+from krrst.models import create_model, list_models, model_options, reset_head
 from krrst.progress import progress_bar
 from krrst.results import result_row
 from krrst.speed import SpeedSettings, check_speed_fields, fused_options
@@ -72,12 +73,6 @@ PROTOCOLS = ("finetune", "linear", "kd")
 KD_TEACHER_ARCH = "resnet18"
 # "knowledge_distillation" is read as "kd", the name its rows carry
 _PROTOCOL_ALIASES = {"knowledge_distillation": "kd"}
-LABEL_FILE_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
-
-# Names other projects use for the two tensors of a label-based set (DC/DSA/DM
-# save `image_syn`/`label_syn`, MTT `images_best`/`labels_best`, KRR-ST `x_syn`/`y_syn`).
-_IMAGE_KEYS = ("images", "image", "x", "x_syn", "image_syn", "images_best", "data", "images_all")
-_LABEL_KEYS = ("labels", "label", "targets", "y", "y_syn", "label_syn", "labels_best", "labels_all")
 
 
 # --------------------------------------------------------------------------- configs
@@ -467,179 +462,6 @@ def top1_accuracy(
         loss_sum += float(F.cross_entropy(logits.float(), batch_labels, reduction="sum"))
     n = max(1, len(images))
     return correct / n, loss_sum / n
-
-
-# --------------------------------------------------------------------------- label-based sets from other projects
-
-
-def _read_label_file(path: Path) -> dict[str, Any]:
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from krrst.io import load_tensors
-
-        tensors, _ = load_tensors(path, "label-based set")
-        return dict(tensors)
-    if suffix == ".npz":
-        import numpy as np
-
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                return {name: torch.from_numpy(archive[name].copy()) for name in archive.files}
-        except (ValueError, OSError) as exc:
-            raise KrrstError(f"label-based set {path} is not a readable .npz file ({describe_exception(exc)})") from None
-    if suffix in (".pt", ".pth"):
-        value = torch_load_weights_only(path, "label-based set", "a weights-only PyTorch file of tensors",
-                                        "as tensors (images, labels) with torch.save, or as .safetensors/.npz")
-        return _unpack_torch_value(value, path)
-    raise KrrstError(f"label-based set {path}: unknown file type {suffix!r}; expected one of {', '.join(LABEL_FILE_SUFFIXES)}")
-
-
-def _unpack_torch_value(value: Any, path: Path) -> dict[str, Any]:
-    """A `.pt` holding a dict of tensors, an (images, labels) pair, or DC/DSA's {'data': [[images, labels], ...]}."""
-    if isinstance(value, torch.Tensor):
-        return {"images": value}
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, torch.Tensor) for v in value):
-        return {"images": value[0], "labels": value[1]}
-    if isinstance(value, dict):
-        data = value.get("data")
-        if isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple)) and len(data[0]) == 2:
-            # DC/DSA/DM save one (images, labels) pair per experiment; the first is taken.
-            return {"images": data[0][0], "labels": data[0][1]}
-        return {str(k): v for k, v in value.items() if isinstance(v, torch.Tensor)}
-    raise KrrstError(f"label-based set {path} holds a {type(value).__name__}; expected tensors (a dict, or images and labels)")
-
-
-def _pick(tensors: dict[str, Any], keys: tuple[str, ...], explicit: str | None, what: str, path: Path) -> torch.Tensor | None:
-    if explicit is not None:
-        if explicit not in tensors:
-            raise KrrstError(f"label-based set {path} has no tensor {explicit!r}; it holds {', '.join(sorted(tensors)) or 'none'}")
-        return tensors[explicit]
-    for key in keys:
-        if key in tensors:
-            return tensors[key]
-    return None
-
-
-def load_label_set(
-    path: str | os.PathLike,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    *,
-    labels_path: str | os.PathLike | None = None,
-    num_classes: int | None = None,
-    pixels: Literal["auto", "normalized", "unit", "uint8"] = "auto",
-    images_key: str | None = None,
-    labels_key: str | None = None,
-    source: str = "",
-    method: str | None = None,
-) -> DistilledSet:
-    """Load another method's distilled set (images + hard or soft labels) as a `DistilledSet`.
-
-    `path` is a `.safetensors`, `.npz` or `.pt` file (read with
-    `weights_only=True`: no code runs) holding the images and, unless
-    `labels_path` names a second file (MTT's `images_best.pt` /
-    `labels_best.pt`), the labels. Tensors are found under common names
-    (`images`/`x`/`x_syn`/`image_syn`/`images_best`..., `labels`/`y`/`y_syn`/
-    `label_syn`/`labels_best`...) or `images_key`/`labels_key`.
-
-    Images: m x C x H x W, or m x H x W x C (JAX projects) which is
-    transposed. `pixels` says their space: `normalized` (DC/DSA/DM/MTT keep
-    normalised images), `unit` ([0, 1] pixels, e.g. KRR-ST's `x_syn.pt`),
-    `uint8` ([0, 255]); `auto` takes uint8 tensors as `uint8`, float tensors
-    inside [0, 1] as `unit`, anything else as `normalized`. Images are
-    normalised with `mean`/`std` unless already normalised.
-
-    Labels: m integer class indices (also float tensors holding whole
-    numbers) -> `hard_labels`; m x K floats -> `soft_labels`. With
-    `num_classes`, hard labels must lie in [0, num_classes) and soft labels
-    have K = num_classes columns. Any mismatch is a one-line `KrrstError`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise KrrstError(f"label-based set not found: {path}")
-    tensors = _read_label_file(path)
-    images = _pick(tensors, _IMAGE_KEYS, images_key, "images", path)
-    if images is None:
-        raise KrrstError(
-            f"label-based set {path}: no images tensor (looked for {', '.join(_IMAGE_KEYS)}); "
-            f"it holds {', '.join(sorted(tensors)) or 'none'}; name it with images_key"
-        )
-    if labels_path is not None:
-        label_file = Path(labels_path)
-        if not label_file.is_file():
-            raise KrrstError(f"labels file not found: {label_file}")
-        label_tensors = _read_label_file(label_file)
-        if list(label_tensors) == ["images"]:  # a bare tensor in its own file
-            label_tensors = {"labels": label_tensors["images"]}
-        labels = _pick(label_tensors, _LABEL_KEYS, labels_key, "labels", label_file)
-    else:
-        labels = _pick(tensors, _LABEL_KEYS, labels_key, "labels", path)
-    if labels is None:
-        raise KrrstError(
-            f"label-based set {path}: no labels tensor (looked for {', '.join(_LABEL_KEYS)}); "
-            "name it with labels_key or give labels_path"
-        )
-    where = f"label-based set {path}"
-    check_finite(images, where, "images")
-    check_finite(labels, f"labels file {labels_path}" if labels_path is not None else where, "labels")
-    channels = len(mean)
-    if len(std) != channels:
-        raise KrrstError(f"{where}: mean has {channels} channels but std has {len(std)}")
-    if images.dim() != 4:
-        raise KrrstError(f"{where}: images must be m x {channels} x H x W, got shape {tuple(images.shape)}")
-    if images.shape[1] != channels and images.shape[-1] == channels:
-        images = images.permute(0, 3, 1, 2)
-    if images.shape[1] != channels or images.shape[2] != images.shape[3]:
-        raise KrrstError(f"{where}: images must be m x {channels} x H x H (square), got shape {tuple(images.shape)}")
-    m = images.shape[0]
-    if labels.shape[0] != m:
-        raise KrrstError(f"{where}: {m} images but {labels.shape[0]} labels")
-
-    if pixels == "auto":
-        if images.dtype == torch.uint8:
-            pixels = "uint8"
-        elif images.numel() and float(images.min()) >= 0.0 and float(images.max()) <= 1.0:
-            pixels = "unit"
-        else:
-            pixels = "normalized"
-    if pixels not in ("normalized", "unit", "uint8"):
-        raise KrrstError(f"{where}: pixels={pixels!r} is not valid; expected auto, normalized, unit or uint8")
-    images = images.float()
-    if pixels != "normalized":
-        unit = images / 255.0 if pixels == "uint8" else images
-        images = (unit - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-
-    if labels.dim() == 1:
-        if labels.dtype.is_floating_point:
-            if not bool(torch.all(labels == labels.round())):
-                raise KrrstError(f"{where}: 1-D labels must be whole class indices, got fractional values")
-        labels = labels.long()
-        if m and labels.min() < 0:
-            raise KrrstError(f"{where}: labels must be in [0, {num_classes or 'K'}), got {int(labels.min())}")
-        if num_classes is not None and m and labels.max() >= num_classes:
-            raise KrrstError(f"{where}: labels must be in [0, {num_classes}), got {int(labels.max())}")
-        target_kind = "hard_labels"
-        classes = num_classes if num_classes is not None else (int(labels.max()) + 1 if m else 0)
-    elif labels.dim() == 2:
-        if not labels.dtype.is_floating_point:
-            raise KrrstError(f"{where}: m x K labels must be float soft labels, got {labels.dtype}")
-        if num_classes is not None and labels.shape[1] != num_classes:
-            raise KrrstError(f"{where}: soft labels have {labels.shape[1]} classes, expected {num_classes}")
-        labels = labels.float()
-        target_kind = "soft_labels"
-        classes = labels.shape[1]
-    else:
-        raise KrrstError(f"{where}: labels must be m class indices or m x K soft labels, got shape {tuple(labels.shape)}")
-    return DistilledSet(
-        images=images.contiguous(),
-        targets=labels.contiguous(),
-        mean=tuple(mean),
-        std=tuple(std),
-        target_kind=target_kind,
-        method=method or path.stem,
-        source=source,
-        config={"num_classes": int(classes), "file": str(path)},
-    )
 
 
 # --------------------------------------------------------------------------- pre-training
@@ -1170,8 +992,6 @@ def train_kd_teacher(
     eval mode with a head of the target's class count, and `metrics` holds
     its test accuracy.
     """
-    from krrst.formats import is_library_arch
-
     config = config or KDConfig()
     arch = config.teacher_arch or KD_TEACHER_ARCH
     if is_library_arch(arch):
@@ -1190,46 +1010,6 @@ def train_kd_teacher(
                        progress=progress, return_model=True)
     classifier = metrics.pop("model").requires_grad_(False)
     return classifier, metrics
-
-
-_KD_WRAPPERS = ("state_dict", "model", "classifier", "teacher")
-_KD_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _read_classifier_file(path: Path, option: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors of a classifier file (safetensors, or a weights-only .pt/.pth) and a krrst model spec if any."""
-    if path.suffix.lower() == ".safetensors":
-        from krrst.io import load_tensors
-
-        tensors, metadata = load_tensors(path, f"{option} file")
-        return dict(tensors), dict(metadata.get("spec") or {})
-    loaded = torch_load_weights_only(path, f"{option} file", "a weights-only PyTorch state dict or safetensors file",
-                                     "as a state dict (torch.save(model.state_dict(), ...)) or as safetensors")
-    for wrapper in _KD_WRAPPERS:
-        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
-            loaded = loaded[wrapper]
-            break
-    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise KrrstError(f"{option} {path} does not hold a state dict of tensors (got {type(loaded).__name__})")
-    return dict(loaded), {}
-
-
-def _library_classifier(arch: str, num_classes: int, option: str) -> nn.Module:
-    """A torchvision or timm classification network with `num_classes` outputs, untrained."""
-    library, _, name = arch.partition(":")
-    if library == "torchvision":
-        import torchvision
-
-        if name not in torchvision.models.list_models(module=torchvision.models):
-            raise KrrstError(f"{option} architecture {arch!r} is not a torchvision classification model")
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    try:
-        import timm
-    except ImportError:
-        raise KrrstError(f"{option} architecture {arch!r} needs timm: pip install 'krrst[timm]'") from None
-    if not timm.is_model(name):
-        raise KrrstError(f"{option} architecture {arch!r} is not a timm model")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
 def load_kd_teacher(
@@ -1255,13 +1035,10 @@ def load_kd_teacher(
     architecture or class count is one line naming `option`, the file and
     the mismatch.
     """
-    from krrst.formats import is_library_arch
-    from krrst.models import create_model, list_models, model_options
-
     path = Path(path)
     if not path.is_file():
         raise KrrstError(f"{option} {path}: no such file")
-    state, spec = _read_classifier_file(path, option)
+    state, spec = read_classifier_file(path, option)
     if spec.get("arch"):
         if arch and arch != spec["arch"]:
             raise KrrstError(f"{option} {path} holds a {spec['arch']!r} classifier, not {arch!r}")
@@ -1271,35 +1048,13 @@ def load_kd_teacher(
         accepted = model_options(arch) if arch in list_models() else {}
         options = {k: v for k, v in (arch_options or {}).items() if k in accepted}
     if is_library_arch(arch):
-        model = _library_classifier(arch, num_classes, option)
+        model = library_classifier(arch, num_classes, option)
     elif arch in list_models():
         model = create_model(arch, num_outputs=num_classes, **options)
     else:
         raise KrrstError(f"{option} architecture {arch!r} is not a registered model, torchvision:NAME or timm:NAME")
-    _load_classifier_weights(model, state, path, arch, num_classes, target, option)
+    load_classifier_weights(model, state, path, arch, num_classes, target, option)
     return model.to(resolve_device(device)).eval().requires_grad_(False)
-
-
-def _load_classifier_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str,
-                             num_classes: int, target: str, option: str) -> None:
-    """Load `state` into `model` strictly; the class count, then the first missing/unexpected/misshapen key."""
-    expected = model.state_dict()
-    cleaned = {}
-    for key, value in state.items():
-        while key.startswith(_KD_PREFIXES):
-            key = key.split(".", 1)[1]
-        if key.startswith("fc.") and key not in expected and "head." + key[3:] in expected:
-            key = "head." + key[3:]  # a torchvision-layout file of a registered architecture
-        cleaned[key] = value
-    head = last_linear(model)
-    head_weight = cleaned.get(f"{head}.weight") if head else None
-    if head_weight is not None and head_weight.dim() == 2 and head_weight.shape[0] != num_classes:
-        raise KrrstError(f"{option} {path}: a classifier of {head_weight.shape[0]} classes, but {target} has "
-                         f"{num_classes}; give a classifier trained on {target}")
-    load_exactly(model, cleaned, f"{option} {path}", f"architecture {arch!r}")
-    nonfinite = first_nonfinite_tensor(cleaned.items())
-    if nonfinite is not None:
-        raise KrrstError(f"{option} {path}: {nonfinite[1]} in its weights ({nonfinite[0]}); its logits would be NaN")
 
 
 # --------------------------------------------------------------------------- one evaluation

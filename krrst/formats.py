@@ -1,4 +1,10 @@
-"""Teachers from the field's libraries and files, converted at the edge into a krrst teacher.
+"""Other projects' files, converted at the edge into krrst's types.
+
+- teachers (below): a library network or a foreign checkpoint becomes a krrst teacher;
+- target-task classifiers for `kd` (`read_classifier_file`, `library_classifier`,
+  `load_classifier_weights`; `krrst.evaluate.load_kd_teacher` puts them together);
+- other methods' label-based sets (`load_label_set`: DC/DSA/DM, MTT, KIP/FRePo, KRR-ST's files)
+  and the authors' released KRR-ST set (`load_authors_set`), each as a `DistilledSet`.
 
 A krrst teacher is any `nn.Module` that maps a batch of images to N x d
 features. This module builds one from what researchers bring:
@@ -28,17 +34,21 @@ and containers and turns every other object into an inert placeholder.
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
+from krrst.finite import check_finite, first_nonfinite_tensor
+from krrst.io import describe_exception, load_tensors, torch_load_weights_only
 
 LIBRARIES = ("torchvision", "timm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -46,7 +56,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Keys that are not the backbone: SSL heads, momentum copies and online classifiers of solo-learn and lightly.
 _NOT_BACKBONE = ("projector.", "predictor.", "prediction_head.", "projection_head.", "momentum_", "classifier.",
                  "head.", "fc.", "heads.", "queue", "prototypes.")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "encoder.")
+# What DDP (`module.`) and torch.compile (`_orig_mod.`) put before every key of any saved model.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# SSL libraries' checkpoints may also keep the backbone inside `model.` or `encoder.`.
+_SSL_WRAPPER_PREFIXES = (*_WRAPPER_PREFIXES, "model.", "encoder.")
 
 
 class TeacherInput(NamedTuple):
@@ -222,8 +235,6 @@ class _TensorsOnlyModule:
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, as a flat state dict (`state_dict`/`model` wrappers opened)."""
-    from krrst.io import load_tensors
-
     if path.suffix == ".safetensors":
         tensors, _ = load_tensors(path, "teacher file")
         return tensors
@@ -251,6 +262,13 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _unwrapped(key: str, prefixes: tuple[str, ...]) -> str:
+    """`key` without the wrapper prefixes it starts with (repeatedly: a compiled model inside DDP has two)."""
+    while key.startswith(prefixes):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def backbone_state(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The backbone's weights out of an SSL library's state dict, under `model`'s names.
 
@@ -262,11 +280,7 @@ def backbone_state(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[
     """
     if any(key.startswith("backbone.") for key in state):
         state = {key[len("backbone."):]: value for key, value in state.items() if key.startswith("backbone.")}
-    cleaned = {}
-    for key, value in state.items():
-        while key.startswith(_WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        cleaned[key] = value
+    cleaned = {_unwrapped(key, _SSL_WRAPPER_PREFIXES): value for key, value in state.items()}
     expected = model.state_dict()
     if cleaned and all(key.split(".", 1)[0].isdigit() for key in cleaned):
         children = [name for name, _ in model.named_children()]
@@ -378,3 +392,304 @@ def fit_to_source(teacher: nn.Module, source_mean, source_std, image_size: int) 
         )
     return teacher
 
+
+
+# --------------------------------------------------------------------------- target-task classifiers (kd)
+
+# Where a classifier file keeps its state dict inside a checkpoint dict.
+_CLASSIFIER_WRAPPERS = ("state_dict", "model", "classifier", "teacher")
+
+
+def read_classifier_file(path: Path, option: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of a classifier file (safetensors, or a weights-only .pt/.pth) and a krrst model spec if any."""
+    if path.suffix.lower() == ".safetensors":
+        tensors, metadata = load_tensors(path, f"{option} file")
+        return dict(tensors), dict(metadata.get("spec") or {})
+    loaded = torch_load_weights_only(path, f"{option} file", "a weights-only PyTorch state dict or safetensors file",
+                                     "as a state dict (torch.save(model.state_dict(), ...)) or as safetensors")
+    for wrapper in _CLASSIFIER_WRAPPERS:
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+            break
+    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise KrrstError(f"{option} {path} does not hold a state dict of tensors (got {type(loaded).__name__})")
+    return dict(loaded), {}
+
+
+def library_classifier(arch: str, num_classes: int, option: str) -> nn.Module:
+    """A torchvision or timm classification network with `num_classes` outputs, untrained."""
+    library, _, name = arch.partition(":")
+    if library == "torchvision":
+        import torchvision
+
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise KrrstError(f"{option} architecture {arch!r} is not a torchvision classification model")
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    try:
+        import timm
+    except ImportError:
+        raise KrrstError(f"{option} architecture {arch!r} needs timm: pip install 'krrst[timm]'") from None
+    if not timm.is_model(name):
+        raise KrrstError(f"{option} architecture {arch!r} is not a timm model")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def load_classifier_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str,
+                            num_classes: int, target: str, option: str) -> None:
+    """Load `state` into `model` strictly; the class count, then the first missing/unexpected/misshapen key.
+
+    DDP's and torch.compile's key prefixes are dropped, and a torchvision-layout
+    `fc.` head is read as the `head.` of a registered architecture.
+    """
+    expected = model.state_dict()
+    cleaned = {}
+    for key, value in state.items():
+        key = _unwrapped(key, _WRAPPER_PREFIXES)
+        if key.startswith("fc.") and key not in expected and "head." + key[3:] in expected:
+            key = "head." + key[3:]
+        cleaned[key] = value
+    head = last_linear(model)
+    head_weight = cleaned.get(f"{head}.weight") if head else None
+    if head_weight is not None and head_weight.dim() == 2 and head_weight.shape[0] != num_classes:
+        raise KrrstError(f"{option} {path}: a classifier of {head_weight.shape[0]} classes, but {target} has "
+                         f"{num_classes}; give a classifier trained on {target}")
+    load_exactly(model, cleaned, f"{option} {path}", f"architecture {arch!r}")
+    nonfinite = first_nonfinite_tensor(cleaned.items())
+    if nonfinite is not None:
+        raise KrrstError(f"{option} {path}: {nonfinite[1]} in its weights ({nonfinite[0]}); its logits would be NaN")
+
+
+# --------------------------------------------------------------------------- other methods' distilled sets
+
+LABEL_FILE_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
+
+# Names other projects use for the two tensors of a label-based set (DC/DSA/DM
+# save `image_syn`/`label_syn`, MTT `images_best`/`labels_best`, KRR-ST `x_syn`/`y_syn`).
+_IMAGE_KEYS = ("images", "image", "x", "x_syn", "image_syn", "images_best", "data", "images_all")
+_LABEL_KEYS = ("labels", "label", "targets", "y", "y_syn", "label_syn", "labels_best", "labels_all")
+
+
+def _read_label_file(path: Path) -> dict[str, Any]:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        tensors, _ = load_tensors(path, "label-based set")
+        return dict(tensors)
+    if suffix == ".npz":
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {name: torch.from_numpy(archive[name].copy()) for name in archive.files}
+        except (ValueError, OSError) as exc:
+            raise KrrstError(f"label-based set {path} is not a readable .npz file ({describe_exception(exc)})") from None
+    if suffix in (".pt", ".pth"):
+        value = torch_load_weights_only(path, "label-based set", "a weights-only PyTorch file of tensors",
+                                        "as tensors (images, labels) with torch.save, or as .safetensors/.npz")
+        return _unpack_torch_value(value, path)
+    raise KrrstError(f"label-based set {path}: unknown file type {suffix!r}; expected one of {', '.join(LABEL_FILE_SUFFIXES)}")
+
+
+def _unpack_torch_value(value: Any, path: Path) -> dict[str, Any]:
+    """A `.pt` holding a dict of tensors, an (images, labels) pair, or DC/DSA's {'data': [[images, labels], ...]}."""
+    if isinstance(value, torch.Tensor):
+        return {"images": value}
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, torch.Tensor) for v in value):
+        return {"images": value[0], "labels": value[1]}
+    if isinstance(value, dict):
+        data = value.get("data")
+        if isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple)) and len(data[0]) == 2:
+            # DC/DSA/DM save one (images, labels) pair per experiment; the first is taken.
+            return {"images": data[0][0], "labels": data[0][1]}
+        return {str(k): v for k, v in value.items() if isinstance(v, torch.Tensor)}
+    raise KrrstError(f"label-based set {path} holds a {type(value).__name__}; expected tensors (a dict, or images and labels)")
+
+
+def _pick(tensors: dict[str, Any], keys: tuple[str, ...], explicit: str | None, path: Path) -> torch.Tensor | None:
+    if explicit is not None:
+        if explicit not in tensors:
+            raise KrrstError(f"label-based set {path} has no tensor {explicit!r}; it holds {', '.join(sorted(tensors)) or 'none'}")
+        return tensors[explicit]
+    for key in keys:
+        if key in tensors:
+            return tensors[key]
+    return None
+
+
+def _label_set_tensors(path: Path, labels_path: str | os.PathLike | None, images_key: str | None,
+                       labels_key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels tensors of a label-based set: by name, from one file or the two of MTT."""
+    tensors = _read_label_file(path)
+    images = _pick(tensors, _IMAGE_KEYS, images_key, path)
+    if images is None:
+        raise KrrstError(
+            f"label-based set {path}: no images tensor (looked for {', '.join(_IMAGE_KEYS)}); "
+            f"it holds {', '.join(sorted(tensors)) or 'none'}; name it with images_key"
+        )
+    if labels_path is not None:
+        label_file = Path(labels_path)
+        if not label_file.is_file():
+            raise KrrstError(f"labels file not found: {label_file}")
+        label_tensors = _read_label_file(label_file)
+        if list(label_tensors) == ["images"]:  # a bare tensor in its own file
+            label_tensors = {"labels": label_tensors["images"]}
+        labels = _pick(label_tensors, _LABEL_KEYS, labels_key, label_file)
+    else:
+        labels = _pick(tensors, _LABEL_KEYS, labels_key, path)
+    if labels is None:
+        raise KrrstError(
+            f"label-based set {path}: no labels tensor (looked for {', '.join(_LABEL_KEYS)}); "
+            "name it with labels_key or give labels_path"
+        )
+    return images, labels
+
+
+def _channels_first(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], where: str) -> torch.Tensor:
+    """Square m x C x H x W images, from that layout or JAX projects' m x H x W x C."""
+    channels = len(mean)
+    if len(std) != channels:
+        raise KrrstError(f"{where}: mean has {channels} channels but std has {len(std)}")
+    if images.dim() != 4:
+        raise KrrstError(f"{where}: images must be m x {channels} x H x W, got shape {tuple(images.shape)}")
+    if images.shape[1] != channels and images.shape[-1] == channels:
+        images = images.permute(0, 3, 1, 2)
+    if images.shape[1] != channels or images.shape[2] != images.shape[3]:
+        raise KrrstError(f"{where}: images must be m x {channels} x H x H (square), got shape {tuple(images.shape)}")
+    return images
+
+
+def _normalised(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], pixels: str,
+                where: str) -> torch.Tensor:
+    """Float images normalised with `mean`/`std`, from the pixel space `pixels` names (`auto`: guessed)."""
+    if pixels == "auto":
+        if images.dtype == torch.uint8:
+            pixels = "uint8"
+        elif images.numel() and float(images.min()) >= 0.0 and float(images.max()) <= 1.0:
+            pixels = "unit"
+        else:
+            pixels = "normalized"
+    if pixels not in ("normalized", "unit", "uint8"):
+        raise KrrstError(f"{where}: pixels={pixels!r} is not valid; expected auto, normalized, unit or uint8")
+    images = images.float()
+    if pixels != "normalized":
+        unit = images / 255.0 if pixels == "uint8" else images
+        images = (unit - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    return images
+
+
+def _label_set_targets(labels: torch.Tensor, num_classes: int | None, where: str) -> tuple[torch.Tensor, str, int]:
+    """(labels, target kind, class count): m whole class indices are hard labels, m x K floats soft labels."""
+    m = labels.shape[0]
+    if labels.dim() == 1:
+        if labels.dtype.is_floating_point:
+            if not bool(torch.all(labels == labels.round())):
+                raise KrrstError(f"{where}: 1-D labels must be whole class indices, got fractional values")
+        labels = labels.long()
+        if m and labels.min() < 0:
+            raise KrrstError(f"{where}: labels must be in [0, {num_classes or 'K'}), got {int(labels.min())}")
+        if num_classes is not None and m and labels.max() >= num_classes:
+            raise KrrstError(f"{where}: labels must be in [0, {num_classes}), got {int(labels.max())}")
+        return labels, "hard_labels", num_classes if num_classes is not None else (int(labels.max()) + 1 if m else 0)
+    if labels.dim() == 2:
+        if not labels.dtype.is_floating_point:
+            raise KrrstError(f"{where}: m x K labels must be float soft labels, got {labels.dtype}")
+        if num_classes is not None and labels.shape[1] != num_classes:
+            raise KrrstError(f"{where}: soft labels have {labels.shape[1]} classes, expected {num_classes}")
+        return labels.float(), "soft_labels", labels.shape[1]
+    raise KrrstError(f"{where}: labels must be m class indices or m x K soft labels, got shape {tuple(labels.shape)}")
+
+
+def load_label_set(
+    path: str | os.PathLike,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    labels_path: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    pixels: Literal["auto", "normalized", "unit", "uint8"] = "auto",
+    images_key: str | None = None,
+    labels_key: str | None = None,
+    source: str = "",
+    method: str | None = None,
+) -> DistilledSet:
+    """Load another method's distilled set (images + hard or soft labels) as a `DistilledSet`.
+
+    `path` is a `.safetensors`, `.npz` or `.pt` file (read with
+    `weights_only=True`: no code runs) holding the images and, unless
+    `labels_path` names a second file (MTT's `images_best.pt` /
+    `labels_best.pt`), the labels. Tensors are found under common names
+    (`images`/`x`/`x_syn`/`image_syn`/`images_best`..., `labels`/`y`/`y_syn`/
+    `label_syn`/`labels_best`...) or `images_key`/`labels_key`.
+
+    Images: m x C x H x W, or m x H x W x C (JAX projects) which is
+    transposed. `pixels` says their space: `normalized` (DC/DSA/DM/MTT keep
+    normalised images), `unit` ([0, 1] pixels, e.g. KRR-ST's `x_syn.pt`),
+    `uint8` ([0, 255]); `auto` takes uint8 tensors as `uint8`, float tensors
+    inside [0, 1] as `unit`, anything else as `normalized`. Images are
+    normalised with `mean`/`std` unless already normalised.
+
+    Labels: m integer class indices (also float tensors holding whole
+    numbers) -> `hard_labels`; m x K floats -> `soft_labels`. With
+    `num_classes`, hard labels must lie in [0, num_classes) and soft labels
+    have K = num_classes columns. Any mismatch is a one-line `KrrstError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KrrstError(f"label-based set not found: {path}")
+    images, labels = _label_set_tensors(path, labels_path, images_key, labels_key)
+    where = f"label-based set {path}"
+    check_finite(images, where, "images")
+    check_finite(labels, f"labels file {labels_path}" if labels_path is not None else where, "labels")
+    images = _channels_first(images, mean, std, where)
+    if labels.shape[0] != images.shape[0]:
+        raise KrrstError(f"{where}: {images.shape[0]} images but {labels.shape[0]} labels")
+    images = _normalised(images, mean, std, pixels, where)
+    labels, target_kind, classes = _label_set_targets(labels, num_classes, where)
+    return DistilledSet(
+        images=images.contiguous(),
+        targets=labels.contiguous(),
+        mean=tuple(mean),
+        std=tuple(std),
+        target_kind=target_kind,
+        method=method or path.stem,
+        source=source,
+        config={"num_classes": int(classes), "file": str(path)},
+    )
+
+
+def load_authors_set(
+    images_path: str | os.PathLike,
+    targets_path: str | os.PathLike,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    source: str = "",
+) -> DistilledSet:
+    """Load the authors' released KRR-ST set (`x_syn.pt` in raw [0,1] pixels, `y_syn.pt`) as a `DistilledSet`.
+
+    Read with `torch.load(weights_only=True)` (no code runs) and normalised
+    with `mean`/`std`, because the public code kept images unnormalised.
+    A file holding NaN or inf is a one-line `KrrstError`.
+    """
+    raw_images = _load_torch_tensor(images_path, "synthetic images")
+    targets = _load_torch_tensor(targets_path, "synthetic targets")
+    check_finite(raw_images, f"synthetic images file {images_path}", "images")
+    check_finite(targets, f"synthetic targets file {targets_path}", "targets")
+    if raw_images.dim() != 4:
+        raise KrrstError(f"synthetic images {images_path}: expected m x C x H x W, got {tuple(raw_images.shape)}")
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    images = (raw_images.float() - mean_t) / std_t
+    return DistilledSet(images=images, targets=targets.float(), mean=mean, std=std, method=Path(images_path).stem,
+                        source=source)
+
+
+def _load_torch_tensor(path: str | os.PathLike, what: str) -> torch.Tensor:
+    """Load one tensor from a `.pt` file without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise KrrstError(f"{what} file not found: {path}")
+    value = torch_load_weights_only(
+        path, f"{what} file", "a weights-only PyTorch tensor file", "as a plain tensor (torch.save(tensor, ...))"
+    )
+    if not isinstance(value, torch.Tensor):
+        raise KrrstError(f"{what} file {path} holds a {type(value).__name__}, expected a tensor")
+    return value

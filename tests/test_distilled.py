@@ -79,31 +79,16 @@ def test_to_uint8_inverts_normalisation_and_exports(tmp_path):
     assert grid.size == (2 * 9 + 1, 2 * 9 + 1), "2x2 grid of 8px images with 1px padding"
 
 
-def test_authors_files_are_normalised_on_load(tmp_path):
-    raw = torch.rand(3, 3, 8, 8)
-    torch.save(raw, tmp_path / "x_syn.pt")
-    torch.save(torch.randn(3, 512), tmp_path / "y_syn.pt")
-    distilled = DistilledSet.from_authors_files(tmp_path / "x_syn.pt", tmp_path / "y_syn.pt", MEAN, STD)
-    expected = (raw - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    assert torch.allclose(distilled.images, expected) and distilled.feature_dim == 512
-    (tmp_path / "corrupt.pt").write_bytes(b"not a torch file")
-    with pytest.raises(KrrstError, match="corrupt.pt is not a weights-only PyTorch tensor file"):
-        DistilledSet.from_authors_files(tmp_path / "corrupt.pt", tmp_path / "y_syn.pt", MEAN, STD)
-    # torch's whole message for a text file is "101": the exception type makes it a message.
-    (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(KrrstError, match=r"text.pt is not a weights-only PyTorch tensor file \(KeyError: 101\)$"):
-        DistilledSet.from_authors_files(tmp_path / "text.pt", tmp_path / "y_syn.pt", MEAN, STD)
-    # weights_only=True refuses arbitrary pickled objects instead of executing them, and the
-    # error does not pass on torch's advice to retry with weights_only=False.
-    torch.save(Payload(), tmp_path / "evil.pt")
-    refused = r"evil.pt is not a weights-only .*holds pickled objects \(UnpicklingError\), and krrst never unpickles code"
-    with pytest.raises(KrrstError, match=refused) as info:
-        DistilledSet.from_authors_files(tmp_path / "evil.pt", tmp_path / "y_syn.pt", MEAN, STD)
-    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+def test_from_authors_files_is_the_formats_reader(tmp_path):
+    """The authors' set is read in krrst.formats (tested there); the classmethod gives the same set."""
+    from krrst.formats import load_authors_set
 
-
-class Payload:
-    """A pickled object that is not a tensor: loading it must not run its code."""
+    torch.save(torch.rand(3, 3, 8, 8), tmp_path / "x_syn.pt")
+    torch.save(torch.randn(3, 16), tmp_path / "y_syn.pt")
+    distilled = DistilledSet.from_authors_files(tmp_path / "x_syn.pt", tmp_path / "y_syn.pt", MEAN, STD, "cifar100")
+    expected = load_authors_set(tmp_path / "x_syn.pt", tmp_path / "y_syn.pt", MEAN, STD, "cifar100")
+    assert torch.equal(distilled.images, expected.images) and torch.equal(distilled.targets, expected.targets)
+    assert (distilled.method, distilled.source) == (expected.method, "cifar100")
 
 
 def test_repr_is_a_short_summary_not_the_tensors():

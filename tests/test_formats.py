@@ -1,8 +1,10 @@
-"""Teachers from torchvision, timm, solo-learn, lightly and TorchScript; the teacher's own preprocessing."""
+"""Other projects' files: teachers from torchvision, timm, solo-learn, lightly and TorchScript (and their own
+preprocessing), other methods' label sets, the authors' KRR-ST set."""
 
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,11 +16,21 @@ from krrst.cli import main
 from krrst.data import ImageSet
 from krrst.distill import DistillConfig, distill, teacher_identity
 from krrst.errors import KrrstError
-from krrst.formats import IMAGENET_MEAN, IMAGENET_STD, PreprocessedTeacher, TeacherInput, fit_to_source
+from krrst.formats import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PreprocessedTeacher,
+    TeacherInput,
+    fit_to_source,
+    load_authors_set,
+    load_label_set,
+)
 from krrst.models import create_model
 from krrst.teacher import TEACHER_FILE, load_teacher, teacher_features
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+# the label sets' statistics: 0.5 and 0.25 make the expected normalisation plain
+LABEL_MEAN, LABEL_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 def _resnet(name="resnet18", seed=0):
@@ -264,3 +276,116 @@ def test_pretrained_weights_without_a_network_are_one_line(monkeypatch):
     with pytest.raises(KrrstError, match=r"cannot fetch torchvision's pretrained resnet18 weights .*pass the file "
                                          r"with --teacher"):
         load_teacher(None, arch="torchvision:resnet18")
+
+
+# --------------------------------------------------------------------------- label-based sets from other projects
+
+
+def test_load_label_set_reads_the_common_file_layouts(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    unit = torch.rand(5, 3, 8, 8, generator=generator)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+
+    save_file({"x_syn": unit, "y_syn": labels}, str(tmp_path / "krr.safetensors"))
+    loaded = load_label_set(tmp_path / "krr.safetensors", LABEL_MEAN, LABEL_STD, num_classes=3)
+    assert loaded.target_kind == "hard_labels" and loaded.method == "krr"
+    torch.testing.assert_close(loaded.images, (unit - 0.5) / 0.25)  # [0,1] pixels are normalised on load
+    assert torch.equal(loaded.targets, labels) and loaded.config["num_classes"] == 3
+
+    normalised = torch.randn(5, 3, 8, 8, generator=generator)
+    torch.save({"data": [[normalised, labels]], "accs_all_exps": {}}, tmp_path / "dsa.pt")  # DC/DSA's layout
+    loaded = load_label_set(tmp_path / "dsa.pt", LABEL_MEAN, LABEL_STD)
+    torch.testing.assert_close(loaded.images, normalised)
+
+    soft = torch.softmax(torch.randn(5, 3, generator=generator), dim=1)
+    np.savez(tmp_path / "frepo.npz", images=normalised.permute(0, 2, 3, 1).numpy(), labels=soft.numpy())  # NHWC
+    loaded = load_label_set(tmp_path / "frepo.npz", LABEL_MEAN, LABEL_STD, num_classes=3)
+    assert loaded.target_kind == "soft_labels"
+    torch.testing.assert_close(loaded.images, normalised)
+
+
+@pytest.mark.parametrize(
+    "images, labels, message",
+    [
+        (torch.zeros(5, 8, 8), torch.zeros(5, dtype=torch.long), "m x 3 x H x W"),
+        (torch.zeros(5, 4, 8, 8), torch.zeros(5, dtype=torch.long), "square"),
+        (torch.zeros(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4]), "[0, 3)"),
+        (torch.zeros(5, 3, 8, 8), torch.tensor([0, -1, 2, 1, 0]), "labels must be in"),
+        (torch.zeros(5, 3, 8, 8), torch.zeros(4, dtype=torch.long), "5 images but 4 labels"),
+        (torch.zeros(5, 3, 8, 8), torch.zeros(5, 4), "4 classes, expected 3"),
+    ],
+)
+def test_load_label_set_rejects_bad_files_in_one_line(tmp_path, images, labels, message):
+    path = tmp_path / "bad.safetensors"
+    save_file({"images": images, "labels": labels}, str(path))
+    with pytest.raises(KrrstError) as caught:
+        load_label_set(path, LABEL_MEAN, LABEL_STD, num_classes=3)
+    assert "\n" not in str(caught.value)
+    assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_load_label_set_pt_files_are_read_without_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"images": torch.zeros(2, 3, 4, 4), "labels": torch.zeros(2), "hook": _OmegaConfLike(1)}, path)
+    with pytest.raises(KrrstError, match="krrst never unpickles code") as caught:
+        load_label_set(path, LABEL_MEAN, LABEL_STD)
+    assert "weights_only=False" not in str(caught.value) and "\n" not in str(caught.value)
+
+def test_load_label_set_reads_mtts_two_files_uint8_pixels_and_named_tensors(tmp_path):
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.save(pixels, tmp_path / "images_best.pt")
+    torch.save(torch.tensor([2.0, 0.0, 1.0, 2.0]), tmp_path / "labels_best.pt")  # whole numbers in a float tensor
+    loaded = load_label_set(tmp_path / "images_best.pt", LABEL_MEAN, LABEL_STD, labels_path=tmp_path / "labels_best.pt",
+                            source="cifar10", method="mtt")
+    torch.testing.assert_close(loaded.images, (pixels.float() / 255.0 - 0.5) / 0.25)
+    assert loaded.targets.dtype == torch.long and loaded.targets.tolist() == [2, 0, 1, 2]
+    assert (loaded.method, loaded.source, loaded.config["num_classes"]) == ("mtt", "cifar10", 3)
+    as_normalised = load_label_set(tmp_path / "images_best.pt", LABEL_MEAN, LABEL_STD, pixels="normalized",
+                                   labels_path=tmp_path / "labels_best.pt")
+    torch.testing.assert_close(as_normalised.images, pixels.float())
+
+    save_file({"a": torch.rand(2, 3, 4, 4), "b": torch.tensor([0, 1])}, str(tmp_path / "named.safetensors"))
+    loaded = load_label_set(tmp_path / "named.safetensors", LABEL_MEAN, LABEL_STD, images_key="a", labels_key="b")
+    assert loaded.targets.tolist() == [0, 1] and loaded.target_kind == "hard_labels"
+    for options, message in [({}, "no images tensor"), ({"images_key": "c"}, "has no tensor 'c'; it holds a, b"),
+                             ({"images_key": "a", "pixels": "raw"}, "pixels='raw' is not valid")]:
+        with pytest.raises(KrrstError, match=message):
+            load_label_set(tmp_path / "named.safetensors", LABEL_MEAN, LABEL_STD, labels_key="b", **options)
+    save_file({"images": torch.rand(2, 3, 4, 4), "labels": torch.tensor([0.5, 1.0])}, str(tmp_path / "frac.safetensors"))
+    with pytest.raises(KrrstError, match="whole class indices"):
+        load_label_set(tmp_path / "frac.safetensors", LABEL_MEAN, LABEL_STD)
+    (tmp_path / "set.txt").write_text("x")
+    with pytest.raises(KrrstError, match="unknown file type '.txt'"):
+        load_label_set(tmp_path / "set.txt", LABEL_MEAN, LABEL_STD)
+
+
+# --------------------------------------------------------------------------- the authors' KRR-ST set
+
+
+def test_authors_files_are_normalised_on_load(tmp_path):
+    raw = torch.rand(3, 3, 8, 8)
+    torch.save(raw, tmp_path / "x_syn.pt")
+    torch.save(torch.randn(3, 512), tmp_path / "y_syn.pt")
+    distilled = load_authors_set(tmp_path / "x_syn.pt", tmp_path / "y_syn.pt", LABEL_MEAN, LABEL_STD, "cifar100")
+    expected = (raw - torch.tensor(LABEL_MEAN).view(1, 3, 1, 1)) / torch.tensor(LABEL_STD).view(1, 3, 1, 1)
+    assert torch.allclose(distilled.images, expected) and distilled.feature_dim == 512
+    assert (distilled.method, distilled.source, distilled.target_kind) == ("x_syn", "cifar100", "representation")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a torch file")
+    with pytest.raises(KrrstError, match="corrupt.pt is not a weights-only PyTorch tensor file"):
+        load_authors_set(tmp_path / "corrupt.pt", tmp_path / "y_syn.pt", LABEL_MEAN, LABEL_STD)
+    # torch's whole message for a text file is "101": the exception type makes it a message.
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(KrrstError, match=r"text.pt is not a weights-only PyTorch tensor file \(KeyError: 101\)$"):
+        load_authors_set(tmp_path / "text.pt", tmp_path / "y_syn.pt", LABEL_MEAN, LABEL_STD)
+    # weights_only=True refuses arbitrary pickled objects instead of executing them, and the
+    # error does not pass on torch's advice to retry with weights_only=False.
+    torch.save(_OmegaConfLike(1), tmp_path / "evil.pt")
+    refused = r"evil.pt is not a weights-only .*holds pickled objects \(UnpicklingError\), and krrst never unpickles code"
+    with pytest.raises(KrrstError, match=refused) as info:
+        load_authors_set(tmp_path / "evil.pt", tmp_path / "y_syn.pt", LABEL_MEAN, LABEL_STD)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(KrrstError, match="synthetic targets file not found"):
+        load_authors_set(tmp_path / "x_syn.pt", tmp_path / "absent.pt", LABEL_MEAN, LABEL_STD)
+    torch.save({"x": raw}, tmp_path / "dict.pt")
+    with pytest.raises(KrrstError, match="holds a dict, expected a tensor"):
+        load_authors_set(tmp_path / "dict.pt", tmp_path / "y_syn.pt", LABEL_MEAN, LABEL_STD)
