@@ -17,8 +17,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from krrst.config import did_you_mean, parse_assignments, read_config_file, unknown_name
+from krrst.config import did_you_mean, parse_assignments, read_config_file
 from krrst.errors import KrrstError
+from krrst.registry import unknown_name
 
 
 def _version() -> str:
@@ -38,10 +39,10 @@ def _version() -> str:
 
 
 def _check_arch(arch: str, option: str) -> None:
-    from krrst.models import list_models
+    from krrst.models import MODELS
 
-    if arch not in list_models():
-        raise unknown_name(option, arch, list_models(), "registered models (krrst models)")
+    if arch not in MODELS:
+        raise MODELS.unknown(arch, what=option, see="krrst models")
 
 
 def _check_teacher_arch(arch: str | None, option: str = "--teacher-arch") -> None:
@@ -59,10 +60,10 @@ def _check_teacher_arch(arch: str | None, option: str = "--teacher-arch") -> Non
 
 
 def _check_dataset(name: str, option: str) -> None:
-    from krrst.data import list_datasets
+    from krrst.data import DATASETS
 
-    if name not in list_datasets():
-        raise KrrstError(f"{option}: {unknown_name('dataset', name, list_datasets(), 'valid names (krrst datasets)')}")
+    if name not in DATASETS:
+        raise KrrstError(f"{option}: {DATASETS.unknown(name, see='krrst datasets')}")
 
 
 def _check_out(path: str, option: str = "--out") -> None:
@@ -96,9 +97,7 @@ def _stage_config(cls, stage: str, preset: str | None, overrides: list[str], ext
     from krrst.config import apply_overrides
     from krrst.pipeline import PRESETS
 
-    if preset is not None and preset not in PRESETS:
-        raise unknown_name("--preset", preset, PRESETS, "valid presets")
-    values = dict(PRESETS[preset].get(stage, {})) if preset else {}
+    values = dict(PRESETS.get(preset, what="--preset").get(stage, {})) if preset else {}
     values.update({key: value for key, value in (extra or {}).items() if value is not None})
     for key, value in parse_assignments(overrides).items():
         prefix, dot, field = key.partition(".")
@@ -204,7 +203,7 @@ def _protocol_overrides(protocols: list[str]) -> dict[str, Any]:
     settings: dict[str, tuple[Any, str]] = {}  # key -> (value, the suite that set it)
     for protocol in protocols:
         if protocol in PROTOCOL_SUITES:
-            suite = dict(PROTOCOL_SUITES[protocol])
+            suite = dict(PROTOCOL_SUITES.get(protocol))
             items = suite.pop("run.protocols")
             for key, value in suite.items():
                 if key in settings and settings[key][0] != value:
@@ -587,8 +586,9 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
 
 def _run_args(parser: argparse.ArgumentParser, preset: str | None) -> None:
     if preset is None:
-        parser.add_argument("--preset", default=None, help="demo, cpu-mini, cifar100, tinyimagenet or imagenet64 "
-                            "(needed unless --config names one)")
+        parser.add_argument("--preset", default=None, help="demo, cpu-mini, cifar100, tinyimagenet, imagenet64 or "
+                            "authors (CIFAR-100 as the authors' public code runs it, quirks included; needed unless "
+                            "--config names one)")
     else:
         parser.set_defaults(preset=preset)
     parser.add_argument("--config", default=None, metavar="FILE",
@@ -688,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the real images the set starts from (krr-st default: random; mkdt: high-loss; "
                          "mkdt takes random or high-loss)")
     distill.add_argument("--preset", default=None,
-                         help="settings of a preset: cifar100 (the default values), tinyimagenet, imagenet64, demo, cpu-mini")
+                         help="settings of a preset: cifar100 (the default values), tinyimagenet, imagenet64, demo, cpu-mini, "
+                         "authors (the authors' public code, quirks included)")
     distill.add_argument("--steps", type=int, default=None, help="outer steps (paper: 160,000)")
     distill.add_argument("--num-images", "--m", dest="m", type=int, default=None,
                          help="m, the synthetic images (paper: 1,000 CIFAR-100, 2,000 Tiny-ImageNet); under torchrun "
@@ -789,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and not argv[0].startswith("-") and argv[0] not in parser.commands:
-        parser.error(str(unknown_name("command", argv[0], parser.commands, "commands")))
+        parser.error(str(unknown_name("command", argv[0], parser.commands, "valid commands")))
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would show the top-level usage; the command's is the one that helps
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -9,8 +9,8 @@ Numbers are checked here, once for every stage: a float must be finite and
 within float32 range (the tensors it reaches are float32; `1e39` would only
 fail later, deep inside a loop), an integer within int64 range.
 
-A mistyped name (a key, a preset, an architecture) gets "did you mean" from
-`close_matches`. Nothing here imports torch until a device is resolved, so the
+A mistyped name gets "did you mean" from `close_matches`: a key here, a
+registered name (a preset, an architecture) in `krrst.registry`. Nothing here imports torch until a device is resolved, so the
 command line can build its parser and `--help` without it.
 """
 
@@ -53,12 +53,6 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
 
 def _did_you_mean(matches: list[str]) -> str:
     return f"; did you mean {' or '.join(repr(match) for match in matches)}?" if matches else ""
-
-
-def unknown_name(what: str, name: str, valid: Iterable[str], listing: str = "valid names") -> KrrstError:
-    """`unknown preset 'Demo'; valid presets: cifar100, ..., demo; did you mean 'demo'?` as a `KrrstError`."""
-    valid = list(valid)
-    return KrrstError(f"unknown {what} {name!r}; {listing}: {', '.join(valid)}{did_you_mean(name, valid)}")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -93,9 +93,9 @@ import threading
 import warnings
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +103,7 @@ from tqdm import tqdm
 
 from krrst.errors import KrrstError
 from krrst.io import atomic_write, describe_exception, read_json, write_json
+from krrst.registry import Registry
 
 Stats = tuple[float, float, float]
 
@@ -585,10 +586,9 @@ def _decode_one(data: bytes, member: str, archive_path: Path) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-RESIZE_POLICIES = {
-    "crop": "resize the short side to S (antialiased bilinear), then take the centre S x S",
-    "stretch": "resize both sides to S (antialiased bilinear), changing the aspect ratio",
-}
+RESIZE_POLICIES: Registry[str] = Registry("resize policy", plural="resize policies")
+RESIZE_POLICIES.register("crop", "resize the short side to S (antialiased bilinear), then take the centre S x S")
+RESIZE_POLICIES.register("stretch", "resize both sides to S (antialiased bilinear), changing the aspect ratio")
 
 
 def _resize(images: torch.Tensor, size: int, policy: str = "crop") -> torch.Tensor:
@@ -845,7 +845,6 @@ def _read_lines(archive: _Archive, name: str) -> list[str]:
 
 
 def _read_imagefolder(archive: _Archive, opts: _Options) -> ImageSet:
-    layout = "<split>/<class>/<image> (in a folder or a .zip, optionally inside one top folder)"
     files = [n for n in archive.names if _is_image(n)]
     parts = [n.split("/") for n in files]
     tops = {p[0] for p in parts}
@@ -1268,39 +1267,52 @@ def _imagenet64_class_names(archive: _Archive, count: int) -> list[str]:
 # Registry, downloads, cache and the public entry point.
 
 _Reader = Callable[[_Archive, _Options], ImageSet]
-_READERS: dict[str, tuple[_Reader, tuple[str, ...] | None]] = {
-    "imagefolder": (_read_imagefolder, None),  # splits: the folders present
-    "tinyimagenet": (_read_tinyimagenet, ("train", "val")),
-    "cifar10": (_read_cifar, ("train", "test")),
-    "cifar100": (_read_cifar, ("train", "test")),
-    "aircraft": (_read_aircraft, ("train", "test")),
-    "flowers": (_read_flowers, ("train", "test")),
-    "cars": (_read_cars, ("train", "test")),
-    "cub": (_read_cub, ("train", "test")),
-    "dogs": (_read_dogs, ("train", "test")),
-    "imagenet64": (_read_imagenet64, ("train", "val")),
-    "folder": (_read_folder, ("train", "test", "all")),
-    "hf": (None, None),  # splits: the dataset's own, plus train/test made by a stratified split
-}
-_SPLITS_ITSELF = {"folder", "hf"}  # sources that split a labelled set into train/test (`stratified_split`)
-_FINE_GRAINED = {"aircraft", "flowers", "cars", "cub", "dogs"}
-_DOWNLOADABLE = {"cifar10", "cifar100", "aircraft", "flowers"}
 
 
-_LAYOUTS = {
-    "imagefolder": "<split>/<class>/<image>, a folder or a .zip (e.g. ~/data/cifar10-jpeg.zip)",
-    "tinyimagenet": "tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images + val_annotations.txt}",
-    "cifar10": "cifar-10-batches-py/ (python pickle batches; --download fetches it)",
-    "cifar100": "cifar-100-python/ (python pickle batches; --download fetches it)",
-    "aircraft": "fgvc-aircraft-2013b/data/ (variant level, 100 classes; --download fetches it)",
-    "flowers": "flowers-102/{imagelabels.mat, setid.mat, jpg/} (--download fetches it)",
-    "cars": "Stanford Cars: devkit/cars_meta.mat, cars_train/, cars_test/, cars_test_annos_withlabels.mat",
-    "cub": "CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/}",
-    "dogs": "Stanford Dogs: Images/<wnid-breed>/*.jpg + train_list.mat / test_list.mat (or lists/)",
-    "imagenet64": "Imagenet64_train/train_data_batch_{1..10}.npz + val_data.npz (official downsampled release)",
-    "folder": "your own images in any layout (the examples below)",
-    "hf": "a Hugging Face dataset: a hub name (e.g. --root cifar10) or a save_to_disk folder (pip install 'krrst[hf]')",
-}
+class Dataset(NamedTuple):
+    """What `load_images` needs to know of a dataset name."""
+
+    read: _Reader | None  # the reader of its layout (None: `hf`, whose reader comes with the opened dataset)
+    splits: tuple[str, ...] | None  # the splits it has (None: the folders present, or the HF dataset's own)
+    layout: str  # what it reads under --root (`krrst datasets`)
+    downloadable: bool = False  # torchvision fetches it (--download)
+    fine_grained: bool = False  # read at 32 x 32 unless image_size says otherwise
+    splits_itself: bool = False  # a labelled set cut into train/test by `stratified_split` (seeded)
+
+
+DATASETS: Registry[Dataset] = Registry("dataset")
+for _name, _dataset in {
+    "imagefolder": Dataset(_read_imagefolder, None,
+                           "<split>/<class>/<image>, a folder or a .zip (e.g. ~/data/cifar10-jpeg.zip)"),
+    "tinyimagenet": Dataset(_read_tinyimagenet, ("train", "val"), "tiny-imagenet-200/{wnids.txt, "
+                            "train/<wnid>/images/*.JPEG, val/images + val_annotations.txt}"),
+    "cifar10": Dataset(_read_cifar, ("train", "test"), "cifar-10-batches-py/ (python pickle batches; --download "
+                       "fetches it)", downloadable=True),
+    "cifar100": Dataset(_read_cifar, ("train", "test"), "cifar-100-python/ (python pickle batches; --download "
+                        "fetches it)", downloadable=True),
+    "aircraft": Dataset(_read_aircraft, ("train", "test"), "fgvc-aircraft-2013b/data/ (variant level, 100 classes; "
+                        "--download fetches it)", downloadable=True, fine_grained=True),
+    "flowers": Dataset(_read_flowers, ("train", "test"), "flowers-102/{imagelabels.mat, setid.mat, jpg/} "
+                       "(--download fetches it)", downloadable=True, fine_grained=True),
+    "cars": Dataset(_read_cars, ("train", "test"), "Stanford Cars: devkit/cars_meta.mat, cars_train/, cars_test/, "
+                    "cars_test_annos_withlabels.mat", fine_grained=True),
+    "cub": Dataset(_read_cub, ("train", "test"), "CUB_200_2011/{images.txt, image_class_labels.txt, "
+                   "train_test_split.txt, classes.txt, images/}", fine_grained=True),
+    "dogs": Dataset(_read_dogs, ("train", "test"), "Stanford Dogs: Images/<wnid-breed>/*.jpg + train_list.mat / "
+                    "test_list.mat (or lists/)", fine_grained=True),
+    "imagenet64": Dataset(_read_imagenet64, ("train", "val"), "Imagenet64_train/train_data_batch_{1..10}.npz + "
+                          "val_data.npz (official downsampled release)"),
+    "folder": Dataset(_read_folder, ("train", "test", "all"), "your own images in any layout (the examples below)",
+                      splits_itself=True),
+    "hf": Dataset(None, None, "a Hugging Face dataset: a hub name (e.g. --root cifar10) or a save_to_disk folder "
+                  "(pip install 'krrst[hf]')", splits_itself=True),
+}.items():
+    DATASETS.register(_name, _dataset)
+
+# The five fine-grained targets, in the order a run config lists them (run configs, and so run folders, keep it).
+FINE_GRAINED = ("aircraft", "cars", "cub", "dogs", "flowers")
+assert set(FINE_GRAINED) == set(DATASETS.select(lambda dataset: dataset.fine_grained))
+
 
 _FOLDER_EXAMPLES = (
     ("~/photos", "flat: ~/photos/*.jpg (unlabelled; train = all = every image)"),
@@ -1314,15 +1326,16 @@ _FOLDER_EXAMPLES = (
 def describe_datasets() -> str:
     """A table of every dataset name, its splits and the on-disk layout it reads (for `krrst datasets`)."""
     lines = [f"{'name':<13} {'splits':<16} layout under --root"]
-    for name, (_, splits) in _READERS.items():
+    for name, dataset in DATASETS.items():
+        splits = dataset.splits
         shown = ",".join(splits) if splits else "<its own>" if name == "hf" else "<folders>"
-        lines.append(f"{name:<13} {shown:<16} {_LAYOUTS[name]}")
+        lines.append(f"{name:<13} {shown:<16} {dataset.layout}")
         if name == "folder":
             lines += [f"{'':<13} {'':<16}   --root {root:<14} {text}" for root, text in _FOLDER_EXAMPLES]
     lines += [
         "",
         "Formats: JPEG, PNG, WebP, BMP, GIF, TIFF; greyscale, palette, RGBA and CMYK images become RGB.",
-        f"--image-size S: {RESIZE_POLICIES['crop']} (images of mixed sizes need it).",
+        f"--image-size S: {RESIZE_POLICIES.get('crop')} (images of mixed sizes need it).",
         "An undecodable file stops the load with its name; --skip-corrupt skips such files and reports them.",
     ]
     return "\n".join(lines)
@@ -1330,7 +1343,7 @@ def describe_datasets() -> str:
 
 def list_datasets() -> list[str]:
     """The dataset names `load_images` accepts."""
-    return list(_READERS)
+    return DATASETS.names()
 
 
 def _download(name: str, root: Path) -> None:
@@ -1387,7 +1400,7 @@ def _root_identity(opts: _Options) -> list[Any]:
 def _cache_stem(cache_dir: Path, opts: _Options) -> Path:
     fields = [_CACHE_FORMAT, opts.name, *_root_identity(opts), opts.split, opts.image_size, opts.max_per_class,
               opts.resize, opts.skip_corrupt]
-    if opts.name in _SPLITS_ITSELF:
+    if DATASETS.get(opts.name).splits_itself:
         fields += [opts.test_fraction, opts.split_seed]
     digest = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:20]
     size = opts.image_size or "native"
@@ -1461,7 +1474,7 @@ def cache_file(
     split_seed: int = 0,
 ) -> Path:
     """The JSON file marking the cache entry `load_images` would use for these arguments (it may not exist yet)."""
-    if name in _FINE_GRAINED and image_size is None:
+    if DATASETS.get(name).fine_grained and image_size is None:
         image_size = FINE_GRAINED_DEFAULT_SIZE
     opts = _Options(name, split, image_size, max_per_class, None, Path(root).expanduser(), resize, skip_corrupt,
                     test_fraction, split_seed)
@@ -1500,19 +1513,16 @@ def load_images(
     Every user mistake (unknown name or split, missing or unreadable root,
     wrong layout) raises a one-line `KrrstError`.
     """
-    if name not in _READERS:
-        raise KrrstError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
-    reader, splits = _READERS[name]
+    reader, splits = DATASETS.get(name)[:2]
     if splits is not None and split not in splits:
         raise KrrstError(f"dataset {name} has no split {split!r}; valid splits: {', '.join(splits)}")
     for option, value in (("image_size", image_size), ("max_per_class", max_per_class), ("num_workers", num_workers)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise KrrstError(f"{option} must be a positive integer or None, got {value!r}")
-    if resize not in RESIZE_POLICIES:
-        raise KrrstError(f"unknown resize policy {resize!r}; valid policies: {', '.join(RESIZE_POLICIES)}")
+    RESIZE_POLICIES.get(resize)
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise KrrstError(f"test_fraction (run.test_fraction) must lie in (0, 1), got {test_fraction!r}")
-    if name in _FINE_GRAINED and image_size is None:
+    if DATASETS.get(name).fine_grained and image_size is None:
         image_size = FINE_GRAINED_DEFAULT_SIZE
     archive = reader = None
     identity: tuple = ()
@@ -1545,11 +1555,12 @@ def load_images(
 def _open_root(opts: _Options, download: bool) -> _Archive:
     """Open the dataset's root, fetching it first when asked and possible."""
     name, root = opts.name, opts.root
-    if download and name in _DOWNLOADABLE:
+    downloadable = DATASETS.get(name).downloadable
+    if download and downloadable:
         _download(name, root)
     if not root.exists():
         hint = ""
-        if name in _DOWNLOADABLE:
+        if downloadable:
             hint = "; pass download=True (--download) to fetch it"
         elif download:
             hint = f" (krrst cannot download {name}; fetch it from its official site)"
@@ -1559,7 +1570,7 @@ def _open_root(opts: _Options, download: bool) -> _Archive:
 
 def _read_into_cache(archive: _Archive, reader: _Reader | None, opts: _Options, cache_root: Path | None) -> ImageSet:
     """Read the dataset and store it in the cache (the images decoded straight into the entry's file)."""
-    reader = reader or _READERS[opts.name][0]
+    reader = reader or DATASETS.get(opts.name).read
     try:
         image_set = reader(archive, opts)
         if opts.name == "imagefolder":

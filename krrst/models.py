@@ -1,8 +1,9 @@
 """The model registry and the architectures of the paper.
 
 One registry, as timm does: `register_model(name)` decorates a builder
-`fn(num_outputs=None, **options) -> nn.Module`; `create_model(arch, ...)`
-builds by name and checks the options; `list_models()` lists the names.
+`fn(num_outputs=None, **options) -> nn.Module` and adds it to `MODELS` (a
+`krrst.registry.Registry`); `create_model(arch, ...)` builds by name and
+checks the options; `list_models()` lists the names.
 
 Every model has the same surface, so the distillation, the evaluation and the
 checkpoints treat them alike:
@@ -33,10 +34,11 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from krrst.errors import KrrstError
+from krrst.registry import Registry
 
 ModelBuilder = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, ModelBuilder] = {}
+MODELS: Registry[ModelBuilder] = Registry("model", sort=True)
 
 NORMS = ("batch", "instance", "none")
 
@@ -48,25 +50,21 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator adding a builder `fn(num_outputs=None, **options)` to the registry under `name`."""
 
     def decorate(builder: ModelBuilder) -> ModelBuilder:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is registered twice")
-        parameters = inspect.signature(builder).parameters
-        if "num_outputs" not in parameters:
+        if "num_outputs" not in inspect.signature(builder).parameters:
             raise ValueError(f"builder of {name!r} must take a num_outputs argument")
-        _REGISTRY[name] = builder
-        return builder
+        return MODELS.register(name, builder)
 
     return decorate
 
 
 def list_models() -> list[str]:
     """The registered architecture names, sorted."""
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def model_options(arch: str) -> dict[str, Any]:
     """The options `create_model(arch, ...)` accepts, with their defaults (num_outputs excluded)."""
-    builder = _builder(arch)
+    builder = MODELS.get(arch)
     return {
         name: parameter.default
         for name, parameter in inspect.signature(builder).parameters.items()
@@ -92,7 +90,7 @@ def create_model(arch: str, num_outputs: int | None = None, **options: Any) -> n
     )
     if not valid_outputs:
         raise KrrstError(f"model {arch!r}: num_outputs must be a positive integer or None, got {num_outputs!r}")
-    model = _REGISTRY[arch](num_outputs=num_outputs, **options)
+    model = MODELS.get(arch)(num_outputs=num_outputs, **options)
     model.spec = {"arch": arch, "num_outputs": num_outputs, **{k: _jsonable(v) for k, v in options.items()}}
     return model
 
@@ -145,12 +143,6 @@ def from_torchvision_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[
             key = "head." + key[len("fc."):]
         renamed[key] = value
     return renamed
-
-
-def _builder(arch: str) -> ModelBuilder:
-    if arch not in _REGISTRY:
-        raise KrrstError(f"unknown model {arch!r}; expected one of: {', '.join(list_models())}")
-    return _REGISTRY[arch]
 
 
 def _jsonable(value: Any) -> Any:

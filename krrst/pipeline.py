@@ -27,8 +27,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from krrst.config import apply_overrides, config_to_dict, did_you_mean_key, resolve_device, unknown_name
-from krrst.distill import PRESETS as DISTILL_PRESETS
+from krrst.config import apply_overrides, config_to_dict, did_you_mean_key, resolve_device
+from krrst.data import FINE_GRAINED
 from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
 from krrst.distill import CHECKPOINT_NAME as DISTILL_CHECKPOINT
 from krrst.distill import DISTILLED_NAME, DistillConfig, unused_fields
@@ -46,25 +46,40 @@ from krrst.io import LOCK_NAME, capture_env, check_output_dir, exclusive_lock, r
 from krrst.mkdt import CHECKPOINT_NAME as MKDT_CHECKPOINT
 from krrst.mkdt import TRAJECTORIES_NAME, MKDTConfig
 from krrst.progress import stopped_loops
+from krrst.registry import Registry
 from krrst.teacher import CHECKPOINT_FILE as TEACHER_CHECKPOINT
 from krrst.teacher import HEALTH_FILE, TEACHER_FILE, TeacherConfig
 
 SAMPLE_ROOT = "@sample"
-FINE_GRAINED = ("aircraft", "cars", "cub", "dogs", "flowers")
 TEST_SPLITS = {"tinyimagenet": "val", "imagenet64": "val"}
-METHODS = ("krr-st", "mkdt", "random", "kmeans", "high-loss", "none", "full-ssl")
+
+# What `run.methods` names, by kind: "distilled" (a stage of the run learns the set), "subset" (real source images
+# picked by a baseline, with the teacher's targets), "reference" (no set: a fresh network, or the teacher itself).
+METHODS: Registry[str] = Registry("method")
+METHODS.register("krr-st", "distilled")
+METHODS.register("mkdt", "distilled")
+METHODS.register("random", "subset")
+METHODS.register("kmeans", "subset")
+METHODS.register("high-loss", "subset")
+METHODS.register("none", "reference")
+METHODS.register("full-ssl", "reference")
+SUBSET_METHODS = METHODS.select(lambda kind: kind == "subset")  # also distill.init's choices
 DEFAULT_METHODS = ("krr-st", "random", "kmeans", "none", "full-ssl")
 
+# The protocols a row is evaluated with (`run.protocols`, `krrst evaluate --protocol`), optionally @P% of the labels.
+BASE_PROTOCOLS: Registry[str] = Registry("protocol")
+BASE_PROTOCOLS.register("finetune", "fine-tune every weight on the target")
+BASE_PROTOCOLS.register("linear", "a linear classifier on frozen features")
+BASE_PROTOCOLS.register("kd", "target-data-free knowledge distillation of a target classifier (no label fraction)")
+
 # The two published evaluation protocols, as overrides (`krrst run/evaluate --protocol NAME`); `--set` wins over them.
-PROTOCOL_SUITES: dict[str, dict[str, Any]] = {
-    # KRR-ST (Lee et al., ICLR 2024): 1,000 pre-training epochs, then full fine-tuning.
-    "krrst": {"pretrain.epochs": 1000, "run.protocols": ("finetune",)},
-    # MKDT (Joshi et al., ICLR 2025): 20 pre-training epochs, then a frozen-feature linear probe fitted with
-    # L-BFGS on 1 / 5 / 10 / 50% of the labels.
-    "mkdt": {"pretrain.epochs": 20, "linear.solver": "lbfgs",
-             "run.protocols": ("linear@1%", "linear@5%", "linear@10%", "linear@50%")},
-}
-BASE_PROTOCOLS = ("finetune", "linear", "kd")
+PROTOCOL_SUITES: Registry[dict[str, Any]] = Registry("protocol")
+# KRR-ST (Lee et al., ICLR 2024): 1,000 pre-training epochs, then full fine-tuning.
+PROTOCOL_SUITES.register("krrst", {"pretrain.epochs": 1000, "run.protocols": ("finetune",)})
+# MKDT (Joshi et al., ICLR 2025): 20 pre-training epochs, then a frozen-feature linear probe fitted with L-BFGS on
+# 1 / 5 / 10 / 50% of the labels.
+PROTOCOL_SUITES.register("mkdt", {"pretrain.epochs": 20, "linear.solver": "lbfgs",
+                                  "run.protocols": ("linear@1%", "linear@5%", "linear@10%", "linear@50%")})
 
 
 def sample_path() -> Path:
@@ -150,62 +165,75 @@ class PipelineConfig:
 _CPU_TEACHER = {"arch": "convnet3", "convnet_widths": (32, 64, 128), "optimizer": "adamw", "lr": 1e-3,
                 "weight_decay": 1e-4, "warmup_epochs": 0.5, "projector_dims": (1024, 1024, 1024), "batch_size": 128}
 
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "cifar100": {},
-    "tinyimagenet": {
-        "run": {"source": "tinyimagenet", "image_size": 64, "archs": ("convnet4",),
-                "targets": ("tinyimagenet", "cifar10", *FINE_GRAINED)},
-        "distill": DISTILL_PRESETS["tinyimagenet"],
-    },
-    "imagenet64": {
-        "run": {"source": "imagenet64", "image_size": 64, "archs": ("convnet4",),
-                "targets": ("cifar10", "cifar100", *FINE_GRAINED)},
-        "distill": DISTILL_PRESETS["imagenet64"],
-    },
-    "demo": {
-        "run": {"source": "imagefolder", "source_root": SAMPLE_ROOT, "heldout_images": 200,
-                "targets": (f"imagefolder={SAMPLE_ROOT}",), "target_train_per_class": 100,
-                "methods": ("krr-st", "random", "kmeans", "none"), "protocols": ("finetune", "linear"),
-                "eval_widths": (32, 64, 128), "seeds": 3},
-        "teacher": {**_CPU_TEACHER, "steps": 250, "checkpoint_every": 50},
-        "distill": {"num_images": 100, "widths": (32, 64, 128), "steps": 200, "batch_size": 128, "image_lr": 2.5e-3,
-                    "target_lr": 1e-2, "pool_size": 4, "pool_steps": 20, "log_every": 10, "checkpoint_every": 50,
-                    "validate_every": 25, "validation_models": 2, "validation_images": 200},
-        # used when run.methods includes mkdt: a CPU-sized MKDT (the authors' defaults take GPU-days)
-        "mkdt": {"num_images": 100, "widths": (32, 64, 128), "experts": 3, "expert_epochs": 5, "syn_steps": 10,
-                 "max_start_epoch": 3, "steps": 50, "batch_syn": 100, "log_every": 5},
-        "pretrain": {"epochs": 100, "batch_size": 128},
-        "finetune": {"iterations": 100, "batch_size": 128},
-        "linear": {"iterations": 300, "batch_size": 256},
-        # used with --protocol kd: a narrow ConvNet teacher (run.eval_widths) and shorter schedules on CPU
-        "kd": {"epochs": 200, "teacher_arch": "convnet3", "teacher_epochs": 30},
-    },
-    # The real-data CPU protocol: CIFAR-10 train images without labels as the source, CIFAR-10 labels
-    # (1%, 10%, 100%) as the target, the full 10,000 test images, 3 paired seeds; about 55 minutes on one core.
-    "cpu-mini": {
-        "run": {"source": "imagefolder", "source_root": "cifar10-jpeg.zip", "heldout_images": 1000,
-                "targets": ("imagefolder=cifar10-jpeg.zip",),
-                "methods": ("krr-st", "random", "kmeans", "none", "full-ssl"),
-                "protocols": ("linear@1%", "linear@10%", "finetune@1%", "finetune@10%", "finetune"),
-                "eval_widths": (32, 64, 128), "seeds": 3},
-        "teacher": {**_CPU_TEACHER, "steps": 3000, "checkpoint_every": 250},
-        # final_targets=teacher and 600 pre-training epochs: the follow-ups in docs/results.md (the learned targets
-        # drift from the teacher's and cost accuracy at this scale; 120 epochs are only 120 SGD steps on 200 images)
-        "distill": {"num_images": 200, "widths": (32, 64, 128), "steps": 500, "batch_size": 256, "image_lr": 2.5e-3,
-                    "target_lr": 1e-2, "pool_size": 5, "pool_steps": 50, "log_every": 10, "checkpoint_every": 50,
-                    "validate_every": 50, "validation_models": 2, "validation_images": 1000, "final_targets": "teacher"},
-        "mkdt": {"num_images": 200, "widths": (32, 64, 128), "experts": 2, "expert_epochs": 3, "syn_steps": 10,
-                 "max_start_epoch": 2, "steps": 100, "batch_syn": 200, "log_every": 10},
-        "pretrain": {"epochs": 600, "batch_size": 256},
-        "finetune": {"iterations": 100, "batch_size": 64},
-        "linear": {"iterations": 1000, "batch_size": 512},
-        "kd": {"epochs": 300, "teacher_arch": "convnet3", "teacher_epochs": 5},
-    },
-}
+# A preset: overrides per stage on top of the defaults (the paper's CIFAR-100 setting); `--set` wins over them.
+PRESETS: Registry[dict[str, dict[str, Any]]] = Registry("preset")
+PRESETS.register("cifar100", {})
+# The 64 x 64 sources, with the public code's distillation settings for them.
+PRESETS.register("tinyimagenet", {
+    "run": {"source": "tinyimagenet", "image_size": 64, "archs": ("convnet4",),
+            "targets": ("tinyimagenet", "cifar10", *FINE_GRAINED)},
+    "distill": {"num_images": 2000, "arch": "convnet4", "widths": (64, 128, 256, 512), "image_size": 64,
+                "image_lr": 1e-5, "target_lr": 1e-5},
+})
+PRESETS.register("imagenet64", {
+    "run": {"source": "imagenet64", "image_size": 64, "archs": ("convnet4",),
+            "targets": ("cifar10", "cifar100", *FINE_GRAINED)},
+    "distill": {"num_images": 1000, "arch": "convnet4", "widths": (64, 128, 256, 512), "image_size": 64,
+                "image_lr": 1e-5, "target_lr": 1e-5},
+})
+PRESETS.register("demo", {
+    "run": {"source": "imagefolder", "source_root": SAMPLE_ROOT, "heldout_images": 200,
+            "targets": (f"imagefolder={SAMPLE_ROOT}",), "target_train_per_class": 100,
+            "methods": ("krr-st", "random", "kmeans", "none"), "protocols": ("finetune", "linear"),
+            "eval_widths": (32, 64, 128), "seeds": 3},
+    "teacher": {**_CPU_TEACHER, "steps": 250, "checkpoint_every": 50},
+    "distill": {"num_images": 100, "widths": (32, 64, 128), "steps": 200, "batch_size": 128, "image_lr": 2.5e-3,
+                "target_lr": 1e-2, "pool_size": 4, "pool_steps": 20, "log_every": 10, "checkpoint_every": 50,
+                "validate_every": 25, "validation_models": 2, "validation_images": 200},
+    # used when run.methods includes mkdt: a CPU-sized MKDT (the authors' defaults take GPU-days)
+    "mkdt": {"num_images": 100, "widths": (32, 64, 128), "experts": 3, "expert_epochs": 5, "syn_steps": 10,
+             "max_start_epoch": 3, "steps": 50, "batch_syn": 100, "log_every": 5},
+    "pretrain": {"epochs": 100, "batch_size": 128},
+    "finetune": {"iterations": 100, "batch_size": 128},
+    "linear": {"iterations": 300, "batch_size": 256},
+    # used with --protocol kd: a narrow ConvNet teacher (run.eval_widths) and shorter schedules on CPU
+    "kd": {"epochs": 200, "teacher_arch": "convnet3", "teacher_epochs": 30},
+})
+# The real-data CPU protocol: CIFAR-10 train images without labels as the source, CIFAR-10 labels
+# (1%, 10%, 100%) as the target, the full 10,000 test images, 3 paired seeds; about 55 minutes on one core.
+PRESETS.register("cpu-mini", {
+    "run": {"source": "imagefolder", "source_root": "cifar10-jpeg.zip", "heldout_images": 1000,
+            "targets": ("imagefolder=cifar10-jpeg.zip",),
+            "methods": ("krr-st", "random", "kmeans", "none", "full-ssl"),
+            "protocols": ("linear@1%", "linear@10%", "finetune@1%", "finetune@10%", "finetune"),
+            "eval_widths": (32, 64, 128), "seeds": 3},
+    "teacher": {**_CPU_TEACHER, "steps": 3000, "checkpoint_every": 250},
+    # final_targets=teacher and 600 pre-training epochs: the follow-ups in docs/results.md (the learned targets
+    # drift from the teacher's and cost accuracy at this scale; 120 epochs are only 120 SGD steps on 200 images)
+    "distill": {"num_images": 200, "widths": (32, 64, 128), "steps": 500, "batch_size": 256, "image_lr": 2.5e-3,
+                "target_lr": 1e-2, "pool_size": 5, "pool_steps": 50, "log_every": 10, "checkpoint_every": 50,
+                "validate_every": 50, "validation_models": 2, "validation_images": 1000, "final_targets": "teacher"},
+    "mkdt": {"num_images": 200, "widths": (32, 64, 128), "experts": 2, "expert_epochs": 3, "syn_steps": 10,
+             "max_start_epoch": 2, "steps": 100, "batch_syn": 200, "log_every": 10},
+    "pretrain": {"epochs": 600, "batch_size": 256},
+    "finetune": {"iterations": 100, "batch_size": 64},
+    "linear": {"iterations": 1000, "batch_size": 512},
+    "kd": {"epochs": 300, "teacher_arch": "convnet3", "teacher_epochs": 5},
+})
+# The authors' public code on CIFAR-100 (github.com/db-Lee/selfsup_dd), its quirks included; the other presets
+# follow the paper as written.
+PRESETS.register("authors", {
+    # their teacher is a ResNet-18 whose stem convolution has padding 2 (the usual CIFAR stem has 1)
+    "teacher": {"arch": "resnet18_pad2"},
+    # their pool never resets a model's step counter: past T steps every pick is a freshly initialised network
+    "distill": {"pool_counter_reset": False},
+    # their fine-tuning batch; the paper's protocol says 256
+    "finetune": {"batch_size": 128},
+})
 
 
 def list_presets() -> list[str]:
-    return list(PRESETS)
+    return PRESETS.names()
 
 
 def all_keys() -> list[str]:
@@ -221,13 +249,10 @@ def resolve_config(
     `overrides` are `{"distill.steps": "100", ...}`. Unknown presets, protocol
     suites, stages, keys and ill-typed values are one-line `KrrstError`s.
     """
-    if preset not in PRESETS:
-        raise unknown_name("preset", preset, PRESETS, "valid presets")
+    preset_values = PRESETS.get(preset)
     if protocol is not None:
-        if protocol not in PROTOCOL_SUITES:
-            raise KrrstError(f"unknown --protocol {protocol!r}; valid protocols: {', '.join(PROTOCOL_SUITES)}")
-        overrides = {**PROTOCOL_SUITES[protocol], **(overrides or {})}
-    per_stage: dict[str, dict[str, Any]] = {stage: dict(values) for stage, values in PRESETS[preset].items()}
+        overrides = {**PROTOCOL_SUITES.get(protocol, what="--protocol"), **(overrides or {})}
+    per_stage: dict[str, dict[str, Any]] = {stage: dict(values) for stage, values in preset_values.items()}
     for key, value in (overrides or {}).items():
         stage, dot, field = key.partition(".")
         if not dot or stage not in STAGE_CONFIGS:
@@ -259,21 +284,21 @@ def resolve_config(
 def _check_architectures(config: PipelineConfig) -> None:
     """Architecture names the run will build, checked before any stage starts (not hours into one)."""
     from krrst.formats import is_library_arch
-    from krrst.models import list_models
+    from krrst.models import MODELS
 
     named = [("teacher.arch", config.teacher.arch), ("distill.arch", config.distill.arch),
              ("mkdt.arch", config.mkdt.arch), *(("run.archs", arch) for arch in config.run.archs)]
     if config.kd.teacher_arch and not (config.kd.teacher_path and is_library_arch(config.kd.teacher_arch)):
         named.append(("kd.teacher_arch", config.kd.teacher_arch))  # a library classifier comes from a file
     for option, arch in named:
-        if arch not in list_models():
-            raise KrrstError(f"{option}: {unknown_name('model', arch, list_models(), 'registered models')}")
+        if arch not in MODELS:
+            raise KrrstError(f"{option}: {MODELS.unknown(arch)}")
 
 
 def _check_run_config(run: RunConfig) -> None:
-    unknown = [method for method in run.methods if method not in METHODS]
-    if unknown:
-        raise KrrstError(f"run.methods has unknown method {unknown[0]!r}; valid methods: {', '.join(METHODS)}")
+    for method in run.methods:
+        if method not in METHODS:
+            raise KrrstError(f"run.methods: {METHODS.unknown(method)}")
     for protocol in run.protocols:
         parse_protocol(protocol)
     if run.seeds < 1:
@@ -783,7 +808,7 @@ def _run_stages(
     baselines_dir = out_dir / "baselines"
     baselines_fp = _fingerprint(teacher_fp, source_fp, config.distill.num_images, config.distill.seed,
                                 config.distill.arch, config.distill.widths)
-    wanted = [method for method in ("random", "kmeans", "high-loss") if method in run_config.methods]
+    wanted = [method for method in SUBSET_METHODS if method in run_config.methods]
     missing = []
     if wanted:
         start_stage(baselines_dir, baselines_fp)  # clears sets built for another teacher, source or m

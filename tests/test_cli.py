@@ -323,3 +323,22 @@ def test_evaluate_reads_a_labelled_folder_with_its_split_fraction_and_skips_corr
     assert main([*command, "--skip-corrupt"]) == 0
     (row,) = read_results(tmp_path / "eval")
     assert "test 30%" in row["target"], row["target"]
+
+
+def test_the_choices_the_parser_offers_are_the_registered_names():
+    """The parser keeps its choices literal (`--help` must not import torch); they must match the registries."""
+    from krrst.cli import build_parser
+    from krrst.pipeline import METHODS, PRESETS, SUBSET_METHODS
+
+    commands = build_parser().commands
+
+    def choices(command: str, option: str) -> tuple:
+        action = next(a for a in commands[command]._actions if option in a.option_strings)
+        return tuple(action.choices)
+
+    assert choices("distill", "--method") == METHODS.select(lambda kind: kind == "distilled")
+    assert choices("distill", "--init") == SUBSET_METHODS
+    assert choices("evaluate", "--baseline") == (*SUBSET_METHODS, "none", "full")  # full: rows named full-ssl
+    for command, option in (("distill", "--preset"), ("run", "--preset")):
+        text = next(a for a in commands[command]._actions if option in a.option_strings).help
+        assert all(name in text for name in PRESETS), f"{command} {option}'s help leaves out a preset"

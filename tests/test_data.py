@@ -472,7 +472,7 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
 
 
 def test_unknown_name_and_split(tmp_path):
-    with pytest.raises(KrrstError, match=r"unknown dataset 'cifar11'; valid names: imagefolder, tinyimagenet, cifar10"):
+    with pytest.raises(KrrstError, match=r"unknown dataset 'cifar11'; did you mean 'cifar10' or 'cifar100'\? valid datasets: imagefolder, tinyimagenet, cifar10"):
         load_images("cifar11", tmp_path)
     assert "imagenet64" in list_datasets() and "cub" in list_datasets()
     with pytest.raises(KrrstError, match=r"no split 'validation'; valid splits: train, val"):
@@ -680,7 +680,7 @@ def test_resize_policy_short_side_then_centre_crop(tmp_path):
     assert stretched.resize == "stretch" and int(stretched.images[0, 1, :, 0].min()) > 200
     with pytest.raises(KrrstError, match=r"b_tall.png is 20x40 but earlier images are 40x20; pass image_size"):
         load_images("folder", root, cache_dir=False)
-    with pytest.raises(KrrstError, match=r"unknown resize policy 'squash'; valid policies: crop, stretch"):
+    with pytest.raises(KrrstError, match=r"unknown resize policy 'squash'; valid resize policies: crop, stretch"):
         load_images("folder", root, image_size=10, resize="squash", cache_dir=False)
 
 

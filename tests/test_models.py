@@ -128,7 +128,7 @@ def test_feature_dims():
 
 
 def test_unknown_name_and_option_errors():
-    with pytest.raises(KrrstError, match="unknown model 'resnet19'.*resnet18"):
+    with pytest.raises(KrrstError, match=r"^unknown model 'resnet19'; did you mean 'resnet18'.*\? valid models: alexnet"):
         create_model("resnet19")
     with pytest.raises(KrrstError, match="unknown option 'widht'.*widths"):
         create_model("convnet3", widht=(1, 2, 3))
@@ -151,7 +151,11 @@ def test_convnet_norm_options():
     assert isinstance(create_model("convnet3", norm="none").blocks[0][1], nn.Identity)
 
 
-def test_register_model_adds_a_builder():
+def test_register_model_adds_a_builder(monkeypatch):
+    from krrst import models
+    from krrst.registry import Registry
+
+    monkeypatch.setattr(models, "MODELS", Registry("model", sort=True))  # the test's model leaves with the test
     name = "test_tiny_linear"
 
     class Tiny(nn.Module):
@@ -170,15 +174,10 @@ def test_register_model_adds_a_builder():
     def tiny(num_outputs=None, scale: float = 1.0):
         return Tiny(num_outputs)
 
-    try:
-        assert name in list_models()
-        assert create_model(name, 2, scale=2.0).spec == {"arch": name, "num_outputs": 2, "scale": 2.0}
-        with pytest.raises(ValueError):
-            register_model(name)(tiny)
-    finally:
-        from krrst import models
-
-        models._REGISTRY.pop(name)
+    assert name in list_models()
+    assert create_model(name, 2, scale=2.0).spec == {"arch": name, "num_outputs": 2, "scale": 2.0}
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model(name)(tiny)
 
 
 # --------------------------------------------------------------------------- ResNet layout

@@ -255,7 +255,7 @@ def test_a_run_started_means_something_was_computed(tmp_path):
 
 @pytest.mark.parametrize("key", ["teacher.arch", "distill.arch", "mkdt.arch", "run.archs"])
 def test_unknown_architectures_are_refused_before_any_stage(key):
-    with pytest.raises(KrrstError, match=rf"{key}: unknown model 'resnet81'; registered models: alexnet"):
+    with pytest.raises(KrrstError, match=rf"^{key}: unknown model 'resnet81'; did you mean 'resnet18' or .*\? valid models: alexnet"):
         tiny_config(**{key: "resnet81"})
 
 
@@ -652,3 +652,40 @@ def test_a_hugging_face_hub_name_reaches_the_reader_as_it_is(monkeypatch, tmp_pa
     assert seen == [("hf", "someone/photos")]
     with pytest.raises(KrrstError, match="does not exist"):  # other readers still want the folder
         pipeline.load_source(tiny_config(**{"run.source_root": "someone/photos"}).run, tmp_path)
+
+
+def _changed_fields(config: "pipeline.PipelineConfig") -> dict[str, object]:
+    """`stage.field -> value` for every field that differs from the defaults."""
+    default = pipeline.PipelineConfig().to_dict()
+    return {f"{stage}.{field}": value for stage, fields in config.to_dict().items()
+            for field, value in fields.items() if value != default[stage][field]}
+
+
+def test_the_authors_preset_sets_exactly_the_quirks_of_their_public_code():
+    assert _changed_fields(pipeline.resolve_config("authors")) == {
+        "teacher.arch": "resnet18_pad2",  # their teacher's stem convolution has padding 2
+        "distill.pool_counter_reset": False,  # their pool's step counters never return to 0
+        "finetune.batch_size": 128,  # their fine-tuning batch
+    }
+    assert _changed_fields(pipeline.resolve_config("cifar100")) == {}, "the default is the paper as written"
+    # --set wins over the preset, as over every preset
+    assert pipeline.resolve_config("authors", {"distill.pool_counter_reset": "true"}).distill.pool_counter_reset
+
+
+def test_the_64px_presets_carry_the_public_codes_distillation_settings():
+    convnet4 = {"distill.arch": "convnet4", "distill.widths": [64, 128, 256, 512], "distill.image_size": 64,
+                "distill.image_lr": 1e-5, "distill.target_lr": 1e-5, "run.image_size": 64, "run.archs": ["convnet4"]}
+    tiny = _changed_fields(pipeline.resolve_config("tinyimagenet"))
+    assert {key: tiny[key] for key in convnet4} == convnet4 and tiny["distill.num_images"] == 2000
+    imagenet = _changed_fields(pipeline.resolve_config("imagenet64"))
+    assert {key: imagenet[key] for key in convnet4} == convnet4 and "distill.num_images" not in imagenet  # 1,000
+    assert tiny["run.targets"] == ["tinyimagenet", "cifar10", "aircraft", "cars", "cub", "dogs", "flowers"]
+
+
+def test_a_mistyped_preset_method_or_protocol_suite_gets_did_you_mean():
+    with pytest.raises(KrrstError, match=r"^unknown preset 'autors'; did you mean 'authors'\? valid presets: cifar100"):
+        pipeline.resolve_config("autors")
+    with pytest.raises(KrrstError, match=r"^run.methods: unknown method 'kmean'; did you mean 'kmeans'\?"):
+        pipeline.resolve_config("demo", {"run.methods": "krr-st,kmean"})
+    with pytest.raises(KrrstError, match=r"^unknown --protocol 'mkd'; did you mean 'mkdt'\? valid protocols"):
+        pipeline.resolve_config("demo", protocol="mkd")
