@@ -42,6 +42,10 @@ class DistributedContext:
     def is_main(self) -> bool:  # rank 0: the one that writes files and prints
         return self.rank == 0
 
+    def shard(self, global_batch: int, what: str = "batch size") -> slice:
+        """This process's rows of a global batch (`shard_slice`): all of them in a single process."""
+        return shard_slice(global_batch, self.rank, self.world_size, what)
+
 
 def init_distributed(device: str | torch.device | None = None, timeout_minutes: float = 10.0) -> DistributedContext:
     """Join the process group torchrun describes (its variables set, WORLD_SIZE > 1), else a single process.

@@ -47,11 +47,13 @@ from krrst.config import check_numeric_fields, config_changes, config_to_dict, r
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.finite import LossWatch
-from krrst.distill import _draw_seed, _every, _model_options, teacher_identity
+from krrst.distill import network_options
 from krrst.evaluate import fresh_model
 from krrst.formats import fit_to_source
 from krrst.losses import parameter_matching_loss
 from krrst.progress import progress_bar
+from krrst.run_state import draw_seed, every, stage_seeds
+from krrst.teacher import teacher_identity
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 TRAJECTORIES_NAME = "trajectories.safetensors"
@@ -176,13 +178,7 @@ class MKDTConfig:
 
 def _student(config: MKDTConfig, num_outputs: int, seed: int) -> nn.Module:
     """A fresh student of the distillation architecture whose weights depend only on `seed`."""
-    return fresh_model(config.arch, num_outputs, seed, **_model_options(config))
-
-
-def _stage_seeds(seed: int) -> tuple[int, int, int]:
-    """Independent seeds for the experts, the initial images and the matching loop."""
-    root = torch.Generator().manual_seed(seed)
-    return tuple(_draw_seed(root) for _ in range(3))  # type: ignore[return-value]
+    return fresh_model(config.arch, num_outputs, seed, **network_options(config))
 
 
 def flat_parameters(model: nn.Module) -> torch.Tensor:
@@ -233,14 +229,14 @@ def train_expert_trajectories(
     target_reps = target_reps.to(device).float()
     num_source, batch = len(images), config.expert_batch_size
     steps_per_epoch = math.ceil(num_source / batch)
-    generator = torch.Generator().manual_seed(_stage_seeds(config.seed)[0])
+    generator = torch.Generator().manual_seed(stage_seeds(config.seed, 3)[0])
     trajectories: Trajectories = []
     bar = progress_bar(config.experts * config.expert_epochs * steps_per_epoch, "mkdt experts", unit="step",
                        enabled=progress)
     watch = LossWatch("mkdt expert training", "mkdt.expert_lr too high for mkdt.expert_batch_size", device)
     try:
         for _ in range(config.experts):
-            model = _student(config, target_reps.shape[1], _draw_seed(generator)).to(device).train()
+            model = _student(config, target_reps.shape[1], draw_seed(generator)).to(device).train()
             optimizer = torch.optim.SGD(model.parameters(), lr=config.expert_lr, momentum=config.expert_momentum,
                                         weight_decay=config.expert_weight_decay)
             checkpoints, step = [flat_parameters(model).cpu()], 0
@@ -528,7 +524,7 @@ def mkdt_distill(
         )
         if out_dir is not None and write:
             save_trajectories(trajectories_path, trajectories, config, source=source_id, teacher=teacher_id)
-    _, init_seed, match_seed = _stage_seeds(config.seed)
+    _, init_seed, match_seed = stage_seeds(config.seed, 3)
     student = _student(config, target_reps.shape[1], match_seed).to(device).train()
     _check_trajectories(trajectories, config, sum(p.numel() for p in student.parameters()))
     experts_id = _trajectories_identity(trajectories)
@@ -628,7 +624,7 @@ def mkdt_distill(
                 bar.set_postfix(loss=f"{row['loss']:.4g}", syn_lr=f"{row['syn_lr']:.3g}", refresh=False)
                 if out_dir is not None and write:
                     io.write_csv(out_dir / LOSS_CSV_NAME, history, LOSS_CSV_FIELDS)
-            if out_dir is not None and write and (step == last_step or _every(step, config.checkpoint_every)):
+            if out_dir is not None and write and (step == last_step or every(step, config.checkpoint_every)):
                 save_run(step)
     finally:
         bar.close()

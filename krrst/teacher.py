@@ -30,12 +30,9 @@ single-process run on the same global batch; rank 0 writes the files.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
@@ -44,15 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from krrst.augment import normalize, ssl_view_pair
-from krrst.config import check_numeric_fields, config_changes, config_to_dict, resolve_device
-from krrst.distributed import (
-    DistributedContext,
-    all_gather_with_grad,
-    barrier,
-    convert_sync_batchnorm,
-    run_on_main,
-    shard_slice,
-)
+from krrst.config import check_numeric_fields, config_to_dict, resolve_device
+from krrst.distributed import DistributedContext, all_gather_with_grad, barrier, convert_sync_batchnorm
 from krrst.errors import KrrstError
 from krrst.finite import LossWatch, describe_nonfinite, first_nonfinite_tensor
 from krrst.formats import (
@@ -67,17 +57,10 @@ from krrst.formats import (
     load_library_teacher,
     load_torchscript,
 )
-from krrst.io import (
-    atomic_write,
-    load_state,
-    load_tensors,
-    save_state,
-    save_tensors,
-    torch_load_weights_only,
-    write_json,
-)
+from krrst.io import load_tensors, save_tensors, torch_load_weights_only, write_json
 from krrst.losses import barlow_twins_loss, simclr_loss
 from krrst.progress import progress_bar
+from krrst.run_state import RunState, read_log
 from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
 TEACHER_FILE = "teacher.safetensors"
@@ -337,19 +320,10 @@ def _freeze(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- training
 
 
-def train_teacher(
-    images,
-    config: TeacherConfig | None = None,
-    out_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    device: str | torch.device | None = None,
-    heldout=None,
-    labelled=None,
-    *,
-    stop_at_step: int | None = None,
-    progress: bool | None = None,
-    distributed: DistributedContext | None = None,
-) -> nn.Module:
+def train_teacher(images, config: TeacherConfig | None = None, out_dir: str | os.PathLike | None = None,
+                  resume: bool = False, device: str | torch.device | None = None, heldout=None, labelled=None, *,
+                  stop_at_step: int | None = None, progress: bool | None = None,
+                  distributed: DistributedContext | None = None) -> nn.Module:
     """Train an SSL teacher on the unlabelled `images` (an `ImageSet`) and return its backbone.
 
     Args:
@@ -386,6 +360,56 @@ def train_teacher(
         KrrstError: on bad settings, a diverging loss, or a collapsed teacher.
     """
     config = config or TeacherConfig()
+    total_steps, steps_per_epoch = _schedule(config, len(images))
+    sharded = distributed is not None and distributed.world_size > 1
+    device = distributed.device if sharded else resolve_device(device)
+    speed = SpeedSettings.resolve(config, device)
+    views = _ViewStream(images, config, steps_per_epoch, speed, device, distributed if sharded else None)
+    backbone, projector = _build_networks(config, images.image_size, device, speed, sharded)
+    optimizer = _make_optimizer(config, [*backbone.parameters(), *projector.parameters()], device)
+    loss_fn = _ssl_loss(config, sharded)
+    watch = LossWatch(f"teacher training ({config.method})",
+                      "teacher.lr too high for teacher.batch_size (or teacher.loss_scale too large)", device)
+    with _open_run(config, out_dir, total_steps, len(images), resume, stop_at_step, progress, distributed) as run:
+        if run.saved is not None:
+            _restore(run.saved, backbone, projector, optimizer, views.generator)
+        two_views = _two_view_network(backbone, projector, device, sharded)  # after the restore: DDP copies rank 0
+        logged = run.rows()  # a resumed run's rows, up to its checkpoint
+        last_loss = logged[-1]["loss"] if logged else float("nan")
+        two_views.train()
+        for step in run.steps():
+            view_a, view_b = views(step)
+            lr = learning_rate_at(step - 1, total_steps, steps_per_epoch, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with speed.autocast(device):
+                z_a, z_b = two_views(view_a, view_b)
+            # The loss in the views' dtype (float32, float64 in a float64 reference run), not autocast's.
+            loss = loss_fn(z_a.to(view_a.dtype), z_b.to(view_b.dtype))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            watch.update(loss, step)
+            run.log(step, loss=loss.detach(), lr=lr)
+            if run.is_log_step(step) or run.is_checkpoint_step(step):
+                last_loss = run.flush()[-1]["loss"]  # one sync for the rows since the last flush
+                watch.check()  # before any checkpoint: none is written from a diverged state
+            if run.is_checkpoint_step(step):
+                run.save(step, _checkpoint(backbone, projector, optimizer, views.generator, step, total_steps))
+    watch.check()
+    teacher = _trained_backbone(backbone, config, images.image_size, device, sharded)
+    if run.last_step == total_steps:
+        _finish(run, teacher, images, config, last_loss, heldout, labelled, device, progress)
+    if sharded:
+        barrier()  # rank 0's files (the last checkpoint, the teacher) are on disk before any rank returns
+    return teacher
+
+
+LOSS_FIELDS = ("step", "loss", "lr", "elapsed_s")
+
+
+def _schedule(config: TeacherConfig, num_images: int) -> tuple[int, int]:
+    """`(total steps, steps per epoch)` of `config` on `num_images` images, once its settings are checked."""
     if config.method not in SSL_METHODS:
         raise KrrstError(f"teacher.method={config.method!r} is not valid; expected one of {', '.join(SSL_METHODS)}")
     for name in ("checkpoint_every", "log_every"):
@@ -393,11 +417,6 @@ def train_teacher(
             raise KrrstError(
                 f"teacher.{name}={getattr(config, name)} is not valid; expected a positive number of steps"
             )
-    sharded = distributed is not None and distributed.world_size > 1
-    is_main = not sharded or distributed.is_main
-    device = distributed.device if sharded else resolve_device(device)
-    on_cuda = device.type == "cuda"
-    num_images = len(images)
     if config.batch_size < 2 or config.batch_size > num_images:
         raise KrrstError(
             f"teacher.batch_size={config.batch_size} is not valid for {num_images} source images; "
@@ -407,175 +426,140 @@ def train_teacher(
     total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
     if total_steps < 1:
         raise KrrstError("teacher.steps and teacher.epochs are both 0; set one of them")
-    stop = total_steps if stop_at_step is None else max(0, min(int(stop_at_step), total_steps))
-    if sharded:
-        local_rows = shard_slice(config.batch_size, distributed.rank, distributed.world_size, "teacher.batch_size")
-    out_path = Path(out_dir) if out_dir is not None else None
-    checkpoint_path = out_path / CHECKPOINT_FILE if out_path else None
-    loss_path = out_path / LOSS_FILE if out_path else None
+    return total_steps, steps_per_epoch
 
-    # The model's initial weights come from the stage seed without touching the caller's global RNG.
-    with torch.random.fork_rng(devices=[]):
+
+def _build_networks(
+    config: TeacherConfig, image_size: int, device: torch.device, speed: SpeedSettings, sharded: bool
+) -> tuple[nn.Module, nn.Module]:
+    """Backbone and projector on `device`, their initial weights from the stage seed alone."""
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left untouched
         torch.manual_seed(config.seed)
-        backbone = build_backbone(config, images.image_size)
+        backbone = build_backbone(config, image_size)
         projector = build_projector(backbone.feature_dim, tuple(config.projector_dims))
-    speed = SpeedSettings.resolve(config, device)
     backbone.to(device=device, memory_format=speed.memory_format)
     projector.to(device)
     if sharded:
         # Batch statistics over the global batch, as the single process sees them.
         backbone, projector = convert_sync_batchnorm(backbone), convert_sync_batchnorm(projector)
-    optimizer = _make_optimizer(config, list(backbone.parameters()) + list(projector.parameters()), device)
-    generator = torch.Generator().manual_seed(config.seed)
-    start_step = 0
+    return backbone, projector
 
-    def read_checkpoint() -> dict[str, Any] | None:
-        if checkpoint_path is None or not checkpoint_path.exists():
-            return None
-        if not resume:
-            raise KrrstError(f"{checkpoint_path} already exists; resume that run (re-run the krrst command, or "
-                             f"resume=True) or choose another --out")
-        state = load_state(checkpoint_path, "teacher checkpoint")
-        _check_resumable(state, config, checkpoint_path, num_images)
-        return state
 
-    # Under torchrun rank 0 reads the checkpoint and hands it to the others (no shared disk needed).
-    state = run_on_main(read_checkpoint) if sharded else read_checkpoint()
-    if state is not None:
-        backbone.load_state_dict(state["model"])
-        projector.load_state_dict(state["projector"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start_step = int(state["step"])
-        if is_main:
-            print(f"teacher: resuming {out_dir} at step {start_step:,}/{total_steps:,}" if start_step < total_steps
-                  else f"teacher: {out_dir} was finished ({total_steps:,} steps)", file=sys.stderr)
-    two_views: nn.Module | None = None
-    if sharded:
-        # DDP all-reduces (averages) the gradients in buckets during backward.
-        two_views = nn.parallel.DistributedDataParallel(
-            _TwoViews(backbone, projector), device_ids=[device.index] if on_cuda else None
-        )
-    last_loss = float("nan")
-    if not is_main:
-        checkpoint_path = loss_path = None  # rank 0 writes the files
-    if loss_path is not None:
-        last_loss = _reset_loss_log(loss_path, keep_up_to=start_step)
+def _two_view_network(backbone: nn.Module, projector: nn.Module, device: torch.device, sharded: bool) -> nn.Module:
+    network = _TwoViews(backbone, projector)
+    if not sharded:
+        return network
+    # DDP all-reduces (averages) the gradients in buckets during backward.
+    return nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
 
-    source = images.images.to(device)
-    mean, std = tuple(images.mean), tuple(images.std)
-    augment_configs = view_configs(config)
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+def _ssl_loss(config: TeacherConfig, sharded: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The SSL loss of two batches of embeddings, each (B / world size, D).
+
+    Under torchrun every rank computes the loss of the global batch (the
+    all-gathered rows); the gather's backward sums the ranks' gradients and
+    DDP averages them: the single-process gradient.
+    """
     if config.method == "barlow_twins":
-        loss_fn = lambda a, b: barlow_twins_loss(a, b, config.lambda_offdiag, config.loss_scale)  # noqa: E731
+        loss = lambda a, b: barlow_twins_loss(a, b, config.lambda_offdiag, config.loss_scale)  # noqa: E731
     else:
-        loss_fn = lambda a, b: simclr_loss(a, b, config.temperature)  # noqa: E731
+        loss = lambda a, b: simclr_loss(a, b, config.temperature)  # noqa: E731
+    if not sharded:
+        return loss
+    return lambda a, b: loss(all_gather_with_grad(a), all_gather_with_grad(b))
 
-    def save_checkpoint(step: int) -> None:
-        if checkpoint_path is None:
-            return
-        save_state(
-            checkpoint_path,
-            {
-                "kind": CHECKPOINT_KIND,
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "total_steps": total_steps,
-                "num_images": num_images,
-                "config": config_to_dict(config),
-                "model": backbone.state_dict(),
-                "projector": projector.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": {"name": "warmup_cosine", "step": step},
-                "generator": generator.get_state(),
-            },
-        )
 
-    bar = progress_bar(total_steps * config.batch_size, f"teacher {config.method} {config.arch}", unit="img",
-                       initial=start_step * config.batch_size, enabled=is_main and progress is not False)
-    backbone.train()
-    projector.train()
-    pending: list[tuple[int, torch.Tensor, float, float]] = []
-    watch = LossWatch(f"teacher training ({config.method})",
-                      "teacher.lr too high for teacher.batch_size (or teacher.loss_scale too large)", device)
-    call_start = time.perf_counter()
-    permutation, permutation_epoch = None, -1
-    try:
-        for step in range(start_step, stop):
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch != permutation_epoch:
-                permutation, permutation_epoch = _epoch_permutation(config.seed, epoch, num_images).to(device), epoch
-            batch = source[permutation[position * config.batch_size : (position + 1) * config.batch_size]]
-            view_a, view_b = ssl_view_pair(batch, mean, std, generator, augment_configs)
-            if sharded:
-                # Views of the whole global batch from the shared generator, then this
-                # rank's rows: the union over ranks is exactly the single-process batch.
-                view_a, view_b = view_a[local_rows], view_b[local_rows]
-            view_a, view_b = speed.layout(view_a), speed.layout(view_b)
-            lr = learning_rate_at(step, total_steps, steps_per_epoch, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Each view goes through the network on its own so that BatchNorm
-            # sees per-view statistics, as in the Barlow Twins and solo-learn code.
-            with speed.autocast(device):
-                if two_views is not None:
-                    z_a, z_b = two_views(view_a, view_b)
-                else:
-                    z_a = projector(backbone(view_a))
-                    z_b = projector(backbone(view_b))
-            # The loss in the views' dtype (float32, float64 in a float64 reference run), not autocast's.
-            z_a, z_b = z_a.to(view_a.dtype), z_b.to(view_b.dtype)
-            if sharded:
-                # Every rank computes the loss of the global batch; the gather's backward
-                # sums the ranks' gradients and DDP averages them: the single-process gradient.
-                loss = loss_fn(all_gather_with_grad(z_a), all_gather_with_grad(z_b))
-            else:
-                loss = loss_fn(z_a, z_b)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            pending.append((step + 1, loss.detach(), lr, time.perf_counter() - call_start))
-            watch.update(loss, step + 1)
+def _open_run(config: TeacherConfig, out_dir: str | os.PathLike | None, total_steps: int, num_images: int,
+              resume: bool, stop_at_step: int | None, progress: bool | None,
+              distributed: DistributedContext | None) -> RunState:
+    """The run scaffold: resume (refusing another config or source size), `loss.csv`, progress in images."""
+    return RunState("teacher", out_dir, config=config, total_steps=total_steps, log_fields=LOSS_FIELDS,
+                    resume=resume, resumable=_RESUME_FREE_FIELDS, identity={"num_images": num_images},
+                    kind=CHECKPOINT_KIND, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+                    stop_at_step=stop_at_step, progress=progress is not False, unit="img",
+                    unit_scale=config.batch_size, context=distributed)
 
-            done = step + 1
-            if done % config.log_every == 0 or done % config.checkpoint_every == 0 or done == stop:
-                last_loss = _flush_losses(pending, loss_path, bar, config.batch_size)
-                pending = []
-                watch.check()  # before any checkpoint: none is written from a diverged state
-            if done % config.checkpoint_every == 0 or done == stop:
-                save_checkpoint(done)
-    finally:
-        bar.close()
 
+class _ViewStream:
+    """The two augmented views of every step's batch (this rank's rows of them), in the memory layout trained.
+
+    The batch order of an epoch is a pure function of (seed, epoch) and the
+    views come from `generator`, whose state the checkpoint holds: a resumed
+    run draws exactly what an uninterrupted one would.
+    """
+
+    def __init__(self, images, config: TeacherConfig, steps_per_epoch: int, speed: SpeedSettings,
+                 device: torch.device, distributed: DistributedContext | None):
+        # Under torchrun each rank keeps its contiguous share of the global batch.
+        self.rows = distributed.shard(config.batch_size, "teacher.batch_size") if distributed else slice(None)
+        self.source = images.images.to(device)  # (N, C, H, W) uint8
+        self.mean, self.std = tuple(images.mean), tuple(images.std)
+        self.seed, self.batch_size, self.steps_per_epoch = config.seed, config.batch_size, steps_per_epoch
+        self.augment = view_configs(config)
+        self.speed = speed
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self._epoch, self._order = -1, torch.empty(0)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The views of global step `step` (1-based), each (B / world size, C, H, W)."""
+        epoch, position = divmod(step - 1, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._order = _epoch_permutation(self.seed, epoch, len(self.source)).to(self.source.device)
+            self._epoch = epoch
+        batch = self.source[self._order[position * self.batch_size : (position + 1) * self.batch_size]]
+        view_a, view_b = ssl_view_pair(batch, self.mean, self.std, self.generator, self.augment)
+        # Views of the whole global batch from the shared generator, then this rank's rows: the union over
+        # ranks is exactly the single-process batch.
+        return self.speed.layout(view_a[self.rows]), self.speed.layout(view_b[self.rows])
+
+
+def _checkpoint(backbone: nn.Module, projector: nn.Module, optimizer: torch.optim.Optimizer,
+                generator: torch.Generator, step: int, total_steps: int) -> dict[str, Any]:
+    """What resumes the run; the scaffold adds step, config, num_images and kind."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "total_steps": total_steps,
+        "model": backbone.state_dict(),
+        "projector": projector.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"name": "warmup_cosine", "step": step},
+        "generator": generator.get_state(),
+    }
+
+
+def _restore(saved: Mapping[str, Any], backbone: nn.Module, projector: nn.Module, optimizer: torch.optim.Optimizer,
+             generator: torch.Generator) -> None:
+    backbone.load_state_dict(saved["model"])
+    projector.load_state_dict(saved["projector"])
+    optimizer.load_state_dict(saved["optimizer"])
+    generator.set_state(saved["generator"])
+
+
+def _trained_backbone(backbone: nn.Module, config: TeacherConfig, image_size: int, device: torch.device,
+                      sharded: bool) -> nn.Module:
+    """The frozen backbone, contiguous as `load_teacher` gives it: it computes the same bits as its file's."""
     if sharded:
         # A plain backbone (BatchNorm, not SyncBatchNorm) with the trained weights, for single-process use.
         with torch.random.fork_rng(devices=[]):
-            plain = build_backbone(config, images.image_size)
+            plain = build_backbone(config, image_size)
         plain.to(device=device).load_state_dict(backbone.state_dict())
         backbone = plain
-    # Contiguous, as `load_teacher` gives it: the returned teacher computes the same bits as its file's.
-    teacher = _freeze(backbone.to(memory_format=torch.contiguous_format))
-    if stop < total_steps:
-        if sharded:
-            barrier()  # rank 0's last checkpoint is on disk before any rank returns
-        return teacher
+    return _freeze(backbone.to(memory_format=torch.contiguous_format))
 
-    # Every rank checks the health (same weights, same verdict), so a collapse fails them all alike.
+
+def _finish(run: RunState, teacher: nn.Module, images, config: TeacherConfig, last_loss: float, heldout, labelled,
+            device: torch.device, progress: bool | None) -> None:
+    """Check the finished teacher's health, then write `health.json`, the summary line and `teacher.safetensors`.
+
+    Every rank checks (same weights, same verdict), so a collapse fails them all alike.
+    """
     health = _health_report(teacher, images, heldout, labelled, device)
-    summary = _summary_line(config, total_steps, last_loss, health)
-    if out_path is not None and is_main:
-        write_json(out_path / HEALTH_FILE, health)
-    if progress is not False and is_main:
-        print(summary)
-    check_not_collapsed(health, where=f"teacher trained in {out_path}" if out_path else "trained teacher")
-    if out_path is not None and is_main:
-        save_teacher(
-            out_path / TEACHER_FILE, teacher, mean, std,
-            config=config, source=getattr(images, "name", ""), steps=total_steps,
-        )
-    if sharded:
-        barrier()
-    return teacher
+    run.write(lambda out: write_json(out / HEALTH_FILE, health))
+    if progress is not False:
+        run.message(_summary_line(config, run.total_steps, last_loss, health))
+    check_not_collapsed(health, where=f"teacher trained in {run.out_dir}" if run.out_dir else "trained teacher")
+    run.write(lambda out: save_teacher(out / TEACHER_FILE, teacher, tuple(images.mean), tuple(images.std),
+                                       config=config, source=getattr(images, "name", ""), steps=run.total_steps))
 
 
 class _TwoViews(nn.Module):
@@ -586,83 +570,22 @@ class _TwoViews(nn.Module):
         self.backbone, self.projector = backbone, projector
 
     def forward(self, view_a: torch.Tensor, view_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Each view on its own, so that BatchNorm sees per-view statistics (as in the single process).
+        # Each view on its own so that BatchNorm sees per-view statistics, as in the Barlow Twins and
+        # solo-learn code.
         return self.projector(self.backbone(view_a)), self.projector(self.backbone(view_b))
 
 
-def _check_resumable(state: Mapping[str, Any], config: TeacherConfig, path: Path, num_images: int) -> None:
-    """Refuse to resume a checkpoint written with different result-changing settings or source size."""
-    if state.get("kind") != CHECKPOINT_KIND:
-        raise KrrstError(f"{path} is not a krrst teacher checkpoint (kind {state.get('kind')!r})")
-    if state.get("num_images") != num_images:
-        raise KrrstError(
-            f"cannot resume {path}: it was trained on {state.get('num_images')} source images, "
-            f"this source has {num_images}"
-        )
-    changed = [
-        f"{key} ({_plain(old)} -> {_plain(new)})"
-        for key, old, new in config_changes(dict(state.get("config", {})), config, _RESUME_FREE_FIELDS)
-    ]
-    if changed:
-        raise KrrstError(
-            f"cannot resume {path}: it was written with other teacher settings: {', '.join(changed)}; "
-            f"restore them or start a fresh --out"
-        )
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (tuple, list)) else value
-
-
-def _reset_loss_log(path: Path, keep_up_to: int) -> float:
-    """Rewrite `loss.csv` with its header and the rows of steps <= `keep_up_to` (those the checkpoint covers).
-
-    Returns the last kept loss (NaN when none).
-    """
-    kept: list[list[str]] = []
-    if keep_up_to > 0 and path.exists():
-        with open(path, newline="") as handle:
-            rows = list(csv.reader(handle))
-        kept = [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) <= keep_up_to]
-    with atomic_write(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["step", "loss", "lr", "elapsed_s"])
-            writer.writerows(kept)
-    return float(kept[-1][1]) if kept else float("nan")
-
-
-def _flush_losses(
-    pending: list[tuple[int, torch.Tensor, float, float]], path: Path | None, bar, batch_size: int
-) -> float:
-    """Sync the pending losses once, append them to the CSV, advance the bar; returns the last loss."""
-    if not pending:
-        return float("nan")
-    values = torch.stack([loss for _, loss, _, _ in pending]).tolist()
-    if path is not None:
-        with open(path, "a", newline="") as handle:
-            writer = csv.writer(handle)
-            for (step, _, lr, elapsed), value in zip(pending, values):
-                writer.writerow([step, f"{value:.6g}", f"{lr:.6g}", f"{elapsed:.3f}"])
-            handle.flush()
-            os.fsync(handle.fileno())
-    bar.set_postfix(step=pending[-1][0], loss=f"{values[-1]:.4g}", refresh=False)
-    bar.update(len(pending) * batch_size)
-    return float(values[-1])
-
-
 def read_loss_log(path: str | os.PathLike) -> list[dict[str, float]]:
-    """The rows of a `loss.csv` as dicts {step, loss, lr, elapsed_s}."""
-    with open(path, newline="") as handle:
-        return [
-            {
-                "step": int(row["step"]),
-                "loss": float(row["loss"]),
-                "lr": float(row["lr"]),
-                "elapsed_s": float(row["elapsed_s"]),
-            }
-            for row in csv.DictReader(handle)
-        ]
+    """The rows of a teacher's `loss.csv` as dicts {step, loss, lr, elapsed_s} (a line torn by a kill is skipped)."""
+    return read_log(path)
+
+
+def teacher_identity(teacher: nn.Module) -> str:
+    """Architecture and a weight checksum: enough to refuse resuming a run with another teacher."""
+    arch = getattr(teacher, "spec", {}).get("arch", type(teacher).__name__)
+    with torch.no_grad():
+        checksum = sum(float(t.double().abs().sum()) for t in teacher.state_dict().values() if t.is_floating_point())
+    return f"{arch}:{checksum:.6e}"
 
 
 def _health_report(teacher: nn.Module, images, heldout, labelled, device: torch.device) -> dict[str, Any]:
@@ -766,8 +689,6 @@ def load_teacher(
             mismatch (missing/unexpected key or the two shapes), or saying that
             the file is unreadable.
     """
-    from krrst.models import create_model, list_models, model_options
-
     if path is None or is_library_arch(arch) or is_torchscript(Path(path)):
         return _load_foreign_teacher(path, arch, device, input_size)
     path = Path(path)
@@ -788,34 +709,48 @@ def load_teacher(
         load_backbone_weights(model, tensors, path, spec["arch"])
         return _freeze(model.to(resolve_device(device)))
     if metadata.get("kind") == TEACHER_KIND:
-        spec = dict(metadata["spec"])
-        if arch is not None and arch != spec["arch"]:
-            raise KrrstError(f"teacher file {path} holds a {spec['arch']!r} teacher, not {arch!r} (--teacher-arch)")
-        spec["num_outputs"] = None
-        model = create_model(**spec)
+        model = _model_of_our_file(path, metadata, arch)
         mean, std = metadata.get("mean"), metadata.get("std")
     else:
-        if arch is None:
-            if path.suffix in (".safetensors",):
-                raise KrrstError(
-                    f"teacher file {path} has no krrst metadata; name its architecture with --teacher-arch "
-                    f"(one of: {', '.join(list_models())})"
-                )
-            arch = "resnet18_pad2"
-        if arch not in list_models():
-            raise KrrstError(
-                f"--teacher-arch {arch!r} is not a registered model; expected one of: {', '.join(list_models())}"
-            )
-        accepted = model_options(arch)
-        options = {"widths": _infer_widths(arch, state, path)} if "widths" in accepted else {}
-        if "norm" in accepted:
-            options["norm"] = _infer_norm(arch, options, state)
-        model = create_model(arch, num_outputs=None, **options)
+        model = _model_of_plain_state(path, state, arch)
         mean, std = None, None
     _load_exactly(model, state, path, model.spec["arch"])
     model.teacher_mean = tuple(mean) if mean else None
     model.teacher_std = tuple(std) if std else None
     return _freeze(model.to(resolve_device(device)))
+
+
+def _model_of_our_file(path: Path, metadata: Mapping[str, Any], arch: str | None) -> nn.Module:
+    """The untrained network a `teacher.safetensors` describes (its `spec`); `arch`, if given, must agree."""
+    from krrst.models import create_model
+
+    spec = dict(metadata["spec"])
+    if arch is not None and arch != spec["arch"]:
+        raise KrrstError(f"teacher file {path} holds a {spec['arch']!r} teacher, not {arch!r} (--teacher-arch)")
+    spec["num_outputs"] = None
+    return create_model(**spec)
+
+
+def _model_of_plain_state(path: Path, state: Mapping[str, torch.Tensor], arch: str | None) -> nn.Module:
+    """The untrained `arch` network for a state dict without metadata: `widths` and `norm` read off its tensors."""
+    from krrst.models import create_model, list_models, model_options
+
+    if arch is None:
+        if path.suffix in (".safetensors",):
+            raise KrrstError(
+                f"teacher file {path} has no krrst metadata; name its architecture with --teacher-arch "
+                f"(one of: {', '.join(list_models())})"
+            )
+        arch = "resnet18_pad2"
+    if arch not in list_models():
+        raise KrrstError(
+            f"--teacher-arch {arch!r} is not a registered model; expected one of: {', '.join(list_models())}"
+        )
+    accepted = model_options(arch)
+    options = {"widths": _infer_widths(arch, state, path)} if "widths" in accepted else {}
+    if "norm" in accepted:
+        options["norm"] = _infer_norm(arch, options, state)
+    return create_model(arch, num_outputs=None, **options)
 
 
 def _load_foreign_teacher(

@@ -394,7 +394,8 @@ def test_channels_last_may_change_on_resume_but_precision_may_not(tmp_path):
     fast_layout = TeacherConfig(**{**reference.__dict__, "channels_last": "on"})
     train_teacher(images, fast_layout, out_dir=tmp_path, resume=True, device="cpu", stop_at_step=2, progress=False)
     bf16 = TeacherConfig(**{**reference.__dict__, "precision": "bfloat16"})
-    with pytest.raises(KrrstError, match=r"precision \(float32 -> bfloat16\)"):
+    with pytest.raises(KrrstError, match=r"checkpoint.safetensors was written with another config "
+                                         r"\(precision: 'float32' -> 'bfloat16'\); use the same settings"):
         train_teacher(images, bf16, out_dir=tmp_path, resume=True, device="cpu", progress=False)
 
 
@@ -455,7 +456,8 @@ def test_resume_refuses_changed_settings(cifar10_small, tmp_path):
     train, _ = cifar10_small
     train_teacher(train, TINY, out_dir=tmp_path, device="cpu", stop_at_step=1, progress=False)
     changed = TeacherConfig(**{**TINY.__dict__, "lr": 0.5})
-    with pytest.raises(KrrstError, match=r"lr \(0.2 -> 0.5\)") as excinfo:
+    with pytest.raises(KrrstError, match=r"^--resume: .*checkpoint.safetensors was written with another config "
+                                         r"\(lr: 0.2 -> 0.5\); use the same settings or a new --out$") as excinfo:
         train_teacher(train, changed, out_dir=tmp_path, resume=True, device="cpu", progress=False)
     _one_line_error(excinfo)
 
