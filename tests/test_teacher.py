@@ -12,7 +12,7 @@ from torch import nn
 from krrst.augment import ssl_view_pair
 from krrst.data import ImageSet
 from krrst.errors import KrrstError
-from krrst.io import load_state
+from krrst.io import load_state, save_state
 from krrst.losses import barlow_twins_loss, simclr_loss
 from krrst.models import create_model
 from krrst.speed import reference_speed
@@ -387,7 +387,7 @@ def test_fused_optimiser_takes_the_per_tensor_step(name):
         assert float((fused_weight - foreach_weight).norm()) <= 5 * 8 * 2.0**-53 * moved
 
 
-def test_channels_last_may_change_on_resume_but_precision_may_not(tmp_path):
+def test_resume_may_change_channels_last_but_not_precision_source_size_or_kind(tmp_path):
     images = _noise()
     reference = reference_speed(SPEED_TINY)
     train_teacher(images, reference, out_dir=tmp_path, device="cpu", stop_at_step=1, progress=False)
@@ -397,6 +397,13 @@ def test_channels_last_may_change_on_resume_but_precision_may_not(tmp_path):
     with pytest.raises(KrrstError, match=r"checkpoint.safetensors was written with another config "
                                          r"\(precision: 'float32' -> 'bfloat16'\); use the same settings"):
         train_teacher(images, bf16, out_dir=tmp_path, resume=True, device="cpu", progress=False)
+    with pytest.raises(KrrstError, match=r"checkpoint.safetensors was written with another num_images \(64 -> 48\); "
+                                         r"use the same num_images or a new --out$"):
+        train_teacher(_noise(48), reference, out_dir=tmp_path, resume=True, device="cpu", progress=False)
+    with pytest.raises(KrrstError, match=r"checkpoint.safetensors is not a krrst teacher checkpoint \(kind 'x'\)$"):
+        state = load_state(tmp_path / "checkpoint.safetensors")
+        save_state(tmp_path / "checkpoint.safetensors", {**state, "kind": "x"})
+        train_teacher(images, reference, out_dir=tmp_path, resume=True, device="cpu", progress=False)
 
 
 # --------------------------------------------------------------------------- training on real images
