@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from krrst.augment import normalize
 from krrst.config import resolve_device
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
@@ -95,8 +96,6 @@ def _make_set(
     teacher: nn.Module | None,
     config: dict[str, Any],
 ) -> DistilledSet:
-    from krrst.augment import normalize
-
     cpu_indices = indices.cpu()
     images = normalize(source.images[cpu_indices.to(source.images.device)], source.mean, source.std).cpu()
     if targets == "teacher":
@@ -418,6 +417,58 @@ def regression_losses(
     return (outputs - target_reps.float()).pow(2).mean(dim=1)
 
 
+def _train_students(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    arch: str,
+    arch_options: dict[str, Any],
+    students: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    generator: torch.Generator,
+    device: torch.device,
+    progress: bool,
+) -> list[nn.Module]:
+    """The students of `high_loss_indices`: fresh `arch` networks trained by SGD to regress `targets` (eval mode).
+
+    Each student's init seed and batch order come from `generator`, in turn.
+    """
+    from krrst.evaluate import fresh_model
+
+    models = []
+    total = students * epochs * -(-len(images) // batch_size)
+    watch = LossWatch("high-loss students", "their lr too high for their batch size", device)
+    steps = 0
+    bar = progress_bar(total, "high-loss students", unit="step", enabled=progress, leave=False)
+    try:
+        for _ in range(students):
+            student_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            model = fresh_model(arch, targets.shape[1], student_seed, **arch_options).to(device)
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+            model.train()
+            for _ in range(epochs):
+                order = torch.randperm(len(images), generator=generator).to(device)
+                for start in range(0, len(images), batch_size):
+                    batch = order[start : start + batch_size]
+                    loss = torch.nn.functional.mse_loss(model(normalize(images[batch], mean, std)), targets[batch])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    watch.update(loss, steps)
+                    bar.update()
+            watch.check()  # a diverged student would score every image NaN
+            models.append(model.eval())
+    finally:
+        bar.close()
+    return models
+
+
 def high_loss_indices(
     source_images: torch.Tensor,
     target_reps: torch.Tensor,
@@ -484,35 +535,10 @@ def high_loss_indices(
         targets = target_reps[pool.to(target_reps.device)].to(device).float()
 
     if models is None:
-        from krrst.augment import normalize
-        from krrst.evaluate import fresh_model
-
-        models = []
-        total = students * epochs * -(-len(pool) // batch_size)
-        watch = LossWatch("high-loss students", "their lr too high for their batch size", device)
-        steps = 0
-        bar = progress_bar(total, "high-loss students", unit="step", enabled=progress, leave=False)
-        try:
-            for _ in range(students):
-                student_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-                model = fresh_model(arch, targets.shape[1], student_seed, **(arch_options or {})).to(device)
-                optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-                model.train()
-                for _ in range(epochs):
-                    order = torch.randperm(len(pool), generator=generator).to(device)
-                    for start in range(0, len(pool), batch_size):
-                        batch = order[start : start + batch_size]
-                        loss = torch.nn.functional.mse_loss(model(normalize(images[batch], mean, std)), targets[batch])
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        steps += 1
-                        watch.update(loss, steps)
-                        bar.update()
-                watch.check()  # a diverged student would score every image NaN
-                models.append(model.eval())
-        finally:
-            bar.close()
+        models = _train_students(
+            images, targets, mean, std, arch, arch_options or {}, students, epochs, batch_size, lr, momentum,
+            weight_decay, generator, device, progress,
+        )
     if not models:
         raise KrrstError("high-loss subset: no models to score with")
     scores = torch.zeros(len(pool), dtype=torch.float64, device=device)

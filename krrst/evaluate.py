@@ -264,6 +264,11 @@ def _epoch_batches(n: int, batch_size: int, generator: torch.Generator, device: 
     return batches
 
 
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches `_epoch_batches` makes of n items (a trailing batch of one joins the previous)."""
+    return len(_epoch_batches(n, batch_size, _seeded_generator(0), torch.device("cpu"))) if n else 0
+
+
 def _batch_stream(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
     """Endless shuffled batches, epoch after epoch (each item once per epoch)."""
     while True:
@@ -281,6 +286,16 @@ def _seeded_reset_head(model: nn.Module, num_outputs: int | None, seed: int) -> 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         return reset_head(model, num_outputs)
+
+
+def _trainable_copy(model: nn.Module, num_outputs: int, seed: int) -> nn.Module:
+    """A copy of `model` with a fresh head (init fixed by `seed`) and every weight trainable, `model` untouched.
+
+    Teachers come frozen (requires_grad False); fine-tuning and KD train every weight whatever the caller's flags.
+    """
+    network = copy.deepcopy(model).requires_grad_(True)
+    _seeded_reset_head(network, num_outputs, seed)
+    return network
 
 
 def _cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -494,6 +509,58 @@ def _check_set_fits(model: nn.Module, distilled: DistilledSet, arch: str) -> Non
         model.train(was_training)
 
 
+def _pretrain_schedule(kind: str, config: PretrainConfig, m: int) -> tuple[int, int, int]:
+    """(batch size, epochs, steps per epoch) of pre-training on m items: soft labels run whole epochs until
+    `soft_label_iterations` steps are reached, in batches of `soft_label_batch_size`."""
+    batch_size, epochs = config.batch_size, config.epochs
+    if kind == "soft_labels":
+        _check_positive(config.soft_label_batch_size, "pretrain.soft_label_batch_size")
+        batch_size = config.soft_label_batch_size
+    steps_per_epoch = _steps_per_epoch(m, batch_size)
+    if kind == "soft_labels":
+        epochs = math.ceil(config.soft_label_iterations / steps_per_epoch) if steps_per_epoch else 0
+    return batch_size, epochs, steps_per_epoch
+
+
+def _pretrain_optimizer(
+    model: nn.Module, kind: str, config: PretrainConfig, steps_per_epoch: int, epochs: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The optimiser and per-step schedule of each target kind (`PretrainConfig`): SGD at a constant rate for
+    representations; SGD x0.1 at half the epochs for hard labels; AdamW, warm-up then cosine, for soft labels."""
+    fused = fused_options(torch.optim.SGD if kind != "soft_labels" else torch.optim.AdamW, device)
+    if kind == "representation":
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **fused
+        )
+        return optimizer, None
+    if kind == "hard_labels":
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.label_lr, momentum=config.momentum, weight_decay=config.label_weight_decay,
+            **fused,
+        )
+        decay_step = max(1, config.epochs // 2) * steps_per_epoch
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[decay_step], gamma=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.soft_label_lr, weight_decay=0.0, **fused)
+    total_steps = steps_per_epoch * epochs
+    warmup = max(1, min(config.soft_label_warmup, total_steps))
+
+    def warmup_cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+
+
+def _pretrain_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str, soft_label_loss: str) -> torch.Tensor:
+    """MSE to representations, cross-entropy to hard labels, `_soft_label_loss` to soft labels."""
+    if kind == "representation":
+        return F.mse_loss(outputs, targets)
+    if kind == "hard_labels":
+        return F.cross_entropy(outputs, targets)
+    return _soft_label_loss(outputs, targets, soft_label_loss)
+
+
 def pretrain(
     distilled: DistilledSet,
     arch: str,
@@ -533,38 +600,8 @@ def pretrain(
     targets = distilled.targets.detach().to(device)
     targets = targets.long() if kind == "hard_labels" else targets.to(images.dtype)
     m = len(distilled)
-    batch_size, epochs = config.batch_size, config.epochs
-    if kind == "soft_labels":
-        _check_positive(config.soft_label_batch_size, "pretrain.soft_label_batch_size")
-        batch_size = config.soft_label_batch_size
-    steps_per_epoch = len(_epoch_batches(m, batch_size, _seeded_generator(0), torch.device("cpu"))) if m else 0
-    if kind == "soft_labels":
-        epochs = math.ceil(config.soft_label_iterations / steps_per_epoch) if steps_per_epoch else 0
-    total_steps = steps_per_epoch * epochs
-
-    scheduler = None
-    fused = fused_options(torch.optim.SGD if kind != "soft_labels" else torch.optim.AdamW, device)
-    if kind == "representation":
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **fused
-        )
-    elif kind == "hard_labels":
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.label_lr, momentum=config.momentum, weight_decay=config.label_weight_decay,
-            **fused,
-        )
-        decay_step = max(1, config.epochs // 2) * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[decay_step], gamma=0.1)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.soft_label_lr, weight_decay=0.0, **fused)
-        warmup = max(1, min(config.soft_label_warmup, total_steps))
-
-        def warmup_cosine(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+    batch_size, epochs, steps_per_epoch = _pretrain_schedule(kind, config, m)
+    optimizer, scheduler = _pretrain_optimizer(model, kind, config, steps_per_epoch, epochs, device)
 
     augment = kind != "representation" and config.label_augment
     generator = _seeded_generator(config.seed)
@@ -581,13 +618,8 @@ def pretrain(
                 inputs = images[batch]
                 if augment:
                     inputs = strong_augment(inputs, generator, config.padding)
-                outputs = speed.forward(model, inputs)  # float32: the losses below are computed in float32
-                if kind == "representation":
-                    loss = F.mse_loss(outputs, targets[batch])
-                elif kind == "hard_labels":
-                    loss = F.cross_entropy(outputs, targets[batch])
-                else:
-                    loss = _soft_label_loss(outputs, targets[batch], config.soft_label_loss)
+                outputs = speed.forward(model, inputs)  # float32: the losses are computed in float32
+                loss = _pretrain_loss(outputs, targets[batch], kind, config.soft_label_loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -662,10 +694,7 @@ def finetune(
     )
     mean, std = tuple(target_train.mean), tuple(target_train.std)
 
-    network = copy.deepcopy(model)
-    # Teachers come frozen (requires_grad False); fine-tuning trains every weight whatever the caller's flags.
-    network.requires_grad_(True)
-    _seeded_reset_head(network, num_classes, config.seed)
+    network = _trainable_copy(model, num_classes, config.seed)
     speed = SpeedSettings.resolve(config, device)
     network.to(device, memory_format=speed.memory_format).train()
     optimizer = torch.optim.SGD(
@@ -921,18 +950,14 @@ def knowledge_distillation(
     device = resolve_device(device)
     started = time.perf_counter()
     images, noise = _kd_inputs(distilled_images, target_test, noise_images, image_size, device)
-    teacher = copy.deepcopy(teacher_classifier).to(device).eval()
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
+    teacher = copy.deepcopy(teacher_classifier).to(device).eval().requires_grad_(False)
     with torch.no_grad():
         num_classes = int(teacher(images[:2]).shape[1])
-    student = copy.deepcopy(student_init).requires_grad_(True)
-    _seeded_reset_head(student, num_classes, config.seed)
-    student.to(device).train()
+    student = _trainable_copy(student_init, num_classes, config.seed).to(device).train()
     lr, lr_field = (config.noise_lr, "kd.noise_lr") if noise else (config.lr, "kd.lr")
     optimizer = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=config.weight_decay)
     m = len(images)
-    steps_per_epoch = len(_epoch_batches(m, config.batch_size, _seeded_generator(0), torch.device("cpu")))
+    steps_per_epoch = _steps_per_epoch(m, config.batch_size)
     scheduler = _cosine_lr(optimizer, steps_per_epoch * config.epochs)
     generator = _seeded_generator(config.seed)
     bar = _progress_bar(config.epochs, "knowledge distillation", "epoch", progress)
@@ -1060,6 +1085,26 @@ def load_kd_teacher(
 # --------------------------------------------------------------------------- one evaluation
 
 
+def _network_to_evaluate(
+    distilled: DistilledSet | None,
+    pretrained: nn.Module | None,
+    arch: str,
+    seed: int,
+    pretrain_config: PretrainConfig | None,
+    arch_options: dict[str, Any],
+    device: torch.device,
+    progress: bool,
+) -> tuple[nn.Module, str]:
+    """(network, its architecture) of `evaluate_set`: `pretrained` as given, else pre-trained on `distilled`,
+    else a fresh `arch` network (the `none` baseline)."""
+    if pretrained is not None:
+        return pretrained, _model_arch(pretrained, arch)
+    if distilled is not None:
+        config = dataclasses.replace(pretrain_config or PretrainConfig(), seed=seed)
+        return pretrain(distilled, arch, config, device=device, progress=progress, **arch_options), arch
+    return fresh_model(arch, None, seed, **arch_options), arch
+
+
 def evaluate_set(
     distilled: DistilledSet | None,
     arch: str,
@@ -1123,15 +1168,8 @@ def evaluate_set(
         image_size = distilled.image_size
     device = resolve_device(device)
 
-    if pretrained is not None:
-        model = pretrained
-        arch = _model_arch(pretrained, arch)
-    elif distilled is not None:
-        config = dataclasses.replace(pretrain_config or PretrainConfig(), seed=seed)
-        model = pretrain(distilled, arch, config, device=device, progress=progress, **arch_options)
-    else:
-        model = fresh_model(arch, None, seed, **arch_options)
-
+    model, arch = _network_to_evaluate(distilled, pretrained, arch, seed, pretrain_config, arch_options, device,
+                                       progress)
     if protocol == "finetune":
         config = dataclasses.replace(finetune_config or FinetuneConfig(), seed=seed)
         metrics = finetune(
