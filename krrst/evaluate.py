@@ -82,46 +82,45 @@ _PROTOCOL_ALIASES = {"knowledge_distillation": "kd"}
 class PretrainConfig:
     """Pre-training on a distilled set (defaults: the paper's, for representation targets).
 
-    Representation targets: MSE regression, SGD `lr`, `momentum`,
-    `weight_decay`, `epochs` passes over the set in batches of `batch_size`,
-    no augmentation, constant learning rate (as the authors' code).
-
-    Hard labels (DSA/DM/MTT, random or k-means subsets with labels):
-    cross-entropy, SGD `label_lr`, `label_weight_decay`, learning rate x0.1 at
-    half the epochs (the authors' recipe). Soft labels (KIP/FRePo): AdamW
-    `soft_label_lr` (wd 0) for `soft_label_iterations` steps of
-    `soft_label_batch_size` (whole epochs, rounded up), linear warm-up over
-    `soft_label_warmup` steps then cosine (the authors' recipe: 10,000
-    iterations, batch 500, 500 warm-up steps), and by default the loss of the authors' code for these sets: MSE
-    regression of the learned labels (0.5 * squared error summed over classes,
-    mean over the batch); `soft_label_loss="cross_entropy"` uses soft
-    cross-entropy against the labels (taken as probabilities when every row is
-    a distribution, else softmax-ed as logits). Both label kinds are augmented
-    when `label_augment` is set: random crop (pad `padding`) + flip + DSA's
-    colour jitter (brightness, saturation, contrast), which stands in for the
-    full DSA augmentation of the authors' code (it also scales, rotates and
-    cuts out).
-
-    `precision` ("auto": bf16 autocast on CUDA, float32 elsewhere) and
-    `channels_last` ("auto" = on) are the speed knobs of `krrst.speed`.
+    Representation targets: MSE regression by SGD at a constant learning rate, no augmentation (as the
+    authors' code). Hard labels (DSA/DM/MTT, random or k-means subsets with labels): cross-entropy by SGD,
+    learning rate x0.1 at half the epochs (the authors' recipe). Soft labels (KIP/FRePo): AdamW (wd 0),
+    linear warm-up then cosine (the authors' recipe: 10,000 iterations, batch 500, 500 warm-up steps).
+    Label-based sets are augmented when `label_augment` is set: random crop + flip + DSA's colour jitter
+    (brightness, saturation, contrast), which stands in for the full DSA augmentation of the authors' code
+    (it also scales, rotates and cuts out).
     """
 
+    # passes over the set (representations and hard labels)
     epochs: int = 1000
     batch_size: int = 256
+    # SGD for representation targets
     lr: float = 0.1
+    # SGD momentum, for representations and hard labels alike
     momentum: float = 0.9
     weight_decay: float = 1e-3
+    # SGD for hard labels
     label_lr: float = 0.01
     label_weight_decay: float = 5e-4
+    # AdamW for soft labels, for `soft_label_iterations` steps (whole epochs, rounded up)
     soft_label_lr: float = 3e-4
     soft_label_iterations: int = 10_000
     soft_label_batch_size: int = 500
+    # linear warm-up steps before the cosine decay
     soft_label_warmup: int = 500
+    # "mse" (the authors' code for these sets): regression of the learned labels, 0.5 * squared error summed
+    # over classes, mean over the batch; "cross_entropy": soft cross-entropy against the labels (taken as
+    # probabilities when every row is a distribution, else softmax-ed as logits)
     soft_label_loss: Literal["mse", "cross_entropy"] = "mse"
+    # strong augmentation of label-based sets (crop + flip + DSA colour jitter); representations never
     label_augment: bool = True
+    # zero padding of the random crop (pixels)
     padding: int = 4
+    # the network's init, the batch order and the augmentation
     seed: int = 0
+    # "auto": bf16 autocast on CUDA, float32 elsewhere (krrst.speed)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # "auto" = on: networks and inputs in channels_last memory (krrst.speed)
     channels_last: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
@@ -133,22 +132,24 @@ class PretrainConfig:
 class FinetuneConfig:
     """Fine-tuning every weight on a target (the paper's: 10,000 iterations; 5,000 for fine-grained sets).
 
-    SGD with momentum and weight decay, cosine learning rate from `lr` to 0
-    over `iterations`, random crop (zero padding `padding`, in pixel space) +
-    horizontal flip, batches of `batch_size` drawn without replacement,
-    epoch by epoch. The authors' code uses batch 128; the protocol krrst
-    follows says 256, the default here. `precision` and `channels_last` are the speed
-    knobs of `krrst.speed` (training and the test pass).
+    SGD with momentum and weight decay, cosine learning rate from `lr` to 0 over `iterations`, random crop
+    (zero padding, in pixel space) + horizontal flip, batches drawn without replacement, epoch by epoch.
     """
 
     iterations: int = 10_000
+    # the protocol krrst follows says 256; the authors' code uses 128
     batch_size: int = 256
+    # peak of the cosine schedule
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # zero padding of the random crop (pixels)
     padding: int = 4
+    # the head's init, the batch order, the augmentation and the few-label subset
     seed: int = 0
+    # batch of the test pass
     eval_batch_size: int = 1024
+    # speed knobs of krrst.speed, for training and the test pass
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
 
@@ -161,32 +162,29 @@ class FinetuneConfig:
 class LinearProbeConfig:
     """Linear classifier on frozen features.
 
-    `solver="sgd"` (the paper's check): SGD `lr`, `momentum`, `weight_decay`,
-    cosine over `iterations`, batches of `batch_size`.
-
-    `solver="lbfgs"` (MKDT's few-label probe): multinomial logistic regression
-    on the full feature matrix, minimising mean cross-entropy +
-    `lbfgs_l2 * ||W||^2` (bias not penalised; MKDT's weight 1e-3) with
-    `torch.optim.LBFGS` for `lbfgs_steps` steps of up to 20 inner iterations
-    each (MKDT's 100 x 20), with a strong-Wolfe line search so that
-    unnormalised features cannot make it diverge. An sklearn
-    `LogisticRegression(C)` fit on n samples is the same problem with
-    `lbfgs_l2 = 1 / (2 * C * n)`.
-
-    `precision` and `channels_last` (`krrst.speed`) apply to the feature
-    extraction; the features and the classifier are float32.
+    `solver="lbfgs"` (MKDT's few-label probe) is multinomial logistic regression on the full feature matrix,
+    minimising mean cross-entropy + `lbfgs_l2 * ||W||^2` (bias not penalised) with `torch.optim.LBFGS`,
+    with a strong-Wolfe line search so that unnormalised features cannot make it diverge. An sklearn
+    `LogisticRegression(C)` fit on n samples is the same problem with `lbfgs_l2 = 1 / (2 * C * n)`.
     """
 
+    # solver "sgd" (the paper's check): SGD + cosine over `iterations`, in batches of `batch_size`
     iterations: int = 5000
     batch_size: int = 512
     lr: float = 0.2
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # "sgd" or "lbfgs"
     solver: Literal["sgd", "lbfgs"] = "sgd"
+    # weight of ||W||^2 in the L-BFGS objective (MKDT's 1e-3)
     lbfgs_l2: float = 1e-3
+    # L-BFGS steps of up to 20 inner iterations each (MKDT's 100 x 20)
     lbfgs_steps: int = 100
+    # the SGD classifier's init and batch order, and the few-label subset
     seed: int = 0
+    # batch of the feature extraction
     eval_batch_size: int = 1024
+    # speed knobs of krrst.speed, for the feature extraction; the features and the classifier are float32
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
 
@@ -225,7 +223,9 @@ class KDConfig:
     padding: int = 4
     # lr of the no-pre-training student on Gaussian noise (test_kd.py: test_lr = 1e-3 for method "gaussian")
     noise_lr: float = 1e-3
+    # the student's head init, the batch order and the augmentation
     seed: int = 0
+    # batch of the test pass
     eval_batch_size: int = 1024
     # the target classifier's file (a state dict, weights-only); empty: krrst trains one on the target
     teacher_path: str = ""
@@ -239,6 +239,7 @@ class KDConfig:
     teacher_lr: float = 0.1
     teacher_momentum: float = 0.9
     teacher_weight_decay: float = 5e-4
+    # the trained teacher's init, batch order and augmentation
     teacher_seed: int = 0
 
 
