@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from krrst import io
 from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
@@ -52,7 +50,7 @@ from krrst.evaluate import fresh_model
 from krrst.formats import fit_to_source
 from krrst.losses import parameter_matching_loss
 from krrst.progress import progress_bar
-from krrst.run_state import draw_seed, every, stage_seeds
+from krrst.run_state import RunningMean, RunState, draw_seed, stage_seeds
 from krrst.teacher import teacher_identity
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -363,20 +361,17 @@ def _check_trajectories(trajectories: Trajectories, config: MKDTConfig, num_para
             )
 
 
-def _check_same_run(
-    path: Path, saved: dict[str, Any], config: MKDTConfig, source_id: list[Any], teacher_id: str
-) -> None:
-    """Refuse a checkpoint or trajectory file of another run: one line naming the file and what differs."""
+def _check_experts_file(path: Path, saved: dict[str, Any], config: MKDTConfig, identity: dict[str, Any]) -> None:
+    """Refuse the trajectory file of another run (config, source, teacher) in the words the run scaffold uses."""
     changes = config_changes(saved["config"], config, RESUMABLE_CHANGES)
-    differing = [f"{key}: {old!r} -> {new!r}" for key, old, new in changes]
-    for what, now in (("source", source_id), ("teacher", teacher_id)):
-        if what in saved and saved[what] != now:
-            differing.append(f"{what}: {saved[what]!r} -> {now!r}")
-    if differing:
-        raise KrrstError(
-            f"--resume: {path} was written by another mkdt run ({', '.join(differing)}); "
-            f"use the same settings or a new --out"
-        )
+    if changes:
+        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+        raise KrrstError(f"--resume: {path} was written with another config ({details}); use the same settings "
+                         "or a new --out")
+    for key, now in identity.items():
+        if key in saved and saved[key] != now:  # JSON gives lists, and so does the source identity
+            raise KrrstError(f"--resume: {path} was written with another {key} ({saved[key]} -> {now}); use the "
+                             f"same {key} or a new --out")
 
 
 def _trajectories_identity(trajectories: Trajectories) -> str:
@@ -413,19 +408,10 @@ def _initial_indices(
     )
 
 
-def mkdt_distill(
-    source: Any,
-    teacher: nn.Module,
-    config: MKDTConfig | None = None,
-    *,
-    out_dir: str | Path | None = None,
-    resume: bool = False,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    trajectories: Trajectories | None = None,
-    stop_at_step: int | None = None,
-    write: bool = True,
-) -> DistilledSet:
+def mkdt_distill(source: Any, teacher: nn.Module, config: MKDTConfig | None = None, *,
+                 out_dir: str | Path | None = None, resume: bool = False, device: str | torch.device | None = None,
+                 progress: bool = True, trajectories: Trajectories | None = None, stop_at_step: int | None = None,
+                 write: bool = True) -> DistilledSet:
     """Distil `source` (an `ImageSet`) into `config.num_images` images with teacher-representation targets (MKDT).
 
     Computes `g` of every source image once; trains the experts unless
@@ -443,11 +429,11 @@ def mkdt_distill(
             `trajectories` are not written; E x (checkpoints) x parameters
             float32, so gigabytes at the authors' scale), `checkpoint.safetensors`
             (step, config, source, teacher, `X_s`, `Y_s`, α, the optimiser
-            state, the matching generator's state, the initial indices, the
-            loss accumulators and the history; every `checkpoint_every` steps
-            and at the last step), `loss.csv` (step, mean loss since the
-            previous row, α, wall seconds of this process's loop; every
-            `log_every` steps and at `config.steps`) and, once `config.steps`
+            state, the matching generator's state, the initial indices and the
+            loss accumulators; every `checkpoint_every` steps and at the last
+            step), `loss.csv` (step, mean loss since the previous row, α, wall
+            seconds of this process's loop; every `log_every` steps and at
+            `config.steps`, appended as they come) and, once `config.steps`
             are done, `distilled.safetensors`. None writes nothing.
         resume: continue the run in `out_dir`: the saved experts are loaded
             instead of retrained (unless `trajectories` are given), and the
@@ -468,27 +454,144 @@ def mkdt_distill(
             then resumes from the same files and does the same work.
     """
     config = config or MKDTConfig()
+    device = resolve_device(device)
+    source_images, mean, std, source_id = _source_tensors(source, config, device)
+    teacher = fit_to_source(teacher, mean, std, config.image_size).to(device).eval()  # a library teacher's own input
+    # The scaffold refuses another run's checkpoint here, before any expensive work.
+    with RunState("mkdt", out_dir, config=config, total_steps=config.steps, log_fields=LOSS_CSV_FIELDS,
+                  resume=resume, resumable=RESUMABLE_CHANGES,
+                  identity={"source": source_id, "teacher": teacher_identity(teacher)},
+                  checkpoint_every=config.checkpoint_every, log_every=config.log_every, stop_at_step=stop_at_step,
+                  progress=progress, writes=write) as run:
+        _refuse_unresumed_experts(run, resume)
+        target_reps = _teacher_targets(teacher, source_images, mean, std, device, progress)
+        trajectories = _experts(run, trajectories, resume, source_images, mean, std, teacher, target_reps, progress)
+        _, init_seed, match_seed = stage_seeds(config.seed, 3)
+        student = _student(config, target_reps.shape[1], match_seed).to(device).train()
+        _check_trajectories(trajectories, config, sum(p.numel() for p in student.parameters()))
+        experts_id = _trajectories_identity(trajectories)
+        _check_same_experts(run, experts_id)
+        learnt = _LearntSet.start(config, run.saved, trajectories, source_images, target_reps, mean, std, init_seed)
+        # draws the expert, the start epoch and the unroll's batches: its state is part of the checkpoint
+        generator = torch.Generator().manual_seed(match_seed)
+        mean_loss = RunningMean(device)  # the losses since the last row, summed on the device
+        if run.saved is not None:
+            generator.set_state(run.saved["generator"])
+            mean_loss.load_state_dict(run.saved)
+        _match(run, config, trajectories, student, learnt, generator, mean_loss, experts_id)
+    result = learnt.distilled_set(config, mean, std, source_id[0], teacher, run.last_step)
+    if run.last_step == config.steps:
+        run.write(lambda out: result.save(out / DISTILLED_NAME))
+        run.write(lambda out: result.preview(out / "preview.png"))
+    return result
+
+
+def _match(run: RunState, config: MKDTConfig, trajectories: Trajectories, student: nn.Module, learnt: "_LearntSet",
+           generator: torch.Generator, mean_loss: RunningMean, experts_id: str) -> None:
+    """The outer loop: each step draws an expert and t, and takes one step on X_s, Y_s, α against `matching_loss`."""
+    device = learnt.images.device
+    watch = LossWatch("mkdt matching", "mkdt.image_lr / mkdt.lr_lr / mkdt.target_lr too high", device)
+    batch_syn = min(config.batch_syn, config.num_images)
+    started = time.perf_counter()  # elapsed_s counts this loop, not the experts before it
+
+    def checkpoint() -> dict[str, Any]:  # the scaffold adds step, config, source and teacher
+        return {"experts": experts_id, "generator": generator.get_state(), **learnt.state_dict(),
+                **mean_loss.state_dict()}
+
+    for step in run.steps():
+        trajectory = trajectories[int(torch.randint(len(trajectories), (1,), generator=generator))]
+        start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
+        start_params = trajectory[start_epoch].to(device)
+        target_params = trajectory[start_epoch + config.expert_epochs_matched].to(device)
+        loss = matching_loss(
+            student, start_params, target_params, learnt.images, learnt.targets, learnt.syn_lr,
+            syn_steps=config.syn_steps, batch_syn=batch_syn, generator=generator,
+        )
+        watch.update(loss, step)
+        for tensor, gradient in zip(learnt.tensors, torch.autograd.grad(loss, learnt.tensors)):
+            tensor.grad = gradient
+        learnt.optimizer.step()
+        with torch.no_grad():
+            learnt.syn_lr.clamp_(min=0.0)  # a negative inner lr would climb the inner loss
+        mean_loss.add(loss)
+        # rows at the same steps whether or not the run was interrupted (a stop is not a row)
+        if run.is_log_step(step):
+            watch.check()
+            run.log(step, loss=mean_loss.take(), syn_lr=learnt.syn_lr.detach().clone(),
+                    elapsed_s=round(time.perf_counter() - started, 3))
+            run.flush()
+        if run.is_checkpoint_step(step):
+            watch.check()  # never checkpoint a diverged set
+            run.save(step, checkpoint())
+    watch.check()
+    if run.start_step == run.last_step:  # nothing ran: still leave a complete run folder
+        run.save(run.last_step, checkpoint())
+
+
+@dataclasses.dataclass
+class _LearntSet:
+    """What MKDT learns: X_s (m, C, H, W; normalised), Y_s (m, d), the inner lr α (a scalar), and their optimiser."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    syn_lr: torch.Tensor
+    initial: torch.Tensor  # (m,) the source indices X_s started from
+    optimizer: torch.optim.Optimizer
+    tensors: list[torch.Tensor]  # those with an outer lr > 0
+
+    @classmethod
+    def start(cls, config: MKDTConfig, saved: dict[str, Any] | None, trajectories: Trajectories,
+              source_images: torch.Tensor, target_reps: torch.Tensor, mean: tuple[float, ...],
+              std: tuple[float, ...], init_seed: int) -> "_LearntSet":
+        """The initial set (`config.init` images and g of them, α = `init_lr`), or the checkpoint's."""
+        device = source_images.device
+        if saved is None:
+            initial = _initial_indices(config, trajectories, source_images, target_reps, mean, std, init_seed, device)
+            images = normalize(source_images[initial.to(device)], mean, std)
+            targets = target_reps[initial.to(device)].clone()
+            syn_lr = torch.tensor(config.init_lr, device=device)
+        else:
+            initial = saved["init_indices"]
+            images, targets, syn_lr = (saved[key].to(device).clone() for key in ("images", "targets", "syn_lr"))
+        images.requires_grad_(True)
+        targets.requires_grad_(config.target_lr > 0)
+        syn_lr.requires_grad_(config.lr_lr > 0)
+        groups = [(images, config.image_lr), (targets, config.target_lr), (syn_lr, config.lr_lr)]
+        param_groups = [{"params": [tensor], "lr": lr} for tensor, lr in groups if lr > 0]
+        if config.optimizer == "sgd":
+            optimizer = torch.optim.SGD(param_groups, lr=config.image_lr, momentum=config.momentum)
+        else:
+            optimizer = torch.optim.Adam(param_groups, lr=config.image_lr)
+        if saved is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+        return cls(images, targets, syn_lr, initial, optimizer, [tensor for tensor, lr in groups if lr > 0])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images.detach(), "targets": self.targets.detach(), "syn_lr": self.syn_lr.detach(),
+                "init_indices": self.initial, "optimizer": self.optimizer.state_dict()}
+
+    def distilled_set(self, config: MKDTConfig, mean: tuple[float, ...], std: tuple[float, ...], source: str,
+                      teacher: nn.Module, step: int) -> DistilledSet:
+        return DistilledSet(
+            images=self.images.detach().cpu(), targets=self.targets.detach().float().cpu(), mean=mean, std=std,
+            target_kind="representation", method="mkdt", source=source,
+            teacher_arch=getattr(teacher, "spec", {}).get("arch"),
+            config={**config_to_dict(config), "init_indices": [int(i) for i in self.initial],
+                    "syn_lr": self.syn_lr.item()},
+            step=step,
+        )
+
+
+def _source_tensors(source: Any, config: MKDTConfig, device: torch.device):
+    """`(uint8 images on device, mean, std, [name, number of images])` of an `ImageSet` that fits `config`."""
     if not isinstance(config, MKDTConfig):
         raise KrrstError(f"config must be an MKDTConfig, got {type(config).__name__}")
     if not all(hasattr(source, name) for name in ("images", "mean", "std")):
         raise KrrstError(f"source must be an ImageSet (uint8 images with mean/std), got {type(source).__name__}")
-    device = resolve_device(device)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if resume and out_dir is None:
-        raise KrrstError("--resume needs --out (the run folder holding checkpoint.safetensors)")
-    checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
-    trajectories_path = out_dir / TRAJECTORIES_NAME if out_dir is not None else None
-    if not resume and out_dir is not None and write:
-        for path in (checkpoint_path, trajectories_path):
-            if path.is_file():
-                raise KrrstError(f"{path} already exists; resume that run (re-run the krrst command, or "
-                                 f"resume=True) or choose another --out")
-    checkpoint = io.load_state(checkpoint_path) if resume and checkpoint_path.is_file() else None
-
-    source_images = source.images
-    if not isinstance(source_images, torch.Tensor) or source_images.dtype != torch.uint8 or source_images.dim() != 4:
+    images = source.images
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
         raise KrrstError("mkdt: source images must be uint8 N x C x H x W")
-    num_source, _, height, width = source_images.shape
+    num_source, _, height, width = images.shape
     if height != config.image_size or width != config.image_size:
         raise KrrstError(
             f"source images are {height}x{width} but mkdt.image_size={config.image_size}; set mkdt.image_size={height}"
@@ -496,154 +599,58 @@ def mkdt_distill(
     if config.num_images > num_source:
         raise KrrstError(f"mkdt.num_images={config.num_images} exceeds the {num_source} source images")
     mean, std = tuple(float(v) for v in source.mean), tuple(float(v) for v in source.std)
-    source_id = [str(getattr(source, "name", "")), num_source]
-    source_images = source_images.to(device)
-    teacher = fit_to_source(teacher, mean, std, height).to(device).eval()  # a library teacher's own preprocessing
-    teacher_id = teacher_identity(teacher)
-    if checkpoint is not None:  # refuse another run's checkpoint before any expensive work
-        _check_same_run(checkpoint_path, checkpoint, config, source_id, teacher_id)
+    return images.to(device), mean, std, [str(getattr(source, "name", "")), num_source]
 
+
+def _teacher_targets(teacher: nn.Module, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                     device: torch.device, progress: bool) -> torch.Tensor:
+    """g of every source image, (N, d) on `device`; a teacher whose features hold NaN or inf is refused."""
     from krrst.teacher import check_teacher_features, teacher_features
 
-    target_reps = teacher_features(teacher, source_images, mean, std, 512, device, progress).to(device)
+    target_reps = teacher_features(teacher, images, mean, std, 512, device, progress).to(device)
     if target_reps.dim() != 2:
         raise KrrstError(f"teacher must output N x d features, got shape {tuple(target_reps.shape)}")
-    check_teacher_features(teacher, target_reps, f"the {num_source:,} source images")
+    check_teacher_features(teacher, target_reps, f"the {len(images):,} source images")
+    return target_reps
 
-    # --- the experts: given, saved by an earlier start of this run, or trained now (and saved at once:
-    # they are most of the run's cost, and a resumed run must match against the same trajectories)
-    if resume and checkpoint is None and trajectories is None and trajectories_path.is_file():
-        tqdm.write(f"mkdt: {out_dir} holds expert trajectories and no matching checkpoint; matching starts from them",
-                   file=sys.stderr)
-    if trajectories is None and resume and trajectories_path.is_file():
-        trajectories, saved = _read_trajectories(trajectories_path)
-        _check_same_run(trajectories_path, saved, config, source_id, teacher_id)
-    elif trajectories is None:
-        trajectories = train_expert_trajectories(
-            source_images, mean, std, teacher, config, device=device, progress=progress, target_reps=target_reps
-        )
-        if out_dir is not None and write:
-            save_trajectories(trajectories_path, trajectories, config, source=source_id, teacher=teacher_id)
-    _, init_seed, match_seed = stage_seeds(config.seed, 3)
-    student = _student(config, target_reps.shape[1], match_seed).to(device).train()
-    _check_trajectories(trajectories, config, sum(p.numel() for p in student.parameters()))
-    experts_id = _trajectories_identity(trajectories)
-    if checkpoint is not None and checkpoint.get("experts", experts_id) != experts_id:
-        # e.g. a run started with caller-given experts, resumed without them: its X_s were matched to other experts
-        raise KrrstError(f"--resume: {checkpoint_path} was matched against other expert trajectories "
-                         f"({checkpoint.get('experts')} -> {experts_id}); pass the same trajectories or a new --out")
 
-    # --- what is learnt: X_s (normalised real images), Y_s = g(X_s) and the inner lr α, or their checkpointed values
-    if checkpoint is None:
-        initial = _initial_indices(config, trajectories, source_images, target_reps, mean, std, init_seed, device)
-        synthetic_images = normalize(source_images[initial.to(device)], mean, std)
-        synthetic_targets = target_reps[initial.to(device)].clone()
-        syn_lr = torch.tensor(config.init_lr, device=device)
-    else:
-        initial = checkpoint["init_indices"]
-        synthetic_images = checkpoint["images"].to(device).clone()
-        synthetic_targets = checkpoint["targets"].to(device).clone()
-        syn_lr = checkpoint["syn_lr"].to(device).clone()
-    synthetic_images.requires_grad_(True)
-    synthetic_targets.requires_grad_(config.target_lr > 0)
-    syn_lr.requires_grad_(config.lr_lr > 0)
-    groups = [(synthetic_images, config.image_lr), (synthetic_targets, config.target_lr), (syn_lr, config.lr_lr)]
-    learnt = [tensor for tensor, lr in groups if lr > 0]
-    param_groups = [{"params": [tensor], "lr": lr} for tensor, lr in groups if lr > 0]
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(param_groups, lr=config.image_lr, momentum=config.momentum)
-    else:
-        optimizer = torch.optim.Adam(param_groups, lr=config.image_lr)
-    # draws the expert, the start epoch and the unroll's batches: its state is part of the checkpoint
-    generator = torch.Generator().manual_seed(match_seed)
-    start_step, history, loss_count = 0, [], 0
-    # the losses since the last row, summed on the device: the loop reads them only when it logs
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    watch = LossWatch("mkdt matching", "mkdt.image_lr / mkdt.lr_lr / mkdt.target_lr too high", device)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        generator.set_state(checkpoint["generator"])
-        start_step, history = int(checkpoint["step"]), list(checkpoint["history"])
-        tqdm.write(f"mkdt: resuming {out_dir} at step {start_step:,}/{config.steps:,}" if start_step < config.steps
-                   else f"mkdt: {out_dir} was finished ({config.steps:,} steps)", file=sys.stderr)
-        loss_sum.fill_(float(checkpoint["loss_sum"]))
-        loss_count = int(checkpoint["loss_count"])
+def _refuse_unresumed_experts(run: RunState, resume: bool) -> None:
+    """Without `resume`, saved experts are refused as a checkpoint is: nothing is overwritten."""
+    path = run.out_dir / TRAJECTORIES_NAME if run.out_dir is not None else None
+    if not resume and run.is_writer and path is not None and path.is_file():
+        raise KrrstError(f"{path} already exists; resume that run (re-run the krrst command, or resume=True) or "
+                         "choose another --out")
 
-    def save_run(step: int) -> None:
-        watch.check()  # never checkpoint a diverged set
-        state = {
-            "step": step,
-            "config": config_to_dict(config),
-            "source": source_id,
-            "teacher": teacher_id,
-            "experts": experts_id,
-            "images": synthetic_images.detach(),
-            "targets": synthetic_targets.detach(),
-            "syn_lr": syn_lr.detach(),
-            "init_indices": initial,
-            "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(),
-            "loss_sum": float(loss_sum),
-            "loss_count": loss_count,
-            "history": history,
-        }
-        io.save_state(checkpoint_path, state)
-        io.write_csv(out_dir / LOSS_CSV_NAME, history, LOSS_CSV_FIELDS)
 
-    batch_syn = min(config.batch_syn, config.num_images)
-    last_step = config.steps if stop_at_step is None else max(start_step, min(int(stop_at_step), config.steps))
-    started = time.perf_counter()
-    bar = progress_bar(config.steps, "mkdt", unit="step", initial=start_step, enabled=progress)
-    try:
-        for step in range(start_step + 1, last_step + 1):
-            trajectory = trajectories[int(torch.randint(len(trajectories), (1,), generator=generator))]
-            start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
-            start_params = trajectory[start_epoch].to(device)
-            target_params = trajectory[start_epoch + config.expert_epochs_matched].to(device)
-            loss = matching_loss(
-                student, start_params, target_params, synthetic_images, synthetic_targets, syn_lr,
-                syn_steps=config.syn_steps, batch_syn=batch_syn, generator=generator,
-            )
-            watch.update(loss, step)
-            for tensor, gradient in zip(learnt, torch.autograd.grad(loss, learnt)):
-                tensor.grad = gradient
-            optimizer.step()
-            with torch.no_grad():
-                syn_lr.clamp_(min=0.0)  # a negative inner lr would climb the inner loss
-            loss_sum += loss.detach()
-            loss_count += 1
-            bar.update()
-            # rows at the same steps whether or not the run was interrupted (a stop is not a row)
-            if step % config.log_every == 0 or step == config.steps:
-                watch.check()
-                row = {"step": step, "loss": float(loss_sum) / loss_count, "syn_lr": syn_lr.item(),
-                       "elapsed_s": round(time.perf_counter() - started, 3)}
-                history.append(row)
-                loss_sum.zero_()
-                loss_count = 0
-                bar.set_postfix(loss=f"{row['loss']:.4g}", syn_lr=f"{row['syn_lr']:.3g}", refresh=False)
-                if out_dir is not None and write:
-                    io.write_csv(out_dir / LOSS_CSV_NAME, history, LOSS_CSV_FIELDS)
-            if out_dir is not None and write and (step == last_step or every(step, config.checkpoint_every)):
-                save_run(step)
-    finally:
-        bar.close()
+def _experts(run: RunState, given: Trajectories | None, resume: bool, source_images: torch.Tensor,
+             mean: tuple[float, ...], std: tuple[float, ...], teacher: nn.Module, target_reps: torch.Tensor,
+             progress: bool) -> Trajectories:
+    """The experts: given, saved by an earlier start of this run, or trained now and saved at once.
 
-    watch.check()
-    result = DistilledSet(
-        images=synthetic_images.detach().cpu(), targets=synthetic_targets.detach().float().cpu(), mean=mean, std=std,
-        target_kind="representation", method="mkdt", source=source_id[0],
-        teacher_arch=getattr(teacher, "spec", {}).get("arch"),
-        config={**config_to_dict(config), "init_indices": [int(i) for i in initial], "syn_lr": syn_lr.item()},
-        step=last_step,
-    )
-    if out_dir is not None and write:
-        if start_step == last_step:
-            save_run(last_step)  # nothing ran: still leave a complete run folder
-        if last_step == config.steps:
-            result.save(out_dir / DISTILLED_NAME)
-            result.preview(out_dir / "preview.png")
-    return result
+    They are most of the run's cost, and a resumed run must match against the same trajectories.
+    """
+    config, path = run.config, run.out_dir / TRAJECTORIES_NAME if run.out_dir is not None else None
+    if given is not None:
+        return given
+    if resume and path.is_file():
+        if run.saved is None:
+            run.message(f"mkdt: {run.out_dir} holds expert trajectories and no matching checkpoint; matching "
+                        "starts from them")
+        trajectories, saved = _read_trajectories(path)
+        _check_experts_file(path, saved, config, run.identity)
+        return trajectories
+    trajectories = train_expert_trajectories(source_images, mean, std, teacher, config, device=source_images.device,
+                                             progress=progress, target_reps=target_reps)
+    run.write(lambda out: save_trajectories(out / TRAJECTORIES_NAME, trajectories, config, **run.identity))
+    return trajectories
+
+
+def _check_same_experts(run: RunState, experts_id: str) -> None:
+    """A checkpoint matched against other experts is refused (a run started with given experts, resumed without)."""
+    saved = run.saved.get("experts", experts_id) if run.saved is not None else experts_id
+    if saved != experts_id:
+        raise KrrstError(f"--resume: {run.checkpoint_path} was matched against other expert trajectories "
+                         f"({saved} -> {experts_id}); pass the same trajectories or a new --out")
 
 
 # --------------------------------------------------------------------------- compute
