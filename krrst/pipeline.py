@@ -23,7 +23,7 @@ import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
@@ -47,8 +47,12 @@ from krrst.mkdt import CHECKPOINT_NAME as MKDT_CHECKPOINT
 from krrst.mkdt import TRAJECTORIES_NAME, MKDTConfig
 from krrst.progress import stopped_loops
 from krrst.registry import Registry
+from krrst.results import SETS_NAME, append_results, check_provenance, has_result, read_results, remove_results
 from krrst.teacher import CHECKPOINT_FILE as TEACHER_CHECKPOINT
 from krrst.teacher import HEALTH_FILE, TEACHER_FILE, TeacherConfig
+
+if TYPE_CHECKING:
+    from krrst.distilled import DistilledSet
 
 SAMPLE_ROOT = "@sample"
 TEST_SPLITS = {"tinyimagenet": "val", "imagenet64": "val"}
@@ -478,7 +482,6 @@ def claim_evaluation(out_dir: str | Path, method: str, identity: Mapping[str, An
     with no rows and no pre-trained network of `method` behind it (a start that
     failed early, e.g. on a mistyped option) protects nothing and is replaced.
     """
-    from krrst.report import check_provenance, read_results
 
     out_dir = Path(out_dir)
     if provenance:
@@ -707,56 +710,101 @@ def run(
         return _run_stages(config, Path(out_dir), Path(root), preset, force, context, progress, log)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What every stage of one run shares: the config, the folders, the process group, the loaded data."""
+
+    config: PipelineConfig
+    out_dir: Path
+    root: Path
+    context: DistributedContext
+    progress: bool  # progress bars (rank 0 only)
+    log: Any  # print-like (a no-op on other ranks)
+    source: Any = None  # the unlabelled source split, held-out images removed (ImageSet)
+    heldout: Any = None  # `run.heldout_images` images never distilled on (ImageSet or None)
+    targets: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)  # spec -> (train, test)
+    source_fp: str = ""  # what the source images depend on
+
+    @property
+    def main(self) -> bool:
+        return self.context.is_main
+
+    def stage_done(self, stage_dir: Path, fingerprint: str) -> bool:
+        return run_on_main(lambda: _stage_done(stage_dir, fingerprint))
+
+    def start_stage(self, stage_dir: Path, fingerprint: str) -> None:
+        run_on_main(lambda: _start_stage(stage_dir, fingerprint))
+
+    def mark_done(self, stage_dir: Path, fingerprint: str) -> None:
+        run_on_main(lambda: _mark_done(stage_dir, fingerprint))  # also a barrier: rank 0's files are written
+
+    def drop_checkpoints(self, stage_dir: Path, fingerprint: str) -> None:
+        # after mark_done's barrier (no rank reads them any more); also for a stage found finished, so a run
+        # stopped between done.json and this, or one kept before, ends up as the setting says
+        if self.main and not self.config.run.keep_checkpoints and _stage_done(stage_dir, fingerprint):
+            _drop_checkpoints(stage_dir, self.log)
+
+    def timed(self, stage: str):
+        return _timed(self.out_dir, stage, self.log, self.main)
+
+
 def _run_stages(
     config: PipelineConfig, out_dir: Path, root: Path, preset: str, force: bool, context: DistributedContext,
     progress: bool, log,
 ) -> list[dict[str, Any]]:
-    """`run`'s body, with the run directory locked by rank 0."""
-    from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset_of
-    from krrst.mkdt import mkdt_distill
-    from krrst.distill import distill, initial_indices
-    from krrst.distilled import DistilledSet
-    from krrst.report import read_results, remove_results, report_text, write_report
-    from krrst.teacher import TEACHER_FILE, load_teacher, train_teacher
+    """`run`'s body, with the run directory locked by rank 0: each stage in turn, each skipped when done."""
+    from krrst.report import report_text, write_report
 
-    device, main = context.device, context.is_main
-    if not main:
+    if not context.is_main:
         log, progress = (lambda _: None), False
-    run_config = config.run
+    run = _Run(config, out_dir, root, context, progress, log)
     run_on_main(lambda: prepare_run_dir(out_dir, config, preset, force))
-    if main:
-        write_json(out_dir / "env.json", capture_env(seed=run_config.seed, device=device))
+    if run.main:
+        write_json(out_dir / "env.json", capture_env(seed=config.run.seed, device=context.device))
+    _load_data(run)
+    teacher, teacher_fp = _teacher_stage(run)
+    distill_fp = _distill_stage(run, teacher, teacher_fp)
+    mkdt_fp = _mkdt_stage(run, teacher, teacher_fp)
+    baselines_fp = _baselines_stage(run, teacher, teacher_fp)
+    sets = _load_sets(run)
+    if "full-ssl" in config.run.methods:
+        sets["full-ssl"] = teacher
+    # Each row names the stage fingerprint that built its set, as `krrst evaluate` names a set file's hash.
+    provenance = {"krr-st": f"distill:{distill_fp}", "mkdt": f"mkdt:{mkdt_fp}", "full-ssl": f"teacher:{teacher_fp}",
+                  "none": baseline_provenance("none"),
+                  **{method: f"baselines:{baselines_fp}" for method in _wanted_subsets(config.run)}}
+    _evaluate_stage(run, sets, provenance, (distill_fp, baselines_fp, mkdt_fp))
+    if run.main:
+        write_report(out_dir)
+        log(report_text(out_dir))
+    return run_on_main(lambda: read_results(out_dir))
 
-    def stage_done(stage_dir: Path, fingerprint: str) -> bool:
-        return run_on_main(lambda: _stage_done(stage_dir, fingerprint))
 
-    def start_stage(stage_dir: Path, fingerprint: str) -> None:
-        run_on_main(lambda: _start_stage(stage_dir, fingerprint))
-
-    def mark_done(stage_dir: Path, fingerprint: str) -> None:
-        run_on_main(lambda: _mark_done(stage_dir, fingerprint))  # also a barrier: rank 0's files are written
-
-    def drop_checkpoints(stage_dir: Path, fingerprint: str) -> None:
-        # after mark_done's barrier (no rank reads them any more); also for a stage found finished, so a run
-        # stopped between done.json and this, or one kept before, ends up as the setting says
-        if main and not run_config.keep_checkpoints and _stage_done(stage_dir, fingerprint):
-            _drop_checkpoints(stage_dir, log)
-
-    source_fp = _fingerprint(
+def _load_data(run: _Run) -> None:
+    """The source (and its held-out images) and every target, loaded once for every stage."""
+    run_config = run.config.run
+    run.source_fp = _fingerprint(
         {k: v for k, v in config_to_dict(run_config).items() if k.startswith("source") or k in ("image_size", "heldout_images", "seed")}
     )
-    source, heldout = load_source(run_config, root)
-    targets = {spec: load_target(spec, run_config, root) for spec in run_config.targets}
-    log(f"source {source.name}: {len(source)} images ({len(heldout) if heldout is not None else 0} held out); "
-        + "; ".join(f"target {train.name}: {len(train)} train / {len(test)} test" for train, test in targets.values()))
+    run.source, run.heldout = load_source(run_config, run.root)
+    run.targets = {spec: load_target(spec, run_config, run.root) for spec in run_config.targets}
+    heldout = len(run.heldout) if run.heldout is not None else 0
+    run.log(f"source {run.source.name}: {len(run.source)} images ({heldout} held out); "
+            + "; ".join(f"target {train.name}: {len(train)} train / {len(test)} test"
+                        for train, test in run.targets.values()))
 
-    # -- teacher --------------------------------------------------------------------------------
+
+def _teacher_stage(run: _Run) -> tuple[torch.nn.Module, str]:
+    """`(teacher, fingerprint)`: the library's weights, a file (`run.teacher_path`), or one trained in `teacher/`."""
+    from krrst.teacher import load_teacher, train_teacher
+
+    run_config, device = run.config.run, run.context.device
     if run_config.teacher_path == "pretrained":  # the library's own weights of run.teacher_arch (online)
         teacher = load_teacher(None, arch=run_config.teacher_arch or None, device=device,
                                input_size=run_config.teacher_input_size or None)
         teacher_fp = _fingerprint("pretrained", run_config.teacher_arch, run_config.teacher_input_size)
     elif run_config.teacher_path:
-        teacher_file = dataset_path(root, run_config.teacher_path)
+        teacher_file = dataset_path(run.root, run_config.teacher_path)
         teacher = load_teacher(teacher_file, arch=run_config.teacher_arch or None, device=device,
                                input_size=run_config.teacher_input_size or None)
         # The file's size and modification time: replacing the teacher invalidates what was distilled from it.
@@ -764,104 +812,137 @@ def _run_stages(
                                   teacher_file.stat().st_mtime_ns, *([run_config.teacher_input_size]
                                                                      if run_config.teacher_input_size else []))
     else:
-        teacher_dir = out_dir / "teacher"
-        teacher_fp = _fingerprint(source_fp, _without(config.teacher, ("checkpoint_every", "log_every")))
-        if not stage_done(teacher_dir, teacher_fp):
-            start_stage(teacher_dir, teacher_fp)
-            first_train, first_test = next(iter(targets.values()))
-            with _timed(out_dir, "teacher", log, main):
-                train_teacher(source, config.teacher, out_dir=teacher_dir, resume=True, device=device, heldout=heldout,
-                              labelled=(first_train, first_test), progress=progress, distributed=context)
-            mark_done(teacher_dir, teacher_fp)
-        drop_checkpoints(teacher_dir, teacher_fp)
+        teacher_dir = run.out_dir / "teacher"
+        teacher_fp = _fingerprint(run.source_fp, _without(run.config.teacher, ("checkpoint_every", "log_every")))
+        if not run.stage_done(teacher_dir, teacher_fp):
+            run.start_stage(teacher_dir, teacher_fp)
+            first_train, first_test = next(iter(run.targets.values()))
+            with run.timed("teacher"):
+                train_teacher(run.source, run.config.teacher, out_dir=teacher_dir, resume=True, device=device,
+                              heldout=run.heldout, labelled=(first_train, first_test), progress=run.progress,
+                              distributed=run.context)
+            run.mark_done(teacher_dir, teacher_fp)
+        run.drop_checkpoints(teacher_dir, teacher_fp)
         teacher = load_teacher(teacher_dir / TEACHER_FILE, device=device)
-        if main:
-            _add_random_network_knn(teacher_dir / HEALTH_FILE, config.teacher, run_config.image_size,
-                                    next(iter(targets.values())), device)
-    teacher = teacher.to(device).eval()
+        if run.main:
+            _add_random_network_knn(teacher_dir / HEALTH_FILE, run.config.teacher, run_config.image_size,
+                                    next(iter(run.targets.values())), device)
+    return teacher.to(device).eval(), teacher_fp
 
-    # -- distillation ---------------------------------------------------------------------------
-    distill_dir = out_dir / "distill"
-    distill_fp = _fingerprint(
-        teacher_fp, source_fp, _without(config.distill, RESUMABLE_DISTILL_CHANGES + unused_fields(config.distill))
-    )
-    if "krr-st" in run_config.methods and not stage_done(distill_dir, distill_fp):
-        start_stage(distill_dir, distill_fp)
-        with _timed(out_dir, "distill", log, main):
-            distill(source, teacher, config.distill, out_dir=distill_dir, resume=True, device=device, heldout=heldout,
-                    progress=progress, distributed=context)
-        mark_done(distill_dir, distill_fp)
-    drop_checkpoints(distill_dir, distill_fp)
 
-    mkdt_dir = out_dir / "mkdt"
-    mkdt_fp = _fingerprint(teacher_fp, source_fp, _without(config.mkdt, ("log_every", "checkpoint_every")))
-    if "mkdt" in run_config.methods and not stage_done(mkdt_dir, mkdt_fp):
-        start_stage(mkdt_dir, mkdt_fp)
-        with _timed(out_dir, "mkdt", log, main):
+def _distill_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> str:
+    """KRR-ST into `distill/` (when `run.methods` has it); returns the stage's fingerprint."""
+    from krrst.distill import distill
+
+    config = run.config.distill
+    distill_dir = run.out_dir / "distill"
+    distill_fp = _fingerprint(teacher_fp, run.source_fp, _without(config, RESUMABLE_DISTILL_CHANGES + unused_fields(config)))
+    if "krr-st" in run.config.run.methods and not run.stage_done(distill_dir, distill_fp):
+        run.start_stage(distill_dir, distill_fp)
+        with run.timed("distill"):
+            distill(run.source, teacher, config, out_dir=distill_dir, resume=True, device=run.context.device,
+                    heldout=run.heldout, progress=run.progress, distributed=run.context)
+        run.mark_done(distill_dir, distill_fp)
+    run.drop_checkpoints(distill_dir, distill_fp)
+    return distill_fp
+
+
+def _mkdt_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> str:
+    """The MKDT comparator into `mkdt/` (when `run.methods` has it); returns the stage's fingerprint."""
+    from krrst.mkdt import mkdt_distill
+
+    mkdt_dir = run.out_dir / "mkdt"
+    mkdt_fp = _fingerprint(teacher_fp, run.source_fp, _without(run.config.mkdt, ("log_every", "checkpoint_every")))
+    if "mkdt" in run.config.run.methods and not run.stage_done(mkdt_dir, mkdt_fp):
+        run.start_stage(mkdt_dir, mkdt_fp)
+        with run.timed("mkdt"):
             # not data-parallel: every rank computes the same set from the same files (resuming alike), rank 0 writes
-            mkdt_distill(source, teacher, config.mkdt, out_dir=mkdt_dir, resume=True, write=main, device=device,
-                         progress=progress)
-        mark_done(mkdt_dir, mkdt_fp)
-    drop_checkpoints(mkdt_dir, mkdt_fp)
+            mkdt_distill(run.source, teacher, run.config.mkdt, out_dir=mkdt_dir, resume=True, write=run.main,
+                         device=run.context.device, progress=run.progress)
+        run.mark_done(mkdt_dir, mkdt_fp)
+    run.drop_checkpoints(mkdt_dir, mkdt_fp)
+    return mkdt_fp
 
-    # -- baselines ------------------------------------------------------------------------------
-    baselines_dir = out_dir / "baselines"
-    baselines_fp = _fingerprint(teacher_fp, source_fp, config.distill.num_images, config.distill.seed,
-                                config.distill.arch, config.distill.widths)
-    wanted = [method for method in SUBSET_METHODS if method in run_config.methods]
+
+def _wanted_subsets(run_config: RunConfig) -> list[str]:
+    """The subset baselines `run.methods` asks for, in `SUBSET_METHODS` order (the order they are built in)."""
+    return [method for method in SUBSET_METHODS if method in run_config.methods]
+
+
+def _subset(method: str, source, teacher: torch.nn.Module, config: DistillConfig, device: torch.device,
+            progress: bool):
+    """The `DistilledSet` of one subset baseline, sized and seeded as the distillation (`config`)."""
+    from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset_of
+    from krrst.distill import initial_indices, network_options
+
+    if method == "random":
+        # The same real images KRR-ST started from, with the teacher's targets: the pair differs only in what
+        # distillation did to them.
+        return random_subset_of(source, initial_indices(len(source), config), teacher, device=device)
+    if method == "kmeans":
+        return kmeans_coreset(source, config.num_images, teacher, seed=config.seed, device=device, progress=progress)
+    assert method == "high-loss", method
+    # MKDT's initialisation as a subset baseline: students of the distillation architecture, trained briefly to
+    # regress the teacher, score every source image.
+    return high_loss_subset(source, teacher, config.num_images, seed=config.seed, arch=config.arch,
+                            arch_options=network_options(config), device=device, progress=progress)
+
+
+def _baselines_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> str:
+    """The subset baselines `run.methods` asks for, into `baselines/<method>.safetensors`; returns the fingerprint."""
+    config = run.config.distill
+    baselines_dir = run.out_dir / "baselines"
+    baselines_fp = _fingerprint(teacher_fp, run.source_fp, config.num_images, config.seed, config.arch, config.widths)
+    wanted = _wanted_subsets(run.config.run)
     missing = []
     if wanted:
-        start_stage(baselines_dir, baselines_fp)  # clears sets built for another teacher, source or m
+        run.start_stage(baselines_dir, baselines_fp)  # clears sets built for another teacher, source or m
         missing = run_on_main(lambda: [m for m in wanted if not (baselines_dir / f"{m}.safetensors").exists()])
-
-    def save_set(distilled, method: str) -> None:
-        if main:  # every rank built the same set (no rank waits idle on another's long k-means)
-            distilled.save(baselines_dir / f"{method}.safetensors")
-
     if missing:
-        with _timed(out_dir, "baselines", log, main):
-            if "random" in missing:
-                # The same real images KRR-ST started from, with the teacher's targets: the pair differs only
-                # in what distillation did to them.
-                indices = initial_indices(len(source), config.distill)
-                save_set(random_subset_of(source, indices, teacher, device=device), "random")
-            if "kmeans" in missing:
-                save_set(kmeans_coreset(source, config.distill.num_images, teacher, seed=config.distill.seed,
-                                        device=device, progress=progress), "kmeans")
-            if "high-loss" in missing:
-                # MKDT's initialisation as a subset baseline: students of the distillation architecture, trained
-                # briefly to regress the teacher, score every source image.
-                from krrst.distill import _model_options
-
-                save_set(high_loss_subset(
-                    source, teacher, config.distill.num_images, seed=config.distill.seed, arch=config.distill.arch,
-                    arch_options=_model_options(config.distill), device=device, progress=progress,
-                ), "high-loss")
+        with run.timed("baselines"):
+            for method in missing:
+                distilled = _subset(method, run.source, teacher, config, run.context.device, run.progress)
+                if run.main:  # every rank built the same set (no rank waits idle on another's long k-means)
+                    distilled.save(baselines_dir / f"{method}.safetensors")
     barrier()
+    return baselines_fp
 
+
+def _load_sets(run: _Run) -> dict[str, Any]:
+    """Every set `run.methods` evaluates (`none`: None), as the stages wrote them; rank 0 writes `sets.json`."""
+    from krrst.distilled import DistilledSet
+
+    methods = run.config.run.methods
     sets: dict[str, DistilledSet | None] = {"none": None}
-    if "krr-st" in run_config.methods:
-        sets["krr-st"] = DistilledSet.load(distill_dir / "distilled.safetensors")
-    if "mkdt" in run_config.methods:
-        sets["mkdt"] = DistilledSet.load(mkdt_dir / "distilled.safetensors")
-    for method in wanted:
-        sets[method] = DistilledSet.load(baselines_dir / f"{method}.safetensors")
-    if main:  # what each set costs, for the report's "same storage" table
-        from krrst.report import SETS_NAME
-
-        write_json(out_dir / SETS_NAME, {
+    if "krr-st" in methods:
+        sets["krr-st"] = DistilledSet.load(run.out_dir / "distill" / DISTILLED_NAME)
+    if "mkdt" in methods:
+        sets["mkdt"] = DistilledSet.load(run.out_dir / "mkdt" / DISTILLED_NAME)
+    for method in _wanted_subsets(run.config.run):
+        sets[method] = DistilledSet.load(run.out_dir / "baselines" / f"{method}.safetensors")
+    if run.main:  # what each set costs, for the report's "same storage" table
+        write_json(run.out_dir / SETS_NAME, {
             method: {"images": len(distilled), "storage_bytes": distilled.storage_bytes(),
                      "parameterization": _parameterization_label(distilled)}
             for method, distilled in sets.items() if distilled is not None
         })
+    return sets
 
-    # -- evaluation -----------------------------------------------------------------------------
+
+def _evaluate_stage(run: _Run, sets: Mapping[str, Any], provenance: Mapping[str, str],
+                    set_fps: tuple[str, str, str]) -> None:
+    """Every method x target x arch x protocol x seed into `results.csv`, under `eval/`.
+
+    `set_fps` are the distill, baselines and mkdt fingerprints. A changed evaluation config starts the table
+    afresh, a changed kd config only the kd rows.
+    """
+
+    config, run_config, out_dir = run.config, run.config.run, run.out_dir
     eval_dir = out_dir / "eval"
     # Which methods, protocols, archs and how many seeds are left out: adding one adds rows, it does not
     # invalidate the others (rows are keyed by method, target, arch, protocol and seed).
-    kd_teacher_file = _kd_teacher_file(config, root)
-    eval_fp = _fingerprint(distill_fp, baselines_fp, mkdt_fp, _without(config.pretrain), _without(config.finetune),
-                           _without(config.linear),
+    kd_teacher_file = _kd_teacher_file(config, run.root)
+    eval_fp = _fingerprint(*set_fps, _without(config.pretrain), _without(config.finetune), _without(config.linear),
                            _without(run_config, ("methods", "protocols", "archs", "seeds", "download",
                                                  "keep_checkpoints")))
     # The kd rows depend on the kd settings too; those settings govern the kd rows only, so that adding the kd
@@ -882,29 +963,19 @@ def _run_stages(
             write_json(kd_marker, {"fingerprint": kd_fp})
 
     run_on_main(start_evaluation)
-    if "full-ssl" in run_config.methods:
-        sets["full-ssl"] = teacher
-    # Each row names the stage fingerprint that built its set, as `krrst evaluate` names a set file's hash.
-    provenance = {"krr-st": f"distill:{distill_fp}", "mkdt": f"mkdt:{mkdt_fp}", "full-ssl": f"teacher:{teacher_fp}",
-                  "none": baseline_provenance("none"), **{method: f"baselines:{baselines_fp}" for method in wanted}}
-    with _timed(out_dir, "evaluate", log, main):
+    with run.timed("evaluate"):
         evaluate_methods(
             out_dir, {method: sets[method] for method in run_config.methods},
-            [(parse_target(spec)[0], *targets[spec]) for spec in run_config.targets],
-            source_name=source.name, archs=run_config.archs, seeds=range(run_config.seed, run_config.seed + run_config.seeds),
+            [(parse_target(spec)[0], *run.targets[spec]) for spec in run_config.targets],
+            source_name=run.source.name, archs=run_config.archs,
+            seeds=range(run_config.seed, run_config.seed + run_config.seeds),
             protocols=run_config.protocols, pretrain_config=config.pretrain, finetune_config=config.finetune,
             linear_config=config.linear, eval_widths=run_config.eval_widths, image_size=run_config.image_size,
-            finegrained_iterations=run_config.finegrained_iterations, device=device, progress=progress, log=log,
-            distributed=context, provenance=provenance, kd_config=config.kd, kd_teacher_path=kd_teacher_file,
-            kd_noise_images=config.distill.num_images,
+            finegrained_iterations=run_config.finegrained_iterations, device=run.context.device,
+            progress=run.progress, log=run.log, distributed=run.context, provenance=provenance, kd_config=config.kd,
+            kd_teacher_path=kd_teacher_file, kd_noise_images=config.distill.num_images,
         )
-    mark_done(eval_dir, eval_fp)
-
-    # -- report ---------------------------------------------------------------------------------
-    if main:
-        write_report(out_dir)
-        log(report_text(out_dir))
-    return run_on_main(lambda: read_results(out_dir))
+    run.mark_done(eval_dir, eval_fp)
 
 
 def _add_random_network_knn(health_path: Path, teacher_config: TeacherConfig, image_size: int, labelled,
@@ -1057,75 +1128,23 @@ def evaluate_methods(
     others' when every rank is done (a kill loses those, not the networks
     they pre-trained, which are cached).
     """
-    from krrst.evaluate import evaluate_set, pretrain
-    from krrst.report import append_results, check_provenance, has_result, read_results
 
     out_dir = Path(out_dir)
     context = distributed or current_context(resolve_device(device))
-    device = context.device
     provenance = {method: value for method, value in (provenance or {}).items() if method in sets and value}
     run_on_main(lambda: check_provenance(out_dir, provenance))
     rows = run_on_main(lambda: read_results(out_dir))
     jobs = [(arch, seed, method) for arch in archs for seed in seeds for method in sets]
     mine = set(split_jobs(range(len(jobs)), context.rank, context.world_size))
+    evaluation = _Evaluation(
+        out_dir, source_name, tuple(protocols), pretrain_config, finetune_config, linear_config, tuple(eval_widths),
+        image_size, finegrained_iterations, context, progress, log, provenance, kd_config, kd_teacher_path,
+        kd_noise_images,
+    )
     new_rows = []
-    kd_teachers: dict[str, torch.nn.Module] = {}
-
-    def kd_teacher_of(dataset: str, train, test) -> torch.nn.Module:
-        if test.name not in kd_teachers:  # every rank builds the same one (seeded); rank 0 caches it
-            kd_teachers[test.name] = kd_teacher(
-                out_dir, dataset, train, test, kd_config or KDConfig(), teacher_path=kd_teacher_path,
-                eval_widths=tuple(eval_widths), image_size=image_size, device=device, progress=progress, log=log,
-                write=context.is_main,
-            )
-        return kd_teachers[test.name]
-
     for index, (arch, seed, method) in enumerate(jobs, 1):
-        if index - 1 not in mine:
-            continue
-        network = sets[method]
-        is_network = isinstance(network, torch.nn.Module)
-        model_arch = getattr(network, "spec", {}).get("arch", arch) if is_network else arch
-        # kd distils through a set's images (none: noise); a network used as it is has neither
-        method_protocols = [p for p in protocols if not (is_network and parse_protocol(p)[0] == "kd")]
-        pending = [
-            (dataset, train, test, protocol) for dataset, train, test in targets for protocol in method_protocols
-            if not has_result(rows, method=method, source=source_name, target=test.name, arch=model_arch,
-                              protocol=protocol, seed=seed)
-        ]
-        if not pending:
-            continue
-        log(f"[evaluate] job {index}/{len(jobs)}: {method} on {model_arch}, seed {seed} ({len(pending)} evaluations)")
-        overrides = eval_overrides(arch, tuple(eval_widths), image_size)
-        pretrained = network if is_network else None
-        if network is not None and not is_network:
-            cached = out_dir / "eval" / "pretrained" / f"{method}-{arch}-seed{seed}.safetensors"
-            if cached.exists():
-                pretrained = _load_model(cached, device)
-            else:
-                config = dataclasses.replace(pretrain_config, seed=seed)
-                pretrained = pretrain(network, arch, config, device=device, progress=progress, **overrides)
-                _save_model(cached, pretrained)
-        for dataset, train, test, protocol in pending:
-            protocol_kind, fraction = parse_protocol(protocol)
-            finetune = finetune_config
-            if dataset in FINE_GRAINED:
-                finetune = dataclasses.replace(finetune_config, iterations=finegrained_iterations)
-            row = evaluate_set(
-                None, arch, train, test, protocol=protocol_kind, label_fraction=fraction, seed=seed,
-                pretrained=pretrained, method=method, source=source_name, target=test.name,
-                finetune_config=finetune, linear_config=linear_config, image_size=image_size,
-                device=device, progress=progress, arch_options=None if pretrained is not None else overrides,
-                kd_config=kd_config, kd_teacher=kd_teacher_of(dataset, train, test) if protocol_kind == "kd" else None,
-                kd_images=None if is_network else network, kd_noise_images=kd_noise_images,
-            )
-            row["protocol"] = protocol
-            row["provenance"] = provenance.get(method, "")
-            if context.is_main:
-                append_results(out_dir, [row])
-            rows.append(row)
-            new_rows.append(row)
-            log(f"[evaluate]   {method:<8} {test.name} {protocol:<13} seed {seed}: {100 * row['accuracy']:.1f}%")
+        if index - 1 in mine:
+            new_rows += evaluation.job(f"{index}/{len(jobs)}", method, sets[method], arch, seed, targets, rows)
     if context.world_size > 1:
         gathered = gather_objects(new_rows)
         if context.is_main:
@@ -1134,3 +1153,96 @@ def evaluate_methods(
                 append_results(out_dir, others)
             rows.extend(others)
     return rows
+
+
+@dataclasses.dataclass
+class _Evaluation:
+    """What every job of `evaluate_methods` shares (its arguments), and the kd teachers built so far."""
+
+    out_dir: Path
+    source_name: str
+    protocols: tuple[str, ...]
+    pretrain_config: PretrainConfig
+    finetune_config: FinetuneConfig
+    linear_config: LinearProbeConfig
+    eval_widths: tuple[int, ...]
+    image_size: int | None
+    finegrained_iterations: int
+    context: DistributedContext
+    progress: bool
+    log: Any
+    provenance: Mapping[str, str]
+    kd_config: KDConfig | None
+    kd_teacher_path: str | Path | None
+    kd_noise_images: int
+    kd_teachers: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)  # target name -> classifier
+
+    def job(self, label: str, method: str, network: Any, arch: str, seed: int, targets: list[tuple[str, Any, Any]],
+            rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One (method, arch, seed): pre-train once, then every target x protocol row missing from `rows`
+        (appended to it, and to `results.csv` by rank 0); returns the new rows."""
+        from krrst.evaluate import evaluate_set
+
+        is_network = isinstance(network, torch.nn.Module)
+        model_arch = getattr(network, "spec", {}).get("arch", arch) if is_network else arch
+        # kd distils through a set's images (none: noise); a network used as it is has neither
+        method_protocols = [p for p in self.protocols if not (is_network and parse_protocol(p)[0] == "kd")]
+        pending = [
+            (dataset, train, test, protocol) for dataset, train, test in targets for protocol in method_protocols
+            if not has_result(rows, method=method, source=self.source_name, target=test.name, arch=model_arch,
+                              protocol=protocol, seed=seed)
+        ]
+        if not pending:
+            return []
+        self.log(f"[evaluate] job {label}: {method} on {model_arch}, seed {seed} ({len(pending)} evaluations)")
+        overrides = eval_overrides(arch, self.eval_widths, self.image_size)
+        pretrained = network if is_network else self.pretrained(method, network, arch, seed, overrides)
+        new_rows = []
+        for dataset, train, test, protocol in pending:
+            protocol_kind, fraction = parse_protocol(protocol)
+            finetune = self.finetune_config
+            if dataset in FINE_GRAINED:
+                finetune = dataclasses.replace(self.finetune_config, iterations=self.finegrained_iterations)
+            row = evaluate_set(
+                None, arch, train, test, protocol=protocol_kind, label_fraction=fraction, seed=seed,
+                pretrained=pretrained, method=method, source=self.source_name, target=test.name,
+                finetune_config=finetune, linear_config=self.linear_config, image_size=self.image_size,
+                device=self.context.device, progress=self.progress,
+                arch_options=None if pretrained is not None else overrides, kd_config=self.kd_config,
+                kd_teacher=self.kd_teacher(dataset, train, test) if protocol_kind == "kd" else None,
+                kd_images=None if is_network else network, kd_noise_images=self.kd_noise_images,
+            )
+            row["protocol"] = protocol
+            row["provenance"] = self.provenance.get(method, "")
+            if self.context.is_main:
+                append_results(self.out_dir, [row])
+            rows.append(row)
+            new_rows.append(row)
+            self.log(f"[evaluate]   {method:<8} {test.name} {protocol:<13} seed {seed}: {100 * row['accuracy']:.1f}%")
+        return new_rows
+
+    def pretrained(self, method: str, distilled: Any, arch: str, seed: int,
+                   overrides: dict[str, Any]) -> torch.nn.Module | None:
+        """The network pre-trained on `distilled` (None for `none`), cached as `eval/pretrained/<method>-<arch>-seed<s>`."""
+        from krrst.evaluate import pretrain
+
+        if distilled is None:
+            return None
+        cached = self.out_dir / "eval" / "pretrained" / f"{method}-{arch}-seed{seed}.safetensors"
+        if cached.exists():
+            return _load_model(cached, self.context.device)
+        config = dataclasses.replace(self.pretrain_config, seed=seed)
+        network = pretrain(distilled, arch, config, device=self.context.device, progress=self.progress, **overrides)
+        _save_model(cached, network)
+        return network
+
+    def kd_teacher(self, dataset: str, train, test) -> torch.nn.Module:
+        """`kd_teacher` of one target, built once per target (every rank builds the same one, seeded; rank 0 caches
+        it)."""
+        if test.name not in self.kd_teachers:
+            self.kd_teachers[test.name] = kd_teacher(
+                self.out_dir, dataset, train, test, self.kd_config or KDConfig(), teacher_path=self.kd_teacher_path,
+                eval_widths=self.eval_widths, image_size=self.image_size, device=self.context.device,
+                progress=self.progress, log=self.log, write=self.context.is_main,
+            )
+        return self.kd_teachers[test.name]
