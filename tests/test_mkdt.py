@@ -12,8 +12,10 @@ from krrst import mkdt as M
 from krrst.augment import normalize
 from krrst.baselines import high_loss_indices
 from krrst.data import ImageSet
+from krrst.distill import network_options
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
+from krrst.models import create_model
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 TINY = dict(widths=(4, 4, 4), image_size=8, experts=2, expert_epochs=3, expert_batch_size=8, syn_steps=4,
@@ -36,13 +38,19 @@ def _config(**overrides) -> M.MKDTConfig:
     return M.MKDTConfig(**{**TINY, **overrides})
 
 
+def _network(config: M.MKDTConfig, num_outputs: int, seed: int = 0) -> nn.Module:
+    """A network of the config's architecture (a student's shape), in train mode."""
+    torch.manual_seed(seed)
+    return create_model(config.arch, num_outputs, **network_options(config)).train()
+
+
 # --------------------------------------------------------------------------- gradients of the unroll
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch"])
 def test_unrolled_gradients_match_central_finite_differences(norm):
     config = _config(widths=(2, 2, 2), norm=norm)
-    student = M._student(config, 3, seed=1).double().train()
+    student = _network(config, 3, seed=1).double()
     generator = torch.Generator().manual_seed(0)
     start = M.flat_parameters(student)
     target = start + 0.05 * torch.randn(start.shape, generator=generator, dtype=torch.float64)
@@ -70,7 +78,7 @@ def test_unrolled_gradients_match_central_finite_differences(norm):
 
 def test_matching_loss_against_a_hand_computed_step():
     config = _config()
-    student = M._student(config, 3, seed=0).train()
+    student = _network(config, 3)
     start = M.flat_parameters(student)
     target = start + 0.01
     generator = torch.Generator().manual_seed(0)
@@ -82,7 +90,9 @@ def test_matching_loss_against_a_hand_computed_step():
 
     assert loss(0.0, 2, target) == pytest.approx(1.0)  # no movement: the normalised distance is 1
     theta = start.clone().requires_grad_(True)
-    outputs = torch.func.functional_call(student, M._unflatten(student, theta), (images,))
+    named = list(student.named_parameters())
+    weights = {name: piece.view_as(p) for (name, p), piece in zip(named, theta.split([p.numel() for _, p in named]))}
+    outputs = torch.func.functional_call(student, weights, (images,))
     (gradient,) = torch.autograd.grad(nn.functional.mse_loss(outputs, targets), theta)
     one_step = (start - 0.1 * gradient).detach()
     expected = ((one_step - target).pow(2).sum() / (start - target).pow(2).sum()).item()
@@ -97,7 +107,7 @@ def test_expert_trajectories_have_every_checkpoint_and_learn(tmp_path):
     source, teacher = _source(), _teacher()
     config = _config(norm="batch")  # instance norm would hide the mean colours the teacher sees
     trajectories = M.train_expert_trajectories(source.images, MEAN, STD, teacher, config, device="cpu", progress=False)
-    student = M._student(config, 4, seed=0).train()
+    student = _network(config, 4)
     num_params = sum(p.numel() for p in student.parameters())
     assert len(trajectories) == 2 and all(len(t) == 4 for t in trajectories)
     assert all(c.shape == (num_params,) and c.dtype == torch.float32 for t in trajectories for c in t)
@@ -170,7 +180,7 @@ def test_mkdt_distill_returns_and_writes_a_distilled_set(tmp_path):
     indices = torch.tensor(initial.config["init_indices"])
     scorers = []
     for trajectory in trajectories:
-        scorer = M._student(config, 4, seed=0).train()
+        scorer = _network(config, 4)
         nn.utils.vector_to_parameters(trajectory[-1], scorer.parameters())
         scorers.append(scorer)
     targets = teacher(normalize(source.images, MEAN, STD)).detach()
