@@ -15,7 +15,7 @@ import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from krrst.config import did_you_mean, parse_assignments, read_config_file
 from krrst.errors import KrrstError
@@ -643,6 +643,13 @@ def build_parser() -> argparse.ArgumentParser:
         command(name, text, text[0].upper() + text[1:] + ".", examples).set_defaults(handler=handler)
     parser.commands = sub.choices  # for "did you mean" on a mistyped command
 
+    for add in (_add_teacher, _add_distill, _add_evaluate, _add_report, _add_run):
+        add(command)
+    return parser
+
+
+def _add_teacher(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the `teacher` command: train an SSL teacher, or import one."""
     teacher = command("teacher", help="train a self-supervised teacher (Barlow Twins) or import your own",
                       examples=["krrst teacher --source cifar100 --root data --download --out runs/teacher",
                                 "krrst teacher --source imagefolder --root cifar10-jpeg.zip --preset cpu-mini "
@@ -666,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(teacher, "teacher", "teacher.steps=2000")
     teacher.set_defaults(handler=_cmd_teacher)
 
+
+def _add_distill(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the `distill` command: KRR-ST (or MKDT) into a synthetic set."""
     distill = command("distill", help="distil a source dataset into a KRR-ST synthetic set",
                       examples=["krrst distill --source cifar100 --root data --teacher runs/teacher/teacher.safetensors "
                                 "--out runs/distill",
@@ -700,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(distill, "distill (krr-st) or mkdt", "distill.image_lr=0.001")
     distill.set_defaults(handler=_cmd_distill)
 
+
+def _add_evaluate(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the `evaluate` command: one set or baseline, pre-trained then evaluated on a target."""
     evaluate = command("evaluate", help="pre-train on a distilled set or baseline, then fine-tune / linear-probe",
                        examples=["krrst evaluate --distilled runs/distill/distilled.safetensors --target cifar100 "
                                  "--root data --out runs/eval",
@@ -751,6 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(evaluate, "pretrain, finetune, linear, kd", "pretrain.epochs=50")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
+
+def _add_report(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the `report` command: tables and report.html of run directories."""
     report = command("report", help="print and write the results table and report.html of a run directory",
                      examples=["krrst report runs/demo", "krrst report runs/eval",
                                "krrst report runs/e1 runs/e2 --out runs/e1-vs-e2   # one page comparing two runs",
@@ -769,6 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "RUN:METHOD, or METHOD for the first run that has it")
     report.set_defaults(handler=_cmd_report)
 
+
+def _add_run(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the `run` and `demo` commands: a preset's whole pipeline."""
     run = command("run", help="run a preset's whole pipeline: teacher, distil, baselines, evaluate, report",
                   examples=["krrst run --preset demo --steps 50 --out runs/quick",
                             "krrst run --preset cpu-mini --root data --protocol mkdt --out runs/cpu-mini",
@@ -783,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Teacher, distillation, baselines and evaluation on 4,000 real CIFAR-10 images "
                           "shipped in the package; about 4 minutes on 2 idle CPU cores.")
     _run_args(demo, "demo")
-    return parser
+
 
 
 def main(argv: list[str] | None = None) -> int:
