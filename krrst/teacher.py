@@ -40,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krrst.augment import normalize, ssl_view_pair
+from krrst.augment import ssl_view_pair
 from krrst.config import check_numeric_fields, config_to_dict, resolve_device
 from krrst.distributed import DistributedContext, all_gather_with_grad, barrier, convert_sync_batchnorm
 from krrst.errors import KrrstError
+from krrst.features import batched_features
 from krrst.finite import LossWatch, describe_nonfinite, first_nonfinite_tensor
 from krrst.formats import (
     IMAGENET_MEAN,
@@ -59,7 +60,6 @@ from krrst.formats import (
 )
 from krrst.io import load_tensors, save_tensors, torch_load_weights_only, write_json
 from krrst.losses import barlow_twins_loss, simclr_loss
-from krrst.progress import progress_bar
 from krrst.run_state import RunState, read_log
 from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
@@ -927,16 +927,10 @@ def teacher_features(
     model = fit_to_source(model, mean, std, images_uint8.shape[-1])  # a library teacher's own preprocessing
     was_training = model.training
     model.to(device).eval()
-    outputs = []
-    starts = range(0, images_uint8.shape[0], batch_size)
-    with torch.no_grad(), progress_bar(len(starts), "teacher features", unit="batch", enabled=progress,
-                                       leave=False) as bar:
-        for start in starts:
-            batch = normalize(images_uint8[start : start + batch_size].to(device), mean, std)
-            outputs.append(model(batch).float().flatten(1).cpu())
-            bar.update()
+    features = batched_features(model, images_uint8, mean=mean, std=std, chunk=batch_size, device=device,
+                                dtype=torch.float32, out_device="cpu", progress=progress, desc="teacher features")
     model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.empty(0)
+    return features.flatten(1) if features.dim() > 1 else features  # (N, d); no images: (0,)
 
 
 def check_teacher_features(teacher: nn.Module, features: torch.Tensor, what: str) -> None:
