@@ -95,32 +95,48 @@ def sample_path() -> Path:
 class RunConfig:
     """What the pipeline runs: the data, the methods, the protocols and the seeds.
 
-    Paths are relative to `--root`; `@sample` is the CIFAR-10 sample shipped in
-    the package. A target is `name` (read from `--root`) or `name=path`.
-    Protocols are `finetune`, `linear`, or either with a label fraction, e.g.
-    `linear@1%`, and `kd` (target-data-free knowledge distillation, `KDConfig`). `eval_widths` narrows ConvNet evaluation networks for CPU runs.
+    Paths are relative to `--root`; `@sample` is the CIFAR-10 sample shipped in the package.
     """
 
+    # the source dataset's name (`krrst datasets`); its labels are never read
     source: str = "cifar100"
+    # its folder, archive or list under --root (@sample: the package's CIFAR-10 sample)
     source_root: str = "."
+    # the split of the source that is distilled
     source_split: str = "train"
+    # keep the first K images of each source class (quick runs); None: every image
     source_per_class: int | None = None
+    # source images held out of distillation for its validation signal and the teacher's health (0: none)
     heldout_images: int = 1000
+    # the side every source and target image is brought to (run.resize)
     image_size: int = 32
-    targets: tuple[str, ...] = ("cifar100", "cifar10", "aircraft", "cars", "cub", "dogs", "flowers")
+    # the labelled target datasets: `name` (read from --root) or `name=path`
+    targets: tuple[str, ...] = ("cifar100", "cifar10", *FINE_GRAINED)
+    # keep the first K training images of each target class (few-shot or quick runs); None: every image
     target_train_per_class: int | None = None
+    # the same for the target's test split
     target_test_per_class: int | None = None
+    # fine-tuning iterations on the fine-grained targets (the paper's 5,000; finetune.iterations for the others)
     finegrained_iterations: int = 5000
+    # the sets evaluated (METHODS): distilled, subset baselines, and the references none / full-ssl
     methods: tuple[str, ...] = DEFAULT_METHODS
+    # finetune, linear, either @P% of the labels (e.g. linear@1%), or kd (target-data-free KD, `KDConfig`)
     protocols: tuple[str, ...] = ("finetune",)
+    # the evaluation architectures (`krrst models`)
     archs: tuple[str, ...] = ("convnet3",)
+    # narrower ConvNet evaluation networks for CPU runs, e.g. (32, 64, 128); empty: the architecture's own
     eval_widths: tuple[int, ...] = ()
+    # evaluation seeds, from `seed` on, paired across methods (same initialisation, label subset, batch order)
     seeds: int = 3
+    # the first evaluation seed, and the seed of the held-out draw
     seed: int = 0
+    # a teacher file under --root, or "pretrained" (the library's weights of teacher_arch); empty: train one
     teacher_path: str = ""
+    # the teacher file's architecture when the file does not say: a registered model, torchvision:NAME, timm:NAME
     teacher_arch: str = ""
     # the input size the teacher was trained at (0: its own; torchvision/timm declare theirs, e.g. 224)
     teacher_input_size: int = 0
+    # fetch a missing cifar10 / cifar100 / aircraft / flowers with torchvision (the data read is the same either way)
     download: bool = False
     # how images of another size reach image_size: crop (short side, then the centre) or stretch (krrst.data)
     resize: str = "crop"
@@ -149,14 +165,14 @@ STAGE_CONFIGS: dict[str, type] = {
 class PipelineConfig:
     """One config dataclass per stage; `--set stage.field=value` reaches any field."""
 
-    run: RunConfig = RunConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    distill: DistillConfig = DistillConfig()
-    mkdt: MKDTConfig = MKDTConfig()
-    pretrain: PretrainConfig = PretrainConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-    linear: LinearProbeConfig = LinearProbeConfig()
-    kd: KDConfig = KDConfig()
+    run: RunConfig = RunConfig()  # the data, methods, protocols and seeds
+    teacher: TeacherConfig = TeacherConfig()  # the SSL teacher, when the run trains one
+    distill: DistillConfig = DistillConfig()  # KRR-ST (also sizes and seeds the subset baselines)
+    mkdt: MKDTConfig = MKDTConfig()  # the MKDT comparator, when run.methods has mkdt
+    pretrain: PretrainConfig = PretrainConfig()  # pre-training on each set
+    finetune: FinetuneConfig = FinetuneConfig()  # protocol finetune
+    linear: LinearProbeConfig = LinearProbeConfig()  # protocol linear
+    kd: KDConfig = KDConfig()  # protocol kd
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {stage: _jsonable(config_to_dict(getattr(self, stage))) for stage in STAGE_CONFIGS}
