@@ -215,6 +215,8 @@ def test_sync_batchnorm_over_two_halves_equals_batchnorm_over_the_whole_batch():
 def test_shard_slice_splits_contiguously_and_names_the_sizes_when_it_cannot():
     assert [shard_slice(12, rank, 3) for rank in range(3)] == [slice(0, 4), slice(4, 8), slice(8, 12)]
     assert shard_slice(7, 0, 1) == slice(0, 7)
+    assert DistributedContext(rank=1, world_size=3).shard(12) == slice(4, 8)  # a process's own rows
+    assert DistributedContext().shard(7) == slice(0, 7)
     with pytest.raises(KrrstError) as excinfo:
         shard_slice(10, 1, 4, what="distill.batch_size")
     message = _one_line(excinfo)
