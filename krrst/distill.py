@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
-import time
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -37,9 +36,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from krrst import io
+from krrst import io, run_state
 from krrst.augment import (
     CropFlipParams,
     apply_crop_flip,
@@ -48,14 +46,14 @@ from krrst.augment import (
     normalize,
     sample_crop_flip,
 )
-from krrst.config import apply_overrides, check_numeric_fields, config_changes, config_to_dict, resolve_device
+from krrst.config import apply_overrides, check_numeric_fields, config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.distributed import DistributedContext, all_reduce_mean_, current_context, shard_slice
 from krrst.errors import KrrstError
 from krrst.finite import LossWatch
 from krrst.formats import fit_to_source
+from krrst.losses import krr_st_loss, krr_st_loss_with_info
 from krrst.models import create_model, model_options
-from krrst.losses import krr_predict_with_info, krr_st_loss
 from krrst.parameterize import (
     AugmentationPredictor,
     augmentation_predictor_loss,
@@ -63,12 +61,13 @@ from krrst.parameterize import (
     valid_pyramid_levels,
 )
 from krrst.progress import progress_bar
+from krrst.run_state import RunningMean, RunState, draw_seed, every, stage_seeds
 from krrst.speed import SpeedSettings, check_speed_fields, reference_speed  # SpeedSettings: also imported from here
 from krrst.teacher import check_teacher_features
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECKPOINT_NAME = run_state.CHECKPOINT_NAME  # the run folder's files, as the pipeline and the report find them
+LOSS_CSV_NAME = run_state.LOSS_CSV_NAME
 DISTILLED_NAME = "distilled.safetensors"
-LOSS_CSV_NAME = "loss.csv"
 LOSS_PLOT_NAME = "loss.png"
 PREVIEW_NAME = "preview.png"
 LOSS_CSV_FIELDS = ("step", "loss", "lr", "val_loss", "val_reference", "elapsed_s")
@@ -337,10 +336,9 @@ def make_step_loss(
     kernel_dtype = KERNEL_DTYPES[config.kernel_dtype]
 
     def loss_from_features(synthetic_features, synthetic_targets, real_features, real_targets):
-        predictions, info = krr_predict_with_info(
-            synthetic_features, synthetic_targets, real_features, config.ridge, kernel_dtype
+        return krr_st_loss_with_info(
+            synthetic_features, synthetic_targets, real_features, real_targets, config.ridge, kernel_dtype
         )
-        return F.mse_loss(predictions, real_targets.to(predictions.dtype)), info
 
     if not speed.compile:
         def step_loss(model, synthetic_images, synthetic_targets, real_images, real_targets):
@@ -382,10 +380,6 @@ def _seeded_model(arch: str, num_outputs: int | None, options: dict[str, Any], s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return create_model(arch, num_outputs, **options)
-
-
-def _draw_seed(generator: torch.Generator) -> int:
-    return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
 def network_options(config: Any) -> dict[str, Any]:
@@ -454,7 +448,7 @@ class ModelPool:
         return len(self.models)
 
     def _fresh_model(self) -> nn.Module:
-        model = _seeded_model(self.arch, self.num_outputs, self.model_options, _draw_seed(self.generator))
+        model = _seeded_model(self.arch, self.num_outputs, self.model_options, draw_seed(self.generator))
         return model.to(self.device, memory_format=self.speed.memory_format)
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -518,10 +512,10 @@ class ModelPool:
         self.generator.set_state(state["generator"])
 
 
-# --------------------------------------------------------------------------- real batches
+# --------------------------------------------------------------------------- real batches and the teacher's targets
 
 
-class _RealBatches:
+class BatchOrder:
     """Indices of real images, epoch by epoch in a random order (as a shuffled DataLoader), of a fixed size.
 
     Unlike a DataLoader, an epoch's short last batch is completed from the next
@@ -550,6 +544,127 @@ class _RealBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.order, self.cursor = state["order"], int(state["cursor"])
+
+
+class TeacherBatches:
+    """The real batch `X_t` of each outer step and the teacher's targets `g(X_t)`.
+
+    Each image is randomly cropped (zero padding, as torchvision) and flipped on
+    uint8, then normalised, on the device. Under torchrun every rank draws the
+    global batch's indices and parameters from the same generator and keeps its
+    share (`shard`), so the union over ranks is the single process's batch.
+    Variants (`CachedTeacherBatches`, `FixedViewBatches`) change where the views
+    and their targets come from, behind the same `next()`.
+    """
+
+    def __init__(self, source_images: torch.Tensor, teacher: nn.Module, config: DistillConfig,
+                 mean: tuple[float, ...], std: tuple[float, ...], generator: torch.Generator, shard: slice,
+                 speed: SpeedSettings):
+        self.source_images, self.teacher, self.mean, self.std = source_images, teacher, mean, std
+        self.batch_size, self.padding, self.generator, self.shard, self.speed = (
+            config.batch_size, config.padding, generator, shard, speed)
+        self.device = source_images.device
+        self.order = BatchOrder(len(source_images), config.batch_size, generator)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(X_t, g(X_t))`: this rank's share of the next real batch, normalised, and its targets."""
+        indices = self.order.next().to(self.device, non_blocking=True)
+        crop, views = self._crop_params(indices)
+        crop = CropFlipParams(*(part[self.shard] for part in crop))
+        images = apply_crop_flip(self.source_images[indices[self.shard]], crop, self.padding)
+        images = normalize(images, self.mean, self.std)
+        with torch.no_grad():
+            return images, self._targets(images, indices[self.shard], views)
+
+    def _crop_params(self, indices: torch.Tensor) -> tuple[CropFlipParams, torch.Tensor | None]:
+        return sample_crop_flip(self.batch_size, self.padding, self.generator, self.device), None
+
+    def _targets(self, images: torch.Tensor, indices: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
+        return self.speed.forward(self.teacher, images)
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the batches, by entry: the order of the real images."""
+        return {"batches": self.order}
+
+
+class CachedTeacherBatches(TeacherBatches):
+    """`TeacherBatches` replaying one of K fixed crop/flip views per image, whose targets were computed once.
+
+    The teacher leaves the outer loop (`build_teacher_cache`), at the price of K
+    fixed augmentations per image instead of fresh ones.
+    """
+
+    def __init__(self, *args: Any, cache: TeacherCache):
+        super().__init__(*args)
+        self.cache = cache
+
+    def _crop_params(self, indices: torch.Tensor) -> tuple[CropFlipParams, torch.Tensor]:
+        views = torch.randint(0, self.cache.features.shape[1], (self.batch_size,), generator=self.generator)
+        views = views.to(self.device, non_blocking=True)
+        return self.cache.crop_params(indices, views), views
+
+    def _targets(self, images: torch.Tensor, indices: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
+        return self.cache.targets(indices, views[self.shard])
+
+
+class FixedViewBatches(TeacherBatches):
+    """Boost-DD's fixed views: each real image is shown in one view drawn at random, and the predictor of the
+    views' targets takes one step on the same batch.
+
+    The predictor (`AugmentationPredictor`) maps the teacher's representation of
+    an image to its representations of the image's views; it takes one Adam step
+    on `augmentation_predictor_loss` of every view of the batch (A + 1 teacher
+    passes), its gradient averaged over ranks so every rank holds the same one.
+    """
+
+    def __init__(self, *args: Any, predictor: AugmentationPredictor, learning_rate: float, views: tuple[str, ...]):
+        super().__init__(*args)
+        self.predictor, self.views = predictor, views
+        self.predictor_optimizer = torch.optim.Adam(predictor.parameters(), lr=learning_rate)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, plain_targets = super().next()
+        chosen = torch.randint(0, len(self.views), (self.batch_size,), generator=self.generator)[self.shard]
+        batch = len(images)
+        with torch.no_grad():
+            view_images = fixed_augment_all(images, self.views)
+            view_targets = torch.cat([self.speed.forward(self.teacher, chunk) for chunk in view_images.split(batch)])
+        self.predictor_optimizer.zero_grad(set_to_none=True)
+        augmentation_predictor_loss(self.predictor, view_targets, plain_targets).backward()
+        all_reduce_mean_([p.grad for p in self.predictor.parameters()])
+        self.predictor_optimizer.step()
+        rows = chosen.to(self.device) * batch + torch.arange(batch, device=self.device)
+        return view_images[rows], view_targets[rows]
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        return {**super().checkpoint_parts(), "predictor": self.predictor,
+                "predictor_optimizer": self.predictor_optimizer}
+
+
+class FixedViews:
+    """A synthetic set whose KRR support also holds fixed views of its images (Boost-DD).
+
+    `support()` gives every view of each image, view-major, with the identity
+    view's targets `Y_s` and the others' predicted from `Y_s` by the predictor;
+    everything else is the underlying set's. The set stored counts the
+    predictor's weights.
+    """
+
+    def __init__(self, synthetic: Any, predictor: AugmentationPredictor, views: tuple[str, ...]):
+        self.synthetic, self.predictor, self.views = synthetic, predictor, views
+
+    def support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = self.synthetic.support()
+        return fixed_augment_all(images, self.views), self.predictor(targets)
+
+    def project_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.synthetic.project_targets(targets))
+
+    def storage_bytes(self) -> int:
+        return self.synthetic.storage_bytes() + self.predictor.storage_bytes()
+
+    def __getattr__(self, name: str) -> Any:  # images, targets, parameters, summary, state_dict: the set's own
+        return getattr(self.synthetic, name)
 
 
 # --------------------------------------------------------------------------- teacher-target cache
@@ -649,7 +764,7 @@ class _ValidationSignal:
         options = network_options(config)
         device = heldout_images.device
         self.models = [
-            _seeded_model(config.arch, None, options, _draw_seed(generator)).to(device).eval()
+            _seeded_model(config.arch, None, options, draw_seed(generator)).to(device).eval()
             for _ in range(config.validation_models)
         ]
         # The networks are fixed, so their held-out features are computed once.
@@ -670,24 +785,6 @@ class _ValidationSignal:
                 )
             )
         return torch.stack(losses).mean().item()
-
-
-# --------------------------------------------------------------------------- run files
-
-
-def _outer_optimizer(synthetic: Any, config: DistillConfig, std: tuple[float, ...]) -> torch.optim.AdamW:
-    """AdamW over the synthetic set's parameter groups (`image_lr` in raw-pixel units, see `DistillConfig`)."""
-    on_cuda = synthetic.parameters()[0].is_cuda
-    return torch.optim.AdamW(
-        synthetic.param_groups(config.image_lr, config.target_lr, std),
-        weight_decay=config.weight_decay,
-        # one fused kernel on CUDA; CPU takes the multi-tensor path (the update is a tiny share of a step)
-        **({"fused": True} if on_cuda else {"foreach": True}),
-    )
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    io.save_state(path, state)
 
 
 def _write_loss_plot(path: Path, history: list[dict[str, Any]]) -> None:
@@ -713,34 +810,125 @@ def _write_loss_plot(path: Path, history: list[dict[str, Any]]) -> None:
         figure.savefig(tmp, format="png", dpi=100)
 
 
+
+# --------------------------------------------------------------------------- the outer step
+
+
+def outer_step(
+    synthetic: Any,
+    pool: ModelPool,
+    real_images: torch.Tensor,
+    real_targets: torch.Tensor,
+    step_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    watch: DivergenceWatch,
+    reduce_gradients: Callable[[list[torch.Tensor]], None] = all_reduce_mean_,
+) -> torch.Tensor:
+    """One KRR-ST outer step (Lee et al., ICLR 2024, Algorithm 1); returns the loss, on the device.
+
+    A network f drawn from the pool, in eval mode, maps the support set `X_s`
+    (with gradient) and the real batch `X_t` (without) to features; ridge
+    regression fitted on `(f(X_s), Y_s)` predicts the teacher's `g(X_t)`
+    (`krrst.losses.krr_st_loss`, through `step_loss`, the fast path of
+    `make_step_loss`). `X_s` and `Y_s` take one optimiser step on that loss,
+    then f takes one SGD step of its own on the updated set.
+    """
+    index = pool.pick()
+    model = pool.models[index].eval()                         # f: running BatchNorm statistics, as the public code
+    support_images, support_targets = synthetic.support()     # X_s (m, C, H, W), Y_s (m, d)
+    watch.inputs(real_targets, support_images, support_targets, model)
+    loss, info = step_loss(model, support_images, support_targets, real_images, real_targets)
+    watch.outcome(info, loss)
+    parameters = synthetic.parameters()
+    gradients = torch.autograd.grad(loss, parameters)         # the set's only: f takes no gradient from this loss
+    reduce_gradients(gradients)                               # under torchrun: the global batch's mean
+    for parameter, gradient in zip(parameters, gradients):
+        parameter.grad = gradient
+    optimizer.step()
+    with torch.no_grad():
+        support_images, support_targets = synthetic.support()
+    pool.train_step(index, support_images, support_targets)  # MSE(f(X_s), Y_s), or a fresh f after T steps
+    return loss.detach()
+
+
+# --------------------------------------------------------------------------- divergence
+
+
 def _all_finite(model: nn.Module) -> torch.Tensor:
     """Whether every float weight and buffer of `model` is finite, as a device bool (one fused norm, no sync)."""
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     return torch.isfinite(torch.nn.utils.get_total_norm(tensors, foreach=True))
 
 
-def _diagnosis(
-    cause: str, step: int, checked: int, now: int, config: DistillConfig, cached: bool, loss: tuple[int, float] | None
-) -> str:
-    """The one line for the first problem of a run: what went non-finite first, and what to change."""
-    saved = "nothing was saved from the diverged state"
-    if cause == "teacher":
-        where = " (cached in float16 by distill.teacher_cache_views: set it to 0)" if cached else ""
-        return (f"distillation stopped: the teacher's features of the real batch at step {step} hold NaN or inf"
-                f"{where}; the teacher is at fault, not the distillation settings; {saved}")
-    if cause == "set":
-        return (f"distillation diverged: the synthetic set held NaN or inf at step {step}; likely cause: "
-                f"distill.image_lr / distill.target_lr too high; {saved}")
-    if cause == "pool":
-        return (f"distillation diverged: the pool model picked at step {step} held NaN or inf weights, so its "
-                f"features were; likely cause: distill.pool_lr too high for the set's scale (or distill.image_lr / "
-                f"target_lr so high that the set outgrew it); {saved}")
-    if cause == "solve":
-        return (f"distillation stopped: the kernel matrix was not positive definite at some step in ({checked}, {now}] "
-                f"(m={config.num_images}, ridge={config.ridge}, kernel_dtype={config.kernel_dtype}); "
-                "increase distill.ridge or use distill.kernel_dtype=float64")
-    return (f"distillation diverged: the loss was {loss[1] if loss else 'NaN'} at step {step}; likely cause: "
-            f"distill.image_lr / distill.target_lr too high for distill.batch_size; {saved}")
+class DivergenceWatch:
+    """The first step with non-finite teacher targets, set, pool model, a failed Cholesky solve or a non-finite
+    loss, kept on the device (reading them would synchronise every step); `check` reads them at log points.
+    """
+
+    CAUSES = ("teacher", "set", "pool", "solve", "loss")  # their order within a step: inputs, then solve, then loss
+
+    def __init__(self, config: DistillConfig, cached: bool, device: torch.device):
+        self.config, self.cached = config, cached
+        self.watches = {cause: LossWatch("distillation", "", device) for cause in self.CAUSES}
+        self.step = self.checked = 0
+
+    def inputs(self, real_targets: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, model: nn.Module) -> None:
+        self.watches["teacher"].note(~torch.isfinite(real_targets).all(), self.step)
+        self.watches["set"].note(~(torch.isfinite(images).all() & torch.isfinite(targets).all()), self.step)
+        self.watches["pool"].note(~_all_finite(model), self.step)
+
+    def outcome(self, info: torch.Tensor, loss: torch.Tensor) -> None:
+        self.watches["solve"].note(info != 0, self.step)
+        self.watches["loss"].update(loss, self.step)
+
+    def check(self, step: int) -> None:
+        """Stop at the first problem since the start, naming its first cause; never checkpoint past it."""
+        events = sorted((found[0], order, cause) for order, (cause, watch) in enumerate(self.watches.items())
+                        if (found := watch.first()) is not None)
+        if events:
+            first_step, _, cause = events[0]
+            raise KrrstError(self._diagnosis(cause, first_step, step))
+        self.checked = step
+
+    def _diagnosis(self, cause: str, step: int, now: int) -> str:
+        config, saved = self.config, "nothing was saved from the diverged state"
+        if cause == "teacher":
+            where = " (cached in float16 by distill.teacher_cache_views: set it to 0)" if self.cached else ""
+            return (f"distillation stopped: the teacher's features of the real batch at step {step} hold NaN or inf"
+                    f"{where}; the teacher is at fault, not the distillation settings; {saved}")
+        if cause == "set":
+            return (f"distillation diverged: the synthetic set held NaN or inf at step {step}; likely cause: "
+                    f"distill.image_lr / distill.target_lr too high; {saved}")
+        if cause == "pool":
+            return (f"distillation diverged: the pool model picked at step {step} held NaN or inf weights, so its "
+                    f"features were; likely cause: distill.pool_lr too high for the set's scale (or distill.image_lr"
+                    f" / target_lr so high that the set outgrew it); {saved}")
+        if cause == "solve":
+            return (f"distillation stopped: the kernel matrix was not positive definite at some step in "
+                    f"({self.checked}, {now}] (m={config.num_images}, ridge={config.ridge}, kernel_dtype="
+                    f"{config.kernel_dtype}); increase distill.ridge or use distill.kernel_dtype=float64")
+        loss = self.watches["loss"].first()
+        return (f"distillation diverged: the loss was {loss[1] if loss else 'NaN'} at step {step}; likely cause: "
+                f"distill.image_lr / distill.target_lr too high for distill.batch_size; {saved}")
+
+
+# --------------------------------------------------------------------------- setting a run up
+
+
+def _outer_optimizer(synthetic: Any, config: DistillConfig, std: tuple[float, ...]) -> torch.optim.AdamW:
+    """AdamW over the synthetic set's parameter groups (`image_lr` in raw-pixel units, see `DistillConfig`)."""
+    on_cuda = synthetic.parameters()[0].is_cuda
+    return torch.optim.AdamW(
+        synthetic.param_groups(config.image_lr, config.target_lr, std),
+        weight_decay=config.weight_decay,
+        # one fused kernel on CUDA; CPU takes the multi-tensor path (the update is a tiny share of a step)
+        **({"fused": True} if on_cuda else {"foreach": True}),
+    )
+
+
+def _lr_factor(config: DistillConfig, step: int) -> float:
+    """Linear from 1 to `final_lr_factor` over the run, as the public code's LinearLR."""
+    return 1.0 - (1.0 - config.final_lr_factor) * min(step, config.steps) / max(config.steps, 1)
 
 
 def unused_fields(config: DistillConfig) -> tuple[str, ...]:
@@ -759,20 +947,6 @@ def unused_fields(config: DistillConfig) -> tuple[str, ...]:
     return tuple(unused)
 
 
-def _check_resumable(saved: dict[str, Any], config: DistillConfig, where: Path) -> None:
-    differing = config_changes(saved, config, RESUMABLE_CHANGES + unused_fields(config))
-    if differing:
-        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing)
-        raise KrrstError(
-            f"--resume: {where} was written with another config ({details}); use the same settings or a new --out"
-        )
-
-
-def _every(step: int, period: int) -> bool:
-    """Whether `step` is a multiple of `period` (never, for a period of 0)."""
-    return period > 0 and step % period == 0
-
-
 def _images_of(value: Any, what: str) -> torch.Tensor:
     images = getattr(value, "images", value)
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
@@ -780,7 +954,21 @@ def _images_of(value: Any, what: str) -> torch.Tensor:
     return images
 
 
-# --------------------------------------------------------------------------- the outer loop
+def _source_tensors(source: Any, config: DistillConfig, device: torch.device):
+    """The source's uint8 images on the device, its normalisation and name, checked against `config`."""
+    if not all(hasattr(source, name) for name in ("images", "mean", "std")):
+        raise KrrstError(f"source must be an ImageSet (uint8 images with mean/std), got {type(source).__name__}")
+    images = _images_of(source, "source").to(device)
+    num_source, _, height, width = images.shape
+    if height != config.image_size or width != config.image_size:
+        raise KrrstError(
+            f"source images are {height}x{width} but distill.image_size={config.image_size}; "
+            f"load the source at that size or set distill.image_size={height}"
+        )
+    if config.num_images > num_source:
+        raise KrrstError(f"distill.num_images={config.num_images} exceeds the {num_source} source images")
+    mean, std = tuple(float(v) for v in source.mean), tuple(float(v) for v in source.std)
+    return images, mean, std, str(getattr(source, "name", ""))
 
 
 def teacher_identity(teacher: nn.Module) -> str:
@@ -791,11 +979,12 @@ def teacher_identity(teacher: nn.Module) -> str:
     return f"{arch}:{checksum:.6e}"
 
 
-def _stage_seeds(seed: int) -> tuple[int, ...]:
-    """Independent seeds: data, pool, validation networks, held-out draw, teacher cache, initialisation, predictor."""
-    root = torch.Generator().manual_seed(seed)
-    # Drawn in sequence: a seed added at the end leaves the earlier ones (and old runs) unchanged.
-    return tuple(_draw_seed(root) for _ in range(7))
+# Independent seeds of one run, drawn in this order from distill.seed (one added at the end changes none of these).
+SEED_NAMES = ("data", "pool", "validation", "heldout", "cache", "init", "predictor")
+
+
+def _run_seeds(seed: int) -> dict[str, int]:
+    return dict(zip(SEED_NAMES, stage_seeds(seed, len(SEED_NAMES))))
 
 
 def initial_indices(num_source: int, config: DistillConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -805,37 +994,8 @@ def initial_indices(num_source: int, config: DistillConfig, generator: torch.Gen
     differ only in what distillation did to them.
     """
     if generator is None:
-        generator = torch.Generator().manual_seed(_stage_seeds(config.seed)[0])
+        generator = torch.Generator().manual_seed(_run_seeds(config.seed)["data"])
     return torch.randperm(num_source, generator=generator)[: config.num_images]
-
-
-def _fixed_view_batch(
-    real_images: torch.Tensor,
-    teacher: nn.Module,
-    predictor: AugmentationPredictor,
-    predictor_optimizer: torch.optim.Optimizer,
-    views: tuple[str, ...],
-    chosen: torch.Tensor,
-    speed: SpeedSettings,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Show real image i in view `chosen[i]` (drawn at random); fit the predictor on the same batch.
-
-    Returns the batch of views and the teacher's representations of them. The
-    predictor takes one Adam step on `augmentation_predictor_loss` of this
-    batch: its predictions of every view from the teacher's representation of
-    the plain image, against the teacher on those views (A + 1 teacher passes).
-    """
-    batch = len(real_images)
-    with torch.no_grad():
-        plain_reps = speed.forward(teacher, real_images)
-        view_images = fixed_augment_all(real_images, views)
-        view_reps = torch.cat([speed.forward(teacher, chunk) for chunk in view_images.split(batch)])
-    predictor_optimizer.zero_grad(set_to_none=True)
-    augmentation_predictor_loss(predictor, view_reps, plain_reps).backward()
-    all_reduce_mean_([p.grad for p in predictor.parameters()])  # identical predictors on every rank
-    predictor_optimizer.step()
-    rows = chosen.to(real_images.device) * batch + torch.arange(batch, device=real_images.device)
-    return view_images[rows], view_reps[rows]
 
 
 def select_initial_indices(
@@ -858,9 +1018,9 @@ def select_initial_indices(
     if config.init == "random":
         return indices
     from krrst.baselines import high_loss_indices, kmeans, nearest_distinct
-    from krrst.teacher import check_teacher_features, teacher_features
+    from krrst.teacher import teacher_features
 
-    init_seed = _stage_seeds(config.seed)[5]
+    init_seed = _run_seeds(config.seed)["init"]
     features = teacher_features(teacher, source_images, mean, std, 512, device, progress)
     check_teacher_features(teacher, features, f"the {len(features):,} source images ({config.init} init)")
     if config.init == "kmeans":
@@ -870,6 +1030,118 @@ def select_initial_indices(
         source_images, features, config.num_images, mean=mean, std=std, arch=config.arch,
         arch_options=network_options(config), seed=init_seed, device=device, progress=progress,
     ).cpu()
+
+
+class _GeneratorState:
+    """A `torch.Generator` behind the `state_dict` interface of the run's other parts."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+class _NoValidation:
+    reference = None
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        return None
+
+
+@dataclasses.dataclass
+class _Run:
+    """What a distillation run learns and draws from: everything its checkpoint holds."""
+
+    synthetic: Any  # a parameterisation (`krrst.parameterize`), or `FixedViews` around one
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    pool: ModelPool
+    batches: TeacherBatches
+    data_generator: torch.Generator
+    validation: Any
+    loss_mean: RunningMean
+
+    def parts(self) -> dict[str, Any]:
+        """The checkpoint's entries and the objects they restore (the fixed views' predictor goes with the batches)."""
+        return {"synthetic": self.synthetic, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "pool": self.pool, "data_generator": _GeneratorState(self.data_generator),
+                **self.batches.checkpoint_parts()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{name: part.state_dict() for name, part in self.parts().items()}, **self.loss_mean.state_dict()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if "synthetic" not in saved:  # pixel runs from before parameterisations kept images/targets at the top level
+            saved = {**saved, "synthetic": {"images": saved["images"], "targets": saved["targets"]}}
+        for name, part in self.parts().items():
+            part.load_state_dict(saved[name])
+        self.loss_mean.load_state_dict(saved)
+
+
+def _set_up(source_images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], teacher: nn.Module,
+            config: DistillConfig, speed: SpeedSettings, shard: slice, heldout: Any, progress: bool) -> _Run:
+    """The synthetic set (m real images chosen by `config.init`, their teacher features), its optimiser and
+    schedule, the model pool, the real batches (fresh, cached or fixed views) and the validation signal."""
+    device, seeds = source_images.device, _run_seeds(config.seed)
+    data_generator = torch.Generator().manual_seed(seeds["data"])
+    initial = select_initial_indices(source_images, mean, std, teacher, config, data_generator, device=device,
+                                     progress=progress).to(device)
+    images = normalize(source_images[initial], mean, std)
+    targets = _forward_in_chunks(teacher, images)
+    if targets.dim() != 2:
+        raise KrrstError(f"teacher must output N x d features, got shape {tuple(targets.shape)}")
+    check_teacher_features(teacher, targets, f"the {len(targets):,} initial images")
+    options = {"pixels": {}, "basis": {"image_rank": config.image_rank, "target_rank": config.target_rank},
+               "pyramid": {"levels": config.pyramid_levels}}[config.parameterization]
+    synthetic = make_synthetic_set(config.parameterization, images, targets, **options)
+    optimizer = _outer_optimizer(synthetic, config, std)
+    batch_args = (source_images, teacher, config, mean, std, data_generator, shard, speed)
+    if config.fixed_augmentations:
+        views = check_fixed_augmentations(("identity", *config.fixed_augmentations), *images.shape[2:])
+        predictor = AugmentationPredictor(targets.shape[1], views, config.predictor_hidden or None,
+                                          generator=torch.Generator().manual_seed(seeds["predictor"])).to(device)
+        synthetic = FixedViews(synthetic, predictor, views)
+        batches = FixedViewBatches(*batch_args, predictor=predictor, learning_rate=config.predictor_lr, views=views)
+    elif config.teacher_cache_views > 0:
+        cache = build_teacher_cache(teacher, source_images, config.teacher_cache_views, config.padding, mean, std,
+                                    torch.Generator().manual_seed(seeds["cache"]), progress=progress, speed=speed)
+        batches = CachedTeacherBatches(*batch_args, cache=cache)
+    else:
+        batches = TeacherBatches(*batch_args)
+    pool = ModelPool(
+        config.arch, targets.shape[1], network_options(config), config.pool_size, config.pool_steps,
+        lr=config.pool_lr, momentum=config.pool_momentum, weight_decay=config.pool_weight_decay,
+        counter_reset=config.pool_counter_reset, seed=seeds["pool"], device=device, speed=speed,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(config, step))
+    validation = _validation(config, heldout, source_images, mean, std, teacher, seeds)
+    return _Run(synthetic, optimizer, scheduler, pool, batches, data_generator, validation, RunningMean(device))
+
+
+def _validation(config: DistillConfig, heldout: Any, source_images: torch.Tensor, mean: tuple[float, ...],
+                std: tuple[float, ...], teacher: nn.Module, seeds: dict[str, int]) -> Any:
+    """The validation signal on at most `validation_images` held-out images (or none)."""
+    if heldout is None or config.validation_models == 0:
+        return _NoValidation()
+    heldout_images = _images_of(heldout, "heldout")
+    if heldout_images.shape[1:] != source_images.shape[1:]:
+        raise KrrstError(
+            f"heldout images are {tuple(heldout_images.shape[1:])}, source images {tuple(source_images.shape[1:])}"
+        )
+    if len(heldout_images) > config.validation_images:
+        chosen = torch.randperm(len(heldout_images), generator=torch.Generator().manual_seed(seeds["heldout"]))
+        heldout_images = heldout_images[chosen[: config.validation_images]]
+    heldout_images = normalize(heldout_images.to(source_images.device), mean, std)
+    heldout_targets = _forward_in_chunks(teacher, heldout_images)
+    check_teacher_features(teacher, heldout_targets, f"the {len(heldout_targets):,} held-out images")
+    return _ValidationSignal(config, heldout_images, heldout_targets, seeds["validation"])
+
+
+# --------------------------------------------------------------------------- the outer loop
 
 
 def distill(
@@ -903,7 +1175,7 @@ def distill(
         heldout: real images never used for distillation (an `ImageSet` or a
             uint8 tensor, normalised with the source's stats) for the
             validation signal; None disables it.
-        progress: show tqdm bars (only on a terminal).
+        progress: show progress (a bar on a terminal, plain lines in a log file).
         stop_at_step: stop after this step (checkpointing it), as a kill
             would; `resume=True` later continues the same run.
         distributed: under `torchrun` (default: the current process group,
@@ -911,326 +1183,116 @@ def distill(
             every real batch (`batch_size` stays the global batch), the
             gradients of the set are averaged over ranks (one all-reduce per
             step), and the set, the pool and every random draw stay identical
-            on all ranks; only rank 0 validates and writes files. A checkpoint
-            resumes with any number of ranks.
+            on all ranks; only rank 0 writes files. A checkpoint resumes with
+            any number of ranks.
 
-    Each outer step: a real batch (random crop with zero padding + flip, then
-    normalise, on the device); its teacher features (with
-    `config.teacher_cache_views` = K > 0: one of K views per image fixed and
-    computed once before the loop, see `build_teacher_cache`); a pool model picked
-    uniformly, in eval mode, gives features of `X_s` (with gradient) and of the
-    batch (without); the KRR-ST loss updates `X_s`, `Y_s` with AdamW; the lr
-    decays linearly; the picked model takes one step on the updated set.
+    Each step: the next real batch and its teacher targets (`TeacherBatches`),
+    one `outer_step`, the lr schedule; a row of `loss.csv` every `log_every`
+    steps (and the validation signal every `validate_every`), a checkpoint
+    every `checkpoint_every`.
     """
     config = config or DistillConfig()
     if not isinstance(config, DistillConfig):
         raise KrrstError(f"config must be a DistillConfig, got {type(config).__name__}")
     device = resolve_device(device)
     context = distributed or current_context(device)
-    is_main = context.is_main
     shard = shard_slice(config.batch_size, context.rank, context.world_size, "distill.batch_size")
-    progress = progress and is_main
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if resume and out_dir is None:
-        raise KrrstError("--resume needs --out (the run folder holding checkpoint.safetensors)")
-    checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
-    if not resume and checkpoint_path is not None and checkpoint_path.is_file():
-        raise KrrstError(f"{checkpoint_path} already exists; resume that run (re-run the krrst command, or "
-                         f"resume=True) or choose another --out")
-    checkpoint = io.load_state(checkpoint_path) if resume and checkpoint_path.is_file() else None
-
-    # --- data, on the device as uint8; normalised per batch
-    if not all(hasattr(source, name) for name in ("images", "mean", "std")):
-        raise KrrstError(f"source must be an ImageSet (uint8 images with mean/std), got {type(source).__name__}")
-    source_images = _images_of(source, "source").to(device)
-    num_source, channels, height, width = source_images.shape
-    mean, std = tuple(float(v) for v in source.mean), tuple(float(v) for v in source.std)
-    source_name = str(getattr(source, "name", ""))
-    if height != config.image_size or width != config.image_size:
-        raise KrrstError(
-            f"source images are {height}x{width} but distill.image_size={config.image_size}; "
-            f"load the source at that size or set distill.image_size={height}"
-        )
-    if config.num_images > num_source:
-        raise KrrstError(f"distill.num_images={config.num_images} exceeds the {num_source} source images")
-    if checkpoint is not None:
-        _check_resumable(checkpoint["config"], config, checkpoint_path)
-        if checkpoint["source"] != [source_name, num_source]:
-            raise KrrstError(
-                f"--resume: {checkpoint_path} was distilled from {checkpoint['source']}, "
-                f"not [{source_name!r}, {num_source}]"
-            )
+    source_images, mean, std, source_name = _source_tensors(source, config, device)
     speed = SpeedSettings.resolve(config, device)
     # a library teacher sees its own input size and normalisation; its identity then covers that preprocessing
-    teacher = fit_to_source(teacher, mean, std, height).to(device, memory_format=speed.memory_format).eval()
-    teacher_id = teacher_identity(teacher)
-    if checkpoint is not None and checkpoint.get("teacher", teacher_id) != teacher_id:
-        raise KrrstError(
-            f"--resume: {checkpoint_path} was distilled with another teacher "
-            f"({checkpoint.get('teacher')} , now {teacher_id}); pass the same --teacher or choose another --out"
-        )
-
-    data_seed, pool_seed, validation_seed, heldout_seed, cache_seed, *_ = _stage_seeds(config.seed)
-    data_generator = torch.Generator().manual_seed(data_seed)
-
-    # --- the synthetic set: m real images (normalised, chosen by config.init) and their teacher features
-    initial = select_initial_indices(
-        source_images, mean, std, teacher, config, data_generator, device=device, progress=progress
-    ).to(device)
-    initial_images = normalize(source_images[initial], mean, std)
-    initial_targets = _forward_in_chunks(teacher, initial_images)
-    if initial_targets.dim() != 2:
-        raise KrrstError(f"teacher must output N x d features, got shape {tuple(initial_targets.shape)}")
-    check_teacher_features(teacher, initial_targets, f"the {len(initial_targets):,} initial images")
-    feature_dim = initial_targets.shape[1]
-    set_options = {
-        "pixels": {},
-        "basis": {"image_rank": config.image_rank, "target_rank": config.target_rank},
-        "pyramid": {"levels": config.pyramid_levels},
-    }[config.parameterization]
-    synthetic = make_synthetic_set(config.parameterization, initial_images, initial_targets, **set_options)
-    optimizer = _outer_optimizer(synthetic, config, std)
-
-    def lr_factor(step: int) -> float:
-        # linear from 1 to final_lr_factor over the run, as the public code's LinearLR
-        return 1.0 - (1.0 - config.final_lr_factor) * min(step, config.steps) / max(config.steps, 1)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-    # --- fixed augmentations (Boost-DD): views of X_s in the support set, their targets predicted from Y_s
-    views = check_fixed_augmentations(("identity", *config.fixed_augmentations), height, width) \
-        if config.fixed_augmentations else ("identity",)
-    predictor = predictor_optimizer = None
-    if len(views) > 1:
-        predictor = AugmentationPredictor(
-            feature_dim, views, config.predictor_hidden or None,
-            generator=torch.Generator().manual_seed(_stage_seeds(config.seed)[6]),
-        ).to(device)
-        predictor_optimizer = torch.optim.Adam(predictor.parameters(), lr=config.predictor_lr)
-
-    def support_set() -> tuple[torch.Tensor, torch.Tensor]:
-        """The KRR support set: every view of the images, with targets (predicted for non-identity views)."""
-        images, targets = synthetic.images(), synthetic.targets()
-        if predictor is None:
-            return images, targets
-        return fixed_augment_all(images, views), predictor(targets)
-
-    def teacher_final_targets() -> torch.Tensor:
-        """`final_targets=teacher`: the teacher's representations of the final images, as the set can store them.
-
-        The stored set stays what `storage_bytes` counts: a basis set keeps the
-        best rank-k_t fit of them (`project_targets`), and the fixed views'
-        targets come from the predictor applied to the images' targets, not
-        from the teacher (which the set does not ship).
-        """
-        with torch.no_grad():
-            images = synthetic.images().detach()
-            targets = synthetic.project_targets(_forward_in_chunks(teacher, images.to(device)).float().to(images.device))
-            if predictor is not None:
-                targets = predictor(targets)
-        return targets.cpu()
-
-    pool = ModelPool(
-        config.arch, feature_dim, network_options(config), config.pool_size, config.pool_steps,
-        lr=config.pool_lr, momentum=config.pool_momentum, weight_decay=config.pool_weight_decay,
-        counter_reset=config.pool_counter_reset, seed=pool_seed, device=device, speed=speed,
-    )
-    step_loss = make_step_loss(config, speed, pool.models[0])
-    batches = _RealBatches(num_source, config.batch_size, data_generator)
-
-    validation = None
-    if heldout is not None and config.validation_models > 0:
-        heldout_images = _images_of(heldout, "heldout")
-        if heldout_images.shape[1:] != source_images.shape[1:]:
-            raise KrrstError(
-                f"heldout images are {tuple(heldout_images.shape[1:])}, source images {tuple(source_images.shape[1:])}"
-            )
-        if len(heldout_images) > config.validation_images:
-            chosen = torch.randperm(len(heldout_images), generator=torch.Generator().manual_seed(heldout_seed))
-            heldout_images = heldout_images[chosen[: config.validation_images]]
-        heldout_images = normalize(heldout_images.to(device), mean, std)
-        heldout_targets = _forward_in_chunks(teacher, heldout_images)
-        check_teacher_features(teacher, heldout_targets, f"the {len(heldout_targets):,} held-out images")
-        validation = _ValidationSignal(config, heldout_images, heldout_targets, validation_seed)
-
-    cache = None
-    if config.teacher_cache_views > 0:
-        cache = build_teacher_cache(
-            teacher, source_images, config.teacher_cache_views, config.padding, mean, std,
-            torch.Generator().manual_seed(cache_seed), progress=progress, speed=speed,
-        )
-
-    start_step, history = 0, []
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    loss_count = 0
-    # The first step with non-finite teacher targets, a non-finite set, a failed Cholesky solve or a non-finite
-    # loss, kept on the device (reading them would synchronise every step); checked at each log and checkpoint.
-    watches = {name: LossWatch("distillation", "", device) for name in ("teacher", "set", "pool", "solve", "loss")}
-    last_checked_step = 0
-
-    def check_run(step: int) -> None:
-        """Stop at the first problem since the start, naming its first cause; never checkpoint past it."""
-        nonlocal last_checked_step
-        # within a step: the teacher's targets, the set and the pool model go in, then the solve, then the loss
-        events = sorted((found[0], order, name) for order, (name, watch) in enumerate(watches.items())
-                        if (found := watch.first()) is not None)
-        if events:
-            first_step, _, cause = events[0]
-            raise KrrstError(_diagnosis(cause, first_step, last_checked_step, step, config, cache is not None,
-                                        watches["loss"].first()))
-        last_checked_step = step
-    if checkpoint is not None:
-        # checkpoints of pixel runs before `parameterization` existed hold images/targets at the top level
-        synthetic.load_state_dict(checkpoint.get("synthetic") or {"images": checkpoint["images"],
-                                                                  "targets": checkpoint["targets"]})
-        if predictor is not None:
-            predictor.load_state_dict(checkpoint["predictor"])
-            predictor_optimizer.load_state_dict(checkpoint["predictor_optimizer"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        pool.load_state_dict(checkpoint["pool"])
-        batches.load_state_dict(checkpoint["batches"])
-        data_generator.set_state(checkpoint["data_generator"])
-        loss_sum.fill_(float(checkpoint["loss_sum"]))
-        loss_count = int(checkpoint["loss_count"])
-        start_step, history = int(checkpoint["step"]), list(checkpoint["history"])
-        if is_main:
-            tqdm.write(f"distill: resuming {out_dir} at step {start_step:,}/{config.steps:,}" if start_step < config.steps
-                       else f"distill: {out_dir} was finished ({config.steps:,} steps)", file=sys.stderr)
-    else:
-        with torch.no_grad():
-            support_images, support_targets = support_set()
-        pool.warm_up(support_images, support_targets, progress)
-
-    def distilled_set(step: int) -> DistilledSet:
-        with torch.no_grad():
-            images, targets = support_set()
-        storage = synthetic.storage_bytes() + (predictor.storage_bytes() if predictor is not None else 0)
-        return DistilledSet(
-            images=images.detach().cpu(), targets=targets.detach().cpu(), mean=mean, std=std,
-            target_kind="representation", method="krr-st", source=source_name,
-            teacher_arch=getattr(teacher, "spec", {}).get("arch"),
-            config={**config_to_dict(config), "synthetic": {**synthetic.summary(), "storage_bytes": storage,
-                                                            "views": list(views)}},
-            step=step,
-        )
-
-    def save_run(step: int) -> None:
-        check_run(step)  # never checkpoint a set updated through a failed solve or a NaN
-        if not is_main:
-            return
-        state = {
-            "step": step,
-            "config": config_to_dict(config),
-            "source": [source_name, num_source],
-            "teacher": teacher_id,
-            "synthetic": synthetic.state_dict(),
-            **({"predictor": predictor.state_dict(), "predictor_optimizer": predictor_optimizer.state_dict()}
-               if predictor is not None else {}),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "pool": pool.state_dict(),
-            "batches": batches.state_dict(),
-            "data_generator": data_generator.get_state(),
-            "loss_sum": loss_sum.item(),
-            "loss_count": loss_count,
-            "history": history,
-        }
-        _save_checkpoint(checkpoint_path, state)
-        io.write_csv(out_dir / LOSS_CSV_NAME, history, LOSS_CSV_FIELDS)
-        _write_loss_plot(out_dir / LOSS_PLOT_NAME, history)
-        distilled_set(step).preview(out_dir / PREVIEW_NAME)
-
-    started = time.perf_counter()
-    bar = progress_bar(config.steps, "distill", unit="step", initial=start_step, enabled=progress)
-
-    def log_row(step: int) -> None:
-        nonlocal loss_count
-        check_run(step)
-        row = {"step": step, "loss": None, "lr": config.image_lr * lr_factor(step),
-               "val_loss": None, "val_reference": None, "elapsed_s": round(time.perf_counter() - started, 3)}
-        all_reduce_mean_([loss_sum])  # each rank summed its share's losses: their mean is the global batch's
-        if loss_count:
-            row["loss"] = (loss_sum / loss_count).item()
-            loss_sum.zero_()
-            loss_count = 0
-        if is_main and validation is not None and (step == config.steps or _every(step, config.validate_every)):
+    teacher = fit_to_source(teacher, mean, std, config.image_size).to(device, memory_format=speed.memory_format).eval()
+    identity = {"source": [source_name, len(source_images)], "teacher": teacher_identity(teacher)}
+    with RunState("distill", out_dir, config=config, total_steps=config.steps, log_fields=LOSS_CSV_FIELDS,
+                  resume=resume, resumable=RESUMABLE_CHANGES + unused_fields(config), identity=identity,
+                  checkpoint_every=config.checkpoint_every, log_every=config.log_every, stop_at_step=stop_at_step,
+                  progress=progress, context=context) as run:
+        state = _set_up(source_images, mean, std, teacher, config, speed, shard, heldout, run.show_progress)
+        if run.saved is not None:
+            state.load_state_dict(run.saved)
+        else:
             with torch.no_grad():
-                row["val_loss"] = validation(*support_set())
-            row["val_reference"] = validation.reference
-        if row["loss"] is None and row["val_loss"] is None:
-            return
-        history.append(row)
-        bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "val_loss") if row[k] is not None}, refresh=False)
-        if out_dir is not None and is_main:
-            io.write_csv(out_dir / LOSS_CSV_NAME, history, LOSS_CSV_FIELDS)
+                support = state.synthetic.support()
+            state.pool.warm_up(*support, run.show_progress)
+        step_loss = make_step_loss(config, speed, state.pool.models[0])
+        watch = DivergenceWatch(config, isinstance(state.batches, CachedTeacherBatches), device)
+        export = functools.partial(_export, state.synthetic, config, mean, std, source_name, teacher)
 
-    last_step = config.steps if stop_at_step is None else max(start_step, min(int(stop_at_step), config.steps))
-    try:
-        if start_step == 0:
-            log_row(0)
-        for step in range(start_step + 1, last_step + 1):
-            # real batch: crop + flip on uint8 (black padding, as torchvision), then normalise
-            indices = batches.next().to(device, non_blocking=True)
-            if cache is None:
-                crop = sample_crop_flip(config.batch_size, config.padding, data_generator, device)
-            else:  # replay one of each image's K cached views
-                cached_views = torch.randint(
-                    0, config.teacher_cache_views, (config.batch_size,), generator=data_generator
-                ).to(device, non_blocking=True)
-                crop = cache.crop_params(indices, cached_views)
-            # every rank draws the global batch's parameters (same generators) and keeps its share
-            crop = CropFlipParams(*(part[shard] for part in crop))
-            real_images = normalize(apply_crop_flip(source_images[indices[shard]], crop, config.padding), mean, std)
-            if predictor is not None:
-                chosen = torch.randint(0, len(views), (config.batch_size,), generator=data_generator)[shard]
-                real_images, real_targets = _fixed_view_batch(
-                    real_images, teacher, predictor, predictor_optimizer, views, chosen, speed
-                )
-            else:
+        def log_row(step: int) -> None:
+            watch.check(step)
+            loss = state.loss_mean.take(all_reduce_mean_)  # each rank summed its share's losses
+            val_loss = reference = None
+            if step == config.steps or every(step, config.validate_every):
                 with torch.no_grad():
-                    real_targets = (speed.forward(teacher, real_images) if cache is None
-                                    else cache.targets(indices[shard], cached_views[shard]))
+                    val_loss, reference = state.validation(*state.synthetic.support()), state.validation.reference
+            if loss is not None or val_loss is not None:
+                run.log(step, loss=loss, lr=config.image_lr * _lr_factor(config, step), val_loss=val_loss,
+                        val_reference=reference)
+                run.flush()
 
-            index = pool.pick()
-            model = pool.models[index].eval()
-            support_images, support_targets = support_set()
-            watches["teacher"].note(~torch.isfinite(real_targets).all(), step)
-            watches["set"].note(~(torch.isfinite(support_images).all() & torch.isfinite(support_targets).all()), step)
-            watches["pool"].note(~_all_finite(model), step)
-            loss, info = step_loss(model, support_images, support_targets, real_images, real_targets)
-            watches["solve"].note(info != 0, step)
-            watches["loss"].update(loss, step)
-            # grad w.r.t. the set only: the pool model's (and the predictor's) weights take none from this loss
-            parameters = synthetic.parameters()
-            gradients = torch.autograd.grad(loss, parameters)
-            all_reduce_mean_(gradients)  # the global batch's mean loss: every rank takes the same step
-            for parameter, gradient in zip(parameters, gradients):
-                parameter.grad = gradient
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                support_images, support_targets = support_set()
-            pool.train_step(index, support_images, support_targets)
+        def save(step: int) -> None:
+            watch.check(step)  # never checkpoint a set updated through a failed solve or a NaN
+            run.save(step, state.state_dict())
+            run.write(lambda folder: _write_views(folder, run.rows(), export(step)))
 
-            loss_sum += loss.detach()
-            loss_count += 1
-            bar.update()
-            last = step == last_step
-            if last or _every(step, config.log_every) or _every(step, config.validate_every):
+        if run.start_step == 0:
+            log_row(0)
+        for step in run.steps():
+            real_images, real_targets = state.batches.next()
+            watch.step = step
+            loss = outer_step(state.synthetic, state.pool, real_images, real_targets, step_loss, state.optimizer,
+                              watch)
+            state.scheduler.step()
+            state.loss_mean.add(loss)
+            if run.is_log_step(step) or every(step, config.validate_every):
                 log_row(step)
-            if out_dir is not None and (last or _every(step, config.checkpoint_every)):
-                save_run(step)
-    finally:
-        bar.close()
+            if run.is_checkpoint_step(step):
+                save(step)
+        if run.start_step == run.last_step and run.out_dir is not None:
+            save(run.last_step)  # nothing ran: still leave a complete run folder
+    return _finish(export(run.last_step), state.synthetic, config, teacher, run, device)
 
-    result = distilled_set(last_step)
+
+def _export(synthetic: Any, config: DistillConfig, mean: tuple[float, ...], std: tuple[float, ...],
+            source_name: str, teacher: nn.Module, step: int) -> DistilledSet:
+    """The set as it stands: its support (every view), normalised images and targets, and what made it."""
+    with torch.no_grad():
+        images, targets = synthetic.support()
+    return DistilledSet(
+        images=images.detach().cpu(), targets=targets.detach().cpu(), mean=mean, std=std,
+        target_kind="representation", method="krr-st", source=source_name,
+        teacher_arch=getattr(teacher, "spec", {}).get("arch"),
+        config={**config_to_dict(config), "synthetic": {**synthetic.summary(), "storage_bytes": synthetic.storage_bytes(),
+                                                        "views": list(synthetic.views)}},
+        step=step,
+    )
+
+
+def _write_views(folder: Path, rows: list[dict[str, Any]], current: DistilledSet) -> None:
+    """What a person looks at during a run: the loss plot and a grid of the current images."""
+    _write_loss_plot(folder / LOSS_PLOT_NAME, rows)
+    current.preview(folder / PREVIEW_NAME)
+
+
+def _finish(result: DistilledSet, synthetic: Any, config: DistillConfig, teacher: nn.Module, run: RunState,
+            device: torch.device) -> DistilledSet:
+    """`final_targets=teacher` swaps in the teacher's view of the final images; a finished run saves its set."""
     if config.final_targets == "teacher":
-        result = dataclasses.replace(result, targets=teacher_final_targets())
+        result = dataclasses.replace(result, targets=_teacher_targets(synthetic, teacher, device))
     teacher.to(memory_format=torch.contiguous_format)  # leave the caller's teacher as it came (Module.to is in place)
-    if out_dir is not None and is_main:
-        if start_step == last_step:
-            save_run(last_step)  # nothing ran: still leave a complete run folder
-        if last_step == config.steps:
-            result.save(out_dir / DISTILLED_NAME)
+    if run.last_step == config.steps:
+        run.write(lambda folder: result.save(folder / DISTILLED_NAME))
     return result
+
+
+def _teacher_targets(synthetic: Any, teacher: nn.Module, device: torch.device) -> torch.Tensor:
+    """The teacher's representations of the final images, as the set can store them.
+
+    The stored set stays what `storage_bytes` counts: a basis set keeps the
+    best rank-k_t fit of them (`project_targets`), and the fixed views' targets
+    come from the predictor applied to the images' targets, not from the
+    teacher (which the set does not ship).
+    """
+    with torch.no_grad():
+        images = synthetic.images().detach()
+        features = _forward_in_chunks(teacher, images.to(device)).float().to(images.device)
+        return synthetic.project_targets(features).cpu()

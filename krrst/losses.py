@@ -111,8 +111,26 @@ def krr_st_loss(
     i.e. `F.mse_loss(krr_predict(...), G_t)`. The bias column is appended here;
     pass the raw features. See `krr_predict` for dtypes and errors.
     """
-    predictions = krr_predict(synthetic_features, synthetic_targets, real_features, ridge, kernel_dtype)
-    return F.mse_loss(predictions, real_targets.to(predictions.dtype))
+    loss, info = krr_st_loss_with_info(synthetic_features, synthetic_targets, real_features, real_targets, ridge,
+                                       kernel_dtype)
+    check_cholesky(info, synthetic_features.shape[0], ridge, torch.promote_types(synthetic_features.dtype, kernel_dtype))
+    return loss
+
+
+def krr_st_loss_with_info(
+    synthetic_features: torch.Tensor,
+    synthetic_targets: torch.Tensor,
+    real_features: torch.Tensor,
+    real_targets: torch.Tensor,
+    ridge: float = 1e-6,
+    kernel_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`krr_st_loss` without the check: `(loss, info)`, info != 0 where Cholesky failed (see `krr_predict_with_info`).
+
+    The outer loop's form: it keeps `info` on the device and reads it only when it logs or saves.
+    """
+    predictions, info = krr_predict_with_info(synthetic_features, synthetic_targets, real_features, ridge, kernel_dtype)
+    return F.mse_loss(predictions, real_targets.to(predictions.dtype)), info
 
 
 def barlow_twins_loss(

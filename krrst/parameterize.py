@@ -90,7 +90,24 @@ def _plain_targets(targets: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     return targets
 
 
-class PixelSet:
+class SyntheticSet:
+    """What every parameterisation offers the outer loop.
+
+    `support()` is the KRR support set `(X_s, Y_s)` the outer step regresses
+    from; `parameters()` / `param_groups()` what the optimiser learns;
+    `project_targets` the closest targets the set can store; `storage_bytes`,
+    `summary`, `state_dict` / `load_state_dict` what is saved. `views` are the
+    fixed views the support holds (`krrst.distill.FixedViews` adds some).
+    """
+
+    views: tuple[str, ...] = ("identity",)
+
+    def support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(X_s, Y_s)`: m x C x H x W normalised images (differentiable in the parameters) and m x d targets."""
+        return self.images(), self.targets()
+
+
+class PixelSet(SyntheticSet):
     """Every pixel of `X_s` and every entry of `Y_s` learnt (KRR-ST).
 
     One leaf per channel, so that channel c gets Adam lr `image_lr / std_c`:
@@ -164,7 +181,7 @@ def _check_rank(name: str, rank: int, num_images: int, dim: int) -> None:
         raise KrrstError(f"synthetic set: {name} must be an integer in [1, min(m={num_images}, {dim})], got {rank!r}")
 
 
-class BasisSet:
+class BasisSet(SyntheticSet):
     """`X_s = A B + mu` and `Y_s = A_t B_t + mu_t`, all six learnt (Yu, Yao & Chiu, ICLR 2025).
 
     `A`: m x k coefficients, `B`: k x (C*H*W) basis, `mu`: the mean image
@@ -306,7 +323,7 @@ def _upsample(level: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(level, size=(side, side), mode="bilinear", align_corners=False)
 
 
-class PyramidSet:
+class PyramidSet(SyntheticSet):
     """`X_i = sum_l up_l(P_{i,l})`: each image a sum of learnt levels at lower resolutions; `Y_s` learnt as is.
 
     `P_{i,l}`: C x r_l x r_l for each side r_l of `levels` (strictly

@@ -161,8 +161,10 @@ class RunState:
                                                                 f"({total_steps:,} steps)")
         if self.is_writer and self.log_path is not None:
             self._reset_log(keep_up_to=self.start_step)
-        self.bar = progress_bar(total_steps * unit_scale, stage, unit=unit, initial=self.start_step * unit_scale,
-                                enabled=progress and self.is_writer)
+        # whether this process shows progress, for the stage's own inner bars too (warm-up, caches)
+        self.show_progress = progress and self.is_writer
+        self._bar_args = (total_steps * unit_scale, stage, unit, self.start_step * unit_scale)
+        self.bar: Any = None  # opened by `steps()`, after the stage's set-up has shown its own bars
 
     # ------------------------------------------------------------------ resume
 
@@ -192,6 +194,8 @@ class RunState:
 
     def steps(self) -> Iterator[int]:
         """The steps this call runs, `start_step + 1 .. last_step`, advancing the progress bar after each."""
+        total, desc, unit, initial = self._bar_args
+        self.bar = self.bar or progress_bar(total, desc, unit=unit, initial=initial, enabled=self.show_progress)
         for step in range(self.start_step + 1, self.last_step + 1):
             yield step
             self.bar.update(self.unit_scale)
@@ -228,7 +232,8 @@ class RunState:
                 os.fsync(handle.fileno())
         shown = {key: f"{value:.4g}" for key, value in rows[-1].items()
                  if key not in ("step", "elapsed_s") and isinstance(value, float)}
-        self.bar.set_postfix(shown, refresh=False)
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
         return rows
 
     def save(self, step: int, state: Mapping[str, Any]) -> None:
@@ -256,7 +261,8 @@ class RunState:
         return read_log(self.log_path) if self.log_path is not None and self.log_path.is_file() else []
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
     def __enter__(self) -> "RunState":
         return self

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import krrst.distill as distill_module
+import krrst.losses as losses_module
 import krrst.mkdt as mkdt_module
 import krrst.teacher as teacher_module
 from krrst import pipeline
@@ -228,13 +229,13 @@ def test_distillation_that_diverges_stops_at_the_log_and_keeps_the_checkpoint(tm
     teacher = create_model("convnet3", **NARROW)
     distill(noise_source(labelled=False), teacher, config, out_dir=tmp_path, stop_at_step=2, progress=False)
     checkpoint = (tmp_path / "checkpoint.safetensors").read_bytes()
-    real = distill_module.krr_predict_with_info
+    real = losses_module.krr_predict_with_info
 
     def nan_predictions(*args):
         predictions, info = real(*args)
         return predictions * float("nan"), info
 
-    monkeypatch.setattr(distill_module, "krr_predict_with_info", nan_predictions)
+    monkeypatch.setattr(losses_module, "krr_predict_with_info", nan_predictions)
     with pytest.raises(KrrstError, match=r"^distillation diverged: the loss was nan at step 3; likely cause: "
                                          r"distill.image_lr"):
         distill(noise_source(labelled=False), teacher, config, out_dir=tmp_path, resume=True, progress=False)
