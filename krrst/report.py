@@ -21,7 +21,7 @@ import os
 import shlex
 import statistics
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from krrst.errors import KrrstError
 from krrst.io import atomic_write, read_json
@@ -36,6 +36,9 @@ from krrst.results import (  # noqa: F401
     has_result,
     remove_results,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 _GROUP_KEY = ("method", "source", "target", "arch", "protocol")
 
@@ -619,7 +622,7 @@ def _paired_plot_png(comparisons: Sequence[dict]) -> bytes:
     return _figure_png_bytes(figure)
 
 
-def _pixels(distilled) -> "torch.Tensor":
+def _pixels(distilled) -> torch.Tensor:
     """A set's images in grey levels 0-255 (float64, unclamped: distillation may leave the pixel range)."""
     import torch
 
@@ -974,7 +977,7 @@ def _run_teacher(run_dir: Path, config: Any, notes: list[str]):
         return None
 
 
-def _teacher_representations(teacher, distilled) -> "torch.Tensor":
+def _teacher_representations(teacher, distilled) -> torch.Tensor:
     import torch
 
     from krrst.formats import fit_to_source
