@@ -322,9 +322,9 @@ def _evaluation_configs(args: argparse.Namespace, suite: dict[str, Any]) -> dict
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset
-    from krrst.data import load_images
+    from krrst.data import evaluation_split, load_images
     from krrst.distilled import DistilledSet
-    from krrst.pipeline import TEST_SPLITS, file_identity
+    from krrst.pipeline import file_identity
 
     if (args.distilled is None) == (args.baseline is None):
         raise KrrstError("give exactly one of --distilled PATH or --baseline random|kmeans|high-loss|none|full")
@@ -361,7 +361,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     reading = {"image_size": image_size, "download": args.download, "skip_corrupt": args.skip_corrupt,
                "test_fraction": args.test_fraction}
     train = load_images(args.target, args.root, "train", max_per_class=args.max_per_class, **reading)
-    test = load_images(args.target, args.root, TEST_SPLITS.get(args.target, "test"), **reading)
+    test = load_images(args.target, args.root, evaluation_split(args.target), **reading)
     foreign = args.distilled is not None and not _is_krrst_set(args.distilled)
     if foreign:  # raw pixels: normalised now that the target's statistics are known
         stats = _set_stats(args, train)

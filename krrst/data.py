@@ -1278,6 +1278,7 @@ class Dataset(NamedTuple):
     downloadable: bool = False  # torchvision fetches it (--download)
     fine_grained: bool = False  # read at 32 x 32 unless image_size says otherwise
     splits_itself: bool = False  # a labelled set cut into train/test by `stratified_split` (seeded)
+    test_split: str = "test"  # the split a target is tested on
 
 
 DATASETS: Registry[Dataset] = Registry("dataset")
@@ -1285,7 +1286,7 @@ for _name, _dataset in {
     "imagefolder": Dataset(_read_imagefolder, None,
                            "<split>/<class>/<image>, a folder or a .zip (e.g. ~/data/cifar10-jpeg.zip)"),
     "tinyimagenet": Dataset(_read_tinyimagenet, ("train", "val"), "tiny-imagenet-200/{wnids.txt, "
-                            "train/<wnid>/images/*.JPEG, val/images + val_annotations.txt}"),
+                            "train/<wnid>/images/*.JPEG, val/images + val_annotations.txt}", test_split="val"),
     "cifar10": Dataset(_read_cifar, ("train", "test"), "cifar-10-batches-py/ (python pickle batches; --download "
                        "fetches it)", downloadable=True),
     "cifar100": Dataset(_read_cifar, ("train", "test"), "cifar-100-python/ (python pickle batches; --download "
@@ -1301,7 +1302,7 @@ for _name, _dataset in {
     "dogs": Dataset(_read_dogs, ("train", "test"), "Stanford Dogs: Images/<wnid-breed>/*.jpg + train_list.mat / "
                     "test_list.mat (or lists/)", fine_grained=True),
     "imagenet64": Dataset(_read_imagenet64, ("train", "val"), "Imagenet64_train/train_data_batch_{1..10}.npz + "
-                          "val_data.npz (official downsampled release)"),
+                          "val_data.npz (official downsampled release)", test_split="val"),
     "folder": Dataset(_read_folder, ("train", "test", "all"), "your own images in any layout (the examples below)",
                       splits_itself=True),
     "hf": Dataset(None, None, "a Hugging Face dataset: a hub name (e.g. --root cifar10) or a save_to_disk folder "
@@ -1344,6 +1345,11 @@ def describe_datasets() -> str:
 def list_datasets() -> list[str]:
     """The dataset names `load_images` accepts."""
     return DATASETS.names()
+
+
+def evaluation_split(name: str) -> str:
+    """The split a target dataset is tested on ("val" where the release names it so, else "test")."""
+    return DATASETS.get(name).test_split
 
 
 def _download(name: str, root: Path) -> None:

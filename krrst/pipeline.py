@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import torch
 
 from krrst.config import apply_overrides, config_to_dict, did_you_mean_key, resolve_device
-from krrst.data import FINE_GRAINED
+from krrst.data import FINE_GRAINED, evaluation_split
 from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
 from krrst.distill import CHECKPOINT_NAME as DISTILL_CHECKPOINT
 from krrst.distill import DISTILLED_NAME, DistillConfig, unused_fields
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from krrst.distilled import DistilledSet
 
 SAMPLE_ROOT = "@sample"
-TEST_SPLITS = {"tinyimagenet": "val", "imagenet64": "val"}
 
 # What `run.methods` names, by kind: "distilled" (a stage of the run learns the set), "subset" (real source images
 # picked by a baseline, with the teacher's targets), "reference" (no set: a fresh network, or the teacher itself).
@@ -657,7 +656,7 @@ def load_target(spec: str, run: RunConfig, root: Path):
     common = {"image_size": run.image_size, "download": run.download, "resize": run.resize,
               "skip_corrupt": run.skip_corrupt, "test_fraction": run.test_fraction}
     train = load_images(name, location, "train", max_per_class=run.target_train_per_class, **common)
-    test = load_images(name, location, TEST_SPLITS.get(name, "test"), max_per_class=run.target_test_per_class, **common)
+    test = load_images(name, location, evaluation_split(name), max_per_class=run.target_test_per_class, **common)
     if train.labels is None or test.labels is None:
         raise KrrstError(f"target {spec!r} has no labels; a target dataset must be labelled")
     return train, test

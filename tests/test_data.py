@@ -907,3 +907,13 @@ def pillow_jpeg(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
+
+
+def test_the_registry_knows_each_datasets_test_split_and_fine_grained_size():
+    from krrst.data import DATASETS, FINE_GRAINED, evaluation_split
+
+    assert evaluation_split("tinyimagenet") == evaluation_split("imagenet64") == "val"
+    assert evaluation_split("cifar10") == evaluation_split("folder") == "test"
+    assert set(FINE_GRAINED) == {name for name, dataset in DATASETS.items() if dataset.fine_grained}
+    with pytest.raises(KrrstError, match=r"^unknown dataset 'cifar1000'; did you mean 'cifar100'"):
+        evaluation_split("cifar1000")
