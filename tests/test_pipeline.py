@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -220,7 +221,9 @@ def test_claims_of_older_versions_still_match(tmp_path):
                 "--image-size": 32, "--target": "imagefolder", "--max-per-class": None}
     claim = tmp_path / "eval" / "krr-st.fingerprint.json"
     claim.parent.mkdir(parents=True)
-    claim.write_text(json.dumps({"fingerprint": pipeline._fingerprint(list(identity.values()))}))
+    # the on-disk form of those claims: sha256 of the JSON of [values], sorted keys, its first 16 hex digits
+    old = hashlib.sha256(json.dumps([list(identity.values())], sort_keys=True).encode()).hexdigest()[:16]
+    claim.write_text(json.dumps({"fingerprint": old}))
     (tmp_path / "eval" / "pretrained").mkdir()
     (tmp_path / "eval" / "pretrained" / "krr-st-convnet3-seed0.safetensors").write_bytes(b"")
     pipeline.claim_evaluation(tmp_path, "krr-st", identity)  # the same values: accepted
@@ -241,16 +244,24 @@ def test_a_cached_network_without_rows_keeps_the_claim(tmp_path):
         pipeline.claim_evaluation(tmp_path, "krr-st", identity)
 
 
-def test_a_run_started_means_something_was_computed(tmp_path):
-    assert not pipeline._run_started(tmp_path)
+def test_a_changed_config_is_refused_only_once_something_was_computed(tmp_path):
+    first, second = tiny_config(), tiny_config(**{"distill.steps": "4"})
+
+    def prepare(config):
+        pipeline.prepare_run_dir(tmp_path, config, "demo", force=False)
+
+    prepare(first)
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "fingerprint.json").write_text("{}")
-    assert not pipeline._run_started(tmp_path), "a stage that wrote only its fingerprint computed nothing"
+    prepare(second)  # a stage that wrote only its fingerprint computed nothing: the new config is taken
+    prepare(first)
     (tmp_path / "results.csv").write_text("")
-    assert pipeline._run_started(tmp_path), "rows are results, even with the stage folders deleted"
+    with pytest.raises(KrrstError, match=r"holds a run of another config \(differs in distill\.steps\)"):
+        prepare(second)  # rows are results, even with the stage folders deleted
     (tmp_path / "results.csv").unlink()
     (tmp_path / "teacher" / "checkpoint.safetensors").write_bytes(b"")
-    assert pipeline._run_started(tmp_path)
+    with pytest.raises(KrrstError, match="holds a run of another config"):
+        prepare(second)
 
 
 @pytest.mark.parametrize("key", ["teacher.arch", "distill.arch", "mkdt.arch", "run.archs"])
