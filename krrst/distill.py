@@ -50,6 +50,7 @@ from krrst.config import apply_overrides, check_numeric_fields, config_to_dict, 
 from krrst.distilled import DistilledSet
 from krrst.distributed import DistributedContext, all_reduce_mean_, current_context, shard_slice
 from krrst.errors import KrrstError
+from krrst.features import batched_features
 from krrst.finite import LossWatch
 from krrst.formats import fit_to_source
 from krrst.losses import krr_st_loss, krr_st_loss_with_info
@@ -63,7 +64,7 @@ from krrst.parameterize import (
 from krrst.progress import progress_bar
 from krrst.run_state import RunningMean, RunState, draw_seed, every, stage_seeds
 from krrst.speed import SpeedSettings, check_speed_fields, reference_speed  # SpeedSettings: also imported from here
-from krrst.teacher import check_teacher_features
+from krrst.teacher import check_teacher_features, teacher_identity
 
 CHECKPOINT_NAME = run_state.CHECKPOINT_NAME  # the run folder's files, as the pipeline and the report find them
 LOSS_CSV_NAME = run_state.LOSS_CSV_NAME
@@ -387,14 +388,6 @@ def network_options(config: Any) -> dict[str, Any]:
     accepted = model_options(config.arch)
     wanted = {"widths": config.widths, "image_size": config.image_size, "norm": config.norm}
     return {name: value for name, value in wanted.items() if name in accepted}
-
-
-_model_options = network_options  # the old name, until its last importer switches
-
-
-@torch.no_grad()
-def _forward_in_chunks(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: int = 512):
-    return torch.cat([forward(images[start : start + chunk]) for start in range(0, len(images), chunk)])
 
 
 # --------------------------------------------------------------------------- the model pool
@@ -768,7 +761,7 @@ class _ValidationSignal:
             for _ in range(config.validation_models)
         ]
         # The networks are fixed, so their held-out features are computed once.
-        self.heldout_features = [_forward_in_chunks(model.forward_features, heldout_images) for model in self.models]
+        self.heldout_features = [batched_features(model.forward_features, heldout_images) for model in self.models]
         self.targets = heldout_targets
         self.ridge, self.kernel_dtype = config.ridge, KERNEL_DTYPES[config.kernel_dtype]
         mean_prediction = heldout_targets.mean(0, keepdim=True).expand_as(heldout_targets)
@@ -778,7 +771,7 @@ class _ValidationSignal:
     def __call__(self, synthetic_images: torch.Tensor, synthetic_targets: torch.Tensor) -> float:
         losses = []
         for model, heldout_features in zip(self.models, self.heldout_features):
-            synthetic_features = _forward_in_chunks(model.forward_features, synthetic_images)
+            synthetic_features = batched_features(model.forward_features, synthetic_images)
             losses.append(
                 krr_st_loss(
                     synthetic_features, synthetic_targets, heldout_features, self.targets, self.ridge, self.kernel_dtype
@@ -971,14 +964,6 @@ def _source_tensors(source: Any, config: DistillConfig, device: torch.device):
     return images, mean, std, str(getattr(source, "name", ""))
 
 
-def teacher_identity(teacher: nn.Module) -> str:
-    """Architecture and a weight checksum: enough to refuse resuming a run with another teacher."""
-    arch = getattr(teacher, "spec", {}).get("arch", type(teacher).__name__)
-    with torch.no_grad():
-        checksum = sum(float(t.double().abs().sum()) for t in teacher.state_dict().values() if t.is_floating_point())
-    return f"{arch}:{checksum:.6e}"
-
-
 # Independent seeds of one run, drawn in this order from distill.seed (one added at the end changes none of these).
 SEED_NAMES = ("data", "pool", "validation", "heldout", "cache", "init", "predictor")
 
@@ -1091,7 +1076,7 @@ def _set_up(source_images: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
     initial = select_initial_indices(source_images, mean, std, teacher, config, data_generator, device=device,
                                      progress=progress).to(device)
     images = normalize(source_images[initial], mean, std)
-    targets = _forward_in_chunks(teacher, images)
+    targets = batched_features(teacher, images)
     if targets.dim() != 2:
         raise KrrstError(f"teacher must output N x d features, got shape {tuple(targets.shape)}")
     check_teacher_features(teacher, targets, f"the {len(targets):,} initial images")
@@ -1136,7 +1121,7 @@ def _validation(config: DistillConfig, heldout: Any, source_images: torch.Tensor
         chosen = torch.randperm(len(heldout_images), generator=torch.Generator().manual_seed(seeds["heldout"]))
         heldout_images = heldout_images[chosen[: config.validation_images]]
     heldout_images = normalize(heldout_images.to(source_images.device), mean, std)
-    heldout_targets = _forward_in_chunks(teacher, heldout_images)
+    heldout_targets = batched_features(teacher, heldout_images)
     check_teacher_features(teacher, heldout_targets, f"the {len(heldout_targets):,} held-out images")
     return _ValidationSignal(config, heldout_images, heldout_targets, seeds["validation"])
 
@@ -1178,13 +1163,11 @@ def distill(
         progress: show progress (a bar on a terminal, plain lines in a log file).
         stop_at_step: stop after this step (checkpointing it), as a kill
             would; `resume=True` later continues the same run.
-        distributed: under `torchrun` (default: the current process group,
-            see `krrst.distributed`), each rank takes its contiguous share of
-            every real batch (`batch_size` stays the global batch), the
-            gradients of the set are averaged over ranks (one all-reduce per
-            step), and the set, the pool and every random draw stay identical
-            on all ranks; only rank 0 writes files. A checkpoint resumes with
-            any number of ranks.
+        distributed: under `torchrun` (default: the current process group),
+            each rank takes its share of every real batch (`batch_size` stays
+            the global batch), the set's gradients are averaged over ranks, and
+            the set, the pool and every random draw stay identical on all
+            ranks; rank 0 writes. A checkpoint resumes with any number of ranks.
 
     Each step: the next real batch and its teacher targets (`TeacherBatches`),
     one `outer_step`, the lr schedule; a row of `loss.csv` every `log_every`
@@ -1214,28 +1197,11 @@ def distill(
                 support = state.synthetic.support()
             state.pool.warm_up(*support, run.show_progress)
         step_loss = make_step_loss(config, speed, state.pool.models[0])
-        watch = DivergenceWatch(config, isinstance(state.batches, CachedTeacherBatches), device)
+        watch = DivergenceWatch(config, config.teacher_cache_views > 0, device)
         export = functools.partial(_export, state.synthetic, config, mean, std, source_name, teacher)
 
-        def log_row(step: int) -> None:
-            watch.check(step)
-            loss = state.loss_mean.take(all_reduce_mean_)  # each rank summed its share's losses
-            val_loss = reference = None
-            if step == config.steps or every(step, config.validate_every):
-                with torch.no_grad():
-                    val_loss, reference = state.validation(*state.synthetic.support()), state.validation.reference
-            if loss is not None or val_loss is not None:
-                run.log(step, loss=loss, lr=config.image_lr * _lr_factor(config, step), val_loss=val_loss,
-                        val_reference=reference)
-                run.flush()
-
-        def save(step: int) -> None:
-            watch.check(step)  # never checkpoint a set updated through a failed solve or a NaN
-            run.save(step, state.state_dict())
-            run.write(lambda folder: _write_views(folder, run.rows(), export(step)))
-
         if run.start_step == 0:
-            log_row(0)
+            _log_row(run, state, watch, config, 0)
         for step in run.steps():
             real_images, real_targets = state.batches.next()
             watch.step = step
@@ -1244,12 +1210,34 @@ def distill(
             state.scheduler.step()
             state.loss_mean.add(loss)
             if run.is_log_step(step) or every(step, config.validate_every):
-                log_row(step)
+                _log_row(run, state, watch, config, step)
             if run.is_checkpoint_step(step):
-                save(step)
+                _save(run, state, watch, export, step)
         if run.start_step == run.last_step and run.out_dir is not None:
-            save(run.last_step)  # nothing ran: still leave a complete run folder
+            _save(run, state, watch, export, run.last_step)  # nothing ran: still leave a complete run folder
     return _finish(export(run.last_step), state.synthetic, config, teacher, run, device)
+
+
+def _log_row(run: RunState, state: _Run, watch: DivergenceWatch, config: DistillConfig, step: int) -> None:
+    """A row of `loss.csv`: the mean loss since the last row, the lr, and on validation steps the validation signal."""
+    watch.check(step)
+    loss = state.loss_mean.take(all_reduce_mean_)  # each rank summed its share's losses
+    val_loss = reference = None
+    if step == config.steps or every(step, config.validate_every):
+        with torch.no_grad():
+            val_loss, reference = state.validation(*state.synthetic.support()), state.validation.reference
+    if loss is not None or val_loss is not None:
+        run.log(step, loss=loss, lr=config.image_lr * _lr_factor(config, step), val_loss=val_loss,
+                val_reference=reference)
+        run.flush()
+
+
+def _save(run: RunState, state: _Run, watch: DivergenceWatch, export: Callable[[int], DistilledSet],
+          step: int) -> None:
+    """A checkpoint, then the loss plot and a preview of the current images."""
+    watch.check(step)  # never checkpoint a set updated through a failed solve or a NaN
+    run.save(step, state.state_dict())
+    run.write(lambda folder: _write_views(folder, run.rows(), export(step)))
 
 
 def _export(synthetic: Any, config: DistillConfig, mean: tuple[float, ...], std: tuple[float, ...],
@@ -1294,5 +1282,5 @@ def _teacher_targets(synthetic: Any, teacher: nn.Module, device: torch.device) -
     """
     with torch.no_grad():
         images = synthetic.images().detach()
-        features = _forward_in_chunks(teacher, images.to(device)).float().to(images.device)
+        features = batched_features(teacher, images.to(device)).float().to(images.device)
         return synthetic.project_targets(features).cpu()

@@ -14,7 +14,7 @@ from torch import nn
 
 from krrst.cli import main
 from krrst.data import ImageSet
-from krrst.distill import DistillConfig, distill, teacher_identity
+from krrst.distill import DistillConfig, distill
 from krrst.errors import KrrstError
 from krrst.formats import (
     IMAGENET_MEAN,
@@ -26,7 +26,7 @@ from krrst.formats import (
     load_label_set,
 )
 from krrst.models import create_model
-from krrst.teacher import TEACHER_FILE, load_teacher, teacher_features
+from krrst.teacher import TEACHER_FILE, load_teacher, teacher_features, teacher_identity
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 # the label sets' statistics: 0.5 and 0.25 make the expected normalisation plain
