@@ -321,7 +321,6 @@ def _evaluation_configs(args: argparse.Namespace, suite: dict[str, Any]) -> dict
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset
     from krrst.data import evaluation_split, load_images
     from krrst.distilled import DistilledSet
     from krrst.pipeline import file_identity
@@ -344,18 +343,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         network = _load_set(args, None)
         method, source_name = network.method, network.source
     else:
-        method, source_name, network = {"full": "full-ssl"}.get(args.baseline, args.baseline), args.source or "", None
-        if args.baseline in ("random", "kmeans", "high-loss", "full") and teacher is None:
-            raise KrrstError(f"--baseline {args.baseline} needs the teacher: pass --teacher PATH")
-        if args.baseline in ("random", "kmeans", "high-loss"):
-            if not args.source or not args.source_root:
-                raise KrrstError(f"--baseline {args.baseline} needs --source NAME and --source-root PATH to pick images from")
-            _check_dataset(args.source, "--source")
-            source = load_images(args.source, args.source_root, "train", image_size=args.image_size)
-            pick = {"random": random_subset, "kmeans": kmeans_coreset, "high-loss": high_loss_subset}[args.baseline]
-            network, source_name = pick(source, args.m, teacher, seed=args.seed, device=args.device), source.name
-        elif args.baseline == "full":
-            network = teacher
+        method, source_name, network = _baseline(args, teacher)
     image_size = args.image_size or (network.image_size if isinstance(network, DistilledSet) else None)
     # Everything that can fail on a mistyped option comes before the claim on --out.
     reading = {"image_size": image_size, "download": args.download, "skip_corrupt": args.skip_corrupt,
@@ -382,6 +370,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     provenance = _evaluation_provenance(args)
     _evaluate_into(args, method, network, source_name, (train, test), protocols, configs, image_size,
                    identity, provenance)
+
+
+def _baseline(args: argparse.Namespace, teacher) -> tuple[str, str, Any]:
+    """`(method, source name, set or network)` of `--baseline`: a subset picked from `--source` (with the teacher's
+    targets), the teacher itself (`full`, rows named full-ssl), or None (`none`: a fresh network)."""
+    from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset
+    from krrst.data import load_images
+    from krrst.pipeline import SUBSET_METHODS
+
+    baseline = args.baseline
+    if baseline == "none":
+        return "none", args.source or "", None
+    if teacher is None:
+        raise KrrstError(f"--baseline {baseline} needs the teacher: pass --teacher PATH")
+    if baseline == "full":
+        return "full-ssl", args.source or "", teacher
+    assert baseline in SUBSET_METHODS, baseline  # argparse's choices
+    if not args.source or not args.source_root:
+        raise KrrstError(f"--baseline {baseline} needs --source NAME and --source-root PATH to pick images from")
+    _check_dataset(args.source, "--source")
+    source = load_images(args.source, args.source_root, "train", image_size=args.image_size)
+    pick = {"random": random_subset, "kmeans": kmeans_coreset, "high-loss": high_loss_subset}[baseline]
+    return baseline, source.name, pick(source, args.m, teacher, seed=args.seed, device=args.device)
 
 
 def _check_kd_options(args: argparse.Namespace, protocols: list[str]) -> None:

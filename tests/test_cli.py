@@ -341,3 +341,14 @@ def test_the_choices_the_parser_offers_are_the_registered_names():
     for command, option in (("distill", "--preset"), ("run", "--preset")):
         text = next(a for a in commands[command]._actions if option in a.option_strings).help
         assert all(name in text for name in PRESETS), f"{command} {option}'s help leaves out a preset"
+
+
+def test_evaluate_baselines_say_what_they_need(tmp_path, teacher_file, capsys):
+    command = ["evaluate", "--target", "imagefolder", "--root", SAMPLE, "--out", str(tmp_path / "e"), "--device", "cpu"]
+    for baseline in ("random", "kmeans", "high-loss", "full"):
+        assert _error_line(capsys, [*command, "--baseline", baseline]) == (
+            f"krrst evaluate: error: --baseline {baseline} needs the teacher: pass --teacher PATH")
+    assert _error_line(capsys, [*command, "--baseline", "kmeans", "--teacher", teacher_file]) == (
+        "krrst evaluate: error: --baseline kmeans needs --source NAME and --source-root PATH to pick images from")
+    assert "unknown dataset 'imagefoldr'" in _error_line(capsys, [
+        *command, "--baseline", "random", "--teacher", teacher_file, "--source", "imagefoldr", "--source-root", SAMPLE])
