@@ -74,15 +74,15 @@ from bench_distill import time_distill  # noqa: E402  timing, FLOPs and MFU as t
 from krrst import distill as distill_module  # noqa: E402
 from krrst import io  # noqa: E402
 from krrst.augment import normalize  # noqa: E402
-from krrst.config import resolve_device  # noqa: E402
+from krrst.config import apply_overrides, resolve_device  # noqa: E402
 from krrst.data import ImageSet  # noqa: E402
 from krrst.distill import (  # noqa: E402
-    DistillConfig, ModelPool, SpeedSettings, make_step_loss, preset_config, reference_config,
+    DistillConfig, ModelPool, SpeedSettings, make_step_loss, reference_config,
 )
 from krrst.errors import KrrstError  # noqa: E402
 from krrst.models import create_model, model_options  # noqa: E402
 from krrst.pipeline import resolve_config  # noqa: E402
-from krrst.report import read_results  # noqa: E402
+from krrst.results import read_results  # noqa: E402
 
 SECTIONS = ("step", "tinyimagenet", "demo", "compile")
 # Seconds per section on one H100; time a section leaves unused passes to the next (compile, last, needs it most).
@@ -170,8 +170,9 @@ def _free(device: torch.device) -> None:
 def section_config(preset: str, scale: Scale) -> DistillConfig:
     """The preset's distillation settings (shrunk for --smoke), logging every `skip` steps for the timing."""
     overrides = dict(SMOKE_SIZES[preset]) if scale.smoke else {}
-    return preset_config(preset, **overrides, steps=scale.skip + scale.steps, log_every=scale.skip,
-                         checkpoint_every=10**9, validate_every=0)
+    return apply_overrides(resolve_config(preset).distill, {**overrides, "steps": scale.skip + scale.steps,
+                                                            "log_every": scale.skip, "checkpoint_every": 10**9,
+                                                            "validate_every": 0}, "distill")
 
 
 def teacher_arch(preset: str, scale: Scale, image_size: int) -> str:

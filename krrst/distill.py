@@ -46,7 +46,7 @@ from krrst.augment import (
     normalize,
     sample_crop_flip,
 )
-from krrst.config import apply_overrides, check_numeric_fields, config_to_dict, resolve_device
+from krrst.config import check_numeric_fields, config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
 from krrst.distributed import DistributedContext, all_reduce_mean_, current_context, shard_slice
 from krrst.errors import KrrstError
@@ -272,35 +272,6 @@ class DistillConfig:
                 f"distill.teacher_cache_views needs distill.padding <= 127 (offsets are cached as uint8), "
                 f"got {self.padding}"
             )
-
-
-# Overrides of the defaults (which are the CIFAR-100 setting) per source, from the public code.
-PRESETS: dict[str, dict[str, Any]] = {
-    "cifar100": {},
-    "tinyimagenet": {
-        "num_images": 2000,
-        "arch": "convnet4",
-        "widths": (64, 128, 256, 512),
-        "image_size": 64,
-        "image_lr": 1e-5,
-        "target_lr": 1e-5,
-    },
-    "imagenet64": {
-        "num_images": 1000,
-        "arch": "convnet4",
-        "widths": (64, 128, 256, 512),
-        "image_size": 64,
-        "image_lr": 1e-5,
-        "target_lr": 1e-5,
-    },
-}
-
-
-def preset_config(name: str, **overrides: Any) -> DistillConfig:
-    """The `DistillConfig` of preset `name` (cifar100, tinyimagenet, imagenet64) with `overrides` applied."""
-    if name not in PRESETS:
-        raise KrrstError(f"--preset {name!r} is not a distillation preset; expected one of {', '.join(PRESETS)}")
-    return apply_overrides(apply_overrides(DistillConfig(), PRESETS[name], "distill"), overrides, "distill")
 
 
 def reference_config(config: DistillConfig) -> DistillConfig:

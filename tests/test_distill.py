@@ -21,7 +21,6 @@ from krrst.distill import (
     build_teacher_cache,
     distill,
     make_step_loss,
-    preset_config,
     reference_config,
     unused_fields,
 )
@@ -146,13 +145,8 @@ def test_pool_state_round_trips_through_a_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------- config and lr
 
 
-def test_presets_and_config_errors():
+def test_defaults_and_config_errors():
     assert DistillConfig().num_images == 1000 and DistillConfig().widths == (128, 256, 512)
-    tiny = preset_config("tinyimagenet", steps="10")
-    assert (tiny.num_images, tiny.arch, tiny.image_size, tiny.image_lr, tiny.steps) == (2000, "convnet4", 64, 1e-5, 10)
-    assert preset_config("imagenet64").num_images == 1000
-    with pytest.raises(KrrstError, match="cifar100, tinyimagenet, imagenet64"):
-        preset_config("cifar10")
     with pytest.raises(KrrstError, match="distill.kernel_dtype"):
         DistillConfig(kernel_dtype="float16")
     with pytest.raises(KrrstError, match="distill.num_images"):
