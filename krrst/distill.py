@@ -98,124 +98,85 @@ class DistillConfig:
     code's raw-pixel units. `Y_s` is in the teacher's units in both, and the
     public code uses one lr for both, hence `target_lr` = the same 1e-4.
 
-    Attributes:
-        num_images: m, the number of synthetic images.
-        arch, widths, norm: the distillation network (`widths`/`norm`/
-            `image_size` are passed to `create_model` where the arch takes them).
-        image_size: expected side of the source images.
-        steps: outer steps; the lr decays linearly to `final_lr_factor` x lr over them.
-        batch_size: real images per outer step (random crop with `padding` + flip).
-        image_lr, target_lr, weight_decay: AdamW for `X_s` (raw-pixel units, see
-            above) and `Y_s`.
-        ridge: λ = ridge · trace(K_ss) in the inner ridge regression.
-        kernel_dtype: dtype of the m x m kernel and its Cholesky solve.
-        pool_size, pool_steps: L models, each re-initialised after T steps;
-            `pool_steps=0` gives a fresh random network at every step.
-        pool_lr, pool_momentum, pool_weight_decay: the pool's SGD.
-        pool_counter_reset: False reproduces the public code's quirk (the
-            counter never returns to 0, so once a model reaches T every pick of
-            it is a freshly initialised network).
-        seed: seeds every random choice of the run.
-        log_every, checkpoint_every, validate_every: in outer steps (0: never
-            validate / checkpoint only at the end).
-        validation_models: freshly initialised networks (fixed seeds) the
-            validation signal averages over.
-        validation_images: at most this many held-out images are used.
-        teacher_cache_views: K > 0 computes the teacher's features of K
-            crop/flip views of every source image once, before the loop
-            (`build_teacher_cache`), and each step replays one of them instead
-            of running the teacher: the teacher leaves the outer loop, at the
-            price of K fixed augmentations per image instead of fresh ones, and
-            N x K x d fp16 features on the device. 0 (default): fresh
-            augmentations and a teacher forward every step.
-        precision: dtype of the networks' forward passes (distillation
-            network, pool, teacher): "bfloat16" runs them under autocast (the
-            m x m kernel and its Cholesky solve stay in `kernel_dtype`);
-            "auto" = bfloat16 on CUDA, float32 elsewhere (CPU bf16 is slower).
-        channels_last: "auto" (= on), "on" or "off": the networks and their
-            inputs in NHWC memory layout (faster cuDNN and oneDNN convolutions:
-            ConvNet-3 forward + backward ran 1.3x faster on this project's CPU).
-        compile: `torch.compile` the per-step features + KRR-ST loss (the
-            pool model's weights enter as inputs via `torch.func.functional_call`,
-            so re-initialised models reuse the compiled graph).
-        compile_mode: `torch.compile`'s mode; "reduce-overhead" replays the
-            step as CUDA graphs (on CUDA; not yet measured on a GPU).
-        parameterization: what is learnt (`krrst.parameterize`): "pixels"
-            (every pixel and target entry, the paper) or "basis" (coefficients
-            over PCA-initialised learnt bases of `image_rank` images and
-            `target_rank` targets, Boost-DD: more images for the same storage;
-            see `krrst.parameterize.basis_images_for_budget`) or "pyramid"
-            (each image the sum of learnt levels of sides `pyramid_levels`,
-            bilinearly upsampled, fitted coarse to fine to the initial images;
-            targets learnt as with pixels; see `krrst.parameterize.PyramidSet`
-            and `pyramid_images_for_budget`).
-        pyramid_levels: the pyramid's sides, strictly increasing, each in
-            [1, image_size], e.g. (8, 16) for 32 x 32 images (storage per image
-            C*(8² + 16²) + d values instead of C*32² + d); only read when
-            `parameterization` is "pyramid".
-        init: the real images `X_s` starts from: "random" (the paper), "kmeans"
-            (nearest to k-means centroids in teacher space) or "high-loss" (the
-            hardest to regress for briefly trained students, MKDT).
-        fixed_augmentations: e.g. ("rot90", "rot180", "rot270"): the KRR
-            support set also holds these views of `X_s`, their targets predicted
-            from `Y_s` by a small `AugmentationPredictor` (hidden width
-            `predictor_hidden`, 0: linear) fitted at `predictor_lr` to the
-            teacher's representations of the same views of real images; each
-            real image of a batch is shown in one view drawn at random. The
-            distilled set holds every view (A x m images). Boost-DD.
-        final_targets: "learned" (the paper): the set carries the learned
-            `Y_s`; "teacher": the learned `Y_s` serve the distillation only and
-            the set carries the teacher's representations of its final images
-            within the set's storage (a basis set: their best rank-`target_rank`
-            fit; fixed views: the predictor's targets from them, not the
-            teacher's, which the set does not ship). At CPU scale the learned targets drift far from
-            the teacher's and cost accuracy while the learned images help
-            (docs/results.md, cpu-mini follow-ups).
-
     `reference_config(config)` turns every speed knob off (no cache, float32,
     contiguous, no compile): the straightforward implementation, kept as the
     oracle the fast path is tested against (tests/test_distill.py).
     """
 
+    # --- the algorithm (Lee et al., ICLR 2024)
+    # m, the number of synthetic images
     num_images: int = 1000
+    # the distillation network f (widths / norm / image_size go to create_model where the arch takes them)
     arch: str = "convnet3"
     widths: tuple[int, ...] = (128, 256, 512)
     norm: Literal["batch", "instance", "none"] = "batch"
+    # the side of the source images
     image_size: int = 32
+    # outer steps; the lr decays linearly to final_lr_factor x lr over them
     steps: int = 160_000
+    # real images per outer step (the global batch under torchrun)
     batch_size: int = 1024
+    # AdamW for X_s, in the public code's raw-pixel units (see above), and for Y_s, in the teacher's units
     image_lr: float = 1e-4
     target_lr: float = 1e-4
     weight_decay: float = 0.0
     final_lr_factor: float = 1e-3
+    # λ = ridge · trace(K_ss) in the inner ridge regression
     ridge: float = 1e-6
+    # dtype of the m x m kernel and its Cholesky solve
     kernel_dtype: Literal["float32", "float64"] = "float32"
+    # zero padding of the real batch's random crop (then a horizontal flip)
     padding: int = 4
+    # L models, each re-initialised after T = pool_steps steps (0: a fresh random network at every step)
     pool_size: int = 10
     pool_steps: int = 1000
+    # the pool's SGD on MSE(f(X_s), Y_s)
     pool_lr: float = 0.1
     pool_momentum: float = 0.9
     pool_weight_decay: float = 1e-3
+    # False: the public code's quirk (the counter stays at T, so every later pick of that model is untrained)
     pool_counter_reset: bool = True
+    # seeds every random choice of the run
     seed: int = 0
+    # --- logging, in outer steps (0: never validate; checkpoint only at the end)
     log_every: int = 100
     checkpoint_every: int = 2000
     validate_every: int = 1000
+    # the validation signal: KRR loss on held-out images, over freshly initialised networks with fixed seeds
     validation_models: int = 3
     validation_images: int = 1000
+    # --- speed (reference_config turns every knob off)
+    # K > 0: the teacher's features of K crop/flip views per source image, computed once (N x K x d fp16 on the
+    # device), each step replaying one: the teacher leaves the loop, at the price of K fixed augmentations per image
     teacher_cache_views: int = 0
+    # the networks' forward passes under bfloat16 autocast (kernel and solve stay in kernel_dtype); auto = bf16 on
+    # CUDA, float32 elsewhere (CPU bf16 is slower)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # NHWC memory layout for the networks and their inputs (auto = on)
     channels_last: Literal["auto", "on", "off"] = "auto"
+    # torch.compile the step's features + loss (the pool model's weights enter through functional_call, so
+    # re-initialised models reuse the graph); reduce-overhead replays it as CUDA graphs
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    # --- beyond the paper
+    # what is learnt (krrst.parameterize): pixels (the paper), basis (Boost-DD: coefficients over PCA-initialised
+    # learnt bases of image_rank images and target_rank targets) or pyramid (each image a sum of learnt levels of
+    # sides pyramid_levels, strictly increasing in [1, image_size])
     parameterization: Literal["pixels", "basis", "pyramid"] = "pixels"
     image_rank: int = 0
     target_rank: int = 0
     pyramid_levels: tuple[int, ...] = (8, 16)
+    # the real images X_s starts from: random (the paper), kmeans (nearest to k-means centroids in teacher space) or
+    # high-loss (the hardest to regress for briefly trained students, MKDT)
     init: Literal["random", "kmeans", "high-loss"] = "random"
+    # Boost-DD's fixed views, e.g. ("rot90", "rot180", "rot270"): the support also holds these views of X_s, their
+    # targets predicted from Y_s by an AugmentationPredictor (hidden width predictor_hidden, 0: linear; Adam at
+    # predictor_lr) fitted to the teacher on the same views of real images; the set holds every view
     fixed_augmentations: tuple[str, ...] = ()
     predictor_hidden: int = 0
     predictor_lr: float = 1e-4
+    # learned (the paper): the set carries the learned Y_s; teacher: the teacher's representations of the final
+    # images, within the set's storage (at CPU scale the learned targets drift and cost accuracy: docs/results.md)
     final_targets: Literal["learned", "teacher"] = "learned"
 
     def __post_init__(self) -> None:
