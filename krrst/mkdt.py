@@ -80,61 +80,59 @@ class MKDTConfig:
     here), the targets (lr 1: the public code learns them; 0 keeps them at
     `g(X_s)`) and the learnt inner lr (init 0.1, lr 1e-4). The public code
     cycles through shuffled expert files; here an expert is drawn uniformly.
-
-    Attributes:
-        num_images: m, the number of synthetic images.
-        arch, widths, norm, image_size: the distillation network (options
-            passed where the arch takes them); experts and students share it.
-        experts, expert_epochs, expert_interval: E trajectories of that many
-            epochs; checkpoints after every epoch (`expert_interval=0`) or
-            every `expert_interval` SGD steps. "Epochs" below count checkpoints.
-        expert_lr, expert_momentum, expert_weight_decay, expert_batch_size: the experts' SGD.
-        expert_padding: > 0 trains the experts on random crops (that zero
-            padding) + flips, with the teacher run on each augmented view;
-            0 (the public code) uses the images as they are.
-        syn_steps: N, unrolled student steps per outer step.
-        expert_epochs_matched: M, the target is checkpoint t + M.
-        max_start_epoch: t is drawn uniformly in [0, max_start_epoch).
-        steps: outer steps.
-        image_lr, target_lr, lr_lr: outer lrs of X_s, Y_s (0: fixed) and the inner lr (0: fixed).
-        init_lr: initial inner (student) lr.
-        momentum, optimizer: outer SGD momentum, or "adam" (Adam with the same lrs).
-        batch_syn: synthetic images per unrolled step (capped at m).
-        init: "high-loss" (the real images with the largest mean MSE under the
-            experts' last checkpoints, as the public code's `sort_dset.py`) or "random".
-        seed: seeds every random choice.
-        log_every: outer steps per row of loss.csv.
-        checkpoint_every: outer steps per checkpoint of the matching loop
-            (with an `out_dir`; 0: only at the end).
     """
 
+    # --- the network (experts and students share it)
+    # m, the number of synthetic images
     num_images: int = 1000
+    # the distillation network (widths / norm / image_size go to create_model where the arch takes them)
     arch: str = "convnet3"
     widths: tuple[int, ...] = (128, 128, 128)
     norm: Literal["batch", "instance", "none"] = "instance"
     image_size: int = 32
+    # --- the experts
+    # E trajectories of expert_epochs epochs each; a checkpoint after every epoch (expert_interval=0) or every
+    # expert_interval SGD steps ("epochs" below count checkpoints)
     experts: int = 100
     expert_epochs: int = 20
     expert_interval: int = 0
+    # the experts' SGD
     expert_lr: float = 0.1
     expert_momentum: float = 0.9
     expert_weight_decay: float = 1e-4
     expert_batch_size: int = 256
+    # > 0: the experts train on random crops (that zero padding) + flips, with the teacher run on each augmented
+    # view; 0 (the public code): the images as they are
     expert_padding: int = 0
+    # --- trajectory matching
+    # N, unrolled student steps per outer step
     syn_steps: int = 40
+    # M: the target is checkpoint t + M
     expert_epochs_matched: int = 2
+    # t is drawn uniformly in [0, max_start_epoch)
     max_start_epoch: int = 2
+    # outer steps
     steps: int = 5000
+    # outer lrs of X_s, Y_s (0: fixed) and the inner lr (0: fixed)
     image_lr: float = 1000.0
     target_lr: float = 1.0
     lr_lr: float = 1e-4
+    # initial inner (student) lr
     init_lr: float = 0.1
+    # outer SGD momentum, or adam (Adam with the same lrs)
     momentum: float = 0.5
     optimizer: Literal["sgd", "adam"] = "sgd"
+    # synthetic images per unrolled step (capped at m)
     batch_syn: int = 256
+    # high-loss (the real images with the largest mean MSE under the experts' last checkpoints, as the public
+    # code's sort_dset.py) or random
     init: Literal["high-loss", "random"] = "high-loss"
+    # seeds every random choice
     seed: int = 0
+    # --- logging, in outer steps
+    # outer steps per row of loss.csv
     log_every: int = 100
+    # outer steps per checkpoint of the matching loop (with an out_dir; 0: only at the end)
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:

@@ -7,10 +7,10 @@ loads one from a file instead (ours, any registered architecture's
 safetensors, or a torchvision-layout `.pt` such as the authors' released
 ResNet-18), and checks that its features have not collapsed.
 
-The losses are written here in a few lines rather than taken from `lightly`:
-lightly pulls in pytorch-lightning, hydra and its own utilities for what are
-two short functions, and the in-house versions are tested against explicit
-hand computations (tests/test_teacher.py).
+The losses (`krrst.losses`) are written in a few lines rather than taken from
+`lightly`: lightly pulls in pytorch-lightning, hydra and its own utilities for
+what are two short functions, and the in-house versions are tested against
+explicit hand computations (tests/test_losses.py).
 
 Files a training run writes into `out_dir`:
 - `teacher.safetensors`: the backbone's weights (no projector) with metadata
@@ -106,78 +106,74 @@ class TeacherConfig:
     layers), off-diagonal weight lambda = 0.0051 (Zbontar et al., "Barlow
     Twins", ICML 2021) and loss scale 0.1.
 
-    Attributes:
-        method: "barlow_twins" or "simclr" (NT-Xent, Chen et al. 2020; use
-            `SIMCLR_CIFAR_OVERRIDES` for solo-learn's SimCLR recipe).
-        arch: a registered architecture (`krrst.models.list_models()`).
-        convnet_widths: the `widths` option of a ConvNet teacher; empty = the
-            architecture's default. ConvNets are built for the source's
-            image size.
-        convnet_pool: a ConvNet teacher's representation: "flatten" (the
-            last map, as the distillation ConvNet) or "avg" (global average
-            pooling, width features, as a ResNet's pooled feature).
-        epochs: passes over the source set; ignored when `steps` > 0.
-        steps: total optimiser steps (0: `epochs` x batches per epoch).
-        batch_size: images per step (each gives two views).
-        optimizer: "lars", "sgd" (momentum) or "adamw".
-        lr: peak learning rate (solo-learn does not scale it with the batch).
-        momentum: SGD/LARS momentum.
-        weight_decay: L2 weight decay (LARS/SGD) or decoupled decay (AdamW).
-        lars_eta: LARS trust coefficient.
-        warmup_epochs: linear warm-up length in epochs, capped at a tenth of
-            the run so that short runs still reach the peak rate.
-        warmup_start_lr: learning rate at step 0.
-        min_lr: learning rate at the end of the cosine decay.
-        projector_dims: hidden sizes then output size of the projector MLP.
-        lambda_offdiag: Barlow Twins weight of the off-diagonal (redundancy) term.
-        loss_scale: factor on the Barlow Twins loss (solo-learn's scale_loss).
-        temperature: SimCLR softmax temperature.
-        crop_min_scale: smallest area fraction of the random resized crop.
-        jitter_p, grayscale_p, blur_p: probabilities of colour jitter (0.4,
-            0.4, 0.2, 0.1), greyscale and Gaussian blur, in both views.
-        solarize_p: solarisation probability of the first and second view
-            (asymmetric in the Barlow Twins recipe).
-        seed: seeds the initial weights, the batch order and the augmentation.
-        checkpoint_every: steps between checkpoints (one is always written at the end).
-        log_every: steps between loss syncs to the CSV and the progress bar.
-        precision: "bfloat16" runs the backbone and projector under autocast
-            (the SSL loss stays float32); "auto" = bfloat16 on CUDA, float32
-            elsewhere (`krrst.speed`).
-        channels_last: "auto" (= on), "on" or "off": the backbone and the
-            views in NHWC memory layout.
-
     `krrst.speed.reference_speed(config)` (float32, channels_last off) is the
     reference path the fast one is tested against (tests/test_teacher.py).
     """
 
+    # --- the method and the network
+    # barlow_twins or simclr (NT-Xent, Chen et al. 2020; SIMCLR_CIFAR_OVERRIDES gives solo-learn's SimCLR recipe)
     method: Literal["barlow_twins", "simclr"] = "barlow_twins"
+    # a registered architecture (krrst.models.list_models())
     arch: str = "resnet18"
+    # a ConvNet teacher's widths option (empty: the architecture's default); ConvNets are built for the source's
+    # image size
     convnet_widths: tuple[int, ...] = ()
+    # a ConvNet teacher's representation: flatten (the last map, as the distillation ConvNet) or avg (global
+    # average pooling, width features, as a ResNet's pooled feature)
     convnet_pool: str = "flatten"
+    # --- length
+    # passes over the source set; ignored when steps > 0
     epochs: int = 1000
+    # total optimiser steps (0: epochs x batches per epoch)
     steps: int = 0
+    # images per step (each gives two views)
     batch_size: int = 256
+    # --- optimiser and schedule
+    # lars, sgd (momentum) or adamw
     optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    # peak learning rate (solo-learn does not scale it with the batch)
     lr: float = 0.3
+    # SGD/LARS momentum
     momentum: float = 0.9
+    # L2 weight decay (LARS/SGD) or decoupled decay (AdamW)
     weight_decay: float = 1e-4
+    # LARS trust coefficient
     lars_eta: float = 0.02
+    # linear warm-up length in epochs, capped at a tenth of the run so that short runs still reach the peak rate
     warmup_epochs: float = 10.0
+    # learning rate at step 0
     warmup_start_lr: float = 3e-5
+    # learning rate at the end of the cosine decay
     min_lr: float = 0.0
+    # --- projector and losses
+    # hidden sizes then output size of the projector MLP
     projector_dims: tuple[int, ...] = (2048, 2048, 2048)
+    # Barlow Twins: weight of the off-diagonal (redundancy) term, and the factor on the loss (solo-learn's scale_loss)
     lambda_offdiag: float = 0.0051
     loss_scale: float = 0.1
+    # SimCLR softmax temperature
     temperature: float = 0.2
+    # --- augmentation
+    # smallest area fraction of the random resized crop
     crop_min_scale: float = 0.08
+    # probabilities of colour jitter (0.4, 0.4, 0.2, 0.1), greyscale and Gaussian blur, in both views
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.0
+    # solarisation probability of the first and second view (asymmetric in the Barlow Twins recipe)
     solarize_p: tuple[float, float] = (0.0, 0.2)
+    # seeds the initial weights, the batch order and the augmentation
     seed: int = 0
+    # --- logging, in steps
+    # steps between checkpoints (one is always written at the end)
     checkpoint_every: int = 500
+    # steps between loss syncs to the CSV and the progress bar
     log_every: int = 10
+    # --- speed (krrst.speed.reference_speed turns both off)
+    # bfloat16 runs the backbone and projector under autocast (the SSL loss stays float32); auto = bfloat16 on
+    # CUDA, float32 elsewhere (krrst.speed)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # the backbone and the views in NHWC memory layout (auto = on)
     channels_last: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
