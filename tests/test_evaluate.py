@@ -16,7 +16,6 @@ from krrst.augment import crop_flip, normalize
 from krrst.data import ImageSet
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
-from krrst.losses import soft_cross_entropy
 from krrst.models import list_models
 from krrst.results import RESULT_FIELDS, append_results, read_results, row_key
 from krrst.speed import SpeedSettings, reference_speed
@@ -445,30 +444,6 @@ def test_few_label_split_rejects_bad_fractions():
 
 
 # --------------------------------------------------------------------------- knowledge distillation
-
-
-def test_soft_cross_entropy_equals_hand_computation():
-    student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
-    teacher = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
-
-    def hand(temperature: float) -> float:
-        total = 0.0
-        for s_row, t_row in zip(student, teacher):
-            t_exp = [math.exp(t / temperature) for t in t_row]
-            s_exp = [math.exp(s / temperature) for s in s_row]
-            p = [v / sum(t_exp) for v in t_exp]
-            log_q = [math.log(v / sum(s_exp)) for v in s_exp]
-            total += -sum(pi * lq for pi, lq in zip(p, log_q))
-        return total / len(student) * temperature**2
-
-    for temperature in (1.0, 2.0):
-        value = soft_cross_entropy(torch.tensor(student), torch.tensor(teacher), temperature)
-        assert value.item() == pytest.approx(hand(temperature), rel=1e-6)
-
-    student_t = torch.tensor(student, requires_grad=True)
-    teacher_t = torch.tensor(teacher, requires_grad=True)
-    soft_cross_entropy(student_t, teacher_t).backward()
-    assert teacher_t.grad is None and student_t.grad is not None
 
 
 class ColourTeacher(nn.Module):

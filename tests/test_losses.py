@@ -1,11 +1,23 @@
-"""The KRR-ST objective against reference computations (scikit-learn, NumPy, finite differences)."""
+"""The losses of krrst.losses against reference computations (scikit-learn, NumPy, by hand, finite differences)."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from krrst.errors import KrrstError
-from krrst.losses import krr_predict, krr_st_loss
+from krrst.losses import (
+    barlow_twins_loss,
+    krr_predict,
+    krr_st_loss,
+    parameter_matching_loss,
+    simclr_loss,
+    soft_cross_entropy,
+)
+
+
+# --------------------------------------------------------------------------- KRR-ST
 
 
 def _random_problem(m=12, n=20, p=30, d=5, seed=0, dtype=torch.float64):
@@ -189,3 +201,130 @@ def test_features_of_any_shape_are_flattened():
         synthetic_features.view(-1, 2, 3, 4), synthetic_targets, real_features.view(-1, 2, 3, 4), real_targets
     )
     assert flat.item() == pytest.approx(shaped.item(), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- SSL losses (the teacher's)
+
+
+def _barlow_by_hand(a: np.ndarray, b: np.ndarray, lam: float, eps: float) -> float:
+    n, d = a.shape
+    std_a = (a - a.mean(0)) / np.sqrt(a.var(0) + eps)
+    std_b = (b - b.mean(0)) / np.sqrt(b.var(0) + eps)
+    total = 0.0
+    for i in range(d):
+        for j in range(d):
+            c_ij = sum(std_a[k, i] * std_b[k, j] for k in range(n)) / n
+            total += (1 - c_ij) ** 2 if i == j else lam * c_ij**2
+    return total
+
+
+def test_barlow_twins_loss_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(7, 5))
+    b = a + 0.5 * rng.normal(size=(7, 5))
+    expected = _barlow_by_hand(a, b, lam=0.3, eps=1e-5)
+    got = barlow_twins_loss(torch.from_numpy(a), torch.from_numpy(b), lambda_offdiag=0.3)
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+    scaled = barlow_twins_loss(torch.from_numpy(a), torch.from_numpy(b), lambda_offdiag=0.3, scale=0.1)
+    assert scaled.item() == pytest.approx(0.1 * expected, rel=1e-10)
+
+
+def test_barlow_twins_loss_is_zero_for_identical_decorrelated_embeddings():
+    # Orthonormal columns that sum to zero, scaled to unit (biased) variance:
+    # the cross-correlation of z with itself is the identity.
+    n, d = 16, 6
+    basis = np.linalg.qr(np.random.default_rng(1).normal(size=(n, d + 1)))[0]
+    centred = basis - basis.mean(0)
+    q = np.linalg.qr(centred)[0][:, :d]
+    z = torch.from_numpy(q * math.sqrt(n))
+    assert torch.allclose(z.mean(0), torch.zeros(d, dtype=z.dtype), atol=1e-12)
+    assert torch.allclose(z.T @ z / n, torch.eye(d, dtype=z.dtype), atol=1e-12)
+    # c is I to float64 rounding; the off-diagonal term is a difference of two sums of size ~d (cancellation),
+    # so rounding leaves up to ~2 * d^2 * d * u64 of it: lambda * 2 * d^3 * 2^-53 = 2.5e-16 (a variance off by
+    # n/(n-1) would give d / 16^2 = 0.023).
+    assert barlow_twins_loss(z, z, eps=0.0).item() < 0.0051 * 2 * d**3 * 2.0**-53
+    assert barlow_twins_loss(z, z).item() < 1e-8  # BatchNorm's eps leaves (1e-5)^2 per dim
+    # and the loss sees correlation: a redundant copy of one dimension is penalised
+    redundant = z.clone()
+    redundant[:, 1] = redundant[:, 0]
+    assert barlow_twins_loss(redundant, redundant, eps=0.0).item() > 0.0051
+
+
+def test_barlow_twins_loss_gradcheck_float64():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y: barlow_twins_loss(x, y, lambda_offdiag=0.0051), (a, b))
+
+
+def _nt_xent_by_hand(a: np.ndarray, b: np.ndarray, temperature: float) -> float:
+    u = np.concatenate([a, b])
+    u = u / np.linalg.norm(u, axis=1, keepdims=True)
+    n2 = u.shape[0]
+    n = n2 // 2
+    total = 0.0
+    for i in range(n2):
+        positive = (i + n) % n2
+        sims = [float(u[i] @ u[j]) / temperature for j in range(n2)]
+        denominator = sum(math.exp(sims[j]) for j in range(n2) if j != i)
+        total += -math.log(math.exp(sims[positive]) / denominator)
+    return total / n2
+
+
+def test_simclr_loss_matches_reference_and_gradcheck():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    got = simclr_loss(torch.from_numpy(a), torch.from_numpy(b), temperature=0.5)
+    assert got.item() == pytest.approx(_nt_xent_by_hand(a, b, 0.5), rel=1e-10)
+    ta = torch.from_numpy(a).requires_grad_(True)
+    tb = torch.from_numpy(b).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, y: simclr_loss(x, y, 0.5), (ta, tb))
+
+
+# --------------------------------------------------------------------------- knowledge distillation
+
+
+def test_soft_cross_entropy_equals_hand_computation():
+    student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+    teacher = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
+
+    def hand(temperature: float) -> float:
+        total = 0.0
+        for s_row, t_row in zip(student, teacher):
+            t_exp = [math.exp(t / temperature) for t in t_row]
+            s_exp = [math.exp(s / temperature) for s in s_row]
+            p = [v / sum(t_exp) for v in t_exp]
+            log_q = [math.log(v / sum(s_exp)) for v in s_exp]
+            total += -sum(pi * lq for pi, lq in zip(p, log_q))
+        return total / len(student) * temperature**2
+
+    for temperature in (1.0, 2.0):
+        value = soft_cross_entropy(torch.tensor(student), torch.tensor(teacher), temperature)
+        assert value.item() == pytest.approx(hand(temperature), rel=1e-6)
+
+    student_t = torch.tensor(student, requires_grad=True)
+    teacher_t = torch.tensor(teacher, requires_grad=True)
+    soft_cross_entropy(student_t, teacher_t).backward()
+    assert teacher_t.grad is None and student_t.grad is not None
+
+
+# --------------------------------------------------------------------------- trajectory matching (MKDT)
+
+
+def test_parameter_matching_loss_and_its_gradient_against_the_closed_form():
+    generator = torch.Generator().manual_seed(9)
+    final, start, target = (torch.randn(17, generator=generator, dtype=torch.float64) for _ in range(3))
+    a, s, t = final.numpy(), start.numpy(), target.numpy()
+    denominator = float(((s - t) ** 2).sum())
+    expected = float(((a - t) ** 2).sum()) / denominator
+
+    final, start, target = (x.clone().requires_grad_(True) for x in (final, start, target))
+    loss = parameter_matching_loss(final, start, target)
+    assert loss.dim() == 0 and loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+    # The denominator is a constant of the expert's two points: d loss / d final = 2 (a - t) / ||s - t||²,
+    # and neither the start nor the target receives a gradient.
+    grad_final, grad_start, grad_target = torch.autograd.grad(loss, (final, start, target), allow_unused=True)
+    np.testing.assert_allclose(grad_final.numpy(), 2 * (a - t) / denominator, rtol=1e-12, atol=0)
+    assert grad_start is None and grad_target is None

@@ -1,4 +1,4 @@
-"""SSL teacher: losses against hand computations, training, resume, loading, collapse checks."""
+"""SSL teacher: optimiser and schedule, training, resume, loading, collapse checks (its losses: test_losses.py)."""
 
 import dataclasses
 import math
@@ -13,7 +13,7 @@ from krrst.augment import ssl_view_pair
 from krrst.data import ImageSet
 from krrst.errors import KrrstError
 from krrst.io import load_state, save_state
-from krrst.losses import barlow_twins_loss, simclr_loss
+from krrst.losses import barlow_twins_loss
 from krrst.models import create_model
 from krrst.speed import reference_speed
 from krrst.teacher import (
@@ -52,84 +52,6 @@ def _one_line_error(excinfo) -> str:
     message = str(excinfo.value)
     assert "\n" not in message, f"error message is not one line: {message!r}"
     return message
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def _barlow_by_hand(a: np.ndarray, b: np.ndarray, lam: float, eps: float) -> float:
-    n, d = a.shape
-    std_a = (a - a.mean(0)) / np.sqrt(a.var(0) + eps)
-    std_b = (b - b.mean(0)) / np.sqrt(b.var(0) + eps)
-    total = 0.0
-    for i in range(d):
-        for j in range(d):
-            c_ij = sum(std_a[k, i] * std_b[k, j] for k in range(n)) / n
-            total += (1 - c_ij) ** 2 if i == j else lam * c_ij**2
-    return total
-
-
-def test_barlow_twins_loss_matches_hand_computation():
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(7, 5))
-    b = a + 0.5 * rng.normal(size=(7, 5))
-    expected = _barlow_by_hand(a, b, lam=0.3, eps=1e-5)
-    got = barlow_twins_loss(torch.from_numpy(a), torch.from_numpy(b), lambda_offdiag=0.3)
-    assert got.item() == pytest.approx(expected, rel=1e-10)
-    scaled = barlow_twins_loss(torch.from_numpy(a), torch.from_numpy(b), lambda_offdiag=0.3, scale=0.1)
-    assert scaled.item() == pytest.approx(0.1 * expected, rel=1e-10)
-
-
-def test_barlow_twins_loss_is_zero_for_identical_decorrelated_embeddings():
-    # Orthonormal columns that sum to zero, scaled to unit (biased) variance:
-    # the cross-correlation of z with itself is the identity.
-    n, d = 16, 6
-    basis = np.linalg.qr(np.random.default_rng(1).normal(size=(n, d + 1)))[0]
-    centred = basis - basis.mean(0)
-    q = np.linalg.qr(centred)[0][:, :d]
-    z = torch.from_numpy(q * math.sqrt(n))
-    assert torch.allclose(z.mean(0), torch.zeros(d, dtype=z.dtype), atol=1e-12)
-    assert torch.allclose(z.T @ z / n, torch.eye(d, dtype=z.dtype), atol=1e-12)
-    # c is I to float64 rounding; the off-diagonal term is a difference of two sums of size ~d (cancellation),
-    # so rounding leaves up to ~2 * d^2 * d * u64 of it: lambda * 2 * d^3 * 2^-53 = 2.5e-16 (a variance off by
-    # n/(n-1) would give d / 16^2 = 0.023).
-    assert barlow_twins_loss(z, z, eps=0.0).item() < 0.0051 * 2 * d**3 * 2.0**-53
-    assert barlow_twins_loss(z, z).item() < 1e-8  # BatchNorm's eps leaves (1e-5)^2 per dim
-    # and the loss sees correlation: a redundant copy of one dimension is penalised
-    redundant = z.clone()
-    redundant[:, 1] = redundant[:, 0]
-    assert barlow_twins_loss(redundant, redundant, eps=0.0).item() > 0.0051
-
-
-def test_barlow_twins_loss_gradcheck_float64():
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
-    b = torch.randn(6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, y: barlow_twins_loss(x, y, lambda_offdiag=0.0051), (a, b))
-
-
-def _nt_xent_by_hand(a: np.ndarray, b: np.ndarray, temperature: float) -> float:
-    u = np.concatenate([a, b])
-    u = u / np.linalg.norm(u, axis=1, keepdims=True)
-    n2 = u.shape[0]
-    n = n2 // 2
-    total = 0.0
-    for i in range(n2):
-        positive = (i + n) % n2
-        sims = [float(u[i] @ u[j]) / temperature for j in range(n2)]
-        denominator = sum(math.exp(sims[j]) for j in range(n2) if j != i)
-        total += -math.log(math.exp(sims[positive]) / denominator)
-    return total / n2
-
-
-def test_simclr_loss_matches_reference_and_gradcheck():
-    rng = np.random.default_rng(2)
-    a, b = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
-    got = simclr_loss(torch.from_numpy(a), torch.from_numpy(b), temperature=0.5)
-    assert got.item() == pytest.approx(_nt_xent_by_hand(a, b, 0.5), rel=1e-10)
-    ta = torch.from_numpy(a).requires_grad_(True)
-    tb = torch.from_numpy(b).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x, y: simclr_loss(x, y, 0.5), (ta, tb))
 
 
 # --------------------------------------------------------------------------- optimiser and schedule
