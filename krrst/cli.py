@@ -254,7 +254,7 @@ def _load_set(args: argparse.Namespace, stats: tuple[tuple[float, ...], tuple[fl
     or another method's label set. Raw pixels of the last two are normalised with `stats` (mean, std); without
     them (a first look, for the image size) with mean 0 and std 1."""
     from krrst.distilled import DistilledSet
-    from krrst.evaluate import load_label_set
+    from krrst.formats import load_authors_set, load_label_set
 
     if _is_krrst_set(args.distilled):
         if args.labels or args.mean or args.std:
@@ -264,7 +264,7 @@ def _load_set(args: argparse.Namespace, stats: tuple[tuple[float, ...], tuple[fl
     mean, std = stats or ((0.0,) * 3, (1.0,) * 3)
     files = _set_files(args)
     if len(files) == 2 and not args.labels:  # the authors' released format
-        return DistilledSet.from_authors_files(files[0], files[1], mean, std)
+        return load_authors_set(files[0], files[1], mean, std)
     return load_label_set(args.distilled, mean, std, labels_path=args.labels)
 
 
@@ -429,7 +429,7 @@ def _evaluate_into(args, method, network, source_name, target, protocols, config
     """Claim `--out` for this method, evaluate, and write and print the report."""
     from krrst.distributed import run_on_main
     from krrst.io import exclusive_lock
-    from krrst.pipeline import claim_evaluation, evaluate_methods
+    from krrst.pipeline import claim_evaluation, evaluate_methods, preset_config
     from krrst.report import report_text, write_report
 
     context = _distributed(args)
@@ -447,11 +447,12 @@ def _evaluate_into(args, method, network, source_name, target, protocols, config
             if any(item.startswith("finetune.iterations=") for item in args.overrides) else 5000,
         )
     if context.is_main:
-        write_report(args.out)
+        write_report(args.out, preset_config=preset_config)
         print(report_text(args.out))
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
+    from krrst.pipeline import preset_config
     from krrst.report import comparison_text, report_text, write_comparison, write_report
 
     for run_dir in args.run_dirs:
@@ -464,7 +465,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
     references = args.ref or ["random", "none"]
     if len(args.run_dirs) == 1 and args.out is None:
         _check_out(args.run_dirs[0], "RUN_DIR")
-        paths = write_report(args.run_dirs[0], references)
+        paths = write_report(args.run_dirs[0], references, preset_config=preset_config)
         print(report_text(args.run_dirs[0], references))
     else:
         if args.out is None:
@@ -737,7 +738,7 @@ def _add_evaluate(command: Callable[..., argparse.ArgumentParser]) -> None:
     evaluate.add_argument("--distilled", default=None,
                           help="the set to evaluate: a krrst file (distilled.safetensors), the authors' x_syn.pt (with "
                           "y_syn.pt beside it), or another method's label set (.pt/.npz/.safetensors holding images and "
-                          "labels; krrst.evaluate.load_label_set), read weights-only")
+                          "labels; krrst.formats.load_label_set), read weights-only")
     evaluate.add_argument("--labels", default=None, metavar="FILE",
                           help="the labels file of a label set stored in two files (e.g. MTT's labels_best.pt)")
     evaluate.add_argument("--mean", type=_floats, default=None, metavar="R,G,B",

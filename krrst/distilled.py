@@ -205,20 +205,3 @@ class DistilledSet:
         with atomic_write(path) as tmp:
             Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
         return Path(path)
-
-    # -- other projects' files --------------------------------------------------
-    @classmethod
-    def from_authors_files(
-        cls,
-        images_path: str | os.PathLike,
-        targets_path: str | os.PathLike,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        source: str = "",
-    ) -> "DistilledSet":
-        """The authors' released KRR-ST set: `krrst.formats.load_authors_set`, under its older name."""
-        # Other projects' files are read in krrst.formats, which sits above this module: imported late. Kept until
-        # its callers name krrst.formats.load_authors_set.
-        from krrst.formats import load_authors_set
-
-        return load_authors_set(images_path, targets_path, mean, std, source)

@@ -59,7 +59,6 @@ from krrst.features import batched_features
 from krrst.finite import LossWatch, check_finite
 from krrst.formats import is_library_arch, library_classifier, load_classifier_weights, read_classifier_file
 # Another project's label set is read in krrst.formats; importable from here until the README names it there.
-from krrst.formats import load_label_set  # noqa: F401
 from krrst.losses import soft_cross_entropy
 from krrst.models import create_model, list_models, model_options, reset_head
 from krrst.progress import progress_bar

@@ -300,6 +300,11 @@ def resolve_config(
     return config
 
 
+def preset_config(name: str) -> dict[str, dict[str, Any]]:
+    """The preset's resolved config as plain values, stage by stage: what the report diffs a run's config against."""
+    return resolve_config(name).to_dict()
+
+
 def _check_architectures(config: PipelineConfig) -> None:
     """Architecture names the run will build, checked before any stage starts (not hours into one)."""
     from krrst.formats import is_library_arch
@@ -790,7 +795,7 @@ def _run_stages(
                   **{method: f"baselines:{baselines_fp}" for method in _wanted_subsets(config.run)}}
     _evaluate_stage(run, sets, provenance, (distill_fp, baselines_fp, mkdt_fp))
     if run.main:
-        write_report(out_dir)
+        write_report(out_dir, preset_config=preset_config)
         log(report_text(out_dir))
     return run_on_main(lambda: read_results(out_dir))
 

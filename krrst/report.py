@@ -21,21 +21,11 @@ import os
 import shlex
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from krrst.errors import KrrstError
 from krrst.io import atomic_write, read_json
 from krrst.results import SETS_NAME, method_provenance, read_results
-
-# The results files' API, importable from here until every caller imports it from krrst.results.
-from krrst.results import (  # noqa: F401
-    LEGACY_RESULT_FIELDS,
-    RESULT_FIELDS,
-    append_results,
-    check_provenance,
-    has_result,
-    remove_results,
-)
 
 if TYPE_CHECKING:
     import torch
@@ -1146,23 +1136,17 @@ def config_diff(config: dict, baseline: dict) -> list[tuple[str, Any, Any]]:
     return [(key, theirs.get(key), ours[key]) for key in sorted(ours) if ours[key] != theirs.get(key)]
 
 
-def _preset_config(preset: str) -> dict:
-    from krrst.pipeline import resolve_config  # the report sits above the pipeline; a stage never imports it
-
-    return resolve_config(preset).to_dict()
-
-
 def _value_text(value: Any) -> str:
     return "(absent)" if value is None else json.dumps(value) if not isinstance(value, str) else value
 
 
-def _config_html(config: Any) -> str:
+def _config_html(config: Any, preset_config: Callable[[str], dict] | None) -> str:
     parts = ['<h2 id="config">Config</h2>']
     if config is None:
         return "\n".join(parts + [_note("No config.json in this run directory.")])
     preset = config.get("preset") if isinstance(config, dict) else None
     try:
-        baseline = _preset_config(preset) if isinstance(preset, str) else None
+        baseline = preset_config(preset) if isinstance(preset, str) and preset_config is not None else None
     except KrrstError as exc:
         parts.append(_note(f"the preset {preset!r} of config.json is not known to this krrst ({exc})"))
         baseline = None
@@ -1259,7 +1243,8 @@ def print_table(run_dir: str | os.PathLike) -> None:
     print(report_text(run_dir), end="")
 
 
-def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT_REFERENCES) -> dict[str, Path]:
+def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT_REFERENCES,
+                 preset_config: Callable[[str], dict] | None = None) -> dict[str, Path]:
     """Write `results.md`, `results.png` and `report.html` for a run directory; returns the paths written.
 
     The page leads with the paired differences of every method against
@@ -1271,7 +1256,9 @@ def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT
     `results.png` (the paired differences, else the accuracy bars) and
     `results.md` are written only when there are results. `report.html` is
     one self-contained page: images as base64 data URIs, inline CSS, no
-    script, every text HTML-escaped.
+    script, every text HTML-escaped. `preset_config(name)` gives a preset's
+    resolved config (`krrst.pipeline.preset_config`) for the config diff;
+    None shows the config without one.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -1309,7 +1296,7 @@ def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT
         except Exception as exc:  # a plotting failure must not cost the user the rest of the report
             notes.append(f"results.png failed: {exc}")
     sections += [_images_html(run_dir, config), _teacher_html(run_dir), _distill_html(run_dir),
-                 _storage_html(run_dir, rows, notes), _config_html(config), _env_html(run_dir, env, timings)]
+                 _storage_html(run_dir, rows, notes), _config_html(config, preset_config), _env_html(run_dir, env, timings)]
     if notes:
         sections.insert(0, "\n".join(_note(text) for text in notes))
     title = f"krrst run: {run_dir.resolve().name}"

@@ -8,6 +8,7 @@ import krrst.teacher as teacher_module
 from krrst import pipeline
 from krrst.cli import main
 from krrst.distilled import DistilledSet
+from krrst.formats import load_authors_set
 from krrst.models import create_model
 from krrst.teacher import TEACHER_FILE, save_teacher
 
@@ -210,7 +211,7 @@ def _captured_evaluation(monkeypatch, argv):
     """Run `krrst evaluate` up to its evaluation and return the set it would pre-train on."""
     seen = {}
     monkeypatch.setattr(pipeline, "evaluate_methods", lambda out, sets, *args, **kwargs: seen.update(sets))
-    monkeypatch.setattr("krrst.report.write_report", lambda *args: None)
+    monkeypatch.setattr("krrst.report.write_report", lambda *args, **kwargs: None)
     monkeypatch.setattr("krrst.report.report_text", lambda *args: "")
     assert main(["evaluate", *argv]) == 0
     (method, network), = seen.items()
@@ -233,7 +234,7 @@ def test_evaluate_reads_the_authors_x_syn_and_y_syn(tmp_path, monkeypatch, capsy
         target = load_images("imagefolder", SAMPLE, "train", max_per_class=2)
         mean, std = tuple(target.mean), tuple(target.std)
         assert "with the target's mean/std" in capsys.readouterr().err
-    expected = DistilledSet.from_authors_files(tmp_path / "x_syn.pt", tmp_path / "y_syn.pt", mean, std)
+    expected = load_authors_set(tmp_path / "x_syn.pt", tmp_path / "y_syn.pt", mean, std)
     assert method == "x_syn" and network.target_kind == "representation"
     assert torch.equal(network.images, expected.images) and torch.equal(network.targets, expected.targets)
 
@@ -263,7 +264,7 @@ KD_EVAL = ["--baseline", "none", "--target", "imagefolder", "--root", SAMPLE, "-
 
 
 def test_evaluate_kd_distils_a_teacher_file(tmp_path, capsys):
-    from krrst.report import read_results
+    from krrst.results import read_results
 
     _classifier_file(tmp_path / "classifier.safetensors", 10)
     assert main(["evaluate", *KD_EVAL, "--kd-teacher", str(tmp_path / "classifier.safetensors"),
@@ -304,7 +305,7 @@ def test_run_kd_teacher_options_reach_the_kd_config(capsys):
 def test_evaluate_reads_a_labelled_folder_with_its_split_fraction_and_skips_corrupt_files(tmp_path, capsys):
     from PIL import Image
 
-    from krrst.report import read_results
+    from krrst.results import read_results
 
     generator = torch.Generator().manual_seed(0)
     for pet in ("cat", "dog"):

@@ -148,7 +148,7 @@ def _pipeline_child(rank: int, world_size: int, port: int, out_dir: str) -> None
 
 def test_the_pipeline_under_two_ranks_spreads_the_evaluation_and_matches_one_process(tmp_path):
     from krrst import pipeline
-    from krrst.report import read_results
+    from krrst.results import read_results
     from test_pipeline import TINY
 
     config = pipeline.resolve_config("demo", {**TINY, "run.seeds": "2"})

@@ -79,18 +79,6 @@ def test_to_uint8_inverts_normalisation_and_exports(tmp_path):
     assert grid.size == (2 * 9 + 1, 2 * 9 + 1), "2x2 grid of 8px images with 1px padding"
 
 
-def test_from_authors_files_is_the_formats_reader(tmp_path):
-    """The authors' set is read in krrst.formats (tested there); the classmethod gives the same set."""
-    from krrst.formats import load_authors_set
-
-    torch.save(torch.rand(3, 3, 8, 8), tmp_path / "x_syn.pt")
-    torch.save(torch.randn(3, 16), tmp_path / "y_syn.pt")
-    distilled = DistilledSet.from_authors_files(tmp_path / "x_syn.pt", tmp_path / "y_syn.pt", MEAN, STD, "cifar100")
-    expected = load_authors_set(tmp_path / "x_syn.pt", tmp_path / "y_syn.pt", MEAN, STD, "cifar100")
-    assert torch.equal(distilled.images, expected.images) and torch.equal(distilled.targets, expected.targets)
-    assert (distilled.method, distilled.source) == (expected.method, "cifar100")
-
-
 def test_repr_is_a_short_summary_not_the_tensors():
     distilled = DistilledSet(
         images=torch.randn(200, 3, 32, 32),

@@ -553,13 +553,6 @@ def test_load_kd_teacher_reads_a_classifier_of_each_layout(tmp_path, layout):
 # --------------------------------------------------------------------------- label-based sets from other projects
 
 
-def test_load_label_set_is_the_one_of_formats():
-    """Other projects' label sets are read in krrst.formats (tested there); the older import path still works."""
-    from krrst import formats
-
-    assert E.load_label_set is formats.load_label_set
-
-
 # --------------------------------------------------------------------------- rows
 
 

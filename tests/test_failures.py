@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import krrst.distill as distill_module
 import krrst.losses as losses_module
 import krrst.mkdt as mkdt_module
 import krrst.teacher as teacher_module
@@ -17,13 +16,13 @@ from krrst.data import ImageSet
 from krrst.distill import DistillConfig, distill
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
-from krrst.evaluate import (FinetuneConfig, LinearProbeConfig, PretrainConfig, finetune, linear_probe,
-                            load_label_set, pretrain)
+from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig, finetune, linear_probe, pretrain
+from krrst.formats import load_authors_set, load_label_set
 from krrst.finite import LossWatch, describe_nonfinite
-from krrst.io import load_state, save_tensors
+from krrst.io import load_state
 from krrst.mkdt import MKDTConfig, mkdt_distill
 from krrst.models import create_model
-from krrst.report import read_results
+from krrst.results import read_results
 from krrst.teacher import TeacherConfig, load_teacher, save_teacher, train_teacher
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -109,7 +108,7 @@ def test_other_methods_sets_and_the_authors_files_with_nan_are_refused(tmp_path)
     torch.save(torch.rand(4, 3, 8, 8), tmp_path / "x_syn.pt")
     torch.save(torch.full((4, 5), float("inf")), tmp_path / "y_syn.pt")
     with pytest.raises(KrrstError, match=r"synthetic targets file .*y_syn.pt: 20 inf values in targets$"):
-        DistilledSet.from_authors_files(tmp_path / "x_syn.pt", tmp_path / "y_syn.pt", MEAN, STD)
+        load_authors_set(tmp_path / "x_syn.pt", tmp_path / "y_syn.pt", MEAN, STD)
 
 
 def test_cli_evaluate_of_a_nan_set_is_one_line_and_leaves_the_results_untouched(tmp_path, capsys):

@@ -16,7 +16,7 @@ from krrst.cli import main
 from krrst.distill import distill, initial_indices
 from krrst.errors import KrrstError
 from krrst.io import load_tensors, read_json
-from krrst.report import read_results
+from krrst.results import read_results
 
 # A demo run shrunk to seconds: 200 source images, a few steps per stage, one seed.
 TINY = {

@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 from krrst.cli import main
-from krrst.report import read_results
+from krrst.results import read_results
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

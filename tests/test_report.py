@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from krrst import report
+from krrst.pipeline import preset_config
 from krrst.errors import KrrstError
 from krrst.report import markdown_table, summarize, write_report
 from krrst.results import append_results
@@ -473,7 +474,7 @@ class AttributeParser(StrictParser):
 
 def test_the_page_leads_with_paired_differences_and_shows_every_section(tmp_path):
     expected = full_run(tmp_path)
-    page = write_report(tmp_path)["report_html"].read_text()
+    page = write_report(tmp_path, preset_config=preset_config)["report_html"].read_text()
     parser = AttributeParser()
     parser.feed(page)
     parser.close()
