@@ -103,7 +103,8 @@ def step_flops(setting: dict, with_teacher: bool) -> int:
     """FLOPs of one outer step (see the module docstring), counted on meta tensors."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from krrst.distill import _seeded_model, network_options
+    from krrst.distill import network_options
+    from krrst.models import fresh_model
 
     config = _config(setting, "reference", 1, 1, 0, False)
     from krrst.formats import fit_to_source
@@ -112,7 +113,7 @@ def step_flops(setting: dict, with_teacher: bool) -> int:
         teacher = fit_to_source(_teacher(setting["teacher"], setting["size"]), (0.5,) * 3, (0.25,) * 3,
                                 setting["size"]).eval()
         feature_dim = teacher(torch.empty(2, 3, setting["size"], setting["size"])).shape[1]
-        model = _seeded_model(config.arch, feature_dim, network_options(config), 0)
+        model = fresh_model(config.arch, feature_dim, 0, **network_options(config))
         synthetic = torch.empty(setting["m"], 3, setting["size"], setting["size"], requires_grad=True)
         real = torch.empty(setting["batch"], 3, setting["size"], setting["size"])
         counter = FlopCounterMode(display=False)

@@ -47,6 +47,7 @@ from bench_distill import PEAK_BF16  # this folder is the script's: the one peak
 from krrst import evaluate as E
 from krrst.data import ImageSet
 from krrst.distilled import DistilledSet
+from krrst.models import fresh_model
 from krrst.speed import SpeedSettings, reference_speed
 
 CONFIGS = (
@@ -99,7 +100,7 @@ def step_flops(arch: str, options: dict, num_classes: int) -> tuple[int, int, in
     counts = []
     with torch.device("meta"):
         for outputs, backward, batch in ((FEATURE_DIM, True, BATCH), (num_classes, True, BATCH), (None, False, 1)):
-            model = E.fresh_model(arch, outputs, 0, **options)
+            model = fresh_model(arch, outputs, 0, **options)
             images = torch.empty(batch, 3, 32, 32)
             counter = FlopCounterMode(display=False)
             with counter:
@@ -132,7 +133,7 @@ def bench_one(device: torch.device, scale: float, index: int, path: str) -> dict
         config = speed_off(E.PretrainConfig(epochs=k, batch_size=BATCH))
         E.pretrain(distilled, arch, config, device=device, progress=False, **options)
 
-    model = E.fresh_model(arch, None, 0, **options)
+    model = fresh_model(arch, None, 0, **options)
 
     def run_finetune(n: int) -> None:
         config = speed_off(E.FinetuneConfig(iterations=n, batch_size=BATCH))

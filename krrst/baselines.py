@@ -36,6 +36,7 @@ from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.features import batched_features
 from krrst.finite import LossWatch
+from krrst.models import fresh_model
 from krrst.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -438,7 +439,6 @@ def _train_students(
 
     Each student's init seed and batch order come from `generator`, in turn.
     """
-    from krrst.evaluate import fresh_model
 
     models = []
     total = students * epochs * -(-len(images) // batch_size)
@@ -597,6 +597,5 @@ def high_loss_subset(
 
 def no_pretraining(arch: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
     """A freshly initialised `arch` network without a head (init fixed by `seed`): the `none` baseline."""
-    from krrst.evaluate import fresh_model
 
     return fresh_model(arch, None, seed, **overrides)

@@ -54,7 +54,7 @@ from krrst.features import batched_features
 from krrst.finite import LossWatch
 from krrst.formats import fit_to_source
 from krrst.losses import krr_st_loss, krr_st_loss_with_info
-from krrst.models import create_model, model_options
+from krrst.models import fresh_model, model_options
 from krrst.parameterize import (
     AugmentationPredictor,
     augmentation_predictor_loss,
@@ -308,13 +308,6 @@ def make_step_loss(
 # --------------------------------------------------------------------------- helpers
 
 
-def _seeded_model(arch: str, num_outputs: int | None, options: dict[str, Any], seed: int) -> nn.Module:
-    """A freshly initialised network whose weights depend only on `seed` (the global RNG is left untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return create_model(arch, num_outputs, **options)
-
-
 def network_options(config: Any) -> dict[str, Any]:
     """`widths`, `image_size`, `norm` of a stage config (distill, MKDT) for its `arch`, where the arch takes them."""
     accepted = model_options(config.arch)
@@ -373,7 +366,7 @@ class ModelPool:
         return len(self.models)
 
     def _fresh_model(self) -> nn.Module:
-        model = _seeded_model(self.arch, self.num_outputs, self.model_options, draw_seed(self.generator))
+        model = fresh_model(self.arch, self.num_outputs, draw_seed(self.generator), **self.model_options)
         return model.to(self.device, memory_format=self.speed.memory_format)
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -689,7 +682,7 @@ class _ValidationSignal:
         options = network_options(config)
         device = heldout_images.device
         self.models = [
-            _seeded_model(config.arch, None, options, draw_seed(generator)).to(device).eval()
+            fresh_model(config.arch, None, draw_seed(generator), **options).to(device).eval()
             for _ in range(config.validation_models)
         ]
         # The networks are fixed, so their held-out features are computed once.

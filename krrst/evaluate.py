@@ -60,7 +60,7 @@ from krrst.finite import LossWatch, check_finite
 from krrst.formats import is_library_arch, library_classifier, load_classifier_weights, read_classifier_file
 # Another project's label set is read in krrst.formats; importable from here until the README names it there.
 from krrst.losses import soft_cross_entropy
-from krrst.models import create_model, list_models, model_options, reset_head
+from krrst.models import create_model, fresh_model, list_models, model_options, reset_head
 from krrst.progress import progress_bar
 from krrst.results import result_row
 from krrst.speed import SpeedSettings, check_speed_fields, fused_options
@@ -273,13 +273,6 @@ def _batch_stream(n: int, batch_size: int, generator: torch.Generator, device: t
     """Endless shuffled batches, epoch after epoch (each item once per epoch)."""
     while True:
         yield from _epoch_batches(n, batch_size, generator, device)
-
-
-def fresh_model(arch: str, num_outputs: int | None = None, seed: int = 0, **overrides: Any) -> nn.Module:
-    """`create_model` with its random init fixed by `seed`, leaving the global RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return create_model(arch, num_outputs=num_outputs, **overrides)
 
 
 def _seeded_reset_head(model: nn.Module, num_outputs: int | None, seed: int) -> nn.Module:

@@ -46,9 +46,9 @@ from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.finite import LossWatch
 from krrst.distill import network_options
-from krrst.evaluate import fresh_model
 from krrst.formats import fit_to_source
 from krrst.losses import parameter_matching_loss
+from krrst.models import fresh_model
 from krrst.progress import progress_bar
 from krrst.run_state import RunningMean, RunState, draw_seed, stage_seeds
 from krrst.teacher import teacher_identity

@@ -95,6 +95,13 @@ def create_model(arch: str, num_outputs: int | None = None, **options: Any) -> n
     return model
 
 
+def fresh_model(arch: str, num_outputs: int | None = None, seed: int = 0, **options: Any) -> nn.Module:
+    """`create_model` with its random initialisation fixed by `seed`, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return create_model(arch, num_outputs=num_outputs, **options)
+
+
 def reset_head(model: nn.Module, num_outputs: int | None) -> nn.Module:
     """Replace `model.head` by a fresh `Linear(feature_dim, num_outputs)` (None: `Identity`).
 

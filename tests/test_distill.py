@@ -31,7 +31,7 @@ from krrst.losses import krr_st_loss
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
 from krrst.io import load_state
-from krrst.models import create_model
+from krrst.models import create_model, fresh_model
 
 
 
@@ -461,7 +461,7 @@ def test_cached_distillation_lowers_the_loss_and_resumes_exactly(cifar10_small, 
 
 def _step_inputs(seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    model = distill_module._seeded_model("convnet3", 10, {"widths": (8, 16, 16), "image_size": 16}, seed).eval()
+    model = fresh_model("convnet3", 10, seed, widths=(8, 16, 16), image_size=16).eval()
     synthetic_images = torch.randn(12, 3, 16, 16, generator=generator, requires_grad=True)
     synthetic_targets = torch.randn(12, 10, generator=generator, requires_grad=True)
     real_images = torch.randn(20, 3, 16, 16, generator=generator)
@@ -588,7 +588,7 @@ def test_fast_path_reaches_the_reference_run_state_after_several_steps(fast, flo
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=generator)
     source = ImageSet(images, None, [], MEAN, STD, "noise")
-    teacher = distill_module._seeded_model("convnet3", None, {"widths": (4, 8, 8), "image_size": 16}, 5)
+    teacher = fresh_model("convnet3", None, 5, widths=(4, 8, 8), image_size=16)
     reference = reference_config(DistillConfig(**{**TINY_POOL, "num_images": 8, "pool_steps": 3}, steps=8,
                                                batch_size=16, log_every=2, validate_every=0))
     expected, expected_pool = _distil_recording_the_pool(monkeypatch, reference, source, teacher)

@@ -16,7 +16,7 @@ from krrst.augment import crop_flip, normalize
 from krrst.data import ImageSet
 from krrst.distilled import DistilledSet
 from krrst.errors import KrrstError
-from krrst.models import list_models
+from krrst.models import fresh_model, list_models
 from krrst.results import RESULT_FIELDS, append_results, read_results, row_key
 from krrst.speed import SpeedSettings, reference_speed
 from test_teacher import UNIT_ROUNDOFF, assert_states_match, fast_path_tolerances, relative_errors
@@ -72,7 +72,7 @@ def test_pretrain_drives_regression_loss_down_and_moves_weights():
     assert len(losses) == 40
     assert losses[-1] < 0.2 * losses[0]
 
-    init = E.fresh_model("convnet3", distilled.feature_dim, 3, **NARROW)
+    init = fresh_model("convnet3", distilled.feature_dim, 3, **NARROW)
     trained, initial = model.state_dict(), init.state_dict()
     assert trained.keys() == initial.keys()
     moved = [name for name in trained if trained[name].is_floating_point() and not torch.equal(trained[name], initial[name])]
@@ -183,7 +183,7 @@ def test_pretrain_reference_path_is_the_plain_float32_loop_bit_for_bit(conv_call
     model = E.pretrain(distilled, "convnet3", config, device="cpu", progress=False, **NARROW)
     assert set(conv_calls) == {PLAIN}
 
-    expected = E.fresh_model("convnet3", distilled.feature_dim, config.seed, **NARROW).train()
+    expected = fresh_model("convnet3", distilled.feature_dim, config.seed, **NARROW).train()
     optimizer = torch.optim.SGD(expected.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     generator = torch.Generator().manual_seed(config.seed)
     for _ in range(2):
@@ -216,7 +216,7 @@ def test_pretrain_fast_path_reaches_the_reference_state(kind, fast, convolutions
         return _states(model.state_dict())
 
     exact = pretrained(reference, torch.float64)
-    initial = E.fresh_model("convnet3", 3 if kind == "hard_labels" else distilled.feature_dim, 0, **NARROW).state_dict()
+    initial = fresh_model("convnet3", 3 if kind == "hard_labels" else distilled.feature_dim, 0, **NARROW).state_dict()
     float32_errors = relative_errors(pretrained(reference, torch.float32), exact, initial)
     conv_calls.clear()
     state = pretrained(dataclasses.replace(reference, **fast), FAST_DTYPE[next(iter(fast))])
@@ -322,7 +322,7 @@ def test_feature_extraction_fast_path_agrees_with_the_reference(fast, convolutio
     # the probe on top: the colour classes stay perfectly separable either way
     probe = dataclasses.replace(reference_speed(E.LinearProbeConfig(iterations=40, batch_size=16)), **fast)
     conv_calls.clear()
-    model = E.fresh_model("convnet3", None, 0, **NARROW)
+    model = fresh_model("convnet3", None, 0, **NARROW)
     train, test = _colour_set(20, seed=0), _colour_set(10, seed=1)
     assert E.linear_probe(model, train, test, probe, device="cpu", progress=False)["accuracy"] == 1.0
     assert set(conv_calls) == {convolutions}
@@ -334,7 +334,7 @@ def test_feature_extraction_fast_path_agrees_with_the_reference(fast, convolutio
 def test_finetune_beats_chance_on_real_cifar10(cifar10_small):
     train, test = cifar10_small
     train = train.subset(E.few_label_split(train.labels, 0.25, seed=0))  # 500 real images, 50 per class
-    model = E.fresh_model("convnet3", None, 0, widths=(16, 32, 64))
+    model = fresh_model("convnet3", None, 0, widths=(16, 32, 64))
     before = {name: value.clone() for name, value in model.state_dict().items()}
     config = E.FinetuneConfig(iterations=120, batch_size=64, lr=0.05, seed=0, eval_batch_size=500)
     metrics = E.finetune(model, train, test, config, progress=False)
@@ -346,7 +346,7 @@ def test_finetune_beats_chance_on_real_cifar10(cifar10_small):
 
 def test_finetune_uses_the_few_label_subset_and_resizes_to_the_network():
     train, test = _colour_set(20, seed=0, size=8), _colour_set(5, seed=1, size=8)
-    model = E.fresh_model("convnet3", None, 0, **NARROW)  # a 16x16 network: the 8x8 targets are resized
+    model = fresh_model("convnet3", None, 0, **NARROW)  # a 16x16 network: the 8x8 targets are resized
     metrics = E.finetune(model, train, test, E.FinetuneConfig(iterations=2, batch_size=8), label_fraction=0.1, progress=False)
     assert metrics["train_size"] == 6  # round(0.1 * 20) = 2 per class
     assert metrics["image_size"] == 16
@@ -355,8 +355,8 @@ def test_finetune_uses_the_few_label_subset_and_resizes_to_the_network():
 def test_finetune_trains_a_frozen_teacher_like_any_network():
     """Teachers are handed over frozen; fine-tuning (the full-ssl reference) must still train the backbone."""
     train, test = _colour_set(20, seed=0, size=16), _colour_set(5, seed=1, size=16)
-    model = E.fresh_model("convnet3", None, 0, **NARROW)
-    frozen = E.fresh_model("convnet3", None, 0, **NARROW).requires_grad_(False)
+    model = fresh_model("convnet3", None, 0, **NARROW)
+    frozen = fresh_model("convnet3", None, 0, **NARROW).requires_grad_(False)
     config = E.FinetuneConfig(iterations=3, batch_size=8, lr=0.5)
     trainable_result = E.finetune(model, train, test, config, progress=False)
     frozen_result = E.finetune(frozen, train, test, config, progress=False)
@@ -458,7 +458,7 @@ def test_knowledge_distillation_transfers_the_teacher_without_target_images():
     # "Distilled" images: noise with a random dominant colour; the teacher labels them, no target image is seen.
     tint = torch.randn(96, 3, 1, 1, generator=generator)
     images = torch.randn(96, 3, 16, 16, generator=generator) * 0.5 + 2.0 * tint
-    student = E.fresh_model("convnet3", None, 0, **NARROW)
+    student = fresh_model("convnet3", None, 0, **NARROW)
     test = _colour_set(30, seed=2)
     config = E.KDConfig(epochs=30, batch_size=32, lr=3e-3, seed=0)
     metrics = E.knowledge_distillation(ColourTeacher(), student, images, test, config, progress=False)
@@ -497,7 +497,7 @@ def test_kd_for_none_learns_from_gaussian_noise_at_the_noise_lr(monkeypatch):
             super().__init__(params, lr=lr, **kwargs)
 
     monkeypatch.setattr(E.torch.optim, "Adam", RecordingAdam)
-    student = E.fresh_model("convnet3", None, 0, **NARROW)
+    student = fresh_model("convnet3", None, 0, **NARROW)
     config = E.KDConfig(epochs=3, batch_size=8, noise_lr=0.25, lr=1e-4, seed=0)
     metrics = E.knowledge_distillation(Recording(), student, None, _colour_set(4, seed=2), config, noise_images=16,
                                        progress=False)
@@ -534,16 +534,16 @@ def test_load_kd_teacher_reads_a_classifier_of_each_layout(tmp_path, layout):
         torch.save(model.state_dict(), tmp_path / "c.pt")
         loaded = E.load_kd_teacher(tmp_path / "c.pt", 10, "torchvision:resnet18")
     elif layout == "torchvision-fc":  # a CIFAR ResNet-18 saved with torchvision's names (fc., module.)
-        model = E.fresh_model("resnet18", 10, 0)
+        model = fresh_model("resnet18", 10, 0)
         state = {("module." + k).replace("module.head.", "module.fc."): v for k, v in model.state_dict().items()}
         torch.save({"state_dict": state}, tmp_path / "c.pth")
         loaded = E.load_kd_teacher(tmp_path / "c.pth", 10)
     elif layout == "compiled":  # torch.compile inside DDP: both prefixes, under a "model" entry
-        model = E.fresh_model("resnet18", 10, 0)
+        model = fresh_model("resnet18", 10, 0)
         torch.save({"model": {"module._orig_mod." + k: v for k, v in model.state_dict().items()}}, tmp_path / "c.pt")
         loaded = E.load_kd_teacher(tmp_path / "c.pt", 10)
     else:
-        model = E.fresh_model("convnet3", 10, 0, widths=(4, 8, 8), image_size=32)
+        model = fresh_model("convnet3", 10, 0, widths=(4, 8, 8), image_size=32)
         save_tensors(tmp_path / "c.safetensors", model.state_dict(), {"spec": model.spec})
         loaded = E.load_kd_teacher(tmp_path / "c.safetensors", 10)
     with torch.no_grad():
@@ -575,7 +575,7 @@ def test_evaluate_set_rows_for_baselines_and_sets(tmp_path):
     assert (none_row["method"], none_row["arch"], none_row["protocol"], none_row["seed"]) == ("none", "convnet3", "linear", 2)
     assert 0.0 <= none_row["accuracy"] <= 1.0 and none_row["wall_time_s"] > 0
 
-    teacher = E.fresh_model("convnet3", None, 0, **NARROW)
+    teacher = fresh_model("convnet3", None, 0, **NARROW)
     # Architecture options as keywords too (image_size there would be the targets' size, hence the dict above).
     keyword_row = E.evaluate_set(None, "convnet3", train, test, protocol="linear", seed=2, linear_config=linear,
                                  progress=False, arch_options={"image_size": 16}, widths=NARROW["widths"])

@@ -11,6 +11,7 @@ import torch
 
 from krrst import DistilledSet
 from krrst import pipeline
+from krrst.models import fresh_model
 from krrst.augment import normalize
 from krrst.cli import main
 from krrst.distill import distill, initial_indices
@@ -598,7 +599,7 @@ def test_kd_runs_for_krrst_random_and_none_and_trains_the_target_classifier_once
     for seed in (0, 1):
         pretrained, _ = load_tensors(out / "eval" / "pretrained" / f"krr-st-convnet3-seed{seed}.safetensors")
         assert all(torch.equal(students[("krr-st", seed)][key], value) for key, value in pretrained.items())
-        fresh = krrst.evaluate.fresh_model("convnet3", None, seed, **pipeline.eval_overrides("convnet3", (32, 64, 128), 32))
+        fresh = fresh_model("convnet3", None, seed, **pipeline.eval_overrides("convnet3", (32, 64, 128), 32))
         assert all(torch.equal(students[("none", seed)][key], value) for key, value in fresh.state_dict().items())
     # a third seed resumes: the cached classifier is reused, not trained again
     grown = pipeline.run(tiny_config(**TINY_KD, **{"run.seeds": "3"}), out, preset="demo", force=True, device="cpu",
