@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from contextlib import nullcontext
@@ -840,6 +841,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"krrst {args.command}: interrupted{at}; the last checkpoint is kept: re-run the same command to resume",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `krrst ... | head` closed stdout early: what was asked for was read, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush cannot fail again
+        _leave_process_group()
+        return 0
     _leave_process_group()
     return 0
 

@@ -353,3 +353,14 @@ def test_evaluate_baselines_say_what_they_need(tmp_path, teacher_file, capsys):
         "krrst evaluate: error: --baseline kmeans needs --source NAME and --source-root PATH to pick images from")
     assert "unknown dataset 'imagefoldr'" in _error_line(capsys, [
         *command, "--baseline", "random", "--teacher", teacher_file, "--source", "imagefoldr", "--source-root", SAMPLE])
+
+
+def test_output_piped_into_head_ends_quietly():
+    """A reader that closes the pipe before krrst writes (`| head`, `| true`): no traceback, exit status 0."""
+    import subprocess
+    import sys
+
+    shell = f"{sys.executable} -c 'import sys; from krrst.cli import main; sys.exit(main())' " \
+            "run --preset demo --print-config | true; exit ${PIPESTATUS[0]}"
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert done.stderr == "" and done.returncode == 0, done.stderr

@@ -164,10 +164,10 @@ def test_readme_paper_presets_match_print_config(capsys):
 
 
 def test_readme_paper_commands_name_their_preset_and_root():
-    """The three copy-paste commands resolve (every --set is a valid key) and name the preset of their comment."""
+    """The copy-paste commands resolve (every --set is a valid key) and name the preset of their comment."""
     commands = readme_commands("Reproduce the paper")
     assert [argv[argv.index("--preset") + 1] for argv in commands] == [
-        "cifar100", "tinyimagenet", "imagenet64", "cifar100"]
+        "cifar100", "tinyimagenet", "imagenet64", "authors", "cifar100"]
     for argv in commands:
         assert main(argv[1:] + ["--print-config"]) == 0, argv
 
