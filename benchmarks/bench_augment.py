@@ -26,7 +26,7 @@ import torch
 import torchvision.transforms.v2 as T
 
 from krrst.augment import SSLAugmentConfig, crop_flip, normalize, ssl_views
-from krrst.config import resolve_device
+from krrst.infra.config import resolve_device
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

@@ -132,7 +132,7 @@ def step_flops(setting: dict, with_teacher: bool) -> int:
 def run_one(setting: dict, path: str, steps: int, skip: int, device_name: str, teacher_cache: int,
             compile_step: bool) -> dict:
     """Time one path of one setting in this process; return its measurements."""
-    from krrst.config import resolve_device
+    from krrst.infra.config import resolve_device
     from krrst.data import ImageSet
 
     device = resolve_device(device_name)

@@ -41,7 +41,7 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, out
     torch.set_num_threads(args.threads)
     from krrst.data import ImageSet
     from krrst.distill import DistillConfig, ModelPool, distill
-    from krrst.distributed import cleanup, init_distributed
+    from krrst.infra.distributed import cleanup, init_distributed
     from krrst.models import create_model
 
     ModelPool.warm_up = lambda self, *a, **k: None  # set-up, not per-step cost

@@ -18,7 +18,7 @@ says how many were measured). One warm-up call per configuration comes first.
 Every network is measured twice, each time in a subprocess of its own (so
 that the peak memory printed is that run's alone: peak resident set size of
 the process on CPU, `torch.cuda.max_memory_allocated` on CUDA): the
-**reference path** (`krrst.speed.reference_speed` on every config: float32,
+**reference path** (`krrst.infra.speed.reference_speed` on every config: float32,
 contiguous) and the **fast path** (the defaults: channels_last, bf16 autocast
 on CUDA, fused SGD on CUDA). The first table is the defaults' (the fast
 path); the second puts both side by side: pre-train steps/s, fine-tune
@@ -48,7 +48,7 @@ from krrst import evaluate as E
 from krrst.data import ImageSet
 from krrst.distilled import DistilledSet
 from krrst.models import fresh_model
-from krrst.speed import SpeedSettings, reference_speed
+from krrst.infra.speed import SpeedSettings, reference_speed
 
 CONFIGS = (
     # (label, arch, options, CPU fine-tune iterations timed, CPU pre-train epochs timed)

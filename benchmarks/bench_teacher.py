@@ -21,7 +21,7 @@ otherwise (the rate is the same). Runs on CUDA when available (`--device`).
 `throughput` runs every network twice, each run in a subprocess of its own
 (so that the peak memory printed is that run's alone: peak resident set size
 of the process on CPU, `torch.cuda.max_memory_allocated` on CUDA): the
-**reference path** (`krrst.speed.reference_speed`: float32, contiguous) and
+**reference path** (`krrst.infra.speed.reference_speed`: float32, contiguous) and
 the **fast path** (the defaults: channels_last, bf16 autocast on CUDA, fused
 SGD/AdamW on CUDA). It prints the images/s of both, their ratio, peak memory,
 the FLOPs of one step (`torch.utils.flop_counter.FlopCounterMode` on meta
@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 from bench_distill import PEAK_BF16  # this folder is the script's: the one peak table of the benchmarks
 
-from krrst.config import resolve_device
-from krrst.speed import reference_speed
+from krrst.infra.config import resolve_device
+from krrst.infra.speed import reference_speed
 from krrst.teacher import (
     TeacherConfig,
     barlow_twins_loss,

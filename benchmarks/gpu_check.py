@@ -72,14 +72,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_distill import time_distill  # noqa: E402  timing, FLOPs and MFU as the distillation benchmark counts them
 
 from krrst import distill as distill_module  # noqa: E402
-from krrst import io  # noqa: E402
+from krrst.infra import io  # noqa: E402
 from krrst.augment import normalize  # noqa: E402
-from krrst.config import apply_overrides, resolve_device  # noqa: E402
+from krrst.infra.config import apply_overrides, resolve_device  # noqa: E402
 from krrst.data import ImageSet  # noqa: E402
 from krrst.distill import (  # noqa: E402
     DistillConfig, ModelPool, SpeedSettings, make_step_loss, reference_config,
 )
-from krrst.errors import KrrstError  # noqa: E402
+from krrst.infra.errors import KrrstError  # noqa: E402
 from krrst.models import create_model, model_options  # noqa: E402
 from krrst.pipeline import resolve_config  # noqa: E402
 from krrst.results import read_results  # noqa: E402

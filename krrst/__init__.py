@@ -5,7 +5,7 @@ The stages are plain functions over plain objects:
 -> `krrst.evaluate.pretrain` / `finetune`. See docs/design.md for the module map.
 """
 
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 __version__ = "0.1.0"
 __all__ = ["DistilledSet", "KrrstError", "__version__"]

@@ -42,7 +42,7 @@ from kornia.enhance import (
     adjust_saturation_with_gray_subtraction,
 )
 
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 ChannelStats = Sequence[float] | torch.Tensor
 

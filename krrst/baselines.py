@@ -31,13 +31,13 @@ import torch
 from torch import nn
 
 from krrst.augment import normalize
-from krrst.config import resolve_device
 from krrst.distilled import DistilledSet
-from krrst.errors import KrrstError
 from krrst.features import batched_features
-from krrst.finite import LossWatch
+from krrst.infra.config import resolve_device
+from krrst.infra.errors import KrrstError
+from krrst.infra.finite import LossWatch
+from krrst.infra.progress import progress_bar
 from krrst.models import fresh_model
-from krrst.progress import progress_bar
 
 if TYPE_CHECKING:
     from krrst.data import ImageSet

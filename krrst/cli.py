@@ -18,9 +18,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-from krrst.config import did_you_mean, parse_assignments, read_config_file
-from krrst.errors import KrrstError
-from krrst.registry import unknown_name
+from krrst.infra.config import did_you_mean, parse_assignments, read_config_file
+from krrst.infra.errors import KrrstError
+from krrst.infra.registry import unknown_name
 
 
 def _version() -> str:
@@ -95,7 +95,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 def _stage_config(cls, stage: str, preset: str | None, overrides: list[str], extra: dict | None = None):
     """A stage's config: the preset's values for that stage, then `extra`, then `--set stage.field=value`."""
-    from krrst.config import apply_overrides
+    from krrst.infra.config import apply_overrides
     from krrst.pipeline import PRESETS
 
     values = dict(PRESETS.get(preset, what="--preset").get(stage, {})) if preset else {}
@@ -110,7 +110,7 @@ def _stage_config(cls, stage: str, preset: str | None, overrides: list[str], ext
 
 def _distributed(args: argparse.Namespace):
     """Join torchrun's process group when launched by it (one process per GPU); else a single process."""
-    from krrst.distributed import init_distributed
+    from krrst.infra.distributed import init_distributed
 
     return init_distributed(args.device)
 
@@ -144,8 +144,14 @@ def _load_teacher(args: argparse.Namespace):
 
 
 def _cmd_teacher(args: argparse.Namespace) -> None:
-    from krrst.teacher import (TEACHER_FILE, TeacherConfig, check_not_collapsed, feature_health, save_teacher,
-                               train_teacher)
+    from krrst.teacher import (
+        TEACHER_FILE,
+        TeacherConfig,
+        check_not_collapsed,
+        feature_health,
+        save_teacher,
+        train_teacher,
+    )
 
     if args.teacher and (args.preset or args.overrides):
         raise KrrstError("--preset and --set configure teacher training; they have no effect when importing --teacher")
@@ -305,8 +311,8 @@ def _evaluation_configs(args: argparse.Namespace, suite: dict[str, Any]) -> dict
     `--set`."""
     import dataclasses
 
-    from krrst.config import did_you_mean_key
     from krrst.evaluate import FinetuneConfig, KDConfig, LinearProbeConfig, PretrainConfig
+    from krrst.infra.config import did_you_mean_key
 
     stages = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear": LinearProbeConfig, "kd": KDConfig}
     overrides = [f"{key}={value}" for key, value in suite.items()] + args.overrides  # an explicit --set wins
@@ -428,8 +434,8 @@ def _check_kd_teacher(args: argparse.Namespace, config, train, test, image_size:
 
 def _evaluate_into(args, method, network, source_name, target, protocols, configs, image_size, identity, provenance):
     """Claim `--out` for this method, evaluate, and write and print the report."""
-    from krrst.distributed import run_on_main
-    from krrst.io import exclusive_lock
+    from krrst.infra.distributed import run_on_main
+    from krrst.infra.io import exclusive_lock
     from krrst.pipeline import claim_evaluation, evaluate_methods, preset_config
     from krrst.report import report_text, write_report
 
@@ -833,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"krrst {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from krrst.progress import stopped_loops
+        from krrst.infra.progress import stopped_loops
 
         _leave_process_group()
         where = stopped_loops()
@@ -850,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _leave_process_group() -> None:
-    from krrst.distributed import cleanup
+    from krrst.infra.distributed import cleanup
 
     cleanup()
 

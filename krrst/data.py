@@ -101,9 +101,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from krrst.errors import KrrstError
-from krrst.io import atomic_write, describe_exception, read_json, write_json
-from krrst.registry import Registry
+from krrst.infra.errors import KrrstError
+from krrst.infra.io import atomic_write, describe_exception, read_json, write_json
+from krrst.infra.registry import Registry
 
 Stats = tuple[float, float, float]
 
@@ -190,8 +190,8 @@ class ImageSet:
         return dataclasses.replace(self, images=self.images[indices], labels=labels)
 
     def to(self, device: str | torch.device) -> ImageSet:
-        """The same set with images and labels on `device` (resolved by `krrst.config.resolve_device`)."""
-        from krrst.config import resolve_device
+        """The same set with images and labels on `device` (resolved by `krrst.infra.config.resolve_device`)."""
+        from krrst.infra.config import resolve_device
 
         device = resolve_device(device)
         labels = None if self.labels is None else self.labels.to(device)

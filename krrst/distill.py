@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krrst import io, run_state
 from krrst.augment import (
     CropFlipParams,
     apply_crop_flip,
@@ -46,13 +45,21 @@ from krrst.augment import (
     normalize,
     sample_crop_flip,
 )
-from krrst.config import check_numeric_fields, config_to_dict, resolve_device
 from krrst.distilled import DistilledSet
-from krrst.distributed import DistributedContext, all_reduce_mean_, current_context, shard_slice
-from krrst.errors import KrrstError
 from krrst.features import batched_features
-from krrst.finite import LossWatch
 from krrst.formats import fit_to_source
+from krrst.infra import io, run_state
+from krrst.infra.config import check_numeric_fields, config_to_dict, resolve_device
+from krrst.infra.distributed import DistributedContext, all_reduce_mean_, current_context, shard_slice
+from krrst.infra.errors import KrrstError
+from krrst.infra.finite import LossWatch
+from krrst.infra.progress import progress_bar
+from krrst.infra.run_state import RunningMean, RunState, draw_seed, every, stage_seeds
+from krrst.infra.speed import (  # SpeedSettings: also imported from here
+    SpeedSettings,
+    check_speed_fields,
+    reference_speed,
+)
 from krrst.losses import krr_st_loss, krr_st_loss_with_info
 from krrst.models import fresh_model, model_options
 from krrst.parameterize import (
@@ -61,9 +68,6 @@ from krrst.parameterize import (
     make_synthetic_set,
     valid_pyramid_levels,
 )
-from krrst.progress import progress_bar
-from krrst.run_state import RunningMean, RunState, draw_seed, every, stage_seeds
-from krrst.speed import SpeedSettings, check_speed_fields, reference_speed  # SpeedSettings: also imported from here
 from krrst.teacher import check_teacher_features, teacher_identity
 
 CHECKPOINT_NAME = run_state.CHECKPOINT_NAME  # the run folder's files, as the pipeline and the report find them

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from krrst.errors import KrrstError
-from krrst.finite import check_finite
-from krrst.io import atomic_write, load_tensors, save_tensors
+from krrst.infra.errors import KrrstError
+from krrst.infra.finite import check_finite
+from krrst.infra.io import atomic_write, load_tensors, save_tensors
 
 TARGET_KINDS = ("representation", "hard_labels", "soft_labels")
 FORMAT_VERSION = 1

@@ -30,10 +30,10 @@ mean/std, as the authors' code does per dataset); distilled images are
 already normalised with the source's.
 
 Speed: `PretrainConfig`, `FinetuneConfig` and `LinearProbeConfig` carry
-`precision` and `channels_last` (`krrst.speed`): by default the networks and
+`precision` and `channels_last` (`krrst.infra.speed`): by default the networks and
 their inputs are channels_last, forwards run under bf16 autocast on CUDA only,
 losses are float32, and SGD/AdamW are fused on CUDA.
-`krrst.speed.reference_speed(config)` is the float32, contiguous reference
+`krrst.infra.speed.reference_speed(config)` is the float32, contiguous reference
 path (tests/test_evaluate.py holds the fast path to it).
 """
 
@@ -52,18 +52,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from krrst.augment import crop_flip, normalize
-from krrst.config import check_numeric_fields, resolve_device
 from krrst.distilled import DistilledSet
-from krrst.errors import KrrstError
 from krrst.features import batched_features
-from krrst.finite import LossWatch, check_finite
 from krrst.formats import is_library_arch, library_classifier, load_classifier_weights, read_classifier_file
+from krrst.infra.config import check_numeric_fields, resolve_device
+from krrst.infra.errors import KrrstError
+from krrst.infra.finite import LossWatch, check_finite
+from krrst.infra.progress import progress_bar
+from krrst.infra.speed import SpeedSettings, check_speed_fields, fused_options
+
 # Another project's label set is read in krrst.formats; importable from here until the README names it there.
 from krrst.losses import soft_cross_entropy
 from krrst.models import create_model, fresh_model, list_models, model_options, reset_head
-from krrst.progress import progress_bar
 from krrst.results import result_row
-from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
 if TYPE_CHECKING:
     from krrst.data import ImageSet
@@ -117,9 +118,9 @@ class PretrainConfig:
     padding: int = 4
     # the network's init, the batch order and the augmentation
     seed: int = 0
-    # "auto": bf16 autocast on CUDA, float32 elsewhere (krrst.speed)
+    # "auto": bf16 autocast on CUDA, float32 elsewhere (krrst.infra.speed)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    # "auto" = on: networks and inputs in channels_last memory (krrst.speed)
+    # "auto" = on: networks and inputs in channels_last memory (krrst.infra.speed)
     channels_last: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
@@ -148,7 +149,7 @@ class FinetuneConfig:
     seed: int = 0
     # batch of the test pass
     eval_batch_size: int = 1024
-    # speed knobs of krrst.speed, for training and the test pass
+    # speed knobs of krrst.infra.speed, for training and the test pass
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
 
@@ -183,7 +184,7 @@ class LinearProbeConfig:
     seed: int = 0
     # batch of the feature extraction
     eval_batch_size: int = 1024
-    # speed knobs of krrst.speed, for the feature extraction; the features and the classifier are float32
+    # speed knobs of krrst.infra.speed, for the feature extraction; the features and the classifier are float32
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
 
@@ -457,7 +458,7 @@ def top1_accuracy(
 ) -> tuple[float, float]:
     """(top-1 accuracy as a fraction, mean cross-entropy) of `model` in eval mode on uint8 `images`.
 
-    `speed` (`krrst.speed.SpeedSettings`): the forward's layout and precision; None: as the model is.
+    `speed` (`krrst.infra.speed.SpeedSettings`): the forward's layout and precision; None: as the model is.
     """
     model.eval()
     correct = 0
@@ -743,7 +744,7 @@ def extract_features(
 ) -> torch.Tensor:
     """`model.forward_features` of uint8 `images` in eval mode, batched, in the default dtype (N x feature_dim).
 
-    `speed` (`krrst.speed.SpeedSettings`): the forward's layout and precision; None: as the model is.
+    `speed` (`krrst.infra.speed.SpeedSettings`): the forward's layout and precision; None: as the model is.
     """
     model.eval()
     if len(images) == 0:

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from krrst.augment import normalize
-from krrst.progress import progress_bar
+from krrst.infra.progress import progress_bar
 
 if TYPE_CHECKING:
-    from krrst.speed import SpeedSettings
+    from krrst.infra.speed import SpeedSettings
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def batched_features(
             fed as they are (already normalised).
         device: where each chunk is computed (moved there before normalising);
             None: the images' device. A large source can stay on the CPU.
-        speed: the forward's layout and precision (`krrst.speed.SpeedSettings`);
+        speed: the forward's layout and precision (`krrst.infra.speed.SpeedSettings`);
             None: as the network is.
         dtype: each chunk's output is cast to it; None: as `forward` returns it.
         out_device: where the outputs are gathered, chunk by chunk (e.g. "cpu"

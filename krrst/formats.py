@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from krrst.distilled import DistilledSet
-from krrst.errors import KrrstError
-from krrst.finite import check_finite, first_nonfinite_tensor
-from krrst.io import describe_exception, load_tensors, torch_load_weights_only
+from krrst.infra.errors import KrrstError
+from krrst.infra.finite import check_finite, first_nonfinite_tensor
+from krrst.infra.io import describe_exception, load_tensors, torch_load_weights_only
 
 LIBRARIES = ("torchvision", "timm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -7,7 +7,7 @@
 - `soft_cross_entropy`: knowledge distillation's soft-target loss.
 
 None of them communicates across ranks: a distributed caller gathers the
-embeddings first (`krrst.distributed.all_gather_with_grad`).
+embeddings first (`krrst.infra.distributed.all_gather_with_grad`).
 
 KRR-ST objective: closed-form kernel ridge regression and the outer loss.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 
 def _with_bias_column(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

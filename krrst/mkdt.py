@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,18 +38,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from krrst import io
 from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
-from krrst.config import check_numeric_fields, config_changes, config_to_dict, resolve_device
-from krrst.distilled import DistilledSet
-from krrst.errors import KrrstError
-from krrst.finite import LossWatch
 from krrst.distill import network_options
+from krrst.distilled import DistilledSet
 from krrst.formats import fit_to_source
+from krrst.infra import io
+from krrst.infra.config import check_numeric_fields, config_changes, config_to_dict, resolve_device
+from krrst.infra.errors import KrrstError
+from krrst.infra.finite import LossWatch
+from krrst.infra.progress import progress_bar
+from krrst.infra.run_state import RunningMean, RunState, draw_seed, stage_seeds
 from krrst.losses import parameter_matching_loss
 from krrst.models import fresh_model
-from krrst.progress import progress_bar
-from krrst.run_state import RunningMean, RunState, draw_seed, stage_seeds
 from krrst.teacher import teacher_identity
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -460,8 +459,7 @@ def mkdt_distill(source: Any, teacher: nn.Module, config: MKDTConfig | None = No
                   resume=resume, resumable=RESUMABLE_CHANGES,
                   identity={"source": source_id, "teacher": teacher_identity(teacher)},
                   checkpoint_every=config.checkpoint_every, log_every=config.log_every, stop_at_step=stop_at_step,
-                  progress=progress, writes=write) as run:
-        _refuse_unresumed_experts(run, resume)
+                  progress=progress, writes=write, guarded=(TRAJECTORIES_NAME,)) as run:
         target_reps = _teacher_targets(teacher, source_images, mean, std, device, progress)
         trajectories = _experts(run, trajectories, resume, source_images, mean, std, teacher, target_reps, progress)
         _, init_seed, match_seed = stage_seeds(config.seed, 3)
@@ -490,7 +488,6 @@ def _match(run: RunState, config: MKDTConfig, trajectories: Trajectories, studen
     device = learnt.images.device
     watch = LossWatch("mkdt matching", "mkdt.image_lr / mkdt.lr_lr / mkdt.target_lr too high", device)
     batch_syn = min(config.batch_syn, config.num_images)
-    started = time.perf_counter()  # elapsed_s counts this loop, not the experts before it
 
     def checkpoint() -> dict[str, Any]:  # the scaffold adds step, config, source and teacher
         return {"experts": experts_id, "generator": generator.get_state(), **learnt.state_dict(),
@@ -515,8 +512,7 @@ def _match(run: RunState, config: MKDTConfig, trajectories: Trajectories, studen
         # rows at the same steps whether or not the run was interrupted (a stop is not a row)
         if run.is_log_step(step):
             watch.check()
-            run.log(step, loss=mean_loss.take(), syn_lr=learnt.syn_lr.detach().clone(),
-                    elapsed_s=round(time.perf_counter() - started, 3))
+            run.log(step, loss=mean_loss.take(), syn_lr=learnt.syn_lr.detach().clone())
             run.flush()
         if run.is_checkpoint_step(step):
             watch.check()  # never checkpoint a diverged set
@@ -610,14 +606,6 @@ def _teacher_targets(teacher: nn.Module, images: torch.Tensor, mean: tuple[float
         raise KrrstError(f"teacher must output N x d features, got shape {tuple(target_reps.shape)}")
     check_teacher_features(teacher, target_reps, f"the {len(images):,} source images")
     return target_reps
-
-
-def _refuse_unresumed_experts(run: RunState, resume: bool) -> None:
-    """Without `resume`, saved experts are refused as a checkpoint is: nothing is overwritten."""
-    path = run.out_dir / TRAJECTORIES_NAME if run.out_dir is not None else None
-    if not resume and run.is_writer and path is not None and path.is_file():
-        raise KrrstError(f"{path} already exists; resume that run (re-run the krrst command, or resume=True) or "
-                         "choose another --out")
 
 
 def _experts(run: RunState, given: Trajectories | None, resume: bool, source_images: torch.Tensor,

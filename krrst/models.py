@@ -2,7 +2,7 @@
 
 One registry, as timm does: `register_model(name)` decorates a builder
 `fn(num_outputs=None, **options) -> nn.Module` and adds it to `MODELS` (a
-`krrst.registry.Registry`); `create_model(arch, ...)` builds by name and
+`krrst.infra.registry.Registry`); `create_model(arch, ...)` builds by name and
 checks the options; `list_models()` lists the names.
 
 Every model has the same surface, so the distillation, the evaluation and the
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from krrst.errors import KrrstError
-from krrst.registry import Registry
+from krrst.infra.errors import KrrstError
+from krrst.infra.registry import Registry
 
 ModelBuilder = Callable[..., nn.Module]
 

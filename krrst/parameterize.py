@@ -14,7 +14,7 @@ and predicts the representations of fixed augmented views with a small network.
   w.r.t. `parameters()`), `param_groups(image_lr, target_lr, std)` (AdamW
   groups; `image_lr` in raw-pixel units, see `krrst.distill.DistillConfig`),
   `storage_bytes()`, `summary()` (JSON-able) and `state_dict()` /
-  `load_state_dict()` (tensors only, for `krrst.io.save_state`).
+  `load_state_dict()` (tensors only, for `krrst.infra.io.save_state`).
 - `pixel_storage_bytes`, `basis_images_for_budget`, `pyramid_images_for_budget`:
   "same storage, more images".
 - `AugmentationPredictor`, `augmentation_predictor_loss`: representations of
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from krrst.augment import ROTATIONS, check_fixed_augmentations
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 SYNTHETIC_KINDS = ("pixels", "basis", "pyramid")
 

@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
-from krrst.config import apply_overrides, config_to_dict, did_you_mean_key, resolve_device
 from krrst.data import FINE_GRAINED, evaluation_split
-from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
 from krrst.distill import CHECKPOINT_NAME as DISTILL_CHECKPOINT
 from krrst.distill import DISTILLED_NAME, DistillConfig, unused_fields
-from krrst.errors import KrrstError
+from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
 from krrst.evaluate import FinetuneConfig, KDConfig, LinearProbeConfig, PretrainConfig
-from krrst.distributed import (
+from krrst.infra.config import apply_overrides, config_to_dict, did_you_mean_key, resolve_device
+from krrst.infra.distributed import (
     DistributedContext,
     barrier,
     current_context,
@@ -42,11 +41,12 @@ from krrst.distributed import (
     run_on_main,
     split_jobs,
 )
-from krrst.io import LOCK_NAME, capture_env, check_output_dir, exclusive_lock, read_json, write_json
+from krrst.infra.errors import KrrstError
+from krrst.infra.io import LOCK_NAME, capture_env, check_output_dir, exclusive_lock, read_json, write_json
+from krrst.infra.progress import stopped_loops
+from krrst.infra.registry import Registry
 from krrst.mkdt import CHECKPOINT_NAME as MKDT_CHECKPOINT
 from krrst.mkdt import TRAJECTORIES_NAME, MKDTConfig
-from krrst.progress import stopped_loops
-from krrst.registry import Registry
 from krrst.results import SETS_NAME, append_results, check_provenance, has_result, read_results, remove_results
 from krrst.teacher import CHECKPOINT_FILE as TEACHER_CHECKPOINT
 from krrst.teacher import HEALTH_FILE, TEACHER_FILE, TeacherConfig
@@ -684,13 +684,13 @@ def eval_overrides(arch: str, eval_widths: tuple[int, ...], image_size: int | No
 
 
 def _save_model(path: Path, model: torch.nn.Module) -> None:
-    from krrst.io import save_tensors
+    from krrst.infra.io import save_tensors
 
     save_tensors(path, model.state_dict(), {"spec": model.spec})
 
 
 def _load_model(path: Path, device: torch.device) -> torch.nn.Module:
-    from krrst.io import load_tensors
+    from krrst.infra.io import load_tensors
     from krrst.models import create_model
 
     tensors, metadata = load_tensors(path, "pre-trained model")
@@ -1066,7 +1066,7 @@ def kd_teacher(
     """
     from krrst.evaluate import KD_TEACHER_ARCH, class_count, load_kd_teacher, train_kd_teacher
     from krrst.formats import is_library_arch
-    from krrst.io import save_tensors
+    from krrst.infra.io import save_tensors
 
     num_classes = class_count(train, test)
     where = f"target {test.name!r}"

@@ -23,8 +23,8 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from krrst.errors import KrrstError
-from krrst.io import atomic_write, read_json
+from krrst.infra.errors import KrrstError
+from krrst.infra.io import atomic_write, read_json
 from krrst.results import SETS_NAME, method_provenance, read_results
 
 if TYPE_CHECKING:

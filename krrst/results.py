@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from krrst.errors import KrrstError
-from krrst.io import atomic_write, file_lock
+from krrst.infra.errors import KrrstError
+from krrst.infra.io import atomic_write, file_lock
 
 SETS_NAME = "sets.json"  # per method: images, storage_bytes, parameterization (written by the pipeline)
 RESULT_FIELDS = ("method", "source", "target", "arch", "protocol", "seed", "accuracy", "wall_time_s", "provenance")

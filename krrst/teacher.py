@@ -41,11 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from krrst.augment import ssl_view_pair
-from krrst.config import check_numeric_fields, config_to_dict, resolve_device
-from krrst.distributed import DistributedContext, all_gather_with_grad, barrier, convert_sync_batchnorm
-from krrst.errors import KrrstError
 from krrst.features import batched_features
-from krrst.finite import LossWatch, describe_nonfinite, first_nonfinite_tensor
 from krrst.formats import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -58,10 +54,14 @@ from krrst.formats import (
     load_library_teacher,
     load_torchscript,
 )
-from krrst.io import load_tensors, save_tensors, torch_load_weights_only, write_json
+from krrst.infra.config import check_numeric_fields, config_to_dict, resolve_device
+from krrst.infra.distributed import DistributedContext, all_gather_with_grad, barrier, convert_sync_batchnorm
+from krrst.infra.errors import KrrstError
+from krrst.infra.finite import LossWatch, describe_nonfinite, first_nonfinite_tensor
+from krrst.infra.io import load_tensors, save_tensors, torch_load_weights_only, write_json
+from krrst.infra.run_state import RunState, read_log
+from krrst.infra.speed import SpeedSettings, check_speed_fields, fused_options
 from krrst.losses import barlow_twins_loss, simclr_loss
-from krrst.run_state import RunState, read_log
-from krrst.speed import SpeedSettings, check_speed_fields, fused_options
 
 TEACHER_FILE = "teacher.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -106,7 +106,7 @@ class TeacherConfig:
     layers), off-diagonal weight lambda = 0.0051 (Zbontar et al., "Barlow
     Twins", ICML 2021) and loss scale 0.1.
 
-    `krrst.speed.reference_speed(config)` (float32, channels_last off) is the
+    `krrst.infra.speed.reference_speed(config)` (float32, channels_last off) is the
     reference path the fast one is tested against (tests/test_teacher.py).
     """
 
@@ -169,9 +169,9 @@ class TeacherConfig:
     checkpoint_every: int = 500
     # steps between loss syncs to the CSV and the progress bar
     log_every: int = 10
-    # --- speed (krrst.speed.reference_speed turns both off)
+    # --- speed (krrst.infra.speed.reference_speed turns both off)
     # bfloat16 runs the backbone and projector under autocast (the SSL loss stays float32); auto = bfloat16 on
-    # CUDA, float32 elsewhere (krrst.speed)
+    # CUDA, float32 elsewhere (krrst.infra.speed)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     # the backbone and the views in NHWC memory layout (auto = on)
     channels_last: Literal["auto", "on", "off"] = "auto"
@@ -330,7 +330,7 @@ def train_teacher(images, config: TeacherConfig | None = None, out_dir: str | os
         resume: continue from `out_dir/checkpoint.safetensors` when present;
             the result equals an uninterrupted run's. Without `resume`, an
             existing checkpoint there is an error (nothing is overwritten).
-        device: see `krrst.config.resolve_device`.
+        device: see `krrst.infra.config.resolve_device`.
         heldout: an `ImageSet` for the feature health check (default: up to
             1,000 source images).
         labelled: a `(train, test)` pair of labelled `ImageSet`s for the k-NN
@@ -338,7 +338,7 @@ def train_teacher(images, config: TeacherConfig | None = None, out_dir: str | os
         stop_at_step: stop after this global step, checkpoint and return the
             unfinished backbone (for time-sliced runs and the resume test).
         progress: show progress and the summary line (None: a bar on a terminal, plain lines in a log file).
-        distributed: the `krrst.distributed.init_distributed()` context of a
+        distributed: the `krrst.infra.distributed.init_distributed()` context of a
             torchrun process; with world_size > 1 the ranks split each global
             batch of `config.batch_size` (a multiple of the world size) and
             train one model together on `distributed.device` (`device` is

@@ -24,7 +24,7 @@ from krrst.augment import (
     ssl_view_pair,
     ssl_views,
 )
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

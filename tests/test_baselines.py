@@ -9,7 +9,7 @@ from torch import nn
 from krrst import baselines as B
 from krrst.augment import normalize
 from krrst.data import ImageSet
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 

@@ -75,7 +75,7 @@ def test_teacher_resumes_by_re_running_the_same_command(tmp_path, monkeypatch, c
     assert "krrst teacher: interrupted (teacher" in capsys.readouterr().err
     assert main([*command, "--out", str(tmp_path / "cut")]) == 0
     assert "teacher: resuming" in capsys.readouterr().err
-    from krrst.io import load_tensors
+    from krrst.infra.io import load_tensors
 
     whole, _ = load_tensors(tmp_path / "whole" / TEACHER_FILE)
     cut, _ = load_tensors(tmp_path / "cut" / TEACHER_FILE)
@@ -251,7 +251,7 @@ def test_evaluate_reads_another_methods_label_set(tmp_path, monkeypatch):
 
 def _classifier_file(path, num_classes, widths=(4, 8, 8)):
     """A krrst model file of a ConvNet classifier (its metadata names the architecture), as the kd cache writes."""
-    from krrst.io import save_tensors
+    from krrst.infra.io import save_tensors
 
     model = create_model("convnet3", num_outputs=num_classes, widths=widths, image_size=32)
     save_tensors(path, model.state_dict(), {"spec": model.spec})

@@ -7,10 +7,15 @@ from typing import Literal
 import pytest
 import torch
 
-from krrst.config import (
-    apply_overrides, config_changes, config_from_dict, config_to_dict, parse_assignments, resolve_device,
+from krrst.infra.config import (
+    apply_overrides,
+    config_changes,
+    config_from_dict,
+    config_to_dict,
+    parse_assignments,
+    resolve_device,
 )
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +96,7 @@ def test_the_float32_limit_itself_and_long_integers_are_exact():
 
 
 def test_check_numeric_fields_walks_tuples_and_names_the_stage():
-    from krrst.config import check_numeric_fields
+    from krrst.infra.config import check_numeric_fields
 
     @dataclasses.dataclass(frozen=True)
     class Scales:
@@ -103,7 +108,7 @@ def test_check_numeric_fields_walks_tuples_and_names_the_stage():
 
 
 def test_close_matches_put_a_case_mistake_first_and_find_typos():
-    from krrst.config import close_matches, did_you_mean
+    from krrst.infra.config import close_matches, did_you_mean
 
     assert close_matches("Demo", ["cifar100", "demo", "cpu-mini"]) == ["demo"]
     assert close_matches("cpu-mnii", ["cifar100", "demo", "cpu-mini"]) == ["cpu-mini"]
@@ -118,7 +123,7 @@ def test_close_matches_put_a_case_mistake_first_and_find_typos():
     ("distill.zzzzzz", []),  # a shared "distill." prefix is no match
 ])
 def test_suggest_keys(key, expected):
-    from krrst.config import suggest_keys
+    from krrst.infra.config import suggest_keys
 
     valid = ["teacher.steps", "teacher.lr", "distill.steps", "distill.seed", "distill.pool_steps"]
     assert suggest_keys(key, valid) == expected
@@ -132,7 +137,7 @@ def test_unknown_key_lists_every_key_only_when_nothing_is_close():
 
 
 def test_read_config_file(tmp_path):
-    from krrst.config import read_config_file
+    from krrst.infra.config import read_config_file
 
     path = tmp_path / "config.json"
     path.write_text('{"preset": "demo", "distill": {"steps": 5, "widths": [8, 16]}, "run": {}}')
@@ -150,7 +155,7 @@ def test_config_module_imports_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, krrst.config; assert 'torch' not in sys.modules"
+    code = "import sys, krrst.infra.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from krrst.data import CIFAR10_CLASSES, ImageSet, cache_file, list_datasets, load_images
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers that write images and archives in the official layouts.

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import krrst.distill as distill_module
+import krrst.infra.io
 import krrst.losses as losses_module
-import krrst.io
+from krrst.augment import apply_crop_flip, normalize
+from krrst.data import ImageSet
 from krrst.distill import (
     CHECKPOINT_NAME,
     DISTILLED_NAME,
@@ -24,16 +26,12 @@ from krrst.distill import (
     reference_config,
     unused_fields,
 )
-from krrst.data import ImageSet
-from krrst.parameterize import PixelSet
-from krrst.augment import apply_crop_flip, normalize
-from krrst.losses import krr_st_loss
 from krrst.distilled import DistilledSet
-from krrst.errors import KrrstError
-from krrst.io import load_state
+from krrst.infra.errors import KrrstError
+from krrst.infra.io import load_state
+from krrst.losses import krr_st_loss
 from krrst.models import create_model, fresh_model
-
-
+from krrst.parameterize import PixelSet
 
 # ---------------------------------------------------------------------------- the model pool
 
@@ -129,7 +127,7 @@ def test_pool_state_round_trips_through_a_checkpoint(tmp_path):
     pool.warm_up(images, targets)
     for _ in range(5):
         pool.train_step(pool.pick(), images, targets)
-    krrst.io.save_state(tmp_path / "pool.safetensors", {"pool": pool.state_dict()})
+    krrst.infra.io.save_state(tmp_path / "pool.safetensors", {"pool": pool.state_dict()})
     restored = ModelPool("convnet3", 5, TINY, size=3, steps_per_model=4, seed=99)
     restored.load_state_dict(load_state(tmp_path / "pool.safetensors")["pool"])
     for _ in range(6):  # crosses re-initialisations: the generator state must match too
@@ -254,17 +252,17 @@ class _Interrupted(Exception):
 def test_resume_reaches_the_same_set_as_an_uninterrupted_run(cifar10_small, uninterrupted_run, tmp_path, monkeypatch):
     train, test = cifar10_small
     expected, expected_dir = uninterrupted_run
-    real_save = krrst.io.save_state
+    real_save = krrst.infra.io.save_state
 
     def save_then_stop(path, state):
         real_save(path, state)
         if state["step"] == 3:
             raise _Interrupted
 
-    monkeypatch.setattr(krrst.io, "save_state", save_then_stop)
+    monkeypatch.setattr(krrst.infra.io, "save_state", save_then_stop)
     with pytest.raises(_Interrupted):
         distill(train, _teacher(), RUN, out_dir=tmp_path, heldout=test, progress=False)
-    monkeypatch.setattr(krrst.io, "save_state", real_save)
+    monkeypatch.setattr(krrst.infra.io, "save_state", real_save)
     assert not (tmp_path / DISTILLED_NAME).exists()
 
     resumed = distill(train, _teacher(), RUN, out_dir=tmp_path, resume=True, heldout=test, progress=False)
@@ -279,7 +277,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(
 ):
     train, test = cifar10_small
     expected, _ = uninterrupted_run
-    real_save_file = krrst.io.save_file
+    real_save_file = krrst.infra.io.save_file
     calls = []
 
     def save_file_that_dies_on_the_second_checkpoint(tensors, filename, metadata=None):
@@ -290,10 +288,10 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(
             handle.write(b"\x00" * 1000)
         raise OSError("simulated crash while writing")
 
-    monkeypatch.setattr(krrst.io, "save_file", save_file_that_dies_on_the_second_checkpoint)
+    monkeypatch.setattr(krrst.infra.io, "save_file", save_file_that_dies_on_the_second_checkpoint)
     with pytest.raises(OSError, match="simulated crash"):
         distill(train, _teacher(), RUN, out_dir=tmp_path, heldout=test, progress=False)
-    monkeypatch.setattr(krrst.io, "save_file", real_save_file)
+    monkeypatch.setattr(krrst.infra.io, "save_file", real_save_file)
 
     assert load_state(tmp_path / CHECKPOINT_NAME)["step"] == 3
     assert not list(tmp_path.glob(".*.tmp"))

@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 from krrst.augment import normalize
 from krrst.data import ImageSet
 from krrst.distill import CHECKPOINT_NAME, DistillConfig, distill, initial_indices
-from krrst.distributed import cleanup, init_distributed
-from krrst.io import load_state, load_tensors, save_tensors
+from krrst.infra.distributed import cleanup, init_distributed
+from krrst.infra.io import load_state, load_tensors, save_tensors
 from krrst.models import create_model
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -132,8 +132,9 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_a_clear_error(tmp_path):
 
 
 def _pipeline_child(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    from krrst import pipeline
     from test_pipeline import TINY
+
+    from krrst import pipeline
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -147,9 +148,10 @@ def _pipeline_child(rank: int, world_size: int, port: int, out_dir: str) -> None
 
 
 def test_the_pipeline_under_two_ranks_spreads_the_evaluation_and_matches_one_process(tmp_path):
+    from test_pipeline import TINY
+
     from krrst import pipeline
     from krrst.results import read_results
-    from test_pipeline import TINY
 
     config = pipeline.resolve_config("demo", {**TINY, "run.seeds": "2"})
     single = pipeline.run(config, tmp_path / "one", preset="demo", device="cpu", progress=False, log=lambda _: None)

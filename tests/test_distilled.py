@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from krrst import DistilledSet
-from krrst.errors import KrrstError
-from krrst.io import save_tensors
+from krrst.infra.errors import KrrstError
+from krrst.infra.io import save_tensors
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

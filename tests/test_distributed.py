@@ -17,14 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from krrst.data import ImageSet
-from krrst.distributed import (
+from krrst.infra.distributed import (
     DistributedContext,
     all_gather_with_grad,
     all_reduce_gradients_,
     all_reduce_mean_,
     broadcast_,
     convert_sync_batchnorm,
-    distributed_barlow_twins_loss,
     gather_objects,
     init_distributed,
     is_distributed,
@@ -32,7 +31,7 @@ from krrst.distributed import (
     shard_slice,
     split_jobs,
 )
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 from krrst.losses import barlow_twins_loss, simclr_loss
 from krrst.teacher import TeacherConfig, read_loss_log, train_teacher
 
@@ -71,7 +70,7 @@ def _child(rank: int, port: int, work, args) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    from krrst.distributed import cleanup
+    from krrst.infra.distributed import cleanup
 
     context = init_distributed("cpu")
     try:
@@ -107,7 +106,8 @@ def _check_collectives(context: DistributedContext) -> None:
     reference.backward()
     rows = shard_slice(8, rank, WORLD_SIZE)
     z_a, z_b = full_a[rows].clone().requires_grad_(True), full_b[rows].clone().requires_grad_(True)
-    loss = distributed_barlow_twins_loss(z_a, z_b, lambda_offdiag=0.3, scale=0.1)
+    # the teacher's composition: gather the rows (with their gradient), then the pure loss
+    loss = barlow_twins_loss(all_gather_with_grad(z_a), all_gather_with_grad(z_b), lambda_offdiag=0.3, scale=0.1)
     assert abs(loss.item() - reference.item()) < 1e-12 * reference.item()
     # The objective is the mean of the ranks' (identical) losses: rank r gets exactly its slice.
     (loss / WORLD_SIZE).backward()

@@ -9,17 +9,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_teacher import UNIT_ROUNDOFF, assert_states_match, fast_path_tolerances, relative_errors
 from torch import nn
 
 from krrst import evaluate as E
 from krrst.augment import crop_flip, normalize
 from krrst.data import ImageSet
 from krrst.distilled import DistilledSet
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
+from krrst.infra.speed import SpeedSettings, reference_speed
 from krrst.models import fresh_model, list_models
 from krrst.results import RESULT_FIELDS, append_results, read_results, row_key
-from krrst.speed import SpeedSettings, reference_speed
-from test_teacher import UNIT_ROUNDOFF, assert_states_match, fast_path_tolerances, relative_errors
 
 NARROW = {"widths": (8, 16, 16), "image_size": 16}
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -522,7 +522,7 @@ def test_train_kd_teacher_returns_the_classifier_it_scored():
 
 @pytest.mark.parametrize("layout", ["krrst", "torchvision-fc", "library", "compiled"])
 def test_load_kd_teacher_reads_a_classifier_of_each_layout(tmp_path, layout):
-    from krrst.io import save_tensors
+    from krrst.infra.io import save_tensors
 
     inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     if layout == "library":

@@ -15,11 +15,11 @@ from krrst.cli import main
 from krrst.data import ImageSet
 from krrst.distill import DistillConfig, distill
 from krrst.distilled import DistilledSet
-from krrst.errors import KrrstError
 from krrst.evaluate import FinetuneConfig, LinearProbeConfig, PretrainConfig, finetune, linear_probe, pretrain
 from krrst.formats import load_authors_set, load_label_set
-from krrst.finite import LossWatch, describe_nonfinite
-from krrst.io import load_state
+from krrst.infra.errors import KrrstError
+from krrst.infra.finite import LossWatch, describe_nonfinite
+from krrst.infra.io import load_state
 from krrst.mkdt import MKDTConfig, mkdt_distill
 from krrst.models import create_model
 from krrst.results import read_results

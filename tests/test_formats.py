@@ -15,7 +15,6 @@ from torch import nn
 from krrst.cli import main
 from krrst.data import ImageSet
 from krrst.distill import DistillConfig, distill
-from krrst.errors import KrrstError
 from krrst.formats import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,6 +24,7 @@ from krrst.formats import (
     load_authors_set,
     load_label_set,
 )
+from krrst.infra.errors import KrrstError
 from krrst.models import create_model
 from krrst.teacher import TEACHER_FILE, load_teacher, teacher_features, teacher_identity
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from krrst import io
-from krrst.errors import KrrstError
+from krrst.infra import io
+from krrst.infra.errors import KrrstError
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -77,7 +77,7 @@ def test_describe_exception_keeps_the_type_of_a_bare_message():
 
 
 def test_exclusive_lock_refuses_a_second_holder_until_released(tmp_path):
-    from krrst.io import exclusive_lock
+    from krrst.infra.io import exclusive_lock
 
     with exclusive_lock(tmp_path / "run"):
         with pytest.raises(KrrstError, match=r"run directory .*run is in use by another krrst process"):
@@ -95,7 +95,7 @@ def test_every_written_file_takes_the_users_umask(tmp_path, umask):
     """Collaborators on a shared file system read a run's files as they read any other (0644 under umask 022)."""
     import os
 
-    from krrst.io import save_tensors, write_json
+    from krrst.infra.io import save_tensors, write_json
 
     previous = os.umask(umask)
     try:

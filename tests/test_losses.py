@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 from krrst.losses import (
     barlow_twins_loss,
     krr_predict,
@@ -15,7 +15,6 @@ from krrst.losses import (
     simclr_loss,
     soft_cross_entropy,
 )
-
 
 # --------------------------------------------------------------------------- KRR-ST
 

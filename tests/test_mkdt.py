@@ -14,7 +14,7 @@ from krrst.baselines import high_loss_indices
 from krrst.data import ImageSet
 from krrst.distill import network_options
 from krrst.distilled import DistilledSet
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 from krrst.models import create_model
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -306,7 +306,7 @@ def test_resume_loads_the_saved_experts_instead_of_retraining_them(tmp_path, mon
 
 
 def test_stop_at_step_leaves_a_loadable_checkpoint(tmp_path, capsys):
-    from krrst import io
+    from krrst.infra import io
 
     source, teacher = _source(), _teacher()
     config = _config(steps=5, checkpoint_every=0, log_every=2)

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 from krrst.models import (
     count_parameters,
     create_model,
@@ -153,7 +153,7 @@ def test_convnet_norm_options():
 
 def test_register_model_adds_a_builder(monkeypatch):
     from krrst import models
-    from krrst.registry import Registry
+    from krrst.infra.registry import Registry
 
     monkeypatch.setattr(models, "MODELS", Registry("model", sort=True))  # the test's model leaves with the test
     name = "test_tiny_linear"

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from krrst import io
 from krrst.augment import fixed_augment_all
-from krrst.errors import KrrstError
+from krrst.infra import io
+from krrst.infra.errors import KrrstError
 from krrst.parameterize import (
     AugmentationPredictor,
     BasisSet,

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from krrst import DistilledSet
-from krrst import pipeline
-from krrst.models import fresh_model
+from krrst import DistilledSet, pipeline
 from krrst.augment import normalize
 from krrst.cli import main
 from krrst.distill import distill, initial_indices
-from krrst.errors import KrrstError
-from krrst.io import load_tensors, read_json
+from krrst.infra.errors import KrrstError
+from krrst.infra.io import load_tensors, read_json
+from krrst.models import fresh_model
 from krrst.results import read_results
 
 # A demo run shrunk to seconds: 200 source images, a few steps per stage, one seed.
@@ -272,7 +271,7 @@ def test_unknown_architectures_are_refused_before_any_stage(key):
 
 
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
-    from krrst.io import exclusive_lock
+    from krrst.infra.io import exclusive_lock
 
     out = tmp_path / "busy"
     with exclusive_lock(out):  # another open file description: as another process would hold it

@@ -10,8 +10,8 @@ import pytest
 from tqdm.auto import tqdm
 
 from krrst import pipeline
+from krrst.infra.progress import LogProgress, log_interval, progress_bar
 from krrst.models import create_model
-from krrst.progress import LogProgress, log_interval, progress_bar
 from krrst.teacher import save_teacher
 
 
@@ -27,7 +27,7 @@ class _Clock:
 
 def test_a_log_line_gives_stage_count_rate_eta_and_the_latest_loss(monkeypatch):
     clock = _Clock()
-    monkeypatch.setattr("krrst.progress.time.perf_counter", clock)
+    monkeypatch.setattr("krrst.infra.progress.time.perf_counter", clock)
     out = io.StringIO()
     bar = LogProgress(1000, "distill", unit="step", initial=200, interval=30, file=out)
     clock.now += 10

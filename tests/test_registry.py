@@ -1,7 +1,7 @@
 import pytest
 
-from krrst.errors import KrrstError
-from krrst.registry import Registry
+from krrst.infra.errors import KrrstError
+from krrst.infra.registry import Registry
 
 
 def _colours() -> Registry[int]:

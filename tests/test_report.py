@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from krrst import report
+from krrst.infra.errors import KrrstError
 from krrst.pipeline import preset_config
-from krrst.errors import KrrstError
 from krrst.report import markdown_table, summarize, write_report
 from krrst.results import append_results
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 from krrst.results import (
     RESULT_FIELDS,
     append_results,

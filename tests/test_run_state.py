@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from krrst.errors import KrrstError
-from krrst.progress import stopped_loops
-from krrst.run_state import RunningMean, RunState, every, read_log, stage_seeds
+from krrst.infra.errors import KrrstError
+from krrst.infra.progress import stopped_loops
+from krrst.infra.run_state import RunningMean, RunState, every, read_log, stage_seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,3 +124,14 @@ def test_running_mean_and_cadence_and_seeds():
     assert [every(step, 3) for step in (0, 3, 4)] == [True, True, False] and not every(5, 0)
     assert stage_seeds(7, 3) == stage_seeds(7, 4)[:3]  # a seed added at the end leaves the others alone
     assert len(set(stage_seeds(7, 4))) == 4
+
+
+def test_a_guarded_file_is_refused_without_resume_like_the_checkpoint(tmp_path):
+    (tmp_path / "experts.safetensors").write_bytes(b"saved work")
+    with pytest.raises(KrrstError, match=r"experts.safetensors already exists; resume that run"):
+        RunState("toy", tmp_path, config=ToyConfig(), total_steps=2, log_fields=("step",), guarded=(
+            "experts.safetensors",))
+    with RunState("toy", tmp_path, config=ToyConfig(), total_steps=2, log_fields=("step",), resume=True,
+                  guarded=("experts.safetensors",), progress=False) as run:
+        assert run.saved is None and list(run.steps()) == [1, 2]  # resuming with no checkpoint yet: a fresh start
+    assert (tmp_path / "experts.safetensors").read_bytes() == b"saved work"

@@ -11,11 +11,11 @@ from torch import nn
 
 from krrst.augment import ssl_view_pair
 from krrst.data import ImageSet
-from krrst.errors import KrrstError
-from krrst.io import load_state, save_state
+from krrst.infra.errors import KrrstError
+from krrst.infra.io import load_state, save_state
+from krrst.infra.speed import reference_speed
 from krrst.losses import barlow_twins_loss
 from krrst.models import create_model
-from krrst.speed import reference_speed
 from krrst.teacher import (
     LARS,
     TeacherConfig,

@@ -37,11 +37,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from krrst import io
-from krrst.config import config_changes, config_to_dict
-from krrst.distributed import DistributedContext, run_on_main
-from krrst.errors import KrrstError
-from krrst.progress import progress_bar
+from krrst.infra import io
+from krrst.infra.config import config_changes, config_to_dict
+from krrst.infra.distributed import DistributedContext, run_on_main
+from krrst.infra.errors import KrrstError
+from krrst.infra.progress import progress_bar
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 LOSS_CSV_NAME = "loss.csv"
@@ -114,6 +114,11 @@ class RunState:
         unit, unit_scale: the bar counts `unit_scale` units per step (images).
         context: the torchrun process group's context; only its rank 0 writes
             and prints. `writes=False` makes this process read-only as well.
+        guarded: other files of the run folder that, like the checkpoint, are
+            refused without `resume` (a stage's saved intermediate results).
+
+    `elapsed_s` counts from the first step this call runs: set-up before the
+    loop (a teacher cache, MKDT's experts) is not in it.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class RunState:
         context: DistributedContext | None = None,
         writes: bool = True,
         checkpoint_name: str = CHECKPOINT_NAME,
+        guarded: Sequence[str] = (),
     ):
         self.stage, self.config, self.total_steps = stage, config, total_steps
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -146,6 +152,7 @@ class RunState:
         self.is_writer = writes and (context is None or context.is_main)
         self.checkpoint_path = self.out_dir / checkpoint_name if self.out_dir is not None else None
         self.log_path = self.out_dir / LOSS_CSV_NAME if self.out_dir is not None else None
+        self.guarded = tuple(guarded)
         if resume and self.out_dir is None:
             raise KrrstError("--resume needs --out (the run folder holding checkpoint.safetensors)")
         # Rank 0 reads and checks the checkpoint, the other ranks receive it: no shared file system needed.
@@ -170,11 +177,15 @@ class RunState:
 
     def _read_checkpoint(self, resume: bool, resumable: tuple[str, ...]) -> dict[str, Any] | None:
         path = self.checkpoint_path
-        if path is None or not path.is_file() or (not resume and not self.is_writer):
+        if path is None or (not resume and not self.is_writer):
             return None
         if not resume:
-            raise KrrstError(f"{path} already exists; resume that run (re-run the krrst command, or resume=True) "
-                             "or choose another --out")
+            for existing in (path, *(self.out_dir / name for name in self.guarded)):
+                if existing.is_file():
+                    raise KrrstError(f"{existing} already exists; resume that run (re-run the krrst command, or "
+                                     "resume=True) or choose another --out")
+        if not path.is_file():
+            return None
         saved = io.load_state(path, f"{self.stage} checkpoint")
         if self.kind is not None and saved.get("kind", self.kind) != self.kind:
             raise KrrstError(f"{path} is not a krrst {self.stage} checkpoint (kind {saved.get('kind')!r})")
@@ -196,6 +207,7 @@ class RunState:
         """The steps this call runs, `start_step + 1 .. last_step`, advancing the progress bar after each."""
         total, desc, unit, initial = self._bar_args
         self.bar = self.bar or progress_bar(total, desc, unit=unit, initial=initial, enabled=self.show_progress)
+        self._started = time.perf_counter()
         for step in range(self.start_step + 1, self.last_step + 1):
             yield step
             self.bar.update(self.unit_scale)

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 _METADATA_KEY = "krrst"
 
@@ -286,7 +286,7 @@ def load_state(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, A
     """Load a checkpoint written by `save_state`."""
     tensors, metadata = load_tensors(path, what)
     if "state" not in metadata:
-        raise KrrstError(f"{what} {path} was not written by krrst.io.save_state (no 'state' metadata)")
+        raise KrrstError(f"{what} {path} was not written by krrst.infra.io.save_state (no 'state' metadata)")
     return _unflatten(metadata["state"], tensors)
 
 

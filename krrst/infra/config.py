@@ -10,7 +10,7 @@ within float32 range (the tensors it reaches are float32; `1e39` would only
 fail later, deep inside a loop), an integer within int64 range.
 
 A mistyped name gets "did you mean" from `close_matches`: a key here, a
-registered name (a preset, an architecture) in `krrst.registry`. Nothing here imports torch until a device is resolved, so the
+registered name (a preset, an architecture) in `krrst.infra.registry`. Nothing here imports torch until a device is resolved, so the
 command line can build its parser and `--help` without it.
 """
 
@@ -25,7 +25,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, TypeVar
 
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 if TYPE_CHECKING:
     import torch

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
-from krrst.config import close_matches
-from krrst.errors import KrrstError
+from krrst.infra.config import close_matches
+from krrst.infra.errors import KrrstError
 
 T = TypeVar("T")
 _MISSING: Any = object()

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 CHANNELS_LAST = ("auto", "on", "off")

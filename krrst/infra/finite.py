@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from krrst.errors import KrrstError
+from krrst.infra.errors import KrrstError
 
 
 def describe_nonfinite(tensor: torch.Tensor) -> str | None:

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from krrst.config import resolve_device
-from krrst.errors import KrrstError
+from krrst.infra.config import resolve_device
+from krrst.infra.errors import KrrstError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 T = TypeVar("T")
@@ -246,17 +246,3 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child))
     return module
-
-
-def distributed_barlow_twins_loss(
-    z_a: torch.Tensor, z_b: torch.Tensor, lambda_offdiag: float = 0.0051, scale: float = 1.0, eps: float = 1e-5
-) -> torch.Tensor:
-    """`krrst.losses.barlow_twins_loss` of the global batch, each rank passing its share of the rows.
-
-    The embeddings are all-gathered, so the standardisation and c = z_a_stdᵀ z_b_std / N use all N rows
-    (Zbontar et al., ICML 2021): every rank gets the single-process value, and backward of
-    loss / world_size gives rank r its slice of the single-process gradient (`all_gather_with_grad`).
-    """
-    from krrst.losses import barlow_twins_loss
-
-    return barlow_twins_loss(all_gather_with_grad(z_a), all_gather_with_grad(z_b), lambda_offdiag, scale, eps)
