@@ -63,9 +63,9 @@ from krrst.infra.speed import (  # SpeedSettings: also imported from here
 from krrst.losses import krr_st_loss, krr_st_loss_with_info
 from krrst.models import fresh_model, model_options
 from krrst.parameterize import (
+    PARAMETERIZATIONS,
     AugmentationPredictor,
     augmentation_predictor_loss,
-    make_synthetic_set,
     valid_pyramid_levels,
 )
 from krrst.teacher import check_teacher_features, teacher_identity
@@ -209,10 +209,7 @@ class DistillConfig:
             raise KrrstError(
                 f"distill.compile_mode={self.compile_mode!r} is not valid; expected one of {', '.join(compile_modes)}"
             )
-        if self.parameterization not in ("pixels", "basis", "pyramid"):
-            raise KrrstError(
-                f"distill.parameterization={self.parameterization!r} is not valid; expected pixels, basis or pyramid"
-            )
+        PARAMETERIZATIONS.get(self.parameterization, "distill.parameterization")
         if self.parameterization == "basis" and (self.image_rank < 1 or self.target_rank < 1):
             raise KrrstError("distill.parameterization=basis needs distill.image_rank >= 1 and distill.target_rank >= 1")
         if self.parameterization == "pyramid" and not valid_pyramid_levels(self.pyramid_levels, self.image_size):
@@ -859,11 +856,8 @@ def unused_fields(config: DistillConfig) -> tuple[str, ...]:
     Left out of the resume check and of the pipeline's stage fingerprint, so
     setting one cannot refuse or re-run a distillation it does not change.
     """
-    unused = []
-    if config.parameterization != "basis":
-        unused += ["image_rank", "target_rank"]
-    if config.parameterization != "pyramid":
-        unused += ["pyramid_levels"]
+    unused = [field for name, kind in PARAMETERIZATIONS.items() if name != config.parameterization
+              for field in kind.config_fields.values()]
     if not config.fixed_augmentations:
         unused += ["predictor_hidden", "predictor_lr"]
     return tuple(unused)
@@ -1009,9 +1003,7 @@ def _set_up(source_images: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
     if targets.dim() != 2:
         raise KrrstError(f"teacher must output N x d features, got shape {tuple(targets.shape)}")
     check_teacher_features(teacher, targets, f"the {len(targets):,} initial images")
-    options = {"pixels": {}, "basis": {"image_rank": config.image_rank, "target_rank": config.target_rank},
-               "pyramid": {"levels": config.pyramid_levels}}[config.parameterization]
-    synthetic = make_synthetic_set(config.parameterization, images, targets, **options)
+    synthetic = PARAMETERIZATIONS.get(config.parameterization).from_config(images, targets, config)
     optimizer = _outer_optimizer(synthetic, config, std)
     batch_args = (source_images, teacher, config, mean, std, data_generator, shard, speed)
     if config.fixed_augmentations:

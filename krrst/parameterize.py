@@ -49,8 +49,7 @@ from torch import nn
 
 from krrst.augment import ROTATIONS, check_fixed_augmentations
 from krrst.infra.errors import KrrstError
-
-SYNTHETIC_KINDS = ("pixels", "basis", "pyramid")
+from krrst.infra.registry import Registry
 
 
 def _check_initial(images: torch.Tensor, targets: torch.Tensor) -> None:
@@ -101,6 +100,14 @@ class SyntheticSet:
     """
 
     views: tuple[str, ...] = ("identity",)
+    # this parameterisation's constructor options -> the DistillConfig fields that give them
+    config_fields: dict[str, str] = {}
+
+    @classmethod
+    def from_config(cls, initial_images: torch.Tensor, initial_targets: torch.Tensor, config: Any) -> "SyntheticSet":
+        """The set a distillation config asks for, its options read from the config's fields."""
+        options = {option: getattr(config, field) for option, field in cls.config_fields.items()}
+        return cls(initial_images, initial_targets, **options)
 
     def support(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(X_s, Y_s)`: m x C x H x W normalised images (differentiable in the parameters) and m x d targets."""
@@ -206,6 +213,7 @@ class BasisSet(SyntheticSet):
     """
 
     kind = "basis"
+    config_fields = {"image_rank": "image_rank", "target_rank": "target_rank"}
 
     def __init__(self, initial_images: torch.Tensor, initial_targets: torch.Tensor, image_rank: int,
                  target_rank: int):
@@ -349,6 +357,7 @@ class PyramidSet(SyntheticSet):
     """
 
     kind = "pyramid"
+    config_fields = {"levels": "pyramid_levels"}
 
     def __init__(self, initial_images: torch.Tensor, initial_targets: torch.Tensor, levels: Sequence[int]):
         _check_initial(initial_images, initial_targets)
@@ -462,19 +471,20 @@ def pyramid_images_for_budget(budget_bytes: int, image_shape: Sequence[int], tar
     return int(count)
 
 
+PARAMETERIZATIONS: Registry[type[SyntheticSet]] = Registry("parameterisation")
+PARAMETERIZATIONS.register("pixels", PixelSet)
+PARAMETERIZATIONS.register("basis", BasisSet)
+PARAMETERIZATIONS.register("pyramid", PyramidSet)
+SYNTHETIC_KINDS = tuple(PARAMETERIZATIONS.names())
+
+
 def make_synthetic_set(kind: str, initial_images: torch.Tensor, initial_targets: torch.Tensor, **options: Any):
     """A `PixelSet` (kind "pixels", no options), `BasisSet` (kind "basis": `image_rank`, `target_rank`)
     or `PyramidSet` (kind "pyramid": `levels`)."""
-    accepted = {"pixels": (), "basis": ("image_rank", "target_rank"), "pyramid": ("levels",)}
-    if kind not in accepted:
-        raise KrrstError(f"unknown synthetic set kind {kind!r}; expected one of {', '.join(SYNTHETIC_KINDS)}")
-    if set(options) != set(accepted[kind]):
-        raise KrrstError(f"synthetic set kind {kind!r} takes options {list(accepted[kind])}, got {sorted(options)}")
-    if kind == "pixels":
-        return PixelSet(initial_images, initial_targets)
-    if kind == "pyramid":
-        return PyramidSet(initial_images, initial_targets, **options)
-    return BasisSet(initial_images, initial_targets, **options)
+    cls = PARAMETERIZATIONS.get(kind, "synthetic set kind")
+    if set(options) != set(cls.config_fields):
+        raise KrrstError(f"synthetic set kind {kind!r} takes options {list(cls.config_fields)}, got {sorted(options)}")
+    return cls(initial_images, initial_targets, **options)
 
 
 # --------------------------------------------------------------------------- augmented views' representations

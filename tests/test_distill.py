@@ -733,8 +733,12 @@ def test_pyramid_parameterisation_distils_resumes_and_records_its_storage(cifar1
     for bad in ((), (16, 8), (0, 8), (8, 8)):
         with pytest.raises(KrrstError, match="distill.pyramid_levels"):
             DistillConfig(parameterization="pyramid", pyramid_levels=bad)
-    with pytest.raises(KrrstError, match="expected pixels, basis or pyramid"):
-        DistillConfig(parameterization="wavelet")
+    with pytest.raises(KrrstError, match=r"^unknown distill.parameterization 'pixel'; did you mean 'pixels'\? "
+                                         r"valid parameterisations: pixels, basis, pyramid$"):
+        DistillConfig(parameterization="pixel")
+    # the options of the parameterisations a config does not use are the ones it leaves unread
+    assert set(unused_fields(DistillConfig(parameterization="basis", image_rank=2, target_rank=2))) == {
+        "pyramid_levels", "predictor_hidden", "predictor_lr"}
 
 
 @pytest.mark.shared_data
