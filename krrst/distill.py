@@ -83,7 +83,7 @@ KERNEL_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # `channels_last` and `compile` change the arithmetic's order only (float rounding), not the method.
 RESUMABLE_CHANGES = (
     "log_every", "checkpoint_every", "validate_every", "validation_models", "validation_images",
-    "channels_last", "compile", "compile_mode",
+    "validation_train_steps", "channels_last", "compile", "compile_mode",
 )
 
 
@@ -146,9 +146,11 @@ class DistillConfig:
     log_every: int = 100
     checkpoint_every: int = 2000
     validate_every: int = 1000
-    # the validation signal: KRR loss on held-out images, over freshly initialised networks with fixed seeds
+    # the validation signal: KRR loss on held-out images, over networks with fixed seeds (ValidationSignal),
+    # freshly initialised or first trained validation_train_steps steps on the current set as the pool's are
     validation_models: int = 3
     validation_images: int = 1000
+    validation_train_steps: int = 0
     # --- speed (reference_config turns every knob off)
     # K > 0: the teacher's features of K crop/flip views per source image, computed once (N x K x d fp16 on the
     # device), each step replaying one: the teacher leaves the loop, at the price of K fixed augmentations per image
@@ -188,7 +190,7 @@ class DistillConfig:
         positive = ("num_images", "image_size", "batch_size", "pool_size", "log_every", "validation_images")
         non_negative = (
             "steps", "padding", "pool_steps", "checkpoint_every", "validate_every", "validation_models",
-            "teacher_cache_views",
+            "validation_train_steps", "teacher_cache_views",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -668,41 +670,64 @@ def build_teacher_cache(
 # --------------------------------------------------------------------------- validation signal
 
 
-class _ValidationSignal:
+class ValidationSignal:
     """KRR loss of predicting the teacher's features of held-out images from the current set.
 
-    Uses `count` freshly initialised networks of the distillation architecture
-    with fixed seeds (derived from the run's seed only), so values are
-    comparable across steps, resumes and runs with the same seed. `reference`
-    is the loss of the mean predictor (every held-out target predicted by their
-    mean): a value near it means the set predicts nothing.
+    Uses `validation_models` networks of the distillation architecture with
+    fixed seeds (derived from the run's seed only), so values are comparable
+    across steps, resumes and runs with the same seed. With
+    `validation_train_steps` = 0 they are freshly initialised, in eval mode;
+    with k > 0 each is first trained for k full-batch steps on the current set
+    as the pool trains its models (SGD at `pool_lr` on MSE(f(X_s), Y_s)), so
+    the signal sees networks like the ones the set meets. `reference` is the
+    loss of the mean predictor (every held-out target predicted by their mean):
+    a value near it means the set predicts nothing.
     """
 
     def __init__(self, config: DistillConfig, heldout_images: torch.Tensor, heldout_targets: torch.Tensor, seed: int):
         generator = torch.Generator().manual_seed(seed)
         options = network_options(config)
-        device = heldout_images.device
+        self.config, self.device = config, heldout_images.device
+        self.train_steps = config.validation_train_steps
+        outputs = heldout_targets.shape[1] if self.train_steps else None  # a regression head to train through
         self.models = [
-            fresh_model(config.arch, None, draw_seed(generator), **options).to(device).eval()
+            fresh_model(config.arch, outputs, draw_seed(generator), **options).to(self.device).eval()
             for _ in range(config.validation_models)
         ]
-        # The networks are fixed, so their held-out features are computed once.
-        self.heldout_features = [batched_features(model.forward_features, heldout_images) for model in self.models]
-        self.targets = heldout_targets
+        self.heldout_images, self.targets = heldout_images, heldout_targets
+        # Fresh networks are fixed, so their held-out features are computed once.
+        self.heldout_features = None if self.train_steps else [
+            batched_features(model.forward_features, heldout_images) for model in self.models]
         self.ridge, self.kernel_dtype = config.ridge, KERNEL_DTYPES[config.kernel_dtype]
         mean_prediction = heldout_targets.mean(0, keepdim=True).expand_as(heldout_targets)
         self.reference = F.mse_loss(mean_prediction, heldout_targets).item()
 
+    def _trained(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> nn.Module:
+        """A copy of `model` after `train_steps` of the pool's SGD on the set, in eval mode."""
+        model = copy.deepcopy(model).train()
+        config = self.config
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.pool_lr, momentum=config.pool_momentum,
+                                    weight_decay=config.pool_weight_decay)
+        with torch.enable_grad():
+            for _ in range(self.train_steps):
+                optimizer.zero_grad(set_to_none=True)
+                F.mse_loss(model(images), targets).backward()
+                optimizer.step()
+        return model.eval()
+
     @torch.no_grad()
     def __call__(self, synthetic_images: torch.Tensor, synthetic_targets: torch.Tensor) -> float:
+        images, targets = synthetic_images.detach(), synthetic_targets.detach()
         losses = []
-        for model, heldout_features in zip(self.models, self.heldout_features):
-            synthetic_features = batched_features(model.forward_features, synthetic_images)
-            losses.append(
-                krr_st_loss(
-                    synthetic_features, synthetic_targets, heldout_features, self.targets, self.ridge, self.kernel_dtype
-                )
-            )
+        for index, model in enumerate(self.models):
+            if self.train_steps:
+                model = self._trained(model, images, targets)
+                heldout_features = batched_features(model.forward_features, self.heldout_images)
+            else:
+                heldout_features = self.heldout_features[index]
+            synthetic_features = batched_features(model.forward_features, images)
+            losses.append(krr_st_loss(synthetic_features, targets, heldout_features, self.targets, self.ridge,
+                                      self.kernel_dtype))
         return torch.stack(losses).mean().item()
 
 
@@ -1044,7 +1069,7 @@ def _validation(config: DistillConfig, heldout: Any, source_images: torch.Tensor
     heldout_images = normalize(heldout_images.to(source_images.device), mean, std)
     heldout_targets = batched_features(teacher, heldout_images)
     check_teacher_features(teacher, heldout_targets, f"the {len(heldout_targets):,} held-out images")
-    return _ValidationSignal(config, heldout_images, heldout_targets, seeds["validation"])
+    return ValidationSignal(config, heldout_images, heldout_targets, seeds["validation"])
 
 
 # --------------------------------------------------------------------------- the outer loop

@@ -866,3 +866,42 @@ def test_final_targets_teacher_stays_within_the_sets_storage(cifar10_small, monk
     assert views.config["synthetic"]["storage_bytes"] == (
         basis.config["synthetic"]["storage_bytes"] + predictors[0].storage_bytes()
     )
+
+
+def test_the_trained_validation_signal_trains_copies_as_the_pool_trains_its_models():
+    """validation_train_steps = k: each validation network is a copy trained k full-batch SGD steps on the set
+    (the pool's settings), then the held-out KRR loss; the networks themselves stay untouched (float64 oracle)."""
+    with torch.random.fork_rng():
+        torch.set_default_dtype(torch.float64)
+        try:
+            generator = torch.Generator().manual_seed(0)
+            heldout = torch.randn(24, 3, 16, 16, generator=generator)
+            heldout_targets = torch.randn(24, 6, generator=generator)
+            images, targets = torch.randn(8, 3, 16, 16, generator=generator), torch.randn(8, 6, generator=generator)
+            config = DistillConfig(num_images=8, image_size=16, widths=(4, 8, 8), validation_models=2,
+                                   validation_train_steps=3, pool_lr=0.05, pool_momentum=0.9, pool_weight_decay=1e-3)
+            signal = distill_module.ValidationSignal(config, heldout, heldout_targets, seed=5)
+            before = [copy.deepcopy(model.state_dict()) for model in signal.models]
+            value = signal(images, targets)
+
+            expected = []
+            for model in signal.models:
+                trained = copy.deepcopy(model).train()
+                optimizer = torch.optim.SGD(trained.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+                for _ in range(3):
+                    optimizer.zero_grad()
+                    torch.nn.functional.mse_loss(trained(images), targets).backward()
+                    optimizer.step()
+                trained.eval()
+                with torch.no_grad():
+                    expected.append(krr_st_loss(trained.forward_features(images), targets,
+                                                trained.forward_features(heldout), heldout_targets, config.ridge))
+            assert value == pytest.approx(torch.stack(expected).mean().item(), rel=1e-10)
+            assert all(torch.equal(a, b) for state, model in zip(before, signal.models)
+                       for a, b in zip(state.values(), model.state_dict().values()))
+            assert signal(images, targets) == pytest.approx(value, rel=1e-12)  # the same networks each time
+            fresh = distill_module.ValidationSignal(dataclasses.replace(config, validation_train_steps=0), heldout,
+                                                    heldout_targets, seed=5)
+            assert fresh(images, targets) != pytest.approx(value, rel=1e-3)
+        finally:
+            torch.set_default_dtype(torch.float32)
