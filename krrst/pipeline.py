@@ -146,6 +146,8 @@ class RunConfig:
     # keep what finished stages wrote only to resume (teacher/distill/mkdt checkpoints, MKDT's expert trajectories);
     # by default it is removed once the stage's output is written (done.json marks the stage finished without it)
     keep_checkpoints: bool = False
+    # a sentence shown at the top of report.html and results.md: what the run is for, or what it can and cannot show
+    note: str = ""
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -418,7 +420,7 @@ STAGE_CHECKPOINTS = {
 }
 # `stage.field` keys that decide what a run folder keeps, never a result: changing one needs no --force.
 # `run.download` only says whether a missing dataset may be fetched: the data read is the same either way.
-HOUSEKEEPING_KEYS = ("run.keep_checkpoints", "run.download")
+HOUSEKEEPING_KEYS = ("run.keep_checkpoints", "run.download", "run.note")
 
 
 def _run_started(out_dir: Path) -> bool:
@@ -964,7 +966,7 @@ def _evaluate_stage(run: _Run, sets: Mapping[str, Any], provenance: Mapping[str,
     kd_teacher_file = _kd_teacher_file(config, run.root)
     eval_fp = _fingerprint(*set_fps, _without(config.pretrain), _without(config.finetune), _without(config.linear),
                            _without(run_config, ("methods", "protocols", "archs", "seeds", "download",
-                                                 "keep_checkpoints")))
+                                                 "keep_checkpoints", "note")))
     # The kd rows depend on the kd settings too; those settings govern the kd rows only, so that adding the kd
     # protocol (whose settings the CPU presets shorten) or changing them keeps every other row.
     kd_fp = _fingerprint(eval_fp, *_kd_fingerprint(config, kd_teacher_file))

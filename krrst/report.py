@@ -1190,6 +1190,12 @@ def _env_html(run_dir: Path, env: Any, timings: Any) -> str:
     return "\n".join(part for part in parts if part)
 
 
+def _run_note(config: Any) -> str:
+    """The run's `run.note`: what it is for, or what it can and cannot show (empty when none)."""
+    note = config.get("run", {}).get("note", "") if isinstance(config, dict) else ""
+    return note if isinstance(note, str) else ""
+
+
 def _summary_line(config: Any) -> str:
     if not isinstance(config, dict):
         return ""
@@ -1289,7 +1295,8 @@ def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT
             except KrrstError:
                 pass  # the page's storage section says why
         with atomic_write(run_dir / "results.md") as tmp:
-            tmp.write_text(f"# Results: {run_dir.name}\n\n{markdown}\n{provenance}\n", encoding="utf-8")
+            lead = f"{_run_note(config)}\n\n" if _run_note(config) else ""
+            tmp.write_text(f"# Results: {run_dir.name}\n\n{lead}{markdown}\n{provenance}\n", encoding="utf-8")
         written["results_md"] = run_dir / "results.md"
         try:
             written["results_png"] = _write_png(run_dir / "results.png", paired_png or _bar_chart_png(rows))
@@ -1299,6 +1306,8 @@ def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT
                  _storage_html(run_dir, rows, notes), _config_html(config, preset_config), _env_html(run_dir, env, timings)]
     if notes:
         sections.insert(0, "\n".join(_note(text) for text in notes))
+    if _run_note(config):
+        sections.insert(0, f'<p class="lead">{html.escape(_run_note(config))}</p>')
     title = f"krrst run: {run_dir.resolve().name}"
     subtitle = "; ".join(bit for bit in (_summary_line(config), f"run directory {run_dir.resolve()}") if bit)
     with atomic_write(run_dir / "report.html") as tmp:

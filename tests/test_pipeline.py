@@ -531,9 +531,11 @@ def test_keep_checkpoints_keeps_them_and_flipping_it_reruns_nothing(tmp_path, mo
     assert checkpoint_files(out) == everything
     fail_every_stage(monkeypatch)
     lines = []
-    again = pipeline.run(tiny_config(**settings), out, preset="demo", device="cpu", progress=False, log=lines.append)
+    again = pipeline.run(tiny_config(**settings, **{"run.note": "a note changes no stage"}), out, preset="demo",
+                         device="cpu", progress=False, log=lines.append)
     assert sorted(map(str, again)) == sorted(map(str, rows)), "no --force needed, no stage re-run, rows unchanged"
     assert checkpoint_files(out) == [], "a finished run re-run without keep_checkpoints sheds them"
+    assert "a note changes no stage" in (out / "report.html").read_text()
     assert sum("removed its checkpoints" in line for line in lines) == 3, lines
     for stage in ("teacher", "distill", "mkdt"):
         assert (out / stage / pipeline.STAGE_CHECKPOINTS[stage][0]).is_file()

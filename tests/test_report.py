@@ -557,3 +557,18 @@ def test_the_lead_puts_intervals_clear_of_zero_in_bold():
     lead = report._headline_lead(report.paired_comparisons(rows))
     assert "<strong>cifar10 linear +2.3 [" in lead  # +2, +3, +2: the interval [+0.9, +3.8] is clear of 0
     assert "cifar10 finetune +0.0 [" in lead and "<strong>cifar10 finetune" not in lead
+
+
+def test_a_run_note_leads_the_page_and_the_markdown(tmp_path):
+    """`run.note` (what a run can and cannot show) is the first thing the page and results.md say, escaped."""
+    full_run(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    page = write_report(tmp_path)["report_html"].read_text()
+    assert "At this scale" not in page
+    config["run"]["note"] = "At this scale <KRR-ST> & random are level."
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    paths = write_report(tmp_path)
+    page = paths["report_html"].read_text()
+    lead = page.index("At this scale &lt;KRR-ST&gt; &amp; random are level.")
+    assert lead < page.index('id="headline"')
+    assert paths["results_md"].read_text().split("\n")[2] == "At this scale <KRR-ST> & random are level."
