@@ -38,6 +38,7 @@ from krrst.infra.errors import KrrstError
 from krrst.infra.finite import LossWatch
 from krrst.infra.progress import progress_bar
 from krrst.models import fresh_model
+from krrst.teacher import check_teacher_features, teacher_features
 
 if TYPE_CHECKING:
     from krrst.data import ImageSet
@@ -77,7 +78,6 @@ def _source_features(
     progress: bool = False,
 ) -> torch.Tensor:
     """The teacher's features (float32 N x d, on `device`) of the source images, or of `indices` only."""
-    from krrst.teacher import check_teacher_features, teacher_features
 
     device = resolve_device(device)
     images = source.images if indices is None else source.images[indices.to(source.images.device)]
@@ -359,6 +359,14 @@ def nearest_distinct(features: torch.Tensor, centroids: torch.Tensor, candidates
     return chosen
 
 
+def kmeans_indices(features: torch.Tensor, m: int, *, seed: int = 0, iterations: int = 20,
+                   algorithm: Literal["auto", "lloyd", "minibatch"] = "auto", progress: bool = False) -> torch.Tensor:
+    """The m distinct points nearest each of m k-means centroids of `features` (N x d): the k-means coreset's
+    choice, and KRR-ST's `init=kmeans`."""
+    centroids, _ = kmeans(features, m, iterations=iterations, seed=seed, algorithm=algorithm, progress=progress)
+    return nearest_distinct(features, centroids)
+
+
 def kmeans_coreset(
     source: "ImageSet",
     m: int,
@@ -385,8 +393,7 @@ def kmeans_coreset(
         raise KrrstError("k-means coreset needs a teacher network: clustering happens in its feature space")
     _check_targets(targets, source, teacher, "k-means coreset")
     features = _source_features(teacher, source, batch_size=batch_size, device=device, progress=progress)
-    centroids, _ = kmeans(features, m, iterations=iterations, seed=seed, algorithm=algorithm, progress=progress)
-    indices = nearest_distinct(features, centroids)
+    indices = kmeans_indices(features, m, seed=seed, iterations=iterations, algorithm=algorithm, progress=progress)
     chosen_features = features[indices.to(features.device)] if targets == "teacher" else None
     config = {"m": m, "seed": int(seed), "targets": targets, "iterations": iterations, "algorithm": algorithm}
     return _make_set(source, indices, chosen_features, targets, "kmeans", teacher, config)

@@ -45,6 +45,7 @@ from krrst.augment import (
     normalize,
     sample_crop_flip,
 )
+from krrst.baselines import high_loss_indices, kmeans_indices
 from krrst.distilled import DistilledSet
 from krrst.features import batched_features
 from krrst.formats import fit_to_source
@@ -68,7 +69,7 @@ from krrst.parameterize import (
     augmentation_predictor_loss,
     valid_pyramid_levels,
 )
-from krrst.teacher import check_teacher_features, teacher_identity
+from krrst.teacher import check_teacher_features, teacher_features, teacher_identity
 
 CHECKPOINT_NAME = run_state.CHECKPOINT_NAME  # the run folder's files, as the pipeline and the report find them
 LOSS_CSV_NAME = run_state.LOSS_CSV_NAME
@@ -950,15 +951,12 @@ def select_initial_indices(
     indices = initial_indices(len(source_images), config, generator)
     if config.init == "random":
         return indices
-    from krrst.baselines import high_loss_indices, kmeans, nearest_distinct
-    from krrst.teacher import teacher_features
 
     init_seed = _run_seeds(config.seed)["init"]
     features = teacher_features(teacher, source_images, mean, std, 512, device, progress)
     check_teacher_features(teacher, features, f"the {len(features):,} source images ({config.init} init)")
     if config.init == "kmeans":
-        centroids, _ = kmeans(features, config.num_images, seed=init_seed, progress=progress)
-        return nearest_distinct(features, centroids).cpu()
+        return kmeans_indices(features, config.num_images, seed=init_seed, progress=progress).cpu()
     return high_loss_indices(
         source_images, features, config.num_images, mean=mean, std=std, arch=config.arch,
         arch_options=network_options(config), seed=init_seed, device=device, progress=progress,

@@ -39,6 +39,7 @@ from torch import nn
 from torch.func import functional_call
 
 from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
+from krrst.baselines import high_loss_indices
 from krrst.distill import network_options
 from krrst.distilled import DistilledSet
 from krrst.formats import fit_to_source
@@ -50,7 +51,7 @@ from krrst.infra.progress import progress_bar
 from krrst.infra.run_state import RunningMean, RunState, draw_seed, stage_seeds
 from krrst.losses import parameter_matching_loss
 from krrst.models import fresh_model
-from krrst.teacher import teacher_identity
+from krrst.teacher import check_teacher_features, teacher_features, teacher_identity
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 TRAJECTORIES_NAME = "trajectories.safetensors"
@@ -218,7 +219,6 @@ def train_expert_trajectories(
             raise KrrstError("mkdt experts need a teacher (or target_reps, without expert_padding)")
         teacher = teacher.to(device).eval()
     if target_reps is None:
-        from krrst.teacher import teacher_features
 
         target_reps = teacher_features(teacher, images, mean, std, 512, device, progress)
     target_reps = target_reps.to(device).float()
@@ -391,7 +391,6 @@ def _initial_indices(
     if config.init == "random":
         order = torch.randperm(len(source_images), generator=torch.Generator().manual_seed(init_seed))
         return order[: config.num_images]
-    from krrst.baselines import high_loss_indices
 
     # Score with every expert's last checkpoint, in train mode (batch statistics, as the unrolled students).
     scorers = []
@@ -599,7 +598,6 @@ def _source_tensors(source: Any, config: MKDTConfig, device: torch.device):
 def _teacher_targets(teacher: nn.Module, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
                      device: torch.device, progress: bool) -> torch.Tensor:
     """g of every source image, (N, d) on `device`; a teacher whose features hold NaN or inf is refused."""
-    from krrst.teacher import check_teacher_features, teacher_features
 
     target_reps = teacher_features(teacher, images, mean, std, 512, device, progress).to(device)
     if target_reps.dim() != 2:

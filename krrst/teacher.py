@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krrst.augment import ssl_view_pair
+from krrst.augment import SSLAugmentConfig, ssl_view_pair
 from krrst.features import batched_features
 from krrst.formats import (
     IMAGENET_MEAN,
@@ -62,6 +62,7 @@ from krrst.infra.io import load_tensors, save_tensors, torch_load_weights_only, 
 from krrst.infra.run_state import RunState, read_log
 from krrst.infra.speed import SpeedSettings, check_speed_fields, fused_options
 from krrst.losses import barlow_twins_loss, simclr_loss
+from krrst.models import NORMS, create_model, list_models, model_options
 
 TEACHER_FILE = "teacher.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -253,7 +254,6 @@ def learning_rate_at(step: int, total_steps: int, steps_per_epoch: int, config: 
 
 def build_backbone(config: TeacherConfig, image_size: int) -> nn.Module:
     """The teacher network of `config.arch` without a head (forward = features)."""
-    from krrst.models import create_model, model_options
 
     options: dict[str, Any] = {}
     valid = model_options(config.arch)
@@ -291,7 +291,6 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 def view_configs(config: TeacherConfig):
     """The two `augment.SSLAugmentConfig`s of the teacher's views (jitter strengths are solo-learn's)."""
-    from krrst.augment import SSLAugmentConfig
 
     if len(config.solarize_p) != 2:
         raise KrrstError(f"teacher.solarize_p must hold two probabilities (view 1, view 2), got {config.solarize_p}")
@@ -718,7 +717,6 @@ def load_teacher(
 
 def _model_of_our_file(path: Path, metadata: Mapping[str, Any], arch: str | None) -> nn.Module:
     """The untrained network a `teacher.safetensors` describes (its `spec`); `arch`, if given, must agree."""
-    from krrst.models import create_model
 
     spec = dict(metadata["spec"])
     if arch is not None and arch != spec["arch"]:
@@ -729,7 +727,6 @@ def _model_of_our_file(path: Path, metadata: Mapping[str, Any], arch: str | None
 
 def _model_of_plain_state(path: Path, state: Mapping[str, torch.Tensor], arch: str | None) -> nn.Module:
     """The untrained `arch` network for a state dict without metadata: `widths` and `norm` read off its tensors."""
-    from krrst.models import create_model, list_models, model_options
 
     if arch is None:
         if path.suffix in (".safetensors",):
@@ -847,7 +844,6 @@ def _infer_widths(arch: str, state: Mapping[str, torch.Tensor], path: Path) -> t
     narrower than the registry's default widths; the weights themselves say
     how wide each block is.
     """
-    from krrst.models import create_model
 
     with torch.device("meta"):
         reference = create_model(arch, num_outputs=None)
@@ -869,7 +865,6 @@ def _infer_norm(arch: str, options: Mapping[str, Any], state: Mapping[str, torch
     """The `norm` option whose parameters and buffers the file holds (BatchNorm's running
     statistics, an affine instance norm's weights, or none). A file that fits none gets the
     default, so that `_load_exactly` names the first key that does not fit."""
-    from krrst.models import NORMS, create_model, model_options
 
     def names(keys) -> set[str]:  # some writers drop BatchNorm's step counter
         return {key for key in keys if not key.endswith("num_batches_tracked")}
@@ -884,7 +879,6 @@ def _infer_norm(arch: str, options: Mapping[str, Any], state: Mapping[str, torch
 
 def _guess_arch(state: Mapping[str, torch.Tensor]) -> str | None:
     """A registered architecture (default options) whose parameter names are exactly those of `state`."""
-    from krrst.models import create_model, list_models
 
     keys = set(state)
     for name in list_models():

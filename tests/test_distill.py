@@ -778,14 +778,15 @@ def test_initialisations_start_from_the_images_they_choose(cifar10_small, init, 
     chosen = []
     import krrst.baselines as baselines
 
-    name = "nearest_distinct" if init == "kmeans" else "high_loss_indices"
-    real = getattr(baselines, name)
+    # the k-means coreset's last step inside baselines; the high-loss selection as distill calls it
+    module, name = (baselines, "nearest_distinct") if init == "kmeans" else (distill_module, "high_loss_indices")
+    real = getattr(module, name)
 
     def recording(*args, **kwargs):
         chosen.append(real(*args, **kwargs))
         return chosen[-1]
 
-    monkeypatch.setattr(baselines, name, recording)
+    monkeypatch.setattr(module, name, recording)
     config = dataclasses.replace(RUN, steps=0, init=init, validation_models=0)
     result = distill(train, _teacher(), config, progress=False)
     expected_images = normalize(train.images[chosen[0].cpu()], train.mean, train.std)
