@@ -168,10 +168,9 @@ def _cmd_teacher(args: argparse.Namespace) -> None:
         return
     config = _stage_config(TeacherConfig, "teacher", args.preset, args.overrides)
     context = _distributed(args)
-    train_teacher(images, config, out_dir=out, resume=True, device=context.device,
-                  progress=args.progress and context.is_main, distributed=context)
-    if context.is_main:
-        print(f"wrote {out / TEACHER_FILE}")
+    train_teacher(images, config, out_dir=out, resume=True, device=context.device, progress=args.progress,
+                  distributed=context)  # its run scaffold shows progress on rank 0 only
+    context.say(f"wrote {out / TEACHER_FILE}")
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
@@ -516,9 +515,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
     _check_out(out)
     context = _distributed(args)
     run(config, out, root=args.root, preset=preset, force=args.force, device=context.device,
-        progress=args.progress, distributed=context, log=print if context.is_main else (lambda _: None))
-    if context.is_main:
-        print(f"run directory: {out} (open {Path(out) / 'report.html'})")
+        progress=args.progress, distributed=context, log=context.say)
+    context.say(f"run directory: {out} (open {Path(out) / 'report.html'})")
 
 
 # ----------------------------------------------------------------------------- parser

@@ -212,6 +212,12 @@ def test_sync_batchnorm_over_two_halves_equals_batchnorm_over_the_whole_batch():
 # --------------------------------------------------------------------------- splitting work (one process)
 
 
+def test_only_rank_0_says_a_line(capsys):
+    for rank in range(3):
+        DistributedContext(rank=rank, world_size=3).say(f"line from rank {rank}")
+    assert capsys.readouterr().out == "line from rank 0\n"
+
+
 def test_shard_slice_splits_contiguously_and_names_the_sizes_when_it_cannot():
     assert [shard_slice(12, rank, 3) for rank in range(3)] == [slice(0, 4), slice(4, 8), slice(8, 12)]
     assert shard_slice(7, 0, 1) == slice(0, 7)

@@ -42,6 +42,11 @@ class DistributedContext:
     def is_main(self) -> bool:  # rank 0: the one that writes files and prints
         return self.rank == 0
 
+    def say(self, text: str) -> None:
+        """Print `text` from rank 0 only: every rank runs the same code, and the user wants one line, not one per rank."""
+        if self.is_main:
+            print(text)
+
     def shard(self, global_batch: int, what: str = "batch size") -> slice:
         """This process's rows of a global batch (`shard_slice`): all of them in a single process."""
         return shard_slice(global_batch, self.rank, self.world_size, what)
