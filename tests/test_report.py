@@ -413,7 +413,7 @@ def full_run(run: Path, preset_steps_changed: bool = True) -> dict:
     from krrst.pipeline import resolve_config
     from krrst.teacher import TeacherConfig, build_backbone, save_teacher
 
-    config = {"preset": "demo", **resolve_config("demo", {"distill.steps": "7"}).to_dict()}
+    config = {"preset": "demo", **resolve_config("demo", {"distill.steps": "7", "run.note": ""}).to_dict()}
     (run / "distill").mkdir(parents=True)
     (run / "baselines").mkdir()
     (run / "teacher").mkdir()
