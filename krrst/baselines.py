@@ -78,7 +78,6 @@ def _source_features(
     progress: bool = False,
 ) -> torch.Tensor:
     """The teacher's features (float32 N x d, on `device`) of the source images, or of `indices` only."""
-
     device = resolve_device(device)
     images = source.images if indices is None else source.images[indices.to(source.images.device)]
     if len(images) == 0:
@@ -446,7 +445,6 @@ def _train_students(
 
     Each student's init seed and batch order come from `generator`, in turn.
     """
-
     models = []
     total = students * epochs * -(-len(images) // batch_size)
     watch = LossWatch("high-loss students", "their lr too high for their batch size", device)
@@ -604,5 +602,4 @@ def high_loss_subset(
 
 def no_pretraining(arch: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
     """A freshly initialised `arch` network without a head (init fixed by `seed`): the `none` baseline."""
-
     return fresh_model(arch, None, seed, **overrides)

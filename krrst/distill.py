@@ -896,19 +896,20 @@ def _images_of(value: Any, what: str) -> torch.Tensor:
     return images
 
 
-def _source_tensors(source: Any, config: DistillConfig, device: torch.device):
-    """The source's uint8 images on the device, its normalisation and name, checked against `config`."""
+def source_tensors(source: Any, config: Any, device: torch.device, stage: str = "distill"):
+    """The source's uint8 images on the device, its normalisation and name, checked against a distillation
+    config's `image_size` and `num_images` (KRR-ST's or MKDT's: `stage` names its options in the errors)."""
     if not all(hasattr(source, name) for name in ("images", "mean", "std")):
         raise KrrstError(f"source must be an ImageSet (uint8 images with mean/std), got {type(source).__name__}")
     images = _images_of(source, "source").to(device)
     num_source, _, height, width = images.shape
     if height != config.image_size or width != config.image_size:
         raise KrrstError(
-            f"source images are {height}x{width} but distill.image_size={config.image_size}; "
-            f"load the source at that size or set distill.image_size={height}"
+            f"source images are {height}x{width} but {stage}.image_size={config.image_size}; "
+            f"load the source at that size or set {stage}.image_size={height}"
         )
     if config.num_images > num_source:
-        raise KrrstError(f"distill.num_images={config.num_images} exceeds the {num_source} source images")
+        raise KrrstError(f"{stage}.num_images={config.num_images} exceeds the {num_source} source images")
     mean, std = tuple(float(v) for v in source.mean), tuple(float(v) for v in source.std)
     return images, mean, std, str(getattr(source, "name", ""))
 
@@ -1124,7 +1125,7 @@ def distill(
     device = resolve_device(device)
     context = distributed or current_context(device)
     shard = shard_slice(config.batch_size, context.rank, context.world_size, "distill.batch_size")
-    source_images, mean, std, source_name = _source_tensors(source, config, device)
+    source_images, mean, std, source_name = source_tensors(source, config, device)
     speed = SpeedSettings.resolve(config, device)
     # a library teacher sees its own input size and normalisation; its identity then covers that preprocessing
     teacher = fit_to_source(teacher, mean, std, config.image_size).to(device, memory_format=speed.memory_format).eval()

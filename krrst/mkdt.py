@@ -40,7 +40,7 @@ from torch.func import functional_call
 
 from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
 from krrst.baselines import high_loss_indices
-from krrst.distill import network_options
+from krrst.distill import network_options, source_tensors
 from krrst.distilled import DistilledSet
 from krrst.formats import fit_to_source
 from krrst.infra import io
@@ -450,8 +450,11 @@ def mkdt_distill(source: Any, teacher: nn.Module, config: MKDTConfig | None = No
             then resumes from the same files and does the same work.
     """
     config = config or MKDTConfig()
+    if not isinstance(config, MKDTConfig):
+        raise KrrstError(f"config must be an MKDTConfig, got {type(config).__name__}")
     device = resolve_device(device)
-    source_images, mean, std, source_id = _source_tensors(source, config, device)
+    source_images, mean, std, source_name = source_tensors(source, config, device, "mkdt")
+    source_id = [source_name, len(source_images)]
     teacher = fit_to_source(teacher, mean, std, config.image_size).to(device).eval()  # a library teacher's own input
     # The scaffold refuses another run's checkpoint here, before any expensive work.
     with RunState("mkdt", out_dir, config=config, total_steps=config.steps, log_fields=LOSS_CSV_FIELDS,
@@ -575,30 +578,9 @@ class _LearntSet:
         )
 
 
-def _source_tensors(source: Any, config: MKDTConfig, device: torch.device):
-    """`(uint8 images on device, mean, std, [name, number of images])` of an `ImageSet` that fits `config`."""
-    if not isinstance(config, MKDTConfig):
-        raise KrrstError(f"config must be an MKDTConfig, got {type(config).__name__}")
-    if not all(hasattr(source, name) for name in ("images", "mean", "std")):
-        raise KrrstError(f"source must be an ImageSet (uint8 images with mean/std), got {type(source).__name__}")
-    images = source.images
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-        raise KrrstError("mkdt: source images must be uint8 N x C x H x W")
-    num_source, _, height, width = images.shape
-    if height != config.image_size or width != config.image_size:
-        raise KrrstError(
-            f"source images are {height}x{width} but mkdt.image_size={config.image_size}; set mkdt.image_size={height}"
-        )
-    if config.num_images > num_source:
-        raise KrrstError(f"mkdt.num_images={config.num_images} exceeds the {num_source} source images")
-    mean, std = tuple(float(v) for v in source.mean), tuple(float(v) for v in source.std)
-    return images.to(device), mean, std, [str(getattr(source, "name", "")), num_source]
-
-
 def _teacher_targets(teacher: nn.Module, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
                      device: torch.device, progress: bool) -> torch.Tensor:
     """g of every source image, (N, d) on `device`; a teacher whose features hold NaN or inf is refused."""
-
     target_reps = teacher_features(teacher, images, mean, std, 512, device, progress).to(device)
     if target_reps.dim() != 2:
         raise KrrstError(f"teacher must output N x d features, got shape {tuple(target_reps.shape)}")

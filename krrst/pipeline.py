@@ -508,7 +508,6 @@ def claim_evaluation(out_dir: str | Path, method: str, identity: Mapping[str, An
     with no rows and no pre-trained network of `method` behind it (a start that
     failed early, e.g. on a mistyped option) protects nothing and is replaced.
     """
-
     out_dir = Path(out_dir)
     if provenance:
         check_provenance(out_dir, {method: provenance})
@@ -962,7 +961,6 @@ def _evaluate_stage(run: _Run, sets: Mapping[str, Any], provenance: Mapping[str,
     `set_fps` are the distill, baselines and mkdt fingerprints. A changed evaluation config starts the table
     afresh, a changed kd config only the kd rows.
     """
-
     config, run_config, out_dir = run.config, run.config.run, run.out_dir
     eval_dir = out_dir / "eval"
     # Which methods, protocols, archs and how many seeds are left out: adding one adds rows, it does not
@@ -1154,7 +1152,6 @@ def evaluate_methods(
     others' when every rank is done (a kill loses those, not the networks
     they pre-trained, which are cached).
     """
-
     out_dir = Path(out_dir)
     context = distributed or current_context(resolve_device(device))
     provenance = {method: value for method, value in (provenance or {}).items() if method in sets and value}

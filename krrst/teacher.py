@@ -254,7 +254,6 @@ def learning_rate_at(step: int, total_steps: int, steps_per_epoch: int, config: 
 
 def build_backbone(config: TeacherConfig, image_size: int) -> nn.Module:
     """The teacher network of `config.arch` without a head (forward = features)."""
-
     options: dict[str, Any] = {}
     valid = model_options(config.arch)
     if config.convnet_widths:
@@ -291,7 +290,6 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 def view_configs(config: TeacherConfig):
     """The two `augment.SSLAugmentConfig`s of the teacher's views (jitter strengths are solo-learn's)."""
-
     if len(config.solarize_p) != 2:
         raise KrrstError(f"teacher.solarize_p must hold two probabilities (view 1, view 2), got {config.solarize_p}")
     return tuple(
@@ -717,7 +715,6 @@ def load_teacher(
 
 def _model_of_our_file(path: Path, metadata: Mapping[str, Any], arch: str | None) -> nn.Module:
     """The untrained network a `teacher.safetensors` describes (its `spec`); `arch`, if given, must agree."""
-
     spec = dict(metadata["spec"])
     if arch is not None and arch != spec["arch"]:
         raise KrrstError(f"teacher file {path} holds a {spec['arch']!r} teacher, not {arch!r} (--teacher-arch)")
@@ -727,7 +724,6 @@ def _model_of_our_file(path: Path, metadata: Mapping[str, Any], arch: str | None
 
 def _model_of_plain_state(path: Path, state: Mapping[str, torch.Tensor], arch: str | None) -> nn.Module:
     """The untrained `arch` network for a state dict without metadata: `widths` and `norm` read off its tensors."""
-
     if arch is None:
         if path.suffix in (".safetensors",):
             raise KrrstError(
@@ -844,7 +840,6 @@ def _infer_widths(arch: str, state: Mapping[str, torch.Tensor], path: Path) -> t
     narrower than the registry's default widths; the weights themselves say
     how wide each block is.
     """
-
     with torch.device("meta"):
         reference = create_model(arch, num_outputs=None)
     conv_keys = [key for key, tensor in reference.state_dict().items() if tensor.dim() == 4]
@@ -879,7 +874,6 @@ def _infer_norm(arch: str, options: Mapping[str, Any], state: Mapping[str, torch
 
 def _guess_arch(state: Mapping[str, torch.Tensor]) -> str | None:
     """A registered architecture (default options) whose parameter names are exactly those of `state`."""
-
     keys = set(state)
     for name in list_models():
         try:
