@@ -1024,8 +1024,6 @@ def _set_up(source_images: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
                                      progress=progress).to(device)
     images = normalize(source_images[initial], mean, std)
     targets = batched_features(teacher, images)
-    if targets.dim() != 2:
-        raise KrrstError(f"teacher must output N x d features, got shape {tuple(targets.shape)}")
     check_teacher_features(teacher, targets, f"the {len(targets):,} initial images")
     synthetic = PARAMETERIZATIONS.get(config.parameterization).from_config(images, targets, config)
     optimizer = _outer_optimizer(synthetic, config, std)

@@ -918,12 +918,14 @@ def teacher_features(
 
 
 def check_teacher_features(teacher: nn.Module, features: torch.Tensor, what: str) -> None:
-    """One line when the teacher's first features hold NaN or inf, naming the teacher as the cause.
+    """One line when the teacher's first features are not N x d or hold NaN or inf, naming the teacher as the cause.
 
     Checked where a stage first computes them (distillation, MKDT, the
     baselines), so a NaN teacher is reported as such and not, steps later,
     as a kernel that is not positive definite.
     """
+    if features.dim() != 2:
+        raise KrrstError(f"teacher must output N x d features, got shape {tuple(features.shape)}")
     found = describe_nonfinite(features)
     if found is None:
         return

@@ -195,6 +195,17 @@ def test_mkdt_and_the_baselines_refuse_a_nan_teacher():
             build()
 
 
+def test_distilling_with_a_teacher_without_n_x_d_features_is_refused_in_one_line():
+    class SpatialTeacher(torch.nn.Module):  # a feature map, not a vector per image
+        def forward(self, images):
+            return images[:, :, :2, :2]
+
+    config = DistillConfig(num_images=8, image_size=16, widths=(4, 8, 8), steps=1, batch_size=16, pool_size=2,
+                           pool_steps=1, validate_every=0)
+    with pytest.raises(KrrstError, match=r"^teacher must output N x d features, got shape \(8, 3, 2, 2\)$"):
+        distill(noise_source(labelled=False), SpatialTeacher(), config, progress=False)
+
+
 def test_cli_distill_with_a_nan_teacher_is_one_line(tmp_path, capsys):
     path = tmp_path / "teacher.safetensors"
     save_teacher(path, nan_teacher(), MEAN, STD)
