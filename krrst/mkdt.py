@@ -43,7 +43,7 @@ from krrst.baselines import high_loss_indices
 from krrst.distill import network_options, source_tensors
 from krrst.distilled import DistilledSet
 from krrst.formats import fit_to_source
-from krrst.infra import io
+from krrst.infra import io, run_state
 from krrst.infra.config import check_numeric_fields, config_changes, config_to_dict, resolve_device
 from krrst.infra.errors import KrrstError
 from krrst.infra.finite import LossWatch
@@ -53,10 +53,10 @@ from krrst.losses import parameter_matching_loss
 from krrst.models import fresh_model
 from krrst.teacher import check_teacher_features, teacher_features, teacher_identity
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECKPOINT_NAME = run_state.CHECKPOINT_NAME  # the run folder's files, as the pipeline and the tests find them
+LOSS_CSV_NAME = run_state.LOSS_CSV_NAME
 TRAJECTORIES_NAME = "trajectories.safetensors"
 DISTILLED_NAME = "distilled.safetensors"
-LOSS_CSV_NAME = "loss.csv"
 LOSS_CSV_FIELDS = ("step", "loss", "syn_lr", "elapsed_s")
 Trajectories = list[list[torch.Tensor]]
 

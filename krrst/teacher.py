@@ -59,14 +59,13 @@ from krrst.infra.distributed import DistributedContext, all_gather_with_grad, ba
 from krrst.infra.errors import KrrstError
 from krrst.infra.finite import LossWatch, describe_nonfinite, first_nonfinite_tensor
 from krrst.infra.io import load_tensors, save_tensors, torch_load_weights_only, write_json
-from krrst.infra.run_state import RunState, read_log
+from krrst.infra.run_state import CHECKPOINT_NAME, RunState, read_log
 from krrst.infra.speed import SpeedSettings, check_speed_fields, fused_options
 from krrst.losses import barlow_twins_loss, simclr_loss
 from krrst.models import NORMS, create_model, list_models, model_options
 
 TEACHER_FILE = "teacher.safetensors"
-CHECKPOINT_FILE = "checkpoint.safetensors"
-LOSS_FILE = "loss.csv"
+CHECKPOINT_FILE = CHECKPOINT_NAME  # the run scaffold's, as the pipeline finds it
 HEALTH_FILE = "health.json"
 TEACHER_KIND = "krrst-teacher"
 CHECKPOINT_KIND = "krrst-teacher-checkpoint"
