@@ -237,22 +237,27 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def same_saved_value(saved: Any, value: Any) -> bool:
+    """Whether a value read back from JSON equals a current one: tuples and lists compare equal, since JSON turns
+    one into the other."""
+    def plain(item: Any) -> Any:
+        return list(item) if isinstance(item, (list, tuple)) else item
+
+    return plain(saved) == plain(value)
+
+
 def config_changes(saved: Mapping[str, Any], config: Any, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """`(field, saved value, current value)` for every field of `config` that differs from a saved dict.
 
     Fields in `ignore` (logging, checkpoint cadence) may change freely; a field
     missing from `saved` (added to the dataclass since) counts as its default.
-    Tuples and lists compare equal, since JSON turns one into the other.
+    Tuples and lists compare equal (`same_saved_value`).
     """
-
-    def plain(value: Any) -> Any:
-        return list(value) if isinstance(value, (list, tuple)) else value
-
     defaults = config_to_dict(type(config)())
     return [
         (key, saved.get(key, defaults[key]), value)
         for key, value in config_to_dict(config).items()
-        if key not in ignore and plain(saved.get(key, defaults[key])) != plain(value)
+        if key not in ignore and not same_saved_value(saved.get(key, defaults[key]), value)
     ]
 
 

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from krrst.infra import io
-from krrst.infra.config import config_changes, config_to_dict
+from krrst.infra.config import config_changes, config_to_dict, same_saved_value
 from krrst.infra.distributed import DistributedContext, run_on_main
 from krrst.infra.errors import KrrstError
 from krrst.infra.progress import progress_bar
@@ -196,7 +196,7 @@ class RunState:
                              "or a new --out")
         for key, value in self.identity.items():
             old = saved.get(key, value)
-            if _plain(old) != _plain(value):
+            if not same_saved_value(old, value):
                 raise KrrstError(f"--resume: {path} was written with another {key} ({old} -> {value}); use the same "
                                  f"{key} or a new --out")
         return saved
@@ -311,7 +311,3 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _cell(value: Any) -> Any:
     return "" if value is None else value
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else value
