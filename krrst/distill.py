@@ -72,6 +72,7 @@ from krrst.parameterize import (
 from krrst.teacher import check_teacher_features, teacher_features, teacher_identity
 
 CHECKPOINT_NAME = run_state.CHECKPOINT_NAME  # the run folder's files, as the pipeline and the report find them
+LOSS_CSV_NAME = run_state.LOSS_CSV_NAME
 DISTILLED_NAME = "distilled.safetensors"
 LOSS_PLOT_NAME = "loss.png"
 PREVIEW_NAME = "preview.png"
