@@ -1,40 +1,20 @@
 """The evaluation protocol: pre-train on a set, then fine-tune, linear-probe or distil knowledge.
 
-A distilled set is only worth what it does downstream. This module holds the
-paper's protocol as plain functions (see the README, "Reproduce the paper",
-and docs/reproduce.md):
+A distilled set is only worth what it does downstream (see the README, "Reproduce the paper", and
+docs/reproduce.md): `pretrain` a fresh network on the set, then `finetune` it, `linear_probe` its frozen
+features (SGD, or MKDT's L-BFGS) or distil a target classifier through the set's images
+(`knowledge_distillation`), on all labels or a `few_label_split`. `evaluate_set` chains them into one
+results row (`krrst.results.result_row`); this module writes nothing: the caller stores rows with
+`krrst.results.append_results`. Accuracies are fractions in [0, 1].
 
-- `pretrain(distilled, arch, PretrainConfig)`: a fresh network regresses the
-  set's target representations with MSE (SGD lr 0.1, wd 1e-3, batch 256,
-  1,000 epochs, no augmentation); label-based sets (hard or soft labels) get
-  the recipes of the authors' code for them.
-- `finetune(model, target_train, target_test, FinetuneConfig)`: new
-  classifier, every weight trained (SGD + cosine, crop/flip), top-1 on the
-  whole test set.
-- `linear_probe(...)`: frozen features, a linear classifier by SGD (the
-  paper's) or L-BFGS (MKDT's few-label probe).
-- `few_label_split(...)`: the class-balanced label subsets of the few-label
-  protocols, fixed by the seed so every method sees the same images.
-- `knowledge_distillation(...)`: target-data-free KD through the distilled images
-  (protocol `kd`); its target-task teacher comes from `train_kd_teacher` or
-  `load_kd_teacher`.
-- `evaluate_set(...)` chains them and returns one results row
-  (`krrst.results.result_row`); this module writes nothing: the caller stores
-  rows with `krrst.results.append_results`.
+Normalisation: every network sees images normalised with the statistics of the dataset they come from (a
+target with its own mean/std, as the authors' code does per dataset); distilled images are already
+normalised with the source's.
 
-Accuracies are fractions in [0, 1] (as `krrst.results` stores them).
-
-Normalisation: every network sees images normalised with the statistics of
-the dataset they come from (a target is normalised with the target's own
-mean/std, as the authors' code does per dataset); distilled images are
-already normalised with the source's.
-
-Speed: `PretrainConfig`, `FinetuneConfig` and `LinearProbeConfig` carry
-`precision` and `channels_last` (`krrst.infra.speed`): by default the networks and
-their inputs are channels_last, forwards run under bf16 autocast on CUDA only,
-losses are float32, and SGD/AdamW are fused on CUDA.
-`krrst.infra.speed.reference_speed(config)` is the float32, contiguous reference
-path (tests/test_evaluate.py holds the fast path to it).
+Speed: the pre-training, fine-tuning and probe configs carry `precision` and `channels_last`
+(`krrst.infra.speed`): by default networks and inputs are channels_last, forwards run under bf16 autocast
+on CUDA only, losses are float32, and SGD/AdamW are fused on CUDA. `reference_speed(config)` is the
+float32, contiguous reference path (tests/test_evaluate.py holds the fast path to it).
 """
 
 from __future__ import annotations
@@ -60,8 +40,6 @@ from krrst.infra.errors import KrrstError
 from krrst.infra.finite import LossWatch, check_finite
 from krrst.infra.progress import progress_bar
 from krrst.infra.speed import SpeedSettings, check_speed_fields, fused_options
-
-# Another project's label set is read in krrst.formats; importable from here until the README names it there.
 from krrst.losses import soft_cross_entropy
 from krrst.models import create_model, fresh_model, list_models, model_options, reset_head
 from krrst.results import result_row
@@ -296,6 +274,46 @@ def _cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.opti
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
 
+def _train_loop(
+    units: int, batches_of: Callable[[], list[torch.Tensor]], batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None, bar: Any,
+    watch: LossWatch, log_every: int, on_unit: Callable[[int, float], None] | None = None,
+) -> float:
+    """The loop of every training stage here: `units` epochs (or iterations), each an optimiser step (then a
+    scheduler step) on `batch_loss(batch)` for every batch of `batches_of()`.
+
+    The unit's mean loss goes to `watch`, which is checked, and to `bar`, every `log_every` units and at the
+    last; `on_unit(unit, mean_loss)` is called after every unit (a device sync). Closes `bar`; returns the
+    last loss shown.
+    """
+    shown = float("nan")
+    try:
+        for unit in range(units):
+            batches, total = batches_of(), torch.zeros(())
+            for batch in batches:
+                loss = batch_loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                total = total + loss.detach()
+            mean_loss = total / max(1, len(batches))
+            watch.update(mean_loss, unit + 1)
+            log_point = unit % log_every == 0 or unit == units - 1
+            if log_point or on_unit is not None:
+                watch.check()
+            if on_unit is not None:
+                on_unit(unit, float(mean_loss))
+            if log_point:
+                shown = float(mean_loss)
+                bar.set_postfix(loss=f"{shown:.4g}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    return shown
+
+
 def _model_input_size(model: nn.Module) -> int | None:
     size = getattr(model, "image_size", None)
     if size is None and isinstance(getattr(model, "spec", None), dict):
@@ -476,14 +494,6 @@ def top1_accuracy(
 # --------------------------------------------------------------------------- pre-training
 
 
-def _soft_label_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "mse":
-        return 0.5 * (outputs - targets).pow(2).sum(dim=1).mean()
-    is_distribution = bool((targets >= 0).all()) and bool(torch.allclose(targets.sum(dim=1), torch.ones_like(targets[:, 0]), atol=1e-4))
-    probabilities = targets if is_distribution else targets.softmax(dim=1)
-    return -(probabilities * outputs.log_softmax(dim=1)).sum(dim=1).mean()
-
-
 def _check_set_fits(model: nn.Module, distilled: DistilledSet, arch: str) -> None:
     """A probe forward pass turns a size/channel mismatch into a one-line error before training."""
     probe = distilled.images[:2].detach().to("cpu", torch.get_default_dtype())  # the fresh model is still on the CPU
@@ -547,45 +557,40 @@ def _pretrain_optimizer(
 
 
 def _pretrain_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str, soft_label_loss: str) -> torch.Tensor:
-    """MSE to representations, cross-entropy to hard labels, `_soft_label_loss` to soft labels."""
+    """MSE to representations, cross-entropy to hard labels, `PretrainConfig.soft_label_loss` to soft labels."""
     if kind == "representation":
         return F.mse_loss(outputs, targets)
     if kind == "hard_labels":
         return F.cross_entropy(outputs, targets)
-    return _soft_label_loss(outputs, targets, soft_label_loss)
+    if soft_label_loss == "mse":
+        return 0.5 * (outputs - targets).pow(2).sum(dim=1).mean()
+    is_distribution = bool((targets >= 0).all()) and bool(torch.allclose(targets.sum(dim=1), torch.ones_like(targets[:, 0]), atol=1e-4))
+    probabilities = targets if is_distribution else targets.softmax(dim=1)
+    return -(probabilities * outputs.log_softmax(dim=1)).sum(dim=1).mean()
 
 
 def pretrain(
-    distilled: DistilledSet,
-    arch: str,
-    config: PretrainConfig | None = None,
-    *,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    on_epoch: Callable[[int, float], None] | None = None,
-    **arch_overrides: Any,
+    distilled: DistilledSet, arch: str, config: PretrainConfig | None = None, *,
+    device: str | torch.device | None = None, progress: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None, **arch_overrides: Any,
 ) -> nn.Module:
     """Pre-train a fresh `arch` network on a distilled set; returns it (eval mode, on `device`, with its head).
 
-    Representation targets are regressed with MSE; hard and soft labels use
-    the label recipes of `PretrainConfig`. The network's init, the batch
-    order and the augmentation are fixed by `config.seed`. `arch_overrides`
-    go to `create_model` (e.g. `widths=(16, 32, 64)` for a narrow CPU
-    network). `on_epoch(epoch, mean_loss)` is called after every epoch (it
-    forces a device sync; leave it None for speed). A set whose images do not
-    fit the architecture is a one-line `KrrstError`. The network trains in
-    the layout and precision of `config.precision` / `config.channels_last`
-    and is returned in contiguous memory.
+    Representation targets are regressed with MSE; hard and soft labels use the label recipes of
+    `PretrainConfig`. The network's init, the batch order and the augmentation are fixed by `config.seed`.
+    `arch_overrides` go to `create_model` (e.g. `widths=(16, 32, 64)` for a narrow CPU network).
+    `on_epoch(epoch, mean_loss)` is called after every epoch (a device sync; leave it None for speed). A set
+    whose images do not fit the architecture is a one-line `KrrstError`. The network trains in the layout and
+    precision of `config` and is returned in contiguous memory.
     """
     config = config or PretrainConfig()
     _check_positive(config.batch_size, "pretrain.batch_size")
     _check_positive(config.epochs, "pretrain.epochs", allow_zero=True)
     device = resolve_device(device)
     kind = distilled.target_kind
+    num_outputs = distilled.feature_dim
     if kind == "hard_labels":
-        num_outputs = int(distilled.config.get("num_classes") or distilled.feature_dim)
-    else:
-        num_outputs = distilled.feature_dim
+        num_outputs = int(distilled.config.get("num_classes") or num_outputs)
     model = fresh_model(arch, num_outputs, config.seed, **arch_overrides)
     _check_set_fits(model, distilled, arch)
     speed = SpeedSettings.resolve(config, device)
@@ -599,38 +604,19 @@ def pretrain(
 
     augment = kind != "representation" and config.label_augment
     generator = _seeded_generator(config.seed)
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        inputs = strong_augment(images[batch], generator, config.padding) if augment else images[batch]
+        outputs = speed.forward(model, inputs)  # float32: the losses are computed in float32
+        return _pretrain_loss(outputs, targets[batch], kind, config.soft_label_loss)
+
     lr_field = {"representation": "lr", "hard_labels": "label_lr", "soft_labels": "soft_label_lr"}[kind]
     watch = LossWatch(f"pre-training {arch} on {distilled.method}",
                       f"pretrain.{lr_field} too high for pretrain.batch_size and the targets' scale", device, "epoch")
-    model.train()
     bar = _progress_bar(epochs, f"pre-train {arch} on {distilled.method}", "epoch", progress)
-    try:
-        for epoch in range(epochs):
-            epoch_loss = torch.zeros((), device=device)
-            batches = _epoch_batches(m, batch_size, generator, device)
-            for batch in batches:
-                inputs = images[batch]
-                if augment:
-                    inputs = strong_augment(inputs, generator, config.padding)
-                outputs = speed.forward(model, inputs)  # float32: the losses are computed in float32
-                loss = _pretrain_loss(outputs, targets[batch], kind, config.soft_label_loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                epoch_loss += loss.detach()
-            mean_loss = epoch_loss / max(1, len(batches))
-            watch.update(mean_loss, epoch + 1)
-            if on_epoch is not None or epoch % 10 == 0 or epoch == epochs - 1:  # a log point
-                watch.check()
-            if on_epoch is not None:
-                on_epoch(epoch, float(mean_loss))
-            if progress and (epoch % 10 == 0 or epoch == epochs - 1):
-                bar.set_postfix(loss=f"{float(mean_loss):.4g}", refresh=False)
-            bar.update(1)
-    finally:
-        bar.close()
+    model.train()
+    _train_loop(epochs, lambda: _epoch_batches(m, batch_size, generator, device), batch_loss, optimizer, scheduler,
+                bar, watch, 10, on_epoch)
     # Contiguous whatever the training layout: the caller's code (and a saved copy) sees a plain network.
     return model.to(memory_format=torch.contiguous_format).eval()
 
@@ -695,31 +681,19 @@ def finetune(
         network.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
         **fused_options(torch.optim.SGD, device),
     )
-    scheduler = _cosine_lr(optimizer, config.iterations)
     generator = _seeded_generator(config.seed)
     batches = _batch_stream(len(train_images), config.batch_size, generator, device)
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        pixels = train_images[batch].to(torch.get_default_dtype()).div_(255.0)
+        inputs = normalize(crop_flip(pixels, padding=config.padding, generator=generator), mean, std)
+        return F.cross_entropy(speed.forward(network, inputs), train_labels[batch])
+
     target_name = getattr(target_train, "name", "target")
     bar = _progress_bar(config.iterations, f"fine-tune on {target_name}", "it", progress)
     watch = LossWatch(f"fine-tuning on {target_name}", "finetune.lr too high for finetune.batch_size", device)
-    last_loss = float("nan")
-    try:
-        for iteration in range(config.iterations):
-            batch = next(batches)
-            pixels = train_images[batch].to(torch.get_default_dtype()).div_(255.0)
-            inputs = normalize(crop_flip(pixels, padding=config.padding, generator=generator), mean, std)
-            loss = F.cross_entropy(speed.forward(network, inputs), train_labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            watch.update(loss, iteration + 1)
-            if iteration % 50 == 0 or iteration == config.iterations - 1:
-                watch.check()
-                last_loss = float(loss.detach())
-                bar.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
-            bar.update(1)
-    finally:
-        bar.close()
+    last_loss = _train_loop(config.iterations, lambda: [next(batches)], batch_loss, optimizer,
+                            _cosine_lr(optimizer, config.iterations), bar, watch, 50)
     accuracy, test_loss = top1_accuracy(network, test_images, test_labels, mean, std, config.eval_batch_size, speed)
     return {
         "accuracy": accuracy,
@@ -764,27 +738,13 @@ def fit_linear_sgd(
         classifier.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
         **fused_options(torch.optim.SGD, features.device),
     )
-    scheduler = _cosine_lr(optimizer, config.iterations)
-    generator = _seeded_generator(config.seed)
-    batches = _batch_stream(len(features), config.batch_size, generator, features.device)
+    batches = _batch_stream(len(features), config.batch_size, _seeded_generator(config.seed), features.device)
     bar = _progress_bar(config.iterations, "linear probe (sgd)", "it", progress)
     watch = LossWatch("the linear probe (sgd)", "linear.lr too high for linear.batch_size and the features' scale",
                       features.device)
-    try:
-        for iteration in range(config.iterations):
-            batch = next(batches)
-            loss = F.cross_entropy(classifier(features[batch]), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            watch.update(loss, iteration + 1)
-            if iteration % 100 == 0 or iteration == config.iterations - 1:
-                watch.check()
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
-            bar.update(1)
-    finally:
-        bar.close()
+    _train_loop(config.iterations, lambda: [next(batches)],
+                lambda batch: F.cross_entropy(classifier(features[batch]), labels[batch]), optimizer,
+                _cosine_lr(optimizer, config.iterations), bar, watch, 100)
     return classifier
 
 
@@ -951,32 +911,22 @@ def knowledge_distillation(
     lr, lr_field = (config.noise_lr, "kd.noise_lr") if noise else (config.lr, "kd.lr")
     optimizer = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=config.weight_decay)
     m = len(images)
-    steps_per_epoch = _steps_per_epoch(m, config.batch_size)
-    scheduler = _cosine_lr(optimizer, steps_per_epoch * config.epochs)
+    scheduler = _cosine_lr(optimizer, _steps_per_epoch(m, config.batch_size) * config.epochs)
     generator = _seeded_generator(config.seed)
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if noise:
+                inputs = torch.randn(images[batch].shape, generator=generator).to(device)
+            else:
+                inputs = strong_augment(images[batch], generator, config.padding)
+            teacher_logits = teacher(inputs)
+        return soft_cross_entropy(student(inputs), teacher_logits, config.temperature)
+
     bar = _progress_bar(config.epochs, "knowledge distillation", "epoch", progress)
     watch = LossWatch("knowledge distillation", f"{lr_field} too high for kd.batch_size", device, "epoch")
-    try:
-        for epoch in range(config.epochs):
-            for batch in _epoch_batches(m, config.batch_size, generator, device):
-                with torch.no_grad():
-                    if noise:
-                        inputs = torch.randn(images[batch].shape, generator=generator).to(device)
-                    else:
-                        inputs = strong_augment(images[batch], generator, config.padding)
-                    teacher_logits = teacher(inputs)
-                loss = soft_cross_entropy(student(inputs), teacher_logits, config.temperature)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                watch.update(loss, epoch + 1)
-            if epoch % 10 == 0 or epoch == config.epochs - 1:
-                watch.check()
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
-            bar.update(1)
-    finally:
-        bar.close()
+    _train_loop(config.epochs, lambda: _epoch_batches(m, config.batch_size, generator, device), batch_loss, optimizer,
+                scheduler, bar, watch, 10)
     size = int(image_size or images.shape[-1])
     test_images, test_labels = _prepared_target(target_test, "target test split", size, device)
     accuracy, test_loss = top1_accuracy(
