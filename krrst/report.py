@@ -20,6 +20,7 @@ import math
 import os
 import shlex
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
@@ -66,8 +67,23 @@ def _protocol_sort_key(protocol: str) -> tuple[int, str, float]:
     return (rank, base, fraction)
 
 
-def _first_appearance(values: Iterable[str]) -> list[str]:
+def _first_appearance(values: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1; 0 for one value)."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    return mean, (math.sqrt(math.fsum((value - mean) ** 2 for value in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def _series_labels(keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """A label per (method, source), in order of first appearance: the method, with its source where it has several."""
+    keys = _first_appearance(keys)
+    sources = Counter(method for method, _ in keys)
+    return {(method, source): f"{method} ({source})" if sources[method] > 1 and source else method
+            for method, source in keys}
 
 
 def summarize(rows: Iterable[dict]) -> list[dict]:
@@ -82,32 +98,16 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[field] for field in _GROUP_KEY), []).append(row)
-    target_rank = {target: index for index, target in enumerate(_first_appearance(row["target"] for row in rows))}
-    arch_rank = {arch: index for index, arch in enumerate(_first_appearance(row["arch"] for row in rows))}
+    targets = _first_appearance(row["target"] for row in rows)
+    archs = _first_appearance(row["arch"] for row in rows)
     summaries = []
     for key, members in groups.items():
-        accuracies = [float(member["accuracy"]) for member in members]
-        n = len(accuracies)
-        mean = math.fsum(accuracies) / n
-        std = math.sqrt(math.fsum((value - mean) ** 2 for value in accuracies) / (n - 1)) if n > 1 else 0.0
-        summary = dict(zip(_GROUP_KEY, key))
-        summary.update(
-            mean=mean,
-            std=std,
-            n=n,
-            seeds=sorted(int(member["seed"]) for member in members),
-            wall_time_s=math.fsum(float(member["wall_time_s"]) for member in members) / n,
-        )
-        summaries.append(summary)
-    summaries.sort(
-        key=lambda s: (
-            arch_rank[s["arch"]],
-            _method_sort_key(s["method"]),
-            s["source"],
-            target_rank[s["target"]],
-            _protocol_sort_key(s["protocol"]),
-        )
-    )
+        mean, std = _mean_std([float(member["accuracy"]) for member in members])
+        summaries.append({**dict(zip(_GROUP_KEY, key)), "mean": mean, "std": std, "n": len(members),
+                          "seeds": sorted(int(member["seed"]) for member in members),
+                          "wall_time_s": math.fsum(float(member["wall_time_s"]) for member in members) / len(members)})
+    summaries.sort(key=lambda s: (archs.index(s["arch"]), _method_sort_key(s["method"]), s["source"],
+                                  targets.index(s["target"]), _protocol_sort_key(s["protocol"])))
     return summaries
 
 
@@ -120,82 +120,56 @@ def _format_cell(summary: dict, max_n: int) -> str:
 
 
 def _table_models(rows: Iterable[dict], arch: str | None = None) -> list[dict]:
-    """One table per architecture: header labels and, per method row, cells (text, bold)."""
-    rows = list(rows)
-    if arch is not None:
-        rows = [row for row in rows if row["arch"] == arch]
-    summaries = summarize(rows)
+    """One table per architecture: its caption, column labels and, per method row, cells (text, bold)."""
+    summaries = summarize(row for row in rows if arch is None or row["arch"] == arch)
     tables = []
     for table_arch in _first_appearance(s["arch"] for s in summaries):
         in_table = [s for s in summaries if s["arch"] == table_arch]
-        columns = sorted(
-            {(s["target"], s["protocol"]) for s in in_table},
-            key=lambda col: (
-                _first_appearance(s["target"] for s in in_table).index(col[0]),
-                _protocol_sort_key(col[1]),
-            ),
-        )
-        # A method evaluated from more than one source set gets one row per source.
-        sources_per_method: dict[str, set[str]] = {}
-        for s in in_table:
-            sources_per_method.setdefault(s["method"], set()).add(s["source"])
-        row_keys = _first_appearance((s["method"], s["source"]) for s in in_table)
+        targets = _first_appearance(s["target"] for s in in_table)
+        columns = sorted({(s["target"], s["protocol"]) for s in in_table},
+                         key=lambda column: (targets.index(column[0]), _protocol_sort_key(column[1])))
         cells = {(s["method"], s["source"], s["target"], s["protocol"]): s for s in in_table}
         max_n = max(s["n"] for s in in_table)
-        best: dict[tuple[str, str], float] = {}
-        for column in columns:
-            contenders = [
-                round(100 * s["mean"], 1)
-                for s in in_table
-                if (s["target"], s["protocol"]) == column and s["method"] not in REFERENCE_METHODS
-            ]
-            if len(contenders) >= 2:
-                best[column] = max(contenders)
+        contenders: dict[tuple[str, str], list[float]] = {}
+        for s in in_table:
+            if s["method"] not in REFERENCE_METHODS:
+                contenders.setdefault((s["target"], s["protocol"]), []).append(round(100 * s["mean"], 1))
+        best = {column: max(means) for column, means in contenders.items() if len(means) >= 2}
         body = []
-        for method, source in row_keys:
-            label = f"{method} ({source})" if len(sources_per_method[method]) > 1 and source else method
+        # A method evaluated from more than one source set gets one row per source.
+        for (method, source), label in _series_labels((s["method"], s["source"]) for s in in_table).items():
             row_cells = []
             for column in columns:
                 summary = cells.get((method, source, *column))
                 if summary is None:
                     row_cells.append((_MISSING_CELL, False))
                     continue
-                text = _format_cell(summary, max_n)
-                is_best = (
-                    column in best
-                    and method not in REFERENCE_METHODS
-                    and round(100 * summary["mean"], 1) == best[column]
-                )
-                row_cells.append((text, is_best))
+                is_best = method not in REFERENCE_METHODS and round(100 * summary["mean"], 1) == best.get(column)
+                row_cells.append((_format_cell(summary, max_n), is_best))
             body.append((label, row_cells))
         seeds = sorted({seed for s in in_table for seed in s["seeds"]})
-        tables.append(
-            {
-                "arch": table_arch,
-                "columns": [f"{target} {protocol}" for target, protocol in columns],
-                "rows": body,
-                "max_n": max_n,
-                "seeds": seeds,
-                "has_reference": any(s["method"] in REFERENCE_METHODS for s in in_table),
-            }
-        )
+        listed = ", ".join(map(str, seeds))
+        if max_n == 1:
+            spread = f"one seed per cell (seed{'s' if len(seeds) > 1 else ''} {listed}), so no spread over seeds"
+        else:
+            spread = f"mean ± sample std over seeds ({max_n} per cell unless marked n=, seeds {listed})"
+        caption = f"Top-1 accuracy (%), {spread}; arch {table_arch}; best per column in bold"
+        if any(s["method"] in REFERENCE_METHODS for s in in_table):
+            caption += f" ({', '.join(REFERENCE_METHODS)} is the ceiling and not ranked)"
+        tables.append({"caption": caption + ".", "columns": [f"{target} {protocol}" for target, protocol in columns],
+                       "rows": body})
     return tables
-
-
-def _table_caption(table: dict) -> str:
-    seeds = ", ".join(map(str, table["seeds"]))
-    if table["max_n"] == 1:
-        spread = f"one seed per cell (seed{'s' if len(table['seeds']) > 1 else ''} {seeds}), so no spread over seeds"
-    else:
-        spread = f"mean ± sample std over seeds ({table['max_n']} per cell unless marked n=, seeds {seeds})"
-    caption = f"Top-1 accuracy (%), {spread}; arch {table['arch']}; best per column in bold"
-    if table["has_reference"]:
-        caption += f" ({', '.join(REFERENCE_METHODS)} is the ceiling and not ranked)"
-    return caption + "."
 
 
 def _markdown_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*").replace("\n", " ")
+
+
+def _markdown(header: Sequence[str], align: str, body: Iterable[Sequence[str]]) -> str:
+    """Markdown table lines of already-escaped cells; `align` holds an `l` or `r` per column."""
+    lines = ["| " + " | ".join(cells) + " |" for cells in (header, *body)]
+    separator = "|" + "".join("---:|" if side == "r" else "---|" for side in align)
+    return "\n".join([lines[0], separator, *lines[1:]]) + "\n"
 
 
 def markdown_table(rows: Iterable[dict], arch: str | None = None) -> str:
@@ -208,17 +182,12 @@ def markdown_table(rows: Iterable[dict], arch: str | None = None) -> str:
     tables = _table_models(rows, arch)
     if not tables:
         return "No results" + (f" for arch {arch}" if arch else "") + ".\n"
-    parts = []
-    for table in tables:
-        lines = [
-            "| method | " + " | ".join(_markdown_escape(column) for column in table["columns"]) + " |",
-            "|---|" + "---:|" * len(table["columns"]),
-        ]
-        for label, cells in table["rows"]:
-            rendered = [f"**{text}**" if bold else text for text, bold in cells]
-            lines.append(f"| {_markdown_escape(label)} | " + " | ".join(rendered) + " |")
-        parts.append(_table_caption(table) + "\n\n" + "\n".join(lines) + "\n")
-    return "\n".join(parts)
+    return "\n".join(
+        table["caption"] + "\n\n" + _markdown(
+            ["method", *map(_markdown_escape, table["columns"])], "l" + "r" * len(table["columns"]),
+            [[_markdown_escape(label), *(f"**{text}**" if bold else text for text, bold in cells)]
+             for label, cells in table["rows"]])
+        for table in tables)
 
 
 def sets_table(sets: Any, provenance: dict[str, str] | None = None) -> str:
@@ -235,9 +204,7 @@ def sets_table(sets: Any, provenance: dict[str, str] | None = None) -> str:
                 and isinstance(entry.get("storage_bytes"), int) and entry["storage_bytes"] > 0):
             raise KrrstError(f"{SETS_NAME}: entry {method!r} needs integer images and storage_bytes > 0, got {entry!r}")
     reference = sets.get("krr-st", {}).get("storage_bytes")
-    lines = ["| set | images | parameterisation | storage (MB) |" + (" vs krr-st |" if reference else "")
-             + (" provenance |" if provenance else ""),
-             "|---|---:|---|---:|" + ("---:|" if reference else "") + ("---|" if provenance else "")]
+    body = []
     for method in sorted(sets, key=_method_sort_key):
         entry = sets[method]
         cells = [_markdown_escape(str(method)), str(entry["images"]),
@@ -246,30 +213,22 @@ def sets_table(sets: Any, provenance: dict[str, str] | None = None) -> str:
             cells.append(f"{entry['storage_bytes'] / reference:.2f}x")
         if provenance:
             cells.append(_markdown_escape(provenance.get(method, _MISSING_CELL)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "Pre-training sets (storage: float32 values as stored, bases and predictors included).\n\n" + "\n".join(lines) + "\n"
+        body.append(cells)
+    header = ["set", "images", "parameterisation", "storage (MB)"] + ["vs krr-st"] * bool(reference)
+    return ("Pre-training sets (storage: float32 values as stored, bases and predictors included).\n\n"
+            + _markdown(header + ["provenance"] * bool(provenance),
+                        "lrlr" + "r" * bool(reference) + "l" * bool(provenance), body))
 
 
 def html_table(rows: Iterable[dict], arch: str | None = None) -> str:
     """The same table(s) as `markdown_table`, as escaped HTML."""
     tables = _table_models(rows, arch)
     if not tables:
-        return '<p class="note">No results.</p>'
-    parts = []
-    for table in tables:
-        head = "".join(f"<th>{html.escape(column)}</th>" for column in table["columns"])
-        body = []
-        for label, cells in table["rows"]:
-            rendered = "".join(
-                f'<td class="best"><strong>{html.escape(text)}</strong></td>' if bold else f"<td>{html.escape(text)}</td>"
-                for text, bold in cells
-            )
-            body.append(f"<tr><th>{html.escape(label)}</th>{rendered}</tr>")
-        parts.append(
-            f"<table><caption>{html.escape(_table_caption(table))}</caption>"
-            f"<thead><tr><th>method</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-        )
-    return "\n".join(parts)
+        return _note("No results.")
+    return "\n".join(_html_table(["method", *table["columns"]],
+                                  [[label, *((text, "best") if bold else text for text, bold in cells)]
+                                   for label, cells in table["rows"]], table["caption"], row_headers=True)
+                      for table in tables)
 
 
 # --------------------------------------------------------------------------- paired differences
@@ -283,24 +242,21 @@ def _t_central_mass(t: float, df: int) -> float:
     """P(|T| <= t) for Student's t with an integer number of degrees of freedom `df` >= 1.
 
     Exact finite sums in theta = atan(t / sqrt(df)) (Abramowitz & Stegun 26.7.3 and 26.7.4):
-    odd df: (2/pi) [theta + sin(theta) (cos(theta) + 2/3 cos^3(theta) + ... + (2.4...(df-3))/(1.3...(df-2)) cos^(df-2))];
+    odd df: (2/pi) [theta + sin(theta) (cos(theta) + 2/3 cos^3(theta) + ...
+                    + (2.4...(df-3))/(1.3...(df-2)) cos^(df-2)(theta))];
     even df: sin(theta) [1 + 1/2 cos^2(theta) + ... + (1.3...(df-3))/(2.4...(df-2)) cos^(df-2)(theta)].
     """
     theta = math.atan(t / math.sqrt(df))
+    if df == 1:
+        return 2 * theta / math.pi
+    odd = df % 2 == 1
     cos_squared = math.cos(theta) ** 2
-    if df % 2:
-        if df == 1:
-            return 2 * theta / math.pi
-        term = total = math.cos(theta)
-        for k in range(3, df - 1, 2):
-            term *= (k - 1) / k * cos_squared
-            total += term
-        return 2 / math.pi * (theta + math.sin(theta) * total)
-    term = total = 1.0
-    for k in range(2, df - 1, 2):
+    # the sum in brackets: each term is the one before times (k-1)/k cos^2(theta)
+    term = total = math.cos(theta) if odd else 1.0
+    for k in range(3 if odd else 2, df - 1, 2):
         term *= (k - 1) / k * cos_squared
         total += term
-    return math.sin(theta) * total
+    return 2 / math.pi * (theta + math.sin(theta) * total) if odd else math.sin(theta) * total
 
 
 def t_quantile(df: int, probability: float = 0.975) -> float:
@@ -334,10 +290,9 @@ def paired_summary(differences: Sequence[float], confidence: float = CONFIDENCE)
     n = len(differences)
     if n == 0:
         raise ValueError("paired_summary needs at least one difference")
-    mean = math.fsum(differences) / n
+    mean, std = _mean_std(differences)
     low = high = None
     if n > 1:
-        std = math.sqrt(math.fsum((value - mean) ** 2 for value in differences) / (n - 1))
         half = t_quantile(n - 1, (1 + confidence) / 2) * std / math.sqrt(n)
         low, high = mean - half, mean + half
     return {"n": n, "mean": mean, "low": low, "high": high,
@@ -360,14 +315,16 @@ def paired_comparisons(rows: Iterable[dict], references: Sequence[str] = DEFAULT
     """
     rows = list(rows)
     accuracy: dict[tuple, dict[str, float]] = {}  # (method, target, arch, protocol, seed) -> {source: accuracy}
+    seeds: dict[tuple, set[int]] = {}  # (method, source, target, arch, protocol) -> seeds
     for row in rows:
-        key = (row["method"], row["target"], row["arch"], row["protocol"], row["seed"])
-        accuracy.setdefault(key, {})[row["source"]] = row["accuracy"]
+        accuracy.setdefault((row["method"], row["target"], row["arch"], row["protocol"], row["seed"]),
+                            {})[row["source"]] = row["accuracy"]
+        seeds.setdefault(tuple(row[field] for field in _GROUP_KEY), set()).add(row["seed"])
     methods = sorted({row["method"] for row in rows}, key=_method_sort_key)
     targets = _first_appearance(row["target"] for row in rows)
     archs = _first_appearance(row["arch"] for row in rows)
-    groups = _first_appearance((row["source"], row["target"], row["arch"], row["protocol"]) for row in rows)
-    groups.sort(key=lambda g: (archs.index(g[2]), targets.index(g[1]), _protocol_sort_key(g[3]), g[0]))
+    groups = sorted(_first_appearance((row["source"], row["target"], row["arch"], row["protocol"]) for row in rows),
+                    key=lambda g: (archs.index(g[2]), targets.index(g[1]), _protocol_sort_key(g[3]), g[0]))
     comparisons = []
     for index, reference in enumerate(references):
         # merged runs name methods `<run>:<method>`: e2:none is not compared with e1:random either
@@ -376,22 +333,18 @@ def paired_comparisons(rows: Iterable[dict], references: Sequence[str] = DEFAULT
             for method in methods:
                 if method.rsplit(":", 1)[-1] in later:
                     continue
-                pairs = []
-                for seed in sorted({r["seed"] for r in rows if r["method"] == method and r["source"] == source
-                                    and (r["target"], r["arch"], r["protocol"]) == (target, arch, protocol)}):
+                paired_seeds, differences = [], []
+                for seed in sorted(seeds.get((method, source, target, arch, protocol), ())):
                     floor = accuracy.get((reference, target, arch, protocol, seed), {})
                     # the reference's row of the same source, else its only row (e.g. none, which has no source)
                     value = floor.get(source, next(iter(floor.values())) if len(floor) == 1 else None)
                     if value is not None:
-                        ours = accuracy[(method, target, arch, protocol, seed)][source]
-                        pairs.append((seed, 100 * (ours - value)))
-                if pairs:
-                    comparisons.append({
-                        "reference": reference, "method": method, "source": source, "target": target, "arch": arch,
-                        "protocol": protocol, "seeds": [seed for seed, _ in pairs],
-                        "differences": [difference for _, difference in pairs],
-                        **paired_summary([difference for _, difference in pairs]),
-                    })
+                        paired_seeds.append(seed)
+                        differences.append(100 * (accuracy[(method, target, arch, protocol, seed)][source] - value))
+                if differences:
+                    comparisons.append({"reference": reference, "method": method, "source": source, "target": target,
+                                        "arch": arch, "protocol": protocol, "seeds": paired_seeds,
+                                        "differences": differences, **paired_summary(differences)})
     return comparisons
 
 
@@ -401,29 +354,35 @@ def _interval_text(comparison: dict) -> str:
     return f"[{comparison['low']:+.1f}, {comparison['high']:+.1f}]"
 
 
-def _comparison_column(comparison: dict, several_targets: bool, several_archs: bool) -> str:
-    parts = [comparison["target"]] if several_targets else []
-    parts.append(comparison["protocol"])
-    if several_archs:
-        parts.append(comparison["arch"])
-    return " ".join(parts)
+def _comparison_labels(comparisons: Sequence[dict]) -> list[str]:
+    """Per comparison: its protocol, after its target where targets differ and before its arch where archs differ."""
+    several_targets = len({c["target"] for c in comparisons}) > 1
+    several_archs = len({c["arch"] for c in comparisons}) > 1
+    return [" ".join([c["target"]] * several_targets + [c["protocol"]] + [c["arch"]] * several_archs)
+            for c in comparisons]
+
+
+def _paired_rows(comparisons: Sequence[dict]) -> list[list[str]]:
+    """Per comparison: method, reference, protocol, mean difference, interval, wins / seeds, each seed's difference."""
+    return [[c["method"], c["reference"], label, f"{c['mean']:+.2f}", _interval_text(c), f"{c['wins']}/{c['n']}",
+             ", ".join(f"{d:+.1f}" for d in c["differences"])]
+            for c, label in zip(comparisons, _comparison_labels(comparisons))]
 
 
 def paired_markdown(comparisons: Sequence[dict]) -> str:
     """Markdown table of `paired_comparisons`: mean difference, 95% t-interval, wins / paired seeds."""
     if not comparisons:
         return ""
-    several_targets = len({c["target"] for c in comparisons}) > 1
-    several_archs = len({c["arch"] for c in comparisons}) > 1
-    lines = ["| method | against | protocol | mean difference (points) | 95% t-interval | wins / seeds | per seed |",
-             "|---|---|---|---:|---:|---:|---|"]
-    for c in comparisons:
-        per_seed = ", ".join(f"{d:+.1f}" for d in c["differences"])
-        lines.append(f"| {_markdown_escape(c['method'])} | {_markdown_escape(c['reference'])} | "
-                     f"{_markdown_escape(_comparison_column(c, several_targets, several_archs))} | {c['mean']:+.2f} | "
-                     f"{_interval_text(c)} | {c['wins']}/{c['n']} | {per_seed} |")
+    header = ["method", "against", "protocol", "mean difference (points)", "95% t-interval", "wins / seeds", "per seed"]
+    body = [[*map(_markdown_escape, cells[:3]), *cells[3:]] for cells in _paired_rows(comparisons)]
     return (f"Paired differences (method minus reference, accuracy points, paired by seed; "
-            f"{CONFIDENCE:.0%} t-interval over the paired seeds).\n\n" + "\n".join(lines) + "\n")
+            f"{CONFIDENCE:.0%} t-interval over the paired seeds).\n\n" + _markdown(header, "lllrrrl", body))
+
+
+def _results_markdown(rows: Sequence[dict], comparisons: Sequence[dict]) -> str:
+    """The accuracy table(s), then the paired differences where there are any."""
+    paired = paired_markdown(comparisons)
+    return markdown_table(rows) + ("\n" + paired if paired else "")
 
 
 # --------------------------------------------------------------------------- plots
@@ -440,9 +399,10 @@ def _figure_png_bytes(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _write_png(path: str | os.PathLike, data: bytes) -> Path:
+def _write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes to `path` atomically."""
     with atomic_write(path) as tmp:
-        tmp.write_bytes(data)
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return Path(path)
 
 
@@ -450,32 +410,23 @@ def _bar_chart_png(rows: Sequence[dict]) -> bytes:
     summaries = summarize(rows)
     if not summaries:
         raise KrrstError("bar chart: no results to plot")
-    several_archs = len({s["arch"] for s in summaries}) > 1
-    groups = _first_appearance((s["arch"], s["target"], s["protocol"]) for s in summaries)
-    groups.sort(key=lambda g: (_first_appearance(s["arch"] for s in summaries).index(g[0]),
-                               _first_appearance(s["target"] for s in summaries).index(g[1]),
-                               _protocol_sort_key(g[2])))
-    series = _first_appearance((s["method"], s["source"]) for s in summaries)
-    sources_per_method: dict[str, set[str]] = {}
-    for method, source in series:
-        sources_per_method.setdefault(method, set()).add(source)
+    archs = _first_appearance(s["arch"] for s in summaries)
+    targets = _first_appearance(s["target"] for s in summaries)
+    groups = sorted(_first_appearance((s["arch"], s["target"], s["protocol"]) for s in summaries),
+                    key=lambda g: (archs.index(g[0]), targets.index(g[1]), _protocol_sort_key(g[2])))
+    series = _series_labels((s["method"], s["source"]) for s in summaries)
     by_key = {(s["method"], s["source"], s["arch"], s["target"], s["protocol"]): s for s in summaries}
 
     figure = _new_figure(max(6.0, 0.45 * len(groups) * max(1, len(series)) + 2.0), 4.5)
     axes = figure.add_subplot()
     bar_width = 0.8 / len(series)
-    colors = [f"C{index % 10}" for index in range(len(series))]
-    for index, (method, source) in enumerate(series):
-        positions, means, stds = [], [], []
-        for group_index, group in enumerate(groups):
-            summary = by_key.get((method, source, *group))
-            if summary is not None:
-                positions.append(group_index - 0.4 + bar_width * (index + 0.5))
-                means.append(100 * summary["mean"])
-                stds.append(100 * summary["std"])
-        label = f"{method} ({source})" if len(sources_per_method[method]) > 1 and source else method
-        axes.bar(positions, means, width=bar_width, yerr=stds, capsize=3, color=colors[index], label=label)
-    labels = [f"{target}\n{protocol}" + (f"\n{arch}" if several_archs else "") for arch, target, protocol in groups]
+    for index, ((method, source), label) in enumerate(series.items()):
+        shown = [(position, by_key[(method, source, *group)]) for position, group in enumerate(groups)
+                 if (method, source, *group) in by_key]
+        axes.bar([position - 0.4 + bar_width * (index + 0.5) for position, _ in shown],
+                 [100 * s["mean"] for _, s in shown], width=bar_width, yerr=[100 * s["std"] for _, s in shown],
+                 capsize=3, color=f"C{index % 10}", label=label)
+    labels = [f"{target}\n{protocol}" + (f"\n{arch}" if len(archs) > 1 else "") for arch, target, protocol in groups]
     axes.set_xticks(range(len(groups)), labels, fontsize=8)
     axes.set_ylabel("top-1 accuracy (%)")
     axes.set_title("Accuracy per method (mean ± std over seeds)")
@@ -486,20 +437,20 @@ def _bar_chart_png(rows: Sequence[dict]) -> bytes:
 
 def bar_chart(rows: Iterable[dict], path: str | os.PathLike) -> Path:
     """Write a PNG bar chart of mean ± std accuracy per method per (target, protocol), atomically."""
-    return _write_png(path, _bar_chart_png(list(rows)))
+    return _write(path, _bar_chart_png(list(rows)))
 
 
 def _read_loss_rows(source: str | os.PathLike | Iterable[dict]) -> tuple[list[dict], str]:
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise KrrstError(f"loss CSV not found: {path}")
-        try:
-            with open(path, newline="", encoding="utf-8") as handle:
-                return list(csv.DictReader(handle)), str(path)
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise KrrstError(f"loss CSV {path} is not a readable CSV file ({exc})") from None
-    return list(source), "loss rows"
+    if not isinstance(source, (str, os.PathLike)):
+        return list(source), "loss rows"
+    path = Path(source)
+    if not path.is_file():
+        raise KrrstError(f"loss CSV not found: {path}")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle)), str(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise KrrstError(f"loss CSV {path} is not a readable CSV file ({exc})") from None
 
 
 def _numeric(value: Any) -> float | None:
@@ -510,6 +461,13 @@ def _numeric(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def _points(rows: Sequence[dict], x_column: str | None, y_column: str) -> list[tuple[float, float]]:
+    """(x, y) of the rows where both are numbers; x is the row's number when `x_column` is None."""
+    points = [(_numeric(row.get(x_column)) if x_column else float(index), _numeric(row.get(y_column)))
+              for index, row in enumerate(rows)]
+    return [(x, y) for x, y in points if x is not None and y is not None]
 
 
 def _loss_curve_png(source: str | os.PathLike | Iterable[dict], title: str | None = None) -> bytes:
@@ -529,15 +487,10 @@ def _loss_curve_png(source: str | os.PathLike | Iterable[dict], title: str | Non
     axes = figure.add_subplot()
     all_values = []
     for name in y_columns:
-        points = [
-            (_numeric(row.get(x_column)) if x_column else float(index), _numeric(row.get(name)))
-            for index, row in enumerate(rows)
-        ]
-        points = [(x, y) for x, y in points if x is not None and y is not None]
+        points = _points(rows, x_column, name)
         if points:
             xs, ys = zip(*points)
-            marker = "o" if len(points) < 30 else None
-            axes.plot(xs, ys, label=name, marker=marker, markersize=3)
+            axes.plot(xs, ys, label=name, marker="o" if len(points) < 30 else None, markersize=3)
             all_values.extend(ys)
     positive = [value for value in all_values if value > 0]
     if positive and len(positive) == len(all_values) and max(positive) / min(positive) > 50:
@@ -550,21 +503,11 @@ def _loss_curve_png(source: str | os.PathLike | Iterable[dict], title: str | Non
     return _figure_png_bytes(figure)
 
 
-def loss_curve(csv_path_or_rows: str | os.PathLike | Iterable[dict], path: str | os.PathLike, title: str | None = None) -> Path:
-    """Write a PNG of a loss CSV (or its rows as dicts): step against loss and, where present, val_loss.
-
-    The x axis is `step` (else `iteration`, `epoch`, or the row number); every
-    column whose name contains "loss" is a curve (all numeric columns when
-    none does); empty cells (e.g. a validation loss logged every k steps)
-    are skipped.
-    """
-    return _write_png(path, _loss_curve_png(csv_path_or_rows, title))
-
-
-def _method_colors(methods: Iterable[str]) -> dict[str, str]:
-    """One colour per method, the same in every figure of a page (krr-st first: C0)."""
-    ordered = sorted(set(methods), key=_method_sort_key)
-    return {method: f"C{index % 10}" for index, method in enumerate(ordered)}
+def loss_curve(csv_path_or_rows: str | os.PathLike | Iterable[dict], path: str | os.PathLike,
+               title: str | None = None) -> Path:
+    """Write a PNG of a loss CSV (or its rows as dicts): step (else `iteration`, `epoch`, or the row number)
+    against every column whose name contains "loss" (all numeric columns when none does); empty cells are skipped."""
+    return _write(path, _loss_curve_png(csv_path_or_rows, title))
 
 
 def _paired_plot_png(comparisons: Sequence[dict]) -> bytes:
@@ -574,14 +517,16 @@ def _paired_plot_png(comparisons: Sequence[dict]) -> bytes:
     (against no pre-training they can be ten times those against random).
     """
     references = _first_appearance(c["reference"] for c in comparisons)
-    several_targets = len({c["target"] for c in comparisons}) > 1
-    several_archs = len({c["arch"] for c in comparisons}) > 1
-    colors = _method_colors(c["method"] for c in comparisons)
+    # one colour per method, krr-st first (C0)
+    methods = sorted({c["method"] for c in comparisons}, key=_method_sort_key)
+    colors = {method: f"C{index % 10}" for index, method in enumerate(methods)}
+    labelled = list(zip(comparisons, _comparison_labels(comparisons)))
     most = max(sum(c["reference"] == reference for c in comparisons) for reference in references)
     figure = _new_figure(5.2 * len(references) + 0.6, 1.1 + 0.36 * most)
     for index, reference in enumerate(references):
         axes = figure.add_subplot(1, len(references), index + 1)
         members = [c for c in comparisons if c["reference"] == reference]
+        labels = [label for c, label in labelled if c["reference"] == reference]
         values = [0.0]
         for row, c in enumerate(members):
             y = len(members) - 1 - row
@@ -600,11 +545,10 @@ def _paired_plot_png(comparisons: Sequence[dict]) -> bytes:
         axes.set_xlim(min(values) - 0.08 * span, max(values) + 0.08 * span)
         axes.set_ylim(-0.6, len(members) - 0.4)
         axes.axvline(0.0, color="#333", linewidth=0.9, zorder=1)
-        labels = [f"{_comparison_column(c, several_targets, several_archs)} · {c['method']}" for c in members]
-        axes.set_yticks(range(len(members)), labels[::-1], fontsize=8)
+        axes.set_yticks(range(len(members)), [f"{label} · {c['method']}" for c, label in zip(members, labels)][::-1],
+                        fontsize=8)
         for row in range(1, len(members)):  # a rule between protocols
-            if _comparison_column(members[row], several_targets, several_archs) != _comparison_column(
-                    members[row - 1], several_targets, several_archs):
+            if labels[row] != labels[row - 1]:
                 axes.axhline(len(members) - row - 0.5, color="#ddd", linewidth=0.8)
         axes.set_xlabel(f"minus {reference} (accuracy points)")
         axes.set_title(f"against {reference}   (wins/seeds at right)", fontsize=9)
@@ -676,39 +620,34 @@ def _change_grid_png(start, final, count: int = 12) -> tuple[bytes, float]:
 
 def _distill_curves_png(rows: Sequence[dict]) -> bytes:
     """Three panels from distill/loss.csv: the losses with the mean-predictor reference, the lr, seconds per step."""
-    steps = [_numeric(row.get("step")) for row in rows]
     figure = _new_figure(11.0, 3.4)
     loss_axes, lr_axes, time_axes = figure.subplots(1, 3)
     for name, label, style in (("loss", "training KRR loss", "-"), ("val_loss", "held-out KRR loss", "-o"),
                                ("val_reference", "mean predictor (held-out)", "--")):
-        points = [(x, _numeric(row.get(name))) for x, row in zip(steps, rows)]
-        points = [(x, y) for x, y in points if x is not None and y is not None]
+        points = _points(rows, "step", name)
         if points:
-            xs, ys = zip(*points)
-            loss_axes.plot(xs, ys, style, label=label, markersize=3, color="#777" if name == "val_reference" else None)
+            loss_axes.plot(*zip(*points), style, label=label, markersize=3,
+                           color="#777" if name == "val_reference" else None)
     loss_axes.set(xlabel="outer step", ylabel="loss", title="KRR-ST loss")
     loss_axes.legend(fontsize=7, loc="center right")
-    loss_axes.grid(alpha=0.3)
-    rates = [(x, _numeric(row.get("lr"))) for x, row in zip(steps, rows)]
-    rates = [(x, y) for x, y in rates if x is not None and y is not None]
+    rates = _points(rows, "step", "lr")
     if rates:
         lr_axes.plot(*zip(*rates))
     lr_axes.set(xlabel="outer step", ylabel="lr factor" if not rates else "lr", title="learning-rate schedule")
-    lr_axes.grid(alpha=0.3)
     per_step = seconds_per_step(rows)
     if per_step:
         time_axes.plot(*zip(*per_step), color="C2")
     time_axes.set(xlabel="outer step", ylabel="seconds per step", title="wall time per step")
     time_axes.set_ylim(bottom=0)
-    time_axes.grid(alpha=0.3)
+    for axes in (loss_axes, lr_axes, time_axes):
+        axes.grid(alpha=0.3)
     return _figure_png_bytes(figure)
 
 
 def seconds_per_step(rows: Sequence[dict]) -> list[tuple[float, float]]:
     """(step, seconds per step) between consecutive log rows, from their `elapsed_s` (a resume restarts the clock:
     the interval across it is left out)."""
-    points = [(_numeric(row.get("step")), _numeric(row.get("elapsed_s"))) for row in rows]
-    points = [(step, elapsed) for step, elapsed in points if step is not None and elapsed is not None]
+    points = _points(rows, "step", "elapsed_s")
     return [(step, (elapsed - last_elapsed) / (step - last_step))
             for (last_step, last_elapsed), (step, elapsed) in zip(points, points[1:])
             if step > last_step and elapsed >= last_elapsed]
@@ -741,7 +680,9 @@ details { margin: .6em 0; } summary { cursor: pointer; color: #2a5db0; }
 """
 
 
+
 def _load_optional_json(path: Path, what: str, notes: list[str]) -> Any:
+    """The JSON file, or None when it is absent or unreadable (then a note says why)."""
     if not path.is_file():
         return None
     try:
@@ -751,7 +692,19 @@ def _load_optional_json(path: Path, what: str, notes: list[str]) -> Any:
         return None
 
 
-def _provenance_line(run_dir: Path, rows: Sequence[dict], env: dict | None) -> str:
+def _load_set(path: Path, notes: list[str]):
+    from krrst.distilled import DistilledSet
+
+    if not path.is_file():
+        return None
+    try:
+        return DistilledSet.load(path)
+    except KrrstError as exc:
+        notes.append(str(exc))
+        return None
+
+
+def _provenance_line(rows: Sequence[dict], env: Any) -> str:
     from krrst import __version__
 
     parts = [f"{len(rows)} result rows from results.csv", f"krrst {__version__}"]
@@ -771,14 +724,9 @@ def _provenance_line(run_dir: Path, rows: Sequence[dict], env: dict | None) -> s
 
 
 def _format_duration(seconds: float) -> str:
-    whole = int(round(seconds))
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _env_value_text(key: str, value: Any) -> str:
@@ -791,11 +739,13 @@ def _env_value_text(key: str, value: Any) -> str:
 
 def format_bytes(size: float) -> str:
     """`1234567` -> `"1.2 MB"` (decimal units, as the sets table's MB)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if size < 1000:
+        return f"{size:.0f} B"
+    for unit in ("kB", "MB"):
         size /= 1000
-    raise AssertionError("unreachable")
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1000:.1f} GB"
 
 
 def _tree_bytes(path: Path) -> int:
@@ -821,36 +771,40 @@ def disk_usage_text(run_dir: str | os.PathLike, largest: int = 3) -> str:
     run_dir = Path(run_dir)
     entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
     total = sum(_tree_bytes(entry) for entry in entries)
-    folders = sorted(((_tree_bytes(entry), entry.name) for entry in entries if entry.is_dir() and not entry.is_symlink()),
-                     reverse=True)
+    folders = sorted(((_tree_bytes(entry), entry.name) for entry in entries
+                      if entry.is_dir() and not entry.is_symlink()), reverse=True)
     shown = ", ".join(f"{name}/ {format_bytes(size)}" for size, name in folders[:largest] if size)
     return f"{run_dir} holds {format_bytes(total)}" + (f" ({shown})" if shown else "") + "\n"
 
 
+def _p(css_class: str, text: str) -> str:
+    return f'<p class="{css_class}">{html.escape(text)}</p>'
+
+
 def _note(text: str) -> str:
-    return f'<p class="note">{html.escape(text)}</p>'
+    return _p("note", text)
 
 
 def _img(png: bytes, alt: str, css_class: str = "") -> str:
     extra = f' class="{css_class}"' if css_class else ""
-    return f'<img{extra} src="{_data_uri(png)}" alt="{html.escape(alt)}">'
+    return f'<img{extra} src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" alt="{html.escape(alt)}">'
 
 
-def _html_table(header: Sequence[str], body: Iterable[Sequence[Any]], caption: str = "") -> str:
-    """An escaped HTML table; a cell given as (text, css_class) gets that class."""
+def _html_table(header: Sequence[Any], body: Iterable[Sequence[Any]], caption: str = "",
+                row_headers: bool = False) -> str:
+    """An escaped HTML table; a cell given as (text, css_class) gets that class (`best` also bolds it).
+    With `row_headers` each row's first cell is a `<th>`."""
     def cell(value: Any, tag: str = "td") -> str:
         text, css = value if isinstance(value, tuple) else (value, "")
         attribute = f' class="{css}"' if css else ""
-        return f"<{tag}{attribute}>{html.escape(str(text))}</{tag}>"
+        text = f"<strong>{html.escape(str(text))}</strong>" if css == "best" else html.escape(str(text))
+        return f"<{tag}{attribute}>{text}</{tag}>"
 
     head = f"<thead><tr>{''.join(cell(name, 'th') for name in header)}</tr></thead>" if header else ""
-    rows = "".join("<tr>" + "".join(cell(value) for value in row) + "</tr>" for row in body)
+    rows = "".join("<tr>" + "".join(cell(value, "th" if row_headers and index == 0 else "td")
+                                    for index, value in enumerate(row)) + "</tr>" for row in body)
     caption_html = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     return f"<table>{caption_html}{head}<tbody>{rows}</tbody></table>"
-
-
-def _signed(value: float) -> tuple[str, str]:
-    return f"{value:+.2f}", "pos" if value > 0 else "neg" if value < 0 else ""
 
 
 _INTERVAL_METHOD = (
@@ -865,13 +819,14 @@ _INTERVAL_METHOD = (
 def _headline_lead(comparisons: Sequence[dict]) -> str:
     """One sentence per reference for KRR-ST (else the first method): each protocol's mean, interval and wins;
     the differences whose interval is clear of 0 in bold."""
-    focus = next((c["method"] for c in comparisons if c["method"].rsplit(":", 1)[-1] == "krr-st"), comparisons[0]["method"])
+    focus = next((c["method"] for c in comparisons if c["method"].rsplit(":", 1)[-1] == "krr-st"),
+                 comparisons[0]["method"])
     sentences = []
     for reference in _first_appearance(c["reference"] for c in comparisons):
         items = []
         for c in comparisons:
             if c["method"] == focus and c["reference"] == reference:
-                text = html.escape(f"{_comparison_column(c, True, False)} {c['mean']:+.1f} {_interval_text(c)} "
+                text = html.escape(f"{c['target']} {c['protocol']} {c['mean']:+.1f} {_interval_text(c)} "
                                    f"({c['wins']}/{c['n']} seeds)")
                 clear = c["low"] is not None and (c["low"] > 0 or c["high"] < 0)
                 items.append(f"<strong>{text}</strong>" if clear else text)
@@ -882,46 +837,39 @@ def _headline_lead(comparisons: Sequence[dict]) -> str:
 
 
 def _headline_html(comparisons: Sequence[dict]) -> tuple[str, bytes | None]:
-    parts = ['<h2 id="headline">Headline: paired differences</h2>']
+    """The page's headline section and its figure (None without paired differences)."""
+    title = '<h2 id="headline">Headline: paired differences</h2>'
     if not comparisons:
-        parts.append(_note("No paired differences: no method shares seeds with random or none (the references)."))
-        return "\n".join(parts), None
-    parts.append(_headline_lead(comparisons))
-    several_targets = len({c["target"] for c in comparisons}) > 1
-    several_archs = len({c["arch"] for c in comparisons}) > 1
-    body = [((c["method"], "l"), (c["reference"], "l"), (_comparison_column(c, several_targets, several_archs), "l"),
-             _signed(c["mean"]), _interval_text(c), f"{c['wins']}/{c['n']}",
-             ", ".join(f"{d:+.1f}" for d in c["differences"])) for c in comparisons]
-    parts.append(_html_table(
-        (("method", "l"), ("minus", "l"), ("protocol", "l"), "mean (points)", f"{CONFIDENCE:.0%} t-interval",
-         "wins / seeds", "per seed"),
-        body, caption="Method minus reference, top-1 accuracy points, paired by seed."))
+        why = "No paired differences: no method shares seeds with random or none (the references)."
+        return title + "\n" + _note(why), None
+    body = [[(method, "l"), (reference, "l"), (label, "l"),
+             (mean, "pos" if c["mean"] > 0 else "neg" if c["mean"] < 0 else ""), *rest]
+            for c, (method, reference, label, mean, *rest) in zip(comparisons, _paired_rows(comparisons))]
+    header = (("method", "l"), ("minus", "l"), ("protocol", "l"), "mean (points)", f"{CONFIDENCE:.0%} t-interval",
+              "wins / seeds", "per seed")
     png = _paired_plot_png(comparisons)
-    parts.append(_img(png, "paired differences with 95% t-intervals"))
     method = _INTERVAL_METHOD if max(c["n"] for c in comparisons) > 1 else (
         "Each difference is the method's accuracy minus the reference's on the same seed, in points; one seed "
         "per pair, so no interval over seeds.")
-    parts.append(f'<p class="method">{html.escape(method)}</p>')
-    return "\n".join(parts), png
+    return "\n".join([title, _headline_lead(comparisons),
+                      _html_table(header, body, "Method minus reference, top-1 accuracy points, paired by seed."),
+                      _img(png, "paired differences with 95% t-intervals"), _p("method", method)]), png
 
 
 def _floor_notes(rows: Sequence[dict], comparisons: Sequence[dict], references: Sequence[str]) -> list[str]:
     """Where a column's best mean is a reference's (no pre-training, random), what the paired differences say."""
     notes = []
     summaries = summarize(rows)
-    columns = _first_appearance((s["source"], s["target"], s["arch"], s["protocol"]) for s in summaries)
-    for source, target, arch, protocol in columns:
-        ranked = [s for s in summaries if (s["source"], s["target"], s["arch"], s["protocol"]) == (source, target, arch, protocol)
+    for column in _first_appearance((s["source"], s["target"], s["arch"], s["protocol"]) for s in summaries):
+        ranked = [s for s in summaries if (s["source"], s["target"], s["arch"], s["protocol"]) == column
                   and s["method"] not in REFERENCE_METHODS]
-        if not ranked:
+        best = max(ranked, key=lambda s: s["mean"], default=None)
+        if best is None or best["method"] not in references:
             continue
-        best = max(ranked, key=lambda s: s["mean"])
-        if best["method"] not in references:
-            continue
-        against = [c for c in comparisons if c["reference"] == best["method"] and c["target"] == target
-                   and c["arch"] == arch and c["protocol"] == protocol]
+        _, target, arch, protocol = column
         said = "; ".join(f"{c['method']} {c['mean']:+.1f} {_interval_text(c)} ({c['wins']}/{c['n']} seeds above)"
-                         for c in against)
+                         for c in comparisons if c["reference"] == best["method"]
+                         and (c["target"], c["arch"], c["protocol"]) == (target, arch, protocol))
         notes.append(f"{target} {protocol}: the highest mean is {best['method']}'s ({100 * best['mean']:.1f}%)"
                      + (f"; paired differences against it: {said}" if said else "")
                      + ". An interval that holds 0 means the methods are not told apart on these seeds.")
@@ -930,20 +878,7 @@ def _floor_notes(rows: Sequence[dict], comparisons: Sequence[dict], references: 
 
 def _accuracy_html(rows: Sequence[dict], comparisons: Sequence[dict], references: Sequence[str]) -> str:
     parts = ['<h2 id="accuracy">Accuracy</h2>', html_table(rows)]
-    parts += [f'<p class="method">{html.escape(text)}</p>' for text in _floor_notes(rows, comparisons, references)]
-    return "\n".join(parts)
-
-
-def _load_set(path: Path, notes: list[str]):
-    from krrst.distilled import DistilledSet
-
-    if not path.is_file():
-        return None
-    try:
-        return DistilledSet.load(path)
-    except KrrstError as exc:
-        notes.append(str(exc))
-        return None
+    return "\n".join(parts + [_p("method", text) for text in _floor_notes(rows, comparisons, references)])
 
 
 def _run_teacher(run_dir: Path, config: Any, notes: list[str]):
@@ -992,17 +927,20 @@ def _images_html(run_dir: Path, config: Any) -> str:
         change = image_change(start, final)
         grid, top = _change_grid_png(start, final)
         teacher = _run_teacher(run_dir, config, notes)
-        facts = [f"Distillation moved the {len(final)} images by {change['mean']:.1f} grey levels on average "
-                 f"(of 255; 99th percentile {change['p99']:.1f}, max {change['max']:.0f}), over all pixels and channels."]
+        facts = [f"Distillation moved the {len(final)} images by {change['mean']:.1f} grey levels on average (of 255; "
+                 f"99th percentile {change['p99']:.1f}, max {change['max']:.0f}), over all pixels and channels."]
         if teacher is not None:
             drift = target_drift(final.targets, _teacher_representations(teacher, final), start.targets)
-            facts.append(f"The set's targets are at relative MSE {drift['drift']:.3f} from the teacher's representations "
-                         f"of the final images (0: the teacher's own; 1: as far as their mean), and the images' "
-                         f"representations moved by {drift['moved']:.3f} on the same scale "
+            facts.append(f"The set's targets are at relative MSE {drift['drift']:.3f} from the teacher's "
+                         f"representations of the final images (0: the teacher's own; 1: as far as their mean), "
+                         f"and the images' representations moved by {drift['moved']:.3f} on the same scale "
                          f"(distill.final_targets={distill.get('final_targets', 'learned')}).")
-        parts.append(f'<p class="lead">{html.escape(" ".join(facts))}</p>')
-        parts.append(_img(grid, "real start images, distilled images and their difference", "preview"))
-        parts.append(f'<p class="method">{html.escape(f"Top: the real images the set started from (the random baseline holds exactly these); middle: the same images after distillation; bottom: |distilled − real| averaged over channels, colour scale 0 to {top:.0f} grey levels (the shown differences 99th percentile), so the change is amplified about {255 / top:.0f}x.")}</p>')
+        parts += [_p("lead", " ".join(facts)),
+                  _img(grid, "real start images, distilled images and their difference", "preview"),
+                  _p("method", "Top: the real images the set started from (the random baseline holds exactly these); "
+                     "middle: the same images after distillation; bottom: |distilled − real| averaged over channels, "
+                     f"colour scale 0 to {top:.0f} grey levels (the shown differences 99th percentile), so the change "
+                     f"is amplified about {255 / top:.0f}x.")]
     preview = run_dir / "distill" / "preview.png"
     if preview.is_file():
         data = preview.read_bytes()
@@ -1011,8 +949,7 @@ def _images_html(run_dir: Path, config: Any) -> str:
                          + _img(data, "grid of distilled images", "preview") + "</details>")
         else:
             notes.append("distill/preview.png is not a PNG file; left out.")
-    parts += [_note(text) for text in notes]
-    return "\n".join(parts)
+    return "\n".join(parts + [_note(text) for text in notes])
 
 
 def _teacher_html(run_dir: Path) -> str:
@@ -1028,7 +965,8 @@ def _teacher_html(run_dir: Path) -> str:
             body.append((f"{health.get('knn_k', 20)}-NN accuracy ({health.get('knn_sets', 'labelled target')})",
                          percent("knn_accuracy"), percent("random_knn_accuracy")))
         if _numeric(health.get("effective_rank")) is not None:
-            body.append(("effective rank of the features", f"{health['effective_rank']:.1f} of {health.get('feature_dim')}", ""))
+            rank = f"{health['effective_rank']:.1f} of {health.get('feature_dim')}"
+            body.append(("effective rank of the features", rank, ""))
         if _numeric(health.get("std_median")) is not None:
             body.append(("per-dimension feature std: median (relative to the features' RMS)",
                          f"{health['std_median']:.3g} ({health.get('relative_median_std', float('nan')):.3g})", ""))
@@ -1049,22 +987,21 @@ def _teacher_html(run_dir: Path) -> str:
             notes.append(f"teacher/loss.csv could not be plotted: {exc}")
     else:
         notes.append("No teacher/loss.csv: the teacher stage has not run (or logged no loss).")
-    parts += [_note(text) for text in notes]
-    return "\n".join(parts)
+    return "\n".join(parts + [_note(text) for text in notes])
 
 
 def _distill_html(run_dir: Path) -> str:
-    parts = ['<h2 id="distillation">Distillation</h2>']
+    title = '<h2 id="distillation">Distillation</h2>'
     path = run_dir / "distill" / "loss.csv"
     if not path.is_file():
-        return "\n".join(parts + [_note("No distill/loss.csv: the distill stage has not run (or logged no loss).")])
+        return title + "\n" + _note("No distill/loss.csv: the distill stage has not run (or logged no loss).")
     try:
         rows, _ = _read_loss_rows(path)
         if not rows:
             raise KrrstError("it holds no rows")
         png = _distill_curves_png(rows)
     except Exception as exc:  # a corrupt or empty log is reported, not fatal
-        return "\n".join(parts + [_note(f"distill/loss.csv could not be plotted: {exc}")])
+        return title + "\n" + _note(f"distill/loss.csv could not be plotted: {exc}")
     held_out = [(row["step"], _numeric(row.get("val_loss")), _numeric(row.get("val_reference"))) for row in rows
                 if _numeric(row.get("val_loss")) is not None]
     facts = []
@@ -1074,11 +1011,10 @@ def _distill_html(run_dir: Path) -> str:
                      + (f" (mean predictor {reference:.4g})." if reference is not None else "."))
     per_step = seconds_per_step(rows)
     if per_step:
-        facts.append(f"{statistics.median(value for _, value in per_step):.3g} s per outer step (median over log intervals).")
-    if facts:
-        parts.append(f'<p class="lead">{html.escape(" ".join(facts))}</p>')
-    parts.append(_img(png, "distillation loss, learning rate and time per step"))
-    return "\n".join(parts)
+        median = statistics.median(value for _, value in per_step)
+        facts.append(f"{median:.3g} s per outer step (median over log intervals).")
+    lead = [_p("lead", " ".join(facts))] if facts else []
+    return "\n".join([title, *lead, _img(png, "distillation loss, learning rate and time per step")])
 
 
 def storage_verdict(sets: dict) -> str:
@@ -1086,35 +1022,32 @@ def storage_verdict(sets: dict) -> str:
     sizes = {method: entry["storage_bytes"] for method, entry in sets.items()}
     if not sizes:
         return "No pre-training sets recorded."
-    if len(set(sizes.values())) == 1:
-        return f"All {len(sizes)} sets take the same storage ({format_bytes(next(iter(sizes.values())))}): compared at equal storage."
     low, high = min(sizes.values()), max(sizes.values())
-    listing = ", ".join(f"{method} {format_bytes(size)}" for method, size in sorted(sizes.items(), key=lambda i: _method_sort_key(i[0])))
+    if low == high:
+        return f"All {len(sizes)} sets take the same storage ({format_bytes(low)}): compared at equal storage."
+    listing = ", ".join(f"{method} {format_bytes(sizes[method])}" for method in sorted(sizes, key=_method_sort_key))
     return f"Not compared at equal storage: {listing} (the largest is {high / low:.2f}x the smallest)."
 
 
-def _storage_html(run_dir: Path, rows: Sequence[dict], notes: list[str]) -> str:
-    parts = ['<h2 id="storage">Storage per set</h2>']
+def _storage_parts(run_dir: Path, rows: Sequence[dict], notes: list[str]) -> list[str]:
+    """The storage section's verdict and table of each set (below its title)."""
     if not (run_dir / SETS_NAME).is_file():
-        return "\n".join(parts + [_note(f"No {SETS_NAME}: the sets were not recorded in this folder.")])
+        return [_note(f"No {SETS_NAME}: the sets were not recorded in this folder.")]
     try:
         sets = read_json(run_dir / SETS_NAME, SETS_NAME)
         sets_table(sets)  # validates
     except KrrstError as exc:
         notes.append(f"{SETS_NAME} left out: {exc}")
-        return "\n".join(parts + [_note(f"{SETS_NAME} left out: {exc}")])
+        return [_note(f"{SETS_NAME} left out: {exc}")]
     provenance = method_provenance(rows)
     reference = sets.get("krr-st", {}).get("storage_bytes")
-    body = []
-    for method in sorted(sets, key=_method_sort_key):
-        entry = sets[method]
-        body.append((method, entry["images"], (entry.get("parameterization", "pixels"), "l"),
-                     format_bytes(entry["storage_bytes"]), f"{entry['storage_bytes'] / reference:.2f}x" if reference else "–",
-                     (provenance.get(method, _MISSING_CELL), "l")))
-    parts.append(f'<p class="lead">{html.escape(storage_verdict(sets))}</p>')
-    parts.append(_html_table(("set", "images", ("parameterisation", "l"), "storage", "vs krr-st", ("provenance", "l")), body,
-                             caption="Float32 values as stored: bases, coefficients and view predictors included."))
-    return "\n".join(parts)
+    body = [(method, sets[method]["images"], (sets[method].get("parameterization", "pixels"), "l"),
+             format_bytes(sets[method]["storage_bytes"]),
+             f"{sets[method]['storage_bytes'] / reference:.2f}x" if reference else "–",
+             (provenance.get(method, _MISSING_CELL), "l")) for method in sorted(sets, key=_method_sort_key)]
+    return [_p("lead", storage_verdict(sets)),
+            _html_table(("set", "images", ("parameterisation", "l"), "storage", "vs krr-st", ("provenance", "l")), body,
+                        caption="Float32 values as stored: bases, coefficients and view predictors included.")]
 
 
 def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -1132,12 +1065,25 @@ def config_diff(config: dict, baseline: dict) -> list[tuple[str, Any, Any]]:
     A field `config` lacks is left out (a config written by an older krrst
     has no entry for a field added since); one `baseline` lacks shows None.
     """
-    ours, theirs = _flatten(json.loads(json.dumps(config, default=str))), _flatten(json.loads(json.dumps(baseline, default=str)))
+    ours, theirs = (_flatten(json.loads(json.dumps(value, default=str))) for value in (config, baseline))
     return [(key, theirs.get(key), ours[key]) for key in sorted(ours) if ours[key] != theirs.get(key)]
 
 
 def _value_text(value: Any) -> str:
     return "(absent)" if value is None else json.dumps(value) if not isinstance(value, str) else value
+
+
+def _full_config(summary: str, config: Any) -> str:
+    """The config as JSON, folded under `summary`."""
+    text = html.escape(json.dumps(config, indent=2, default=str))
+    return f"<details><summary>{html.escape(summary)}</summary><pre>{text}</pre></details>"
+
+
+def _diff_table(config: dict, baseline: dict, headers: tuple[str, str], caption: str) -> str | None:
+    """The settings of `config` that differ from `baseline` as a table, None when none does."""
+    changes = config_diff(config, baseline)
+    rows = [(key, _value_text(old), _value_text(new)) for key, old, new in changes]
+    return _html_table(("setting", *headers), rows, caption=caption) if changes else None
 
 
 def _config_html(config: Any, preset_config: Callable[[str], dict] | None) -> str:
@@ -1151,29 +1097,13 @@ def _config_html(config: Any, preset_config: Callable[[str], dict] | None) -> st
         parts.append(_note(f"the preset {preset!r} of config.json is not known to this krrst ({exc})"))
         baseline = None
     if baseline is not None:
-        changes = [change for change in config_diff({k: v for k, v in config.items() if k != "preset"}, baseline)]
-        if changes:
-            parts.append(_html_table(("setting", f"preset {preset}", "this run"),
-                                     [(key, _value_text(old), _value_text(new)) for key, old, new in changes],
-                                     caption=f"Settings that differ from the preset {preset} (--set, --config, --steps, ...)."))
-        else:
-            parts.append(f'<p class="lead">{html.escape(f"The preset {preset} as it is: no setting changed.")}</p>')
+        ours = {key: value for key, value in config.items() if key != "preset"}
+        parts.append(_diff_table(ours, baseline, (f"preset {preset}", "this run"),
+                                 f"Settings that differ from the preset {preset} (--set, --config, --steps, ...).")
+                     or _p("lead", f"The preset {preset} as it is: no setting changed."))
     elif preset is None:
         parts.append(_note("config.json names no preset, so no difference from one is shown."))
-    parts.append("<details><summary>The full resolved config (config.json)</summary>"
-                 f"<pre>{html.escape(json.dumps(config, indent=2, default=str))}</pre></details>")
-    return "\n".join(parts)
-
-
-def _timings_html(timings: Any) -> str:
-    if timings is None:
-        return ""
-    if not (isinstance(timings, dict) and all(_numeric(value) is not None for value in timings.values())):
-        return _note("timings.json is not a mapping of stage to seconds; left out.")
-    body = [(stage, _format_duration(float(seconds)), f"{float(seconds):.1f}") for stage, seconds in timings.items()]
-    total = math.fsum(float(seconds) for seconds in timings.values())
-    body.append(("total", _format_duration(total), f"{total:.1f}"))
-    return _html_table(("stage", "h:mm:ss", "seconds"), body, caption="Wall time per stage (timings.json).")
+    return "\n".join(parts + [_full_config("The full resolved config (config.json)", config)])
 
 
 def _env_html(run_dir: Path, env: Any, timings: Any) -> str:
@@ -1185,9 +1115,14 @@ def _env_html(run_dir: Path, env: Any, timings: Any) -> str:
                                  caption="env.json: versions, git commit, device, command line."))
     else:
         parts.append(f"<pre>{html.escape(json.dumps(env, indent=2, default=str))}</pre>")
-    parts.append(_timings_html(timings))
-    parts.append(f'<p class="provenance">{html.escape(disk_usage_text(run_dir).strip())}.</p>')
-    return "\n".join(part for part in parts if part)
+    if isinstance(timings, dict) and all(_numeric(value) is not None for value in timings.values()):
+        seconds = [(stage, float(value)) for stage, value in timings.items()]
+        seconds.append(("total", math.fsum(value for _, value in seconds)))
+        body = [(stage, _format_duration(value), f"{value:.1f}") for stage, value in seconds]
+        parts.append(_html_table(("stage", "h:mm:ss", "seconds"), body, caption="Wall time per stage (timings.json)."))
+    elif timings is not None:
+        parts.append(_note("timings.json is not a mapping of stage to seconds; left out."))
+    return "\n".join(parts + [_p("provenance", disk_usage_text(run_dir).strip() + ".")])
 
 
 def _run_note(config: Any) -> str:
@@ -1202,7 +1137,8 @@ def _summary_line(config: Any) -> str:
     run, distill = config.get("run", {}), config.get("distill", {})
     bits = [f"preset {config['preset']}" if config.get("preset") else "",
             f"source {run['source']}" if run.get("source") else "",
-            f"m = {distill['num_images']} images, {distill.get('steps')} outer steps" if distill.get("num_images") else "",
+            f"m = {distill['num_images']} images, {distill.get('steps')} outer steps"
+            if distill.get("num_images") else "",
             f"{run['seeds']} paired seeds" if run.get("seeds") else ""]
     return "; ".join(bit for bit in bits if bit)
 
@@ -1224,29 +1160,20 @@ def _page(title: str, subtitle: str, sections: Sequence[str], nav: Sequence[tupl
     )
 
 
-def _read_rows(run_dir: Path) -> tuple[list[dict], str | None]:
-    try:
-        return read_results(run_dir), None
-    except KrrstError as exc:
-        return [], str(exc)
+def _run_dir(run_dir: str | os.PathLike) -> Path:
+    if not Path(run_dir).is_dir():
+        raise KrrstError(f"run directory not found: {run_dir}")
+    return Path(run_dir)
 
 
 def report_text(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT_REFERENCES) -> str:
     """What `krrst report RUN_DIR` prints: the Markdown results table(s) (or a note when there are none), the
     paired differences against `references`, then the folder's disk use (`disk_usage_text`)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise KrrstError(f"run directory not found: {run_dir}")
+    run_dir = _run_dir(run_dir)
     rows = read_results(run_dir)
     if not rows:
         return f"No results yet in {run_dir / 'results.csv'}.\n\n" + disk_usage_text(run_dir)
-    paired = paired_markdown(paired_comparisons(rows, references))
-    return markdown_table(rows) + ("\n" + paired if paired else "") + "\n" + disk_usage_text(run_dir)
-
-
-def print_table(run_dir: str | os.PathLike) -> None:
-    """Print `report_text(run_dir)` to stdout."""
-    print(report_text(run_dir), end="")
+    return _results_markdown(rows, paired_comparisons(rows, references)) + "\n" + disk_usage_text(run_dir)
 
 
 def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT_REFERENCES,
@@ -1266,53 +1193,44 @@ def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT
     resolved config (`krrst.pipeline.preset_config`) for the config diff;
     None shows the config without one.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise KrrstError(f"run directory not found: {run_dir}")
+    run_dir = _run_dir(run_dir)
     written: dict[str, Path] = {}
     notes: list[str] = []
     config = _load_optional_json(run_dir / "config.json", "config", notes)
     env = _load_optional_json(run_dir / "env.json", "env", notes)
     timings = _load_optional_json(run_dir / "timings.json", "timings", notes)
-    rows, results_error = _read_rows(run_dir)
-    comparisons = paired_comparisons(rows, references) if rows else []
-
-    sections = []
-    if results_error:
-        sections.append('<h2 id="headline">Results</h2>' + _note(f"results.csv could not be read: {results_error}"))
-    elif not rows:
-        sections.append('<h2 id="headline">Results</h2>'
-                        + _note("No results yet (results.csv is absent or empty): the evaluation stage has not run."))
-    else:
+    run_note = _run_note(config)
+    try:
+        rows = read_results(run_dir)
+        sections = [] if rows else ['<h2 id="headline">Results</h2>' + _note(
+            "No results yet (results.csv is absent or empty): the evaluation stage has not run.")]
+    except KrrstError as exc:
+        rows, sections = [], ['<h2 id="headline">Results</h2>' + _note(f"results.csv could not be read: {exc}")]
+    if rows:
+        comparisons = paired_comparisons(rows, references)
         headline, paired_png = _headline_html(comparisons)
-        provenance = _provenance_line(run_dir, rows, env if isinstance(env, dict) else None)
-        sections += [headline, _accuracy_html(rows, comparisons, references),
-                     f'<p class="provenance">{html.escape(provenance)}</p>']
-        markdown = markdown_table(rows) + ("\n" + paired_markdown(comparisons) if comparisons else "")
+        provenance = _provenance_line(rows, env)
+        sections += [headline, _accuracy_html(rows, comparisons, references), _p("provenance", provenance)]
+        markdown = _results_markdown(rows, comparisons)
         if (run_dir / SETS_NAME).is_file():
             try:
                 markdown += "\n" + sets_table(read_json(run_dir / SETS_NAME, SETS_NAME), method_provenance(rows))
             except KrrstError:
                 pass  # the page's storage section says why
-        with atomic_write(run_dir / "results.md") as tmp:
-            lead = f"{_run_note(config)}\n\n" if _run_note(config) else ""
-            tmp.write_text(f"# Results: {run_dir.name}\n\n{lead}{markdown}\n{provenance}\n", encoding="utf-8")
-        written["results_md"] = run_dir / "results.md"
+        lead = f"{run_note}\n\n" if run_note else ""
+        markdown = f"# Results: {run_dir.name}\n\n{lead}{markdown}\n{provenance}\n"
+        written["results_md"] = _write(run_dir / "results.md", markdown)
         try:
-            written["results_png"] = _write_png(run_dir / "results.png", paired_png or _bar_chart_png(rows))
+            written["results_png"] = _write(run_dir / "results.png", paired_png or _bar_chart_png(rows))
         except Exception as exc:  # a plotting failure must not cost the user the rest of the report
             notes.append(f"results.png failed: {exc}")
     sections += [_images_html(run_dir, config), _teacher_html(run_dir), _distill_html(run_dir),
-                 _storage_html(run_dir, rows, notes), _config_html(config, preset_config), _env_html(run_dir, env, timings)]
-    if notes:
-        sections.insert(0, "\n".join(_note(text) for text in notes))
-    if _run_note(config):
-        sections.insert(0, f'<p class="lead">{html.escape(_run_note(config))}</p>')
-    title = f"krrst run: {run_dir.resolve().name}"
+                 "\n".join(['<h2 id="storage">Storage per set</h2>', *_storage_parts(run_dir, rows, notes)]),
+                 _config_html(config, preset_config), _env_html(run_dir, env, timings)]
+    lead = ([_p("lead", run_note)] if run_note else []) + (["\n".join(map(_note, notes))] if notes else [])
     subtitle = "; ".join(bit for bit in (_summary_line(config), f"run directory {run_dir.resolve()}") if bit)
-    with atomic_write(run_dir / "report.html") as tmp:
-        tmp.write_text(_page(title, subtitle, sections, _NAV), encoding="utf-8")
-    written["report_html"] = run_dir / "report.html"
+    page = _page(f"krrst run: {run_dir.resolve().name}", subtitle, lead + sections, _NAV)
+    written["report_html"] = _write(run_dir / "report.html", page)
     return written
 
 
@@ -1334,9 +1252,7 @@ def merged_rows(run_dirs: Sequence[str | os.PathLike]) -> list[dict]:
     """The results rows of several run folders, each method named `<run label>:<method>` (`run_labels`)."""
     rows = []
     for label, run_dir in zip(run_labels(run_dirs), run_dirs):
-        if not Path(run_dir).is_dir():
-            raise KrrstError(f"run directory not found: {run_dir}")
-        found = read_results(run_dir)
+        found = read_results(_run_dir(run_dir))
         if not found:
             raise KrrstError(f"{run_dir} holds no results (results.csv is absent or empty)")
         rows += [{**row, "method": f"{label}:{row['method']}"} for row in found]
@@ -1359,8 +1275,21 @@ def resolve_references(rows: Iterable[dict], references: Sequence[str]) -> list[
 def comparison_text(run_dirs: Sequence[str | os.PathLike], references: Sequence[str] = DEFAULT_REFERENCES) -> str:
     """What `krrst report RUN RUN2 ...` prints: the merged table and the paired differences."""
     rows = merged_rows(run_dirs)
-    paired = paired_markdown(paired_comparisons(rows, resolve_references(rows, references)))
-    return markdown_table(rows) + ("\n" + paired if paired else "")
+    return _results_markdown(rows, paired_comparisons(rows, resolve_references(rows, references)))
+
+
+def _configs_html(labels: Sequence[str], configs: Sequence[Any]) -> str:
+    """Each run's config as a diff from the first run's, then each in full."""
+    parts = ['<h2 id="config">Config</h2>']
+    for label, config in zip(labels[1:], configs[1:]):
+        if isinstance(config, dict) and isinstance(configs[0], dict):
+            caption = f"{label} against {labels[0]}: settings that differ."
+            parts.append(_diff_table(config, configs[0], (labels[0], label), caption)
+                         or _p("lead", f"{label}: the same config as {labels[0]}."))
+        else:
+            parts.append(_note(f"{label} or {labels[0]} has no readable config.json."))
+    parts += [_full_config(f"{label}: the full config", config) for label, config in zip(labels, configs)]
+    return "\n".join(parts)
 
 
 def write_comparison(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -1382,44 +1311,28 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     headline, paired_png = _headline_html(comparisons)
-    sections = [headline, _accuracy_html(rows, comparisons, references)]
     notes: list[str] = []
     storage, configs, environments = ['<h2 id="storage">Storage per set</h2>'], [], []
     for label, run_dir in zip(labels, run_dirs):
-        storage.append(f"<h3>{html.escape(label)}</h3>" + _storage_html(run_dir, read_results(run_dir), notes)
-                       .removeprefix('<h2 id="storage">Storage per set</h2>'))
+        storage += [f"<h3>{html.escape(label)}</h3>", *_storage_parts(run_dir, read_results(run_dir), notes)]
         configs.append(_load_optional_json(run_dir / "config.json", "config", notes))
         env = _load_optional_json(run_dir / "env.json", "env", notes)
-        environments.append((label, _env_value_text("versions", env.get("versions")) if isinstance(env, dict) else "–",
-                             env.get("git_commit", "–") if isinstance(env, dict) else "–",
-                             (env.get("cuda_device") or env.get("device") or "–") if isinstance(env, dict) else "–",
+        known = isinstance(env, dict)
+        env = env if known else {}
+        environments.append((label, _env_value_text("versions", env.get("versions")) if known else "–",
+                             env.get("git_commit", "–"), env.get("cuda_device") or env.get("device") or "–",
                              disk_usage_text(run_dir).strip()))
-    sections.append("\n".join(storage))
-    config_parts = ['<h2 id="config">Config</h2>']
-    for label, config in zip(labels[1:], configs[1:]):
-        if isinstance(config, dict) and isinstance(configs[0], dict):
-            changes = config_diff(config, configs[0])
-            config_parts.append(_html_table(("setting", labels[0], label), [(k, _value_text(a), _value_text(b)) for k, a, b in changes],
-                                            caption=f"{label} against {labels[0]}: settings that differ.")
-                                if changes else f'<p class="lead">{html.escape(f"{label}: the same config as {labels[0]}.")}</p>')
-        else:
-            config_parts.append(_note(f"{label} or {labels[0]} has no readable config.json."))
-    for label, config in zip(labels, configs):
-        config_parts.append(f"<details><summary>{html.escape(label)}: the full config</summary>"
-                            f"<pre>{html.escape(json.dumps(config, indent=2, default=str))}</pre></details>")
-    sections.append("\n".join(config_parts))
-    sections.append('<h2 id="environment">Environment and disk use</h2>'
-                    + _html_table(("run", "versions", "git commit", "device", "disk use"), environments))
+    sections = [headline, _accuracy_html(rows, comparisons, references), "\n".join(storage),
+                _configs_html(labels, configs), '<h2 id="environment">Environment and disk use</h2>'
+                + _html_table(("run", "versions", "git commit", "device", "disk use"), environments)]
     if notes:
-        sections.insert(0, "\n".join(_note(text) for text in notes))
-    markdown = markdown_table(rows) + ("\n" + paired_markdown(comparisons) if comparisons else "")
-    with atomic_write(out_dir / "results.md") as tmp:
-        tmp.write_text(f"# Results: {', '.join(labels)}\n\n{markdown}", encoding="utf-8")
+        sections.insert(0, "\n".join(map(_note, notes)))
+    written = {"results_md": _write(out_dir / "results.md",
+                                    f"# Results: {', '.join(labels)}\n\n{_results_markdown(rows, comparisons)}")}
     subtitle = "Runs: " + "; ".join(f"{label} = {run_dir.resolve()}" for label, run_dir in zip(labels, run_dirs))
     nav = [item for item in _NAV if item[0] in ("headline", "accuracy", "storage", "config", "environment")]
-    with atomic_write(out_dir / "report.html") as tmp:
-        tmp.write_text(_page(f"krrst runs: {', '.join(labels)}", subtitle, sections, nav), encoding="utf-8")
-    written = {"results_md": out_dir / "results.md", "report_html": out_dir / "report.html"}
+    page = _page(f"krrst runs: {', '.join(labels)}", subtitle, sections, nav)
+    written["report_html"] = _write(out_dir / "report.html", page)
     if paired_png:
-        written["results_png"] = _write_png(out_dir / "results.png", paired_png)
+        written["results_png"] = _write(out_dir / "results.png", paired_png)
     return written

@@ -19,8 +19,6 @@ from krrst.results import append_results
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-
-
 def table_cells(markdown: str) -> dict[str, list[str]]:
     """Method label -> its cells, from the first Markdown table in `markdown`."""
     all_lines = markdown.splitlines()
@@ -265,16 +263,17 @@ def test_write_report_notes_corrupt_pieces_instead_of_crashing(tmp_path):
 def test_report_text_is_the_markdown_table(tmp_path, capsys):
     append_results(tmp_path, [row(seed=0, accuracy=0.5), row(seed=1, accuracy=0.7)])
     assert table_cells(report.report_text(tmp_path))["krr-st"] == ["60.0 ± 14.1"]
-    report.print_table(tmp_path)
+    from krrst.cli import main
+
+    assert main(["report", str(tmp_path)]) == 0
     assert "60.0 ± 14.1" in capsys.readouterr().out
 
 
-def test_a_one_seed_run_reads_n1_in_results_md_the_console_and_report_html(tmp_path, capsys):
+def test_a_one_seed_run_reads_n1_in_results_md_the_console_and_report_html(tmp_path):
     append_results(tmp_path, [row(method="krr-st", accuracy=0.184), row(method="none", accuracy=0.1)])
     paths = write_report(tmp_path)
     results_md = paths["results_md"].read_text()
-    report.print_table(tmp_path)
-    console = capsys.readouterr().out
+    console = report.report_text(tmp_path)  # what `krrst report RUN` prints
     page = parse_html(paths["report_html"].read_text())
     html_text = "".join(page.text)
     for shown in (results_md, console, html_text):
