@@ -14,7 +14,6 @@ import json
 import os
 import re
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -186,18 +185,16 @@ def _cmd_distill(args: argparse.Namespace) -> None:
         config = _stage_config(DistillConfig, "distill", args.preset, args.overrides, extra)
     teacher = _load_teacher(args)
     images, heldout = split_heldout(_load_source(args), args.heldout, config.seed)
-    if args.method == "mkdt":
-        distilled = mkdt_distill(images, teacher, config, out_dir=args.out, resume=True, device=args.device,
-                                 progress=args.progress)
+    context = _distributed(args)
+    if args.method == "mkdt":  # not data-parallel: every rank computes the same set, rank 0 writes it
+        distilled = mkdt_distill(images, teacher, config, out_dir=args.out, resume=True, device=context.device,
+                                 progress=args.progress, distributed=context)
     else:
-        context = _distributed(args)
         distilled = distill(images, teacher, config, out_dir=args.out, resume=True, device=context.device,
                             heldout=heldout, progress=args.progress, distributed=context)
-        if not context.is_main:
-            return
     out = Path(args.out)
-    print(f"distilled {len(distilled)} images with {distilled.feature_dim}-d targets into "
-          f"{out / 'distilled.safetensors'} (preview: {out / 'preview.png'})")
+    context.say(f"distilled {len(distilled)} images with {distilled.feature_dim}-d targets into "
+                f"{out / 'distilled.safetensors'} (preview: {out / 'preview.png'})")
 
 
 def _protocol_overrides(protocols: list[str]) -> dict[str, Any]:
@@ -434,27 +431,29 @@ def _check_kd_teacher(args: argparse.Namespace, config, train, test, image_size:
 def _evaluate_into(args, method, network, source_name, target, protocols, configs, image_size, identity, provenance):
     """Claim `--out` for this method, evaluate, and write and print the report."""
     from krrst.infra.distributed import run_on_main
-    from krrst.infra.io import exclusive_lock
     from krrst.pipeline import claim_evaluation, evaluate_methods, preset_config
     from krrst.report import report_text, write_report
 
     context = _distributed(args)
-    with exclusive_lock(args.out, "evaluation folder") if context.is_main else nullcontext():
+    with context.lock(args.out, "evaluation folder"):
         run_on_main(lambda: claim_evaluation(args.out, method, identity, provenance))
         evaluate_methods(
             args.out, {method: network}, [(args.target, *target)], source_name=source_name, archs=[args.arch],
             seeds=range(args.seed, args.seed + args.seeds), protocols=protocols,
             pretrain_config=configs["pretrain"], finetune_config=configs["finetune"], linear_config=configs["linear"],
             eval_widths=tuple(args.widths), image_size=image_size, device=context.device,
-            progress=args.progress and context.is_main, distributed=context, provenance={method: provenance},
+            progress=context.only_on_main(args.progress), distributed=context, provenance={method: provenance},
             kd_config=configs["kd"], kd_teacher_path=args.kd_teacher, kd_noise_images=args.m,
             # An explicit --set finetune.iterations holds for fine-grained targets too (default there: 5,000).
             finegrained_iterations=configs["finetune"].iterations
             if any(item.startswith("finetune.iterations=") for item in args.overrides) else 5000,
         )
-    if context.is_main:
+
+    def report() -> None:
         write_report(args.out, preset_config=preset_config)
         print(report_text(args.out))
+
+    context.on_main(report)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:

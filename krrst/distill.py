@@ -51,7 +51,7 @@ from krrst.features import batched_features
 from krrst.formats import fit_to_source
 from krrst.infra import io, run_state
 from krrst.infra.config import check_numeric_fields, config_to_dict, resolve_device
-from krrst.infra.distributed import DistributedContext, all_reduce_mean_, current_context, shard_slice
+from krrst.infra.distributed import DistributedContext, all_reduce_mean_, current_context
 from krrst.infra.errors import KrrstError
 from krrst.infra.finite import LossWatch
 from krrst.infra.progress import progress_bar
@@ -1122,7 +1122,7 @@ def distill(
         raise KrrstError(f"config must be a DistillConfig, got {type(config).__name__}")
     device = resolve_device(device)
     context = distributed or current_context(device)
-    shard = shard_slice(config.batch_size, context.rank, context.world_size, "distill.batch_size")
+    shard = context.shard(config.batch_size, "distill.batch_size")
     source_images, mean, std, source_name = source_tensors(source, config, device)
     speed = SpeedSettings.resolve(config, device)
     # a library teacher sees its own input size and normalisation; its identity then covers that preprocessing

@@ -45,6 +45,7 @@ from krrst.distilled import DistilledSet
 from krrst.formats import fit_to_source
 from krrst.infra import io, run_state
 from krrst.infra.config import check_numeric_fields, config_changes, config_to_dict, resolve_device
+from krrst.infra.distributed import DistributedContext
 from krrst.infra.errors import KrrstError
 from krrst.infra.finite import LossWatch
 from krrst.infra.progress import progress_bar
@@ -407,7 +408,7 @@ def _initial_indices(
 def mkdt_distill(source: Any, teacher: nn.Module, config: MKDTConfig | None = None, *,
                  out_dir: str | Path | None = None, resume: bool = False, device: str | torch.device | None = None,
                  progress: bool = True, trajectories: Trajectories | None = None, stop_at_step: int | None = None,
-                 write: bool = True) -> DistilledSet:
+                 distributed: DistributedContext | None = None) -> DistilledSet:
     """Distil `source` (an `ImageSet`) into `config.num_images` images with teacher-representation targets (MKDT).
 
     Computes `g` of every source image once; trains the experts unless
@@ -445,9 +446,9 @@ def mkdt_distill(source: Any, teacher: nn.Module, config: MKDTConfig | None = No
         trajectories: experts to use instead of training (or loading) them.
         stop_at_step: stop after this step (checkpointing it), as a kill
             would; `resume=True` later continues the same run.
-        write: False reads `out_dir` (to resume) but writes nothing: the
-            other ranks of a torchrun group, whose rank 0 writes. Every rank
-            then resumes from the same files and does the same work.
+        distributed: the torchrun group, if any. MKDT is not data-parallel:
+            every rank resumes from the same files and does the same work, and
+            rank 0 alone writes.
     """
     config = config or MKDTConfig()
     if not isinstance(config, MKDTConfig):
@@ -461,7 +462,7 @@ def mkdt_distill(source: Any, teacher: nn.Module, config: MKDTConfig | None = No
                   resume=resume, resumable=RESUMABLE_CHANGES,
                   identity={"source": source_id, "teacher": teacher_identity(teacher)},
                   checkpoint_every=config.checkpoint_every, log_every=config.log_every, stop_at_step=stop_at_step,
-                  progress=progress, writes=write, guarded=(TRAJECTORIES_NAME,)) as run:
+                  progress=progress, context=distributed, guarded=(TRAJECTORIES_NAME,)) as run:
         target_reps = _teacher_targets(teacher, source_images, mean, std, device, progress)
         trajectories = _experts(run, trajectories, resume, source_images, mean, std, teacher, target_reps, progress)
         _, init_seed, match_seed = stage_seeds(config.seed, 3)

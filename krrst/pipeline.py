@@ -21,9 +21,9 @@ import json
 import re
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -33,16 +33,9 @@ from krrst.distill import DISTILLED_NAME, DistillConfig, unused_fields
 from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
 from krrst.evaluate import FinetuneConfig, KDConfig, LinearProbeConfig, PretrainConfig
 from krrst.infra.config import apply_overrides, config_to_dict, did_you_mean_key, resolve_device
-from krrst.infra.distributed import (
-    DistributedContext,
-    barrier,
-    current_context,
-    gather_objects,
-    run_on_main,
-    split_jobs,
-)
+from krrst.infra.distributed import DistributedContext, barrier, current_context, run_on_main
 from krrst.infra.errors import KrrstError
-from krrst.infra.io import LOCK_NAME, capture_env, check_output_dir, exclusive_lock, read_json, write_json
+from krrst.infra.io import LOCK_NAME, capture_env, check_output_dir, read_json, write_json
 from krrst.infra.progress import stopped_loops
 from krrst.infra.registry import Registry
 from krrst.mkdt import CHECKPOINT_NAME as MKDT_CHECKPOINT
@@ -574,9 +567,15 @@ def _start_stage(stage_dir: Path, fingerprint: str) -> None:
     write_json(marker, {"fingerprint": fingerprint})
 
 
+def _add_timing(path: Path, stage: str, seconds: float) -> None:
+    timings = read_json(path) if path.exists() else {}
+    timings[stage] = round(timings.get(stage, 0.0) + seconds, 2)
+    write_json(path, timings)
+
+
 @contextmanager
-def _timed(out_dir: Path, stage: str, log, write: bool = True) -> Iterator[None]:
-    """Add the stage's wall time to `timings.json` (accumulated across resumes; `write=False`: other ranks)."""
+def _timed(out_dir: Path, stage: str, log, context: DistributedContext) -> Iterator[None]:
+    """Add the stage's wall time to `timings.json` (accumulated across resumes; written by rank 0)."""
     started = time.perf_counter()
     log(f"[{stage}] started")
     finished = False
@@ -585,11 +584,7 @@ def _timed(out_dir: Path, stage: str, log, write: bool = True) -> Iterator[None]
         finished = True
     finally:
         elapsed = time.perf_counter() - started
-        if write:
-            path = out_dir / "timings.json"
-            timings = read_json(path) if path.exists() else {}
-            timings[stage] = round(timings.get(stage, 0.0) + elapsed, 2)
-            write_json(path, timings)
+        context.on_main(lambda: _add_timing(out_dir / "timings.json", stage, elapsed))
         # an interrupted stage must not read as done: a re-run resumes it
         if finished:
             log(f"[{stage}] finished in {elapsed:.1f} s")
@@ -731,7 +726,7 @@ def run(
     """
     context = distributed or current_context(resolve_device(device))
     check_output_paths(out_dir)
-    with exclusive_lock(out_dir) if context.is_main else nullcontext():
+    with context.lock(out_dir):
         return _run_stages(config, Path(out_dir), Path(root), preset, force, context, progress, log)
 
 
@@ -750,9 +745,9 @@ class _Run:
     targets: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)  # spec -> (train, test)
     source_fp: str = ""  # what the source images depend on
 
-    @property
-    def main(self) -> bool:
-        return self.context.is_main
+    def on_main(self, fn: Callable[[], Any]) -> None:
+        """Write on rank 0 only (`DistributedContext.on_main`): every rank computed the same thing."""
+        self.context.on_main(fn)
 
     def stage_done(self, stage_dir: Path, fingerprint: str) -> bool:
         return run_on_main(lambda: _stage_done(stage_dir, fingerprint))
@@ -766,11 +761,11 @@ class _Run:
     def drop_checkpoints(self, stage_dir: Path, fingerprint: str) -> None:
         # after mark_done's barrier (no rank reads them any more); also for a stage found finished, so a run
         # stopped between done.json and this, or one kept before, ends up as the setting says
-        if self.main and not self.config.run.keep_checkpoints and _stage_done(stage_dir, fingerprint):
-            _drop_checkpoints(stage_dir, self.log)
+        if not self.config.run.keep_checkpoints:
+            self.on_main(lambda: _stage_done(stage_dir, fingerprint) and _drop_checkpoints(stage_dir, self.log))
 
     def timed(self, stage: str):
-        return _timed(self.out_dir, stage, self.log, self.main)
+        return _timed(self.out_dir, stage, self.log, self.context)
 
 
 def _run_stages(
@@ -780,12 +775,10 @@ def _run_stages(
     """`run`'s body, with the run directory locked by rank 0: each stage in turn, each skipped when done."""
     from krrst.report import report_text, write_report
 
-    if not context.is_main:
-        log, progress = (lambda _: None), False
+    log, progress = context.quiet_elsewhere(log), context.only_on_main(progress)
     run = _Run(config, out_dir, root, context, progress, log)
     run_on_main(lambda: prepare_run_dir(out_dir, config, preset, force))
-    if run.main:
-        write_json(out_dir / "env.json", capture_env(seed=config.run.seed, device=context.device))
+    run.on_main(lambda: write_json(out_dir / "env.json", capture_env(seed=config.run.seed, device=context.device)))
     _load_data(run)
     teacher, teacher_fp = _teacher_stage(run)
     distill_fp = _distill_stage(run, teacher, teacher_fp)
@@ -799,9 +792,12 @@ def _run_stages(
                   "none": baseline_provenance("none"),
                   **{method: f"baselines:{baselines_fp}" for method in _wanted_subsets(config.run)}}
     _evaluate_stage(run, sets, provenance, (distill_fp, baselines_fp, mkdt_fp))
-    if run.main:
+
+    def report() -> None:
         write_report(out_dir, preset_config=preset_config)
         log(report_text(out_dir))
+
+    run.on_main(report)
     return run_on_main(lambda: read_results(out_dir))
 
 
@@ -849,9 +845,8 @@ def _teacher_stage(run: _Run) -> tuple[torch.nn.Module, str]:
             run.mark_done(teacher_dir, teacher_fp)
         run.drop_checkpoints(teacher_dir, teacher_fp)
         teacher = load_teacher(teacher_dir / TEACHER_FILE, device=device)
-        if run.main:
-            _add_random_network_knn(teacher_dir / HEALTH_FILE, run.config.teacher, run_config.image_size,
-                                    next(iter(run.targets.values())), device)
+        run.on_main(lambda: _add_random_network_knn(teacher_dir / HEALTH_FILE, run.config.teacher,
+                                                    run_config.image_size, next(iter(run.targets.values())), device))
     return teacher.to(device).eval(), teacher_fp
 
 
@@ -882,7 +877,7 @@ def _mkdt_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> str:
         run.start_stage(mkdt_dir, mkdt_fp)
         with run.timed("mkdt"):
             # not data-parallel: every rank computes the same set from the same files (resuming alike), rank 0 writes
-            mkdt_distill(run.source, teacher, run.config.mkdt, out_dir=mkdt_dir, resume=True, write=run.main,
+            mkdt_distill(run.source, teacher, run.config.mkdt, out_dir=mkdt_dir, resume=True, distributed=run.context,
                          device=run.context.device, progress=run.progress)
         run.mark_done(mkdt_dir, mkdt_fp)
     run.drop_checkpoints(mkdt_dir, mkdt_fp)
@@ -927,8 +922,8 @@ def _baselines_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> st
         with run.timed("baselines"):
             for method in missing:
                 distilled = _subset(method, run.source, teacher, config, run.context.device, run.progress)
-                if run.main:  # every rank built the same set (no rank waits idle on another's long k-means)
-                    distilled.save(baselines_dir / f"{method}.safetensors")
+                # every rank built the same set (no rank waits idle on another's long k-means)
+                run.on_main(lambda: distilled.save(baselines_dir / f"{method}.safetensors"))
     barrier()
     return baselines_fp
 
@@ -945,12 +940,11 @@ def _load_sets(run: _Run) -> dict[str, Any]:
         sets["mkdt"] = DistilledSet.load(run.out_dir / "mkdt" / DISTILLED_NAME)
     for method in _wanted_subsets(run.config.run):
         sets[method] = DistilledSet.load(run.out_dir / "baselines" / f"{method}.safetensors")
-    if run.main:  # what each set costs, for the report's "same storage" table
-        write_json(run.out_dir / SETS_NAME, {
-            method: {"images": len(distilled), "storage_bytes": distilled.storage_bytes(),
-                     "parameterization": _parameterization_label(distilled)}
-            for method, distilled in sets.items() if distilled is not None
-        })
+    run.on_main(lambda: write_json(run.out_dir / SETS_NAME, {  # what each set costs: the "same storage" table
+        method: {"images": len(distilled), "storage_bytes": distilled.storage_bytes(),
+                 "parameterization": _parameterization_label(distilled)}
+        for method, distilled in sets.items() if distilled is not None
+    }))
     return sets
 
 
@@ -1056,7 +1050,7 @@ def kd_teacher(
     device: str | torch.device | None = None,
     progress: bool = True,
     log=print,
-    write: bool = True,
+    distributed: DistributedContext | None = None,
 ) -> torch.nn.Module:
     """The target-task classifier of protocol `kd` for one target, frozen.
 
@@ -1065,8 +1059,8 @@ def kd_teacher(
     `config.teacher_arch` network trained on the target's train split
     (`train_kd_teacher`, ConvNets narrowed to `eval_widths`) and cached as
     `out_dir/eval/kd-teacher/<target>-<arch>-<recipe>.safetensors`, so every
-    method and seed, and a resumed run, reuse it (`write=False`: not saved,
-    for ranks other than 0).
+    method and seed, and a resumed run, reuse it (saved by rank 0 of
+    `distributed`; every rank trains the same one, seeded).
     """
     from krrst.evaluate import KD_TEACHER_ARCH, class_count, load_kd_teacher, train_kd_teacher
     from krrst.formats import is_library_arch
@@ -1089,9 +1083,8 @@ def kd_teacher(
         return load_kd_teacher(path, num_classes, arch, target=where, device=device, option="cached kd teacher")
     classifier, metrics = train_kd_teacher(train, test, config, arch_options=options, image_size=image_size,
                                            device=device, progress=progress)
-    if write:
-        save_tensors(path, classifier.state_dict(), {"spec": classifier.spec, "target": test.name,
-                                                     "test_accuracy": metrics["accuracy"]})
+    (distributed or DistributedContext()).on_main(lambda: save_tensors(
+        path, classifier.state_dict(), {"spec": classifier.spec, "target": test.name, "test_accuracy": metrics["accuracy"]}))
     log(f"[evaluate] kd teacher {arch} trained on {test.name}: {100 * metrics['accuracy']:.1f}% test accuracy "
         f"({path})")
     return classifier.to(resolve_device(device)).eval()
@@ -1158,23 +1151,18 @@ def evaluate_methods(
     run_on_main(lambda: check_provenance(out_dir, provenance))
     rows = run_on_main(lambda: read_results(out_dir))
     jobs = [(arch, seed, method) for arch in archs for seed in seeds for method in sets]
-    mine = set(split_jobs(range(len(jobs)), context.rank, context.world_size))
     evaluation = _Evaluation(
         out_dir, source_name, tuple(protocols), pretrain_config, finetune_config, linear_config, tuple(eval_widths),
         image_size, finegrained_iterations, context, progress, log, provenance, kd_config, kd_teacher_path,
         kd_noise_images,
     )
     new_rows = []
-    for index, (arch, seed, method) in enumerate(jobs, 1):
-        if index - 1 in mine:
-            new_rows += evaluation.job(f"{index}/{len(jobs)}", method, sets[method], arch, seed, targets, rows)
-    if context.world_size > 1:
-        gathered = gather_objects(new_rows)
-        if context.is_main:
-            others = [row for rank_rows in gathered[1:] for row in rank_rows]
-            if others:
-                append_results(out_dir, others)
-            rows.extend(others)
+    for index, (arch, seed, method) in context.my_jobs(list(enumerate(jobs, 1))):
+        new_rows += evaluation.job(f"{index}/{len(jobs)}", method, sets[method], arch, seed, targets, rows)
+    others = context.gather_on_main(new_rows)  # rank 0 appended its own rows as they came
+    if others:
+        append_results(out_dir, others)
+        rows.extend(others)
     return rows
 
 
@@ -1237,8 +1225,7 @@ class _Evaluation:
             )
             row["protocol"] = protocol
             row["provenance"] = self.provenance.get(method, "")
-            if self.context.is_main:
-                append_results(self.out_dir, [row])
+            self.context.on_main(lambda: append_results(self.out_dir, [row]))
             rows.append(row)
             new_rows.append(row)
             self.log(f"[evaluate]   {method:<8} {test.name} {protocol:<13} seed {seed}: {100 * row['accuracy']:.1f}%")
@@ -1266,6 +1253,6 @@ class _Evaluation:
             self.kd_teachers[test.name] = kd_teacher(
                 self.out_dir, dataset, train, test, self.kd_config or KDConfig(), teacher_path=self.kd_teacher_path,
                 eval_widths=self.eval_widths, image_size=self.image_size, device=self.context.device,
-                progress=self.progress, log=self.log, write=self.context.is_main,
+                progress=self.progress, log=self.log, distributed=self.context,
             )
         return self.kd_teachers[test.name]

@@ -154,6 +154,9 @@ def _check_collectives(context: DistributedContext) -> None:
         assert rows_by_rank == [{"rank": 0, "jobs": ["a", "c", "e"]}, {"rank": 1, "jobs": ["b", "d"]}]
     else:
         assert rows_by_rank is None
+    # gather_on_main: the other ranks' rows on rank 0 (its own it appended already), nothing elsewhere.
+    others = context.gather_on_main([f"row of rank {rank}"] * (rank + 1))
+    assert others == (["row of rank 1", "row of rank 1"] if rank == 0 else [])
 
     # run_on_main: rank 0 runs it, every rank gets its result or its KrrstError.
     assert run_on_main(lambda: {"read by": context.rank}) == {"read by": 0}
@@ -216,6 +219,25 @@ def test_only_rank_0_says_a_line(capsys):
     for rank in range(3):
         DistributedContext(rank=rank, world_size=3).say(f"line from rank {rank}")
     assert capsys.readouterr().out == "line from rank 0\n"
+
+
+def test_rank_0_alone_writes_logs_shows_progress_and_locks(tmp_path, capsys):
+    written = []
+    for rank in range(3):
+        context = DistributedContext(rank=rank, world_size=3)
+        assert context.on_main(lambda: written.append(rank) or "done") == ("done" if rank == 0 else None)
+        context.quiet_elsewhere(print)(f"log line of rank {rank}")
+        assert context.only_on_main(True) is (rank == 0) and context.only_on_main(False) is False
+        assert context.my_jobs(list(range(7))) == list(range(rank, 7, 3))
+    assert written == [0] and capsys.readouterr().out == "log line of rank 0\n"
+    single = DistributedContext()
+    assert single.my_jobs("abc") == ["a", "b", "c"] and single.gather_on_main(["mine"]) == []
+    with single.lock(tmp_path):
+        with pytest.raises(KrrstError, match="run directory"):  # a second process on the same folder
+            with single.lock(tmp_path):
+                pass
+        with DistributedContext(rank=1, world_size=2).lock(tmp_path):  # rank 0 of its group holds the lock
+            pass
 
 
 def test_shard_slice_splits_contiguously_and_names_the_sizes_when_it_cannot():

@@ -14,6 +14,7 @@ from krrst.baselines import high_loss_indices
 from krrst.data import ImageSet
 from krrst.distill import network_options
 from krrst.distilled import DistilledSet
+from krrst.infra.distributed import DistributedContext
 from krrst.infra.errors import KrrstError
 from krrst.models import create_model
 
@@ -372,13 +373,13 @@ def test_resume_refuses_a_checkpoint_matched_against_other_experts(tmp_path):
 
 
 def test_a_rank_that_does_not_write_resumes_from_the_same_files(tmp_path):
-    """torchrun: every rank resumes from rank 0's files; only rank 0 (write=True) writes."""
+    """torchrun: every rank resumes from rank 0's files; only rank 0 writes."""
     source, teacher = _source(), _teacher()
     config = _config(steps=6, checkpoint_every=3)
     whole = M.mkdt_distill(source, teacher, config, device="cpu", progress=False)
     M.mkdt_distill(source, teacher, config, out_dir=tmp_path, device="cpu", progress=False, stop_at_step=3)
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     other_rank = M.mkdt_distill(source, teacher, config, out_dir=tmp_path, device="cpu", progress=False,
-                                resume=True, write=False)
+                                resume=True, distributed=DistributedContext(rank=1, world_size=2))
     assert torch.equal(other_rank.images, whole.images) and torch.equal(other_rank.targets, whole.targets)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before, "wrote nothing"

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from krrst.infra.distributed import DistributedContext
 from krrst.infra.errors import KrrstError
 from krrst.infra.progress import stopped_loops
 from krrst.infra.run_state import RunningMean, RunState, every, read_log, stage_seeds
@@ -95,9 +96,10 @@ def test_refusals_name_the_file_and_the_difference(tmp_path):
     toy_run(tmp_path, ToyConfig(log_every=2), resume=True)  # a resumable field may change
 
 
-def test_a_read_only_process_writes_nothing(tmp_path):
+def test_a_rank_other_than_0_writes_nothing(tmp_path):
+    other_rank = DistributedContext(rank=1, world_size=2)
     with RunState("toy", tmp_path, config=ToyConfig(), total_steps=4, log_fields=("step", "loss"),
-                  writes=False, progress=False) as run:
+                  context=other_rank, progress=False) as run:
         for step in run.steps():
             run.log(step, loss=torch.tensor(1.0))
             if run.is_checkpoint_step(step):

@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import gc
 import os
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 
 from krrst.infra.config import resolve_device
 from krrst.infra.errors import KrrstError
+from krrst.infra.io import exclusive_lock
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 T = TypeVar("T")
@@ -44,8 +46,37 @@ class DistributedContext:
 
     def say(self, text: str) -> None:
         """Print `text` from rank 0 only: every rank runs the same code, and the user wants one line, not one per rank."""
-        if self.is_main:
-            print(text)
+        self.on_main(lambda: print(text))
+
+    def on_main(self, fn: Callable[[], T]) -> T | None:
+        """Call `fn` on rank 0 only (write a file, print a line); the other ranks skip it and get None.
+
+        Unlike `run_on_main` nothing is sent and no rank waits: for writes whose result the others do not need.
+        """
+        return fn() if self.is_main else None
+
+    def quiet_elsewhere(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """`log` on rank 0, a no-op on the other ranks (one line per event, not one per rank)."""
+        return log if self.is_main else (lambda _text: None)
+
+    def only_on_main(self, flag: bool) -> bool:
+        """`flag` on rank 0, False elsewhere: progress bars and other terminal output, once per group."""
+        return flag and self.is_main
+
+    def lock(self, path: str | os.PathLike, what: str = "run directory") -> AbstractContextManager:
+        """`io.exclusive_lock` on `path`, held by rank 0 for the whole process group (the ranks share the folder)."""
+        return exclusive_lock(path, what) if self.is_main else nullcontext()
+
+    def my_jobs(self, jobs: Sequence[T]) -> list[T]:
+        """This rank's share of `jobs`, dealt round-robin (`split_jobs`): all of them in a single process."""
+        return split_jobs(jobs, self.rank, self.world_size)
+
+    def gather_on_main(self, items: list[T]) -> list[T]:
+        """The other ranks' `items`, concatenated in rank order, on rank 0; [] on the other ranks and alone."""
+        if self.world_size == 1:
+            return []
+        gathered = gather_objects(items)
+        return [item for rank_items in gathered[1:] for item in rank_items] if self.is_main else []
 
     def shard(self, global_batch: int, what: str = "batch size") -> slice:
         """This process's rows of a global batch (`shard_slice`): all of them in a single process."""

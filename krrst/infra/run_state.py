@@ -113,7 +113,7 @@ class RunState:
         progress: show progress (a bar on a terminal, plain lines in a log).
         unit, unit_scale: the bar counts `unit_scale` units per step (images).
         context: the torchrun process group's context; only its rank 0 writes
-            and prints. `writes=False` makes this process read-only as well.
+            and prints.
         guarded: other files of the run folder that, like the checkpoint, are
             refused without `resume` (a stage's saved intermediate results).
 
@@ -140,7 +140,6 @@ class RunState:
         unit: str = "step",
         unit_scale: int = 1,
         context: DistributedContext | None = None,
-        writes: bool = True,
         checkpoint_name: str = CHECKPOINT_NAME,
         guarded: Sequence[str] = (),
     ):
@@ -149,7 +148,7 @@ class RunState:
         self.log_fields = tuple(log_fields)
         self.identity, self.kind = dict(identity or {}), kind
         self.checkpoint_every, self.log_every, self.unit_scale = checkpoint_every, log_every, unit_scale
-        self.is_writer = writes and (context is None or context.is_main)
+        self.is_writer = context is None or context.is_main
         self.checkpoint_path = self.out_dir / checkpoint_name if self.out_dir is not None else None
         self.log_path = self.out_dir / LOSS_CSV_NAME if self.out_dir is not None else None
         self.guarded = tuple(guarded)
