@@ -377,18 +377,8 @@ def _progress_bar(total: int, desc: str, unit: str, progress: bool):
 # --------------------------------------------------------------------------- labelled target data
 
 
-def _target_tensors(images_set: "ImageSet", what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if images_set.labels is None:
-        raise KrrstError(f"{what} {images_set.name!r} has no labels; fine-tuning and probes need a labelled target")
-    return images_set.images, images_set.labels
-
-
 def class_count(*sets: "ImageSet") -> int:
     """The number of classes of a labelled target (its class names, else the largest label + 1)."""
-    return _num_classes(*sets)
-
-
-def _num_classes(*sets: "ImageSet") -> int:
     names = getattr(sets[0], "class_names", None)
     if names:
         return len(names)
@@ -448,14 +438,12 @@ def protocol_name(protocol: str, label_fraction: float = 1.0) -> str:
 
 
 def _prepared_target(
-    images_set: "ImageSet",
-    what: str,
-    size: int | None,
-    device: torch.device,
-    indices: torch.Tensor | None = None,
+    images_set: "ImageSet", what: str, size: int | None, device: torch.device, indices: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (resized to `size`) and labels of a target split, on `device`."""
-    images, labels = _target_tensors(images_set, what)
+    if images_set.labels is None:
+        raise KrrstError(f"{what} {images_set.name!r} has no labels; fine-tuning and probes need a labelled target")
+    images, labels = images_set.images, images_set.labels
     if indices is not None:
         images, labels = images[indices.to(images.device)], labels[indices.to(labels.device)]
     images, labels = images.to(device), labels.to(device).long()
@@ -466,13 +454,8 @@ def _prepared_target(
 
 @torch.no_grad()
 def top1_accuracy(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    batch_size: int = 1024,
-    speed: SpeedSettings | None = None,
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+    batch_size: int = 1024, speed: SpeedSettings | None = None,
 ) -> tuple[float, float]:
     """(top-1 accuracy as a fraction, mean cross-entropy) of `model` in eval mode on uint8 `images`.
 
@@ -503,7 +486,8 @@ def _check_set_fits(model: nn.Module, distilled: DistilledSet, arch: str) -> Non
         with torch.no_grad():
             model(probe)
     except KrrstError as exc:
-        raise KrrstError(f"distilled set of {distilled.image_size}x{distilled.image_size} images does not fit {arch!r}: {exc}") from None
+        size = distilled.image_size
+        raise KrrstError(f"distilled set of {size}x{size} images does not fit {arch!r}: {exc}") from None
     except RuntimeError as exc:
         raise KrrstError(
             f"distilled set of {tuple(distilled.images.shape[1:])} images does not fit architecture {arch!r} "
@@ -564,7 +548,8 @@ def _pretrain_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str, soft
         return F.cross_entropy(outputs, targets)
     if soft_label_loss == "mse":
         return 0.5 * (outputs - targets).pow(2).sum(dim=1).mean()
-    is_distribution = bool((targets >= 0).all()) and bool(torch.allclose(targets.sum(dim=1), torch.ones_like(targets[:, 0]), atol=1e-4))
+    row_sums = targets.sum(dim=1)
+    is_distribution = bool((targets >= 0).all() and torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-4))
     probabilities = targets if is_distribution else targets.softmax(dim=1)
     return -(probabilities * outputs.log_softmax(dim=1)).sum(dim=1).mean()
 
@@ -624,14 +609,10 @@ def pretrain(
 # --------------------------------------------------------------------------- fine-tuning and probes
 
 
-def _resolve_size(model: nn.Module, image_size: int | None, fallback: int) -> int:
-    return int(image_size or _model_input_size(model) or fallback)
-
-
 def _target_splits(model, target_train, target_test, label_fraction, seed, image_size, device):
     """Class count, input size and the (images, labels) of the train split (few-label subset) and the test split."""
-    num_classes = _num_classes(target_train, target_test)
-    size = _resolve_size(model, image_size, target_train.image_size)
+    num_classes = class_count(target_train, target_test)
+    size = int(image_size or _model_input_size(model) or target_train.image_size)
     subset = None
     if float(label_fraction) < 1.0:
         subset = few_label_split(target_train.labels, label_fraction, seed, num_classes)
@@ -641,28 +622,18 @@ def _target_splits(model, target_train, target_test, label_fraction, seed, image
 
 
 def finetune(
-    model: nn.Module,
-    target_train: "ImageSet",
-    target_test: "ImageSet",
-    config: FinetuneConfig | None = None,
-    *,
-    label_fraction: float = 1.0,
-    image_size: int | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    return_model: bool = False,
+    model: nn.Module, target_train: "ImageSet", target_test: "ImageSet", config: FinetuneConfig | None = None, *,
+    label_fraction: float = 1.0, image_size: int | None = None, device: str | torch.device | None = None,
+    progress: bool = True, return_model: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a copy of `model` on a labelled target; returns `{"accuracy", "test_loss", ...}`.
 
-    The head is replaced by a fresh `Linear(feature_dim, num_classes)` and
-    every weight is trained (`FinetuneConfig`); `model` itself is left
-    unchanged. With `label_fraction < 1`, only the class-balanced subset of
-    `few_label_split(labels, label_fraction, config.seed)` is used. Targets
-    are resized to `image_size` (default: the network's own input size when
-    it has one, e.g. ConvNets; else the target's size) and normalised with
-    the target's mean/std. `accuracy` is top-1 on the whole test split, as a
-    fraction. With `return_model`, the trained copy is returned too, as
-    `"model"` (eval mode, contiguous).
+    The head is replaced by a fresh `Linear(feature_dim, num_classes)` and every weight is trained
+    (`FinetuneConfig`); `model` itself is left unchanged. With `label_fraction < 1`, only the subset of
+    `few_label_split(labels, label_fraction, config.seed)` is used. Targets are resized to `image_size`
+    (default: the network's own input size when it has one, e.g. ConvNets; else the target's size) and
+    normalised with the target's mean/std. `accuracy` is top-1 on the whole test split. With `return_model`,
+    the trained copy is returned too, as `"model"` (eval mode, contiguous).
     """
     config = config or FinetuneConfig()
     _check_positive(config.batch_size, "finetune.batch_size")
@@ -695,25 +666,16 @@ def finetune(
     last_loss = _train_loop(config.iterations, lambda: [next(batches)], batch_loss, optimizer,
                             _cosine_lr(optimizer, config.iterations), bar, watch, 50)
     accuracy, test_loss = top1_accuracy(network, test_images, test_labels, mean, std, config.eval_batch_size, speed)
-    return {
-        "accuracy": accuracy,
-        "test_loss": test_loss,
-        "train_loss": last_loss,
-        "train_size": len(train_images),
-        "num_classes": num_classes,
-        "image_size": size,
-        "iterations": config.iterations,
-        "wall_time_s": time.perf_counter() - started,
-        **({"model": network.to(memory_format=torch.contiguous_format).eval()} if return_model else {}),
-    }
+    metrics = {"accuracy": accuracy, "test_loss": test_loss, "train_loss": last_loss, "train_size": len(train_images),
+               "num_classes": num_classes, "image_size": size, "iterations": config.iterations,
+               "wall_time_s": time.perf_counter() - started}
+    if return_model:
+        metrics["model"] = network.to(memory_format=torch.contiguous_format).eval()
+    return metrics
 
 
 def extract_features(
-    model: nn.Module,
-    images: torch.Tensor,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    batch_size: int = 1024,
+    model: nn.Module, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 1024,
     speed: SpeedSettings | None = None,
 ) -> torch.Tensor:
     """`model.forward_features` of uint8 `images` in eval mode, batched, in the default dtype (N x feature_dim).
@@ -790,23 +752,16 @@ def fit_linear_lbfgs(
 
 
 def linear_probe(
-    model: nn.Module,
-    target_train: "ImageSet",
-    target_test: "ImageSet",
-    config: LinearProbeConfig | None = None,
-    *,
-    label_fraction: float = 1.0,
-    image_size: int | None = None,
-    device: str | torch.device | None = None,
+    model: nn.Module, target_train: "ImageSet", target_test: "ImageSet", config: LinearProbeConfig | None = None, *,
+    label_fraction: float = 1.0, image_size: int | None = None, device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Frozen-feature linear probe; returns `{"accuracy", "test_loss", ...}` (accuracy a fraction).
 
-    Features (`forward_features`, eval mode, no augmentation) are computed
-    once for the train and test splits; a linear classifier is fitted by SGD
-    or L-BFGS (`config.solver`) on the train features (the few-label subset
-    when `label_fraction < 1`) and scored on every test image. `model` is
-    not modified. Resizing and normalisation as in `finetune`.
+    Features (`forward_features`, eval mode, no augmentation) are computed once for the train and test
+    splits; a linear classifier is fitted by SGD or L-BFGS (`config.solver`) on the train features (the
+    few-label subset when `label_fraction < 1`) and scored on every test image. `model` is not modified.
+    Resizing and normalisation as in `finetune`.
     """
     config = config or LinearProbeConfig()
     if config.solver not in ("sgd", "lbfgs"):
@@ -832,15 +787,8 @@ def linear_probe(
         logits = classifier(test_features)
         accuracy = float((logits.argmax(dim=1) == test_labels).float().mean()) if len(test_labels) else 0.0
         test_loss = float(F.cross_entropy(logits, test_labels)) if len(test_labels) else float("nan")
-    return {
-        "accuracy": accuracy,
-        "test_loss": test_loss,
-        "train_size": len(train_images),
-        "num_classes": num_classes,
-        "image_size": size,
-        "solver": config.solver,
-        "wall_time_s": time.perf_counter() - started,
-    }
+    return {"accuracy": accuracy, "test_loss": test_loss, "train_size": len(train_images), "num_classes": num_classes,
+            "image_size": size, "solver": config.solver, "wall_time_s": time.perf_counter() - started}
 
 
 # --------------------------------------------------------------------------- knowledge distillation
@@ -870,33 +818,22 @@ def _kd_inputs(
 
 
 def knowledge_distillation(
-    teacher_classifier: nn.Module,
-    student_init: nn.Module,
-    distilled_images: DistilledSet | torch.Tensor | None,
-    target_test: "ImageSet",
-    config: KDConfig | None = None,
-    *,
-    noise_images: int = 1000,
-    image_size: int | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
+    teacher_classifier: nn.Module, student_init: nn.Module, distilled_images: DistilledSet | torch.Tensor | None,
+    target_test: "ImageSet", config: KDConfig | None = None, *, noise_images: int = 1000,
+    image_size: int | None = None, device: str | torch.device | None = None, progress: bool = True,
 ) -> dict[str, Any]:
     """Target-data-free KD: distil `teacher_classifier` into a copy of `student_init` on the distilled images only.
 
-    The student gets a fresh head with as many outputs as the teacher has
-    and is trained with `soft_cross_entropy` (Adam, cosine) on strongly
-    augmented distilled images (`strong_augment`), teacher and student
-    seeing the same batch; no target training image is used. A
-    `DistilledSet`'s images are re-normalised from its source's statistics
-    to the target's (the teacher's inputs); a bare tensor is taken as
-    normalised already. `distilled_images=None` is the no-pre-training
-    baseline of the authors' code: every batch is fresh N(0, 1) noise
-    (`noise_images` per epoch, no augmentation) at `config.noise_lr`. The
-    teacher runs in eval mode (the authors' code left it in train mode, so
-    its BatchNorm used batch statistics of the synthetic images). The
-    student is tested on `target_test`, resized to the images' size (or
-    `image_size`) and normalised with the target's mean/std. Returns
-    `{"accuracy", "test_loss", ...}`; accuracy a fraction.
+    The student gets a fresh head with as many outputs as the teacher has and is trained with
+    `soft_cross_entropy` (Adam, cosine) on strongly augmented distilled images (`strong_augment`), teacher
+    and student seeing the same batch; no target training image is used. A `DistilledSet`'s images are
+    re-normalised from its source's statistics to the target's (the teacher's inputs); a bare tensor is
+    taken as normalised already. `distilled_images=None` is the no-pre-training baseline of the authors'
+    code: every batch is fresh N(0, 1) noise (`noise_images` per epoch, no augmentation) at
+    `config.noise_lr`. The teacher runs in eval mode (the authors' code left it in train mode, so its
+    BatchNorm used batch statistics of the synthetic images). The student is tested on `target_test`,
+    resized to the images' size (or `image_size`) and normalised with the target's mean/std. Returns
+    `{"accuracy", "test_loss", ...}`.
     """
     config = config or KDConfig()
     _check_positive(config.batch_size, "kd.batch_size")
@@ -932,34 +869,20 @@ def knowledge_distillation(
     accuracy, test_loss = top1_accuracy(
         student, test_images, test_labels, tuple(target_test.mean), tuple(target_test.std), config.eval_batch_size
     )
-    return {
-        "accuracy": accuracy,
-        "test_loss": test_loss,
-        "num_classes": num_classes,
-        "image_size": size,
-        "wall_time_s": time.perf_counter() - started,
-    }
+    return {"accuracy": accuracy, "test_loss": test_loss, "num_classes": num_classes, "image_size": size,
+            "wall_time_s": time.perf_counter() - started}
 
 
 def train_kd_teacher(
-    target_train: "ImageSet",
-    target_test: "ImageSet",
-    config: KDConfig | None = None,
-    *,
-    arch_options: dict[str, Any] | None = None,
-    image_size: int | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
+    target_train: "ImageSet", target_test: "ImageSet", config: KDConfig | None = None, *,
+    arch_options: dict[str, Any] | None = None, image_size: int | None = None,
+    device: str | torch.device | None = None, progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The target-task classifier of `kd`: a fresh `config.teacher_arch` (default `KD_TEACHER_ARCH`) trained
-    on the whole train split.
+    on the whole train split by `finetune` with the `teacher_*` recipe of `KDConfig`.
 
-    Trained by `finetune` (every weight, SGD + cosine, crop + flip) for
-    `teacher_epochs` passes of `teacher_batch_size` images, at
-    `teacher_lr`, `teacher_momentum`, `teacher_weight_decay`, seeded by
-    `teacher_seed`. Returns `(classifier, metrics)`; the classifier is in
-    eval mode with a head of the target's class count, and `metrics` holds
-    its test accuracy.
+    Returns `(classifier, metrics)`: the classifier frozen, in eval mode, with a head of the target's class
+    count; `metrics` (`finetune`'s) hold its test accuracy.
     """
     config = config or KDConfig()
     arch = config.teacher_arch or KD_TEACHER_ARCH
@@ -982,27 +905,17 @@ def train_kd_teacher(
 
 
 def load_kd_teacher(
-    path: str | os.PathLike,
-    num_classes: int,
-    arch: str | None = None,
-    *,
-    arch_options: dict[str, Any] | None = None,
-    target: str = "the target",
-    device: str | torch.device | None = None,
-    option: str = "--kd-teacher",
+    path: str | os.PathLike, num_classes: int, arch: str | None = None, *, arch_options: dict[str, Any] | None = None,
+    target: str = "the target", device: str | torch.device | None = None, option: str = "--kd-teacher",
 ) -> nn.Module:
     """A target-task classifier for `kd` from a weights-only file; frozen, in eval mode.
 
-    `path`: a safetensors file (a krrst model file names its architecture in
-    its metadata) or a `.pt`/`.pth` state dict read with
-    `torch.load(weights_only=True)`. `arch`: a registered model (a
-    torchvision-layout `fc.` head is read as `head.`) or `torchvision:NAME` /
-    `timm:NAME`; default: the one a krrst file names, else `KD_TEACHER_ARCH`
-    (`resnet18`). The file must hold the whole classifier,
-    head included, with `num_classes` outputs. It is fed images at the
-    evaluation's size normalised with the target's statistics. A wrong
-    architecture or class count is one line naming `option`, the file and
-    the mismatch.
+    `path`: a safetensors file (a krrst model file names its architecture in its metadata) or a `.pt`/`.pth`
+    state dict read with `torch.load(weights_only=True)`. `arch`: a registered model (a torchvision-layout
+    `fc.` head is read as `head.`) or `torchvision:NAME` / `timm:NAME`; default: the one a krrst file names,
+    else `KD_TEACHER_ARCH`. The file must hold the whole classifier, head included, with `num_classes`
+    outputs; it is fed images at the evaluation's size normalised with the target's statistics. A wrong
+    architecture or class count is one line naming `option`, the file and the mismatch.
     """
     path = Path(path)
     if not path.is_file():
@@ -1030,14 +943,8 @@ def load_kd_teacher(
 
 
 def _network_to_evaluate(
-    distilled: DistilledSet | None,
-    pretrained: nn.Module | None,
-    arch: str,
-    seed: int,
-    pretrain_config: PretrainConfig | None,
-    arch_options: dict[str, Any],
-    device: torch.device,
-    progress: bool,
+    distilled: DistilledSet | None, pretrained: nn.Module | None, arch: str, seed: int,
+    pretrain_config: PretrainConfig | None, arch_options: dict[str, Any], device: torch.device, progress: bool,
 ) -> tuple[nn.Module, str]:
     """(network, its architecture) of `evaluate_set`: `pretrained` as given, else pre-trained on `distilled`,
     else a fresh `arch` network (the `none` baseline)."""
@@ -1050,100 +957,57 @@ def _network_to_evaluate(
 
 
 def evaluate_set(
-    distilled: DistilledSet | None,
-    arch: str,
-    target_train: "ImageSet",
-    target_test: "ImageSet",
-    *,
-    protocol: str = "finetune",
-    label_fraction: float = 1.0,
-    seed: int = 0,
-    pretrained: nn.Module | None = None,
-    method: str | None = None,
-    source: str | None = None,
-    target: str | None = None,
-    pretrain_config: PretrainConfig | None = None,
-    finetune_config: FinetuneConfig | None = None,
-    linear_config: LinearProbeConfig | None = None,
-    kd_config: KDConfig | None = None,
-    kd_teacher: nn.Module | None = None,
-    kd_images: DistilledSet | torch.Tensor | None = None,
-    kd_noise_images: int = 1000,
-    image_size: int | None = None,
-    arch_options: dict[str, Any] | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    **arch_overrides: Any,
+    distilled: DistilledSet | None, arch: str, target_train: "ImageSet", target_test: "ImageSet", *,
+    protocol: str = "finetune", label_fraction: float = 1.0, seed: int = 0, pretrained: nn.Module | None = None,
+    method: str | None = None, source: str | None = None, target: str | None = None,
+    pretrain_config: PretrainConfig | None = None, finetune_config: FinetuneConfig | None = None,
+    linear_config: LinearProbeConfig | None = None, kd_config: KDConfig | None = None,
+    kd_teacher: nn.Module | None = None, kd_images: DistilledSet | torch.Tensor | None = None,
+    kd_noise_images: int = 1000, image_size: int | None = None, arch_options: dict[str, Any] | None = None,
+    device: str | torch.device | None = None, progress: bool = True, **arch_overrides: Any,
 ) -> dict[str, Any]:
-    """Run one evaluation and return its results row (`result_row`).
+    """Run one evaluation and return its results row (`result_row`); `wall_time_s` covers the whole call.
 
-    Where the network comes from, first match wins:
-    - `pretrained`: used as given (never modified) — the full-data SSL
-      teacher for the `full-ssl` reference, or a network already pre-trained
-      on `distilled` and reused across targets;
-    - `distilled`: `pretrain(distilled, arch, pretrain_config)`;
-    - neither: a freshly initialised `arch` network — the `none` (no
-      pre-training) baseline.
-    Then `protocol` (`finetune`, `linear` or `kd`) runs with `seed`
-    replacing every config's seed, on `label_fraction` of the target's
-    labels. `kd` needs `kd_teacher` (the target-task classifier) and distils
-    it through `kd_images` (default: `distilled`); with neither (the `none`
-    baseline) the fresh network learns from `kd_noise_images` Gaussian-noise
-    images per epoch (`knowledge_distillation`).
-    `method` defaults to the set's method, `full-ssl` for a bare
-    `pretrained` network and `none` for no network; `source` to the set's;
-    `target` to the test split's name.
-    `arch_options` and any further keywords (`arch_overrides`, e.g.
-    `widths=(16, 32, 64)`) go to `create_model`; the keyword `image_size`
-    is this function's own (the targets' size), so a network's `image_size`
-    option can only be given inside `arch_options`. Targets are resized to
-    `image_size`, else the distilled images' size, else the network's input
-    size. `wall_time_s` covers this whole call, pre-training included.
+    The network, first match wins: `pretrained` as given, never modified (the full-data SSL teacher of the
+    `full-ssl` reference, or a network already pre-trained on `distilled` and reused across targets);
+    `pretrain(distilled, arch, pretrain_config)`; a fresh `arch` network (the `none` baseline). Then
+    `protocol` (`finetune`, `linear` or `kd`) runs with `seed` replacing every config's seed, on
+    `label_fraction` of the target's labels. `kd` distils `kd_teacher` (the target-task classifier) through
+    `kd_images` (default: `distilled`; with neither, the `none` baseline, through `kd_noise_images`
+    Gaussian-noise images per epoch). `method` defaults to the set's, `full-ssl` for a bare `pretrained`
+    network and `none` for no network; `source` to the set's; `target` to the test split's name.
+    `arch_options` and further keywords (e.g. `widths=(16, 32, 64)`) go to `create_model`; `image_size` is
+    the targets' size (default: the set's images', else the network's input size), so a network's own
+    `image_size` option can only be given inside `arch_options`.
     """
-    arch_options = {**(arch_options or {}), **arch_overrides}
     started = time.perf_counter()
     protocol_label = protocol_name(protocol, label_fraction)
     protocol = protocol_label.partition("@")[0]
+    kd_images = kd_images if kd_images is not None else distilled
+    if protocol == "kd" and kd_teacher is None:
+        raise KrrstError("protocol kd needs the target-task teacher classifier (kd_teacher)")
+    if protocol == "kd" and kd_images is None and pretrained is not None:
+        raise KrrstError("protocol kd with a network given as it is needs the images to distil through (kd_images)")
+    if image_size is None and distilled is not None:
+        image_size = distilled.image_size
+    device = resolve_device(device)
+    model, arch = _network_to_evaluate(distilled, pretrained, arch, seed, pretrain_config,
+                                       {**(arch_options or {}), **arch_overrides}, device, progress)
+    common = dict(image_size=image_size, device=device, progress=progress)
+    if protocol == "finetune":
+        config = dataclasses.replace(finetune_config or FinetuneConfig(), seed=seed)
+        metrics = finetune(model, target_train, target_test, config, label_fraction=label_fraction, **common)
+    elif protocol == "linear":
+        config = dataclasses.replace(linear_config or LinearProbeConfig(), seed=seed)
+        metrics = linear_probe(model, target_train, target_test, config, label_fraction=label_fraction, **common)
+    else:
+        config = dataclasses.replace(kd_config or KDConfig(), seed=seed)
+        metrics = knowledge_distillation(kd_teacher, model, kd_images, target_test, config,
+                                         noise_images=kd_noise_images, **common)
     if method is None:
         method = distilled.method if distilled is not None else ("full-ssl" if pretrained is not None else "none")
     if source is None:
         source = distilled.source if distilled is not None else ""
-    if image_size is None and distilled is not None:
-        image_size = distilled.image_size
-    device = resolve_device(device)
-
-    model, arch = _network_to_evaluate(distilled, pretrained, arch, seed, pretrain_config, arch_options, device,
-                                       progress)
-    if protocol == "finetune":
-        config = dataclasses.replace(finetune_config or FinetuneConfig(), seed=seed)
-        metrics = finetune(
-            model, target_train, target_test, config,
-            label_fraction=label_fraction, image_size=image_size, device=device, progress=progress,
-        )
-    elif protocol == "linear":
-        config = dataclasses.replace(linear_config or LinearProbeConfig(), seed=seed)
-        metrics = linear_probe(
-            model, target_train, target_test, config,
-            label_fraction=label_fraction, image_size=image_size, device=device, progress=progress,
-        )
-    else:
-        kd_images = kd_images if kd_images is not None else distilled
-        if kd_teacher is None:
-            raise KrrstError("protocol kd needs the target-task teacher classifier (kd_teacher)")
-        if kd_images is None and pretrained is not None:
-            raise KrrstError("protocol kd with a network given as it is needs the images to distil through (kd_images)")
-        config = dataclasses.replace(kd_config or KDConfig(), seed=seed)
-        metrics = knowledge_distillation(
-            kd_teacher, model, kd_images, target_test, config, noise_images=kd_noise_images, image_size=image_size,
-            device=device, progress=progress,
-        )
-    return result_row(
-        method=method,
-        source=source,
-        target=target or getattr(target_test, "name", "") or getattr(target_train, "name", ""),
-        arch=arch,
-        protocol=protocol_label,
-        seed=seed,
-        accuracy=metrics["accuracy"],
-        wall_time_s=time.perf_counter() - started,
-    )
+    target = target or getattr(target_test, "name", "") or getattr(target_train, "name", "")
+    return result_row(method=method, source=source, target=target, arch=arch, protocol=protocol_label, seed=seed,
+                      accuracy=metrics["accuracy"], wall_time_s=time.perf_counter() - started)
