@@ -428,8 +428,7 @@ def _bar_chart_png(rows: Sequence[dict]) -> bytes:
                  capsize=3, color=f"C{index % 10}", label=label)
     labels = [f"{target}\n{protocol}" + (f"\n{arch}" if len(archs) > 1 else "") for arch, target, protocol in groups]
     axes.set_xticks(range(len(groups)), labels, fontsize=8)
-    axes.set_ylabel("top-1 accuracy (%)")
-    axes.set_title("Accuracy per method (mean ± std over seeds)")
+    axes.set(ylabel="top-1 accuracy (%)", title="Accuracy per method (mean ± std over seeds)")
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _figure_png_bytes(figure)
@@ -476,9 +475,8 @@ def _loss_curve_png(source: str | os.PathLike | Iterable[dict], title: str | Non
         raise KrrstError(f"{what} holds no rows to plot")
     columns = _first_appearance(key for row in rows for key in row if key is not None)
     x_column = next((name for name in ("step", "iteration", "epoch") if name in columns), None)
-    numeric_columns = [
-        name for name in columns if name != x_column and any(_numeric(row.get(name)) is not None for row in rows)
-    ]
+    numeric_columns = [name for name in columns
+                       if name != x_column and any(_numeric(row.get(name)) is not None for row in rows)]
     # Plot losses only: learning rates or timings on the same axis would flatten the curves.
     y_columns = [name for name in numeric_columns if "loss" in name.lower()] or numeric_columns
     if not y_columns:
@@ -495,9 +493,8 @@ def _loss_curve_png(source: str | os.PathLike | Iterable[dict], title: str | Non
     positive = [value for value in all_values if value > 0]
     if positive and len(positive) == len(all_values) and max(positive) / min(positive) > 50:
         axes.set_yscale("log")  # losses spanning decades read better on a log axis
-    axes.set_xlabel(x_column or "row")
-    axes.set_ylabel("loss")
-    axes.set_title(title or (Path(what).name if what != "loss rows" else "loss"))
+    axes.set(xlabel=x_column or "row", ylabel="loss",
+             title=title or (Path(what).name if what != "loss rows" else "loss"))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     return _figure_png_bytes(figure)
@@ -532,25 +529,21 @@ def _paired_plot_png(comparisons: Sequence[dict]) -> bytes:
             y = len(members) - 1 - row
             color = colors[c["method"]]
             axes.scatter(c["differences"], [y] * c["n"], s=14, color=color, alpha=0.45, linewidths=0, zorder=2)
-            if c["low"] is not None:
-                axes.errorbar(c["mean"], y, xerr=[[c["mean"] - c["low"]], [c["high"] - c["mean"]]], fmt="o",
-                              color=color, capsize=3, markersize=6, zorder=3)
-                values += [c["low"], c["high"]]
-            else:
-                axes.plot(c["mean"], y, "o", color=color, markersize=6, zorder=3)
-            values += list(c["differences"])
+            interval = [] if c["low"] is None else [c["low"], c["high"]]
+            xerr = [[c["mean"] - c["low"]], [c["high"] - c["mean"]]] if interval else None
+            axes.errorbar(c["mean"], y, xerr=xerr, fmt="o", color=color, capsize=3, markersize=6, zorder=3)
+            values += interval + list(c["differences"])
             axes.annotate(f"{c['wins']}/{c['n']}", xy=(1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
                           textcoords="offset points", va="center", fontsize=8, color="#555")
         span = max(values) - min(values) or 1.0
-        axes.set_xlim(min(values) - 0.08 * span, max(values) + 0.08 * span)
-        axes.set_ylim(-0.6, len(members) - 0.4)
+        axes.set(xlim=(min(values) - 0.08 * span, max(values) + 0.08 * span), ylim=(-0.6, len(members) - 0.4),
+                 xlabel=f"minus {reference} (accuracy points)")
         axes.axvline(0.0, color="#333", linewidth=0.9, zorder=1)
         axes.set_yticks(range(len(members)), [f"{label} · {c['method']}" for c, label in zip(members, labels)][::-1],
                         fontsize=8)
         for row in range(1, len(members)):  # a rule between protocols
             if labels[row] != labels[row - 1]:
                 axes.axhline(len(members) - row - 0.5, color="#ddd", linewidth=0.8)
-        axes.set_xlabel(f"minus {reference} (accuracy points)")
         axes.set_title(f"against {reference}   (wins/seeds at right)", fontsize=9)
         axes.grid(axis="x", alpha=0.3)
     return _figure_png_bytes(figure)
@@ -613,8 +606,7 @@ def _change_grid_png(start, final, count: int = 12) -> tuple[bytes, float]:
     for row, label in enumerate(("real", "distilled", "|Δ|")):
         grid[row][0].set_ylabel(label, fontsize=8)
     for axes in grid.flat:
-        axes.set_xticks([])
-        axes.set_yticks([])
+        axes.set(xticks=[], yticks=[])
     return _figure_png_bytes(figure), top
 
 
@@ -681,24 +673,17 @@ details { margin: .6em 0; } summary { cursor: pointer; color: #2a5db0; }
 
 
 
-def _load_optional_json(path: Path, what: str, notes: list[str]) -> Any:
-    """The JSON file, or None when it is absent or unreadable (then a note says why)."""
+def _load_optional(path: Path, what: str, notes: list[str]) -> Any:
+    """A JSON file of the run (or a distilled set, `.safetensors`); None when it is absent or unreadable
+    (then a note says why)."""
     if not path.is_file():
         return None
     try:
+        if path.suffix == ".safetensors":
+            from krrst.distilled import DistilledSet
+
+            return DistilledSet.load(path)
         return read_json(path, what)
-    except KrrstError as exc:
-        notes.append(str(exc))
-        return None
-
-
-def _load_set(path: Path, notes: list[str]):
-    from krrst.distilled import DistilledSet
-
-    if not path.is_file():
-        return None
-    try:
-        return DistilledSet.load(path)
     except KrrstError as exc:
         notes.append(str(exc))
         return None
@@ -916,8 +901,8 @@ def _images_html(run_dir: Path, config: Any) -> str:
     parts = ['<h2 id="images">What distillation changed</h2>']
     notes: list[str] = []
     distill = config.get("distill", {}) if isinstance(config, dict) else {}
-    final = _load_set(run_dir / "distill" / "distilled.safetensors", notes)
-    start = _load_set(run_dir / "baselines" / "random.safetensors", notes)
+    final = _load_optional(run_dir / "distill" / "distilled.safetensors", "distilled set", notes)
+    start = _load_optional(run_dir / "baselines" / "random.safetensors", "distilled set", notes)
     if final is None:
         notes.append("No distill/distilled.safetensors: the distillation stage has not run here.")
     elif start is None or distill.get("init", "random") != "random" or start.images.shape != final.images.shape:
@@ -955,7 +940,7 @@ def _images_html(run_dir: Path, config: Any) -> str:
 def _teacher_html(run_dir: Path) -> str:
     parts = ['<h2 id="teacher">Teacher</h2>']
     notes: list[str] = []
-    health = _load_optional_json(run_dir / "teacher" / "health.json", "teacher health", notes)
+    health = _load_optional(run_dir / "teacher" / "health.json", "teacher health", notes)
     if isinstance(health, dict):
         def percent(key: str) -> str:
             return f"{100 * health[key]:.1f}%" if _numeric(health.get(key)) is not None else "missing"
@@ -1196,9 +1181,9 @@ def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT
     run_dir = _run_dir(run_dir)
     written: dict[str, Path] = {}
     notes: list[str] = []
-    config = _load_optional_json(run_dir / "config.json", "config", notes)
-    env = _load_optional_json(run_dir / "env.json", "env", notes)
-    timings = _load_optional_json(run_dir / "timings.json", "timings", notes)
+    config = _load_optional(run_dir / "config.json", "config", notes)
+    env = _load_optional(run_dir / "env.json", "env", notes)
+    timings = _load_optional(run_dir / "timings.json", "timings", notes)
     run_note = _run_note(config)
     try:
         rows = read_results(run_dir)
@@ -1315,8 +1300,8 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
     storage, configs, environments = ['<h2 id="storage">Storage per set</h2>'], [], []
     for label, run_dir in zip(labels, run_dirs):
         storage += [f"<h3>{html.escape(label)}</h3>", *_storage_parts(run_dir, read_results(run_dir), notes)]
-        configs.append(_load_optional_json(run_dir / "config.json", "config", notes))
-        env = _load_optional_json(run_dir / "env.json", "env", notes)
+        configs.append(_load_optional(run_dir / "config.json", "config", notes))
+        env = _load_optional(run_dir / "env.json", "env", notes)
         known = isinstance(env, dict)
         env = env if known else {}
         environments.append((label, _env_value_text("versions", env.get("versions")) if known else "–",
