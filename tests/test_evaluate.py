@@ -68,14 +68,16 @@ def test_pretrain_drives_regression_loss_down_and_moves_weights():
     distilled = _representation_set()
     config = E.PretrainConfig(epochs=40, batch_size=16, lr=0.05, seed=3)
     losses: list[float] = []
-    model = E.pretrain(distilled, "convnet3", config, progress=False, on_epoch=lambda epoch, loss: losses.append(loss), **NARROW)
+    model = E.pretrain(distilled, "convnet3", config, progress=False, on_epoch=lambda epoch, loss: losses.append(loss),
+                       **NARROW)
     assert len(losses) == 40
     assert losses[-1] < 0.2 * losses[0]
 
     init = fresh_model("convnet3", distilled.feature_dim, 3, **NARROW)
     trained, initial = model.state_dict(), init.state_dict()
     assert trained.keys() == initial.keys()
-    moved = [name for name in trained if trained[name].is_floating_point() and not torch.equal(trained[name], initial[name])]
+    moved = [name for name, value in trained.items()
+             if value.is_floating_point() and not torch.equal(value, initial[name])]
     assert "head.weight" in moved and "blocks.0.0.weight" in moved
 
     # Independently of the logged losses: the trained network fits the targets far better than its init.
@@ -108,11 +110,12 @@ def test_pretrain_fits_label_sets(kind):
     images = torch.randn(len(labels), 3, 16, 16, generator=generator) + labels.view(-1, 1, 1, 1).float()
     targets = labels if kind == "hard_labels" else nn.functional.one_hot(labels, 4).float()
     distilled = DistilledSet(images=images, targets=targets, mean=MEAN, std=STD, target_kind=kind)
-    # Soft labels follow the iteration-based recipe: 90 iterations of 8 from 24 images = 30 epochs, like the hard labels.
+    # Soft labels follow the iteration-based recipe: 90 iterations of 8 from 24 images = 30 epochs, as hard labels.
     config = E.PretrainConfig(epochs=30, batch_size=8, label_lr=0.05, soft_label_lr=3e-3, label_augment=False,
                               soft_label_iterations=90, soft_label_batch_size=8, soft_label_warmup=5)
     losses: list[float] = []
-    model = E.pretrain(distilled, "convnet3", config, progress=False, on_epoch=lambda e, loss: losses.append(loss), **NARROW)
+    model = E.pretrain(distilled, "convnet3", config, progress=False, on_epoch=lambda e, loss: losses.append(loss),
+                       **NARROW)
     assert model.head.out_features == 4
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0]  # batches of 8 with BatchNorm: the per-epoch loss is noisy
@@ -347,7 +350,8 @@ def test_finetune_beats_chance_on_real_cifar10(cifar10_small):
 def test_finetune_uses_the_few_label_subset_and_resizes_to_the_network():
     train, test = _colour_set(20, seed=0, size=8), _colour_set(5, seed=1, size=8)
     model = fresh_model("convnet3", None, 0, **NARROW)  # a 16x16 network: the 8x8 targets are resized
-    metrics = E.finetune(model, train, test, E.FinetuneConfig(iterations=2, batch_size=8), label_fraction=0.1, progress=False)
+    config = E.FinetuneConfig(iterations=2, batch_size=8)
+    metrics = E.finetune(model, train, test, config, label_fraction=0.1, progress=False)
     assert metrics["train_size"] == 6  # round(0.1 * 20) = 2 per class
     assert metrics["image_size"] == 16
 
@@ -400,7 +404,8 @@ def test_lbfgs_probe_agrees_with_sklearn_logistic_regression():
     from sklearn.linear_model import LogisticRegression
 
     x, y = make_classification(
-        n_samples=600, n_features=20, n_informative=8, n_classes=4, n_clusters_per_class=1, class_sep=0.8, random_state=0
+        n_samples=600, n_features=20, n_informative=8, n_classes=4, n_clusters_per_class=1, class_sep=0.8,
+        random_state=0,
     )
     x_train, y_train, x_test, y_test = x[:300], y[:300], x[300:], y[300:]
     c = 0.5
@@ -550,9 +555,6 @@ def test_load_kd_teacher_reads_a_classifier_of_each_layout(tmp_path, layout):
         assert torch.equal(loaded(inputs), model.eval()(inputs))
 
 
-# --------------------------------------------------------------------------- label-based sets from other projects
-
-
 # --------------------------------------------------------------------------- rows
 
 
@@ -569,10 +571,10 @@ def test_protocol_names():
 def test_evaluate_set_rows_for_baselines_and_sets(tmp_path):
     train, test = _colour_set(10, seed=0, name="colours"), _colour_set(5, seed=1, name="colours")
     linear = E.LinearProbeConfig(iterations=20, batch_size=16)
-    none_row = E.evaluate_set(None, "convnet3", train, test, protocol="linear", seed=2, linear_config=linear, progress=False,
-                              arch_options=NARROW)
+    none_row = E.evaluate_set(None, "convnet3", train, test, protocol="linear", seed=2, linear_config=linear,
+                              progress=False, arch_options=NARROW)
     assert tuple(none_row) == RESULT_FIELDS
-    assert (none_row["method"], none_row["arch"], none_row["protocol"], none_row["seed"]) == ("none", "convnet3", "linear", 2)
+    assert [none_row[key] for key in ("method", "arch", "protocol", "seed")] == ["none", "convnet3", "linear", 2]
     assert 0.0 <= none_row["accuracy"] <= 1.0 and none_row["wall_time_s"] > 0
 
     teacher = fresh_model("convnet3", None, 0, **NARROW)
@@ -597,6 +599,20 @@ def test_evaluate_set_rows_for_baselines_and_sets(tmp_path):
     assert [row_key(row) for row in stored] == [row_key(row) for row in (none_row, full_row, set_row)]
 
 
+def test_evaluate_set_refuses_kd_without_its_inputs_before_pretraining(monkeypatch):
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("pre-trained before checking the kd arguments")
+
+    monkeypatch.setattr(E, "pretrain", no_pretraining)
+    train, test = _colour_set(4, seed=0), _colour_set(2, seed=1)
+    with pytest.raises(KrrstError, match=r"^protocol kd needs the target-task teacher classifier \(kd_teacher\)$"):
+        E.evaluate_set(_representation_set(m=8), "convnet3", train, test, protocol="kd", progress=False)
+    teacher = fresh_model("convnet3", None, 0, **NARROW)
+    with pytest.raises(KrrstError, match=r"^protocol kd with a network given as it is needs the images"):
+        E.evaluate_set(None, "convnet3", train, test, protocol="kd", pretrained=teacher, kd_teacher=ColourTeacher(),
+                       progress=False)
+
+
 @pytest.mark.parametrize("arch", list_models())
 def test_architecture_transfer_every_registered_model_pretrains_and_finetunes(arch):
     """The same distilled set pre-trains any registered architecture, which then fine-tunes on a labelled target."""
@@ -609,5 +625,6 @@ def test_architecture_transfer_every_registered_model_pretrains_and_finetunes(ar
     model = E.pretrain(distilled, arch, E.PretrainConfig(epochs=1, batch_size=8), progress=False, **sized)
     assert model.head.out_features == 6
     train, test = _colour_set(2, seed=0, size=32), _colour_set(1, seed=1, size=32)
-    metrics = E.finetune(model, train, test, E.FinetuneConfig(iterations=1, batch_size=4, eval_batch_size=8), progress=False)
+    config = E.FinetuneConfig(iterations=1, batch_size=4, eval_batch_size=8)
+    metrics = E.finetune(model, train, test, config, progress=False)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num_classes"] == 3
