@@ -15,6 +15,7 @@ import base64
 import csv
 import html
 import io
+import itertools
 import json
 import math
 import os
@@ -314,12 +315,12 @@ def paired_comparisons(rows: Iterable[dict], references: Sequence[str] = DEFAULT
     and method.
     """
     rows = list(rows)
-    accuracy: dict[tuple, dict[str, float]] = {}  # (method, target, arch, protocol, seed) -> {source: accuracy}
-    seeds: dict[tuple, set[int]] = {}  # (method, source, target, arch, protocol) -> seeds
+    ours: dict[tuple, dict[int, float]] = {}  # (method, source, target, arch, protocol) -> {seed: accuracy}
+    floors: dict[tuple, dict[str, float]] = {}  # (method, target, arch, protocol, seed) -> {source: accuracy}
     for row in rows:
-        accuracy.setdefault((row["method"], row["target"], row["arch"], row["protocol"], row["seed"]),
-                            {})[row["source"]] = row["accuracy"]
-        seeds.setdefault(tuple(row[field] for field in _GROUP_KEY), set()).add(row["seed"])
+        ours.setdefault(tuple(row[field] for field in _GROUP_KEY), {})[row["seed"]] = row["accuracy"]
+        floors.setdefault((row["method"], row["target"], row["arch"], row["protocol"], row["seed"]),
+                          {})[row["source"]] = row["accuracy"]
     methods = sorted({row["method"] for row in rows}, key=_method_sort_key)
     targets = _first_appearance(row["target"] for row in rows)
     archs = _first_appearance(row["arch"] for row in rows)
@@ -329,29 +330,26 @@ def paired_comparisons(rows: Iterable[dict], references: Sequence[str] = DEFAULT
     for index, reference in enumerate(references):
         # merged runs name methods `<run>:<method>`: e2:none is not compared with e1:random either
         later = {name.rsplit(":", 1)[-1] for name in references[index:]}
-        for source, target, arch, protocol in groups:
-            for method in methods:
-                if method.rsplit(":", 1)[-1] in later:
-                    continue
-                paired_seeds, differences = [], []
-                for seed in sorted(seeds.get((method, source, target, arch, protocol), ())):
-                    floor = accuracy.get((reference, target, arch, protocol, seed), {})
-                    # the reference's row of the same source, else its only row (e.g. none, which has no source)
-                    value = floor.get(source, next(iter(floor.values())) if len(floor) == 1 else None)
-                    if value is not None:
-                        paired_seeds.append(seed)
-                        differences.append(100 * (accuracy[(method, target, arch, protocol, seed)][source] - value))
-                if differences:
-                    comparisons.append({"reference": reference, "method": method, "source": source, "target": target,
-                                        "arch": arch, "protocol": protocol, "seeds": paired_seeds,
-                                        "differences": differences, **paired_summary(differences)})
+        for (source, target, arch, protocol), method in itertools.product(groups, methods):
+            if method.rsplit(":", 1)[-1] in later:
+                continue
+            paired_seeds, differences = [], []
+            for seed, value in sorted(ours.get((method, source, target, arch, protocol), {}).items()):
+                floor = floors.get((reference, target, arch, protocol, seed), {})
+                # the reference's row of the same source, else its only row (e.g. none, which has no source)
+                floor_value = floor.get(source, next(iter(floor.values())) if len(floor) == 1 else None)
+                if floor_value is not None:
+                    paired_seeds.append(seed)
+                    differences.append(100 * (value - floor_value))
+            if differences:
+                comparisons.append({"reference": reference, "method": method, "source": source, "target": target,
+                                    "arch": arch, "protocol": protocol, "seeds": paired_seeds,
+                                    "differences": differences, **paired_summary(differences)})
     return comparisons
 
 
 def _interval_text(comparison: dict) -> str:
-    if comparison["low"] is None:
-        return "–"
-    return f"[{comparison['low']:+.1f}, {comparison['high']:+.1f}]"
+    return "–" if comparison["low"] is None else f"[{comparison['low']:+.1f}, {comparison['high']:+.1f}]"
 
 
 def _comparison_labels(comparisons: Sequence[dict]) -> list[str]:
@@ -670,7 +668,6 @@ img.preview { image-rendering: pixelated; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 details { margin: .6em 0; } summary { cursor: pointer; color: #2a5db0; }
 """
-
 
 
 def _load_optional(path: Path, what: str, notes: list[str]) -> Any:

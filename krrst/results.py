@@ -13,14 +13,13 @@ The stages build rows (`result_row`) and the pipeline stores them here;
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from krrst.infra.errors import KrrstError
-from krrst.infra.io import atomic_write, file_lock
+from krrst.infra.io import atomic_write, file_lock, write_json
 
 SETS_NAME = "sets.json"  # per method: images, storage_bytes, parameterization (written by the pipeline)
 RESULT_FIELDS = ("method", "source", "target", "arch", "protocol", "seed", "accuracy", "wall_time_s", "provenance")
@@ -30,31 +29,13 @@ LEGACY_RESULT_FIELDS = RESULT_FIELDS[:-1]
 _TEXT_FIELDS = ("method", "source", "target", "arch", "protocol")
 
 
-def result_row(
-    *,
-    method: str,
-    source: str,
-    target: str,
-    arch: str,
-    protocol: str,
-    seed: int,
-    accuracy: float,
-    wall_time_s: float,
-    provenance: str = "",
-) -> dict[str, Any]:
+def result_row(*, method: str, source: str, target: str, arch: str, protocol: str, seed: int, accuracy: float,
+               wall_time_s: float, provenance: str = "") -> dict[str, Any]:
     """One results row with exactly `RESULT_FIELDS` (accuracy a fraction in [0, 1]; `provenance` what the set
     came from, filled in by whoever knows it: the pipeline or the CLI)."""
-    return {
-        "method": str(method),
-        "source": str(source),
-        "target": str(target),
-        "arch": str(arch),
-        "protocol": str(protocol),
-        "seed": int(seed),
-        "accuracy": float(accuracy),
-        "wall_time_s": float(wall_time_s),
-        "provenance": str(provenance),
-    }
+    return {"method": str(method), "source": str(source), "target": str(target), "arch": str(arch),
+            "protocol": str(protocol), "seed": int(seed), "accuracy": float(accuracy),
+            "wall_time_s": float(wall_time_s), "provenance": str(provenance)}
 
 
 def row_key(row: dict[str, Any]) -> tuple:
@@ -66,15 +47,12 @@ def row_key(row: dict[str, Any]) -> tuple:
 def _coerce_row(row: Any, where: str) -> dict[str, Any]:
     """Check one result row against RESULT_FIELDS and return it with canonical types."""
     if not isinstance(row, dict):
-        raise KrrstError(f"{where}: a result row must be a dict with keys {', '.join(RESULT_FIELDS)}, got {type(row).__name__}")
+        raise KrrstError(f"{where}: a result row must be a dict with keys {', '.join(RESULT_FIELDS)}, "
+                         f"got {type(row).__name__}")
     missing = [field for field in LEGACY_RESULT_FIELDS if field not in row]  # provenance may be left out: ""
     unknown = [str(key) for key in row if key not in RESULT_FIELDS]
-    if missing or unknown:
-        problems = []
-        if missing:
-            problems.append(f"missing {', '.join(missing)}")
-        if unknown:
-            problems.append(f"unknown {', '.join(unknown)}")
+    problems = [f"{kind} {', '.join(names)}" for kind, names in (("missing", missing), ("unknown", unknown)) if names]
+    if problems:
         raise KrrstError(f"{where}: {'; '.join(problems)} (expected exactly {', '.join(RESULT_FIELDS)})")
     clean: dict[str, Any] = {}
     for field in _TEXT_FIELDS:
@@ -131,8 +109,7 @@ def _write_results(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
             writer.writeheader()
             for row in rows:
                 writer.writerow(row)
-    with atomic_write(run_dir / "results.json") as tmp:
-        tmp.write_text(json.dumps(list(rows), indent=2) + "\n", encoding="utf-8")
+    write_json(run_dir / "results.json", list(rows))
 
 
 def _check_one_provenance(path: Path, rows: Iterable[dict], methods: Iterable[str]) -> None:
@@ -165,17 +142,12 @@ def method_provenance(rows: Iterable[dict]) -> dict[str, str]:
 def append_results(run_dir: str | os.PathLike, rows: list[dict]) -> None:
     """Append evaluation rows to `run_dir/results.csv` and rewrite `run_dir/results.json`.
 
-    Every row must have the keys of `RESULT_FIELDS` (`accuracy` as a
-    fraction in [0, 1]; `provenance` may be left out, meaning unknown);
-    otherwise a `KrrstError` names the missing or unknown key and nothing is
-    written. Rows of a method whose rows already carry another provenance are
-    refused the same way: they come from another set under the same name. A
-    row for an evaluation already recorded (same method, source, target,
-    arch, protocol and seed) replaces the old row, so a re-run never counts a
-    seed twice. A file of the older 8-column layout is rewritten in the
-    current one (its rows with an empty provenance). Both files are rewritten atomically
-    (temporary file + rename): a crash leaves the previous files intact.
-    `results.csv` is the record; `results.json` mirrors it.
+    Every row must have the keys of `RESULT_FIELDS` (`accuracy` as a fraction in [0, 1]; `provenance` may be
+    left out, meaning unknown); otherwise a `KrrstError` names the missing or unknown key and nothing is
+    written. Rows of a method whose rows already carry another provenance are refused the same way: they come
+    from another set under the same name. A row for an evaluation already recorded (`row_key`) replaces the
+    old row, so a re-run never counts a seed twice. A file of the older 8-column layout is rewritten in the
+    current one. Both files are rewritten atomically: a crash leaves the previous files intact.
     """
     run_dir = Path(run_dir)
     new_rows = [_coerce_row(row, f"result row {index}") for index, row in enumerate(rows)]
@@ -220,7 +192,8 @@ def read_results(run_dir: str | os.PathLike) -> list[dict]:
             reader = csv.DictReader(handle)
             header = tuple(reader.fieldnames or ())
             if header not in (RESULT_FIELDS, LEGACY_RESULT_FIELDS):
-                raise KrrstError(f"{path}: header is {','.join(header) or '(empty)'}, expected {','.join(RESULT_FIELDS)}")
+                raise KrrstError(f"{path}: header is {','.join(header) or '(empty)'}, "
+                                 f"expected {','.join(RESULT_FIELDS)}")
             rows = []
             for row in reader:
                 if None in row or any(value is None for value in row.values()):
