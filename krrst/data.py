@@ -3,73 +3,43 @@
 `load_images(name, root, split)` returns an `ImageSet`: every image of one
 split as one contiguous `uint8` tensor N x 3 x H x W, the integer labels, the
 class names and the per-channel mean/std used to normalise it downstream
-(`krrst.augment.normalize`). One small reader per layout:
+(`krrst.augment.normalize`). One small reader per layout, registered in
+`DATASETS` with the layout it reads (`krrst datasets` lists them):
 
-- `folder`: your own images in any layout: flat, nested at any depth, a
-  `.zip`/`.tar`/`.tar.gz` of either, or a text list of image paths;
-  `<class>/<image>` folders give labels. Splits: all; train/test of a
-  labelled folder are a seeded, stratified split (`stratified_split`).
-- `imagefolder`: `<split>/<class>/<image>`, optionally inside one top folder;
-  splits: the split folders present.
-- `tinyimagenet`: `tiny-imagenet-200/{wnids.txt, words.txt,
-  train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt}`;
-  train, val. Class order = wnids.txt; names = first synonym in words.txt.
-- `cifar10`: `cifar-10-batches-py/{batches.meta, data_batch_1..5, test_batch}`;
-  `cifar100`: `cifar-100-python/{meta, train, test}` (the python pickles,
-  100 fine labels); train, test.
-- `aircraft`: `fgvc-aircraft-2013b/data/{variants.txt,
-  images_variant_{trainval,test}.txt, images/<id>.jpg}`, 100 variants;
-  train (= trainval), test.
-- `flowers`: `flowers-102/{imagelabels.mat, setid.mat, jpg/image_NNNNN.jpg}`;
-  train (= torchvision's train + val), test.
-- `cars`: `devkit/{cars_meta.mat, cars_train_annos.mat}`,
-  `cars_test_annos_withlabels.mat`, `cars_train/`, `cars_test/`; train, test.
-- `cub`: `CUB_200_2011/{images.txt, image_class_labels.txt,
-  train_test_split.txt, classes.txt, images/}`; train, test.
-- `dogs`: `Images/<wnid>-<name>/*.jpg` beside `{train,test}_list.mat` (or
-  those in `lists/`), as images.tar and lists.tar extract; train, test.
-- `imagenet64`: `train_data_batch_1..10.npz`, `val_data.npz` (the npz release
-  of downsampled ImageNet 64x64), optional `map_clsloc.txt`; train, val.
-- `hf`: a Hugging Face `datasets` dataset (hub name or `save_to_disk` folder;
-  optional extra `krrst[hf]`); its splits, plus a stratified train/test.
+- `folder`: your own images in any layout (flat, nested, a `.zip`/`.tar`/
+  `.tar.gz` of either, or a text list of paths); `<class>/<image>` folders give
+  labels, and train/test of a labelled folder are a seeded, stratified split.
+- `imagefolder`: `<split>/<class>/<image>`, optionally inside one top folder.
+- `tinyimagenet`, `cifar10`, `cifar100`, `aircraft` (train = trainval),
+  `flowers` (train = torchvision's train + val), `cars`, `cub`, `dogs`,
+  `imagenet64`: the official releases' layouts.
+- `hf`: a Hugging Face dataset (hub name or `save_to_disk` folder).
 
-The dataset folder may be `root` itself or sit up to a few levels below it, so
-both torchvision's `root` and the dataset's own folder work.
+The dataset folder may be `root` itself or sit a few levels below it, so both
+torchvision's `root` and the dataset's own folder work.
 
 Sizes: `image_size=None` keeps the native size (the images of a split must
-then share one size); the fine-grained datasets (aircraft, flowers, cars, cub,
-dogs) have images of every size and default to 32 x 32. Resizing follows one
-policy, `resize="crop"` (the default): the short side to `image_size`
-(antialiased bilinear on the uint8 tensors, batched per group of
-equally-sized images), then the centre `image_size` x `image_size`;
-`resize="stretch"` resizes both sides. The set records it (`ImageSet.resize`).
-An undecodable file stops the load with its name, or with `skip_corrupt` is
-left out and reported (`ImageSet.skipped`).
+then share it); the fine-grained datasets default to 32 x 32. `resize="crop"`
+resizes the short side (antialiased bilinear, batched per group of
+equally-sized images) and keeps the centre; `"stretch"` resizes both sides.
 
-Normalisation statistics: CIFAR-10/100 use their usual published train-set
-stats; Tiny-ImageNet, ImageNet64 and the fine-grained datasets use the usual
-ImageNet stats (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225). An `imagefolder`
-whose class names are CIFAR-10's gets the CIFAR-10 stats; any other
-`imagefolder` gets the per-channel mean/std computed from the images loaded
-(the requested split, after `max_per_class`).
+Normalisation statistics: CIFAR-10/100 use their published train-set stats
+(so does a folder whose class names are CIFAR-10's); Tiny-ImageNet, ImageNet64
+and the fine-grained datasets the ImageNet stats; any other folder or HF
+dataset the per-channel mean/std of the images loaded.
 
-Decoding: JPEG/PNG/WebP/GIF bytes are decoded by torchvision's C++ decoder
-(3-4x faster than Pillow on small images, measured; Pillow decodes every other
-format) on a thread pool over chunks of 512 files, one thread per core: the
-decoder releases the GIL, and so does `os.pread`, which reads uncompressed zip
-members without zipfile's shared lock. Threads need no start-up and no copy of
-the result back; a "spawn"/"forkserver" process pool paid 2-4 s importing
-torch in its workers, and "fork" is unsafe once torch has started threads.
+Decoding runs on a thread pool, one thread per core: torchvision's C++ decoder
+(3-4x faster than Pillow on small images; Pillow decodes every other format)
+releases the GIL, and so does `os.pread`, which reads uncompressed zip members
+without zipfile's shared lock. Threads need no start-up and no copy of the
+result back; a "spawn" process pool paid seconds importing torch in its
+workers, and "fork" is unsafe once torch has started threads.
 
 Cache: the decoded tensors are stored under `cache_dir` (default `$KRRST_CACHE`
-or `~/.cache/krrst`; `cache_dir=False` disables it) as a raw `.npy` of images,
-a `.npy` of labels and a JSON of class names and stats, keyed by the dataset
-name, the resolved root path with its size and mtime (for your own folders
-and lists: every image's name, size and mtime), the split, the size, the
-resize policy, `skip_corrupt` and `max_per_class`. Images are decoded
-straight into a memory-mapped temp file in the cache folder that is renamed
-into the entry, so a set of millions of images is never held in RAM; every
-load hands out a copy-on-write map of the entry.
+or `~/.cache/krrst`) keyed by every argument that changes them and by what
+says the data is unchanged (`_root_identity`). Images are decoded straight into
+a memory-mapped temp file that is renamed into the entry, so a set of millions
+of images is never held in RAM; every load hands out a copy-on-write map.
 """
 
 from __future__ import annotations
@@ -95,7 +65,7 @@ import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -117,7 +87,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _CHUNK = 512  # images per decode task: enough to amortise the task, small enough for a smooth progress bar
 DEFAULT_TEST_FRACTION = 0.2  # the test share of a labelled set that has no test split of its own
 _CACHE_FORMAT = 2  # bump when a reader's output changes, so old cache entries are not reused
-
 
 @dataclasses.dataclass
 class ImageSet:
@@ -198,42 +167,23 @@ class ImageSet:
         return dataclasses.replace(self, images=self.images.to(device), labels=labels)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    """What `load_images` was asked for, as the readers see it."""
-
-    name: str
-    split: str
-    image_size: int | None
-    max_per_class: int | None
-    num_workers: int | None
-    root: Path
-    resize: str = "crop"
-    skip_corrupt: bool = False
-    test_fraction: float = DEFAULT_TEST_FRACTION
-    split_seed: int = 0
-    sink: _Sink | None = dataclasses.field(default=None, compare=False)
-    identity: tuple = ()  # what identifies data that is not a path (a Hugging Face dataset's fingerprint)
-
-    def allocate(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised uint8 tensor of `shape`: memory-mapped into the cache folder when caching."""
-        return self.sink.allocate(shape) if self.sink is not None else torch.empty(shape, dtype=torch.uint8)
-
-
 class _Sink:
     """Decoded images go straight into a memory-mapped `.npy` temp file in the cache folder.
 
     A large set is then never held in memory: the pages are the file's, written
     back by the kernel, and on success the temp file is renamed into the cache
     entry (`claim`). A temp file that is not claimed is removed (`discard`).
-    Without room on the disk the images are decoded into memory instead.
+    Without a cache folder, or without room on its disk, images go into memory.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path | None = None) -> None:
         self.folder = folder
         self.files: dict[int, tuple[Path, np.memmap]] = {}  # data_ptr of the tensor -> its temp file and map
 
     def allocate(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised uint8 tensor of `shape`."""
+        if self.folder is None:
+            return torch.empty(shape, dtype=torch.uint8)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(prefix=".decoding.", suffix=".npy.tmp", dir=self.folder)
@@ -278,9 +228,46 @@ class _Sink:
         self.files.clear()
 
 
+@dataclasses.dataclass
+class _Options:
+    """What `load_images` was asked for, as the readers see it: each argument checked (a one-line KrrstError), and
+    the fine-grained datasets' default size applied."""
+
+    name: str
+    root: Path
+    split: str = "train"
+    image_size: int | None = None
+    max_per_class: int | None = None
+    num_workers: int | None = None
+    resize: str = "crop"
+    skip_corrupt: bool = False
+    test_fraction: float = DEFAULT_TEST_FRACTION
+    split_seed: int = 0
+    sink: _Sink = dataclasses.field(default_factory=_Sink, compare=False)
+    identity: tuple = ()  # what identifies data that is not a path (a Hugging Face dataset's fingerprint)
+
+    def __post_init__(self) -> None:
+        dataset = DATASETS.get(self.name)
+        if dataset.splits is not None and self.split not in dataset.splits:
+            valid = ", ".join(dataset.splits)
+            raise KrrstError(f"dataset {self.name} has no split {self.split!r}; valid splits: {valid}")
+        for option in ("image_size", "max_per_class", "num_workers"):
+            value = getattr(self, option)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise KrrstError(f"{option} must be a positive integer or None, got {value!r}")
+        RESIZE_POLICIES.get(self.resize)
+        fraction = self.test_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise KrrstError(f"test_fraction (run.test_fraction) must lie in (0, 1), got {fraction!r}")
+        if dataset.fine_grained and self.image_size is None:
+            self.image_size = FINE_GRAINED_DEFAULT_SIZE
+        self.skip_corrupt = bool(self.skip_corrupt)
+        self.test_fraction = float(fraction)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Archives: a folder, a zip, a tar (optionally compressed) or a list of image files, addressed by '/'-separated
-# member names relative to the root.
+# Archives: a folder, a zip, a tar (optionally compressed), a list of image files or a Hugging Face dataset's rows,
+# addressed by '/'-separated member names relative to the root.
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -288,60 +275,37 @@ _LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 @dataclasses.dataclass
 class _Archive:
-    """A dataset root opened for reading: a folder, a zip read in place, a tar, or a text list of image paths.
+    """A dataset root opened for reading.
 
-    A plain `.tar` is read like a zip (one `os.pread` per member). A compressed
-    tar cannot be read at random: `stream` decompresses it once, in order, for
-    the images, and `read` serves the few annotation files.
+    A folder is read by path. Every other kind has an `index` of its members
+    and a `fetch` that reads one: a zip or a plain tar by one `os.pread` per
+    member, a list by the path it names, a Hugging Face dataset by row. A
+    compressed tar cannot be read at random: `stream` decompresses it once, in
+    order, for the images, and `fetch` serves the few annotation files.
     """
 
     path: Path
-    zip: zipfile.ZipFile | None = None
-    fd: int | None = None  # a raw descriptor on the zip or plain tar for os.pread (POSIX only)
-    tar_members: dict[str, tarfile.TarInfo] | None = None
-    tar: tarfile.TarFile | None = None  # a compressed tar, opened for random reads of small files
-    listed: dict[str, Path] | None = None  # a list file: each entry as written -> the file it names
-    rows: Any = None  # a Hugging Face dataset whose `column` holds undecoded images; members are row numbers
-    column: str = ""
-    _names: list[str] | None = None
-    _name_set: frozenset[str] | None = None
-    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-
-    @property
-    def indexed(self) -> bool:
-        """Whether the member names come from an index (zip, tar, list) rather than the file system."""
-        return any(x is not None for x in (self.zip, self.tar_members, self.listed, self.rows))
-
-    @property
-    def streamed(self) -> bool:
-        """Whether images must be read in archive order (`stream`): a compressed tar."""
-        return self.tar is not None
-
-    @property
-    def names(self) -> list[str]:
-        """Every file (not folder) in the archive, sorted; for folders this walks the tree once."""
-        if self._names is None:
-            if self.zip is not None:
-                self._names = sorted(n for n in self.zip.namelist() if not n.endswith("/") and not _hidden(n))
-            elif self.tar_members is not None:
-                self._names = sorted(n for n in self.tar_members if not _hidden(n))
-            elif self.listed is not None:
-                self._names = sorted(self.listed)
-            else:
-                self._names = sorted(name for name, _ in _walk_files(self.path))
-        return self._names
+    index: dict[str, Any] | None = None  # member name -> what `fetch` reads it from (None: a folder)
+    fetch: Callable[[Any], bytes] | None = None
+    streamed: bool = False  # a compressed tar: the images are read in archive order (`stream`)
+    handles: tuple = ()  # the open files `close` closes
+    hf: tuple = ()  # a Hugging Face dataset: (the name given, its rows, label column or None, split by krrst)
 
     def exists(self, name: str) -> bool:
-        if self.indexed:
-            if self._name_set is None:
-                self._name_set = frozenset(self.names)
-            return name in self._name_set
-        return (self.path / name).is_file()
+        return name in self.index if self.index is not None else (self.path / name).is_file()
+
+    def files(self, prefix: str = "", max_depth: int | None = None) -> list[str]:
+        """The files (not folders) under `prefix` ('' or ending in '/'), sorted; in a folder, at most `max_depth`
+        folders down from it, without walking the rest of the root."""
+        if self.index is not None:
+            return sorted(name for name in self.index if name.startswith(prefix))
+        folder = self.path / prefix
+        return sorted(prefix + name for name in _walk_files(folder, max_depth)) if folder.is_dir() else []
 
     def find(self, marker: str, max_depth: int = 3) -> str | None:
         """The prefix ('' or 'a/b/') of the shallowest `<prefix><marker>` file, or None."""
-        if self.indexed:
-            hits = [n[: -len(marker)] for n in self.names if n == marker or n.endswith("/" + marker)]
+        if self.index is not None:
+            hits = [n[: -len(marker)] for n in self.index if n == marker or n.endswith("/" + marker)]
         else:
             # Probe a few depths instead of walking: torchvision-style roots often hold other big datasets.
             hits = []
@@ -355,41 +319,16 @@ class _Archive:
 
     def read(self, name: str) -> bytes:
         try:
-            if self.zip is not None:
-                info = self.zip.getinfo(name)
-                if self.fd is not None and info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
-                    return self._read_stored(info)
-                return self.zip.read(info)
-            if self.tar_members is not None:
-                return self._read_tar(self.tar_members[name])
-            if self.listed is not None:
-                return self.listed[name].read_bytes()
-            if self.rows is not None:
-                with self._lock:
-                    item = self.rows[int(name)][self.column]
-                return item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
-            return (self.path / name).read_bytes()
+            return self.fetch(self.index[name]) if self.index is not None else (self.path / name).read_bytes()
         except KeyError:
             raise KrrstError(f"{self.path}: member {name} is listed by the dataset's annotations but missing") from None
         except FileNotFoundError:
-            if self.listed is not None:
-                raise KrrstError(f"{self.listed[name]}: listed in {self.path} but missing") from None
             raise KrrstError(f"{self.path / name}: file is listed by the dataset's annotations but missing") from None
         except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError) as exc:
             reason = describe_exception(exc)
             raise KrrstError(f"{self.path}: cannot read {name} ({reason}); the archive is damaged") from None
 
-    def _read_tar(self, info: tarfile.TarInfo) -> bytes:
-        if self.tar is not None:  # compressed: seeking decompresses from the start, so only for small files
-            with self._lock:
-                handle = self.tar.extractfile(info)
-                return handle.read() if handle is not None else b""
-        data = os.pread(self.fd, info.size, info.offset_data)
-        if len(data) != info.size:
-            raise EOFError(f"{info.name} is cut short")
-        return data
-
-    def stream(self, wanted: Iterator[str] | set[str]) -> Iterator[tuple[str, bytes]]:
+    def stream(self, wanted: Iterable[str]) -> Iterator[tuple[str, bytes]]:
         """`(name, bytes)` of the `wanted` members of a compressed tar, in archive order, in one pass."""
         wanted = set(wanted)
         try:
@@ -402,58 +341,26 @@ class _Archive:
             reason = describe_exception(exc)
             raise KrrstError(f"{self.path}: cannot read the archive ({reason}); it is damaged") from None
 
-    def _read_stored(self, info: zipfile.ZipInfo) -> bytes:
-        """An uncompressed member in one `os.pread`.
-
-        `ZipFile.read` costs ~40 us per member, under a lock shared by every
-        thread; pread has no shared file position, releases the GIL and takes
-        a few us. The local header's extra field may differ from the central
-        directory's, so the data offset is read from the local header itself.
-        """
-        chunk = os.pread(self.fd, 30 + info.compress_size + 512, info.header_offset)
-        if chunk[:4] != b"PK\x03\x04":
-            raise zipfile.BadZipFile(f"bad local header for {info.filename}")
-        name_length, extra_length = struct.unpack("<HH", chunk[26:30])
-        start = 30 + name_length + extra_length
-        data = chunk[start : start + info.compress_size]
-        if len(data) < info.compress_size:
-            data = os.pread(self.fd, info.compress_size, info.header_offset + start)
-        if len(data) != info.compress_size or zlib.crc32(data) != info.CRC:
-            raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
-        return data
-
     def open(self, name: str) -> BinaryIO:
         """A seekable binary stream of one member (for .mat / .npz / pickle readers)."""
-        if self.indexed:
+        if self.index is not None:
             return io.BytesIO(self.read(name))
         if not (self.path / name).is_file():
             raise KrrstError(f"{self.path / name}: file not found")
         return open(self.path / name, "rb")
 
-    def subfolders(self, prefix: str) -> list[str]:
-        """The sorted names of the folders directly under `prefix` (which ends with '/' or is '')."""
-        if not self.indexed:
-            folder = self.path / prefix
-            if not folder.is_dir():
-                return []
-            return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
-        below = [n[len(prefix) :] for n in self.names if n.startswith(prefix)]
-        return sorted({rest.split("/", 1)[0] for rest in below if "/" in rest})
-
     def close(self) -> None:
-        for handle in (self.zip, self.tar):
-            if handle is not None:
-                handle.close()
-        if self.fd is not None:
-            os.close(self.fd)
+        for handle in self.handles:
+            handle.close()
 
 
 def _hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__MACOSX") or "/." in name or "/__MACOSX" in name
 
 
-def _walk_files(folder: Path) -> Iterator[tuple[str, os.DirEntry]]:
-    """`(relative name, entry)` of every file under `folder`, hidden files and folders skipped, in no set order."""
+def _walk_files(folder: Path, max_depth: int | None = None) -> Iterator[str]:
+    """The relative name of every file under `folder` (at most `max_depth` folders down), hidden files and folders
+    skipped, in no set order."""
     stack = [("", folder)]
     while stack:
         prefix, current = stack.pop()
@@ -461,17 +368,14 @@ def _walk_files(folder: Path) -> Iterator[tuple[str, os.DirEntry]]:
             for entry in entries:
                 if _hidden(entry.name):
                     continue
-                if entry.is_dir():
+                if entry.is_dir() and (max_depth is None or prefix.count("/") < max_depth):
                     stack.append((prefix + entry.name + "/", Path(entry.path)))
                 elif entry.is_file():
-                    yield prefix + entry.name, entry
+                    yield prefix + entry.name
 
 
 def _tar_name(info: tarfile.TarInfo) -> str:
-    name = info.name
-    while name.startswith("./"):
-        name = name[2:]
-    return name
+    return re.sub(r"^(\./)+", "", info.name)
 
 
 def _open_archive(root: Path) -> _Archive:
@@ -483,13 +387,7 @@ def _open_archive(root: Path) -> _Archive:
         return _open_list(root)
     is_tar = lower.endswith(_TAR_SUFFIXES)
     if not is_tar and (lower.endswith(".zip") or zipfile.is_zipfile(root)):
-        try:
-            archive = zipfile.ZipFile(root)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
-            raise KrrstError(
-                f"{root} is not a readable zip archive ({describe_exception(exc)}); expected a dataset folder or a .zip"
-            ) from None
-        return _Archive(root, archive, os.open(root, os.O_RDONLY) if hasattr(os, "pread") else None)
+        return _open_zip(root)
     if is_tar or tarfile.is_tarfile(root):
         return _open_tar(root)
     raise KrrstError(
@@ -498,18 +396,71 @@ def _open_archive(root: Path) -> _Archive:
     )
 
 
+def _open_zip(root: Path) -> _Archive:
+    try:
+        archive = zipfile.ZipFile(root)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        raise KrrstError(
+            f"{root} is not a readable zip archive ({describe_exception(exc)}); expected a dataset folder or a .zip"
+        ) from None
+    raw = open(root, "rb")  # for os.pread, which has no shared file position
+
+    def fetch(info: zipfile.ZipInfo) -> bytes:
+        if hasattr(os, "pread") and info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+            return _read_stored(raw.fileno(), info)
+        return archive.read(info)
+
+    index = {info.filename: info for info in archive.infolist() if not info.is_dir() and not _hidden(info.filename)}
+    return _Archive(root, index, fetch, handles=(archive, raw))
+
+
+def _read_stored(fd: int, info: zipfile.ZipInfo) -> bytes:
+    """An uncompressed zip member in one `os.pread`.
+
+    `ZipFile.read` costs ~40 us per member, under a lock shared by every
+    thread; pread has no shared file position, releases the GIL and takes
+    a few us. The local header's extra field may differ from the central
+    directory's, so the data offset is read from the local header itself.
+    """
+    chunk = os.pread(fd, 30 + info.compress_size + 512, info.header_offset)
+    if chunk[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+    name_length, extra_length = struct.unpack("<HH", chunk[26:30])
+    start = 30 + name_length + extra_length
+    data = chunk[start : start + info.compress_size]
+    if len(data) < info.compress_size:
+        data = os.pread(fd, info.compress_size, info.header_offset + start)
+    if len(data) != info.compress_size or zlib.crc32(data) != info.CRC:
+        raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
+    return data
+
+
 def _open_tar(root: Path) -> _Archive:
     try:
         with open(root, "rb") as handle:
             magic = handle.read(6)
         tar = tarfile.open(root, "r:*")
-        members = {_tar_name(info): info for info in tar.getmembers() if info.isfile()}
+        index = {_tar_name(info): info for info in tar.getmembers() if info.isfile() and not _hidden(_tar_name(info))}
     except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
         raise KrrstError(f"{root} is not a readable tar archive ({describe_exception(exc)})") from None
     if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":  # gzip, bzip2, xz
-        return _Archive(root, tar_members=members, tar=tar)
+        lock = threading.Lock()
+
+        def extract(info: tarfile.TarInfo) -> bytes:  # seeking decompresses from the start: for small files only
+            with lock:
+                return tar.extractfile(info).read()
+
+        return _Archive(root, index, extract, streamed=True, handles=(tar,))
     tar.close()
-    return _Archive(root, fd=os.open(root, os.O_RDONLY), tar_members=members)
+    raw = open(root, "rb")
+
+    def fetch(info: tarfile.TarInfo) -> bytes:
+        data = os.pread(raw.fileno(), info.size, info.offset_data)
+        if len(data) != info.size:
+            raise EOFError(f"{info.name} is cut short")
+        return data
+
+    return _Archive(root, index, fetch, handles=(raw,))
 
 
 def _open_list(root: Path) -> _Archive:
@@ -518,13 +469,19 @@ def _open_list(root: Path) -> _Archive:
         lines = root.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise KrrstError(f"{root} is not a readable text list of image paths ({describe_exception(exc)})") from None
-    listed: dict[str, Path] = {}
-    for line in lines:
-        entry = line.strip()
+    index: dict[str, Path] = {}
+    for entry in (line.strip() for line in lines):
         if entry and not entry.startswith("#"):
             path = Path(entry).expanduser()
-            listed[entry] = path if path.is_absolute() else root.parent / path
-    return _Archive(root, listed=listed)
+            index[entry] = path if path.is_absolute() else root.parent / path
+
+    def fetch(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise KrrstError(f"{path}: listed in {root} but missing") from None
+
+    return _Archive(root, index, fetch)
 
 
 def _locate(archive: _Archive, marker: str, dataset: str, layout: str) -> str:
@@ -544,10 +501,8 @@ def _fast_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
     """torchvision's C++ JPEG/PNG/WebP/GIF decoder, or None where this torchvision has none.
 
     The op is called directly because `torchvision.io.decode_image` warns on
-    every call since torchvision 0.29 (60,000 warnings per CIFAR-10 load, and
-    `warnings.catch_warnings` is not thread-safe). It is 3-4x faster than
-    Pillow on small images (measured: 47 vs 165-230 us per CIFAR JPEG);
-    Pillow stays the fallback for other formats and for a torchvision without it.
+    every call since torchvision 0.29 (a warning per image, and
+    `warnings.catch_warnings` is not thread-safe).
     """
     try:
         import torchvision.io.image  # noqa: F401 - loads and registers the image ops
@@ -559,15 +514,14 @@ def _fast_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
     return lambda data: decode(data, rgb, False)
 
 
-class _Undecodable(KrrstError):
-    """One image file that neither decoder can read (skipped under `skip_corrupt`)."""
-
-
 SKIP_HINT = "pass --skip-corrupt (skip_corrupt=True, --set run.skip_corrupt=true) to skip unreadable images"
 
 
-def _decode_one(data: bytes, member: str, archive_path: Path) -> torch.Tensor:
-    """Decode one encoded image to uint8 3 x H x W RGB (greyscale, palette, RGBA and CMYK become RGB)."""
+def _decode_one(data: bytes, member: str, archive_path: Path, skip_corrupt: bool) -> torch.Tensor | None:
+    """Decode one encoded image to uint8 3 x H x W RGB (greyscale, palette, RGBA and CMYK become RGB).
+
+    An undecodable image is None under `skip_corrupt`, else a KrrstError naming it.
+    """
     fast = _fast_decoder()
     if fast is not None:
         try:
@@ -577,13 +531,16 @@ def _decode_one(data: bytes, member: str, archive_path: Path) -> torch.Tensor:
         except RuntimeError:
             pass  # formats it cannot decode (BMP, TIFF, ...) go to Pillow
     from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.v2.functional import pil_to_tensor
 
     try:
         with Image.open(io.BytesIO(data)) as pil_image:
-            array = np.asarray(pil_image.convert("RGB"))
+            return pil_to_tensor(pil_image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise _Undecodable(f"{archive_path}: cannot decode image {member} ({describe_exception(exc)})") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        if skip_corrupt:
+            return None
+        reason = describe_exception(exc)
+        raise KrrstError(f"{archive_path}: cannot decode image {member} ({reason}); {SKIP_HINT}") from None
 
 
 RESIZE_POLICIES: Registry[str] = Registry("resize policy", plural="resize policies")
@@ -608,145 +565,102 @@ def _resize(images: torch.Tensor, size: int, policy: str = "crop") -> torch.Tens
     return F.center_crop(resized, [size, size]).contiguous()
 
 
-def _decode_chunk(
-    archive: _Archive, members: Sequence[str], rows: Sequence[int], out: torch.Tensor, opts: _Options,
-    datas: Sequence[bytes] | None = None,
-) -> list[int]:
-    """Decode `members` into `out[rows]` (reading them here unless `datas` holds their bytes).
+_Chunk = list[tuple[int, bytes | None]]  # (row, the member's bytes, or None: read by the decoding thread)
 
-    Returns the positions in `members` of the images skipped as undecodable
-    (only under `opts.skip_corrupt`; otherwise the first one raises).
-    """
-    images: list[torch.Tensor | None] = []
+
+def _chunks(archive: _Archive, members: Sequence[str]) -> Iterator[_Chunk]:
+    """The members in chunks of `_CHUNK`, in reading order: a compressed tar's own, else the members'."""
+    if archive.streamed:
+        row_of = {member: row for row, member in enumerate(members)}
+        items = ((row_of[name], data) for name, data in archive.stream(row_of))
+    else:
+        items = ((row, None) for row in range(len(members)))
+    while chunk := list(itertools.islice(items, _CHUNK)):
+        yield chunk
+
+
+def _decode_chunk(archive: _Archive, members: Sequence[str], chunk: _Chunk, out: torch.Tensor, opts: _Options
+                  ) -> list[int]:
+    """Decode the chunk's members into their rows of `out`; returns the rows skipped as undecodable."""
     skipped = []
-    for index, member in enumerate(members):
-        data = archive.read(member) if datas is None else datas[index]
-        try:
-            images.append(_decode_one(data, member, archive.path))
-        except _Undecodable as exc:
-            if not opts.skip_corrupt:
-                raise KrrstError(f"{exc}; {SKIP_HINT}") from None
-            images.append(None)
-            skipped.append(index)
-    target = tuple(out.shape[2:])
-    to_resize: dict[tuple[int, int], list[int]] = {}
-    for index, image in enumerate(images):
+    to_resize: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for row, data in chunk:
+        member = members[row]
+        image = _decode_one(archive.read(member) if data is None else data, member, archive.path, opts.skip_corrupt)
         if image is None:
-            continue
-        if tuple(image.shape[1:]) == target:
-            out[rows[index]] = image
+            skipped.append(row)
+        elif image.shape[1:] == out.shape[2:]:
+            out[row] = image
         elif opts.image_size is None:
             raise KrrstError(
-                f"{archive.path}: image {members[index]} is {image.shape[2]}x{image.shape[1]} but earlier images are "
-                f"{target[1]}x{target[0]}; pass image_size (--image-size) to resize them all"
+                f"{archive.path}: image {member} is {image.shape[2]}x{image.shape[1]} but earlier images are "
+                f"{out.shape[3]}x{out.shape[2]}; pass image_size (--image-size) to resize them all"
             )
         else:
-            to_resize.setdefault(tuple(image.shape[1:]), []).append(index)
-    for indices in to_resize.values():  # one batched resize per group of equally-sized images
-        resized = _resize(torch.stack([images[i] for i in indices]), opts.image_size, opts.resize)
-        for image, index in zip(resized, indices):
-            out[rows[index]] = image
+            to_resize.setdefault(tuple(image.shape[1:]), []).append((row, image))
+    for group in to_resize.values():  # one batched resize per group of equally-sized images
+        rows, images = zip(*group)
+        out[list(rows)] = _resize(torch.stack(images), opts.image_size, opts.resize)
     return skipped
 
 
-def _decode_members(
-    archive: _Archive, members: Sequence[str], opts: _Options, desc: str
-) -> tuple[torch.Tensor, list[int]]:
-    """Decode every member into one contiguous uint8 tensor N x 3 x S x S, on a thread pool.
-
-    Returns the tensor and the indices of the members skipped as undecodable
-    (always empty unless `opts.skip_corrupt`); their rows are not in the tensor.
-    """
-    if not members:
-        raise KrrstError(f"{archive.path}: no images to load for {desc}")
-    if archive.streamed:
-        chunks = _streamed_chunks(archive, members)
-    else:
-        chunks = ((range(s, min(s + _CHUNK, len(members))), None) for s in range(0, len(members), _CHUNK))
-    chunks = iter(chunks)
-    first_rows, first_datas = next(chunks)
-    shape = _first_shape(archive, members, first_rows, first_datas, opts)
-    out = opts.allocate((len(members), 3, *shape))
-    skipped: list[int] = []
-
-    def decode(rows: Sequence[int], datas: Sequence[bytes] | None) -> list[int]:
-        bad = _decode_chunk(archive, [members[r] for r in rows], rows, out, opts, datas)
-        return [rows[i] for i in bad]
-
-    workers = opts.num_workers or min(_available_cores(), 16)  # past ~16 threads the GIL-held part dominates
-    with tqdm(total=len(members), desc=desc, unit="img", disable=None, leave=False) as progress:
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="krrst-decode") if workers > 1 else None
-        pending: collections.deque = collections.deque()
-        try:
-            for rows, datas in itertools.chain([(first_rows, first_datas)], chunks):
-                if pool is None:
-                    skipped += decode(rows, datas)
-                    progress.update(len(rows))
-                    continue
-                pending.append((pool.submit(decode, rows, datas), len(rows)))
-                # Collected in order, so an error names the first bad file; the bound keeps streamed bytes few.
-                while len(pending) > 4 * workers or (pending and pending[0][0].done()):
-                    future, count = pending.popleft()
-                    skipped += future.result()
-                    progress.update(count)
-            while pending:
-                future, count = pending.popleft()
-                skipped += future.result()
-                progress.update(count)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-    return _without_rows(out, sorted(skipped), opts, archive), sorted(skipped)
-
-
-def _streamed_chunks(archive: _Archive, members: Sequence[str]) -> Iterator[tuple[list[int], list[bytes]]]:
-    """Chunks of `(rows, bytes)` of a compressed tar, in archive order (the rows say where each image goes)."""
-    row_of = {member: row for row, member in enumerate(members)}
-    rows: list[int] = []
-    datas: list[bytes] = []
-    for name, data in archive.stream(row_of):
-        rows.append(row_of[name])
-        datas.append(data)
-        if len(rows) == _CHUNK:
-            yield rows, datas
-            rows, datas = [], []
-    if rows:
-        yield rows, datas
-
-
-def _first_shape(
-    archive: _Archive, members: Sequence[str], rows: Sequence[int], datas: Sequence[bytes] | None, opts: _Options
-) -> tuple[int, int]:
+def _first_shape(archive: _Archive, members: Sequence[str], first: _Chunk, opts: _Options) -> tuple[int, int]:
     """The H x W of the output: `image_size`, else the size of the first decodable image."""
     if opts.image_size is not None:
         return opts.image_size, opts.image_size
-    candidates = rows if datas is not None else range(len(members))  # a stream has only its first chunk at hand
-    for index, row in enumerate(candidates):
-        data = archive.read(members[row]) if datas is None else datas[index]
-        try:
-            return tuple(_decode_one(data, members[row], archive.path).shape[1:])
-        except _Undecodable as exc:
-            if not opts.skip_corrupt:
-                raise KrrstError(f"{exc}; {SKIP_HINT}") from None
+    candidates = first if archive.streamed else [(row, None) for row in range(len(members))]  # a stream: one chunk
+    for row, data in candidates:
+        data = archive.read(members[row]) if data is None else data
+        image = _decode_one(data, members[row], archive.path, opts.skip_corrupt)
+        if image is not None:
+            return tuple(image.shape[1:])
     raise KrrstError(f"{archive.path}: the first {len(candidates)} images cannot be decoded; "
                      "pass image_size (--image-size) to read the rest, or check the files")
 
 
-def _without_rows(out: torch.Tensor, skipped: list[int], opts: _Options, archive: _Archive) -> torch.Tensor:
-    """`out` less the rows of skipped images, copied by chunks into a fresh allocation (a map stays a map)."""
+def _decode_members(archive: _Archive, members: Sequence[str], opts: _Options) -> tuple[torch.Tensor, list[int]]:
+    """Decode every member into one contiguous uint8 tensor N x 3 x H x W, on a thread pool.
+
+    Returns the tensor and the sorted positions of the members skipped as
+    undecodable (only under `opts.skip_corrupt`); their rows are not in the tensor.
+    """
+    desc = f"{opts.name} {opts.split}"
+    if not members:
+        raise KrrstError(f"{archive.path}: no images to load for {desc}")
+    chunks = _chunks(archive, members)
+    first = next(chunks)
+    out = opts.sink.allocate((len(members), 3, *_first_shape(archive, members, first, opts)))
+    skipped: list[int] = []
+    workers = opts.num_workers or min(_available_cores(), 16)  # past ~16 threads the GIL-held part dominates
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="krrst-decode")
+    with tqdm(total=len(members), desc=desc, unit="img", disable=None, leave=False) as progress:
+        pending: collections.deque = collections.deque()
+
+        def collect(bound: int) -> None:
+            # In order, so an error names the first bad file; the bound keeps few of a stream's bytes in memory.
+            while pending and (len(pending) > bound or pending[0][0].done()):
+                future, count = pending.popleft()
+                skipped.extend(future.result())
+                progress.update(count)
+
+        try:
+            for chunk in itertools.chain([first], chunks):
+                pending.append((pool.submit(_decode_chunk, archive, members, chunk, out, opts), len(chunk)))
+                collect(4 * workers)
+            collect(0)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    skipped.sort()
     if not skipped:
-        return out
+        return out, skipped
     if len(skipped) == len(out):
         raise KrrstError(f"{archive.path}: none of the {len(out)} images could be decoded")
     keep = torch.ones(len(out), dtype=torch.bool)
     keep[skipped] = False
-    kept = keep.nonzero().squeeze(1)
-    compact = opts.allocate((len(kept), *out.shape[1:]))
-    for start in range(0, len(kept), 4096):
-        compact[start : start + 4096] = out[kept[start : start + 4096]]
-    if opts.sink is not None:
-        opts.sink.release(out)
-    return compact
+    compact = opts.sink.allocate((len(out) - len(skipped), *out.shape[1:]))  # a map stays a map
+    torch.index_select(out, 0, keep.nonzero().squeeze(1), out=compact)
+    opts.sink.release(out)
+    return compact, skipped
 
 
 def _available_cores() -> int:
@@ -757,55 +671,52 @@ def _first_per_class(labels: Sequence[int], max_per_class: int | None) -> list[i
     """Indices of the first `max_per_class` items of each class, in their original order."""
     if max_per_class is None:
         return list(range(len(labels)))
-    seen: dict[int, int] = {}
+    seen: collections.Counter = collections.Counter()
     keep = []
     for index, label in enumerate(labels):
-        if seen.get(label, 0) < max_per_class:
-            seen[label] = seen.get(label, 0) + 1
+        seen[label] += 1
+        if seen[label] <= max_per_class:
             keep.append(index)
     return keep
 
 
-def _labelled_files(
-    archive: _Archive,
-    members: list[str],
-    labels: list[int] | None,
-    class_names: list[str],
-    stats: tuple[Stats, Stats],
-    opts: _Options,
-) -> ImageSet:
-    """Decode a listed split (members + labels, or None: unlabelled) into an ImageSet, honouring max_per_class."""
+def _labelled_files(archive: _Archive, members: list[str], labels: list[int] | None, class_names: list[str],
+                    opts: _Options, stats: tuple[Stats, Stats] | None = None, name: str | None = None) -> ImageSet:
+    """Decode a listed split (members + labels, or None: unlabelled) into an ImageSet, honouring max_per_class.
+
+    `stats` None: the images' own (`_channel_stats`); `name` None: the dataset's.
+    """
     keep = _first_per_class(labels if labels is not None else [0] * len(members), opts.max_per_class)
     members = [members[i] for i in keep]
-    images, skipped = _decode_members(archive, members, opts, f"{opts.name} {opts.split}")
-    if skipped:
-        bad = set(skipped)
-        keep = [k for position, k in enumerate(keep) if position not in bad]
+    images, skipped = _decode_members(archive, members, opts)
+    bad = set(skipped)
+    keep = [k for position, k in enumerate(keep) if position not in bad]
     label_tensor = None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.int64)
-    resize = opts.resize if opts.image_size is not None else None
-    return ImageSet(images, label_tensor, class_names, *stats, opts.name, resize=resize,
-                    skipped=tuple(members[i] for i in skipped))
+    return ImageSet(images, label_tensor, class_names, *(stats or _channel_stats(images)), name or opts.name,
+                    resize=opts.resize if opts.image_size else None, skipped=tuple(members[i] for i in skipped))
 
 
-def _array_set(
-    images: torch.Tensor,
-    labels: Sequence[int] | np.ndarray,
-    class_names: list[str],
-    stats: tuple[Stats, Stats],
-    opts: _Options,
-) -> ImageSet:
-    """An ImageSet from an in-memory uint8 batch (CIFAR pickles), honouring max_per_class and image_size."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if opts.max_per_class is not None:
-        keep = torch.tensor(_first_per_class(labels.tolist(), opts.max_per_class), dtype=torch.long)
-        images, labels = images[keep], labels[keep.numpy()]
-    if opts.image_size is not None:
-        out = opts.allocate((len(images), 3, opts.image_size, opts.image_size))
+def _from_arrays(arrays: Iterable[np.ndarray], labels: np.ndarray, class_names: list[str], stats: tuple[Stats, Stats],
+                 opts: _Options) -> ImageSet:
+    """An ImageSet from uint8 batches N_i x 3 x S x S (CIFAR's pickles, ImageNet64's npz), taken one at a time,
+    whose labels are known first, honouring max_per_class and image_size."""
+    keep = np.zeros(len(labels), dtype=bool)
+    keep[_first_per_class(labels.tolist(), opts.max_per_class)] = True
+    out: torch.Tensor | None = None
+    row = offset = 0
+    for array in arrays:
+        batch_keep = keep[offset : offset + len(array)]
+        offset += len(array)
+        images = torch.from_numpy(array if batch_keep.all() else array[batch_keep])  # a whole batch: no copy
+        if out is None:
+            size = opts.image_size or images.shape[-1]
+            out = opts.sink.allocate((int(keep.sum()), 3, size, size))
         for start in range(0, len(images), 4096):
-            out[start : start + 4096] = _resize(images[start : start + 4096], opts.image_size, opts.resize)
-        images = out
-    resize = opts.resize if opts.image_size is not None else None
-    return ImageSet(images.contiguous(), torch.from_numpy(labels.copy()), class_names, *stats, opts.name, resize=resize)
+            chunk = _resize(images[start : start + 4096], size, opts.resize)
+            out[row : row + len(chunk)] = chunk
+            row += len(chunk)
+    return ImageSet(out, torch.from_numpy(labels[keep]), class_names, *stats, opts.name,
+                    resize=opts.resize if opts.image_size else None)
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[Stats, Stats]:
@@ -821,6 +732,12 @@ def _channel_stats(images: torch.Tensor) -> tuple[Stats, Stats]:
     # A constant channel would divide by zero downstream; 1/255 is one grey level.
     std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(1 / 255)
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _by_label(members: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
+    """`members` and `labels` sorted class by class, by name within a class."""
+    pairs = sorted(zip(labels, members))
+    return [member for _, member in pairs], [label for label, _ in pairs]
 
 
 def _load_mat(archive: _Archive, name: str) -> dict[str, Any]:
@@ -844,16 +761,19 @@ def _read_lines(archive: _Archive, name: str) -> list[str]:
 # Readers: one per layout. Each takes the opened archive and the options and returns an ImageSet.
 
 
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def _read_imagefolder(archive: _Archive, opts: _Options) -> ImageSet:
-    files = [n for n in archive.names if _is_image(n)]
+    files = [n for n in archive.files() if _is_image(n)]
     parts = [n.split("/") for n in files]
-    tops = {p[0] for p in parts}
     # One top folder holding the splits (cifar10-jpeg/train/...) versus splits at the top level (train/...).
-    depth = 1 if len(tops) == 1 and parts and all(len(p) >= 4 for p in parts) else 0
-    by_split: dict[str, list[list[str]]] = {}
-    for p in parts:
+    depth = 1 if len({p[0] for p in parts}) == 1 and all(len(p) >= 4 for p in parts) else 0
+    by_split: dict[str, list[str]] = {}
+    for name, p in zip(files, parts):
         if len(p) == depth + 3:
-            by_split.setdefault(p[depth], []).append(p)
+            by_split.setdefault(p[depth], []).append(name)
     if opts.split not in by_split and archive.find("wnids.txt") is not None:
         raise KrrstError(f"{archive.path} holds the Tiny-ImageNet-200 layout (wnids.txt); pass --source tinyimagenet")
     if not by_split:
@@ -864,19 +784,13 @@ def _read_imagefolder(archive: _Archive, opts: _Options) -> ImageSet:
             f"{archive.path}: no split folder {opts.split!r}; valid splits here: {valid} (for one folder of "
             "<class>/<image> with no split folders, pass --source folder: it splits train/test itself)"
         )
-    entries = by_split[opts.split]
-    class_names = sorted({p[depth + 1] for p in entries})
+    classes = [member.split("/")[depth + 1] for member in by_split[opts.split]]
+    class_names = sorted(set(classes))
     class_index = {c: i for i, c in enumerate(class_names)}
-    entries.sort(key=lambda p: (class_index[p[depth + 1]], p[depth + 2]))
-    members = ["/".join(p) for p in entries]
-    labels = [class_index[p[depth + 1]] for p in entries]
-    image_set = _labelled_files(archive, members, labels, class_names, ((0.0,) * 3, (1.0,) * 3), opts)
-    stats = CIFAR10_STATS if class_names == CIFAR10_CLASSES else _channel_stats(image_set.images)
-    return dataclasses.replace(image_set, mean=stats[0], std=stats[1])
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    members, labels = _by_label(by_split[opts.split], [class_index[c] for c in classes])
+    stats = CIFAR10_STATS if class_names == CIFAR10_CLASSES else None
+    # Named after its archive/folder ("cifar10-jpeg"), which says more than "imagefolder".
+    return _labelled_files(archive, members, labels, class_names, opts, stats, archive.path.name.removesuffix(".zip"))
 
 
 def _layout_found(archive: _Archive, images: list[str]) -> str:
@@ -893,7 +807,7 @@ def _layout_found(archive: _Archive, images: list[str]) -> str:
 
 
 def _no_images(archive: _Archive) -> str:
-    others = archive.names
+    others = archive.files()
     if not others:
         return "it is empty; expected image files (.jpg, .png, .webp, ...)"
     return (f"found {len(others)} files but no images (e.g. {others[0]}); expected files ending in "
@@ -939,43 +853,41 @@ def stratified_split(labels: Sequence[int], test_fraction: float, seed: int) -> 
     return [i for i in range(len(labels)) if i not in chosen], sorted(test)
 
 
-def _read_folder(archive: _Archive, opts: _Options) -> ImageSet:
-    """Images in any layout: flat, nested, zipped, tarred or listed; `<class>/<image>` folders give labels.
+def _own_split(members: list[str], labels: list[int] | None, opts: _Options, name: str
+               ) -> tuple[list[str], list[int] | None, str]:
+    """`opts.split` of a set with no test split of its own: train/test of a labelled one by `stratified_split`,
+    with the fraction and seed in its name; `all`, or any split of an unlabelled one, is every image."""
+    if labels is None or opts.split == "all":
+        return members, labels, name
+    train, test = stratified_split(labels, opts.test_fraction, opts.split_seed)
+    chosen = train if opts.split == "train" else test
+    # The split is part of the data: rows of another fraction or seed must not be mixed with these.
+    name = f"{name} (test {100 * opts.test_fraction:g}%, seed {opts.split_seed})"
+    return [members[i] for i in chosen], [labels[i] for i in chosen], name
 
-    Splits: `all` (every image); `train` and `test` split a labelled folder
-    (seeded, stratified, `opts.test_fraction` to test); an unlabelled one has
-    no test split and `train` is every image.
-    """
-    files = [n for n in archive.names if _is_image(n)]
+
+def _read_folder(archive: _Archive, opts: _Options) -> ImageSet:
+    """Images in any layout: flat, nested, zipped, tarred or listed; `<class>/<image>` folders give labels."""
+    files = [n for n in archive.files() if _is_image(n)]
     if not files:
         raise KrrstError(f"{archive.path}: no images found; {_no_images(archive)}")
     labels, class_names = _class_folders(files)
-    base = re.sub(r"(\.tar(\.\w+)?|\.tgz|\.zip|\.txt|\.lst|\.list)$", "", archive.path.name, flags=re.I)
-    name = base
     if labels is None and opts.split == "test":
         raise KrrstError(
             f"{archive.path}: no test split: the images are not in <class>/<image> folders, so they have no labels "
             "to split by (a target needs them; a <split>/<class>/<image> tree is --source imagefolder)"
         )
-    if labels is not None and opts.split != "all":
-        train, test = stratified_split(labels, opts.test_fraction, opts.split_seed)
-        chosen = train if opts.split == "train" else test
-        files, labels = [files[i] for i in chosen], [labels[i] for i in chosen]
-        # The split is part of the data: rows of another fraction or seed must not be mixed with these.
-        name = f"{base} (test {100 * opts.test_fraction:g}%, seed {opts.split_seed})"
-    order = sorted(range(len(files)), key=lambda i: (labels[i] if labels else 0, files[i]))
-    files = [files[i] for i in order]
-    labels = None if labels is None else [labels[i] for i in order]
-    image_set = _labelled_files(archive, files, labels, class_names, ((0.0,) * 3, (1.0,) * 3), opts)
-    stats = CIFAR10_STATS if class_names == CIFAR10_CLASSES else _channel_stats(image_set.images)
-    return dataclasses.replace(image_set, mean=stats[0], std=stats[1], name=name)
+    base = re.sub(r"(\.tar(\.\w+)?|\.tgz|\.zip|\.txt|\.lst|\.list)$", "", archive.path.name, flags=re.I)
+    files, labels, name = _own_split(files, labels, opts, base)
+    if labels is not None:
+        files, labels = _by_label(files, labels)
+    stats = CIFAR10_STATS if class_names == CIFAR10_CLASSES else None
+    return _labelled_files(archive, files, labels, class_names, opts, stats, name)
 
 
 def _read_tinyimagenet(archive: _Archive, opts: _Options) -> ImageSet:
-    layout = (
-        "tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, "
-        "val/images/*.JPEG, val/val_annotations.txt}"
-    )
+    layout = ("tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, "
+              "val/images/*.JPEG, val/val_annotations.txt}")
     base = _locate(archive, "wnids.txt", "Tiny-ImageNet-200", layout)
     wnids = _read_lines(archive, base + "wnids.txt")
     class_names = list(wnids)
@@ -984,22 +896,19 @@ def _read_tinyimagenet(archive: _Archive, opts: _Options) -> ImageSet:
         words = dict(line.split("\t", 1) for line in _read_lines(archive, base + "words.txt") if "\t" in line)
         class_names = [words.get(w, w).split(",")[0].strip() for w in wnids]
     class_index = {w: i for i, w in enumerate(wnids)}
+    members, labels = [], []
     if opts.split == "train":
         prefix = base + "train/"
-        members, labels = [], []
-        for name in archive.names if archive.zip is not None else _walk_under(archive, prefix):
-            parts = name[len(prefix) :].split("/") if name.startswith(prefix) else []
-            is_image = name.lower().endswith(IMAGE_EXTENSIONS)  # skips <wnid>_boxes.txt
-            if len(parts) == 3 and parts[1] == "images" and parts[0] in class_index and is_image:
-                members.append(name)
+        for name in archive.files(prefix):
+            parts = name[len(prefix) :].split("/")
+            if len(parts) == 3 and parts[1] == "images" and parts[0] in class_index and _is_image(name):
+                members.append(name)  # not <wnid>_boxes.txt
                 labels.append(class_index[parts[0]])
-        order = sorted(range(len(members)), key=lambda i: (labels[i], members[i]))
-        members, labels = [members[i] for i in order], [labels[i] for i in order]
+        members, labels = _by_label(members, labels)
     else:
         annotations = base + "val/val_annotations.txt"
         if not archive.exists(annotations):
             raise KrrstError(f"{archive.path}: no {annotations}; expected the Tiny-ImageNet-200 layout {layout}")
-        members, labels = [], []
         for line in _read_lines(archive, annotations):
             file_name, wnid = line.split("\t")[:2]
             if wnid not in class_index:
@@ -1008,17 +917,7 @@ def _read_tinyimagenet(archive: _Archive, opts: _Options) -> ImageSet:
             labels.append(class_index[wnid])
     if not members:
         raise KrrstError(f"{archive.path}: no {opts.split} images; expected the Tiny-ImageNet-200 layout {layout}")
-    return _labelled_files(archive, members, labels, class_names, IMAGENET_STATS, opts)
-
-
-def _walk_under(archive: _Archive, prefix: str) -> list[str]:
-    """Files under `prefix` of a folder archive, without walking the rest of the root."""
-    folder = archive.path / prefix
-    found = []
-    for current, dirs, files in os.walk(folder):
-        relative = Path(current).relative_to(archive.path).as_posix()
-        found.extend(f"{relative}/{f}" for f in files if not _hidden(f))
-    return sorted(found)
+    return _labelled_files(archive, members, labels, class_names, opts, IMAGENET_STATS)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -1028,15 +927,9 @@ class _ArrayUnpickler(pickle.Unpickler):
     means a tampered file cannot run code.
     """
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-    }
+    _ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                for name in ("_reconstruct", "scalar")}
+    _ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
@@ -1058,15 +951,12 @@ def _load_pickle(archive: _Archive, name: str) -> dict[str, Any]:
 
 def _read_cifar(archive: _Archive, opts: _Options) -> ImageSet:
     is_10 = opts.name == "cifar10"
-    folder, meta, names_key, labels_key = (
-        ("cifar-10-batches-py", "batches.meta", "label_names", "labels")
-        if is_10
-        else ("cifar-100-python", "meta", "fine_label_names", "fine_labels")
-    )
-    if opts.split == "train":
-        batches = [f"data_batch_{i}" for i in range(1, 6)] if is_10 else ["train"]
+    folder, meta = ("cifar-10-batches-py", "batches.meta") if is_10 else ("cifar-100-python", "meta")
+    names_key, labels_key = ("label_names", "labels") if is_10 else ("fine_label_names", "fine_labels")
+    if not is_10:
+        batches = [opts.split]  # "train" or "test"
     else:
-        batches = ["test_batch"] if is_10 else ["test"]
+        batches = [f"data_batch_{i}" for i in range(1, 6)] if opts.split == "train" else ["test_batch"]
     layout = f"{folder}/{{{meta}, {', '.join(batches)}}} (python version; pass download=True / --download to fetch it)"
     if archive.exists(meta) and archive.exists(batches[0]):
         base = ""  # root is the cifar-*-py folder itself
@@ -1081,14 +971,13 @@ def _read_cifar(archive: _Archive, opts: _Options) -> ImageSet:
             raise KrrstError(f"{where}: no 'data' or {labels_key!r} entry; expected the {opts.name.upper()} {layout}")
         arrays.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(int(label) for label in batch[labels_key])
-    images = torch.from_numpy(np.concatenate(arrays))
-    return _array_set(images, labels, class_names, CIFAR10_STATS if is_10 else CIFAR100_STATS, opts)
+    stats = CIFAR10_STATS if is_10 else CIFAR100_STATS
+    return _from_arrays(arrays, np.asarray(labels, dtype=np.int64), class_names, stats, opts)
 
 
 def _read_aircraft(archive: _Archive, opts: _Options) -> ImageSet:
-    layout = (
-        "fgvc-aircraft-2013b/data/{variants.txt, images_variant_trainval.txt, images_variant_test.txt, images/<id>.jpg}"
-    )
+    layout = ("fgvc-aircraft-2013b/data/{variants.txt, images_variant_trainval.txt, images_variant_test.txt, "
+              "images/<id>.jpg}")
     base = _locate(archive, "data/variants.txt", "FGVC-Aircraft", layout) + "data/"
     class_names = _read_lines(archive, base + "variants.txt")
     class_index = {c: i for i, c in enumerate(class_names)}
@@ -1102,7 +991,7 @@ def _read_aircraft(archive: _Archive, opts: _Options) -> ImageSet:
             raise KrrstError(f"{archive.path}: {list_name} names variant {variant!r}, which is not in variants.txt")
         members.append(f"{base}images/{image_id}.jpg")
         labels.append(class_index[variant])
-    return _labelled_files(archive, members, labels, class_names, IMAGENET_STATS, opts)
+    return _labelled_files(archive, members, labels, class_names, opts, IMAGENET_STATS)
 
 
 def _read_flowers(archive: _Archive, opts: _Options) -> ImageSet:
@@ -1116,13 +1005,12 @@ def _read_flowers(archive: _Archive, opts: _Options) -> ImageSet:
     image_ids = sorted(int(i) for key in keys for i in np.atleast_1d(split_ids[key]))
     members = [f"{base}jpg/image_{i:05d}.jpg" for i in image_ids]
     labels = [int(all_labels[i - 1]) for i in image_ids]
-    return _labelled_files(archive, members, labels, list(Flowers102.classes), IMAGENET_STATS, opts)
+    return _labelled_files(archive, members, labels, list(Flowers102.classes), opts, IMAGENET_STATS)
 
 
 def _read_cars(archive: _Archive, opts: _Options) -> ImageSet:
-    layout = (
-        "{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/}"
-    )
+    layout = ("{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/, "
+              "cars_test/}")
     base = _locate(archive, "devkit/cars_meta.mat", "Stanford Cars", layout)
     class_names = [str(c) for c in np.atleast_1d(_load_mat(archive, base + "devkit/cars_meta.mat")["class_names"])]
     if opts.split == "train":
@@ -1135,14 +1023,12 @@ def _read_cars(archive: _Archive, opts: _Options) -> ImageSet:
     records = np.atleast_1d(_load_mat(archive, annotations)["annotations"])
     members = [folder + str(f) for f in records["fname"]]
     labels = [int(c) - 1 for c in records["class"]]
-    return _labelled_files(archive, members, labels, class_names, IMAGENET_STATS, opts)
+    return _labelled_files(archive, members, labels, class_names, opts, IMAGENET_STATS)
 
 
 def _read_cub(archive: _Archive, opts: _Options) -> ImageSet:
-    layout = (
-        "CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, "
-        "images/<class>/<image>.jpg}"
-    )
+    layout = ("CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, "
+              "images/<class>/<image>.jpg}")
     base = _locate(archive, "image_class_labels.txt", "CUB-200-2011", layout)
 
     def table(file_name: str) -> dict[str, str]:
@@ -1158,7 +1044,7 @@ def _read_cub(archive: _Archive, opts: _Options) -> ImageSet:
     ids = sorted((i for i in paths if is_train[i].strip() == wanted), key=int)
     members = [base + "images/" + paths[i] for i in ids]
     labels = [int(classes[i]) - 1 for i in ids]
-    return _labelled_files(archive, members, labels, class_names, IMAGENET_STATS, opts)
+    return _labelled_files(archive, members, labels, class_names, opts, IMAGENET_STATS)
 
 
 def _read_dogs(archive: _Archive, opts: _Options) -> ImageSet:
@@ -1166,74 +1052,53 @@ def _read_dogs(archive: _Archive, opts: _Options) -> ImageSet:
     list_name = f"{opts.split}_list.mat"
     list_base = _locate(archive, list_name, "Stanford Dogs", layout)
     # lists.tar extracts beside Images/; some copies keep the lists in a lists/ folder instead.
-    image_base = list_base[: -len("lists/")] if list_base.endswith("lists/") else list_base
-    folders = archive.subfolders(image_base + "Images/")
+    images = list_base.removesuffix("lists/") + "Images/"
+    below = [name[len(images) :] for name in archive.files(images)]
+    folders = sorted({rest.split("/")[0] for rest in below if "/" in rest})
     if not folders:
         raise KrrstError(
-            f"{archive.path}: no {image_base}Images/<wnid>-<name>/ folders; expected the Stanford Dogs layout {layout}"
+            f"{archive.path}: no {images}<wnid>-<name>/ folders; expected the Stanford Dogs layout {layout}"
         )
     class_index = {f: i for i, f in enumerate(folders)}
     files = [str(f) for f in np.atleast_1d(_load_mat(archive, list_base + list_name)["file_list"])]
     unknown = sorted({f.split("/")[0] for f in files} - class_index.keys())
     if unknown:
         raise KrrstError(f"{archive.path}: {list_name} names classes with no Images/ folder: {', '.join(unknown[:5])}")
-    members = [image_base + "Images/" + f for f in files]
     labels = [class_index[f.split("/")[0]] for f in files]
     class_names = [f.split("-", 1)[-1] for f in folders]
-    return _labelled_files(archive, members, labels, class_names, IMAGENET_STATS, opts)
+    return _labelled_files(archive, [images + f for f in files], labels, class_names, opts, IMAGENET_STATS)
 
 
 def _read_imagenet64(archive: _Archive, opts: _Options) -> ImageSet:
     layout = "{train_data_batch_1.npz .. train_data_batch_10.npz, val_data.npz} (npz release of downsampled ImageNet)"
+    candidates = archive.files(max_depth=2)  # up to two folders down
     if opts.split == "train":
         pattern = re.compile(r"(^|/)train_data_batch_(\d+)(\.npz)?$")
-        found = [(int(m.group(2)), n) for n in _imagenet64_candidates(archive) if (m := pattern.search(n))]
+        found = [(int(m.group(2)), n) for n in candidates if (m := pattern.search(n))]
         batch_names = [n for _, n in sorted(found)]
     else:
-        batch_names = [n for n in _imagenet64_candidates(archive) if re.search(r"(^|/)val_data(\.npz)?$", n)][:1]
+        batch_names = [n for n in candidates if re.search(r"(^|/)val_data(\.npz)?$", n)][:1]
     if not batch_names:
         raise KrrstError(f"{archive.path}: no {opts.split} batches found; expected the ImageNet64 layout {layout}")
     # Labels first (small): they fix the rows to keep, so the images go straight into one preallocated tensor.
-    labels_per_batch = []
+    labels = []
     for batch_name in batch_names:
         with _npz(archive, batch_name) as npz:
-            # the files count classes from 1
-            labels_per_batch.append(np.asarray(npz["labels"], dtype=np.int64).reshape(-1) - 1)
-    all_labels = np.concatenate(labels_per_batch)
-    keep = np.zeros(len(all_labels), dtype=bool)
-    keep[_first_per_class(all_labels.tolist(), opts.max_per_class)] = True
-    out: torch.Tensor | None = None
-    row = offset = 0
-    for batch_name, batch_labels in zip(batch_names, labels_per_batch):
-        batch_keep = keep[offset : offset + len(batch_labels)]
-        offset += len(batch_labels)
-        with _npz(archive, batch_name) as npz:
-            data = np.asarray(npz["data"])
-        side = math.isqrt(data.shape[1] // 3) if data.ndim == 2 else 0
-        if data.dtype != np.uint8 or side == 0 or 3 * side * side != data.shape[1] or len(data) != len(batch_labels):
-            raise KrrstError(f"{archive.path / batch_name}: 'data' must be N x 3*S*S uint8; expected {layout}")
-        kept = data if batch_keep.all() else data[batch_keep]  # a 10th of ImageNet64 per batch: avoid a copy
-        images = torch.from_numpy(kept.reshape(-1, 3, side, side))
-        if out is None:
-            size = opts.image_size or side
-            out = opts.allocate((int(keep.sum()), 3, size, size))
-        for start in range(0, len(images), 4096):
-            chunk = images[start : start + 4096]
-            out[row : row + len(chunk)] = _resize(chunk, out.shape[-1], opts.resize) if out.shape[-1] != side else chunk
-            row += len(chunk)
-        del data, kept, images
+            labels.append(np.asarray(npz["labels"], dtype=np.int64).reshape(-1) - 1)  # the files count from 1
+
+    def arrays() -> Iterator[np.ndarray]:
+        for batch_name, batch_labels in zip(batch_names, labels):
+            with _npz(archive, batch_name) as npz:
+                data = np.asarray(npz["data"])
+            side = math.isqrt(data.shape[1] // 3) if data.ndim == 2 else 0
+            well_formed = data.dtype == np.uint8 and side > 0 and 3 * side * side == data.shape[1]
+            if not well_formed or len(data) != len(batch_labels):
+                raise KrrstError(f"{archive.path / batch_name}: 'data' must be N x 3*S*S uint8; expected {layout}")
+            yield data.reshape(-1, 3, side, side)
+
+    all_labels = np.concatenate(labels)
     class_names = _imagenet64_class_names(archive, int(all_labels.max()) + 1)
-    resize = opts.resize if opts.image_size is not None else None
-    return ImageSet(out, torch.from_numpy(all_labels[keep].copy()), class_names, *IMAGENET_STATS, opts.name,
-                    resize=resize)
-
-
-def _imagenet64_candidates(archive: _Archive) -> list[str]:
-    """Names that may be ImageNet64 batches: the zip's members, or files up to two folders down."""
-    if archive.zip is not None:
-        return archive.names
-    found = (p for depth in range(3) for p in archive.path.glob("*/" * depth + "*_data*"))
-    return sorted(p.relative_to(archive.path).as_posix() for p in found)
+    return _from_arrays(arrays(), all_labels, class_names, IMAGENET_STATS, opts)
 
 
 @contextlib.contextmanager
@@ -1264,6 +1129,68 @@ def _imagenet64_class_names(archive: _Archive, count: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face datasets (optional: pip install 'krrst[hf]').
+
+
+def _open_hf(root: str, split: str) -> tuple[_Archive, tuple]:
+    """A Hugging Face dataset as an archive of its rows for `_read_hf`, and what identifies it.
+
+    `root` is a folder written by `save_to_disk` (read offline) or a hub name
+    (fetched by `datasets`). The first `Image` column holds the images and the
+    first `ClassLabel` column, when there is one, the labels. A split the
+    dataset has is read as it is; `train`/`test` of a dataset with no `test`
+    split come from its `train` split (or its only one), split by `_own_split`.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise KrrstError("reading a Hugging Face dataset needs the datasets package: pip install 'krrst[hf]'") from None
+    local = Path(root).expanduser()
+    try:
+        data = datasets.load_from_disk(str(local)) if local.exists() else datasets.load_dataset(root)
+    except Exception as exc:  # noqa: BLE001 - network, format and hub errors come in many types
+        raise KrrstError(f"cannot open the Hugging Face dataset {root!r} ({describe_exception(exc)}); expected a "
+                         "hub name or a folder written by save_to_disk") from None
+    splits = dict(data) if isinstance(data, datasets.DatasetDict) else {"all": data}
+    if split in splits:
+        base, derived = split, False
+    elif split in ("train", "test", "all") and "test" not in splits and ("train" in splits or len(splits) == 1):
+        base, derived = ("train" if "train" in splits else next(iter(splits))), True
+    else:
+        raise KrrstError(f"Hugging Face dataset {root!r} has no split {split!r}; its splits: {', '.join(splits)}")
+    rows = splits[base]
+    image_column = next((c for c, f in rows.features.items() if isinstance(f, datasets.Image)), None)
+    if image_column is None:
+        raise KrrstError(f"Hugging Face dataset {root!r} has no Image column (columns: {', '.join(rows.features)})")
+    label_column = next((c for c, f in rows.features.items() if isinstance(f, datasets.ClassLabel)), None)
+    rows = rows.cast_column(image_column, datasets.Image(decode=False))
+    lock = threading.Lock()
+
+    def fetch(row: int) -> bytes:
+        with lock:
+            item = rows[row][image_column]
+        return item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
+
+    index = {str(row): row for row in range(len(rows))}
+    archive = _Archive(local if local.exists() else Path(root), index, fetch, hf=(root, rows, label_column, derived))
+    return archive, ("hf", str(local.resolve()) if local.exists() else root, base, derived, rows._fingerprint)
+
+
+def _read_hf(archive: _Archive, opts: _Options) -> ImageSet:
+    root, rows, label_column, derived = archive.hf
+    members, labels, class_names = list(archive.index), None, []
+    if label_column is not None:
+        labels = [int(label) for label in rows[label_column]]
+        class_names = list(rows.features[label_column].names)
+    elif derived and opts.split == "test":
+        raise KrrstError(f"Hugging Face dataset {root!r} has no test split and no ClassLabel column to split by")
+    name = Path(root).name or root
+    if derived:
+        members, labels, name = _own_split(members, labels, opts, name)
+    return _labelled_files(archive, members, labels, class_names, opts, name=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Registry, downloads, cache and the public entry point.
 
 _Reader = Callable[[_Archive, _Options], ImageSet]
@@ -1272,7 +1199,7 @@ _Reader = Callable[[_Archive, _Options], ImageSet]
 class Dataset(NamedTuple):
     """What `load_images` needs to know of a dataset name."""
 
-    read: _Reader | None  # the reader of its layout (None: `hf`, whose reader comes with the opened dataset)
+    read: _Reader  # the reader of its layout
     splits: tuple[str, ...] | None  # the splits it has (None: the folders present, or the HF dataset's own)
     layout: str  # what it reads under --root (`krrst datasets`)
     downloadable: bool = False  # torchvision fetches it (--download)
@@ -1305,7 +1232,7 @@ for _name, _dataset in {
                           "val_data.npz (official downsampled release)", test_split="val"),
     "folder": Dataset(_read_folder, ("train", "test", "all"), "your own images in any layout (the examples below)",
                       splits_itself=True),
-    "hf": Dataset(None, None, "a Hugging Face dataset: a hub name (e.g. --root cifar10) or a save_to_disk folder "
+    "hf": Dataset(_read_hf, None, "a Hugging Face dataset: a hub name (e.g. --root cifar10) or a save_to_disk folder "
                   "(pip install 'krrst[hf]')", splits_itself=True),
 }.items():
     DATASETS.register(_name, _dataset)
@@ -1388,14 +1315,14 @@ def _root_identity(opts: _Options) -> list[Any]:
     resolved = opts.root.resolve()
     if opts.name in ("folder", "imagefolder") and resolved.is_dir():
         digest = hashlib.sha256()
-        for name, entry in sorted(_walk_files(resolved), key=lambda item: item[0]):
+        for name in sorted(_walk_files(resolved)):
             if _is_image(name):
-                info = entry.stat()
+                info = (resolved / name).stat()
                 digest.update(f"{name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
         return [str(resolved), digest.hexdigest()]
     if opts.name == "folder" and resolved.name.lower().endswith(_LIST_SUFFIXES) and resolved.is_file():
         digest = hashlib.sha256(resolved.read_bytes())
-        for path in _open_list(resolved).listed.values():
+        for path in _open_list(resolved).index.values():
             info = path.stat() if path.exists() else None
             digest.update(f"{path}\0{info and info.st_size}\0{info and info.st_mtime_ns}\n".encode())
         return [str(resolved), digest.hexdigest()]
@@ -1403,7 +1330,9 @@ def _root_identity(opts: _Options) -> list[Any]:
     return [str(resolved), info.st_size, info.st_mtime_ns]
 
 
-def _cache_stem(cache_dir: Path, opts: _Options) -> Path:
+def _cache_entry(cache_dir: Path, opts: _Options) -> Path:
+    """The JSON of the cache entry for `opts`: written last, it marks a complete entry; the images and the labels
+    are `.images.npy` and `.labels.npy` beside it."""
     fields = [_CACHE_FORMAT, opts.name, *_root_identity(opts), opts.split, opts.image_size, opts.max_per_class,
               opts.resize, opts.skip_corrupt]
     if DATASETS.get(opts.name).splits_itself:
@@ -1411,23 +1340,19 @@ def _cache_stem(cache_dir: Path, opts: _Options) -> Path:
     digest = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:20]
     size = opts.image_size or "native"
     count = opts.max_per_class or "all"
-    return cache_dir / f"{opts.name}-{opts.split}-{size}-{count}-{digest}"
+    return cache_dir / f"{opts.name}-{opts.split}-{size}-{count}-{digest}.json"
 
 
-def _cache_paths(stem: Path) -> tuple[Path, Path, Path]:
-    """The images .npy, the labels .npy and the JSON (written last, so it marks a complete entry)."""
-    return tuple(stem.with_name(stem.name + suffix) for suffix in (".images.npy", ".labels.npy", ".json"))
-
-
-def _read_cache(stem: Path) -> ImageSet | None:
-    images_path, labels_path, meta_path = _cache_paths(stem)
+def _read_cache(meta_path: Path) -> ImageSet | None:
     if not meta_path.is_file():
         return None
     try:
         meta = read_json(meta_path, "cache entry")
         # Copy-on-write map: pages load on demand and the tensor is writable without touching the file.
-        images = torch.from_numpy(np.load(images_path, mmap_mode="c", allow_pickle=False))
-        labels = torch.from_numpy(np.load(labels_path, allow_pickle=False)) if meta["labelled"] else None
+        images = torch.from_numpy(np.load(meta_path.with_suffix(".images.npy"), mmap_mode="c", allow_pickle=False))
+        labels = None
+        if meta["labelled"]:
+            labels = torch.from_numpy(np.load(meta_path.with_suffix(".labels.npy"), allow_pickle=False))
         if len(images) != meta["count"]:
             raise ValueError(f"{len(images)} images, expected {meta['count']}")
         return ImageSet(images, labels, meta["class_names"], tuple(meta["mean"]), tuple(meta["std"]), meta["name"],
@@ -1439,52 +1364,33 @@ def _read_cache(stem: Path) -> ImageSet | None:
         return None
 
 
-def _write_cache(stem: Path, image_set: ImageSet, sink: _Sink) -> None:
+def _write_cache(meta_path: Path, image_set: ImageSet, sink: _Sink) -> None:
     """Store `image_set` as a cache entry: its images are renamed into place when decoded into `sink`'s map."""
-    images_path, labels_path, meta_path = _cache_paths(stem)
+    images_path = meta_path.with_suffix(".images.npy")
     try:
-        if not sink.claim(image_set.images, images_path):
-            with atomic_write(images_path) as tmp, open(tmp, "wb") as handle:
-                np.save(handle, image_set.images.numpy(), allow_pickle=False)
+        arrays = {} if sink.claim(image_set.images, images_path) else {images_path: image_set.images}
         if image_set.labels is not None:
-            with atomic_write(labels_path) as tmp, open(tmp, "wb") as handle:
-                np.save(handle, image_set.labels.numpy(), allow_pickle=False)
+            arrays[meta_path.with_suffix(".labels.npy")] = image_set.labels
+        for path, tensor in arrays.items():
+            with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, tensor.numpy(), allow_pickle=False)
         # The JSON goes last: its presence marks the entry complete.
-        meta = {
-            "name": image_set.name,
-            "count": len(image_set),
-            "labelled": image_set.labels is not None,
-            "class_names": image_set.class_names,
-            "mean": list(image_set.mean),
-            "std": list(image_set.std),
-            "resize": image_set.resize,
-            "skipped": list(image_set.skipped),
-        }
-        write_json(meta_path, meta)
+        write_json(meta_path, dict(
+            name=image_set.name, count=len(image_set), labelled=image_set.labels is not None,
+            class_names=image_set.class_names, mean=list(image_set.mean), std=list(image_set.std),
+            resize=image_set.resize, skipped=list(image_set.skipped),
+        ))
     except OSError as exc:
         reason = describe_exception(exc)
         warnings.warn(f"could not write the dataset cache {meta_path} ({reason}); continuing without it", stacklevel=3)
 
 
-def cache_file(
-    name: str,
-    root: str | os.PathLike,
-    split: str = "train",
-    image_size: int | None = None,
-    *,
-    max_per_class: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    resize: str = "crop",
-    skip_corrupt: bool = False,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    split_seed: int = 0,
-) -> Path:
-    """The JSON file marking the cache entry `load_images` would use for these arguments (it may not exist yet)."""
-    if DATASETS.get(name).fine_grained and image_size is None:
-        image_size = FINE_GRAINED_DEFAULT_SIZE
-    opts = _Options(name, split, image_size, max_per_class, None, Path(root).expanduser(), resize, skip_corrupt,
-                    test_fraction, split_seed)
-    return _cache_paths(_cache_stem(Path(cache_dir) if cache_dir else default_cache_dir(), opts))[2]
+def cache_file(name: str, root: str | os.PathLike, split: str = "train", image_size: int | None = None, *,
+               cache_dir: str | os.PathLike | None = None, **options: Any) -> Path:
+    """The JSON file marking the cache entry `load_images` would use for the same arguments (it may not exist yet);
+    `options`: its max_per_class, resize, skip_corrupt, test_fraction and split_seed."""
+    opts = _Options(name, Path(root).expanduser(), split, image_size, **options)
+    return _cache_entry(Path(cache_dir) if cache_dir else default_cache_dir(), opts)
 
 
 def load_images(
@@ -1519,42 +1425,26 @@ def load_images(
     Every user mistake (unknown name or split, missing or unreadable root,
     wrong layout) raises a one-line `KrrstError`.
     """
-    reader, splits = DATASETS.get(name)[:2]
-    if splits is not None and split not in splits:
-        raise KrrstError(f"dataset {name} has no split {split!r}; valid splits: {', '.join(splits)}")
-    for option, value in (("image_size", image_size), ("max_per_class", max_per_class), ("num_workers", num_workers)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise KrrstError(f"{option} must be a positive integer or None, got {value!r}")
-    RESIZE_POLICIES.get(resize)
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise KrrstError(f"test_fraction (run.test_fraction) must lie in (0, 1), got {test_fraction!r}")
-    if DATASETS.get(name).fine_grained and image_size is None:
-        image_size = FINE_GRAINED_DEFAULT_SIZE
-    archive = reader = None
-    identity: tuple = ()
-    if name == "hf":
-        archive, reader, identity = _open_hf(str(root), split)
-    root = Path(root).expanduser()
     if cache_dir is False:
         cache_root = None
     else:
         cache_root = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir).expanduser()
-    sink = _Sink(cache_root) if cache_root is not None else None
-    opts = _Options(name, split, image_size, max_per_class, num_workers, root, resize, bool(skip_corrupt),
-                    float(test_fraction), split_seed, sink, identity)
-
+    opts = _Options(name, Path(root).expanduser(), split, image_size, max_per_class, num_workers, resize, skip_corrupt,
+                    test_fraction, split_seed, _Sink(cache_root))
+    archive = None
+    if name == "hf":
+        archive, identity = _open_hf(str(root), split)
+        opts = dataclasses.replace(opts, identity=identity)
     image_set = None
-    if cache_root is not None and (identity or root.exists()):
-        image_set = _read_cache(_cache_stem(cache_root, opts))
+    if cache_root is not None and (opts.identity or opts.root.exists()):
+        image_set = _read_cache(_cache_entry(cache_root, opts))
     if image_set is None:
-        if archive is None:
-            archive = _open_root(opts, download)
-        image_set = _read_into_cache(archive, reader, opts, cache_root)
+        image_set = _read_into_cache(archive or _open_root(opts, download), opts)
     elif archive is not None:
         archive.close()
     if image_set.skipped:
         shown = ", ".join(image_set.skipped[:3]) + (", ..." if len(image_set.skipped) > 3 else "")
-        warnings.warn(f"{root}: skipped {len(image_set.skipped)} unreadable image file(s): {shown}", stacklevel=2)
+        warnings.warn(f"{opts.root}: skipped {len(image_set.skipped)} unreadable image file(s): {shown}", stacklevel=2)
     return image_set
 
 
@@ -1574,83 +1464,16 @@ def _open_root(opts: _Options, download: bool) -> _Archive:
     return _open_archive(root)
 
 
-def _read_into_cache(archive: _Archive, reader: _Reader | None, opts: _Options, cache_root: Path | None) -> ImageSet:
+def _read_into_cache(archive: _Archive, opts: _Options) -> ImageSet:
     """Read the dataset and store it in the cache (the images decoded straight into the entry's file)."""
-    reader = reader or DATASETS.get(opts.name).read
     try:
-        image_set = reader(archive, opts)
-        if opts.name == "imagefolder":
-            # Name the set after its archive/folder ("cifar10-jpeg"), which says more than "imagefolder".
-            image_set = dataclasses.replace(image_set, name=opts.root.name.removesuffix(".zip"))
-        if cache_root is not None:
-            stem = _cache_stem(cache_root, opts)  # keyed again: a download has just changed the root's mtime
-            _write_cache(stem, image_set, opts.sink)
+        image_set = DATASETS.get(opts.name).read(archive, opts)
+        if opts.sink.folder is not None:
+            entry = _cache_entry(opts.sink.folder, opts)  # keyed again: a download has just changed the root's mtime
+            _write_cache(entry, image_set, opts.sink)
             # The decoding map is writable and shared with the file: hand out the copy-on-write map instead.
-            image_set = _read_cache(stem) or image_set
+            image_set = _read_cache(entry) or image_set
     finally:
         archive.close()
-        if opts.sink is not None:
-            opts.sink.discard()
+        opts.sink.discard()
     return image_set
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Hugging Face datasets (optional: pip install 'krrst[hf]').
-
-
-def _open_hf(root: str, split: str) -> tuple[_Archive, _Reader, tuple]:
-    """A Hugging Face dataset as an archive of its rows, the reader of the split, and what identifies it.
-
-    `root` is a folder written by `save_to_disk` (read offline) or a hub name
-    (fetched by `datasets`). The first `Image` column holds the images and the
-    first `ClassLabel` column, when there is one, the labels. A split the
-    dataset has is read as it is; `train`/`test` of a labelled dataset with no
-    `test` split come from a seeded, stratified split of its `train` split (or
-    of its only one).
-    """
-    try:
-        import datasets
-    except ImportError:
-        raise KrrstError("reading a Hugging Face dataset needs the datasets package: pip install 'krrst[hf]'") from None
-    local = Path(root).expanduser()
-    try:
-        data = datasets.load_from_disk(str(local)) if local.exists() else datasets.load_dataset(root)
-    except Exception as exc:  # noqa: BLE001 - network, format and hub errors come in many types
-        raise KrrstError(f"cannot open the Hugging Face dataset {root!r} ({describe_exception(exc)}); expected a "
-                         "hub name or a folder written by save_to_disk") from None
-    splits = dict(data) if isinstance(data, datasets.DatasetDict) else {"all": data}
-    if split in splits:
-        base, derived = split, False
-    elif split in ("train", "test", "all") and "test" not in splits and ("train" in splits or len(splits) == 1):
-        base, derived = ("train" if "train" in splits else next(iter(splits))), True
-    else:
-        raise KrrstError(f"Hugging Face dataset {root!r} has no split {split!r}; its splits: {', '.join(splits)}")
-    rows = splits[base]
-    image_column = next((c for c, f in rows.features.items() if isinstance(f, datasets.Image)), None)
-    if image_column is None:
-        raise KrrstError(f"Hugging Face dataset {root!r} has no Image column (columns: {', '.join(rows.features)})")
-    label_column = next((c for c, f in rows.features.items() if isinstance(f, datasets.ClassLabel)), None)
-    rows = rows.cast_column(image_column, datasets.Image(decode=False))
-    archive = _Archive(local if local.exists() else Path(root), rows=rows, column=image_column)
-    archive._names = [str(i) for i in range(len(rows))]
-    identity = ("hf", str(local.resolve()) if local.exists() else root, base, derived, rows._fingerprint)
-
-    def read(archive: _Archive, opts: _Options) -> ImageSet:
-        members = archive._names
-        labels = class_names = None
-        if label_column is not None:
-            labels = [int(label) for label in rows[label_column]]
-            class_names = list(rows.features[label_column].names)
-        name = Path(root).name or root
-        if derived and split != "all" and labels is not None:
-            train, test = stratified_split(labels, opts.test_fraction, opts.split_seed)
-            chosen = train if split == "train" else test
-            members, labels = [members[i] for i in chosen], [labels[i] for i in chosen]
-            name = f"{name} (test {100 * opts.test_fraction:g}%, seed {opts.split_seed})"
-        elif derived and split == "test":
-            raise KrrstError(f"Hugging Face dataset {root!r} has no test split and no ClassLabel column to split by")
-        image_set = _labelled_files(archive, members, labels, class_names or [], ((0.0,) * 3, (1.0,) * 3), opts)
-        stats = _channel_stats(image_set.images)
-        return dataclasses.replace(image_set, mean=stats[0], std=stats[1], name=name)
-
-    return archive, read, identity
