@@ -412,6 +412,32 @@ def test_dogs_layout(tmp_path):
     assert load_images("dogs", tmp_path, "test", cache_dir=False).labels.tolist() == [0]
 
 
+def test_released_layouts_read_from_their_tar_archives(tmp_path):
+    """A .tar.gz as downloaded (CIFAR's pickles, read at random) and a .tar (Tiny-ImageNet's images, walked by
+    prefix) give the same sets as the extracted folders."""
+    _write_cifar(tmp_path / "cifar", hundred=False)
+    cifar_tar = tar_folder(tmp_path / "cifar" / "cifar-10-batches-py", tmp_path / "cifar-10-python.tar.gz", "w:gz")
+    for split in ("train", "test"):
+        from_tar = load_images("cifar10", cifar_tar, split, cache_dir=False)
+        from_folder = load_images("cifar10", tmp_path / "cifar", split, cache_dir=False)
+        assert torch.equal(from_tar.images, from_folder.images) and torch.equal(from_tar.labels, from_folder.labels)
+    tiny = tmp_path / "tiny" / "tiny-imagenet-200"
+    write(tiny / "wnids.txt", "n02\nn01\n")
+    write(tiny / "words.txt", "n01\tgoldfish, Carassius auratus\nn02\tgreat white shark\n")
+    for c, wnid in enumerate(("n02", "n01")):
+        for i in range(2):
+            write(tiny / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", solid(PALETTE[2 * c + i], (8, 8)))
+        write(tiny / "train" / wnid / f"{wnid}_boxes.txt", "not an image")
+    write(tiny / "val" / "images" / "val_0.JPEG", solid(PALETTE[5], (8, 8)))
+    write(tiny / "val" / "val_annotations.txt", "val_0.JPEG\tn01\t0\t0\t8\t8\n")
+    tiny_tar = tar_folder(tiny, tmp_path / "tiny.tar", "w")
+    for split, labels in (("train", [0, 0, 1, 1]), ("val", [1])):
+        from_tar = load_images("tinyimagenet", tiny_tar, split, cache_dir=False)
+        assert from_tar.labels.tolist() == labels and from_tar.class_names == ["great white shark", "goldfish"]
+        assert torch.equal(from_tar.images, load_images("tinyimagenet", tiny.parent, split, cache_dir=False).images)
+    assert_colours(load_images("tinyimagenet", tiny_tar, "train", cache_dir=False), PALETTE[:4])
+
+
 def test_imagenet64_npz_batches(tmp_path):
     rng = np.random.default_rng(0)
     batches = {}
