@@ -308,7 +308,6 @@ class _Archive:
             hits = [n[: -len(marker)] for n in self.index if n == marker or n.endswith("/" + marker)]
         else:
             # Probe a few depths instead of walking: torchvision-style roots often hold other big datasets.
-            hits = []
             for depth in range(max_depth + 1):
                 found = self.path.glob("*/" * depth + marker)
                 hits = [p.relative_to(self.path).as_posix() for p in found if p.is_file()]
@@ -1193,13 +1192,10 @@ def _read_hf(archive: _Archive, opts: _Options) -> ImageSet:
 # ---------------------------------------------------------------------------------------------------------------------
 # Registry, downloads, cache and the public entry point.
 
-_Reader = Callable[[_Archive, _Options], ImageSet]
-
-
 class Dataset(NamedTuple):
     """What `load_images` needs to know of a dataset name."""
 
-    read: _Reader  # the reader of its layout
+    read: Callable[[_Archive, _Options], ImageSet]  # the reader of its layout
     splits: tuple[str, ...] | None  # the splits it has (None: the folders present, or the HF dataset's own)
     layout: str  # what it reads under --root (`krrst datasets`)
     downloadable: bool = False  # torchvision fetches it (--download)
