@@ -607,7 +607,8 @@ def _first_shape(archive: _Archive, members: Sequence[str], first: _Chunk, opts:
     """The H x W of the output: `image_size`, else the size of the first decodable image."""
     if opts.image_size is not None:
         return opts.image_size, opts.image_size
-    candidates = first if archive.streamed else [(row, None) for row in range(len(members))]  # a stream: one chunk
+    # A stream has only its first chunk at hand; any other archive can read every member.
+    candidates = first if archive.streamed else [(row, None) for row in range(len(members))]
     for row, data in candidates:
         data = archive.read(members[row]) if data is None else data
         image = _decode_one(data, members[row], archive.path, opts.skip_corrupt)
@@ -706,7 +707,8 @@ def _from_arrays(arrays: Iterable[np.ndarray], labels: np.ndarray, class_names: 
     for array in arrays:
         batch_keep = keep[offset : offset + len(array)]
         offset += len(array)
-        images = torch.from_numpy(array if batch_keep.all() else array[batch_keep])  # a whole batch: no copy
+        # Keeping a whole batch (a 10th of ImageNet64) makes no copy of it.
+        images = torch.from_numpy(array if batch_keep.all() else array[batch_keep])
         if out is None:
             size = opts.image_size or images.shape[-1]
             out = opts.sink.allocate((int(keep.sum()), 3, size, size))
