@@ -303,16 +303,12 @@ def paired_summary(differences: Sequence[float], confidence: float = CONFIDENCE)
 def paired_comparisons(rows: Iterable[dict], references: Sequence[str] = DEFAULT_REFERENCES) -> list[dict]:
     """Each method against each reference, paired by (target, arch, protocol, seed), in accuracy points.
 
-    A method is compared with every reference listed after it in
-    `references` (the reference itself excluded), so with ("random", "none")
-    KRR-ST meets both, random meets none, and none meets nothing; a merged
-    method `<run>:<method>` counts as its `<method>` there. Rows pair
-    when they share target, arch, protocol and seed: the same label subset,
-    initialisation and batch order. Returns one dict per (reference, method,
-    source, target, arch, protocol) with at least one pair: those keys,
-    `seeds`, `differences` (100 x (method - reference) per seed) and
-    `paired_summary`'s fields, ordered by reference, arch, target, protocol
-    and method.
+    A method is compared with every reference listed after it in `references` (the reference itself excluded),
+    so with ("random", "none") KRR-ST meets both, random meets none, and none meets nothing; a merged method
+    `<run>:<method>` counts as its `<method>` there. Rows pair when they share target, arch, protocol and seed:
+    the same label subset, initialisation and batch order. Returns one dict per (reference, method, source,
+    target, arch, protocol) with at least one pair: those keys, `seeds`, `differences` (100 x (method -
+    reference) per seed) and `paired_summary`'s fields, ordered by reference, arch, target, protocol and method.
     """
     rows = list(rows)
     ours: dict[tuple, dict[int, float]] = {}  # (method, source, target, arch, protocol) -> {seed: accuracy}
@@ -1162,18 +1158,13 @@ def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT
                  preset_config: Callable[[str], dict] | None = None) -> dict[str, Path]:
     """Write `results.md`, `results.png` and `report.html` for a run directory; returns the paths written.
 
-    The page leads with the paired differences of every method against
-    `references` (mean, 95% t-interval, wins), then the accuracy table, what
-    distillation changed in the images, the teacher's health, the
-    distillation's curves, storage per set, the config as a diff from its
-    preset, and the environment. It reads whatever the run holds; a missing
-    or unreadable piece is left out with a note, never an error.
-    `results.png` (the paired differences, else the accuracy bars) and
-    `results.md` are written only when there are results. `report.html` is
-    one self-contained page: images as base64 data URIs, inline CSS, no
-    script, every text HTML-escaped. `preset_config(name)` gives a preset's
-    resolved config (`krrst.pipeline.preset_config`) for the config diff;
-    None shows the config without one.
+    The page leads with the paired differences of every method against `references` (mean, 95% t-interval,
+    wins), then the accuracy table, what distillation changed in the images, the teacher's health, the
+    distillation's curves, storage per set, the config as a diff from its preset, and the environment. A missing
+    or unreadable piece is left out with a note, never an error. `results.png` (the paired differences, else the
+    accuracy bars) and `results.md` are written only when there are results. `report.html` is self-contained
+    (images as data URIs, inline CSS, no script, every text escaped). `preset_config(name)` gives a preset's
+    resolved config (`krrst.pipeline.preset_config`) for the config diff; None shows the config without one.
     """
     run_dir = _run_dir(run_dir)
     written: dict[str, Path] = {}
@@ -1182,12 +1173,12 @@ def write_report(run_dir: str | os.PathLike, references: Sequence[str] = DEFAULT
     env = _load_optional(run_dir / "env.json", "env", notes)
     timings = _load_optional(run_dir / "timings.json", "timings", notes)
     run_note = _run_note(config)
+    why = "No results yet (results.csv is absent or empty): the evaluation stage has not run."
     try:
         rows = read_results(run_dir)
-        sections = [] if rows else ['<h2 id="headline">Results</h2>' + _note(
-            "No results yet (results.csv is absent or empty): the evaluation stage has not run.")]
     except KrrstError as exc:
-        rows, sections = [], ['<h2 id="headline">Results</h2>' + _note(f"results.csv could not be read: {exc}")]
+        rows, why = [], f"results.csv could not be read: {exc}"
+    sections = [] if rows else ['<h2 id="headline">Results</h2>' + _note(why)]
     if rows:
         comparisons = paired_comparisons(rows, references)
         headline, paired_png = _headline_html(comparisons)
@@ -1278,12 +1269,10 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
                      references: Sequence[str] = DEFAULT_REFERENCES) -> dict[str, Path]:
     """Merge several run folders into `out_dir/report.html` and `out_dir/results.md`; returns the paths written.
 
-    Methods are named `<run label>:<method>`; paired differences pair rows
-    of any two runs by target, arch, protocol and seed (`references` as in
-    `resolve_references`). The page shows the headline, the accuracy table,
-    each run's storage, each run's config as a diff from the first run's, and
-    each run's environment; each run's own report.html shows its images,
-    teacher and distillation.
+    Methods are named `<run label>:<method>`; paired differences pair rows of any two runs by target, arch,
+    protocol and seed (`references` as in `resolve_references`). The page shows the headline, the accuracy
+    table, and each run's storage, config (as a diff from the first run's) and environment; each run's own
+    report.html shows its images, teacher and distillation.
     """
     run_dirs = [Path(run_dir) for run_dir in run_dirs]
     rows = merged_rows(run_dirs)
