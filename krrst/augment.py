@@ -23,6 +23,8 @@ device the images are on.
 - `fixed_augment` / `fixed_augment_all` with `FIXED_AUGMENTATIONS`: the
   deterministic views (rotations by multiples of 90 degrees, flips) of
   "Boost Self-Supervised Dataset Distillation" (Yu et al., ICLR 2025).
+- `strong_augment`: crop + flip then DSA's colour jitter, for label-based
+  sets and knowledge distillation in the evaluation.
 """
 
 from __future__ import annotations
@@ -181,6 +183,32 @@ def crop_flip(images: torch.Tensor, padding: int = 4, generator: torch.Generator
     return apply_crop_flip(images, params, padding)
 
 
+def _dsa_colour(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """DSA's colour jitter on normalised images: brightness, saturation, contrast, one draw per image.
+
+    DSA (Zhao & Bilen 2021), ParamDiffAug: x + (u - 0.5); (x - mean_c)(2u) +
+    mean_c over channels; (x - mean)(u + 0.5) + mean over the image, with u
+    ~ U(0, 1) per image; applied in the normalised space as DSA does.
+    """
+    n = images.shape[0]
+    # float32 draws whatever the default dtype: a float64 reference run sees the same jitter
+    draws = torch.rand(3, n, 1, 1, 1, generator=generator, dtype=torch.float32).to(images.device, images.dtype)
+    images = images + (draws[0] - 0.5)
+    channel_mean = images.mean(dim=1, keepdim=True)
+    images = (images - channel_mean) * (draws[1] * 2.0) + channel_mean
+    image_mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return (images - image_mean) * (draws[2] + 0.5) + image_mean
+
+
+def strong_augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Strong augmentation of normalised images: random crop (zero pad) + flip, then DSA colour jitter.
+
+    Stands in for DSA's `color_crop_cutout_flip_scale_rotate` used by the
+    authors for label-based sets and for KD (no scale, rotation or cutout).
+    """
+    return _dsa_colour(crop_flip(images, padding=padding, generator=generator), generator)
+
+
 # --------------------------------------------------------------------------- SSL views
 
 
@@ -226,15 +254,11 @@ class SSLAugmentConfig:
                 raise KrrstError(f"SSLAugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.hue <= 0.5:
             raise KrrstError(f"SSLAugmentConfig.hue must be in [0, 0.5], got {self.hue}")
-        low, high = self.crop_scale
-        if not 0.0 < low <= high <= 1.0:
-            raise KrrstError(f"SSLAugmentConfig.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
-        low, high = self.crop_ratio
-        if not 0.0 < low <= high:
-            raise KrrstError(f"SSLAugmentConfig.crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
-        low, high = self.blur_sigma
-        if not 0.0 < low <= high:
-            raise KrrstError(f"SSLAugmentConfig.blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
+        for name, top in (("crop_scale", 1.0), ("crop_ratio", math.inf), ("blur_sigma", math.inf)):
+            low, high = getattr(self, name)
+            if not 0.0 < low <= high <= top:
+                rule = "0 < low <= high" + (" <= 1" if top == 1.0 else "")
+                raise KrrstError(f"SSLAugmentConfig.{name} must satisfy {rule}, got {getattr(self, name)}")
         if self.output_size is not None and self.output_size < 1:
             raise KrrstError(f"SSLAugmentConfig.output_size must be a positive integer or None, got {self.output_size}")
 
@@ -274,7 +298,7 @@ def _draw_view_randomness(batch_size: int, generator: torch.Generator) -> _ViewD
     return _ViewDraws(*(c if c.shape[1] > 1 else c[:, 0] for c in columns))
 
 
-def _between(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
+def _between(u: torch.Tensor, low: float | torch.Tensor, high: float | torch.Tensor) -> torch.Tensor:
     return low + (high - low) * u
 
 
@@ -381,12 +405,10 @@ def ssl_views(
 
     `images`: uint8 or float in [0, 1], B x 3 x H x W, any device. Steps, each
     with per-image random parameters drawn from `generator` (CPU; None: torch's
-    default): random resized crop to `config.output_size` (bilinear, through
-    one batched `affine_grid` + `grid_sample`) with the horizontal flip folded
-    into the same sampling grid, colour jitter, greyscale, Gaussian blur,
-    solarisation, then `normalize(mean, std)`. Returns B x 3 x S x S in the
-    default dtype (float32 unless a float64 reference run set it). Call it
-    twice (e.g. with the two `BARLOW_TWINS_CIFAR` configs) for a pair of views.
+    default): random resized crop to `config.output_size` with the horizontal
+    flip folded into the same sampling grid (one batched `affine_grid` +
+    `grid_sample`), colour jitter, greyscale, Gaussian blur, solarisation, then
+    `normalize(mean, std)`. Returns B x 3 x S x S in the default dtype.
 
     The crop box is torchvision's (integer pixels, same scale/ratio rule);
     the bilinear resize reads the pixels just outside the box at its edges
@@ -406,25 +428,13 @@ def ssl_views(
     top, left, crop_h, crop_w = _resized_crop_boxes(draws, height, width, config)
     flip = draws.flip < config.flip_p
     theta = _crop_flip_affine(top, left, crop_h, crop_w, flip, height, width)
-    factors = torch.stack(
-        [
-            _between(draws.jitter_factors[:, 0], max(0.0, 1 - config.brightness), 1 + config.brightness),
-            _between(draws.jitter_factors[:, 1], max(0.0, 1 - config.contrast), 1 + config.contrast),
-            _between(draws.jitter_factors[:, 2], max(0.0, 1 - config.saturation), 1 + config.saturation),
-            _between(draws.jitter_factors[:, 3], -config.hue, config.hue),
-        ],
-        dim=1,
-    )
+    strengths = (config.brightness, config.contrast, config.saturation)
+    low = torch.tensor([*(max(0.0, 1 - x) for x in strengths), -config.hue], dtype=torch.float64)
+    high = torch.tensor([*(1 + x for x in strengths), config.hue], dtype=torch.float64)
+    factors = _between(draws.jitter_factors, low, high)  # B x 4 (brightness, contrast, saturation, hue)
     sigma = _between(draws.blur_sigma, *config.blur_sigma)
-    masks = torch.stack(
-        [
-            draws.jitter < config.jitter_p,
-            draws.grayscale < config.grayscale_p,
-            draws.blur < config.blur_p,
-            draws.solarize < config.solarize_p,
-        ],
-        dim=1,
-    )
+    chances = torch.tensor([config.jitter_p, config.grayscale_p, config.blur_p, config.solarize_p], dtype=torch.float64)
+    masks = torch.stack([draws.jitter, draws.grayscale, draws.blur, draws.solarize], dim=1) < chances
     # One host-to-device copy of everything the batch needs.
     packed = torch.cat([theta.reshape(batch, 6), factors, sigma[:, None], masks.to(theta.dtype)], dim=1)
     packed = packed.to(device=device, dtype=torch.get_default_dtype())  # float32 but in a float64 reference run
@@ -455,10 +465,8 @@ def ssl_view_pair(
     configs: tuple[SSLAugmentConfig, SSLAugmentConfig] = BARLOW_TWINS_CIFAR,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two views of each image, the first with `configs[0]`, the second with `configs[1]`."""
-    return (
-        ssl_views(images, mean, std, generator, configs[0]),
-        ssl_views(images, mean, std, generator, configs[1]),
-    )
+    first, second = (ssl_views(images, mean, std, generator, config) for config in configs)
+    return first, second
 
 
 # --------------------------------------------------------------------------- fixed (predefined) augmentations

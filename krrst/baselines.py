@@ -43,7 +43,6 @@ from krrst.teacher import check_teacher_features, teacher_features
 if TYPE_CHECKING:
     from krrst.data import ImageSet
 
-BASELINES = ("random", "kmeans", "high-loss", "none", "full-ssl")
 TARGET_CHOICES = ("teacher", "labels")
 
 # Lloyd's full passes up to this many points; mini-batch updates beyond (the "auto" rule).
@@ -56,27 +55,26 @@ def _check_targets(targets: str, source: "ImageSet", teacher: nn.Module | None, 
     if targets not in TARGET_CHOICES:
         raise KrrstError(f"{what}: targets={targets!r} is not valid; expected one of {', '.join(TARGET_CHOICES)}")
     if targets == "labels" and source.labels is None:
-        raise KrrstError(f"{what}: targets='labels' but the source {source.name!r} has no labels; use targets='teacher'")
+        raise KrrstError(f"{what}: targets='labels' but the source {source.name!r} has no labels; "
+                         "use targets='teacher'")
     if targets == "teacher" and teacher is None:
         raise KrrstError(f"{what}: targets='teacher' needs a teacher network (or use targets='labels')")
 
 
+def _check_positive(value: Any, what: str, name: str = "m") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KrrstError(f"{what}: {name} must be a positive integer, got {value!r}")
+
+
 def _check_m(m: int, n: int, what: str) -> None:
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise KrrstError(f"{what}: m must be a positive integer, got {m!r}")
+    _check_positive(m, what)
     if m > n:
         raise KrrstError(f"{what}: m={m} is more than the {n} source images")
 
 
-def _source_features(
-    teacher: nn.Module,
-    source: "ImageSet",
-    indices: torch.Tensor | None = None,
-    *,
-    batch_size: int = 512,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+def _source_features(teacher: nn.Module, source: "ImageSet", indices: torch.Tensor | None = None, *,
+                     batch_size: int = 512, device: str | torch.device | None = None,
+                     progress: bool = False) -> torch.Tensor:
     """The teacher's features (float32 N x d, on `device`) of the source images, or of `indices` only."""
     device = resolve_device(device)
     images = source.images if indices is None else source.images[indices.to(source.images.device)]
@@ -87,24 +85,17 @@ def _source_features(
     return features
 
 
-def _make_set(
-    source: "ImageSet",
-    indices: torch.Tensor,
-    features: torch.Tensor | None,
-    targets: str,
-    method: str,
-    teacher: nn.Module | None,
-    config: dict[str, Any],
-) -> DistilledSet:
+def _make_set(source: "ImageSet", indices: torch.Tensor, features: torch.Tensor | None, targets: str, method: str,
+              teacher: nn.Module | None, config: dict[str, Any]) -> DistilledSet:
     cpu_indices = indices.cpu()
     images = normalize(source.images[cpu_indices.to(source.images.device)], source.mean, source.std).cpu()
     if targets == "teacher":
         target_tensor, kind = features.detach().float().cpu(), "representation"
+        spec = getattr(teacher, "spec", None)
+        teacher_arch = spec.get("arch") if isinstance(spec, dict) else type(teacher).__name__
     else:
         target_tensor, kind = source.labels[cpu_indices.to(source.labels.device)].cpu().long(), "hard_labels"
-        config = {**config, "num_classes": len(source.class_names)}
-    spec = getattr(teacher, "spec", None) if teacher is not None else None
-    teacher_arch = spec.get("arch") if isinstance(spec, dict) else (type(teacher).__name__ if teacher is not None else None)
+        config, teacher_arch = {**config, "num_classes": len(source.class_names)}, None
     return DistilledSet(
         images=images.contiguous(),
         targets=target_tensor.contiguous(),
@@ -113,22 +104,14 @@ def _make_set(
         target_kind=kind,
         method=method,
         source=source.name,
-        teacher_arch=teacher_arch if targets == "teacher" else None,
+        teacher_arch=teacher_arch,
         config={**config, "indices": [int(i) for i in cpu_indices]},
     )
 
 
-def random_subset(
-    source: "ImageSet",
-    m: int,
-    teacher: nn.Module | None = None,
-    *,
-    seed: int = 0,
-    targets: Literal["teacher", "labels"] = "teacher",
-    device: str | torch.device | None = None,
-    batch_size: int = 512,
-    progress: bool = False,
-) -> DistilledSet:
+def random_subset(source: "ImageSet", m: int, teacher: nn.Module | None = None, *, seed: int = 0,
+                  targets: Literal["teacher", "labels"] = "teacher", device: str | torch.device | None = None,
+                  batch_size: int = 512, progress: bool = False) -> DistilledSet:
     """m distinct real images drawn uniformly by `seed`, as a `DistilledSet` (method `random`).
 
     Targets are the teacher's features of the normalised images
@@ -145,17 +128,10 @@ def random_subset(
     )
 
 
-def random_subset_of(
-    source: "ImageSet",
-    indices: torch.Tensor | list[int],
-    teacher: nn.Module | None = None,
-    *,
-    targets: Literal["teacher", "labels"] = "teacher",
-    device: str | torch.device | None = None,
-    batch_size: int = 512,
-    progress: bool = False,
-    config: dict[str, Any] | None = None,
-) -> DistilledSet:
+def random_subset_of(source: "ImageSet", indices: torch.Tensor | list[int], teacher: nn.Module | None = None, *,
+                     targets: Literal["teacher", "labels"] = "teacher", device: str | torch.device | None = None,
+                     batch_size: int = 512, progress: bool = False,
+                     config: dict[str, Any] | None = None) -> DistilledSet:
     """The real images at `indices` as a `DistilledSet` (method `random`), targets as in `random_subset`.
 
     For a subset chosen elsewhere, e.g. the very images KRR-ST's synthetic
@@ -166,7 +142,8 @@ def random_subset_of(
     if len(indices) == 0:
         raise KrrstError("random subset: no indices given")
     if int(indices.min()) < 0 or int(indices.max()) >= len(source):
-        raise KrrstError(f"random subset: indices must lie in [0, {len(source)}), got [{int(indices.min())}, {int(indices.max())}]")
+        raise KrrstError(f"random subset: indices must lie in [0, {len(source)}), "
+                         f"got [{int(indices.min())}, {int(indices.max())}]")
     if len(indices.unique()) != len(indices):
         raise KrrstError("random subset: indices must be distinct")
     _check_targets(targets, source, teacher, "random subset")
@@ -202,10 +179,6 @@ def assign_to_centroids(features: torch.Tensor, centroids: torch.Tensor) -> tupl
     return labels, distances
 
 
-def _uniform(generator: torch.Generator) -> float:
-    return float(torch.rand((), generator=generator, dtype=torch.float64))
-
-
 def kmeans_plus_plus(features: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """Indices of k initial centres by k-means++ (Arthur & Vassilvitskii 2007): each drawn with probability ∝ D².
 
@@ -225,24 +198,17 @@ def kmeans_plus_plus(features: torch.Tensor, k: int, generator: torch.Generator)
             taken = set(chosen[:index].tolist())
             pick = next(i for i in range(n) if i not in taken)
         else:
-            threshold = torch.tensor(_uniform(generator) * total, dtype=torch.float64, device=features.device)
+            uniform = float(torch.rand((), generator=generator, dtype=torch.float64))
+            threshold = torch.tensor(uniform * total, dtype=torch.float64, device=features.device)
             pick = int(torch.searchsorted(cumulative, threshold, right=True).clamp_(max=n - 1))
         chosen[index] = pick
         nearest = torch.minimum(nearest, (features - features[pick]).pow(2).sum(dim=1))
     return chosen
 
 
-def kmeans(
-    features: torch.Tensor,
-    k: int,
-    *,
-    iterations: int = 20,
-    seed: int = 0,
-    algorithm: Literal["auto", "lloyd", "minibatch"] = "auto",
-    minibatch_size: int = 8192,
-    init_sample: int = 100_000,
-    progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(features: torch.Tensor, k: int, *, iterations: int = 20, seed: int = 0,
+           algorithm: Literal["auto", "lloyd", "minibatch"] = "auto", minibatch_size: int = 8192,
+           init_sample: int = 100_000, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means of N x d `features` on their device; returns (k x d centroids, N cluster indices).
 
     Init: k-means++ on at most `init_sample` points drawn by `seed`.
@@ -266,48 +232,55 @@ def kmeans(
         algorithm = "lloyd" if n <= MINIBATCH_THRESHOLD else "minibatch"
     features = features.float()
     generator = torch.Generator().manual_seed(int(seed))
+    sample = features
     if n > init_sample:
-        sample = torch.randperm(n, generator=generator)[: max(init_sample, k)].to(features.device)
-        centroids = features[sample][kmeans_plus_plus(features[sample], k, generator).to(features.device)].clone()
-    else:
-        centroids = features[kmeans_plus_plus(features, k, generator).to(features.device)].clone()
-
-    bar = progress_bar(iterations, f"k-means ({algorithm}, k={k})", enabled=progress, leave=False)
-    try:
+        sample = features[torch.randperm(n, generator=generator)[: max(init_sample, k)].to(features.device)]
+    centroids = sample[kmeans_plus_plus(sample, k, generator).to(features.device)].clone()
+    with progress_bar(iterations, f"k-means ({algorithm}, k={k})", enabled=progress, leave=False) as bar:
         if algorithm == "lloyd":
-            previous = None
-            for _ in range(iterations):
-                labels, distances = assign_to_centroids(features, centroids)
-                counts = torch.bincount(labels, minlength=k)
-                sums = torch.zeros_like(centroids).index_add_(0, labels, features)
-                nonempty = counts > 0
-                centroids[nonempty] = sums[nonempty] / counts[nonempty, None].to(features.dtype)
-                empty = torch.nonzero(~nonempty).flatten()
-                if len(empty):
-                    farthest = distances.topk(len(empty)).indices
-                    centroids[empty] = features[farthest]
-                bar.update(1)
-                if previous is not None and len(empty) == 0 and torch.equal(labels, previous):
-                    break
-                previous = labels
+            _lloyd(features, centroids, iterations, bar)
         else:
-            totals = torch.zeros(k, dtype=features.dtype, device=features.device)
-            for _ in range(iterations):
-                order = torch.randperm(n, generator=generator).to(features.device)
-                for start in range(0, n, minibatch_size):
-                    batch = features[order[start : start + minibatch_size]]
-                    labels, _ = assign_to_centroids(batch, centroids)
-                    counts = torch.bincount(labels, minlength=k).to(features.dtype)
-                    sums = torch.zeros_like(centroids).index_add_(0, labels, batch)
-                    totals += counts
-                    moved = counts > 0
-                    # c <- c + (sum_batch - b c) / total: each centroid is the running mean of its points.
-                    centroids[moved] += (sums[moved] - counts[moved, None] * centroids[moved]) / totals[moved, None]
-                bar.update(1)
-    finally:
-        bar.close()
+            _minibatch_kmeans(features, centroids, iterations, minibatch_size, generator, bar)
     labels, _ = assign_to_centroids(features, centroids)
     return centroids, labels
+
+
+def _lloyd(features: torch.Tensor, centroids: torch.Tensor, iterations: int, bar) -> None:
+    """Lloyd's passes on `centroids` in place (see `kmeans`)."""
+    previous = None
+    for _ in range(iterations):
+        labels, distances = assign_to_centroids(features, centroids)
+        counts = torch.bincount(labels, minlength=len(centroids))
+        sums = torch.zeros_like(centroids).index_add_(0, labels, features)
+        nonempty = counts > 0
+        centroids[nonempty] = sums[nonempty] / counts[nonempty, None].to(features.dtype)
+        empty = torch.nonzero(~nonempty).flatten()
+        if len(empty):
+            farthest = distances.topk(len(empty)).indices
+            centroids[empty] = features[farthest]
+        bar.update(1)
+        if previous is not None and len(empty) == 0 and torch.equal(labels, previous):
+            break
+        previous = labels
+
+
+def _minibatch_kmeans(features: torch.Tensor, centroids: torch.Tensor, iterations: int, batch_size: int,
+                      generator: torch.Generator, bar) -> None:
+    """Mini-batch epochs on `centroids` in place (see `kmeans`), the batch order drawn from `generator`."""
+    n, k = len(features), len(centroids)
+    totals = torch.zeros(k, dtype=features.dtype, device=features.device)
+    for _ in range(iterations):
+        order = torch.randperm(n, generator=generator).to(features.device)
+        for start in range(0, n, batch_size):
+            batch = features[order[start : start + batch_size]]
+            labels, _ = assign_to_centroids(batch, centroids)
+            counts = torch.bincount(labels, minlength=k).to(features.dtype)
+            sums = torch.zeros_like(centroids).index_add_(0, labels, batch)
+            totals += counts
+            moved = counts > 0
+            # c <- c + (sum_batch - b c) / total: each centroid is the running mean of its points.
+            centroids[moved] += (sums[moved] - counts[moved, None] * centroids[moved]) / totals[moved, None]
+        bar.update(1)
 
 
 def nearest_distinct(features: torch.Tensor, centroids: torch.Tensor, candidates: int = 16) -> torch.Tensor:
@@ -366,19 +339,10 @@ def kmeans_indices(features: torch.Tensor, m: int, *, seed: int = 0, iterations:
     return nearest_distinct(features, centroids)
 
 
-def kmeans_coreset(
-    source: "ImageSet",
-    m: int,
-    teacher: nn.Module,
-    *,
-    seed: int = 0,
-    targets: Literal["teacher", "labels"] = "teacher",
-    iterations: int = 20,
-    algorithm: Literal["auto", "lloyd", "minibatch"] = "auto",
-    device: str | torch.device | None = None,
-    batch_size: int = 512,
-    progress: bool = False,
-) -> DistilledSet:
+def kmeans_coreset(source: "ImageSet", m: int, teacher: nn.Module, *, seed: int = 0,
+                   targets: Literal["teacher", "labels"] = "teacher", iterations: int = 20,
+                   algorithm: Literal["auto", "lloyd", "minibatch"] = "auto", device: str | torch.device | None = None,
+                   batch_size: int = 512, progress: bool = False) -> DistilledSet:
     """The real image nearest each of m k-means centroids in the teacher's feature space (method `kmeans`).
 
     Features are the teacher's outputs on the normalised images (eval mode),
@@ -401,63 +365,33 @@ def kmeans_coreset(
 # --------------------------------------------------------------------------- high-loss subset
 
 
-def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise KrrstError(f"high-loss subset: {name} must be a positive integer, got {value!r}")
+def _draw_candidates(n: int, candidates: int | None, generator: torch.Generator) -> torch.Tensor | None:
+    """`candidates` distinct indices below n drawn by `generator`, sorted; None when that would be all of them."""
+    if candidates is None or candidates >= n:
+        return None
+    _check_positive(candidates, "high-loss subset", "candidates")
+    return torch.randperm(n, generator=generator)[:candidates].sort().values
 
 
-def regression_losses(
-    model: nn.Module,
-    source_images: torch.Tensor,
-    target_reps: torch.Tensor,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    *,
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """Per-example MSE `mean_j (f(x_i)_j - y_ij)^2` of `model` on uint8 images (normalised per batch), float32.
-
-    The model is used in the mode it is in (eval: running statistics; train:
-    batch statistics) and on the images' device.
-    """
-    outputs = batched_features(model, source_images, mean=mean, std=std, chunk=batch_size, dtype=torch.float32)
-    return (outputs - target_reps.float()).pow(2).mean(dim=1)
-
-
-def _train_students(
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    arch: str,
-    arch_options: dict[str, Any],
-    students: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    generator: torch.Generator,
-    device: torch.device,
-    progress: bool,
-) -> list[nn.Module]:
+def _train_students(images: torch.Tensor, targets: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                    arch: str, arch_options: dict[str, Any], students: int, epochs: int, batch_size: int,
+                    sgd: dict[str, float], generator: torch.Generator, progress: bool) -> list[nn.Module]:
     """The students of `high_loss_indices`: fresh `arch` networks trained by SGD to regress `targets` (eval mode).
 
-    Each student's init seed and batch order come from `generator`, in turn.
+    Each student's init seed and batch order come from `generator`, in turn; they train on the images' device.
     """
     models = []
     total = students * epochs * -(-len(images) // batch_size)
-    watch = LossWatch("high-loss students", "their lr too high for their batch size", device)
+    watch = LossWatch("high-loss students", "their lr too high for their batch size", images.device)
     steps = 0
-    bar = progress_bar(total, "high-loss students", unit="step", enabled=progress, leave=False)
-    try:
+    with progress_bar(total, "high-loss students", unit="step", enabled=progress, leave=False) as bar:
         for _ in range(students):
             student_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            model = fresh_model(arch, targets.shape[1], student_seed, **arch_options).to(device)
-            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+            model = fresh_model(arch, targets.shape[1], student_seed, **arch_options).to(images.device)
+            optimizer = torch.optim.SGD(model.parameters(), **sgd)
             model.train()
             for _ in range(epochs):
-                order = torch.randperm(len(images), generator=generator).to(device)
+                order = torch.randperm(len(images), generator=generator).to(images.device)
                 for start in range(0, len(images), batch_size):
                     batch = order[start : start + batch_size]
                     loss = torch.nn.functional.mse_loss(model(normalize(images[batch], mean, std)), targets[batch])
@@ -469,32 +403,15 @@ def _train_students(
                     bar.update()
             watch.check()  # a diverged student would score every image NaN
             models.append(model.eval())
-    finally:
-        bar.close()
     return models
 
 
-def high_loss_indices(
-    source_images: torch.Tensor,
-    target_reps: torch.Tensor,
-    num_images: int,
-    *,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    arch: str = "convnet3",
-    arch_options: dict[str, Any] | None = None,
-    students: int = 3,
-    epochs: int = 2,
-    batch_size: int = 256,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    candidates: int | None = None,
-    models: list[nn.Module] | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+def high_loss_indices(source_images: torch.Tensor, target_reps: torch.Tensor, num_images: int, *,
+                      mean: tuple[float, ...], std: tuple[float, ...], arch: str = "convnet3",
+                      arch_options: dict[str, Any] | None = None, students: int = 3, epochs: int = 2,
+                      batch_size: int = 256, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
+                      seed: int = 0, device: str | torch.device | None = None, candidates: int | None = None,
+                      models: list[nn.Module] | None = None, progress: bool = False) -> torch.Tensor:
     """Indices (int64, CPU, descending loss) of the m images hardest to regress: MKDT's "high-loss" initialisation.
 
     MKDT (Joshi et al., ICLR 2025, Sec. 4) starts its synthetic set from the
@@ -521,55 +438,39 @@ def high_loss_indices(
     if target_reps.dim() != 2 or len(target_reps) != n:
         raise KrrstError(f"high-loss subset: target_reps must be {n} x d, got shape {tuple(target_reps.shape)}")
     for value, name in ((students, "students"), (epochs, "epochs"), (batch_size, "batch_size")):
-        _check_positive(value, name)
-    generator = torch.Generator().manual_seed(int(seed))
-    pool = torch.arange(n)
+        _check_positive(value, "high-loss subset", name)
     if candidates is not None:
-        _check_positive(candidates, "candidates")
+        _check_positive(candidates, "high-loss subset", "candidates")
         if candidates < num_images:
             raise KrrstError(
                 f"high-loss subset: candidates={candidates} is fewer than the m={num_images} images asked for"
             )
-        if candidates < n:
-            pool = torch.randperm(n, generator=generator)[:candidates].sort().values
+    generator = torch.Generator().manual_seed(int(seed))
+    pool = _draw_candidates(n, candidates, generator)
+    images, targets = source_images, target_reps
+    if pool is not None:  # else no copy of a large source
+        images, targets = images[pool.to(images.device)], targets[pool.to(targets.device)]
     device = resolve_device(device)
-    if len(pool) == n:  # no copy of a large source
-        images, targets = source_images.to(device), target_reps.to(device).float()
-    else:
-        images = source_images[pool.to(source_images.device)].to(device)
-        targets = target_reps[pool.to(target_reps.device)].to(device).float()
-
+    images, targets = images.to(device), targets.to(device).float()
     if models is None:
-        models = _train_students(
-            images, targets, mean, std, arch, arch_options or {}, students, epochs, batch_size, lr, momentum,
-            weight_decay, generator, device, progress,
-        )
+        sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        models = _train_students(images, targets, mean, std, arch, arch_options or {}, students, epochs, batch_size,
+                                 sgd, generator, progress)
     if not models:
         raise KrrstError("high-loss subset: no models to score with")
-    scores = torch.zeros(len(pool), dtype=torch.float64, device=device)
-    for model in models:
-        scores += regression_losses(model, images, targets, mean, std, batch_size=batch_size).double()
+    scores = torch.zeros(len(images), dtype=torch.float64, device=device)
+    for model in models:  # each in the mode it is in, on the images' device
+        outputs = batched_features(model, images, mean=mean, std=std, chunk=batch_size, dtype=torch.float32)
+        scores += (outputs - targets).pow(2).mean(dim=1).double()  # the per-image MSE
     scores /= len(models)
-    order = torch.argsort(-scores.cpu(), stable=True)
-    return pool[order[:num_images]]
+    order = torch.argsort(-scores.cpu(), stable=True)[:num_images]
+    return order if pool is None else pool[order]
 
 
-def high_loss_subset(
-    source: "ImageSet",
-    teacher: nn.Module,
-    m: int,
-    *,
-    seed: int = 0,
-    arch: str = "convnet3",
-    arch_options: dict[str, Any] | None = None,
-    students: int = 3,
-    epochs: int = 2,
-    batch_size: int = 256,
-    lr: float = 0.1,
-    candidates: int | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-) -> DistilledSet:
+def high_loss_subset(source: "ImageSet", teacher: nn.Module, m: int, *, seed: int = 0, arch: str = "convnet3",
+                     arch_options: dict[str, Any] | None = None, students: int = 3, epochs: int = 2,
+                     batch_size: int = 256, lr: float = 0.1, candidates: int | None = None,
+                     device: str | torch.device | None = None, progress: bool = False) -> DistilledSet:
     """The m real images of `high_loss_indices` with their teacher features as targets (method `high-loss`).
 
     The teacher's features of the whole source (or of the `candidates`
@@ -580,12 +481,8 @@ def high_loss_subset(
     if teacher is None:
         raise KrrstError("high-loss subset needs a teacher network: its representations are the regression targets")
     device = resolve_device(device)
-    pool = None
-    if candidates is not None and candidates < len(source):
-        _check_positive(candidates, "candidates")
-        # drawn here so that only the candidates need teacher features
-        draw = torch.randperm(len(source), generator=torch.Generator().manual_seed(int(seed)))
-        pool = draw[:candidates].sort().values
+    # drawn here so that only the candidates need teacher features
+    pool = _draw_candidates(len(source), candidates, torch.Generator().manual_seed(int(seed)))
     features = _source_features(teacher, source, pool, batch_size=512, device=device, progress=progress)
     images = source.images if pool is None else source.images[pool.to(source.images.device)]
     chosen = high_loss_indices(

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krrst.augment import crop_flip, normalize
+from krrst.augment import crop_flip, normalize, strong_augment
 from krrst.distilled import DistilledSet
 from krrst.features import batched_features
 from krrst.formats import is_library_arch, library_classifier, load_classifier_weights, read_classifier_file
@@ -342,32 +342,6 @@ def resize_images(images: torch.Tensor, size: int, chunk_size: int = 2048) -> to
         resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[start : start + chunk_size] = resized.round().clamp_(0, 255).to(torch.uint8)
     return out
-
-
-def _dsa_colour(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """DSA's colour jitter on normalised images: brightness, saturation, contrast, one draw per image.
-
-    DSA (Zhao & Bilen 2021), ParamDiffAug: x + (u - 0.5); (x - mean_c)(2u) +
-    mean_c over channels; (x - mean)(u + 0.5) + mean over the image, with u
-    ~ U(0, 1) per image; applied in the normalised space as DSA does.
-    """
-    n = images.shape[0]
-    # float32 draws whatever the default dtype: a float64 reference run sees the same jitter
-    draws = torch.rand(3, n, 1, 1, 1, generator=generator, dtype=torch.float32).to(images.device, images.dtype)
-    images = images + (draws[0] - 0.5)
-    channel_mean = images.mean(dim=1, keepdim=True)
-    images = (images - channel_mean) * (draws[1] * 2.0) + channel_mean
-    image_mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    return (images - image_mean) * (draws[2] + 0.5) + image_mean
-
-
-def strong_augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Strong augmentation of normalised images: random crop (zero pad) + flip, then DSA colour jitter.
-
-    Stands in for DSA's `color_crop_cutout_flip_scale_rotate` used by the
-    authors for label-based sets and for KD (no scale, rotation or cutout).
-    """
-    return _dsa_colour(crop_flip(images, padding=padding, generator=generator), generator)
 
 
 def _progress_bar(total: int, desc: str, unit: str, progress: bool):
