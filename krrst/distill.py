@@ -1087,35 +1087,25 @@ def distill(
 ) -> DistilledSet:
     """Distil `source` into `config.num_images` synthetic images with teacher-representation targets (KRR-ST).
 
-    Args:
-        source: an `ImageSet` (uint8 N x 3 x H x W images with `mean`, `std`,
-            `name`); its normalisation is the space `X_s` lives in and the
-            networks (teacher included) see.
-        teacher: `g`, whose forward maps normalised images to d-dim features.
-            It is moved to the device and put in eval mode.
-        config: `DistillConfig` (default: the paper's CIFAR-100 setting).
-        out_dir: where the checkpoint, `loss.csv`, `loss.png`, `preview.png`
-            and `distilled.safetensors` go; None writes nothing.
-        resume: continue from `out_dir/checkpoint.safetensors` to the same
-            `X_s`, `Y_s` as an uninterrupted run (bitwise on CPU); a missing
-            checkpoint starts a new run.
-        device: None/"auto" picks CUDA when available.
-        heldout: real images never used for distillation (an `ImageSet` or a
-            uint8 tensor, normalised with the source's stats) for the
-            validation signal; None disables it.
-        progress: show progress (a bar on a terminal, plain lines in a log file).
-        stop_at_step: stop after this step (checkpointing it), as a kill
-            would; `resume=True` later continues the same run.
-        distributed: under `torchrun` (default: the current process group),
-            each rank takes its share of every real batch (`batch_size` stays
-            the global batch), the set's gradients are averaged over ranks, and
-            the set, the pool and every random draw stay identical on all
-            ranks; rank 0 writes. A checkpoint resumes with any number of ranks.
+    Each step: the next real batch and its teacher targets (`TeacherBatches`), one `outer_step`, the lr schedule;
+    a row of `loss.csv` every `log_every` steps (the validation signal every `validate_every`), a checkpoint every
+    `checkpoint_every`.
 
-    Each step: the next real batch and its teacher targets (`TeacherBatches`),
-    one `outer_step`, the lr schedule; a row of `loss.csv` every `log_every`
-    steps (and the validation signal every `validate_every`), a checkpoint
-    every `checkpoint_every`.
+    Args:
+        source: an `ImageSet` (uint8 N x 3 x H x W, `mean`, `std`, `name`); `X_s` lives in its normalisation.
+        teacher: `g`, normalised images -> d-dim features; moved to the device, in eval mode.
+        config: `DistillConfig` (default: the paper's CIFAR-100 setting).
+        out_dir: the run folder (checkpoint, `loss.csv`, `loss.png`, `preview.png`, `distilled.safetensors`);
+            None writes nothing.
+        resume: continue from the checkpoint in `out_dir` to the same `X_s`, `Y_s` as an uninterrupted run
+            (bitwise on CPU); none there starts a new run.
+        device: None/"auto" picks CUDA when available.
+        heldout: real images never distilled on (`ImageSet` or uint8 tensor) for the validation signal; None: off.
+        progress: a bar on a terminal, plain lines in a log file.
+        stop_at_step: stop after this step (checkpointing it), as a kill would.
+        distributed: under `torchrun` (default: the current group) each rank takes its share of every real batch
+            (`batch_size` stays global) and the set's gradients are averaged, so the set, the pool and every random
+            draw stay identical on all ranks; rank 0 writes; a checkpoint resumes with any number of ranks.
     """
     config = config or DistillConfig()
     if not isinstance(config, DistillConfig):

@@ -23,29 +23,50 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from krrst.data import FINE_GRAINED, evaluation_split
+from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset_of
+from krrst.data import FINE_GRAINED, evaluation_split, load_images
 from krrst.distill import CHECKPOINT_NAME as DISTILL_CHECKPOINT
-from krrst.distill import DISTILLED_NAME, DistillConfig, unused_fields
+from krrst.distill import DISTILLED_NAME, DistillConfig, distill, initial_indices, network_options, unused_fields
 from krrst.distill import RESUMABLE_CHANGES as RESUMABLE_DISTILL_CHANGES
-from krrst.evaluate import FinetuneConfig, KDConfig, LinearProbeConfig, PretrainConfig
+from krrst.distilled import DistilledSet
+from krrst.evaluate import (
+    KD_TEACHER_ARCH,
+    FinetuneConfig,
+    KDConfig,
+    LinearProbeConfig,
+    PretrainConfig,
+    class_count,
+    evaluate_set,
+    load_kd_teacher,
+    pretrain,
+    train_kd_teacher,
+)
+from krrst.formats import is_library_arch
 from krrst.infra.config import apply_overrides, config_to_dict, did_you_mean_key, resolve_device
 from krrst.infra.distributed import DistributedContext, barrier, current_context, run_on_main
 from krrst.infra.errors import KrrstError
-from krrst.infra.io import LOCK_NAME, capture_env, check_output_dir, read_json, write_json
+from krrst.infra.io import LOCK_NAME, capture_env, check_output_dir, load_tensors, read_json, save_tensors, write_json
 from krrst.infra.progress import stopped_loops
 from krrst.infra.registry import Registry
 from krrst.mkdt import CHECKPOINT_NAME as MKDT_CHECKPOINT
-from krrst.mkdt import TRAJECTORIES_NAME, MKDTConfig
+from krrst.mkdt import TRAJECTORIES_NAME, MKDTConfig, mkdt_distill
+from krrst.models import MODELS, create_model, model_options
+from krrst.report import format_bytes, report_text, write_report
 from krrst.results import SETS_NAME, append_results, check_provenance, has_result, read_results, remove_results
 from krrst.teacher import CHECKPOINT_FILE as TEACHER_CHECKPOINT
-from krrst.teacher import HEALTH_FILE, TEACHER_FILE, TeacherConfig
-
-if TYPE_CHECKING:
-    from krrst.distilled import DistilledSet
+from krrst.teacher import (
+    HEALTH_FILE,
+    TEACHER_FILE,
+    TeacherConfig,
+    build_backbone,
+    knn_accuracy,
+    load_teacher,
+    train_teacher,
+)
 
 SAMPLE_ROOT = "@sample"
 
@@ -306,9 +327,6 @@ def preset_config(name: str) -> dict[str, dict[str, Any]]:
 
 def _check_architectures(config: PipelineConfig) -> None:
     """Architecture names the run will build, checked before any stage starts (not hours into one)."""
-    from krrst.formats import is_library_arch
-    from krrst.models import MODELS
-
     named = [("teacher.arch", config.teacher.arch), ("distill.arch", config.distill.arch),
              ("mkdt.arch", config.mkdt.arch), *(("run.archs", arch) for arch in config.run.archs)]
     if config.kd.teacher_arch and not (config.kd.teacher_path and is_library_arch(config.kd.teacher_arch)):
@@ -539,8 +557,6 @@ def _mark_done(stage_dir: Path, fingerprint: str) -> None:
 
 def _drop_checkpoints(stage_dir: Path, log) -> None:
     """Remove the resume-only files of a finished stage (`STAGE_CHECKPOINTS`), if its final output exists."""
-    from krrst.report import format_bytes
-
     final, resume_only = STAGE_CHECKPOINTS[stage_dir.name]
     if not (stage_dir / final).is_file():
         return
@@ -631,8 +647,6 @@ def parse_target(spec: str) -> tuple[str, str]:
 
 def load_source(run: RunConfig, root: Path):
     """The unlabelled source split and `run.heldout_images` held-out images (never distilled on)."""
-    from krrst.data import load_images
-
     location = _existing_dataset_path(root, run.source_root, "run.source_root", run.download, run.source)
     source = load_images(run.source, location, run.source_split, image_size=run.image_size, download=run.download,
                          max_per_class=run.source_per_class, resize=run.resize, skip_corrupt=run.skip_corrupt,
@@ -654,8 +668,6 @@ def split_heldout(images, count: int, seed: int):
 
 def load_target(spec: str, run: RunConfig, root: Path):
     """`(train, test)` labelled splits of one target, resized to the source resolution."""
-    from krrst.data import load_images
-
     name, path = parse_target(spec)
     location = _existing_dataset_path(root, path, f"run.targets entry {spec!r}", run.download, name)
     common = {"image_size": run.image_size, "download": run.download, "resize": run.resize,
@@ -672,8 +684,6 @@ def load_target(spec: str, run: RunConfig, root: Path):
 
 def eval_overrides(arch: str, eval_widths: tuple[int, ...], image_size: int | None) -> dict[str, Any]:
     """Options for a fresh evaluation network: ConvNet widths, and the resolution ConvNets are built for."""
-    from krrst.models import model_options
-
     options = model_options(arch)
     overrides: dict[str, Any] = {}
     if eval_widths and "widths" in options:
@@ -684,14 +694,11 @@ def eval_overrides(arch: str, eval_widths: tuple[int, ...], image_size: int | No
 
 
 def _save_model(path: Path, model: torch.nn.Module) -> None:
-    from krrst.infra.io import save_tensors
 
     save_tensors(path, model.state_dict(), {"spec": model.spec})
 
 
 def _load_model(path: Path, device: torch.device) -> torch.nn.Module:
-    from krrst.infra.io import load_tensors
-    from krrst.models import create_model
 
     tensors, metadata = load_tensors(path, "pre-trained model")
     model = create_model(**metadata["spec"])
@@ -773,8 +780,6 @@ def _run_stages(
     progress: bool, log,
 ) -> list[dict[str, Any]]:
     """`run`'s body, with the run directory locked by rank 0: each stage in turn, each skipped when done."""
-    from krrst.report import report_text, write_report
-
     log, progress = context.quiet_elsewhere(log), context.only_on_main(progress)
     run = _Run(config, out_dir, root, context, progress, log)
     run_on_main(lambda: prepare_run_dir(out_dir, config, preset, force))
@@ -817,8 +822,6 @@ def _load_data(run: _Run) -> None:
 
 def _teacher_stage(run: _Run) -> tuple[torch.nn.Module, str]:
     """`(teacher, fingerprint)`: the library's weights, a file (`run.teacher_path`), or one trained in `teacher/`."""
-    from krrst.teacher import load_teacher, train_teacher
-
     run_config, device = run.config.run, run.context.device
     if run_config.teacher_path == "pretrained":  # the library's own weights of run.teacher_arch (online)
         teacher = load_teacher(None, arch=run_config.teacher_arch or None, device=device,
@@ -852,8 +855,6 @@ def _teacher_stage(run: _Run) -> tuple[torch.nn.Module, str]:
 
 def _distill_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> str:
     """KRR-ST into `distill/` (when `run.methods` has it); returns the stage's fingerprint."""
-    from krrst.distill import distill
-
     config = run.config.distill
     distill_dir = run.out_dir / "distill"
     distill_fp = _fingerprint(teacher_fp, run.source_fp, _without(config, RESUMABLE_DISTILL_CHANGES + unused_fields(config)))
@@ -869,8 +870,6 @@ def _distill_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> str:
 
 def _mkdt_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> str:
     """The MKDT comparator into `mkdt/` (when `run.methods` has it); returns the stage's fingerprint."""
-    from krrst.mkdt import mkdt_distill
-
     mkdt_dir = run.out_dir / "mkdt"
     mkdt_fp = _fingerprint(teacher_fp, run.source_fp, _without(run.config.mkdt, ("log_every", "checkpoint_every")))
     if "mkdt" in run.config.run.methods and not run.stage_done(mkdt_dir, mkdt_fp):
@@ -892,9 +891,6 @@ def _wanted_subsets(run_config: RunConfig) -> list[str]:
 def _subset(method: str, source, teacher: torch.nn.Module, config: DistillConfig, device: torch.device,
             progress: bool):
     """The `DistilledSet` of one subset baseline, sized and seeded as the distillation (`config`)."""
-    from krrst.baselines import high_loss_subset, kmeans_coreset, random_subset_of
-    from krrst.distill import initial_indices, network_options
-
     if method == "random":
         # The same real images KRR-ST started from, with the teacher's targets: the pair differs only in what
         # distillation did to them.
@@ -930,8 +926,6 @@ def _baselines_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> st
 
 def _load_sets(run: _Run) -> dict[str, Any]:
     """Every set `run.methods` evaluates (`none`: None), as the stages wrote them; rank 0 writes `sets.json`."""
-    from krrst.distilled import DistilledSet
-
     methods = run.config.run.methods
     sets: dict[str, DistilledSet | None] = {"none": None}
     if "krr-st" in methods:
@@ -1003,8 +997,6 @@ def _add_random_network_knn(health_path: Path, teacher_config: TeacherConfig, im
     The teacher's k-NN accuracy means little alone: a random ConvNet already
     scores well above chance on CIFAR. Computed once (a re-run finds it there).
     """
-    from krrst.teacher import build_backbone, knn_accuracy
-
     if not health_path.is_file():
         return
     health = read_json(health_path, "teacher health")
@@ -1062,10 +1054,6 @@ def kd_teacher(
     method and seed, and a resumed run, reuse it (saved by rank 0 of
     `distributed`; every rank trains the same one, seeded).
     """
-    from krrst.evaluate import KD_TEACHER_ARCH, class_count, load_kd_teacher, train_kd_teacher
-    from krrst.formats import is_library_arch
-    from krrst.infra.io import save_tensors
-
     num_classes = class_count(train, test)
     where = f"target {test.name!r}"
     if teacher_path is not None:
@@ -1192,8 +1180,6 @@ class _Evaluation:
             rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One (method, arch, seed): pre-train once, then every target x protocol row missing from `rows`
         (appended to it, and to `results.csv` by rank 0); returns the new rows."""
-        from krrst.evaluate import evaluate_set
-
         is_network = isinstance(network, torch.nn.Module)
         model_arch = getattr(network, "spec", {}).get("arch", arch) if is_network else arch
         # kd distils through a set's images (none: noise); a network used as it is has neither
@@ -1234,8 +1220,6 @@ class _Evaluation:
     def pretrained(self, method: str, distilled: Any, arch: str, seed: int,
                    overrides: dict[str, Any]) -> torch.nn.Module | None:
         """The network pre-trained on `distilled` (None for `none`), cached as `eval/pretrained/<method>-<arch>-seed<s>`."""
-        from krrst.evaluate import pretrain
-
         if distilled is None:
             return None
         cached = self.out_dir / "eval" / "pretrained" / f"{method}-{arch}-seed{seed}.safetensors"

@@ -127,12 +127,9 @@ class Killed(BaseException):
 @pytest.mark.parametrize("stage", ["distill", "baselines", "evaluate"])
 def test_resume_after_kill_at_stage_boundary(finished_run, tmp_path, monkeypatch, stage):
     out, rows = finished_run
-    import krrst.baselines
-    import krrst.distill
-    import krrst.evaluate
 
-    target = {"distill": (krrst.distill, "distill"), "baselines": (krrst.baselines, "kmeans_coreset"),
-              "evaluate": (krrst.evaluate, "evaluate_set")}[stage]
+    target = {"distill": (pipeline, "distill"), "baselines": (pipeline, "kmeans_coreset"),
+              "evaluate": (pipeline, "evaluate_set")}[stage]
     original = getattr(*target)
     calls = []
 
@@ -155,14 +152,12 @@ def test_resume_after_kill_at_stage_boundary(finished_run, tmp_path, monkeypatch
 
 def test_rerun_skips_finished_stages(finished_run, monkeypatch):
     out, rows = finished_run
-    import krrst.distill
-    import krrst.teacher
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(krrst.teacher, "train_teacher", must_not_run)
-    monkeypatch.setattr(krrst.distill, "distill", must_not_run)
+    monkeypatch.setattr(pipeline, "train_teacher", must_not_run)
+    monkeypatch.setattr(pipeline, "distill", must_not_run)
     assert len(run_tiny(out)) == len(rows)
 
 
@@ -316,8 +311,6 @@ def test_print_config_and_help(capsys):
 
 
 def test_adding_a_method_and_a_seed_keeps_finished_work(tmp_path, monkeypatch):
-    import krrst.distill
-
     out = tmp_path / "grow"
     first = run_tiny(out, **{"run.methods": "krr-st,random,none"})
     assert not (out / "baselines" / "kmeans.safetensors").exists()
@@ -325,7 +318,7 @@ def test_adding_a_method_and_a_seed_keeps_finished_work(tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("distillation ran again although its config did not change")
 
-    monkeypatch.setattr(krrst.distill, "distill", must_not_run)
+    monkeypatch.setattr(pipeline, "distill", must_not_run)
     grown = pipeline.run(tiny_config(**{"run.methods": "krr-st,random,kmeans,none", "run.seeds": "2"}), out,
                          preset="demo", force=True, device="cpu", progress=False, log=lambda _: None)
     assert (out / "baselines" / "kmeans.safetensors").exists(), "the new baseline is built"
@@ -494,19 +487,13 @@ def checkpoint_files(out):
 
 def fail_every_stage(monkeypatch):
     """Make every stage's work raise: a re-run that calls any of it fails."""
-    import krrst.baselines
-    import krrst.distill
-    import krrst.evaluate
-    import krrst.mkdt
-    import krrst.teacher
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    for module, name in ((krrst.teacher, "train_teacher"), (krrst.distill, "distill"), (krrst.mkdt, "mkdt_distill"),
-                         (krrst.baselines, "kmeans_coreset"), (krrst.baselines, "random_subset_of"),
-                         (krrst.evaluate, "pretrain"), (krrst.evaluate, "evaluate_set")):
-        monkeypatch.setattr(module, name, must_not_run)
+    for name in ("train_teacher", "distill", "mkdt_distill", "kmeans_coreset", "random_subset_of", "pretrain",
+                 "evaluate_set"):
+        monkeypatch.setattr(pipeline, name, must_not_run)  # the pipeline calls each stage through its own names
 
 
 def test_a_finished_run_holds_no_checkpoints_and_a_rerun_skips_every_stage(finished_run, monkeypatch):
@@ -572,7 +559,7 @@ def test_kd_runs_for_krrst_random_and_none_and_trains_the_target_classifier_once
     import krrst.evaluate
 
     trained, distilled_through, students = [], [], {}
-    train_kd_teacher, knowledge_distillation = krrst.evaluate.train_kd_teacher, krrst.evaluate.knowledge_distillation
+    train_kd_teacher, knowledge_distillation = pipeline.train_kd_teacher, krrst.evaluate.knowledge_distillation
 
     def counting_teacher(*args, **kwargs):
         trained.append(args[0].name)
@@ -583,7 +570,7 @@ def test_kd_runs_for_krrst_random_and_none_and_trains_the_target_classifier_once
         students[(images.method if images is not None else "none", config.seed)] = copy.deepcopy(student.state_dict())
         return knowledge_distillation(teacher, student, images, test, config, **kwargs)
 
-    monkeypatch.setattr(krrst.evaluate, "train_kd_teacher", counting_teacher)
+    monkeypatch.setattr(pipeline, "train_kd_teacher", counting_teacher)
     monkeypatch.setattr(krrst.evaluate, "knowledge_distillation", recording_kd)
     out = tmp_path / "run"
     rows = run_tiny(out, **TINY_KD, **{"run.seeds": "2"})
@@ -650,15 +637,13 @@ def test_adding_or_changing_kd_keeps_the_other_protocols_rows(tmp_path, monkeypa
 
 def test_a_hugging_face_hub_name_reaches_the_reader_as_it_is(monkeypatch, tmp_path):
     """`--set run.source=hf --set run.source_root=user/dataset`: a hub name, not a folder under --root."""
-    import krrst.data
-
     seen = []
 
     def recording(name, root, split, **kwargs):
         seen.append((name, root))
         raise KrrstError("stop here")
 
-    monkeypatch.setattr(krrst.data, "load_images", recording)
+    monkeypatch.setattr(pipeline, "load_images", recording)
     config = tiny_config(**{"run.source": "hf", "run.source_root": "someone/photos"})
     with pytest.raises(KrrstError, match="stop here"):
         pipeline.load_source(config.run, tmp_path)

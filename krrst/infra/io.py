@@ -102,7 +102,7 @@ def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], fieldnames: t
     for row in rows:
         writer.writerow({key: "" if row.get(key) is None else row[key] for key in fieldnames})
     with atomic_write(path) as tmp:
-        tmp.write_text(text.getvalue())
+        tmp.write_text(text.getvalue(), encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
@@ -111,7 +111,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     if not path.is_file():
         raise KrrstError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise KrrstError(f"{what} {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
 

@@ -236,7 +236,7 @@ class RunState:
             for (row, key), value in zip(tensors, values):
                 row[key] = value
         if self.is_writer and self.log_path is not None:
-            with open(self.log_path, "a", newline="") as handle:
+            with open(self.log_path, "a", newline="", encoding="utf-8") as handle:
                 writer = csv.DictWriter(handle, fieldnames=self.log_fields, extrasaction="ignore")
                 writer.writerows({key: _cell(row.get(key)) for key in self.log_fields} for row in rows)
                 handle.flush()
@@ -296,7 +296,7 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     A row with missing cells (a line torn by a kill during an append) is skipped.
     """
     rows = []
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         for raw in csv.DictReader(handle):
             if None in raw or None in raw.values() or not str(raw.get("step", "")).isdigit():
                 continue
