@@ -194,9 +194,8 @@ class LARS(torch.optim.Optimizer):
     (solo-learn's `exclude_bias_n_norm` and `clip_lr`).
     """
 
-    def __init__(
-        self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02, eps: float = 1e-8
-    ):
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02,
+                 eps: float = 1e-8):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps))
 
     @torch.no_grad()
@@ -226,16 +225,13 @@ def _make_optimizer(
     config: TeacherConfig, params: list[nn.Parameter], device: torch.device = torch.device("cpu")
 ) -> torch.optim.Optimizer:
     # SGD and AdamW take one fused kernel per step on CUDA; LARS (not in torch) stays a per-tensor loop.
+    decay = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "lars":
-        return LARS(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, eta=config.lars_eta
-        )
+        return LARS(params, momentum=config.momentum, eta=config.lars_eta, **decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                               **fused_options(torch.optim.SGD, device))
+        return torch.optim.SGD(params, momentum=config.momentum, **decay, **fused_options(torch.optim.SGD, device))
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                 **fused_options(torch.optim.AdamW, device))
+        return torch.optim.AdamW(params, **decay, **fused_options(torch.optim.AdamW, device))
     raise KrrstError(f"teacher.optimizer={config.optimizer!r} is not valid; expected one of {', '.join(OPTIMIZERS)}")
 
 
@@ -291,22 +287,13 @@ def view_configs(config: TeacherConfig):
     """The two `augment.SSLAugmentConfig`s of the teacher's views (jitter strengths are solo-learn's)."""
     if len(config.solarize_p) != 2:
         raise KrrstError(f"teacher.solarize_p must hold two probabilities (view 1, view 2), got {config.solarize_p}")
-    return tuple(
-        SSLAugmentConfig(
-            crop_scale=(config.crop_min_scale, 1.0),
-            jitter_p=config.jitter_p,
-            grayscale_p=config.grayscale_p,
-            blur_p=config.blur_p,
-            solarize_p=solarize_p,
-        )
-        for solarize_p in config.solarize_p
-    )
+    return tuple(SSLAugmentConfig(crop_scale=(config.crop_min_scale, 1.0), jitter_p=config.jitter_p,
+                                  grayscale_p=config.grayscale_p, blur_p=config.blur_p, solarize_p=solarize_p)
+                 for solarize_p in config.solarize_p)
 
 
 def _freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return model.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- training
@@ -318,38 +305,25 @@ def train_teacher(images, config: TeacherConfig | None = None, out_dir: str | os
                   distributed: DistributedContext | None = None) -> nn.Module:
     """Train an SSL teacher on the unlabelled `images` (an `ImageSet`) and return its backbone.
 
+    The backbone (no projector) comes back frozen (eval mode, `requires_grad_(False)`) in contiguous memory,
+    the same weights on every rank; `forward(x)` gives the features. Bad settings, a diverging loss or a
+    collapsed teacher raise a one-line `KrrstError`.
+
     Args:
         images: the source `ImageSet` (uint8 images; labels are ignored).
         config: hyper-parameters; `TeacherConfig()` when None.
-        out_dir: where `teacher.safetensors`, `checkpoint.safetensors`,
-            `loss.csv` and `health.json` go; None keeps everything in memory.
-        resume: continue from `out_dir/checkpoint.safetensors` when present;
-            the result equals an uninterrupted run's. Without `resume`, an
-            existing checkpoint there is an error (nothing is overwritten).
+        out_dir: where the files listed in the module docstring go; None keeps everything in memory.
+        resume: continue from `out_dir/checkpoint.safetensors` when present; the result equals an
+            uninterrupted run's. Without `resume`, an existing checkpoint there is an error.
         device: see `krrst.infra.config.resolve_device`.
-        heldout: an `ImageSet` for the feature health check (default: up to
-            1,000 source images).
-        labelled: a `(train, test)` pair of labelled `ImageSet`s for the k-NN
-            accuracy probe, reported in `health.json`.
-        stop_at_step: stop after this global step, checkpoint and return the
-            unfinished backbone (for time-sliced runs and the resume test).
+        heldout: an `ImageSet` for the feature health check (default: up to 1,000 source images).
+        labelled: a `(train, test)` pair of labelled `ImageSet`s for the k-NN probe in `health.json`.
+        stop_at_step: stop after this global step, checkpoint and return the unfinished backbone.
         progress: show progress and the summary line (None: a bar on a terminal, plain lines in a log file).
-        distributed: the `krrst.infra.distributed.init_distributed()` context of a
-            torchrun process; with world_size > 1 the ranks split each global
-            batch of `config.batch_size` (a multiple of the world size) and
-            train one model together on `distributed.device` (`device` is
-            then ignored); only rank 0 writes to `out_dir` and prints. None
-            or world_size 1: a single process. The result does not depend
-            on the world size, and a checkpoint resumes with any.
-
-    Returns:
-        The backbone (no head, no projector) in eval mode with
-        `requires_grad_(False)`, in contiguous memory whatever the training
-        layout; `forward(x)` gives the features. Every rank returns the same
-        weights.
-
-    Raises:
-        KrrstError: on bad settings, a diverging loss, or a collapsed teacher.
+        distributed: a torchrun process's `init_distributed()` context: with world_size > 1 the ranks split
+            each global batch of `config.batch_size` (a multiple of the world size) on `distributed.device`
+            (`device` is ignored); only rank 0 writes and prints. The result does not depend on the world
+            size, and a checkpoint resumes with any.
     """
     config = config or TeacherConfig()
     total_steps, steps_per_epoch = _schedule(config, len(images))
@@ -368,7 +342,6 @@ def train_teacher(images, config: TeacherConfig | None = None, out_dir: str | os
         two_views = _two_view_network(backbone, projector, device, sharded)  # after the restore: DDP copies rank 0
         logged = run.rows()  # a resumed run's rows, up to its checkpoint
         last_loss = logged[-1]["loss"] if logged else float("nan")
-        two_views.train()
         for step in run.steps():
             view_a, view_b = views(step)
             lr = learning_rate_at(step - 1, total_steps, steps_per_epoch, config)
@@ -406,14 +379,11 @@ def _schedule(config: TeacherConfig, num_images: int) -> tuple[int, int]:
         raise KrrstError(f"teacher.method={config.method!r} is not valid; expected one of {', '.join(SSL_METHODS)}")
     for name in ("checkpoint_every", "log_every"):
         if getattr(config, name) < 1:
-            raise KrrstError(
-                f"teacher.{name}={getattr(config, name)} is not valid; expected a positive number of steps"
-            )
+            raise KrrstError(f"teacher.{name}={getattr(config, name)} is not valid; "
+                             "expected a positive number of steps")
     if config.batch_size < 2 or config.batch_size > num_images:
-        raise KrrstError(
-            f"teacher.batch_size={config.batch_size} is not valid for {num_images} source images; "
-            f"expected 2..{num_images}"
-        )
+        raise KrrstError(f"teacher.batch_size={config.batch_size} is not valid for {num_images} source images; "
+                         f"expected 2..{num_images}")
     steps_per_epoch = num_images // config.batch_size  # the last partial batch is dropped, as usual in SSL
     total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
     if total_steps < 1:
@@ -438,7 +408,7 @@ def _build_networks(
 
 
 def _two_view_network(backbone: nn.Module, projector: nn.Module, device: torch.device, sharded: bool) -> nn.Module:
-    network = _TwoViews(backbone, projector)
+    network = _TwoViews(backbone, projector).train()
     if not sharded:
         return network
     # DDP all-reduces (averages) the gradients in buckets during backward.
@@ -613,15 +583,8 @@ def _summary_line(config: TeacherConfig, steps: int, last_loss: float, health: M
 # --------------------------------------------------------------------------- saving and loading
 
 
-def save_teacher(
-    path: str | os.PathLike,
-    teacher: nn.Module,
-    mean,
-    std,
-    config: TeacherConfig | None = None,
-    source: str = "",
-    steps: int = 0,
-) -> None:
+def save_teacher(path: str | os.PathLike, teacher: nn.Module, mean, std, config: TeacherConfig | None = None,
+                 source: str = "", steps: int = 0) -> None:
     """Write a teacher's weights and what rebuilds it (arch spec, feature size, normalisation) atomically."""
     spec = dict(getattr(teacher, "spec", {}) or {})
     if "arch" not in spec:
@@ -639,15 +602,11 @@ def save_teacher(
         "source": source,
         "steps": steps,
     }
-    save_tensors(path, {k: v for k, v in teacher.state_dict().items()}, metadata)
+    save_tensors(path, dict(teacher.state_dict()), metadata)
 
 
-def load_teacher(
-    path: str | os.PathLike | None,
-    arch: str | None = None,
-    device: str | torch.device | None = "cpu",
-    input_size: int | None = None,
-) -> nn.Module:
+def load_teacher(path: str | os.PathLike | None, arch: str | None = None, device: str | torch.device | None = "cpu",
+                 input_size: int | None = None) -> nn.Module:
     """Load a teacher (frozen backbone, forward = features) from a file.
 
     Teachers of other libraries (`krrst.formats`): `arch` =
@@ -662,13 +621,10 @@ def load_teacher(
     - a `teacher.safetensors` written by `train_teacher`/`save_teacher`: the
       architecture comes from its metadata (`arch`, if given, must agree);
     - any other safetensors state dict of a registered architecture `arch`
-      (built with its default options, except `widths`, read off the conv
-      weights, and `norm`, read off which norm parameters the file holds,
-      for the architectures that take them; `image_size` stays the default);
+      (default options, except `widths` and `norm`, read off the tensors);
     - a torchvision-layout `.pt`/`.pth` state dict, read with
       `torch.load(weights_only=True)` into `arch` (default `resnet18_pad2`:
-      the authors' released teacher, a torchvision ResNet-18 with a 3x3
-      padding-2 stem and `fc` removed).
+      the authors' released teacher, a ResNet-18 with a 3x3 padding-2 stem).
 
     Prefixes `module.`, `_orig_mod.`, `backbone.`, `encoder.`, `model.` are
     stripped and head/projector keys (`fc.`, `head.`, `projector.`,
@@ -681,11 +637,11 @@ def load_teacher(
             mismatch (missing/unexpected key or the two shapes), or saying that
             the file is unreadable.
     """
+    if path is not None and not Path(path).is_file():
+        raise KrrstError(f"teacher file not found: {path}")
     if path is None or is_library_arch(arch) or is_torchscript(Path(path)):
         return _load_foreign_teacher(path, arch, device, input_size)
     path = Path(path)
-    if not path.is_file():
-        raise KrrstError(f"teacher file not found: {path}")
     metadata: dict[str, Any] = {}
     if _is_safetensors(path):
         tensors, metadata = load_tensors(path, "teacher file")
@@ -724,7 +680,7 @@ def _model_of_our_file(path: Path, metadata: Mapping[str, Any], arch: str | None
 def _model_of_plain_state(path: Path, state: Mapping[str, torch.Tensor], arch: str | None) -> nn.Module:
     """The untrained `arch` network for a state dict without metadata: `widths` and `norm` read off its tensors."""
     if arch is None:
-        if path.suffix in (".safetensors",):
+        if path.suffix == ".safetensors":
             raise KrrstError(
                 f"teacher file {path} has no krrst metadata; name its architecture with --teacher-arch "
                 f"(one of: {', '.join(list_models())})"
@@ -741,12 +697,9 @@ def _model_of_plain_state(path: Path, state: Mapping[str, torch.Tensor], arch: s
     return create_model(arch, num_outputs=None, **options)
 
 
-def _load_foreign_teacher(
-    path: str | os.PathLike | None, arch: str | None, device: str | torch.device | None, input_size: int | None
-) -> nn.Module:
+def _load_foreign_teacher(path: str | os.PathLike | None, arch: str | None, device: str | torch.device | None,
+                          input_size: int | None) -> nn.Module:
     """A torchvision/timm teacher (weights from `path`, or pretrained when None) or a TorchScript file."""
-    if path is not None and not Path(path).is_file():
-        raise KrrstError(f"teacher file not found: {path}")
     if path is None and not is_library_arch(arch):
         raise KrrstError("a teacher without a file needs --teacher-arch torchvision:NAME or timm:NAME "
                          "(the library's pretrained weights)")
@@ -775,12 +728,8 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    loaded = torch_load_weights_only(
-        path,
-        "teacher file",
-        "a weights-only PyTorch checkpoint or safetensors file",
-        "as a state dict (torch.save(model.state_dict(), ...)) or as safetensors",
-    )
+    loaded = torch_load_weights_only(path, "teacher file", "a weights-only PyTorch checkpoint or safetensors file",
+                                     "as a state dict (torch.save(model.state_dict(), ...)) or as safetensors")
     # Training scripts often wrap the weights: {'state_dict': ...}, {'model': ...}.
     for wrapper in ("state_dict", "model", "backbone", "teacher", "encoder"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
@@ -798,16 +747,18 @@ _DROP_PREFIXES = ("fc.", "head.", "projector.", "classifier.", "predictor.", "pr
 def _clean_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     cleaned = {}
     for key, value in tensors.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _STRIP_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        if key.startswith(_DROP_PREFIXES):
-            continue
-        cleaned[key] = value
+        while key.startswith(_STRIP_PREFIXES):  # repeatedly: a compiled model inside DDP has two
+            key = key.split(".", 1)[1]  # every prefix is one name and its dot
+        if not key.startswith(_DROP_PREFIXES):
+            cleaned[key] = value
     return cleaned
+
+
+def _misfit(path: Path, arch: str, state: Mapping[str, torch.Tensor]) -> str:
+    """The start of a one-line error: the file does not fit `arch`, and which architecture its keys look like."""
+    guess = _guess_arch(state)
+    holds = f" (its keys look like {guess!r})" if guess and guess != arch else ""
+    return f"teacher file {path} does not fit architecture {arch!r}{holds}"
 
 
 def _load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
@@ -815,20 +766,14 @@ def _load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
-    guess = _guess_arch(state)
-    holds = f" (its keys look like {guess!r})" if guess and guess != arch else ""
     if missing or unexpected:
-        parts = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                parts.append(f"{what} {keys[0]!r}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else ""))
-        raise KrrstError(f"teacher file {path} does not fit architecture {arch!r}{holds}: {'; '.join(parts)}")
+        parts = [f"{what} {keys[0]!r}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise KrrstError(f"{_misfit(path, arch, state)}: {'; '.join(parts)}")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise KrrstError(
-                f"teacher file {path} does not fit architecture {arch!r}{holds}: {key!r} has shape "
-                f"{tuple(state[key].shape)} in the file but {tuple(tensor.shape)} in the model"
-            )
+            raise KrrstError(f"{_misfit(path, arch, state)}: {key!r} has shape {tuple(state[key].shape)} in the file "
+                             f"but {tuple(tensor.shape)} in the model")
     model.load_state_dict({key: state[key].to(expected[key].dtype) for key in expected}, strict=True)
 
 
@@ -845,13 +790,9 @@ def _infer_widths(arch: str, state: Mapping[str, torch.Tensor], path: Path) -> t
     for key in conv_keys:
         if key not in state or state[key].dim() != 4:
             found = "is missing" if key not in state else f"has shape {tuple(state[key].shape)}"
-            guess = _guess_arch(state)
-            holds = f" (its keys look like {guess!r})" if guess and guess != arch else ""
-            raise KrrstError(
-                f"teacher file {path} does not fit architecture {arch!r}{holds}: cannot infer its widths option, "
-                f"{key!r} {found}; expected {len(conv_keys)} conv weights {', '.join(conv_keys)} of shape "
-                f"(width, in_channels, k, k)"
-            )
+            raise KrrstError(f"{_misfit(path, arch, state)}: cannot infer its widths option, {key!r} {found}; "
+                             f"expected {len(conv_keys)} conv weights {', '.join(conv_keys)} of shape "
+                             "(width, in_channels, k, k)")
     return tuple(int(state[key].shape[0]) for key in conv_keys)
 
 
@@ -889,24 +830,16 @@ def _guess_arch(state: Mapping[str, torch.Tensor]) -> str | None:
 
 
 @torch.no_grad()
-def teacher_features(
-    model: nn.Module,
-    images_uint8: torch.Tensor,
-    mean,
-    std,
-    batch_size: int = 500,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+def teacher_features(model: nn.Module, images_uint8: torch.Tensor, mean, std, batch_size: int = 500,
+                     device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
     """Features (N x d float32, on the CPU) of uint8 images, normalised per batch, in eval mode.
 
     Float32 throughout: these features become regression targets (baselines)
     and must match what the distillation computes for the same images.
     """
-    if device is not None:
-        device = resolve_device(device)
-    else:
+    if device is None:  # the model's own device
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = resolve_device(device)
     model = fit_to_source(model, mean, std, images_uint8.shape[-1])  # a library teacher's own preprocessing
     was_training = model.training
     model.to(device).eval()
@@ -945,13 +878,8 @@ DEAD_DIM_RELATIVE_STD = 1e-4
 COLLAPSE_DEAD_FRACTION = 0.9
 
 
-def feature_health(
-    teacher: nn.Module,
-    images_uint8: torch.Tensor,
-    mean,
-    std,
-    device: str | torch.device | None = None,
-) -> dict[str, Any]:
+def feature_health(teacher: nn.Module, images_uint8: torch.Tensor, mean, std,
+                   device: str | torch.device | None = None) -> dict[str, Any]:
     """Per-dimension spread of the teacher's features over `images_uint8`, and a collapse verdict.
 
     Returns a JSON-able dict: `num_images`, `feature_dim`, `finite`, the
@@ -966,15 +894,13 @@ def feature_health(
     n, d = features.shape
     finite = bool(torch.isfinite(features).all())
     health: dict[str, Any] = {"num_images": n, "feature_dim": d, "finite": finite}
+    stats = ("std_min", "std_median", "std_mean", "std_max", "feature_rms", "relative_median_std")
     if not finite or n < 2:
-        health.update(
-            std_min=float("nan"), std_median=float("nan"), std_mean=float("nan"), std_max=float("nan"),
-            feature_rms=float("nan"), relative_median_std=float("nan"), dead_fraction=1.0, effective_rank=0.0,
-            collapsed=True, reason="features contain NaN or inf" if not finite else "fewer than 2 images",
-        )
-        return health
+        reason = "features contain NaN or inf" if not finite else "fewer than 2 images"
+        return {**health, **dict.fromkeys(stats, float("nan")), "dead_fraction": 1.0, "effective_rank": 0.0,
+                "collapsed": True, "reason": reason}
     per_dim_std = features.std(0, unbiased=False)
-    std_max = float(per_dim_std.max())
+    std_median, std_max = float(per_dim_std.median()), float(per_dim_std.max())
     rms = float(features.pow(2).mean().sqrt())
     dead_fraction = float((per_dim_std < DEAD_DIM_RELATIVE_STD * std_max).double().mean()) if std_max > 0 else 1.0
     centred = features - features.mean(0)
@@ -987,38 +913,25 @@ def feature_health(
         effective_rank = float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
     else:
         effective_rank = 0.0
-    relative = float(per_dim_std.median()) / rms if rms > 0 else 0.0
-    health.update(
-        std_min=float(per_dim_std.min()),
-        std_median=float(per_dim_std.median()),
-        std_mean=float(per_dim_std.mean()),
-        std_max=std_max,
-        feature_rms=rms,
-        relative_median_std=relative,
-        dead_fraction=dead_fraction,
-        effective_rank=effective_rank,
-    )
-    if float(per_dim_std.median()) <= COLLAPSE_RELATIVE_STD * rms:
-        reason = (
-            f"features do not vary across images (median per-dim std {float(per_dim_std.median()):.3g} "
-            f"at feature scale {rms:.3g})"
-        )
+    relative = std_median / rms if rms > 0 else 0.0
+    values = (float(per_dim_std.min()), std_median, float(per_dim_std.mean()), std_max, rms, relative)
+    health.update(zip(stats, values), dead_fraction=dead_fraction, effective_rank=effective_rank)
+    if std_median <= COLLAPSE_RELATIVE_STD * rms:
+        reason = f"features do not vary across images (median per-dim std {std_median:.3g} at feature scale {rms:.3g})"
     elif dead_fraction > COLLAPSE_DEAD_FRACTION:
         reason = f"{100 * dead_fraction:.1f}% of the {d} feature dims are constant across images"
     else:
         reason = ""
-    health["collapsed"] = bool(reason)
-    health["reason"] = reason
-    return health
+    return {**health, "collapsed": bool(reason), "reason": reason}
 
 
 def check_not_collapsed(health: Mapping[str, Any], where: str = "teacher") -> None:
     """Raise a one-line `KrrstError` when `feature_health` judged the features collapsed.
 
     Collapsed means: non-finite features; or features that do not vary across
-    images (largest per-dimension std at most 1e-6 of the feature scale:
-    round-off on a constant output); or more than 90% of the dimensions
-    constant (std < 1e-4 of the largest), i.e. dimensional collapse.
+    images (median per-dimension std at most `COLLAPSE_RELATIVE_STD` of the
+    feature scale: round-off on a constant output); or more than
+    `COLLAPSE_DEAD_FRACTION` of the dimensions constant, i.e. dimensional collapse.
     """
     if health.get("collapsed"):
         raise KrrstError(
@@ -1028,14 +941,8 @@ def check_not_collapsed(health: Mapping[str, Any], where: str = "teacher") -> No
 
 
 @torch.no_grad()
-def knn_accuracy(
-    teacher: nn.Module,
-    train,
-    test,
-    k: int = 20,
-    temperature: float = 0.07,
-    device: str | torch.device | None = None,
-) -> float:
+def knn_accuracy(teacher: nn.Module, train, test, k: int = 20, temperature: float = 0.07,
+                 device: str | torch.device | None = None) -> float:
     """Weighted cosine k-NN accuracy of the teacher's features (Wu et al. 2018, InstDisc; solo-learn's k-NN).
 
     Each test image's `k` most cosine-similar train images vote for their
