@@ -122,12 +122,8 @@ def _check_batch(images: torch.Tensor, what: str) -> None:
         raise KrrstError(f"{what} expects a batch N x C x H x W, got shape {tuple(images.shape)}")
 
 
-def sample_crop_flip(
-    batch_size: int,
-    padding: int,
-    generator: torch.Generator | None,
-    device: torch.device | str = "cpu",
-) -> CropFlipParams:
+def sample_crop_flip(batch_size: int, padding: int, generator: torch.Generator | None,
+                     device: torch.device | str = "cpu") -> CropFlipParams:
     """Draw crop offsets (uniform in [0, 2 * padding]) and flips (p = 0.5) for `batch_size` images.
 
     Draws on the CPU from `generator` (None: torch's default CPU generator),
@@ -302,9 +298,8 @@ def _between(u: torch.Tensor, low: float | torch.Tensor, high: float | torch.Ten
     return low + (high - low) * u
 
 
-def _resized_crop_boxes(
-    draws: _ViewDraws, height: int, width: int, config: SSLAugmentConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _resized_crop_boxes(draws: _ViewDraws, height: int, width: int,
+                        config: SSLAugmentConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(top, left, crop height, crop width) per image, torchvision's RandomResizedCrop rule, batched."""
     area = height * width
     target_area = area * _between(draws.crop_area, *config.crop_scale)
@@ -336,10 +331,8 @@ def _resized_crop_boxes(
     return top, left, crop_h, crop_w
 
 
-def _crop_flip_affine(
-    top: torch.Tensor, left: torch.Tensor, crop_h: torch.Tensor, crop_w: torch.Tensor, flip: torch.Tensor,
-    height: int, width: int,
-) -> torch.Tensor:
+def _crop_flip_affine(top: torch.Tensor, left: torch.Tensor, crop_h: torch.Tensor, crop_w: torch.Tensor,
+                      flip: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """B x 2 x 3 affine maps (for `affine_grid`, align_corners=False) from output to the crop box."""
     # With align_corners=False, -1 and 1 are the outer edges of the border
     # pixels, so the box [left, left + w) maps to centre 2 (left + w/2) / W - 1
@@ -354,13 +347,8 @@ def _crop_flip_affine(
     )
 
 
-def color_jitter(
-    images: torch.Tensor,
-    brightness: torch.Tensor,
-    contrast: torch.Tensor,
-    saturation: torch.Tensor,
-    hue: torch.Tensor,
-) -> torch.Tensor:
+def color_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
+                 hue: torch.Tensor) -> torch.Tensor:
     """torchvision's colour-jitter operations with per-image factors, in the order b, c, s, h.
 
     `images`: float B x 3 x H x W in [0, 1]; factors: B-vectors (`hue` in
@@ -394,13 +382,8 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -
     return flat.reshape(batch, channels, height, width)
 
 
-def ssl_views(
-    images: torch.Tensor,
-    mean: ChannelStats,
-    std: ChannelStats,
-    generator: torch.Generator | None,
-    config: SSLAugmentConfig | None = None,
-) -> torch.Tensor:
+def ssl_views(images: torch.Tensor, mean: ChannelStats, std: ChannelStats, generator: torch.Generator | None,
+              config: SSLAugmentConfig | None = None) -> torch.Tensor:
     """One randomly augmented, normalised view of each image (SimCLR / Barlow Twins style).
 
     `images`: uint8 or float in [0, 1], B x 3 x H x W, any device. Steps, each
@@ -457,13 +440,9 @@ def ssl_views(
     return normalize(x, mean, std)
 
 
-def ssl_view_pair(
-    images: torch.Tensor,
-    mean: ChannelStats,
-    std: ChannelStats,
-    generator: torch.Generator | None,
-    configs: tuple[SSLAugmentConfig, SSLAugmentConfig] = BARLOW_TWINS_CIFAR,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ssl_view_pair(images: torch.Tensor, mean: ChannelStats, std: ChannelStats, generator: torch.Generator | None,
+                  configs: tuple[SSLAugmentConfig, SSLAugmentConfig] = BARLOW_TWINS_CIFAR,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two views of each image, the first with `configs[0]`, the second with `configs[1]`."""
     first, second = (ssl_views(images, mean, std, generator, config) for config in configs)
     return first, second
@@ -478,9 +457,8 @@ ROTATIONS = ("identity", "rot90", "rot180", "rot270")
 """The four rotations, the predefined augmentations of Yu et al. (ICLR 2025)."""
 
 
-def check_fixed_augmentations(
-    names: Sequence[str], height: int | None = None, width: int | None = None
-) -> tuple[str, ...]:
+def check_fixed_augmentations(names: Sequence[str], height: int | None = None,
+                              width: int | None = None) -> tuple[str, ...]:
     """`names` as a tuple, after checking they are known, distinct and (for quarter turns) that H == W."""
     names = (names,) if isinstance(names, str) else tuple(names)
     if not names:

@@ -78,8 +78,6 @@ def _source_features(teacher: nn.Module, source: "ImageSet", indices: torch.Tens
     """The teacher's features (float32 N x d, on `device`) of the source images, or of `indices` only."""
     device = resolve_device(device)
     images = source.images if indices is None else source.images[indices.to(source.images.device)]
-    if len(images) == 0:
-        raise KrrstError("teacher features: no images")
     features = teacher_features(teacher, images, source.mean, source.std, batch_size, device, progress).to(device)
     check_teacher_features(teacher, features, f"{len(images):,} images of {source.name or 'the source'}")
     return features
@@ -96,17 +94,9 @@ def _make_set(source: "ImageSet", indices: torch.Tensor, features: torch.Tensor 
     else:
         target_tensor, kind = source.labels[cpu_indices.to(source.labels.device)].cpu().long(), "hard_labels"
         config, teacher_arch = {**config, "num_classes": len(source.class_names)}, None
-    return DistilledSet(
-        images=images.contiguous(),
-        targets=target_tensor.contiguous(),
-        mean=tuple(source.mean),
-        std=tuple(source.std),
-        target_kind=kind,
-        method=method,
-        source=source.name,
-        teacher_arch=teacher_arch,
-        config={**config, "indices": [int(i) for i in cpu_indices]},
-    )
+    return DistilledSet(images=images.contiguous(), targets=target_tensor.contiguous(), mean=tuple(source.mean),
+                        std=tuple(source.std), target_kind=kind, method=method, source=source.name,
+                        teacher_arch=teacher_arch, config={**config, "indices": [int(i) for i in cpu_indices]})
 
 
 def random_subset(source: "ImageSet", m: int, teacher: nn.Module | None = None, *, seed: int = 0,

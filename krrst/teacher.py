@@ -22,10 +22,12 @@ Files a training run writes into `out_dir`:
   k-NN accuracy.
 
 Under torchrun (`train_teacher(..., distributed=init_distributed())`) the
-teacher trains with DistributedDataParallel: every rank draws the same global
-batch and views, keeps its contiguous share, normalises with SyncBatchNorm,
-and the SSL loss sees the all-gathered embeddings, so a run equals the
-single-process run on the same global batch; rank 0 writes the files.
+teacher trains with DistributedDataParallel on the context's device: every
+rank draws the same global batch (`batch_size`, a multiple of the world size)
+and views, keeps its contiguous share, normalises with SyncBatchNorm, and the
+SSL loss sees the all-gathered embeddings, so a run equals the single-process
+run on the same global batch and a checkpoint resumes with any world size;
+rank 0 writes the files and prints.
 """
 
 from __future__ import annotations
@@ -305,9 +307,8 @@ def train_teacher(images, config: TeacherConfig | None = None, out_dir: str | os
                   distributed: DistributedContext | None = None) -> nn.Module:
     """Train an SSL teacher on the unlabelled `images` (an `ImageSet`) and return its backbone.
 
-    The backbone (no projector) comes back frozen (eval mode, `requires_grad_(False)`) in contiguous memory,
-    the same weights on every rank; `forward(x)` gives the features. Bad settings, a diverging loss or a
-    collapsed teacher raise a one-line `KrrstError`.
+    The backbone (no projector) comes back frozen (eval mode, `requires_grad_(False)`) in contiguous memory, the
+    same on every rank; `forward(x)` gives the features. Bad settings, divergence or collapse raise `KrrstError`.
 
     Args:
         images: the source `ImageSet` (uint8 images; labels are ignored).
@@ -320,10 +321,8 @@ def train_teacher(images, config: TeacherConfig | None = None, out_dir: str | os
         labelled: a `(train, test)` pair of labelled `ImageSet`s for the k-NN probe in `health.json`.
         stop_at_step: stop after this global step, checkpoint and return the unfinished backbone.
         progress: show progress and the summary line (None: a bar on a terminal, plain lines in a log file).
-        distributed: a torchrun process's `init_distributed()` context: with world_size > 1 the ranks split
-            each global batch of `config.batch_size` (a multiple of the world size) on `distributed.device`
-            (`device` is ignored); only rank 0 writes and prints. The result does not depend on the world
-            size, and a checkpoint resumes with any.
+        distributed: a torchrun process's `init_distributed()` context (see the module docstring); with
+            world_size > 1 its device replaces `device`.
     """
     config = config or TeacherConfig()
     total_steps, steps_per_epoch = _schedule(config, len(images))
@@ -337,8 +336,7 @@ def train_teacher(images, config: TeacherConfig | None = None, out_dir: str | os
     watch = LossWatch(f"teacher training ({config.method})",
                       "teacher.lr too high for teacher.batch_size (or teacher.loss_scale too large)", device)
     with _open_run(config, out_dir, total_steps, len(images), resume, stop_at_step, progress, distributed) as run:
-        if run.saved is not None:
-            _restore(run.saved, backbone, projector, optimizer, views.generator)
+        _restore(run.saved, backbone, projector, optimizer, views.generator)  # a resumed run's state, if any
         two_views = _two_view_network(backbone, projector, device, sharded)  # after the restore: DDP copies rank 0
         logged = run.rows()  # a resumed run's rows, up to its checkpoint
         last_loss = logged[-1]["loss"] if logged else float("nan")
@@ -489,8 +487,10 @@ def _checkpoint(backbone: nn.Module, projector: nn.Module, optimizer: torch.opti
     }
 
 
-def _restore(saved: Mapping[str, Any], backbone: nn.Module, projector: nn.Module, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator) -> None:
+def _restore(saved: Mapping[str, Any] | None, backbone: nn.Module, projector: nn.Module,
+             optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+    if saved is None:  # a fresh run
+        return
     backbone.load_state_dict(saved["model"])
     projector.load_state_dict(saved["projector"])
     optimizer.load_state_dict(saved["optimizer"])
