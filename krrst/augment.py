@@ -65,9 +65,7 @@ def to_float01(images: torch.Tensor) -> torch.Tensor:
 def _channel_stats(values: ChannelStats, images: torch.Tensor, what: str) -> torch.Tensor:
     stats = torch.as_tensor(values, dtype=torch.float32).to(images.device)
     if stats.ndim != 1 or stats.numel() != images.shape[-3]:
-        raise KrrstError(
-            f"{what} must hold one value per channel ({images.shape[-3]}), got shape {tuple(stats.shape)}"
-        )
+        raise KrrstError(f"{what} must hold one value per channel ({images.shape[-3]}), got shape {tuple(stats.shape)}")
     dtype = images.dtype if images.is_floating_point() else torch.float32
     return stats.to(dtype).reshape(-1, 1, 1)
 
@@ -111,9 +109,8 @@ def _check_generator(generator: torch.Generator | None) -> torch.Generator:
     if generator is None:
         return torch.default_generator
     if generator.device.type != "cpu":
-        raise KrrstError(
-            f"augmentation generators must live on the CPU (portable, savable state), got one on {generator.device}"
-        )
+        raise KrrstError("augmentation generators must live on the CPU (portable, savable state), "
+                         f"got one on {generator.device}")
     return generator
 
 

@@ -681,15 +681,12 @@ def _model_of_plain_state(path: Path, state: Mapping[str, torch.Tensor], arch: s
     """The untrained `arch` network for a state dict without metadata: `widths` and `norm` read off its tensors."""
     if arch is None:
         if path.suffix == ".safetensors":
-            raise KrrstError(
-                f"teacher file {path} has no krrst metadata; name its architecture with --teacher-arch "
-                f"(one of: {', '.join(list_models())})"
-            )
+            raise KrrstError(f"teacher file {path} has no krrst metadata; name its architecture with --teacher-arch "
+                             f"(one of: {', '.join(list_models())})")
         arch = "resnet18_pad2"
     if arch not in list_models():
-        raise KrrstError(
-            f"--teacher-arch {arch!r} is not a registered model; expected one of: {', '.join(list_models())}"
-        )
+        raise KrrstError(f"--teacher-arch {arch!r} is not a registered model; "
+                         f"expected one of: {', '.join(list_models())}")
     accepted = model_options(arch)
     options = {"widths": _infer_widths(arch, state, path)} if "widths" in accepted else {}
     if "norm" in accepted:
