@@ -74,10 +74,8 @@ class DistilledSet:
             raise KrrstError(f"{where}: {m} images but {self.targets.shape[0]} targets")
         expected_dim = 1 if self.target_kind == "hard_labels" else 2
         if self.targets.dim() != expected_dim:
-            raise KrrstError(
-                f"{where}: {self.target_kind} targets must have {expected_dim} dimension(s), "
-                f"got shape {tuple(self.targets.shape)}"
-            )
+            raise KrrstError(f"{where}: {self.target_kind} targets must have {expected_dim} dimension(s), "
+                             f"got shape {tuple(self.targets.shape)}")
         if self.target_kind == "hard_labels" and (self.targets.dtype.is_floating_point or self.targets.min() < 0):
             raise KrrstError(f"{where}: hard labels must be non-negative integers")
 

@@ -385,11 +385,9 @@ def fit_to_source(teacher: nn.Module, source_mean, source_std, image_size: int) 
     spec = getattr(teacher, "spec", None) or {}
     built_for = spec.get("image_size") if isinstance(spec, Mapping) else None
     if built_for and int(built_for) != int(image_size):
-        raise KrrstError(
-            f"the teacher ({spec.get('arch')}) takes {built_for}x{built_for} images but the source's are "
-            f"{image_size}x{image_size}; load the source with --image-size {built_for}, or use a teacher trained at "
-            f"{image_size} px"
-        )
+        raise KrrstError(f"the teacher ({spec.get('arch')}) takes {built_for}x{built_for} images but the source's are "
+                         f"{image_size}x{image_size}; load the source with --image-size {built_for}, or use a teacher "
+                         f"trained at {image_size} px")
     return teacher
 
 
@@ -481,12 +479,14 @@ def _read_label_file(path: Path) -> dict[str, Any]:
             with np.load(path, allow_pickle=False) as archive:
                 return {name: torch.from_numpy(archive[name].copy()) for name in archive.files}
         except (ValueError, OSError) as exc:
-            raise KrrstError(f"label-based set {path} is not a readable .npz file ({describe_exception(exc)})") from None
+            raise KrrstError(f"label-based set {path} is not a readable .npz file "
+                             f"({describe_exception(exc)})") from None
     if suffix in (".pt", ".pth"):
         value = torch_load_weights_only(path, "label-based set", "a weights-only PyTorch file of tensors",
                                         "as tensors (images, labels) with torch.save, or as .safetensors/.npz")
         return _unpack_torch_value(value, path)
-    raise KrrstError(f"label-based set {path}: unknown file type {suffix!r}; expected one of {', '.join(LABEL_FILE_SUFFIXES)}")
+    raise KrrstError(f"label-based set {path}: unknown file type {suffix!r}; "
+                     f"expected one of {', '.join(LABEL_FILE_SUFFIXES)}")
 
 
 def _unpack_torch_value(value: Any, path: Path) -> dict[str, Any]:
@@ -501,13 +501,15 @@ def _unpack_torch_value(value: Any, path: Path) -> dict[str, Any]:
             # DC/DSA/DM save one (images, labels) pair per experiment; the first is taken.
             return {"images": data[0][0], "labels": data[0][1]}
         return {str(k): v for k, v in value.items() if isinstance(v, torch.Tensor)}
-    raise KrrstError(f"label-based set {path} holds a {type(value).__name__}; expected tensors (a dict, or images and labels)")
+    raise KrrstError(f"label-based set {path} holds a {type(value).__name__}; "
+                     "expected tensors (a dict, or images and labels)")
 
 
 def _pick(tensors: dict[str, Any], keys: tuple[str, ...], explicit: str | None, path: Path) -> torch.Tensor | None:
     if explicit is not None:
         if explicit not in tensors:
-            raise KrrstError(f"label-based set {path} has no tensor {explicit!r}; it holds {', '.join(sorted(tensors)) or 'none'}")
+            raise KrrstError(f"label-based set {path} has no tensor {explicit!r}; "
+                             f"it holds {', '.join(sorted(tensors)) or 'none'}")
         return tensors[explicit]
     for key in keys:
         if key in tensors:
@@ -521,10 +523,8 @@ def _label_set_tensors(path: Path, labels_path: str | os.PathLike | None, images
     tensors = _read_label_file(path)
     images = _pick(tensors, _IMAGE_KEYS, images_key, path)
     if images is None:
-        raise KrrstError(
-            f"label-based set {path}: no images tensor (looked for {', '.join(_IMAGE_KEYS)}); "
-            f"it holds {', '.join(sorted(tensors)) or 'none'}; name it with images_key"
-        )
+        raise KrrstError(f"label-based set {path}: no images tensor (looked for {', '.join(_IMAGE_KEYS)}); "
+                         f"it holds {', '.join(sorted(tensors)) or 'none'}; name it with images_key")
     if labels_path is not None:
         label_file = Path(labels_path)
         if not label_file.is_file():
@@ -536,10 +536,8 @@ def _label_set_tensors(path: Path, labels_path: str | os.PathLike | None, images
     else:
         labels = _pick(tensors, _LABEL_KEYS, labels_key, path)
     if labels is None:
-        raise KrrstError(
-            f"label-based set {path}: no labels tensor (looked for {', '.join(_LABEL_KEYS)}); "
-            "name it with labels_key or give labels_path"
-        )
+        raise KrrstError(f"label-based set {path}: no labels tensor (looked for {', '.join(_LABEL_KEYS)}); "
+                         "name it with labels_key or give labels_path")
     return images, labels
 
 

@@ -64,12 +64,8 @@ def list_models() -> list[str]:
 
 def model_options(arch: str) -> dict[str, Any]:
     """The options `create_model(arch, ...)` accepts, with their defaults (num_outputs excluded)."""
-    builder = MODELS.get(arch)
-    return {
-        name: parameter.default
-        for name, parameter in inspect.signature(builder).parameters.items()
-        if name != "num_outputs"
-    }
+    parameters = inspect.signature(MODELS.get(arch)).parameters
+    return {name: parameter.default for name, parameter in parameters.items() if name != "num_outputs"}
 
 
 def create_model(arch: str, num_outputs: int | None = None, **options: Any) -> nn.Module:
@@ -81,14 +77,12 @@ def create_model(arch: str, num_outputs: int | None = None, **options: Any) -> n
     rebuilds the same architecture.
     """
     valid = model_options(arch)
-    for option in options:
-        if option not in valid:
-            names = ", ".join(valid) or "(none)"
-            raise KrrstError(f"model {arch!r}: unknown option {option!r}; valid options: {names}")
-    valid_outputs = num_outputs is None or (
-        isinstance(num_outputs, int) and not isinstance(num_outputs, bool) and num_outputs >= 1
-    )
-    if not valid_outputs:
+    unknown = [option for option in options if option not in valid]
+    if unknown:
+        names = ", ".join(valid) or "(none)"
+        raise KrrstError(f"model {arch!r}: unknown option {unknown[0]!r}; valid options: {names}")
+    positive = isinstance(num_outputs, int) and not isinstance(num_outputs, bool) and num_outputs >= 1
+    if not (num_outputs is None or positive):
         raise KrrstError(f"model {arch!r}: num_outputs must be a positive integer or None, got {num_outputs!r}")
     model = MODELS.get(arch)(num_outputs=num_outputs, **options)
     model.spec = {"arch": arch, "num_outputs": num_outputs, **{k: _jsonable(v) for k, v in options.items()}}
@@ -125,14 +119,10 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 def describe(model: nn.Module) -> str:
     """One line: architecture, parameter count, feature size and head size."""
-    spec = getattr(model, "spec", {})
-    arch = spec.get("arch", type(model).__name__)
-    head = model.head
-    outputs = head.out_features if isinstance(head, nn.Linear) else "none"
-    return (
-        f"{arch}: {count_parameters(model) / 1e6:.2f}M parameters, "
-        f"{model.feature_dim} features, head outputs {outputs}"
-    )
+    arch = getattr(model, "spec", {}).get("arch", type(model).__name__)
+    outputs = model.head.out_features if isinstance(model.head, nn.Linear) else "none"
+    return (f"{arch}: {count_parameters(model) / 1e6:.2f}M parameters, {model.feature_dim} features, "
+            f"head outputs {outputs}")
 
 
 def from_torchvision_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,11 +134,8 @@ def from_torchvision_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[
     """
     renamed = {}
     for key, value in state_dict.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
-        if key.startswith("fc."):
-            key = "head." + key[len("fc."):]
-        renamed[key] = value
+        key = key.removeprefix("module.")
+        renamed["head." + key[len("fc."):] if key.startswith("fc.") else key] = value
     return renamed
 
 
@@ -177,6 +164,12 @@ def _norm_layer(norm: str, channels: int) -> nn.Module:
         # affine by default and fine on channels_last.
         return nn.GroupNorm(channels, channels, affine=True)
     return nn.Identity()
+
+
+def _conv_block(in_channels: int, out_channels: int, kernel: int, norm: str) -> list[nn.Module]:
+    """conv (same padding, with bias) -> norm -> ReLU."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=kernel, padding=kernel // 2)
+    return [conv, _norm_layer(norm, out_channels), nn.ReLU()]
 
 
 class FeatureModel(nn.Module):
@@ -209,32 +202,24 @@ class ConvNet(FeatureModel):
     under crops and flips, for a ConvNet used as a teacher.
     """
 
-    def __init__(self, arch: str, widths: Sequence[int], image_size: int, norm: str, num_outputs: int | None,
-                 pool: str = "flatten"):
+    def __init__(self, depth: int, widths: Sequence[int], image_size: int, norm: str, num_outputs: int | None,
+                 pool: str):
         super().__init__()
+        self.arch = arch = f"convnet{depth}"
+        widths = tuple(widths)
+        if len(widths) != depth or not all(isinstance(w, int) and w > 0 for w in widths):
+            raise KrrstError(f"model {arch!r}: option widths must be {depth} positive integers, got {list(widths)}")
         _check_norm(arch, norm)
         if pool not in POOLS:
             raise KrrstError(f"model {arch!r}: option pool must be one of {', '.join(POOLS)}, got {pool!r}")
         widths = tuple(int(w) for w in widths)
-        depth = len(widths)
         if image_size % (2**depth) != 0 or image_size <= 0:
-            raise KrrstError(
-                f"model {arch!r}: option image_size must be a positive multiple of {2**depth} "
-                f"({depth} pooling blocks), got {image_size}"
-            )
-        self.arch = arch
+            raise KrrstError(f"model {arch!r}: option image_size must be a positive multiple of {2**depth} "
+                             f"({depth} pooling blocks), got {image_size}")
         self.image_size = int(image_size)
-        blocks = []
-        in_channels = 3
+        blocks, in_channels = [], 3
         for width in widths:
-            blocks.append(
-                nn.Sequential(
-                    nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1),
-                    _norm_layer(norm, width),
-                    nn.ReLU(),
-                    nn.AvgPool2d(kernel_size=2, stride=2),
-                )
-            )
+            blocks.append(nn.Sequential(*_conv_block(in_channels, width, 3, norm), nn.AvgPool2d(2, stride=2)))
             in_channels = width
         self.blocks = nn.Sequential(*blocks)
         self.pool = pool
@@ -243,44 +228,25 @@ class ConvNet(FeatureModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.image_size, self.image_size):
-            raise KrrstError(
-                f"model {self.arch!r} was built for {self.image_size}x{self.image_size} images "
-                f"(option image_size) but got {x.shape[-2]}x{x.shape[-1]}; "
-                f"create it with image_size={x.shape[-1]}"
-            )
+            raise KrrstError(f"model {self.arch!r} was built for {self.image_size}x{self.image_size} images "
+                             f"(option image_size) but got {x.shape[-2]}x{x.shape[-1]}; "
+                             f"create it with image_size={x.shape[-1]}")
         maps = self.blocks(x)  # (N, width, s, s)
         return maps.mean((2, 3)) if self.pool == "avg" else torch.flatten(maps, 1)
 
 
-def _widths(arch: str, widths: Sequence[int], depth: int) -> tuple[int, ...]:
-    widths = tuple(widths)
-    if len(widths) != depth or not all(isinstance(w, int) and w > 0 for w in widths):
-        raise KrrstError(f"model {arch!r}: option widths must be {depth} positive integers, got {list(widths)}")
-    return widths
-
-
 @register_model("convnet3")
-def convnet3(
-    num_outputs: int | None = None,
-    widths: Sequence[int] = (128, 256, 512),
-    image_size: int = 32,
-    norm: str = "batch",
-    pool: str = "flatten",
-) -> nn.Module:
+def convnet3(num_outputs: int | None = None, widths: Sequence[int] = (128, 256, 512), image_size: int = 32,
+             norm: str = "batch", pool: str = "flatten") -> nn.Module:
     """The CIFAR distillation ConvNet: 3 blocks (128, 256, 512); 8,192 features at 32x32 (512 with pool="avg")."""
-    return ConvNet("convnet3", _widths("convnet3", widths, 3), image_size, norm, num_outputs, pool)
+    return ConvNet(3, widths, image_size, norm, num_outputs, pool)
 
 
 @register_model("convnet4")
-def convnet4(
-    num_outputs: int | None = None,
-    widths: Sequence[int] = (64, 128, 256, 512),
-    image_size: int = 64,
-    norm: str = "batch",
-    pool: str = "flatten",
-) -> nn.Module:
+def convnet4(num_outputs: int | None = None, widths: Sequence[int] = (64, 128, 256, 512), image_size: int = 64,
+             norm: str = "batch", pool: str = "flatten") -> nn.Module:
     """The Tiny-ImageNet/ImageNet-64 distillation ConvNet: 4 blocks (64..512); 8,192 features at 64x64."""
-    return ConvNet("convnet4", _widths("convnet4", widths, 4), image_size, norm, num_outputs, pool)
+    return ConvNet(4, widths, image_size, norm, num_outputs, pool)
 
 
 # --------------------------------------------------------------------------- ResNets
@@ -362,9 +328,8 @@ class VGG(FeatureModel):
             if item == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
-                width = int(item)
-                layers += [nn.Conv2d(in_channels, width, kernel_size=3, padding=1), _norm_layer(norm, width), nn.ReLU()]
-                in_channels = width
+                layers += _conv_block(in_channels, int(item), 3, norm)
+                in_channels = int(item)
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = in_channels
@@ -398,18 +363,14 @@ class AlexNet(FeatureModel):
     def __init__(self, norm: str, num_outputs: int | None):
         super().__init__()
         _check_norm("alexnet", norm)
-
-        def block(cin: int, cout: int, kernel: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, kernel_size=kernel, padding=kernel // 2), _norm_layer(norm, cout), nn.ReLU()]
-
         self.features = nn.Sequential(
-            *block(3, 128, 5),
+            *_conv_block(3, 128, 5, norm),
             nn.MaxPool2d(kernel_size=2, stride=2),
-            *block(128, 192, 5),
+            *_conv_block(128, 192, 5, norm),
             nn.MaxPool2d(kernel_size=2, stride=2),
-            *block(192, 256, 3),
-            *block(256, 192, 3),
-            *block(192, 192, 3),
+            *_conv_block(192, 256, 3, norm),
+            *_conv_block(256, 192, 3, norm),
+            *_conv_block(192, 192, 3, norm),
             nn.MaxPool2d(kernel_size=2, stride=2),
         )
         self.avgpool = nn.AdaptiveAvgPool2d(4)

@@ -82,13 +82,6 @@ def _rms_row_norm(rows: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-def _plain_targets(targets: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-    """`project_targets` of a set that learns every target entry: `targets` as they are, if shaped like `stored`."""
-    if targets.shape != stored.shape:
-        raise KrrstError(f"project_targets: expected targets of shape {tuple(stored.shape)}, got {tuple(targets.shape)}")
-    return targets
-
-
 class SyntheticSet:
     """What every parameterisation offers the outer loop.
 
@@ -113,62 +106,82 @@ class SyntheticSet:
         """`(X_s, Y_s)`: m x C x H x W normalised images (differentiable in the parameters) and m x d targets."""
         return self.images(), self.targets()
 
+    def storage_bytes(self, bytes_per_value: int = 4) -> int:
+        return sum(p.numel() for p in self.parameters()) * bytes_per_value
 
-class PixelSet(SyntheticSet):
-    """Every pixel of `X_s` and every entry of `Y_s` learnt (KRR-ST).
 
-    One leaf per channel, so that channel c gets Adam lr `image_lr / std_c`:
-    `image_lr` is in raw-pixel units and `X_s` is normalised (see
-    `krrst.distill.DistillConfig`). Storage: m*C*H*W + m*d values.
+class _ChannelLeaves(SyntheticSet):
+    """Images made of named parts (m x C x r x r) learnt as one leaf per channel, and every entry of `Y_s` learnt.
+
+    One leaf per channel, so that channel c of each of the P parts gets Adam lr
+    `image_lr / (std_c * P)`: `image_lr` is in raw-pixel units and `X_s` is
+    normalised (see `krrst.distill.DistillConfig`). The parts' names are their
+    `state_dict` keys.
     """
 
-    kind = "pixels"
-
-    def __init__(self, initial_images: torch.Tensor, initial_targets: torch.Tensor):
-        _check_initial(initial_images, initial_targets)
-        channels = initial_images.shape[1]
-        self.image_channels = [initial_images[:, c : c + 1].detach().clone().requires_grad_(True)
-                               for c in range(channels)]
+    def __init__(self, parts: dict[str, torch.Tensor], initial_targets: torch.Tensor):
+        self.channel_leaves = {name: [part[:, c : c + 1].detach().clone().requires_grad_(True)
+                                      for c in range(part.shape[1])] for name, part in parts.items()}
         self.target_values = initial_targets.detach().clone().requires_grad_(True)
 
     @property
     def num_images(self) -> int:
         return len(self.target_values)
 
-    def images(self) -> torch.Tensor:
-        return torch.cat(self.image_channels, dim=1)
+    def part(self, name: str) -> torch.Tensor:
+        return torch.cat(self.channel_leaves[name], dim=1)
 
     def targets(self) -> torch.Tensor:
         return self.target_values
 
     def parameters(self) -> list[torch.Tensor]:
-        return [*self.image_channels, self.target_values]
+        return [leaf for channels in self.channel_leaves.values() for leaf in channels] + [self.target_values]
 
     def param_groups(self, image_lr: float, target_lr: float, std: Sequence[float]) -> list[dict[str, Any]]:
-        std = _check_std(std, len(self.image_channels))
-        return [{"params": [leaf], "lr": image_lr / std[c]} for c, leaf in enumerate(self.image_channels)] + [
+        std = _check_std(std, len(next(iter(self.channel_leaves.values()))))
+        share = len(self.channel_leaves)
+        return [{"params": [leaf], "lr": image_lr / (std[c] * share)}
+                for channels in self.channel_leaves.values() for c, leaf in enumerate(channels)] + [
             {"params": [self.target_values], "lr": target_lr}
         ]
 
     def project_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """The closest targets this set can store: any m x d targets, as they are."""
-        return _plain_targets(targets, self.target_values)
+        stored = tuple(self.target_values.shape)
+        if targets.shape != stored:
+            raise KrrstError(f"project_targets: expected targets of shape {stored}, got {tuple(targets.shape)}")
+        return targets
 
-    def storage_bytes(self, bytes_per_value: int = 4) -> int:
-        return sum(p.numel() for p in self.parameters()) * bytes_per_value
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {name: self.part(name).detach().clone() for name in self.channel_leaves}
+        return state | {"targets": self.target_values.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {name: self.part(name) for name in self.channel_leaves}
+        _check_state(state, expected | {"targets": self.target_values}, self.kind)
+        with torch.no_grad():  # in place: the optimiser keeps referring to the same leaves
+            for name, channels in self.channel_leaves.items():
+                for c, leaf in enumerate(channels):
+                    leaf.copy_(state[name][:, c : c + 1])
+            self.target_values.copy_(state["targets"])
+
+
+class PixelSet(_ChannelLeaves):
+    """Every pixel of `X_s` and every entry of `Y_s` learnt (KRR-ST): one part, the images, so channel c gets
+    lr `image_lr / std_c`. Storage: m*C*H*W + m*d values."""
+
+    kind = "pixels"
+
+    def __init__(self, initial_images: torch.Tensor, initial_targets: torch.Tensor):
+        _check_initial(initial_images, initial_targets)
+        super().__init__({"images": initial_images}, initial_targets)
+        self.image_channels = self.channel_leaves["images"]
+
+    def images(self) -> torch.Tensor:
+        return self.part("images")
 
     def summary(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_images": self.num_images, "storage_bytes": self.storage_bytes()}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"images": self.images().detach().clone(), "targets": self.target_values.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        _check_state(state, {"images": self.images(), "targets": self.target_values}, self.kind)
-        with torch.no_grad():  # in place: the optimiser keeps referring to the same leaves
-            for c, leaf in enumerate(self.image_channels):
-                leaf.copy_(state["images"][:, c : c + 1])
-            self.target_values.copy_(state["targets"])
 
 
 def _pca(rows: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -279,9 +292,6 @@ class BasisSet(SyntheticSet):
         coefficients, basis, mean = _pca(targets.detach(), self.target_rank)
         return torch.addmm(mean, coefficients, basis)
 
-    def storage_bytes(self, bytes_per_value: int = 4) -> int:
-        return sum(p.numel() for p in self.parameters()) * bytes_per_value
-
     def summary(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_images": self.num_images, "image_rank": self.image_rank,
                 "target_rank": self.target_rank, "storage_bytes": self.storage_bytes()}
@@ -331,7 +341,7 @@ def _upsample(level: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(level, size=(side, side), mode="bilinear", align_corners=False)
 
 
-class PyramidSet(SyntheticSet):
+class PyramidSet(_ChannelLeaves):
     """`X_i = sum_l up_l(P_{i,l})`: each image a sum of learnt levels at lower resolutions; `Y_s` learnt as is.
 
     `P_{i,l}`: C x r_l x r_l for each side r_l of `levels` (strictly
@@ -364,23 +374,17 @@ class PyramidSet(SyntheticSet):
         self.image_shape = tuple(initial_images.shape[1:])
         self.levels = _check_levels(levels, self.image_shape)
         side = self.image_shape[-1]
-        parts, residual = [], initial_images.detach()
+        parts, residual = {}, initial_images.detach()
         with torch.no_grad():  # coarse to fine: each level is the area downsampling of what is not yet explained
             for r in self.levels:
-                parts.append(F.adaptive_avg_pool2d(residual, r))
-                residual = residual - _upsample(parts[-1], side)
-        # one leaf per (level, channel), so that channel c gets its own lr (see the class docstring)
-        self.level_channels = [[part[:, c : c + 1].clone().requires_grad_(True) for c in range(part.shape[1])]
-                               for part in parts]
-        self.target_values = initial_targets.detach().clone().requires_grad_(True)
-
-    @property
-    def num_images(self) -> int:
-        return len(self.target_values)
+                parts[f"level_{r}"] = F.adaptive_avg_pool2d(residual, r)
+                residual = residual - _upsample(parts[f"level_{r}"], side)
+        super().__init__(parts, initial_targets)  # one leaf per (level, channel), see the class docstring
+        self.level_channels = list(self.channel_leaves.values())
 
     def level(self, index: int) -> torch.Tensor:
         """`P_{:,l}`: m x C x r_l x r_l."""
-        return torch.cat(self.level_channels[index], dim=1)
+        return self.part(f"level_{self.levels[index]}")
 
     def images(self) -> torch.Tensor:
         side = self.image_shape[-1]
@@ -389,43 +393,9 @@ class PyramidSet(SyntheticSet):
             total = total + _upsample(self.level(index), side)
         return total
 
-    def targets(self) -> torch.Tensor:
-        return self.target_values
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [leaf for channels in self.level_channels for leaf in channels] + [self.target_values]
-
-    def param_groups(self, image_lr: float, target_lr: float, std: Sequence[float]) -> list[dict[str, Any]]:
-        std = _check_std(std, self.image_shape[0])
-        share = len(self.levels)
-        return [{"params": [leaf], "lr": image_lr / (std[c] * share)}
-                for channels in self.level_channels for c, leaf in enumerate(channels)] + [
-            {"params": [self.target_values], "lr": target_lr}
-        ]
-
-    def project_targets(self, targets: torch.Tensor) -> torch.Tensor:
-        """The closest targets this set can store: any m x d targets, as they are."""
-        return _plain_targets(targets, self.target_values)
-
-    def storage_bytes(self, bytes_per_value: int = 4) -> int:
-        return sum(p.numel() for p in self.parameters()) * bytes_per_value
-
     def summary(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_images": self.num_images, "levels": list(self.levels),
                 "storage_bytes": self.storage_bytes()}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"level_{r}": self.level(index).detach().clone() for index, r in enumerate(self.levels)}
-        return state | {"targets": self.target_values.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {f"level_{r}": self.level(index) for index, r in enumerate(self.levels)}
-        _check_state(state, expected | {"targets": self.target_values}, self.kind)
-        with torch.no_grad():  # in place: the optimiser keeps referring to the same leaves
-            for r, channels in zip(self.levels, self.level_channels):
-                for c, leaf in enumerate(channels):
-                    leaf.copy_(state[f"level_{r}"][:, c : c + 1])
-            self.target_values.copy_(state["targets"])
 
 
 def pixel_storage_bytes(num_images: int, image_shape: Sequence[int], target_dim: int, bytes_per_value: int = 4) -> int:
@@ -445,10 +415,9 @@ def basis_images_for_budget(budget_bytes: int, image_shape: Sequence[int], targe
     shared = image_rank * pixels + pixels + target_rank * target_dim + target_dim
     count = (budget_bytes // bytes_per_value - shared) // (image_rank + target_rank)
     if count < max(image_rank, target_rank):
-        raise KrrstError(
-            f"a storage budget of {budget_bytes} bytes holds {max(count, 0)} basis images at image_rank={image_rank}, "
-            f"target_rank={target_rank}; the ranks need at least {max(image_rank, target_rank)}: lower them"
-        )
+        raise KrrstError(f"a storage budget of {budget_bytes} bytes holds {max(count, 0)} basis images at "
+                         f"image_rank={image_rank}, target_rank={target_rank}; the ranks need at least "
+                         f"{max(image_rank, target_rank)}: lower them")
     return int(count)
 
 
@@ -464,10 +433,8 @@ def pyramid_images_for_budget(budget_bytes: int, image_shape: Sequence[int], tar
     per_image = image_shape[0] * sum(r * r for r in sides) + target_dim
     count = budget_bytes // bytes_per_value // per_image
     if count < 1:
-        raise KrrstError(
-            f"a storage budget of {budget_bytes} bytes holds no pyramid image at levels={list(sides)} "
-            f"({per_image * bytes_per_value} bytes each): coarsen the levels or raise the budget"
-        )
+        raise KrrstError(f"a storage budget of {budget_bytes} bytes holds no pyramid image at levels={list(sides)} "
+                         f"({per_image * bytes_per_value} bytes each): coarsen the levels or raise the budget")
     return int(count)
 
 
@@ -544,10 +511,9 @@ def augmentation_predictor_loss(predictor: AugmentationPredictor, teacher_reps_o
     """
     views, m = len(predictor.names), len(teacher_reps)
     if teacher_reps_of_views.shape != (views * m, teacher_reps.shape[1]):
-        raise KrrstError(
-            f"augmentation_predictor_loss: teacher_reps_of_views must be {views * m} x {teacher_reps.shape[1]} "
-            f"({views} views of {m} images), got {tuple(teacher_reps_of_views.shape)}"
-        )
+        raise KrrstError(f"augmentation_predictor_loss: teacher_reps_of_views must be {views * m} x "
+                         f"{teacher_reps.shape[1]} ({views} views of {m} images), "
+                         f"got {tuple(teacher_reps_of_views.shape)}")
     keep = [v for v, name in enumerate(predictor.names) if name != "identity"]
     if not keep:
         return teacher_reps.new_zeros(())
