@@ -56,11 +56,7 @@ from krrst.infra.errors import KrrstError
 from krrst.infra.finite import LossWatch
 from krrst.infra.progress import progress_bar
 from krrst.infra.run_state import RunningMean, RunState, draw_seed, every, stage_seeds
-from krrst.infra.speed import (  # SpeedSettings: also imported from here
-    SpeedSettings,
-    check_speed_fields,
-    reference_speed,
-)
+from krrst.infra.speed import SpeedSettings, check_speed_fields, reference_speed  # SpeedSettings: imported from here
 from krrst.losses import krr_st_loss, krr_st_loss_with_info
 from krrst.models import fresh_model, model_options
 from krrst.parameterize import (
@@ -188,20 +184,13 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         check_numeric_fields(self, "distill")  # finite, within float32: a config built in Python as from --set
-        positive = ("num_images", "image_size", "batch_size", "pool_size", "log_every", "validation_images")
-        non_negative = (
-            "steps", "padding", "pool_steps", "checkpoint_every", "validate_every", "validation_models",
-            "validation_train_steps", "teacher_cache_views",
+        check_field_ranges(
+            self, "distill",
+            at_least_one=("num_images", "image_size", "batch_size", "pool_size", "log_every", "validation_images"),
+            non_negative=("steps", "padding", "pool_steps", "checkpoint_every", "validate_every", "validation_models",
+                          "validation_train_steps", "teacher_cache_views"),
+            positive=("image_lr", "target_lr", "pool_lr"),
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise KrrstError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise KrrstError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("image_lr", "target_lr", "pool_lr"):
-            if not getattr(self, name) > 0:
-                raise KrrstError(f"distill.{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.final_lr_factor <= 1:
             raise KrrstError(f"distill.final_lr_factor must be in (0, 1], got {self.final_lr_factor}")
         if self.ridge < 0:
@@ -214,7 +203,8 @@ class DistillConfig:
             )
         PARAMETERIZATIONS.get(self.parameterization, "distill.parameterization")
         if self.parameterization == "basis" and (self.image_rank < 1 or self.target_rank < 1):
-            raise KrrstError("distill.parameterization=basis needs distill.image_rank >= 1 and distill.target_rank >= 1")
+            raise KrrstError("distill.parameterization=basis needs distill.image_rank >= 1 and "
+                             "distill.target_rank >= 1")
         if self.parameterization == "pyramid" and not valid_pyramid_levels(self.pyramid_levels, self.image_size):
             raise KrrstError(
                 f"distill.pyramid_levels must be strictly increasing sides in [1, distill.image_size="
@@ -270,12 +260,8 @@ def make_step_loss(
     and whose mode follows the picked model's, so the compiled step computes
     exactly what the reference path computes and, in eval mode, writes nothing.
     """
-    kernel_dtype = KERNEL_DTYPES[config.kernel_dtype]
-
-    def loss_from_features(synthetic_features, synthetic_targets, real_features, real_targets):
-        return krr_st_loss_with_info(
-            synthetic_features, synthetic_targets, real_features, real_targets, config.ridge, kernel_dtype
-        )
+    loss_from_features = functools.partial(krr_st_loss_with_info, ridge=config.ridge,
+                                           kernel_dtype=KERNEL_DTYPES[config.kernel_dtype])
 
     if not speed.compile:
         def step_loss(model, synthetic_images, synthetic_targets, real_images, real_targets):
@@ -312,6 +298,17 @@ def make_step_loss(
 # --------------------------------------------------------------------------- helpers
 
 
+def check_field_ranges(config: Any, stage: str, *, at_least_one: tuple[str, ...] = (),
+                       non_negative: tuple[str, ...] = (), positive: tuple[str, ...] = ()) -> None:
+    """One line naming `stage.field` for the first field out of its range, checked in the arguments' order."""
+    for names, in_range, expected in ((at_least_one, lambda value: value >= 1, ">= 1"),
+                                      (non_negative, lambda value: value >= 0, ">= 0"),
+                                      (positive, lambda value: value > 0, "> 0")):
+        for name in names:
+            if not in_range(getattr(config, name)):
+                raise KrrstError(f"{stage}.{name} must be {expected}, got {getattr(config, name)}")
+
+
 def network_options(config: Any) -> dict[str, Any]:
     """`widths`, `image_size`, `norm` of a stage config (distill, MKDT) for its `arch`, where the arch takes them."""
     accepted = model_options(config.arch)
@@ -337,22 +334,10 @@ class ModelPool:
     initialisations) comes from the pool's own generator.
     """
 
-    def __init__(
-        self,
-        arch: str,
-        num_outputs: int,
-        model_options: dict[str, Any] | None = None,
-        size: int = 10,
-        steps_per_model: int = 1000,
-        *,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-3,
-        counter_reset: bool = True,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        speed: SpeedSettings | None = None,
-    ):
+    def __init__(self, arch: str, num_outputs: int, model_options: dict[str, Any] | None = None, size: int = 10,
+                 steps_per_model: int = 1000, *, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-3,
+                 counter_reset: bool = True, seed: int = 0, device: torch.device | str = "cpu",
+                 speed: SpeedSettings | None = None):
         self.arch = arch
         self.num_outputs = num_outputs
         self.model_options = dict(model_options or {})
@@ -374,13 +359,8 @@ class ModelPool:
         return model.to(self.device, memory_format=self.speed.memory_format)
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(
-            model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, foreach=True
-        )
-
-    def _reinitialise(self, index: int) -> None:
-        self.models[index] = self._fresh_model()
-        self.optimizers[index] = self._optimizer(self.models[index])
+        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                               foreach=True)
 
     def _train_once(self, index: int, images: torch.Tensor, targets: torch.Tensor) -> None:
         model, optimizer = self.models[index], self.optimizers[index]
@@ -408,7 +388,8 @@ class ModelPool:
     def train_step(self, index: int, images: torch.Tensor, targets: torch.Tensor) -> None:
         """One more full-batch SGD step of model `index` on the (detached) set, or its re-initialisation at T."""
         if self.counters[index] >= self.steps_per_model:
-            self._reinitialise(index)
+            self.models[index] = self._fresh_model()
+            self.optimizers[index] = self._optimizer(self.models[index])
             if self.counter_reset:
                 self.counters[index] = 0
             return
@@ -606,9 +587,8 @@ class TeacherCache(NamedTuple):
 
     def crop_params(self, indices: torch.Tensor, views: torch.Tensor) -> CropFlipParams:
         """The crop/flip parameters of view `views[i]` of source image `indices[i]`, for `apply_crop_flip`."""
-        return CropFlipParams(
-            self.offsets_y[indices, views].long(), self.offsets_x[indices, views].long(), self.flips[indices, views]
-        )
+        return CropFlipParams(self.offsets_y[indices, views].long(), self.offsets_x[indices, views].long(),
+                              self.flips[indices, views])
 
     def targets(self, indices: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
         """The cached teacher features of those views, as float32 (B x d)."""
@@ -616,19 +596,9 @@ class TeacherCache(NamedTuple):
 
 
 @torch.no_grad()
-def build_teacher_cache(
-    teacher: nn.Module,
-    source_images: torch.Tensor,
-    views: int,
-    padding: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    generator: torch.Generator,
-    *,
-    chunk: int = 512,
-    progress: bool = False,
-    speed: SpeedSettings | None = None,
-) -> TeacherCache:
+def build_teacher_cache(teacher: nn.Module, source_images: torch.Tensor, views: int, padding: int,
+                        mean: tuple[float, ...], std: tuple[float, ...], generator: torch.Generator, *,
+                        chunk: int = 512, progress: bool = False, speed: SpeedSettings | None = None) -> TeacherCache:
     """Teacher features of `views` (K) random crop/flip views of each uint8 source image, computed once.
 
     The parameters are drawn on the CPU from `generator` (K per image, in
@@ -649,14 +619,13 @@ def build_teacher_cache(
     offsets_y, offsets_x = (p.view(num_images, views).to(torch.uint8).to(device) for p in params[:2])
     flips = params.flips.view(num_images, views).to(device)
     image_of_view = torch.arange(num_images, device=device).repeat_interleave(views)
+    flat = CropFlipParams(offsets_y.view(-1).long(), offsets_x.view(-1).long(), flips.view(-1))  # view-major order
     features: torch.Tensor | None = None
     total = num_images * views
     with progress_bar(total, "teacher cache", unit="view", enabled=progress) as bar:
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)
-            crop = CropFlipParams(
-                offsets_y.view(-1)[start:stop].long(), offsets_x.view(-1)[start:stop].long(), flips.view(-1)[start:stop]
-            )
+            crop = CropFlipParams(*(part[start:stop] for part in flat))
             batch = normalize(apply_crop_flip(source_images[image_of_view[start:stop]], crop, padding), mean, std)
             output = speed.forward(teacher, batch) if speed is not None else teacher(batch)
             if output.dim() != 2:
@@ -759,16 +728,10 @@ def _write_loss_plot(path: Path, history: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- the outer step
 
 
-def outer_step(
-    synthetic: Any,
-    pool: ModelPool,
-    real_images: torch.Tensor,
-    real_targets: torch.Tensor,
-    step_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    watch: DivergenceWatch,
-    reduce_gradients: Callable[[list[torch.Tensor]], None] = all_reduce_mean_,
-) -> torch.Tensor:
+def outer_step(synthetic: Any, pool: ModelPool, real_images: torch.Tensor, real_targets: torch.Tensor,
+               step_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer,
+               watch: DivergenceWatch,
+               reduce_gradients: Callable[[list[torch.Tensor]], None] = all_reduce_mean_) -> torch.Tensor:
     """One KRR-ST outer step (Lee et al., ICLR 2024, Algorithm 1); returns the loss, on the device.
 
     A network f drawn from the pool, in eval mode, maps the support set `X_s`
@@ -799,12 +762,6 @@ def outer_step(
 # --------------------------------------------------------------------------- divergence
 
 
-def _all_finite(model: nn.Module) -> torch.Tensor:
-    """Whether every float weight and buffer of `model` is finite, as a device bool (one fused norm, no sync)."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    return torch.isfinite(torch.nn.utils.get_total_norm(tensors, foreach=True))
-
-
 class DivergenceWatch:
     """The first step with non-finite teacher targets, set, pool model, a failed Cholesky solve or a non-finite
     loss, kept on the device (reading them would synchronise every step); `check` reads them at log points.
@@ -820,7 +777,9 @@ class DivergenceWatch:
     def inputs(self, real_targets: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, model: nn.Module) -> None:
         self.watches["teacher"].note(~torch.isfinite(real_targets).all(), self.step)
         self.watches["set"].note(~(torch.isfinite(images).all() & torch.isfinite(targets).all()), self.step)
-        self.watches["pool"].note(~_all_finite(model), self.step)
+        weights = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        # one fused norm of every float weight and buffer, a device bool: no sync
+        self.watches["pool"].note(~torch.isfinite(torch.nn.utils.get_total_norm(weights, foreach=True)), self.step)
 
     def outcome(self, info: torch.Tensor, loss: torch.Tensor) -> None:
         self.watches["solve"].note(info != 0, self.step)
@@ -933,17 +892,9 @@ def initial_indices(num_source: int, config: DistillConfig, generator: torch.Gen
     return torch.randperm(num_source, generator=generator)[: config.num_images]
 
 
-def select_initial_indices(
-    source_images: torch.Tensor,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    teacher: nn.Module,
-    config: DistillConfig,
-    generator: torch.Generator,
-    *,
-    device: torch.device,
-    progress: bool = False,
-) -> torch.Tensor:
+def select_initial_indices(source_images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                           teacher: nn.Module, config: DistillConfig, generator: torch.Generator, *,
+                           device: torch.device, progress: bool = False) -> torch.Tensor:
     """The m real images `X_s` starts from, by `config.init` (random, kmeans or high-loss).
 
     The random draw is always made from `generator` first, so that the data
@@ -964,26 +915,6 @@ def select_initial_indices(
     ).cpu()
 
 
-class _GeneratorState:
-    """A `torch.Generator` behind the `state_dict` interface of the run's other parts."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def state_dict(self) -> torch.Tensor:
-        return self.generator.get_state()
-
-    def load_state_dict(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
-
-
-class _NoValidation:
-    reference = None
-
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        return None
-
-
 @dataclasses.dataclass
 class _Run:
     """What a distillation run learns and draws from: everything its checkpoint holds."""
@@ -994,23 +925,24 @@ class _Run:
     pool: ModelPool
     batches: TeacherBatches
     data_generator: torch.Generator
-    validation: Any
+    validation: ValidationSignal | None
     loss_mean: RunningMean
 
     def parts(self) -> dict[str, Any]:
         """The checkpoint's entries and the objects they restore (the fixed views' predictor goes with the batches)."""
         return {"synthetic": self.synthetic, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                "pool": self.pool, "data_generator": _GeneratorState(self.data_generator),
-                **self.batches.checkpoint_parts()}
+                "pool": self.pool, **self.batches.checkpoint_parts()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**{name: part.state_dict() for name, part in self.parts().items()}, **self.loss_mean.state_dict()}
+        return {**{name: part.state_dict() for name, part in self.parts().items()},
+                "data_generator": self.data_generator.get_state(), **self.loss_mean.state_dict()}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         if "synthetic" not in saved:  # pixel runs from before parameterisations kept images/targets at the top level
             saved = {**saved, "synthetic": {"images": saved["images"], "targets": saved["targets"]}}
         for name, part in self.parts().items():
             part.load_state_dict(saved[name])
+        self.data_generator.set_state(saved["data_generator"])
         self.loss_mean.load_state_dict(saved)
 
 
@@ -1051,10 +983,10 @@ def _set_up(source_images: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
 
 
 def _validation(config: DistillConfig, heldout: Any, source_images: torch.Tensor, mean: tuple[float, ...],
-                std: tuple[float, ...], teacher: nn.Module, seeds: dict[str, int]) -> Any:
+                std: tuple[float, ...], teacher: nn.Module, seeds: dict[str, int]) -> ValidationSignal | None:
     """The validation signal on at most `validation_images` held-out images (or none)."""
     if heldout is None or config.validation_models == 0:
-        return _NoValidation()
+        return None
     heldout_images = _images_of(heldout, "heldout")
     if heldout_images.shape[1:] != source_images.shape[1:]:
         raise KrrstError(
@@ -1072,19 +1004,9 @@ def _validation(config: DistillConfig, heldout: Any, source_images: torch.Tensor
 # --------------------------------------------------------------------------- the outer loop
 
 
-def distill(
-    source: Any,
-    teacher: nn.Module,
-    config: DistillConfig | None = None,
-    *,
-    out_dir: str | Path | None = None,
-    resume: bool = False,
-    device: str | torch.device | None = None,
-    heldout: Any = None,
-    progress: bool = True,
-    stop_at_step: int | None = None,
-    distributed: DistributedContext | None = None,
-) -> DistilledSet:
+def distill(source: Any, teacher: nn.Module, config: DistillConfig | None = None, *, out_dir: str | Path | None = None,
+            resume: bool = False, device: str | torch.device | None = None, heldout: Any = None, progress: bool = True,
+            stop_at_step: int | None = None, distributed: DistributedContext | None = None) -> DistilledSet:
     """Distil `source` into `config.num_images` synthetic images with teacher-representation targets (KRR-ST).
 
     Each step: the next real batch and its teacher targets (`TeacherBatches`), one `outer_step`, the lr schedule;
@@ -1156,7 +1078,7 @@ def _log_row(run: RunState, state: _Run, watch: DivergenceWatch, config: Distill
     watch.check(step)
     loss = state.loss_mean.take(all_reduce_mean_)  # each rank summed its share's losses
     val_loss = reference = None
-    if step == config.steps or every(step, config.validate_every):
+    if state.validation is not None and (step == config.steps or every(step, config.validate_every)):
         with torch.no_grad():
             val_loss, reference = state.validation(*state.synthetic.support()), state.validation.reference
     if loss is not None or val_loss is not None:
@@ -1170,7 +1092,12 @@ def _save(run: RunState, state: _Run, watch: DivergenceWatch, export: Callable[[
     """A checkpoint, then the loss plot and a preview of the current images."""
     watch.check(step)  # never checkpoint a set updated through a failed solve or a NaN
     run.save(step, state.state_dict())
-    run.write(lambda folder: _write_views(folder, run.rows(), export(step)))
+
+    def write_views(folder: Path) -> None:  # what a person looks at during a run (on the writing rank only)
+        _write_loss_plot(folder / LOSS_PLOT_NAME, run.rows())
+        export(step).preview(folder / PREVIEW_NAME)
+
+    run.write(write_views)
 
 
 def _export(synthetic: Any, config: DistillConfig, mean: tuple[float, ...], std: tuple[float, ...],
@@ -1182,38 +1109,24 @@ def _export(synthetic: Any, config: DistillConfig, mean: tuple[float, ...], std:
         images=images.detach().cpu(), targets=targets.detach().cpu(), mean=mean, std=std,
         target_kind="representation", method="krr-st", source=source_name,
         teacher_arch=getattr(teacher, "spec", {}).get("arch"),
-        config={**config_to_dict(config), "synthetic": {**synthetic.summary(), "storage_bytes": synthetic.storage_bytes(),
-                                                        "views": list(synthetic.views)}},
+        config={**config_to_dict(config), "synthetic": {
+            **synthetic.summary(), "storage_bytes": synthetic.storage_bytes(), "views": list(synthetic.views)}},
         step=step,
     )
-
-
-def _write_views(folder: Path, rows: list[dict[str, Any]], current: DistilledSet) -> None:
-    """What a person looks at during a run: the loss plot and a grid of the current images."""
-    _write_loss_plot(folder / LOSS_PLOT_NAME, rows)
-    current.preview(folder / PREVIEW_NAME)
 
 
 def _finish(result: DistilledSet, synthetic: Any, config: DistillConfig, teacher: nn.Module, run: RunState,
             device: torch.device) -> DistilledSet:
     """`final_targets=teacher` swaps in the teacher's view of the final images; a finished run saves its set."""
     if config.final_targets == "teacher":
-        result = dataclasses.replace(result, targets=_teacher_targets(synthetic, teacher, device))
+        # As the set can store them, so it stays what `storage_bytes` counts: a basis set keeps their best rank-k_t
+        # fit (`project_targets`), and the fixed views' targets come from the predictor applied to the images'
+        # targets, not from the teacher (which the set does not ship).
+        with torch.no_grad():
+            images = synthetic.images().detach()
+            features = batched_features(teacher, images.to(device)).float().to(images.device)
+            result = dataclasses.replace(result, targets=synthetic.project_targets(features).cpu())
     teacher.to(memory_format=torch.contiguous_format)  # leave the caller's teacher as it came (Module.to is in place)
     if run.last_step == config.steps:
         run.write(lambda folder: result.save(folder / DISTILLED_NAME))
     return result
-
-
-def _teacher_targets(synthetic: Any, teacher: nn.Module, device: torch.device) -> torch.Tensor:
-    """The teacher's representations of the final images, as the set can store them.
-
-    The stored set stays what `storage_bytes` counts: a basis set keeps the
-    best rank-k_t fit of them (`project_targets`), and the fixed views' targets
-    come from the predictor applied to the images' targets, not from the
-    teacher (which the set does not ship).
-    """
-    with torch.no_grad():
-        images = synthetic.images().detach()
-        features = batched_features(teacher, images.to(device)).float().to(images.device)
-        return synthetic.project_targets(features).cpu()

@@ -40,7 +40,7 @@ from torch.func import functional_call
 
 from krrst.augment import apply_crop_flip, normalize, sample_crop_flip
 from krrst.baselines import high_loss_indices
-from krrst.distill import network_options, source_tensors
+from krrst.distill import check_field_ranges, network_options, source_tensors
 from krrst.distilled import DistilledSet
 from krrst.formats import fit_to_source
 from krrst.infra import io, run_state
@@ -138,23 +138,14 @@ class MKDTConfig:
 
     def __post_init__(self) -> None:
         check_numeric_fields(self, "mkdt")
-        positive = (
-            "num_images", "image_size", "experts", "expert_epochs", "expert_batch_size", "syn_steps",
-            "expert_epochs_matched", "max_start_epoch", "batch_syn", "log_every",
+        check_field_ranges(
+            self, "mkdt",
+            at_least_one=("num_images", "image_size", "experts", "expert_epochs", "expert_batch_size", "syn_steps",
+                          "expert_epochs_matched", "max_start_epoch", "batch_syn", "log_every"),
+            non_negative=("steps", "checkpoint_every", "expert_interval", "expert_padding", "expert_weight_decay",
+                          "target_lr", "lr_lr"),
+            positive=("expert_lr", "image_lr", "init_lr"),
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise KrrstError(f"mkdt.{name} must be >= 1, got {getattr(self, name)}")
-        non_negative = (
-            "steps", "checkpoint_every", "expert_interval", "expert_padding", "expert_weight_decay", "target_lr",
-            "lr_lr",
-        )
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise KrrstError(f"mkdt.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("expert_lr", "image_lr", "init_lr"):
-            if not getattr(self, name) > 0:
-                raise KrrstError(f"mkdt.{name} must be > 0, got {getattr(self, name)}")
         for name in ("expert_momentum", "momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise KrrstError(f"mkdt.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -193,17 +184,10 @@ def _unflatten(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- experts
 
 
-def train_expert_trajectories(
-    source_images: torch.Tensor,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    teacher: nn.Module | None,
-    config: MKDTConfig,
-    *,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    target_reps: torch.Tensor | None = None,
-) -> Trajectories:
+def train_expert_trajectories(source_images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                              teacher: nn.Module | None, config: MKDTConfig, *,
+                              device: str | torch.device | None = None, progress: bool = True,
+                              target_reps: torch.Tensor | None = None) -> Trajectories:
     """E expert trajectories: per expert, its flattened parameters (CPU float32) at every checkpoint, θ_0 first.
 
     Each expert is a freshly seeded `config.arch` network with a d-dim head
@@ -220,17 +204,16 @@ def train_expert_trajectories(
             raise KrrstError("mkdt experts need a teacher (or target_reps, without expert_padding)")
         teacher = teacher.to(device).eval()
     if target_reps is None:
-
         target_reps = teacher_features(teacher, images, mean, std, 512, device, progress)
     target_reps = target_reps.to(device).float()
     num_source, batch = len(images), config.expert_batch_size
     steps_per_epoch = math.ceil(num_source / batch)
+    interval = config.expert_interval or steps_per_epoch  # steps between checkpoints (0: one an epoch)
     generator = torch.Generator().manual_seed(stage_seeds(config.seed, 3)[0])
     trajectories: Trajectories = []
-    bar = progress_bar(config.experts * config.expert_epochs * steps_per_epoch, "mkdt experts", unit="step",
-                       enabled=progress)
     watch = LossWatch("mkdt expert training", "mkdt.expert_lr too high for mkdt.expert_batch_size", device)
-    try:
+    with progress_bar(config.experts * config.expert_epochs * steps_per_epoch, "mkdt experts", unit="step",
+                      enabled=progress) as bar:
         for _ in range(config.experts):
             model = _student(config, target_reps.shape[1], draw_seed(generator)).to(device).train()
             optimizer = torch.optim.SGD(model.parameters(), lr=config.expert_lr, momentum=config.expert_momentum,
@@ -254,26 +237,16 @@ def train_expert_trajectories(
                     step += 1
                     watch.update(loss, step)
                     bar.update()
-                    if config.expert_interval and step % config.expert_interval == 0:
+                    if step % interval == 0:
                         checkpoints.append(flat_parameters(model).cpu())
-                if not config.expert_interval:
-                    checkpoints.append(flat_parameters(model).cpu())
                 watch.check()  # once an epoch: no trajectory of a diverged expert is kept
                 bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
             trajectories.append(checkpoints)
-    finally:
-        bar.close()
     return trajectories
 
 
-def save_trajectories(
-    path: str | Path,
-    trajectories: Trajectories,
-    config: MKDTConfig,
-    *,
-    source: list[Any] | None = None,
-    teacher: str | None = None,
-) -> None:
+def save_trajectories(path: str | Path, trajectories: Trajectories, config: MKDTConfig, *,
+                      source: list[Any] | None = None, teacher: str | None = None) -> None:
     """Write trajectories to one safetensors file (tensor `e{expert}.{checkpoint}`) with the config, atomically.
 
     `source` ([name, number of images]) and `teacher` (`teacher_identity`),
@@ -306,18 +279,9 @@ def load_trajectories(path: str | Path) -> Trajectories:
 # --------------------------------------------------------------------------- matching
 
 
-def matching_loss(
-    student: nn.Module,
-    start_params: torch.Tensor,
-    target_params: torch.Tensor,
-    synthetic_images: torch.Tensor,
-    synthetic_targets: torch.Tensor,
-    syn_lr: torch.Tensor,
-    *,
-    syn_steps: int,
-    batch_syn: int,
-    generator: torch.Generator,
-) -> torch.Tensor:
+def matching_loss(student: nn.Module, start_params: torch.Tensor, target_params: torch.Tensor,
+                  synthetic_images: torch.Tensor, synthetic_targets: torch.Tensor, syn_lr: torch.Tensor, *,
+                  syn_steps: int, batch_syn: int, generator: torch.Generator) -> torch.Tensor:
     """MTT's normalised parameter-matching loss after N unrolled SGD steps (Cazenavette et al. 2022, Eq. 2).
 
     θ_0 = θ_t (`start_params`); θ_{k+1} = θ_k - α ∇_θ mean ||f_θ(X_b) - Y_b||² on
@@ -378,16 +342,9 @@ def _trajectories_identity(trajectories: Trajectories) -> str:
     return f"{len(trajectories)}x{len(trajectories[0])}x{trajectories[0][0].numel()}:{checksum:.12e}"
 
 
-def _initial_indices(
-    config: MKDTConfig,
-    trajectories: Trajectories,
-    source_images: torch.Tensor,
-    target_reps: torch.Tensor,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    init_seed: int,
-    device: torch.device,
-) -> torch.Tensor:
+def _initial_indices(config: MKDTConfig, trajectories: Trajectories, source_images: torch.Tensor,
+                     target_reps: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], init_seed: int,
+                     device: torch.device) -> torch.Tensor:
     """The m real images `X_s` starts from (CPU indices): `config.init` = high-loss or random."""
     if config.init == "random":
         order = torch.randperm(len(source_images), generator=torch.Generator().manual_seed(init_seed))
@@ -550,10 +507,9 @@ class _LearntSet:
         else:
             initial = saved["init_indices"]
             images, targets, syn_lr = (saved[key].to(device).clone() for key in ("images", "targets", "syn_lr"))
-        images.requires_grad_(True)
-        targets.requires_grad_(config.target_lr > 0)
-        syn_lr.requires_grad_(config.lr_lr > 0)
         groups = [(images, config.image_lr), (targets, config.target_lr), (syn_lr, config.lr_lr)]
+        for tensor, lr in groups:
+            tensor.requires_grad_(lr > 0)  # the images always: mkdt.image_lr > 0
         param_groups = [{"params": [tensor], "lr": lr} for tensor, lr in groups if lr > 0]
         if config.optimizer == "sgd":
             optimizer = torch.optim.SGD(param_groups, lr=config.image_lr, momentum=config.momentum)
