@@ -53,6 +53,7 @@ from krrst.formats import (
     is_torchscript,
     library_backbone,
     load_backbone_weights,
+    load_exactly,
     load_library_teacher,
     load_torchscript,
 )
@@ -759,19 +760,15 @@ def _misfit(path: Path, arch: str, state: Mapping[str, torch.Tensor]) -> str:
 
 
 def _load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
-    """Load `state` strictly; the first mismatch becomes a one-line error naming file and arch."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        parts = [f"{what} {keys[0]!r}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
-                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise KrrstError(f"{_misfit(path, arch, state)}: {'; '.join(parts)}")
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise KrrstError(f"{_misfit(path, arch, state)}: {key!r} has shape {tuple(state[key].shape)} in the file "
-                             f"but {tuple(tensor.shape)} in the model")
-    model.load_state_dict({key: state[key].to(expected[key].dtype) for key in expected}, strict=True)
+    """Load `state` strictly (BatchNorm's step counter may be absent: some writers drop it); a mismatch is one line
+    naming the file, the arch, the first key that does not fit and the architecture the keys look like."""
+    try:
+        load_exactly(model, state, f"teacher file {path}", f"architecture {arch!r}")
+    except KrrstError as error:
+        guess = _guess_arch(state)  # only now: it builds every registered model
+        if guess and guess != arch:
+            raise KrrstError(f"{error} (its keys look like {guess!r})") from None
+        raise
 
 
 def _infer_widths(arch: str, state: Mapping[str, torch.Tensor], path: Path) -> tuple[int, ...]:

@@ -546,6 +546,21 @@ def test_load_teacher_reads_a_plain_convnet_state_dict_of_any_widths(tmp_path, s
         assert torch.equal(loaded(x), reference.eval()(x))
 
 
+def test_load_teacher_reads_a_state_dict_without_batchnorm_step_counters(tmp_path):
+    """Some writers drop BatchNorm's num_batches_tracked; the weights and statistics are all there."""
+    torch.manual_seed(0)
+    reference = create_model("convnet3", widths=(8, 16, 32)).eval()
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+    state = {key: value for key, value in reference.state_dict().items() if not key.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "no_counters.pt")
+    loaded = load_teacher(tmp_path / "no_counters.pt", arch="convnet3")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert loaded.spec["norm"] == "batch" and torch.equal(loaded(x), reference(x))
+
+
 def test_load_teacher_says_when_widths_cannot_be_inferred(tmp_path):
     resnet = tmp_path / "resnet.pt"
     torch.save(create_model("resnet18").state_dict(), resnet)
