@@ -36,11 +36,13 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import types
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,50 +89,52 @@ def library_backbone(arch: str, pretrained: bool = False, input_size: int | None
     overrides the size.
     """
     library, _, name = arch.partition(":")
-    if library == "torchvision":
-        model, declared = _torchvision_model(name, pretrained), TeacherInput(224, IMAGENET_MEAN, IMAGENET_STD)
-        feature_dim = remove_head(model, arch)
-    elif library == "timm":
-        model, declared = _timm_model(name, pretrained)
-        feature_dim = int(model.num_features)
-    else:
+    if library not in LIBRARIES:
         raise KrrstError(f"--teacher-arch {arch!r}: expected a registered model, torchvision:NAME or timm:NAME")
+    models = _model_library(arch, f"--teacher-arch {arch}", hints=True)
+    try:
+        if library == "torchvision":
+            model = models.get_model(name, weights="DEFAULT" if pretrained else None)
+        else:
+            model = models.create_model(name, pretrained=pretrained, num_classes=0)  # num_classes=0: pooled features
+    except (OSError, RuntimeError) as exc:  # no network, or a broken download
+        raise KrrstError(f"cannot fetch {library}'s pretrained {name} weights ({exc}); "
+                         f"download them elsewhere and pass the file with --teacher") from None
+    if library == "torchvision":
+        declared, feature_dim = TeacherInput(224, IMAGENET_MEAN, IMAGENET_STD), remove_head(model, arch)
+    else:  # timm's pretrained configuration
+        config = getattr(model, "pretrained_cfg", None) or {}
+        mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
+        declared = TeacherInput(int(config.get("input_size", (3, 224, 224))[-1]), mean, std)
+        feature_dim = int(model.num_features)
     model.teacher_input = declared._replace(size=int(input_size or declared.size))
     model.spec = {"arch": arch, "input_size": model.teacher_input.size}  # what `save_teacher` records to rebuild it
     model.feature_dim = feature_dim
     return model
 
 
-def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
-    import torchvision
+def _model_library(arch: str, who: str, hints: bool) -> Any:
+    """`torchvision.models` or `timm` (for any other library), once it is known to have `arch`'s network.
 
-    available = torchvision.models.list_models(module=torchvision.models)
-    if name not in available:
-        raise KrrstError(f"--teacher-arch torchvision:{name} is not a torchvision classification model; "
-                         f"e.g. {', '.join(n for n in available if n.startswith('resnet'))}")
-    try:
-        return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
-    except (OSError, RuntimeError) as exc:  # no network, or a broken download
-        raise KrrstError(f"cannot fetch torchvision's pretrained {name} weights ({exc}); "
-                         f"download them elsewhere and pass the file with --teacher") from None
+    `who` opens the one-line errors; with `hints` they also say where to find a valid name.
+    """
+    library, _, name = arch.partition(":")
+    if library == "torchvision":
+        import torchvision
 
-
-def _timm_model(name: str, pretrained: bool) -> tuple[nn.Module, TeacherInput]:
+        available = torchvision.models.list_models(module=torchvision.models)
+        if name not in available:
+            resnets = ", ".join(n for n in available if n.startswith("resnet"))
+            raise KrrstError(f"{who} is not a torchvision classification model"
+                             + (f"; e.g. {resnets}" if hints else ""))
+        return torchvision.models
     try:
         import timm
     except ImportError:
-        raise KrrstError(f"--teacher-arch timm:{name} needs timm: pip install 'krrst[timm]'") from None
+        raise KrrstError(f"{who} needs timm: pip install 'krrst[timm]'") from None
     if not timm.is_model(name):
-        raise KrrstError(f"--teacher-arch timm:{name} is not a timm model (timm.list_models() names them)")
-    try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0)  # num_classes=0: pooled features
-    except (OSError, RuntimeError) as exc:
-        raise KrrstError(f"cannot fetch timm's pretrained {name} weights ({exc}); "
-                         f"download them elsewhere and pass the file with --teacher") from None
-    config = getattr(model, "pretrained_cfg", None) or {}
-    size = config.get("input_size", (3, 224, 224))[-1]
-    mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
-    return model, TeacherInput(int(size), mean, std)
+        raise KrrstError(f"{who} is not a timm model" + (" (timm.list_models() names them)" if hints else ""))
+    return timm
 
 
 def last_linear(model: nn.Module) -> str | None:
@@ -198,13 +202,8 @@ class _Inert:
         return _Inert()
 
 
-_ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch", "Size"): torch.Size,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "slice"): slice,
-}
+_ALLOWED_GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size,
+                    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice}
 
 
 # torch's own functions that rebuild a tensor or parameter from storage; none of them calls an argument
@@ -225,41 +224,39 @@ class _TensorsOnly(pickle.Unpickler):
         return _Inert
 
 
-class _TensorsOnlyModule:
-    """A `pickle_module` for `torch.load` whose unpickler never imports or calls the file's own objects."""
-
-    Unpickler = _TensorsOnly
-    load = staticmethod(pickle.load)
-    __name__ = "krrst_tensors_only"
+# A `pickle_module` for `torch.load` whose unpickler never imports or calls the file's own objects.
+_TENSORS_ONLY = types.SimpleNamespace(Unpickler=_TensorsOnly, load=pickle.load, __name__="krrst_tensors_only")
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, as a flat state dict (`state_dict`/`model` wrappers opened)."""
     if path.suffix == ".safetensors":
-        tensors, _ = load_tensors(path, "teacher file")
-        return tensors
+        return load_tensors(path, "teacher file")[0]
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception:  # noqa: BLE001 - other objects beside the tensors (a Lightning hyper-parameter config, ...)
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyModule)
+            loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TENSORS_ONLY)
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise KrrstError(f"teacher file {path} is not a PyTorch checkpoint or safetensors file "
                              f"({type(exc).__name__})") from None
-    for wrapper in ("state_dict", "model", "teacher", "backbone"):
-        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
-            loaded = loaded[wrapper]
-            break
+    loaded = _opened(loaded, ("state_dict", "model", "teacher", "backbone"))
     if not isinstance(loaded, Mapping):
         raise KrrstError(f"teacher file {path} does not hold a state dict (got {type(loaded).__name__})")
     tensors = {str(key): value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
     if not tensors:
         raise KrrstError(f"teacher file {path} holds no tensors")
     return tensors
+
+
+def _opened(loaded: Any, wrappers: tuple[str, ...]) -> Any:
+    """`loaded[wrapper]` for the first of `wrappers` under which a checkpoint dict keeps a dict, else `loaded`."""
+    inner = (loaded[w] for w in wrappers if isinstance(loaded, Mapping) and isinstance(loaded.get(w), Mapping))
+    return next(inner, loaded)
 
 
 def _unwrapped(key: str, prefixes: tuple[str, ...]) -> str:
@@ -346,11 +343,10 @@ class PreprocessedTeacher(nn.Module):
         self.teacher_input = wanted
         self.spec = {**dict(getattr(backbone, "spec", {}) or {}), "input": list(wanted)}
         self.feature_dim = getattr(backbone, "feature_dim", None)
-        channel = lambda values: torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
-        self.register_buffer("source_mean", channel(source_mean))
-        self.register_buffer("source_std", channel(source_std))
-        self.register_buffer("teacher_mean", channel(wanted.mean))
-        self.register_buffer("teacher_std", channel(wanted.std))
+        statistics = {"source_mean": source_mean, "source_std": source_std, "teacher_mean": wanted.mean,
+                      "teacher_std": wanted.std}
+        for name, values in statistics.items():
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("input_size", torch.tensor(float(wanted.size or 0)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, h, w) source-normalised -> (N, d)
@@ -405,10 +401,7 @@ def read_classifier_file(path: Path, option: str) -> tuple[dict[str, torch.Tenso
         return dict(tensors), dict(metadata.get("spec") or {})
     loaded = torch_load_weights_only(path, f"{option} file", "a weights-only PyTorch state dict or safetensors file",
                                      "as a state dict (torch.save(model.state_dict(), ...)) or as safetensors")
-    for wrapper in _CLASSIFIER_WRAPPERS:
-        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
-            loaded = loaded[wrapper]
-            break
+    loaded = _opened(loaded, _CLASSIFIER_WRAPPERS)
     if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise KrrstError(f"{option} {path} does not hold a state dict of tensors (got {type(loaded).__name__})")
     return dict(loaded), {}
@@ -417,19 +410,10 @@ def read_classifier_file(path: Path, option: str) -> tuple[dict[str, torch.Tenso
 def library_classifier(arch: str, num_classes: int, option: str) -> nn.Module:
     """A torchvision or timm classification network with `num_classes` outputs, untrained."""
     library, _, name = arch.partition(":")
+    models = _model_library(arch, f"{option} architecture {arch!r}", hints=False)
     if library == "torchvision":
-        import torchvision
-
-        if name not in torchvision.models.list_models(module=torchvision.models):
-            raise KrrstError(f"{option} architecture {arch!r} is not a torchvision classification model")
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    try:
-        import timm
-    except ImportError:
-        raise KrrstError(f"{option} architecture {arch!r} needs timm: pip install 'krrst[timm]'") from None
-    if not timm.is_model(name):
-        raise KrrstError(f"{option} architecture {arch!r} is not a timm model")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+        return models.get_model(name, weights=None, num_classes=num_classes)
+    return models.create_model(name, pretrained=False, num_classes=num_classes)
 
 
 def load_classifier_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str,
@@ -470,11 +454,8 @@ _LABEL_KEYS = ("labels", "label", "targets", "y", "y_syn", "label_syn", "labels_
 def _read_label_file(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        tensors, _ = load_tensors(path, "label-based set")
-        return dict(tensors)
+        return dict(load_tensors(path, "label-based set")[0])
     if suffix == ".npz":
-        import numpy as np
-
         try:
             with np.load(path, allow_pickle=False) as archive:
                 return {name: torch.from_numpy(archive[name].copy()) for name in archive.files}
@@ -559,12 +540,8 @@ def _normalised(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float,
                 where: str) -> torch.Tensor:
     """Float images normalised with `mean`/`std`, from the pixel space `pixels` names (`auto`: guessed)."""
     if pixels == "auto":
-        if images.dtype == torch.uint8:
-            pixels = "uint8"
-        elif images.numel() and float(images.min()) >= 0.0 and float(images.max()) <= 1.0:
-            pixels = "unit"
-        else:
-            pixels = "normalized"
+        in_unit_range = images.numel() and float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+        pixels = "uint8" if images.dtype == torch.uint8 else "unit" if in_unit_range else "normalized"
     if pixels not in ("normalized", "unit", "uint8"):
         raise KrrstError(f"{where}: pixels={pixels!r} is not valid; expected auto, normalized, unit or uint8")
     images = images.float()
@@ -596,19 +573,10 @@ def _label_set_targets(labels: torch.Tensor, num_classes: int | None, where: str
     raise KrrstError(f"{where}: labels must be m class indices or m x K soft labels, got shape {tuple(labels.shape)}")
 
 
-def load_label_set(
-    path: str | os.PathLike,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    *,
-    labels_path: str | os.PathLike | None = None,
-    num_classes: int | None = None,
-    pixels: Literal["auto", "normalized", "unit", "uint8"] = "auto",
-    images_key: str | None = None,
-    labels_key: str | None = None,
-    source: str = "",
-    method: str | None = None,
-) -> DistilledSet:
+def load_label_set(path: str | os.PathLike, mean: tuple[float, ...], std: tuple[float, ...], *,
+                   labels_path: str | os.PathLike | None = None, num_classes: int | None = None,
+                   pixels: Literal["auto", "normalized", "unit", "uint8"] = "auto", images_key: str | None = None,
+                   labels_key: str | None = None, source: str = "", method: str | None = None) -> DistilledSet:
     """Load another method's distilled set (images + hard or soft labels) as a `DistilledSet`.
 
     `path` is a `.safetensors`, `.npz` or `.pt` file (read with
@@ -642,25 +610,13 @@ def load_label_set(
         raise KrrstError(f"{where}: {images.shape[0]} images but {labels.shape[0]} labels")
     images = _normalised(images, mean, std, pixels, where)
     labels, target_kind, classes = _label_set_targets(labels, num_classes, where)
-    return DistilledSet(
-        images=images.contiguous(),
-        targets=labels.contiguous(),
-        mean=tuple(mean),
-        std=tuple(std),
-        target_kind=target_kind,
-        method=method or path.stem,
-        source=source,
-        config={"num_classes": int(classes), "file": str(path)},
-    )
+    return DistilledSet(images=images.contiguous(), targets=labels.contiguous(), mean=tuple(mean), std=tuple(std),
+                        target_kind=target_kind, method=method or path.stem, source=source,
+                        config={"num_classes": int(classes), "file": str(path)})
 
 
-def load_authors_set(
-    images_path: str | os.PathLike,
-    targets_path: str | os.PathLike,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    source: str = "",
-) -> DistilledSet:
+def load_authors_set(images_path: str | os.PathLike, targets_path: str | os.PathLike, mean: tuple[float, ...],
+                     std: tuple[float, ...], source: str = "") -> DistilledSet:
     """Load the authors' released KRR-ST set (`x_syn.pt` in raw [0,1] pixels, `y_syn.pt`) as a `DistilledSet`.
 
     Read with `torch.load(weights_only=True)` (no code runs) and normalised
@@ -673,9 +629,7 @@ def load_authors_set(
     check_finite(targets, f"synthetic targets file {targets_path}", "targets")
     if raw_images.dim() != 4:
         raise KrrstError(f"synthetic images {images_path}: expected m x C x H x W, got {tuple(raw_images.shape)}")
-    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
-    std_t = torch.tensor(std).view(1, -1, 1, 1)
-    images = (raw_images.float() - mean_t) / std_t
+    images = _normalised(raw_images, mean, std, "unit", f"synthetic images {images_path}")
     return DistilledSet(images=images, targets=targets.float(), mean=mean, std=std, method=Path(images_path).stem,
                         source=source)
 
@@ -685,9 +639,8 @@ def _load_torch_tensor(path: str | os.PathLike, what: str) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise KrrstError(f"{what} file not found: {path}")
-    value = torch_load_weights_only(
-        path, f"{what} file", "a weights-only PyTorch tensor file", "as a plain tensor (torch.save(tensor, ...))"
-    )
+    value = torch_load_weights_only(path, f"{what} file", "a weights-only PyTorch tensor file",
+                                    "as a plain tensor (torch.save(tensor, ...))")
     if not isinstance(value, torch.Tensor):
         raise KrrstError(f"{what} file {path} holds a {type(value).__name__}, expected a tensor")
     return value
