@@ -22,6 +22,8 @@ from krrst.infra.io import atomic_write, load_tensors, save_tensors
 
 TARGET_KINDS = ("representation", "hard_labels", "soft_labels")
 FORMAT_VERSION = 1
+# the fields a file's metadata holds as they are, beside the format, its version, mean and std
+_METADATA_FIELDS = ("target_kind", "method", "source", "teacher_arch", "config", "step")
 
 
 @dataclasses.dataclass
@@ -88,10 +90,8 @@ class DistilledSet:
         extra = f", parameterization={kind}" if kind else ""
         teacher = f", teacher={self.teacher_arch}" if self.teacher_arch else ""
         source = f", source={self.source!r}" if self.source else ""
-        return (
-            f"DistilledSet(method={self.method!r}, {len(self)} images {shape}, targets {targets} ({self.target_kind})"
-            f"{source}{teacher}{extra}, step={self.step})"
-        )
+        return (f"DistilledSet(method={self.method!r}, {len(self)} images {shape}, targets {targets} "
+                f"({self.target_kind}){source}{teacher}{extra}, step={self.step})")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -128,18 +128,8 @@ class DistilledSet:
     # -- files ----------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write images, targets and metadata to a safetensors file, atomically."""
-        metadata = {
-            "format": "krrst.DistilledSet",
-            "version": FORMAT_VERSION,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "target_kind": self.target_kind,
-            "method": self.method,
-            "source": self.source,
-            "teacher_arch": self.teacher_arch,
-            "config": self.config,
-            "step": self.step,
-        }
+        metadata = {"format": "krrst.DistilledSet", "version": FORMAT_VERSION, "mean": list(self.mean),
+                    "std": list(self.std), **{name: getattr(self, name) for name in _METADATA_FIELDS}}
         save_tensors(path, {"images": self.images.float(), "targets": self.targets}, metadata)
 
     @classmethod
@@ -157,19 +147,12 @@ class DistilledSet:
                 raise KrrstError(f"{where} has no '{name}' in its metadata")
         for name in ("images", "targets"):  # NaN pre-trains without a word into a chance-level result
             check_finite(tensors[name], where, name)
-        distilled = cls(
-            images=tensors["images"].to(map_location),
-            targets=tensors["targets"].to(map_location),
-            mean=tuple(metadata["mean"]),
-            std=tuple(metadata["std"]),
-            target_kind=metadata.get("target_kind", "representation"),
-            method=metadata.get("method", Path(path).stem),
-            source=metadata.get("source", ""),
-            teacher_arch=metadata.get("teacher_arch"),
-            config=metadata.get("config", {}),
-            step=int(metadata.get("step", 0)),
-        )
-        return distilled
+        return cls(images=tensors["images"].to(map_location), targets=tensors["targets"].to(map_location),
+                   mean=tuple(metadata["mean"]), std=tuple(metadata["std"]),
+                   target_kind=metadata.get("target_kind", "representation"),
+                   method=metadata.get("method", Path(path).stem), source=metadata.get("source", ""),
+                   teacher_arch=metadata.get("teacher_arch"), config=metadata.get("config", {}),
+                   step=int(metadata.get("step", 0)))
 
     # -- export ---------------------------------------------------------------
     def to_uint8(self) -> torch.Tensor:
@@ -181,25 +164,26 @@ class DistilledSet:
 
     def export_imagefolder(self, directory: str | os.PathLike) -> Path:
         """Write every image as `directory/<index>.png`; returns the folder."""
-        from PIL import Image
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         width = len(str(len(self) - 1))
         for index, image in enumerate(self.to_uint8()):
-            path = directory / f"{index:0{width}d}.png"
-            with atomic_write(path) as tmp:
-                Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+            _write_png(directory / f"{index:0{width}d}.png", image)
         return directory
 
     def preview(self, path: str | os.PathLike, max_images: int = 100, nrow: int | None = None) -> Path:
         """Write a grid PNG of the first `max_images` images (torchvision's `make_grid`)."""
-        from PIL import Image
         from torchvision.utils import make_grid
 
         images = self.to_uint8()[:max_images]
         nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
-        grid = make_grid(images, nrow=nrow, padding=1, pad_value=255)
-        with atomic_write(path) as tmp:
-            Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+        _write_png(path, make_grid(images, nrow=nrow, padding=1, pad_value=255))
         return Path(path)
+
+
+def _write_png(path: str | os.PathLike, image: torch.Tensor) -> None:
+    """A C x H x W uint8 image as a PNG file, written atomically."""
+    from PIL import Image
+
+    with atomic_write(path) as tmp:
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
