@@ -198,18 +198,15 @@ class DistillConfig:
         check_speed_fields(self, "distill")
         compile_modes = ("default", "reduce-overhead", "max-autotune")
         if self.compile_mode not in compile_modes:
-            raise KrrstError(
-                f"distill.compile_mode={self.compile_mode!r} is not valid; expected one of {', '.join(compile_modes)}"
-            )
+            raise KrrstError(f"distill.compile_mode={self.compile_mode!r} is not valid; expected one of "
+                             f"{', '.join(compile_modes)}")
         PARAMETERIZATIONS.get(self.parameterization, "distill.parameterization")
         if self.parameterization == "basis" and (self.image_rank < 1 or self.target_rank < 1):
             raise KrrstError("distill.parameterization=basis needs distill.image_rank >= 1 and "
                              "distill.target_rank >= 1")
         if self.parameterization == "pyramid" and not valid_pyramid_levels(self.pyramid_levels, self.image_size):
-            raise KrrstError(
-                f"distill.pyramid_levels must be strictly increasing sides in [1, distill.image_size="
-                f"{self.image_size}], e.g. 8,16; got {','.join(map(str, self.pyramid_levels)) or 'none'}"
-            )
+            raise KrrstError(f"distill.pyramid_levels must be strictly increasing sides in [1, distill.image_size="
+                             f"{self.image_size}], e.g. 8,16; got {','.join(map(str, self.pyramid_levels)) or 'none'}")
         if self.init not in ("random", "kmeans", "high-loss"):
             raise KrrstError(f"distill.init={self.init!r} is not valid; expected random, kmeans or high-loss")
         if self.fixed_augmentations:
@@ -223,10 +220,8 @@ class DistillConfig:
         if self.kernel_dtype not in KERNEL_DTYPES:
             raise KrrstError(f"distill.kernel_dtype={self.kernel_dtype!r} is not valid; expected float32 or float64")
         if self.teacher_cache_views > 0 and 2 * self.padding > 255:
-            raise KrrstError(
-                f"distill.teacher_cache_views needs distill.padding <= 127 (offsets are cached as uint8), "
-                f"got {self.padding}"
-            )
+            raise KrrstError("distill.teacher_cache_views needs distill.padding <= 127 (offsets are cached as uint8), "
+                             f"got {self.padding}")
 
 
 def reference_config(config: DistillConfig) -> DistillConfig:
@@ -338,12 +333,9 @@ class ModelPool:
                  steps_per_model: int = 1000, *, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-3,
                  counter_reset: bool = True, seed: int = 0, device: torch.device | str = "cpu",
                  speed: SpeedSettings | None = None):
-        self.arch = arch
-        self.num_outputs = num_outputs
-        self.model_options = dict(model_options or {})
-        self.steps_per_model = steps_per_model
+        self.arch, self.num_outputs, self.model_options = arch, num_outputs, dict(model_options or {})
+        self.steps_per_model, self.counter_reset = steps_per_model, counter_reset
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.counter_reset = counter_reset
         self.device = torch.device(device)
         self.speed = speed or SpeedSettings(None, torch.contiguous_format, False)
         self.generator = torch.Generator().manual_seed(seed)
@@ -434,12 +426,10 @@ class BatchOrder:
         parts, needed = [], self.batch_size
         while needed > 0:
             if self.cursor >= len(self.order):
-                self.order = torch.randperm(self.num_images, generator=self.generator)
-                self.cursor = 0
-            part = self.order[self.cursor : self.cursor + needed]
-            parts.append(part)
-            self.cursor += len(part)
-            needed -= len(part)
+                self.order, self.cursor = torch.randperm(self.num_images, generator=self.generator), 0
+            parts.append(self.order[self.cursor : self.cursor + needed])
+            self.cursor += len(parts[-1])
+            needed -= len(parts[-1])
         return torch.cat(parts)
 
     def state_dict(self) -> dict[str, Any]:
@@ -655,13 +645,11 @@ class ValidationSignal:
     """
 
     def __init__(self, config: DistillConfig, heldout_images: torch.Tensor, heldout_targets: torch.Tensor, seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        options = network_options(config)
-        self.config, self.device = config, heldout_images.device
-        self.train_steps = config.validation_train_steps
+        generator, options = torch.Generator().manual_seed(seed), network_options(config)
+        self.config, self.train_steps = config, config.validation_train_steps
         outputs = heldout_targets.shape[1] if self.train_steps else None  # a regression head to train through
         self.models = [
-            fresh_model(config.arch, outputs, draw_seed(generator), **options).to(self.device).eval()
+            fresh_model(config.arch, outputs, draw_seed(generator), **options).to(heldout_images.device).eval()
             for _ in range(config.validation_models)
         ]
         self.heldout_images, self.targets = heldout_images, heldout_targets
@@ -722,7 +710,6 @@ def _write_loss_plot(path: Path, history: list[dict[str, Any]]) -> None:
     figure.tight_layout()
     with io.atomic_write(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
-
 
 
 # --------------------------------------------------------------------------- the outer step
@@ -821,13 +808,10 @@ class DivergenceWatch:
 
 def _outer_optimizer(synthetic: Any, config: DistillConfig, std: tuple[float, ...]) -> torch.optim.AdamW:
     """AdamW over the synthetic set's parameter groups (`image_lr` in raw-pixel units, see `DistillConfig`)."""
-    on_cuda = synthetic.parameters()[0].is_cuda
-    return torch.optim.AdamW(
-        synthetic.param_groups(config.image_lr, config.target_lr, std),
-        weight_decay=config.weight_decay,
-        # one fused kernel on CUDA; CPU takes the multi-tensor path (the update is a tiny share of a step)
-        **({"fused": True} if on_cuda else {"foreach": True}),
-    )
+    # one fused kernel on CUDA; CPU takes the multi-tensor path (the update is a tiny share of a step)
+    kernel = {"fused": True} if synthetic.parameters()[0].is_cuda else {"foreach": True}
+    return torch.optim.AdamW(synthetic.param_groups(config.image_lr, config.target_lr, std),
+                             weight_decay=config.weight_decay, **kernel)
 
 
 def _lr_factor(config: DistillConfig, step: int) -> float:
@@ -863,10 +847,8 @@ def source_tensors(source: Any, config: Any, device: torch.device, stage: str = 
     images = _images_of(source, "source").to(device)
     num_source, _, height, width = images.shape
     if height != config.image_size or width != config.image_size:
-        raise KrrstError(
-            f"source images are {height}x{width} but {stage}.image_size={config.image_size}; "
-            f"load the source at that size or set {stage}.image_size={height}"
-        )
+        raise KrrstError(f"source images are {height}x{width} but {stage}.image_size={config.image_size}; "
+                         f"load the source at that size or set {stage}.image_size={height}")
     if config.num_images > num_source:
         raise KrrstError(f"{stage}.num_images={config.num_images} exceeds the {num_source} source images")
     mean, std = tuple(float(v) for v in source.mean), tuple(float(v) for v in source.std)
@@ -909,10 +891,9 @@ def select_initial_indices(source_images: torch.Tensor, mean: tuple[float, ...],
     check_teacher_features(teacher, features, f"the {len(features):,} source images ({config.init} init)")
     if config.init == "kmeans":
         return kmeans_indices(features, config.num_images, seed=init_seed, progress=progress).cpu()
-    return high_loss_indices(
-        source_images, features, config.num_images, mean=mean, std=std, arch=config.arch,
-        arch_options=network_options(config), seed=init_seed, device=device, progress=progress,
-    ).cpu()
+    return high_loss_indices(source_images, features, config.num_images, mean=mean, std=std, arch=config.arch,
+                             arch_options=network_options(config), seed=init_seed, device=device,
+                             progress=progress).cpu()
 
 
 @dataclasses.dataclass
@@ -972,11 +953,9 @@ def _set_up(source_images: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
         batches = CachedTeacherBatches(*batch_args, cache=cache)
     else:
         batches = TeacherBatches(*batch_args)
-    pool = ModelPool(
-        config.arch, targets.shape[1], network_options(config), config.pool_size, config.pool_steps,
-        lr=config.pool_lr, momentum=config.pool_momentum, weight_decay=config.pool_weight_decay,
-        counter_reset=config.pool_counter_reset, seed=seeds["pool"], device=device, speed=speed,
-    )
+    pool = ModelPool(config.arch, targets.shape[1], network_options(config), config.pool_size, config.pool_steps,
+                     lr=config.pool_lr, momentum=config.pool_momentum, weight_decay=config.pool_weight_decay,
+                     counter_reset=config.pool_counter_reset, seed=seeds["pool"], device=device, speed=speed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(config, step))
     validation = _validation(config, heldout, source_images, mean, std, teacher, seeds)
     return _Run(synthetic, optimizer, scheduler, pool, batches, data_generator, validation, RunningMean(device))
@@ -989,9 +968,8 @@ def _validation(config: DistillConfig, heldout: Any, source_images: torch.Tensor
         return None
     heldout_images = _images_of(heldout, "heldout")
     if heldout_images.shape[1:] != source_images.shape[1:]:
-        raise KrrstError(
-            f"heldout images are {tuple(heldout_images.shape[1:])}, source images {tuple(source_images.shape[1:])}"
-        )
+        raise KrrstError(f"heldout images are {tuple(heldout_images.shape[1:])}, source images "
+                         f"{tuple(source_images.shape[1:])}")
     if len(heldout_images) > config.validation_images:
         chosen = torch.randperm(len(heldout_images), generator=torch.Generator().manual_seed(seeds["heldout"]))
         heldout_images = heldout_images[chosen[: config.validation_images]]

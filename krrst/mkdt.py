@@ -155,10 +155,9 @@ class MKDTConfig:
             raise KrrstError(f"mkdt.optimizer={self.optimizer!r} is not valid; expected sgd or adam")
         last_start = self.max_start_epoch - 1
         if self.expert_interval == 0 and last_start + self.expert_epochs_matched > self.expert_epochs:
-            raise KrrstError(
-                f"mkdt.max_start_epoch - 1 + mkdt.expert_epochs_matched = {last_start + self.expert_epochs_matched} "
-                f"exceeds mkdt.expert_epochs={self.expert_epochs}: the target checkpoint would not exist"
-            )
+            raise KrrstError(f"mkdt.max_start_epoch - 1 + mkdt.expert_epochs_matched = "
+                             f"{last_start + self.expert_epochs_matched} exceeds mkdt.expert_epochs="
+                             f"{self.expert_epochs}: the target checkpoint would not exist")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -255,11 +254,8 @@ def save_trajectories(path: str | Path, trajectories: Trajectories, config: MKDT
     """
     tensors = {f"e{e}.{c}": tensor for e, trajectory in enumerate(trajectories) for c, tensor in enumerate(trajectory)}
     metadata = {"format": "krrst.MKDTTrajectories", "lengths": [len(t) for t in trajectories],
-                "config": config_to_dict(config)}
-    if source is not None:
-        metadata["source"] = source
-    if teacher is not None:
-        metadata["teacher"] = teacher
+                "config": config_to_dict(config),
+                **{key: value for key, value in (("source", source), ("teacher", teacher)) if value is not None}}
     io.save_tensors(path, tensors, metadata)
 
 
@@ -312,15 +308,11 @@ def _check_trajectories(trajectories: Trajectories, config: MKDTConfig, num_para
     needed = config.max_start_epoch + config.expert_epochs_matched
     for index, trajectory in enumerate(trajectories):
         if len(trajectory) < needed:
-            raise KrrstError(
-                f"mkdt: expert {index} has {len(trajectory)} checkpoints; mkdt.max_start_epoch + "
-                f"mkdt.expert_epochs_matched needs {needed}"
-            )
+            raise KrrstError(f"mkdt: expert {index} has {len(trajectory)} checkpoints; mkdt.max_start_epoch + "
+                             f"mkdt.expert_epochs_matched needs {needed}")
         if trajectory[0].numel() != num_params:
-            raise KrrstError(
-                f"mkdt: expert {index} has {trajectory[0].numel()} parameters, the {config.arch} student "
-                f"{num_params}; train the experts with the same arch/widths/norm/image_size"
-            )
+            raise KrrstError(f"mkdt: expert {index} has {trajectory[0].numel()} parameters, the {config.arch} "
+                             f"student {num_params}; train the experts with the same arch/widths/norm/image_size")
 
 
 def _check_experts_file(path: Path, saved: dict[str, Any], config: MKDTConfig, identity: dict[str, Any]) -> None:
@@ -368,36 +360,24 @@ def mkdt_distill(source: Any, teacher: nn.Module, config: MKDTConfig | None = No
                  distributed: DistributedContext | None = None) -> DistilledSet:
     """Distil `source` (an `ImageSet`) into `config.num_images` images with teacher-representation targets (MKDT).
 
-    Computes `g` of every source image once; trains the experts unless
-    `trajectories` (from `train_expert_trajectories` with the same config) are
-    given; initialises `X_s` (normalised) and `Y_s = g(X_s)`; then each outer
-    step draws an expert and t in [0, max_start_epoch), evaluates
-    `matching_loss` from θ_t to θ_{t+M} and takes one optimiser step on
-    `X_s`, `Y_s` (if `target_lr` > 0) and the inner lr α (if `lr_lr` > 0; kept
-    >= 0).
+    `g` of every source image once, the experts (unless `trajectories` are given), then at each outer step an expert
+    and t in [0, max_start_epoch), `matching_loss` from θ_t to θ_{t+M}, and one optimiser step on `X_s`, `Y_s` (if
+    `target_lr` > 0) and the inner lr α (if `lr_lr` > 0; kept >= 0).
 
     Args:
         source, teacher, config: what is distilled, by `g`, with which `MKDTConfig`.
-        out_dir: where the run is written, each file atomically:
-            `trajectories.safetensors` (the experts, once trained; given
-            `trajectories` are not written; E x (checkpoints) x parameters
-            float32, so gigabytes at the authors' scale), `checkpoint.safetensors`
-            (step, config, source, teacher, `X_s`, `Y_s`, α, the optimiser
-            state, the matching generator's state, the initial indices and the
-            loss accumulators; every `checkpoint_every` steps and at the last
-            step), `loss.csv` (step, mean loss since the previous row, α, wall
-            seconds of this process's loop; every `log_every` steps and at
-            `config.steps`, appended as they come) and, once `config.steps`
-            are done, `distilled.safetensors`. None writes nothing.
-        resume: continue the run in `out_dir`: the saved experts are loaded
-            instead of retrained (unless `trajectories` are given), and the
-            loop continues from the checkpoint to the same `X_s`, `Y_s`, α
-            as an uninterrupted run (bitwise on CPU). A checkpoint or
-            trajectory file of another config (any field but `log_every`,
-            `checkpoint_every`; so `steps` may not change), source or teacher is
-            refused; no checkpoint starts a new run (with the saved experts if
-            there are any). Without `resume`, an existing checkpoint or
-            trajectory file in `out_dir` is refused.
+        out_dir: the run folder, each file written atomically: `trajectories.safetensors` (the experts once trained,
+            not given ones; E x checkpoints x parameters float32, gigabytes at the authors' scale),
+            `checkpoint.safetensors` (`X_s`, `Y_s`, α, the optimiser, the matching generator, the initial indices;
+            every `checkpoint_every` steps and at the last), `loss.csv` (step, mean loss since the previous row, α,
+            wall seconds of this process's loop; every `log_every` steps and at `config.steps`) and, once
+            `config.steps` are done, `distilled.safetensors`. None writes nothing.
+        resume: continue the run in `out_dir`: the saved experts are loaded instead of retrained (unless
+            `trajectories` are given) and the loop continues to the same `X_s`, `Y_s`, α as an uninterrupted run
+            (bitwise on CPU). A checkpoint or trajectory file of another config (any field but `log_every`,
+            `checkpoint_every`; so `steps` may not change), source or teacher is refused; no checkpoint starts a
+            new run (from the saved experts if any). Without `resume`, an existing checkpoint or trajectory file in
+            `out_dir` is refused.
         device: None/"auto" picks CUDA when available.
         progress: show tqdm bars (only on a terminal).
         trajectories: experts to use instead of training (or loading) them.
@@ -420,7 +400,8 @@ def mkdt_distill(source: Any, teacher: nn.Module, config: MKDTConfig | None = No
                   identity={"source": source_id, "teacher": teacher_identity(teacher)},
                   checkpoint_every=config.checkpoint_every, log_every=config.log_every, stop_at_step=stop_at_step,
                   progress=progress, context=distributed, guarded=(TRAJECTORIES_NAME,)) as run:
-        target_reps = _teacher_targets(teacher, source_images, mean, std, device, progress)
+        target_reps = teacher_features(teacher, source_images, mean, std, 512, device, progress).to(device)  # (N, d)
+        check_teacher_features(teacher, target_reps, f"the {len(source_images):,} source images")
         trajectories = _experts(run, trajectories, resume, source_images, mean, std, teacher, target_reps, progress)
         _, init_seed, match_seed = stage_seeds(config.seed, 3)
         student = _student(config, target_reps.shape[1], match_seed).to(device).train()
@@ -458,10 +439,8 @@ def _match(run: RunState, config: MKDTConfig, trajectories: Trajectories, studen
         start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
         start_params = trajectory[start_epoch].to(device)
         target_params = trajectory[start_epoch + config.expert_epochs_matched].to(device)
-        loss = matching_loss(
-            student, start_params, target_params, learnt.images, learnt.targets, learnt.syn_lr,
-            syn_steps=config.syn_steps, batch_syn=batch_syn, generator=generator,
-        )
+        loss = matching_loss(student, start_params, target_params, learnt.images, learnt.targets, learnt.syn_lr,
+                             syn_steps=config.syn_steps, batch_syn=batch_syn, generator=generator)
         watch.update(loss, step)
         for tensor, gradient in zip(learnt.tensors, torch.autograd.grad(loss, learnt.tensors)):
             tensor.grad = gradient
@@ -533,14 +512,6 @@ class _LearntSet:
                     "syn_lr": self.syn_lr.item()},
             step=step,
         )
-
-
-def _teacher_targets(teacher: nn.Module, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                     device: torch.device, progress: bool) -> torch.Tensor:
-    """g of every source image, (N, d) on `device`; a teacher whose features hold NaN or inf is refused."""
-    target_reps = teacher_features(teacher, images, mean, std, 512, device, progress).to(device)
-    check_teacher_features(teacher, target_reps, f"the {len(images):,} source images")
-    return target_reps
 
 
 def _experts(run: RunState, given: Trajectories | None, resume: bool, source_images: torch.Tensor,
