@@ -56,7 +56,7 @@ from krrst.infra.errors import KrrstError
 from krrst.infra.finite import LossWatch
 from krrst.infra.progress import progress_bar
 from krrst.infra.run_state import RunningMean, RunState, draw_seed, every, stage_seeds
-from krrst.infra.speed import SpeedSettings, check_speed_fields, reference_speed  # SpeedSettings: imported from here
+from krrst.infra.speed import SpeedSettings, check_speed_fields, reference_speed  # SpeedSettings: re-exported
 from krrst.losses import krr_st_loss, krr_st_loss_with_info
 from krrst.models import fresh_model, model_options
 from krrst.parameterize import (
@@ -609,7 +609,8 @@ def build_teacher_cache(teacher: nn.Module, source_images: torch.Tensor, views: 
     offsets_y, offsets_x = (p.view(num_images, views).to(torch.uint8).to(device) for p in params[:2])
     flips = params.flips.view(num_images, views).to(device)
     image_of_view = torch.arange(num_images, device=device).repeat_interleave(views)
-    flat = CropFlipParams(offsets_y.view(-1).long(), offsets_x.view(-1).long(), flips.view(-1))  # view-major order
+    # every view's parameters, K per image in image order, as the chunks take them
+    flat = CropFlipParams(offsets_y.view(-1).long(), offsets_x.view(-1).long(), flips.view(-1))
     features: torch.Tensor | None = None
     total = num_images * views
     with progress_bar(total, "teacher cache", unit="view", enabled=progress) as bar:
@@ -1097,9 +1098,9 @@ def _finish(result: DistilledSet, synthetic: Any, config: DistillConfig, teacher
             device: torch.device) -> DistilledSet:
     """`final_targets=teacher` swaps in the teacher's view of the final images; a finished run saves its set."""
     if config.final_targets == "teacher":
-        # As the set can store them, so it stays what `storage_bytes` counts: a basis set keeps their best rank-k_t
-        # fit (`project_targets`), and the fixed views' targets come from the predictor applied to the images'
-        # targets, not from the teacher (which the set does not ship).
+        # The teacher's features of the final images as the set can store them, so that it stays what
+        # `storage_bytes` counts: a basis set keeps their best rank-k_t fit (`project_targets`), and the fixed views'
+        # targets come from the predictor applied to the images' targets, not from the teacher (not shipped).
         with torch.no_grad():
             images = synthetic.images().detach()
             features = batched_features(teacher, images.to(device)).float().to(images.device)

@@ -207,7 +207,7 @@ def train_expert_trajectories(source_images: torch.Tensor, mean: tuple[float, ..
     target_reps = target_reps.to(device).float()
     num_source, batch = len(images), config.expert_batch_size
     steps_per_epoch = math.ceil(num_source / batch)
-    interval = config.expert_interval or steps_per_epoch  # steps between checkpoints (0: one an epoch)
+    interval = config.expert_interval or steps_per_epoch  # steps between checkpoints (expert_interval 0: one per epoch)
     generator = torch.Generator().manual_seed(stage_seeds(config.seed, 3)[0])
     trajectories: Trajectories = []
     watch = LossWatch("mkdt expert training", "mkdt.expert_lr too high for mkdt.expert_batch_size", device)
