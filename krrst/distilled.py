@@ -103,9 +103,7 @@ class DistilledSet:
     @property
     def feature_dim(self) -> int:
         """Size of a representation target, or the number of classes of a label set."""
-        if self.target_kind == "hard_labels":
-            return int(self.targets.max()) + 1
-        return self.targets.shape[1]
+        return int(self.targets.max()) + 1 if self.target_kind == "hard_labels" else self.targets.shape[1]
 
     def storage_bytes(self) -> int:
         """Bytes the set takes as stored, for comparisons "at the same storage".
@@ -139,12 +137,10 @@ class DistilledSet:
         where = f"distilled set {path}"
         if metadata.get("format") != "krrst.DistilledSet":
             raise KrrstError(f"{where} is not a krrst DistilledSet file (no 'format' metadata)")
-        for name in ("images", "targets"):
-            if name not in tensors:
-                raise KrrstError(f"{where} has no '{name}' tensor")
-        for name in ("mean", "std"):
-            if name not in metadata:
-                raise KrrstError(f"{where} has no '{name}' in its metadata")
+        absent = [f"'{name}' tensor" for name in ("images", "targets") if name not in tensors]
+        absent += [f"'{name}' in its metadata" for name in ("mean", "std") if name not in metadata]
+        if absent:
+            raise KrrstError(f"{where} has no {absent[0]}")
         for name in ("images", "targets"):  # NaN pre-trains without a word into a chance-level result
             check_finite(tensors[name], where, name)
         return cls(images=tensors["images"].to(map_location), targets=tensors["targets"].to(map_location),

@@ -100,16 +100,12 @@ def library_backbone(arch: str, pretrained: bool = False, input_size: int | None
     except (OSError, RuntimeError) as exc:  # no network, or a broken download
         raise KrrstError(f"cannot fetch {library}'s pretrained {name} weights ({exc}); "
                          f"download them elsewhere and pass the file with --teacher") from None
-    if library == "torchvision":
-        declared, feature_dim = TeacherInput(224, IMAGENET_MEAN, IMAGENET_STD), remove_head(model, arch)
-    else:  # timm's pretrained configuration
-        config = getattr(model, "pretrained_cfg", None) or {}
-        mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
-        declared = TeacherInput(int(config.get("input_size", (3, 224, 224))[-1]), mean, std)
-        feature_dim = int(model.num_features)
+    config = getattr(model, "pretrained_cfg", None) or {}  # timm's; torchvision's networks take ImageNet's 224 px
+    mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
+    declared = TeacherInput(int(config.get("input_size", (3, 224, 224))[-1]), mean, std)
+    model.feature_dim = remove_head(model, arch) if library == "torchvision" else int(model.num_features)
     model.teacher_input = declared._replace(size=int(input_size or declared.size))
     model.spec = {"arch": arch, "input_size": model.teacher_input.size}  # what `save_teacher` records to rebuild it
-    model.feature_dim = feature_dim
     return model
 
 
@@ -149,10 +145,9 @@ def remove_head(model: nn.Module, arch: str) -> int:
     if last is None:
         raise KrrstError(f"{arch} has no final linear classifier to remove; export its feature extractor as "
                          f"TorchScript and pass that file instead")
-    parent_name, _, child = last.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    feature_dim = int(getattr(parent, child).in_features)
-    setattr(parent, child, nn.Identity())
+    feature_dim = int(model.get_submodule(last).in_features)
+    parent, _, child = last.rpartition(".")
+    setattr(model.get_submodule(parent), child, nn.Identity())  # get_submodule("") is the model itself
     return feature_dim
 
 
@@ -317,8 +312,7 @@ def load_library_teacher(path: Path | None, arch: str, input_size: int | None = 
     """`arch` (torchvision:NAME / timm:NAME) with weights from `path`, or the library's pretrained ones if None."""
     model = library_backbone(arch, pretrained=path is None, input_size=input_size)
     if path is not None:
-        state = read_checkpoint(path)
-        load_backbone_weights(model, backbone_state(state, model), path, arch)
+        load_backbone_weights(model, backbone_state(read_checkpoint(path), model), path, arch)
     return model
 
 
@@ -492,10 +486,7 @@ def _pick(tensors: dict[str, Any], keys: tuple[str, ...], explicit: str | None, 
             raise KrrstError(f"label-based set {path} has no tensor {explicit!r}; "
                              f"it holds {', '.join(sorted(tensors)) or 'none'}")
         return tensors[explicit]
-    for key in keys:
-        if key in tensors:
-            return tensors[key]
-    return None
+    return next((tensors[key] for key in keys if key in tensors), None)
 
 
 def _label_set_tensors(path: Path, labels_path: str | os.PathLike | None, images_key: str | None,
@@ -506,16 +497,15 @@ def _label_set_tensors(path: Path, labels_path: str | os.PathLike | None, images
     if images is None:
         raise KrrstError(f"label-based set {path}: no images tensor (looked for {', '.join(_IMAGE_KEYS)}); "
                          f"it holds {', '.join(sorted(tensors)) or 'none'}; name it with images_key")
-    if labels_path is not None:
+    label_file, label_tensors = path, tensors
+    if labels_path is not None:  # MTT's labels_best.pt beside images_best.pt
         label_file = Path(labels_path)
         if not label_file.is_file():
             raise KrrstError(f"labels file not found: {label_file}")
         label_tensors = _read_label_file(label_file)
         if list(label_tensors) == ["images"]:  # a bare tensor in its own file
             label_tensors = {"labels": label_tensors["images"]}
-        labels = _pick(label_tensors, _LABEL_KEYS, labels_key, label_file)
-    else:
-        labels = _pick(tensors, _LABEL_KEYS, labels_key, path)
+    labels = _pick(label_tensors, _LABEL_KEYS, labels_key, label_file)
     if labels is None:
         raise KrrstError(f"label-based set {path}: no labels tensor (looked for {', '.join(_LABEL_KEYS)}); "
                          "name it with labels_key or give labels_path")
@@ -555,9 +545,8 @@ def _label_set_targets(labels: torch.Tensor, num_classes: int | None, where: str
     """(labels, target kind, class count): m whole class indices are hard labels, m x K floats soft labels."""
     m = labels.shape[0]
     if labels.dim() == 1:
-        if labels.dtype.is_floating_point:
-            if not bool(torch.all(labels == labels.round())):
-                raise KrrstError(f"{where}: 1-D labels must be whole class indices, got fractional values")
+        if labels.dtype.is_floating_point and not bool(torch.all(labels == labels.round())):
+            raise KrrstError(f"{where}: 1-D labels must be whole class indices, got fractional values")
         labels = labels.long()
         if m and labels.min() < 0:
             raise KrrstError(f"{where}: labels must be in [0, {num_classes or 'K'}), got {int(labels.min())}")

@@ -141,9 +141,7 @@ def from_torchvision_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[
 
 def _jsonable(value: Any) -> Any:
     """Tuples become lists so that a spec survives a JSON round trip unchanged."""
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return value
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def _make_head(feature_dim: int, num_outputs: int | None) -> nn.Module:
@@ -252,7 +250,7 @@ def convnet4(num_outputs: int | None = None, widths: Sequence[int] = (64, 128, 2
 # --------------------------------------------------------------------------- ResNets
 
 
-class CifarResNet(ResNet, FeatureModel):
+class CifarResNet(FeatureModel, ResNet):  # FeatureModel first: its forward (the head of the features) is ResNet's
     """torchvision's ResNet with a 3x3 stride-1 stem, no max-pool, and `fc` moved to `head`.
 
     Parameter names are torchvision's (`conv1.weight`, `bn1.*`,
@@ -275,9 +273,6 @@ class CifarResNet(ResNet, FeatureModel):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 @register_model("resnet18")
@@ -364,13 +359,9 @@ class AlexNet(FeatureModel):
         super().__init__()
         _check_norm("alexnet", norm)
         self.features = nn.Sequential(
-            *_conv_block(3, 128, 5, norm),
-            nn.MaxPool2d(kernel_size=2, stride=2),
-            *_conv_block(128, 192, 5, norm),
-            nn.MaxPool2d(kernel_size=2, stride=2),
-            *_conv_block(192, 256, 3, norm),
-            *_conv_block(256, 192, 3, norm),
-            *_conv_block(192, 192, 3, norm),
+            *_conv_block(3, 128, 5, norm), nn.MaxPool2d(kernel_size=2, stride=2),
+            *_conv_block(128, 192, 5, norm), nn.MaxPool2d(kernel_size=2, stride=2),
+            *_conv_block(192, 256, 3, norm), *_conv_block(256, 192, 3, norm), *_conv_block(192, 192, 3, norm),
             nn.MaxPool2d(kernel_size=2, stride=2),
         )
         self.avgpool = nn.AdaptiveAvgPool2d(4)
@@ -405,9 +396,8 @@ class InvertedResidual(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module = nn.Identity()
         if stride == 1 and in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm2d(out_channels)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+                                          nn.BatchNorm2d(out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -428,12 +418,7 @@ class MobileNetV2(FeatureModel):
 
     # (expansion of the stage, or None for `expansion`; out channels; blocks; first stride)
     STAGES: tuple[tuple[int | None, int, int, int], ...] = (
-        (1, 16, 1, 1),
-        (None, 24, 2, 1),
-        (None, 32, 3, 2),
-        (None, 64, 4, 2),
-        (None, 96, 3, 1),
-        (None, 160, 3, 2),
+        (1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1), (None, 160, 3, 2),
         (None, 320, 1, 1),
     )
 
@@ -441,8 +426,7 @@ class MobileNetV2(FeatureModel):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 32, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
-        blocks = []
-        in_channels = 32
+        blocks, in_channels = [], 32
         for stage_expansion, out_channels, num_blocks, first_stride in self.STAGES:
             for index in range(num_blocks):
                 stride = first_stride if index == 0 else 1

@@ -8,33 +8,24 @@ low-dimensional bases, so the storage of m0 pixel images holds more images,
 and predicts the representations of fixed augmented views with a small network.
 
 - `PixelSet` (kind "pixels"), `BasisSet` (kind "basis"), `PyramidSet` (kind
-  "pyramid": each image a sum of learnt lower-resolution levels, upsampled), built by
-  `make_synthetic_set(kind, initial_images, initial_targets, **options)`.
-  Each has `kind`, `num_images`, `images()`, `targets()` (differentiable
-  w.r.t. `parameters()`), `param_groups(image_lr, target_lr, std)` (AdamW
-  groups; `image_lr` in raw-pixel units, see `krrst.distill.DistillConfig`),
-  `storage_bytes()`, `summary()` (JSON-able) and `state_dict()` /
-  `load_state_dict()` (tensors only, for `krrst.infra.io.save_state`).
+  "pyramid": each image a sum of learnt lower-resolution levels, upsampled),
+  registered in `PARAMETERIZATIONS` and built by `make_synthetic_set(kind, ...)`
+  or from a `DistillConfig` (`from_config`); each offers what `SyntheticSet` lists.
 - `pixel_storage_bytes`, `basis_images_for_budget`, `pyramid_images_for_budget`:
   "same storage, more images".
 - `AugmentationPredictor`, `augmentation_predictor_loss`: representations of
   the views of `krrst.augment.fixed_augment_all`, predicted from `Y_s`.
 
-How `distill()` uses it: `synthetic = make_synthetic_set(...)` from the
-normalised initial images and their teacher features; the outer optimiser is
-`AdamW(synthetic.param_groups(config.image_lr, config.target_lr, std))`; each
-step materialises `images, targets = synthetic.images(), synthetic.targets()`
-once, computes the KRR-ST loss on them, takes gradients w.r.t.
-`synthetic.parameters()` and steps; the pool (warm-up, `train_step`) and the
-validation signal take the detached `synthetic.images()` / `targets()`. The
-checkpoint holds `synthetic.state_dict()`; a resume rebuilds the set from the
-same initial images, then `load_state_dict` (in place), then the optimiser's
-state. The `DistilledSet` holds the materialised images and targets, with
-`synthetic.summary()` (kind, ranks, storage_bytes) in its config. With fixed
-augmentations, the KRR support set is `fixed_augment_all(images, names)` with
-targets `predictor(targets)`; the predictor is fitted on real images with
-`augmentation_predictor_loss` (its own optimiser) and its `storage_bytes()`
-counts towards the budget.
+How `distill()` uses a set: AdamW over `param_groups(image_lr, target_lr, std)`
+(`image_lr` in raw-pixel units, see `krrst.distill.DistillConfig`); each outer
+step materialises `support()` once and steps on `parameters()`; the pool and
+the validation signal take it detached. A checkpoint holds `state_dict()`
+(tensors only); a resume rebuilds the set from the same initial images and
+loads the state in place, so the optimiser keeps its leaves. The `DistilledSet`
+carries `summary()` in its config. With fixed augmentations the support is
+`fixed_augment_all(images, names)` with targets `predictor(targets)`; the
+predictor is fitted on real images with `augmentation_predictor_loss` and its
+`storage_bytes()` counts towards the budget.
 """
 
 from __future__ import annotations
@@ -86,7 +77,8 @@ class SyntheticSet:
     """What every parameterisation offers the outer loop.
 
     `support()` is the KRR support set `(X_s, Y_s)` the outer step regresses
-    from; `parameters()` / `param_groups()` what the optimiser learns;
+    from (`images()`, `targets()`: differentiable w.r.t. `parameters()`), of
+    `num_images` rows; `parameters()` / `param_groups()` what the optimiser learns;
     `project_targets` the closest targets the set can store; `storage_bytes`,
     `summary`, `state_dict` / `load_state_dict` what is saved. `views` are the
     fixed views the support holds (`krrst.distill.FixedViews` adds some).
@@ -108,6 +100,12 @@ class SyntheticSet:
 
     def storage_bytes(self, bytes_per_value: int = 4) -> int:
         return sum(p.numel() for p in self.parameters()) * bytes_per_value
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able: the kind, the number of images, the constructor's options (tuples as lists), the storage."""
+        options = {name: getattr(self, name) for name in self.config_fields}
+        options = {name: list(value) if isinstance(value, tuple) else value for name, value in options.items()}
+        return {"kind": self.kind, "num_images": self.num_images, **options, "storage_bytes": self.storage_bytes()}
 
 
 class _ChannelLeaves(SyntheticSet):
@@ -140,10 +138,9 @@ class _ChannelLeaves(SyntheticSet):
     def param_groups(self, image_lr: float, target_lr: float, std: Sequence[float]) -> list[dict[str, Any]]:
         std = _check_std(std, len(next(iter(self.channel_leaves.values()))))
         share = len(self.channel_leaves)
-        return [{"params": [leaf], "lr": image_lr / (std[c] * share)}
-                for channels in self.channel_leaves.values() for c, leaf in enumerate(channels)] + [
-            {"params": [self.target_values], "lr": target_lr}
-        ]
+        groups = [{"params": [leaf], "lr": image_lr / (std[c] * share)}
+                  for channels in self.channel_leaves.values() for c, leaf in enumerate(channels)]
+        return groups + [{"params": [self.target_values], "lr": target_lr}]
 
     def project_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """The closest targets this set can store: any m x d targets, as they are."""
@@ -179,9 +176,6 @@ class PixelSet(_ChannelLeaves):
 
     def images(self) -> torch.Tensor:
         return self.part("images")
-
-    def summary(self) -> dict[str, Any]:
-        return {"kind": self.kind, "num_images": self.num_images, "storage_bytes": self.storage_bytes()}
 
 
 def _pca(rows: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -292,10 +286,6 @@ class BasisSet(SyntheticSet):
         coefficients, basis, mean = _pca(targets.detach(), self.target_rank)
         return torch.addmm(mean, coefficients, basis)
 
-    def summary(self) -> dict[str, Any]:
-        return {"kind": self.kind, "num_images": self.num_images, "image_rank": self.image_rank,
-                "target_rank": self.target_rank, "storage_bytes": self.storage_bytes()}
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: t.detach().clone() for name, t in (self.leaves | self.scales).items()}
 
@@ -328,13 +318,10 @@ def valid_pyramid_levels(levels: Any, side: int) -> bool:
 def _upsample(level: torch.Tensor, side: int) -> torch.Tensor:
     """`up_l`: bilinear (align_corners=False) from r x r to side x side; the identity at r = side.
 
-    Bilinear rather than nearest: the images stay smooth at the level's
-    resolution instead of carrying block edges at every (side/r)-th pixel, an
-    artefact no real image has and that a 3x3 convolution responds to (the
-    multi-formation decoder of IDC, Kim et al., ICML 2022, also resizes
-    bilinearly). Each output pixel is a convex combination (weights >= 0,
-    summing to 1, borders clamped) of at most 4 entries, which is what the
-    learning-rate rule of `PyramidSet` uses.
+    Bilinear, not nearest: no block edges at every (side/r)-th pixel, which no
+    real image has and a 3x3 convolution responds to (IDC's decoder, Kim et al.,
+    ICML 2022, also resizes bilinearly). Each output pixel is a convex
+    combination of at most 4 entries, which `PyramidSet`'s learning rates use.
     """
     if level.shape[-1] == side:
         return level
@@ -355,15 +342,12 @@ class PyramidSet(_ChannelLeaves):
 
     Learning rates (`param_groups`): one leaf per (level, channel), lr
     `image_lr / (std_c * L)` for L levels; targets `target_lr`. An Adam step
-    moves every entry by at most about its lr (exactly its lr on the first
-    step), and a pixel of `up_l(P_l)` is a convex combination of entries of
-    `P_l`, so it moves by at most that level's lr, whatever r_l (an entry at
-    resolution r spreads over about (H/r)² pixels, but its weights in each
-    pixel, with its neighbours', sum to 1). Summed over the L levels, a pixel
-    moves by at most `image_lr / std_c`, exactly `PixelSet`'s step, and by that
-    much when every level's entries around it move the same way (a smooth
-    gradient); levels that disagree move it less. With `levels = (H,)` the set
-    is `PixelSet`, update for update.
+    moves every entry by at most about its lr, and a pixel of `up_l(P_l)` is a
+    convex combination of entries of `P_l`, so it moves by at most that level's
+    lr whatever r_l. Summed over the L levels a pixel moves by at most
+    `image_lr / std_c`, `PixelSet`'s step, reached when every level moves it the
+    same way (a smooth gradient). With `levels = (H,)` the set is `PixelSet`,
+    update for update.
     """
 
     kind = "pyramid"
@@ -387,15 +371,8 @@ class PyramidSet(_ChannelLeaves):
         return self.part(f"level_{self.levels[index]}")
 
     def images(self) -> torch.Tensor:
-        side = self.image_shape[-1]
-        total = _upsample(self.level(0), side)
-        for index in range(1, len(self.levels)):
-            total = total + _upsample(self.level(index), side)
-        return total
-
-    def summary(self) -> dict[str, Any]:
-        return {"kind": self.kind, "num_images": self.num_images, "levels": list(self.levels),
-                "storage_bytes": self.storage_bytes()}
+        upsampled = [_upsample(self.level(index), self.image_shape[-1]) for index in range(len(self.levels))]
+        return sum(upsampled[1:], upsampled[0])
 
 
 def pixel_storage_bytes(num_images: int, image_shape: Sequence[int], target_dim: int, bytes_per_value: int = 4) -> int:
@@ -442,7 +419,6 @@ PARAMETERIZATIONS: Registry[type[SyntheticSet]] = Registry("parameterisation")
 PARAMETERIZATIONS.register("pixels", PixelSet)
 PARAMETERIZATIONS.register("basis", BasisSet)
 PARAMETERIZATIONS.register("pyramid", PyramidSet)
-SYNTHETIC_KINDS = tuple(PARAMETERIZATIONS.names())
 
 
 def make_synthetic_set(kind: str, initial_images: torch.Tensor, initial_targets: torch.Tensor, **options: Any):
@@ -496,8 +472,7 @@ class AugmentationPredictor(nn.Module):
         learnt = iter(predicted)
         return torch.cat([targets if name == "identity" else next(learnt) for name in self.names])
 
-    def storage_bytes(self, bytes_per_value: int = 4) -> int:
-        return sum(p.numel() for p in self.parameters()) * bytes_per_value
+    storage_bytes = SyntheticSet.storage_bytes  # every parameter entry is stored, as in a synthetic set
 
 
 def augmentation_predictor_loss(predictor: AugmentationPredictor, teacher_reps_of_views: torch.Tensor,
