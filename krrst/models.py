@@ -250,7 +250,7 @@ def convnet4(num_outputs: int | None = None, widths: Sequence[int] = (64, 128, 2
 # --------------------------------------------------------------------------- ResNets
 
 
-class CifarResNet(FeatureModel, ResNet):  # FeatureModel first: its forward (the head of the features) is ResNet's
+class CifarResNet(FeatureModel, ResNet):  # FeatureModel first: its forward (head of the features) replaces ResNet's
     """torchvision's ResNet with a 3x3 stride-1 stem, no max-pool, and `fc` moved to `head`.
 
     Parameter names are torchvision's (`conv1.weight`, `bn1.*`,
