@@ -20,16 +20,11 @@ from krrst.data import ImageSet
 from krrst.infra.distributed import (
     DistributedContext,
     all_gather_with_grad,
-    all_reduce_gradients_,
     all_reduce_mean_,
-    broadcast_,
     convert_sync_batchnorm,
-    gather_objects,
     init_distributed,
     is_distributed,
     run_on_main,
-    shard_slice,
-    split_jobs,
 )
 from krrst.infra.errors import KrrstError
 from krrst.losses import barlow_twins_loss, simclr_loss
@@ -104,7 +99,7 @@ def _check_collectives(context: DistributedContext) -> None:
     ref_a, ref_b = full_a.clone().requires_grad_(True), full_b.clone().requires_grad_(True)
     reference = barlow_twins_loss(ref_a, ref_b, lambda_offdiag=0.3, scale=0.1)
     reference.backward()
-    rows = shard_slice(8, rank, WORLD_SIZE)
+    rows = context.shard(8)
     z_a, z_b = full_a[rows].clone().requires_grad_(True), full_b[rows].clone().requires_grad_(True)
     # the teacher's composition: gather the rows (with their gradient), then the pure loss
     loss = barlow_twins_loss(all_gather_with_grad(z_a), all_gather_with_grad(z_b), lambda_offdiag=0.3, scale=0.1)
@@ -133,27 +128,16 @@ def _check_collectives(context: DistributedContext) -> None:
     expected = 2 * gathered.detach()[3 * rank : 3 * rank + 3] * (weights[0] + weights[1])[3 * rank : 3 * rank + 3]
     assert torch.allclose(x.grad, expected, rtol=1e-12)
 
-    # all_reduce_gradients_ averages (one buffer per dtype), leaves missing gradients alone.
-    p32, p64, unused = (nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2, dtype=torch.float64)),
-                        nn.Parameter(torch.zeros(1)))
+    # all_reduce_mean_ averages in place (one buffer per dtype), gradients as the distillation reduces them.
+    p32, p64 = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
     p32.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)
     p64.grad = torch.full((2, 2), 4.0 * rank, dtype=torch.float64)
-    all_reduce_gradients_([p32, p64, unused])
-    assert torch.equal(p32.grad, torch.tensor([1.5, 3.0, 4.5])) and torch.equal(p64.grad, torch.full((2, 2), 2.0))
-    assert unused.grad is None
     loss_value = torch.tensor(float(rank))
-    all_reduce_mean_([loss_value])
+    all_reduce_mean_([p32.grad, p64.grad, loss_value])
+    assert torch.equal(p32.grad, torch.tensor([1.5, 3.0, 4.5])) and torch.equal(p64.grad, torch.full((2, 2), 2.0))
     assert loss_value.item() == 0.5
 
-    # broadcast_ copies rank 0's values; gather_objects collects on rank 0 in rank order.
-    values = torch.full((4,), float(rank + 7))
-    broadcast_([values])
-    assert torch.equal(values, torch.full((4,), 7.0))
-    rows_by_rank = gather_objects({"rank": rank, "jobs": split_jobs(list("abcde"), rank, WORLD_SIZE)})
-    if rank == 0:
-        assert rows_by_rank == [{"rank": 0, "jobs": ["a", "c", "e"]}, {"rank": 1, "jobs": ["b", "d"]}]
-    else:
-        assert rows_by_rank is None
+    assert context.my_jobs(list("abcde")) == (["a", "c", "e"] if rank == 0 else ["b", "d"])
     # gather_on_main: the other ranks' rows on rank 0 (its own it appended already), nothing elsewhere.
     others = context.gather_on_main([f"row of rank {rank}"] * (rank + 1))
     assert others == (["row of rank 1", "row of rank 1"] if rank == 0 else [])
@@ -173,7 +157,6 @@ def test_collectives_over_two_processes_match_single_process_references():
 
 
 def _check_sync_batchnorm(context: DistributedContext) -> None:
-    rank = context.rank
     for shape in ((8, 4, 3, 3), (8, 4)):  # a conv feature map (BatchNorm2d) and a projector layer (BatchNorm1d)
         generator = torch.Generator().manual_seed(len(shape))
         full = 2 + 3 * torch.randn(*shape, dtype=torch.float64, generator=generator)
@@ -189,7 +172,7 @@ def _check_sync_batchnorm(context: DistributedContext) -> None:
 
         x_ref = full.clone().requires_grad_(True)
         (reference(x_ref) * weights).sum().backward()
-        rows = shard_slice(8, rank, WORLD_SIZE)
+        rows = context.shard(8)
         x = full[rows].clone().requires_grad_(True)
         out = synced(x)
         (out * weights[rows]).sum().backward()  # rank r's part of the global sum
@@ -200,7 +183,7 @@ def _check_sync_batchnorm(context: DistributedContext) -> None:
         assert torch.allclose(synced[0].running_mean, reference.running_mean, rtol=1e-12)
         assert torch.allclose(synced[0].running_var, reference.running_var, rtol=1e-12)
         # Parameter gradients are per-rank partial sums: their average x world size is the whole gradient.
-        all_reduce_gradients_(synced.parameters())
+        all_reduce_mean_([synced[0].weight.grad, synced[0].bias.grad])
         assert torch.allclose(WORLD_SIZE * synced[0].weight.grad, reference.weight.grad, rtol=1e-10)
         assert torch.allclose(WORLD_SIZE * synced[0].bias.grad, reference.bias.grad, rtol=1e-10)
         synced.eval()  # eval mode: the running statistics, as BatchNorm
@@ -240,23 +223,22 @@ def test_rank_0_alone_writes_logs_shows_progress_and_locks(tmp_path, capsys):
             pass
 
 
-def test_shard_slice_splits_contiguously_and_names_the_sizes_when_it_cannot():
-    assert [shard_slice(12, rank, 3) for rank in range(3)] == [slice(0, 4), slice(4, 8), slice(8, 12)]
-    assert shard_slice(7, 0, 1) == slice(0, 7)
-    assert DistributedContext(rank=1, world_size=3).shard(12) == slice(4, 8)  # a process's own rows
+def test_shard_splits_contiguously_and_names_the_sizes_when_it_cannot():
+    assert [DistributedContext(rank=rank, world_size=3).shard(12) for rank in range(3)] == [
+        slice(0, 4), slice(4, 8), slice(8, 12)]
     assert DistributedContext().shard(7) == slice(0, 7)
     with pytest.raises(KrrstError) as excinfo:
-        shard_slice(10, 1, 4, what="distill.batch_size")
+        DistributedContext(rank=1, world_size=4).shard(10, what="distill.batch_size")
     message = _one_line(excinfo)
     assert "distill.batch_size=10" in message and "4 processes" in message
 
 
-def test_split_jobs_is_a_round_robin_partition():
+def test_my_jobs_is_a_round_robin_partition():
     jobs = [(seed, target) for seed in range(3) for target in ("cifar10", "cub")]
-    shares = [split_jobs(jobs, rank, 4) for rank in range(4)]
+    shares = [DistributedContext(rank=rank, world_size=4).my_jobs(jobs) for rank in range(4)]
     assert shares[1] == [jobs[1], jobs[5]]
     assert sorted(job for share in shares for job in share) == sorted(jobs)
-    assert split_jobs(jobs, 0, 1) == jobs
+    assert DistributedContext().my_jobs(jobs) == jobs
 
 
 def test_single_process_context_needs_no_process_group(monkeypatch):
@@ -272,12 +254,11 @@ def test_single_process_context_needs_no_process_group(monkeypatch):
     assert init_distributed("cpu").world_size == 1 and not is_distributed()  # torchrun with one process
     x = torch.randn(3, 2, requires_grad=True)
     assert all_gather_with_grad(x) is x
-    assert gather_objects({"a": 1}) == [{"a": 1}] and run_on_main(lambda: 5) == 5
+    assert context.gather_on_main([{"a": 1}]) == [] and run_on_main(lambda: 5) == 5
     norm = nn.BatchNorm1d(3)
     assert convert_sync_batchnorm(norm) is norm
     values = torch.tensor([1.0, 2.0])
     all_reduce_mean_([values])
-    broadcast_([values])
     assert torch.equal(values, torch.tensor([1.0, 2.0]))
 
 

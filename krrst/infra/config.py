@@ -10,12 +10,14 @@ within float32 range (the tensors it reaches are float32; `1e39` would only
 fail later, deep inside a loop), an integer within int64 range.
 
 A mistyped name gets "did you mean" from `close_matches`: a key here, a
-registered name (a preset, an architecture) in `krrst.infra.registry`. Nothing here imports torch until a device is resolved, so the
-command line can build its parser and `--help` without it.
+registered name (a preset, an architecture) in `krrst.infra.registry`.
+Nothing here imports torch until a device is resolved, so the command line
+can build its parser and `--help` without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -39,11 +41,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 def close_matches(name: str, valid: Iterable[str], n: int = 3) -> list[str]:
     """The valid names a mistyped `name` most likely meant: a difference of case only first, else difflib's."""
     valid = list(valid)
-    same_but_case = [option for option in valid if option.lower() == name.lower()]
-    if same_but_case:
-        return same_but_case
     by_lower = {option.lower(): option for option in valid}
-    return [by_lower[match] for match in difflib.get_close_matches(name.lower(), list(by_lower), n=n)]
+    same_but_case = [option for option in valid if option.lower() == name.lower()]
+    return same_but_case or [by_lower[match] for match in difflib.get_close_matches(name.lower(), list(by_lower), n=n)]
 
 
 def did_you_mean(name: str, valid: Iterable[str]) -> str:
@@ -72,23 +72,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return resolved
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
-
-
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check/convert one value against a type annotation (str values are parsed)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
         errors = []
-        for option in args:
-            if option is type(None):
-                continue
+        for option in (arg for arg in args if arg is not type(None)):
             try:
                 return _coerce(value, option, where)
             except KrrstError as exc:
@@ -136,20 +128,16 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
 def _as_integer(value: Any, where: str) -> int:
     """An int from an int, an integral float or a string such as "100" or "1e3" (exact for long digit strings)."""
-    if isinstance(value, bool):
-        raise KrrstError(f"{where}={value!r} is not valid; expected an integer")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             return int(value.strip())  # exact, however many digits
-        except ValueError:
-            pass
     try:
         as_float = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise KrrstError(f"{where}={value!r} is not valid; expected an integer") from None
-    if not as_float.is_integer():
+        as_float = math.nan
+    if isinstance(value, bool) or not as_float.is_integer():
         raise KrrstError(f"{where}={value!r} is not valid; expected an integer")
     return int(as_float)
 
@@ -189,7 +177,8 @@ def config_from_dict(cls: type[ConfigT], mapping: Mapping[str, Any], where: str 
 
 def apply_overrides(config: ConfigT, overrides: Mapping[str, Any], where: str = "") -> ConfigT:
     """A copy of `config` with `overrides` applied (values may be strings, as from `--set`)."""
-    types_by_name = _field_types(type(config))
+    hints = typing.get_type_hints(type(config))
+    types_by_name = {field.name: hints[field.name] for field in dataclasses.fields(config)}
     prefix = f"{where}." if where else ""
     changes = {}
     for key, value in overrides.items():
@@ -202,21 +191,18 @@ def apply_overrides(config: ConfigT, overrides: Mapping[str, Any], where: str = 
 def suggest_keys(key: str, valid_keys: Iterable[str]) -> list[str]:
     """The `stage.field` keys a mistyped `key` most likely meant: the field compared within its stage (a mistyped
     stage is matched first), and a bare field name (`steps`) looked up in every stage."""
-    fields_by_stage: dict[str, list[str]] = {}
+    keys_by_stage: dict[str, dict[str, str]] = {}  # stage -> field -> its full key
     for valid in valid_keys:
         stage, _, field = valid.rpartition(".")
-        fields_by_stage.setdefault(stage, []).append(field)
+        keys_by_stage.setdefault(stage, {})[field] = valid
     stage, dot, field = key.rpartition(".")
-    if stage in fields_by_stage:
+    if stage in keys_by_stage:
         stages = [stage]
     else:
-        stages = close_matches(stage, fields_by_stage) if dot else list(fields_by_stage)
-
-    def joined(stage: str, field: str) -> str:
-        return f"{stage}.{field}" if stage else field
-
-    same_field = [joined(stage, field) for stage in stages if field in fields_by_stage[stage]]
-    return same_field or [joined(stage, close) for stage in stages for close in close_matches(field, fields_by_stage[stage])]
+        stages = close_matches(stage, keys_by_stage) if dot else list(keys_by_stage)
+    same_field = [keys_by_stage[stage][field] for stage in stages if field in keys_by_stage[stage]]
+    return same_field or [keys_by_stage[stage][close] for stage in stages
+                          for close in close_matches(field, keys_by_stage[stage])]
 
 
 def did_you_mean_key(key: str, valid_keys: Iterable[str]) -> str:
@@ -240,10 +226,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def same_saved_value(saved: Any, value: Any) -> bool:
     """Whether a value read back from JSON equals a current one: tuples and lists compare equal, since JSON turns
     one into the other."""
-    def plain(item: Any) -> Any:
-        return list(item) if isinstance(item, (list, tuple)) else item
-
-    return plain(saved) == plain(value)
+    saved, value = (list(item) if isinstance(item, (list, tuple)) else item for item in (saved, value))
+    return saved == value
 
 
 def config_changes(saved: Mapping[str, Any], config: Any, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
@@ -253,12 +237,9 @@ def config_changes(saved: Mapping[str, Any], config: Any, ignore: tuple[str, ...
     missing from `saved` (added to the dataclass since) counts as its default.
     Tuples and lists compare equal (`same_saved_value`).
     """
-    defaults = config_to_dict(type(config)())
-    return [
-        (key, saved.get(key, defaults[key]), value)
-        for key, value in config_to_dict(config).items()
-        if key not in ignore and not same_saved_value(saved.get(key, defaults[key]), value)
-    ]
+    saved = {**config_to_dict(type(config)()), **saved}
+    return [(key, saved[key], value) for key, value in config_to_dict(config).items()
+            if key not in ignore and not same_saved_value(saved[key], value)]
 
 
 def read_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:

@@ -68,19 +68,24 @@ class DistributedContext:
         return exclusive_lock(path, what) if self.is_main else nullcontext()
 
     def my_jobs(self, jobs: Sequence[T]) -> list[T]:
-        """This rank's share of `jobs`, dealt round-robin (`split_jobs`): all of them in a single process."""
-        return split_jobs(jobs, self.rank, self.world_size)
+        """This rank's share of `jobs`, dealt round-robin (jobs[rank], jobs[rank + W], ...): all of them alone."""
+        return list(jobs)[self.rank :: self.world_size]
 
     def gather_on_main(self, items: list[T]) -> list[T]:
         """The other ranks' `items`, concatenated in rank order, on rank 0; [] on the other ranks and alone."""
-        if self.world_size == 1:
+        if self.world_size == 1 or not is_distributed():
             return []
-        gathered = gather_objects(items)
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(items, gathered, dst=0)
         return [item for rank_items in gathered[1:] for item in rank_items] if self.is_main else []
 
     def shard(self, global_batch: int, what: str = "batch size") -> slice:
-        """This process's rows of a global batch (`shard_slice`): all of them in a single process."""
-        return shard_slice(global_batch, self.rank, self.world_size, what)
+        """This process's contiguous, equal share of a global batch: rows [rank * b, (rank + 1) * b), b = B / W."""
+        if global_batch % self.world_size:
+            raise KrrstError(f"{what}={global_batch} cannot be split evenly over {self.world_size} processes; "
+                             f"choose a multiple of the world size {self.world_size}")
+        per_rank = global_batch // self.world_size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
 def init_distributed(device: str | torch.device | None = None, timeout_minutes: float = 10.0) -> DistributedContext:
@@ -184,57 +189,20 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _AllGather.apply(tensor) if is_distributed() else tensor
 
 
-def _flat_collective_(tensors: Iterable[torch.Tensor], collective: Callable[[torch.Tensor], None]) -> None:
-    """Run `collective` once per (dtype, device) on one flat buffer of `tensors`, then copy back in place."""
+def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over ranks, in place: one all-reduce per (dtype, device) on a flat buffer."""
+    if not is_distributed():
+        return
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for tensor in tensors:
         groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
     with torch.no_grad():
         for group in groups.values():
             flat = torch.cat([tensor.reshape(-1) for tensor in group])
-            collective(flat)
+            dist.all_reduce(flat)
+            flat.div_(dist.get_world_size())
             for tensor, part in zip(group, flat.split([tensor.numel() for tensor in group])):
                 tensor.copy_(part.view_as(tensor))
-
-
-def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
-    """Replace each tensor by its mean over ranks, in place (one all-reduce per dtype/device)."""
-    if is_distributed():
-        _flat_collective_(tensors, lambda flat: (dist.all_reduce(flat), flat.div_(dist.get_world_size())))
-
-
-def all_reduce_gradients_(params: Iterable[torch.Tensor]) -> None:
-    """Average `.grad` of `params` over ranks in place (None skipped): the gradient of the global-batch mean loss."""
-    all_reduce_mean_([p.grad for p in params if p.grad is not None])
-
-
-def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
-    """Overwrite `tensors` with rank `src`'s values, in place (one broadcast per dtype/device)."""
-    if is_distributed():
-        _flat_collective_(tensors, lambda flat: dist.broadcast(flat, src=src))
-
-
-def shard_slice(global_batch: int, rank: int, world_size: int, what: str = "batch size") -> slice:
-    """Rank `rank`'s contiguous, equal share of a global batch: rows [rank * b, (rank + 1) * b), b = B / W."""
-    if global_batch % world_size:
-        raise KrrstError(f"{what}={global_batch} cannot be split evenly over {world_size} processes; "
-                         f"choose a multiple of the world size {world_size}")
-    per_rank = global_batch // world_size
-    return slice(rank * per_rank, (rank + 1) * per_rank)
-
-
-def split_jobs(jobs: Sequence[T], rank: int, world_size: int) -> list[T]:
-    """This rank's jobs, round-robin: jobs[rank], jobs[rank + W], ..."""
-    return list(jobs)[rank::world_size]
-
-
-def gather_objects(obj: T) -> list[T] | None:
-    """Every rank's `obj` (picklable, e.g. result rows) in rank order on rank 0; None on the other ranks."""
-    if not is_distributed():
-        return [obj]
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
 
 
 class _GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import os
 import pickle
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from krrst.infra.errors import KrrstError
@@ -96,13 +95,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], fieldnames: tuple[str, ...]) -> None:
     """Write `rows` under the header `fieldnames`, atomically; a missing or None value is an empty cell."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fieldnames)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: "" if row.get(key) is None else row[key] for key in fieldnames})
-    with atomic_write(path) as tmp:
-        tmp.write_text(text.getvalue(), encoding="utf-8")
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames, extrasaction="ignore")  # csv writes None as ""
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
@@ -220,8 +216,6 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str,
         raise KrrstError(f"{what} not found: {path}")
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -87,9 +87,6 @@ class LogProgress:
     def set_postfix(self, ordered_dict: Mapping[str, Any] | None = None, refresh: bool = True, **kwargs: Any) -> None:
         self.postfix = {**dict(ordered_dict or {}), **kwargs}
 
-    def set_description(self, desc: str, refresh: bool = True) -> None:
-        self.desc = desc
-
     def line(self, now: float | None = None) -> str:
         """The progress line as it stands: stage, count of total, rate, elapsed, ETA, the latest postfix."""
         elapsed = (time.perf_counter() if now is None else now) - self.started

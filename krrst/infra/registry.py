@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
-from krrst.infra.config import close_matches
+from krrst.infra.config import did_you_mean
 from krrst.infra.errors import KrrstError
 
 T = TypeVar("T")
@@ -20,9 +20,7 @@ _MISSING: Any = object()
 def unknown_name(what: str, name: str, valid: Iterable[str], listing: str) -> KrrstError:
     """`unknown preset 'Demo'; did you mean 'demo'? valid presets: cifar100, demo` as a `KrrstError`."""
     valid = list(valid)
-    matches = close_matches(name, valid)
-    hint = f"did you mean {' or '.join(repr(match) for match in matches)}? " if matches else ""
-    return KrrstError(f"unknown {what} {name!r}; {hint}{listing}: {', '.join(valid)}")
+    return KrrstError(f"unknown {what} {name!r}{did_you_mean(name, valid) or ';'} {listing}: {', '.join(valid)}")
 
 
 class Registry(Generic[T]):

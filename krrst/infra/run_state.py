@@ -140,16 +140,16 @@ class RunState:
         unit: str = "step",
         unit_scale: int = 1,
         context: DistributedContext | None = None,
-        checkpoint_name: str = CHECKPOINT_NAME,
         guarded: Sequence[str] = (),
     ):
         self.stage, self.config, self.total_steps = stage, config, total_steps
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log_fields = tuple(log_fields)
         self.identity, self.kind = dict(identity or {}), kind
-        self.checkpoint_every, self.log_every, self.unit_scale = checkpoint_every, log_every, unit_scale
+        self.checkpoint_every, self.log_every = checkpoint_every, log_every
+        self.unit, self.unit_scale = unit, unit_scale
         self.is_writer = context is None or context.is_main
-        self.checkpoint_path = self.out_dir / checkpoint_name if self.out_dir is not None else None
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
         self.log_path = self.out_dir / LOSS_CSV_NAME if self.out_dir is not None else None
         self.guarded = tuple(guarded)
         if resume and self.out_dir is None:
@@ -161,15 +161,16 @@ class RunState:
                                                                                           total_steps))
         self._pending: list[dict[str, Any]] = []
         self._started = time.perf_counter()
-        if self.saved is not None:
-            self.message(f"{stage}: resuming {self.out_dir} at step {self.start_step:,}/{total_steps:,}"
-                         if self.start_step < total_steps else f"{stage}: {self.out_dir} was finished "
-                                                                f"({total_steps:,} steps)")
+        if self.saved is not None and self.start_step < total_steps:
+            self.message(f"{stage}: resuming {self.out_dir} at step {self.start_step:,}/{total_steps:,}")
+        elif self.saved is not None:
+            self.message(f"{stage}: {self.out_dir} was finished ({total_steps:,} steps)")
         if self.is_writer and self.log_path is not None:
-            self._reset_log(keep_up_to=self.start_step)
+            # loss.csv keeps its header and the rows the checkpoint covers, no later ones
+            kept = [row for row in self.rows() if row["step"] <= self.start_step] if self.start_step > 0 else []
+            io.write_csv(self.log_path, kept, self.log_fields)
         # whether this process shows progress, for the stage's own inner bars too (warm-up, caches)
         self.show_progress = progress and self.is_writer
-        self._bar_args = (total_steps * unit_scale, stage, unit, self.start_step * unit_scale)
         self.bar: Any = None  # opened by `steps()`, after the stage's set-up has shown its own bars
 
     # ------------------------------------------------------------------ resume
@@ -204,8 +205,8 @@ class RunState:
 
     def steps(self) -> Iterator[int]:
         """The steps this call runs, `start_step + 1 .. last_step`, advancing the progress bar after each."""
-        total, desc, unit, initial = self._bar_args
-        self.bar = self.bar or progress_bar(total, desc, unit=unit, initial=initial, enabled=self.show_progress)
+        self.bar = self.bar or progress_bar(self.total_steps * self.unit_scale, self.stage, unit=self.unit,
+                                            initial=self.start_step * self.unit_scale, enabled=self.show_progress)
         self._started = time.perf_counter()
         for step in range(self.start_step + 1, self.last_step + 1):
             yield step
@@ -218,12 +219,9 @@ class RunState:
     def is_checkpoint_step(self, step: int) -> bool:
         return self.out_dir is not None and (step == self.last_step or every(step, self.checkpoint_every))
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self._started
-
     def log(self, step: int, **values: Any) -> None:
         """Queue one row of `loss.csv`; tensor values stay on the device until `flush`."""
-        self._pending.append({"step": step, "elapsed_s": round(self.elapsed(), 3), **values})
+        self._pending.append({"step": step, "elapsed_s": round(time.perf_counter() - self._started, 3), **values})
 
     def flush(self) -> list[dict[str, Any]]:
         """Sync the queued rows once, append them to `loss.csv` (rank 0), show the last; returns them."""
@@ -237,8 +235,7 @@ class RunState:
                 row[key] = value
         if self.is_writer and self.log_path is not None:
             with open(self.log_path, "a", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=self.log_fields, extrasaction="ignore")
-                writer.writerows({key: _cell(row.get(key)) for key in self.log_fields} for row in rows)
+                csv.DictWriter(handle, fieldnames=self.log_fields, extrasaction="ignore").writerows(rows)
                 handle.flush()
                 os.fsync(handle.fileno())
         shown = {key: f"{value:.4g}" for key, value in rows[-1].items()
@@ -281,14 +278,6 @@ class RunState:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ the log file
-
-    def _reset_log(self, keep_up_to: int) -> None:
-        """Rewrite `loss.csv` with its header and the rows the checkpoint covers (steps <= `keep_up_to`)."""
-        kept = [row for row in self.rows() if row.get("step") is not None and row["step"] <= keep_up_to] \
-            if keep_up_to > 0 else []
-        io.write_csv(self.log_path, kept, self.log_fields)
-
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a `loss.csv`: `step` as int, other cells as float, empty cells as None.
@@ -298,15 +287,11 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     rows = []
     with open(path, newline="", encoding="utf-8") as handle:
         for raw in csv.DictReader(handle):
-            if None in raw or None in raw.values() or not str(raw.get("step", "")).isdigit():
-                continue
+            if None in raw or None in raw.values() or not raw.get("step", "").isdigit():
+                continue  # too many cells, too few, or no step
             try:
-                rows.append({key: (int(value) if key == "step" else float(value)) if value not in ("", None) else None
-                             for key, value in raw.items() if key is not None})
+                rows.append({key: int(value) if key == "step" else float(value) if value else None
+                             for key, value in raw.items()})
             except ValueError:
                 continue
     return rows
-
-
-def _cell(value: Any) -> Any:
-    return "" if value is None else value
