@@ -87,21 +87,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise KrrstError(errors[0] if errors else f"{where}: cannot be {value!r}")
     if origin is typing.Literal:
-        if isinstance(value, str):
-            for choice in args:
-                if str(choice) == value:
-                    return choice
+        if isinstance(value, str):  # "3" for a choice 3
+            value = next((choice for choice in args if str(choice) == value), value)
         if value in args:
             return value
         raise KrrstError(f"{where}={value!r} is not valid; expected one of {', '.join(map(str, args))}")
     if origin in (tuple, list):
         if isinstance(value, str):
-            text = value.strip().strip("()[]")
-            value = [part.strip() for part in text.split(",") if part.strip()]
+            value = [part.strip() for part in value.strip().strip("()[]").split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             raise KrrstError(f"{where}={value!r} is not valid; expected a comma-separated list")
-        item_type = args[0] if args else str
-        items = [_coerce(item, item_type, where) for item in value]
+        items = [_coerce(item, args[0] if args else str, where) for item in value]
         return tuple(items) if origin is tuple else items
     if annotation is bool:
         if isinstance(value, bool):
@@ -150,9 +146,8 @@ def check_number(value: Any, where: str, shown: Any = None) -> Any:
         return value
     text = repr(value if shown is None else shown)
     if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-        raise KrrstError(
-            f"{where}={text} is not valid; expected a finite number within float32 range (|x| <= {FLOAT32_MAX:.4g})"
-        )
+        raise KrrstError(f"{where}={text} is not valid; expected a finite number within float32 range "
+                         f"(|x| <= {FLOAT32_MAX:.4g})")
     if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
         raise KrrstError(f"{where}={text} is not valid; expected an integer within int64 range (|x| < 2**63)")
     return value

@@ -5,8 +5,8 @@ LOCAL_RANK, MASTER_ADDR; `init_distributed` joins that group (NCCL on GPUs, gloo
 them everything here is a no-op on a single-process `DistributedContext`: callers need no special case.
 
 Conventions: all ranks hold the same generators (seeds), draw the same global batch and keep their
-`shard_slice`; replicated tensors (teacher, X_s, Y_s) stay identical as their gradients are averaged
-(DDP, `all_reduce_gradients_`) before identical optimiser steps; collectives backpropagate the exact
+`shard`; replicated tensors (teacher, X_s, Y_s) stay identical as their gradients are averaged
+(DDP, `all_reduce_mean_`) before identical optimiser steps; collectives backpropagate the exact
 adjoint of "sum over ranks of each rank's loss", which that averaging makes the mean; rank 0 writes files.
 """
 
@@ -45,7 +45,7 @@ class DistributedContext:
         return self.rank == 0
 
     def say(self, text: str) -> None:
-        """Print `text` from rank 0 only: every rank runs the same code, and the user wants one line, not one per rank."""
+        """Print `text` from rank 0 only: one line for the user, not one per rank."""
         self.on_main(lambda: print(text))
 
     def on_main(self, fn: Callable[[], T]) -> T | None:

@@ -86,7 +86,5 @@ class LossWatch:
         found = self.first()
         if found is not None:
             step, value = found
-            raise KrrstError(
-                f"{self.stage} diverged: the loss was {value} at {self.unit} {step}; likely cause: {self.cause}; "
-                "nothing was saved from the diverged state"
-            )
+            raise KrrstError(f"{self.stage} diverged: the loss was {value} at {self.unit} {step}; likely cause: "
+                             f"{self.cause}; nothing was saved from the diverged state")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import pickle
@@ -139,10 +140,8 @@ def torch_load_weights_only(path: str | os.PathLike, what: str, expected: str, r
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Unsupported global" in text:  # a real pickle that holds objects besides tensors
-            raise KrrstError(
-                f"{what} {path} is not {expected}: it holds pickled objects (UnpicklingError), and krrst never "
-                f"unpickles code; re-save it {resave}"
-            ) from None
+            raise KrrstError(f"{what} {path} is not {expected}: it holds pickled objects (UnpicklingError), and krrst "
+                             f"never unpickles code; re-save it {resave}") from None
         # torch's text around the reason advises weights_only=False: keep the reason alone.
         _, marker, reason = text.partition("WeightsUnpickler error:")
         detail = (reason.strip().splitlines() or [""])[0][:120] if marker else describe_exception(exc)
@@ -192,9 +191,8 @@ def exclusive_lock(directory: str | os.PathLike, what: str = "run directory") ->
     except BlockingIOError:
         if locked:  # raised by the block itself, not by the lock
             raise
-        raise KrrstError(
-            f"{what} {directory} is in use by another krrst process; wait for it to end or choose another --out"
-        ) from None
+        raise KrrstError(f"{what} {directory} is in use by another krrst process; wait for it to end or choose "
+                         "another --out") from None
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -235,11 +233,8 @@ def _flatten(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
         return {"__tensor__": name}
     if isinstance(value, dict):
         # JSON keys are strings; optimiser state dicts use int keys, so record the key type.
-        return {
-            "__dict__": [
-                [key, type(key).__name__, _flatten(item, f"{prefix}/{key}", tensors)] for key, item in value.items()
-            ]
-        }
+        return {"__dict__": [[key, type(key).__name__, _flatten(item, f"{prefix}/{key}", tensors)]
+                             for key, item in value.items()]}
     if isinstance(value, (list, tuple)):
         items = [_flatten(item, f"{prefix}/{index}", tensors) for index, item in enumerate(value)]
         return {"__tuple__": items} if isinstance(value, tuple) else items
@@ -256,9 +251,8 @@ def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return tuple(_unflatten(item, tensors) for item in value["__tuple__"])
         if "__dict__" in value:
             key_types = {"int": int, "str": str, "float": float, "bool": lambda text: text in (True, "True")}
-            return {
-                key_types.get(type_name, str)(key): _unflatten(item, tensors) for key, type_name, item in value["__dict__"]
-            }
+            return {key_types.get(type_name, str)(key): _unflatten(item, tensors)
+                    for key, type_name, item in value["__dict__"]}
     if isinstance(value, list):
         return [_unflatten(item, tensors) for item in value]
     return value
@@ -287,13 +281,10 @@ def load_state(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, A
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     """The current git commit of the source tree (with '+dirty' if modified), or None."""
     where = Path(cwd) if cwd else Path(__file__).resolve().parent
+    git = functools.partial(subprocess.run, cwd=where, capture_output=True, text=True, timeout=5)
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
+        commit = git(["git", "rev-parse", "HEAD"], check=True).stdout.strip()
+        dirty = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")

@@ -121,27 +121,11 @@ class RunState:
     loop (a teacher cache, MKDT's experts) is not in it.
     """
 
-    def __init__(
-        self,
-        stage: str,
-        out_dir: str | os.PathLike | None,
-        *,
-        config: Any,
-        total_steps: int,
-        log_fields: Sequence[str],
-        resume: bool = False,
-        resumable: Sequence[str] = (),
-        identity: Mapping[str, Any] | None = None,
-        kind: str | None = None,
-        checkpoint_every: int = 0,
-        log_every: int = 1,
-        stop_at_step: int | None = None,
-        progress: bool = True,
-        unit: str = "step",
-        unit_scale: int = 1,
-        context: DistributedContext | None = None,
-        guarded: Sequence[str] = (),
-    ):
+    def __init__(self, stage: str, out_dir: str | os.PathLike | None, *, config: Any, total_steps: int,
+                 log_fields: Sequence[str], resume: bool = False, resumable: Sequence[str] = (),
+                 identity: Mapping[str, Any] | None = None, kind: str | None = None, checkpoint_every: int = 0,
+                 log_every: int = 1, stop_at_step: int | None = None, progress: bool = True, unit: str = "step",
+                 unit_scale: int = 1, context: DistributedContext | None = None, guarded: Sequence[str] = ()):
         self.stage, self.config, self.total_steps = stage, config, total_steps
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log_fields = tuple(log_fields)
@@ -157,8 +141,8 @@ class RunState:
         # Rank 0 reads and checks the checkpoint, the other ranks receive it: no shared file system needed.
         self.saved: dict[str, Any] | None = run_on_main(lambda: self._read_checkpoint(resume, tuple(resumable)))
         self.start_step = int(self.saved["step"]) if self.saved is not None else 0
-        self.last_step = total_steps if stop_at_step is None else max(self.start_step, min(int(stop_at_step),
-                                                                                          total_steps))
+        self.last_step = (total_steps if stop_at_step is None
+                          else max(self.start_step, min(int(stop_at_step), total_steps)))
         self._pending: list[dict[str, Any]] = []
         self._started = time.perf_counter()
         if self.saved is not None and self.start_step < total_steps:

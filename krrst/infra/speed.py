@@ -9,8 +9,7 @@ The configs of the teacher (`TeacherConfig`), the distillation
   "auto" = bfloat16 on CUDA, float32 elsewhere (CPU bf16 is slower).
 - `channels_last`: "auto" | "on" | "off". On ("auto" too) puts the
   networks and their image inputs in NHWC memory layout (faster cuDNN and
-  oneDNN convolutions: ConvNet-3 forward + backward ran 1.3x faster on this
-  project's CPU).
+  oneDNN convolutions).
 
 `SpeedSettings` is what a loop uses of them on its device.
 `reference_speed(config)` turns both off: float32 forwards on contiguous
@@ -66,14 +65,8 @@ class SpeedSettings(NamedTuple):
     compile_mode: str = "default"
 
     @classmethod
-    def from_fields(
-        cls,
-        precision: str,
-        channels_last: str,
-        device: torch.device,
-        compile: bool = False,
-        compile_mode: str = "default",
-    ) -> "SpeedSettings":
+    def from_fields(cls, precision: str, channels_last: str, device: torch.device, compile: bool = False,
+                    compile_mode: str = "default") -> "SpeedSettings":
         bf16 = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
         nhwc = channels_last != "off"  # faster on CPU too (oneDNN): ~1.3x for ConvNet-3 fwd+bwd
         return cls(torch.bfloat16 if bf16 else None, torch.channels_last if nhwc else torch.contiguous_format,
