@@ -69,9 +69,7 @@ def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise KrrstError(f"{option} {path} is an existing file, not a folder; choose a folder")
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = next(folder for folder in (path, *path.parents) if folder.exists() or folder == folder.parent)
     if not existing.is_dir():
         raise KrrstError(f"{option} {path} lies inside {existing}, which is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -110,7 +108,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KrrstError(f"{what} {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+        raise KrrstError(f"{what} {path} is not valid JSON ({getattr(exc, 'msg', exc)})") from None
 
 
 def describe_exception(exc: BaseException) -> str:
