@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--method", default="krr-st")
     parser.add_argument("--ref", nargs="+", default=["random", "none"])
     args = parser.parse_args()
+    missing = [str(run) for run in args.runs if not (run / "results.csv").is_file()]
+    if missing:
+        parser.error(f"no results.csv in {', '.join(missing)} (a krrst run folder whose evaluation has begun)")
     tables = {run: accuracies(run) for run in args.runs}
     keys = sorted({key[1:3] for table in tables.values() for key in table if key[0] == args.method})
     for reference in args.ref:
