@@ -122,9 +122,6 @@ def _load_source(args: argparse.Namespace):
                        max_per_class=args.max_per_class, skip_corrupt=args.skip_corrupt)
 
 
-PRETRAINED = "pretrained"
-
-
 def _teacher_arch_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-arch", default=None,
                         help="the teacher's architecture when the file does not say: a registered model (.pt default: "
@@ -138,7 +135,7 @@ def _load_teacher(args: argparse.Namespace):
     from krrst.teacher import load_teacher
 
     _check_teacher_arch(args.teacher_arch)
-    path = None if args.teacher == PRETRAINED else args.teacher
+    path = None if args.teacher == "pretrained" else args.teacher
     return load_teacher(path, arch=args.teacher_arch, input_size=args.teacher_input_size)
 
 
@@ -179,10 +176,8 @@ def _cmd_distill(args: argparse.Namespace) -> None:
 
     _check_out(args.out)
     extra = {"steps": args.steps, "num_images": args.m, "image_size": args.image_size, "init": args.init}
-    if args.method == "mkdt":
-        config = _stage_config(MKDTConfig, "mkdt", args.preset, args.overrides, extra)
-    else:
-        config = _stage_config(DistillConfig, "distill", args.preset, args.overrides, extra)
+    cls, stage = (MKDTConfig, "mkdt") if args.method == "mkdt" else (DistillConfig, "distill")
+    config = _stage_config(cls, stage, args.preset, args.overrides, extra)
     teacher = _load_teacher(args)
     images, heldout = split_heldout(_load_source(args), args.heldout, config.seed)
     context = _distributed(args)
@@ -277,13 +272,10 @@ def _set_stats(args: argparse.Namespace, target) -> tuple[tuple[float, ...], tup
         raise KrrstError("--mean and --std go together: give both (e.g. --mean 0.507,0.487,0.441 --std 0.267,0.256,0.276)")
     if args.mean is not None:
         return tuple(args.mean), tuple(args.std)
-    print(f"normalising {args.distilled} with the target's mean/std {_rounded(target.mean)} / {_rounded(target.std)} "
-          "(--mean/--std for its source's)", file=sys.stderr)
+    shown = " / ".join(",".join(f"{float(value):.4f}" for value in values) for values in (target.mean, target.std))
+    print(f"normalising {args.distilled} with the target's mean/std {shown} (--mean/--std for its source's)",
+          file=sys.stderr)
     return tuple(target.mean), tuple(target.std)
-
-
-def _rounded(values) -> str:
-    return ",".join(f"{float(value):.4f}" for value in values)
 
 
 def _evaluation_provenance(args: argparse.Namespace) -> str:
@@ -308,19 +300,20 @@ def _evaluation_configs(args: argparse.Namespace, suite: dict[str, Any]) -> dict
     import dataclasses
 
     from krrst.evaluate import FinetuneConfig, KDConfig, LinearProbeConfig, PretrainConfig
-    from krrst.infra.config import did_you_mean_key
+    from krrst.infra.config import apply_overrides, did_you_mean_key
 
     stages = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear": LinearProbeConfig, "kd": KDConfig}
-    overrides = [f"{key}={value}" for key, value in suite.items()] + args.overrides  # an explicit --set wins
     keys = [f"{stage}.{field.name}" for stage, cls in stages.items() for field in dataclasses.fields(cls)]
-    for key in parse_assignments(overrides):
-        if key.split(".", 1)[0] not in stages:
+    values: dict[str, dict[str, Any]] = {stage: {} for stage in stages}
+    if args.kd_teacher_arch:
+        values["kd"]["teacher_arch"] = args.kd_teacher_arch
+    for key, value in {**suite, **parse_assignments(args.overrides)}.items():  # an explicit --set wins
+        stage, dot, field = key.partition(".")
+        if not dot or stage not in stages:
             raise KrrstError(f"--set {key!r}: keys must start with one of {', '.join(stages)}"
                              f"{did_you_mean_key(key, keys)}")
-    extra = {"kd": {"teacher_arch": args.kd_teacher_arch}}
-    return {stage: _stage_config(cls, stage, None, [item for item in overrides if item.startswith(stage + ".")],
-                                 extra.get(stage))
-            for stage, cls in stages.items()}
+        values[stage][field] = value
+    return {stage: apply_overrides(cls(), values[stage], stage) for stage, cls in stages.items()}
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -400,32 +393,25 @@ def _baseline(args: argparse.Namespace, teacher) -> tuple[str, str, Any]:
 
 def _check_kd_options(args: argparse.Namespace, protocols: list[str]) -> None:
     """--kd-teacher/--kd-teacher-arch go with --protocol kd, which needs a set's images (or none's noise)."""
-    if "kd" not in protocols:
-        if args.kd_teacher or args.kd_teacher_arch:
-            raise KrrstError("--kd-teacher and --kd-teacher-arch go with --protocol kd")
-        return
-    if args.baseline == "full":
+    if "kd" not in protocols and (args.kd_teacher or args.kd_teacher_arch):
+        raise KrrstError("--kd-teacher and --kd-teacher-arch go with --protocol kd")
+    if "kd" in protocols and args.baseline == "full":
         raise KrrstError("--protocol kd distils through a set's images, and --baseline full (the teacher used as it "
                          "is) has none; evaluate kd with --distilled or --baseline random|kmeans|high-loss|none")
-    if args.kd_teacher_arch:
+    if args.kd_teacher_arch:  # with --protocol kd (else refused above)
         _check_teacher_arch(args.kd_teacher_arch, "--kd-teacher-arch")
 
 
 def _check_kd_teacher(args: argparse.Namespace, config, train, test, image_size: int | None) -> None:
     """Load --kd-teacher once before any work: a wrong architecture or class count is one line naming the file."""
-    from krrst.evaluate import KD_TEACHER_ARCH, class_count, load_kd_teacher
     from krrst.formats import is_library_arch
-    from krrst.pipeline import eval_overrides
+    from krrst.pipeline import kd_teacher_from_file
 
-    named = config.teacher_arch or None  # None: the file's own, else KD_TEACHER_ARCH
-    if not args.kd_teacher:
-        if is_library_arch(named):
-            raise KrrstError(f"--kd-teacher-arch {named}: krrst trains registered architectures only; "
-                             "give that classifier as a file with --kd-teacher")
-        return
-    options = {} if is_library_arch(named) else eval_overrides(named or KD_TEACHER_ARCH, (), image_size)
-    load_kd_teacher(args.kd_teacher, class_count(train, test), named, arch_options=options,
-                    target=f"target {test.name!r}")
+    if args.kd_teacher:
+        kd_teacher_from_file(args.kd_teacher, config, train, test, image_size)
+    elif is_library_arch(config.teacher_arch):
+        raise KrrstError(f"--kd-teacher-arch {config.teacher_arch}: krrst trains registered architectures only; "
+                         "give that classifier as a file with --kd-teacher")
 
 
 def _evaluate_into(args, method, network, source_name, target, protocols, configs, image_size, identity, provenance):
@@ -460,13 +446,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
     from krrst.pipeline import preset_config
     from krrst.report import comparison_text, report_text, write_comparison, write_report
 
-    for run_dir in args.run_dirs:
-        if not Path(run_dir).exists():
-            raise KrrstError(f"{run_dir} does not exist; give a run directory of `krrst run` or `krrst evaluate`")
-        if not Path(run_dir).is_dir():
-            raise KrrstError(f"{run_dir} is a file; give a run directory of `krrst run` or `krrst evaluate`")
-        if not (Path(run_dir) / "results.csv").is_file():
-            raise KrrstError(f"{run_dir} holds no results.csv; give a run directory of `krrst run` or `krrst evaluate`")
+    for run_dir in map(Path, args.run_dirs):
+        problem = ("does not exist" if not run_dir.exists() else "is a file" if not run_dir.is_dir()
+                   else "holds no results.csv" if not (run_dir / "results.csv").is_file() else "")
+        if problem:
+            raise KrrstError(f"{run_dir} {problem}; give a run directory of `krrst run` or `krrst evaluate`")
     references = args.ref or ["random", "none"]
     if len(args.run_dirs) == 1 and args.out is None:
         _check_out(args.run_dirs[0], "RUN_DIR")
@@ -831,31 +815,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.handler(args)
+        status = 0
     except KrrstError as exc:
-        _leave_process_group()
         print(f"krrst {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:
         from krrst.infra.progress import stopped_loops
 
-        _leave_process_group()
         where = stopped_loops()
         at = f" ({where[-1]})" if where else ""  # the outermost loop: the stage's own count
         print(f"krrst {args.command}: interrupted{at}; the last checkpoint is kept: re-run the same command to resume",
               file=sys.stderr)
-        return 130
+        status = 130
     except BrokenPipeError:  # `krrst ... | head` closed stdout early: what was asked for was read, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush cannot fail again
-        _leave_process_group()
-        return 0
-    _leave_process_group()
-    return 0
-
-
-def _leave_process_group() -> None:
+        status = 0
     from krrst.infra.distributed import cleanup
 
-    cleanup()
+    cleanup()  # leave torchrun's process group, if any (a bug's traceback keeps its own way out)
+    return status
 
 
 if __name__ == "__main__":

@@ -271,10 +271,6 @@ PRESETS.register("authors", {
 })
 
 
-def list_presets() -> list[str]:
-    return PRESETS.names()
-
-
 def all_keys() -> list[str]:
     """Every `stage.field` key that `--set` and `--config` reach."""
     return [f"{stage}.{field.name}" for stage, cls in STAGE_CONFIGS.items() for field in dataclasses.fields(cls)]
@@ -295,28 +291,12 @@ def resolve_config(
     for key, value in (overrides or {}).items():
         stage, dot, field = key.partition(".")
         if not dot or stage not in STAGE_CONFIGS:
-            raise KrrstError(
-                f"--set key {key!r} must be stage.field with stage one of {', '.join(STAGE_CONFIGS)} (e.g. distill.steps=100)"
-                + did_you_mean_key(key, all_keys())
-            )
+            raise KrrstError(f"--set key {key!r} must be stage.field with stage one of {', '.join(STAGE_CONFIGS)} "
+                             f"(e.g. distill.steps=100){did_you_mean_key(key, all_keys())}")
         per_stage.setdefault(stage, {})[field] = value
-    stages = {
-        stage: apply_overrides(cls(), per_stage.get(stage, {}), stage) for stage, cls in STAGE_CONFIGS.items()
-    }
-    config = PipelineConfig(**stages)
-    _check_run_config(config.run)
-    _check_architectures(config)
-    _check_kd_config(config)
-    if "mkdt" in config.run.methods and config.mkdt.image_size != config.run.image_size:
-        raise KrrstError(
-            f"mkdt.image_size={config.mkdt.image_size} differs from run.image_size={config.run.image_size}; "
-            "set both to the same value"
-        )
-    if "krr-st" in config.run.methods and config.distill.image_size != config.run.image_size:
-        raise KrrstError(
-            f"distill.image_size={config.distill.image_size} differs from run.image_size={config.run.image_size} "
-            "(the size the source is loaded at); set both to the same value"
-        )
+    config = PipelineConfig(**{stage: apply_overrides(cls(), per_stage.get(stage, {}), stage)
+                               for stage, cls in STAGE_CONFIGS.items()})
+    _check_config(config)
     return config
 
 
@@ -325,18 +305,9 @@ def preset_config(name: str) -> dict[str, dict[str, Any]]:
     return resolve_config(name).to_dict()
 
 
-def _check_architectures(config: PipelineConfig) -> None:
-    """Architecture names the run will build, checked before any stage starts (not hours into one)."""
-    named = [("teacher.arch", config.teacher.arch), ("distill.arch", config.distill.arch),
-             ("mkdt.arch", config.mkdt.arch), *(("run.archs", arch) for arch in config.run.archs)]
-    if config.kd.teacher_arch and not (config.kd.teacher_path and is_library_arch(config.kd.teacher_arch)):
-        named.append(("kd.teacher_arch", config.kd.teacher_arch))  # a library classifier comes from a file
-    for option, arch in named:
-        if arch not in MODELS:
-            raise KrrstError(f"{option}: {MODELS.unknown(arch)}")
-
-
-def _check_run_config(run: RunConfig) -> None:
+def _check_config(config: PipelineConfig) -> None:
+    """The names and sizes the run will use, checked before any stage starts (not hours into one)."""
+    run = config.run
     for method in run.methods:
         if method not in METHODS:
             raise KrrstError(f"run.methods: {METHODS.unknown(method)}")
@@ -346,15 +317,28 @@ def _check_run_config(run: RunConfig) -> None:
         raise KrrstError(f"run.seeds must be at least 1, got {run.seeds}")
     if not run.targets:
         raise KrrstError("run.targets is empty; name at least one target dataset")
-
-
-def _check_kd_config(config: PipelineConfig) -> None:
-    """A kd teacher file is one target's classifier: a run of several targets would apply it to all."""
-    wants_kd = any(parse_protocol(protocol)[0] == "kd" for protocol in config.run.protocols)
-    if wants_kd and config.kd.teacher_path and len(config.run.targets) > 1:
+    named = [("teacher.arch", config.teacher.arch), ("distill.arch", config.distill.arch),
+             ("mkdt.arch", config.mkdt.arch), *(("run.archs", arch) for arch in run.archs)]
+    if config.kd.teacher_arch and not (config.kd.teacher_path and is_library_arch(config.kd.teacher_arch)):
+        named.append(("kd.teacher_arch", config.kd.teacher_arch))  # a library classifier comes from a file
+    for option, arch in named:
+        if arch not in MODELS:
+            raise KrrstError(f"{option}: {MODELS.unknown(arch)}")
+    # A kd teacher file is one target's classifier: a run of several targets would apply it to all.
+    if _wants_kd(run) and config.kd.teacher_path and len(run.targets) > 1:
         raise KrrstError(f"kd.teacher_path (--kd-teacher) is the classifier of one target, but run.targets names "
-                         f"{len(config.run.targets)} ({', '.join(config.run.targets)}); keep one target, or leave "
+                         f"{len(run.targets)} ({', '.join(run.targets)}); keep one target, or leave "
                          "kd.teacher_path empty to have krrst train one per target")
+    for method, stage, size, why in (("mkdt", "mkdt", config.mkdt.image_size, ""),
+                                     ("krr-st", "distill", config.distill.image_size,
+                                      " (the size the source is loaded at)")):
+        if method in run.methods and size != run.image_size:
+            raise KrrstError(f"{stage}.image_size={size} differs from run.image_size={run.image_size}{why}; "
+                             "set both to the same value")
+
+
+def _wants_kd(run: RunConfig) -> bool:
+    return any(parse_protocol(protocol)[0] == "kd" for protocol in run.protocols)
 
 
 def parse_protocol(protocol: str) -> tuple[str, float]:
@@ -414,11 +398,9 @@ def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     not have run it, and the stage fingerprints decide what runs.
     """
     keys = []
-    for stage in sorted(set(old) | set(new)):
-        if stage not in old:
-            continue
+    for stage in sorted(old):
         defaults = _jsonable(config_to_dict(STAGE_CONFIGS[stage]())) if stage in STAGE_CONFIGS else {}
-        old_stage, new_stage = {**defaults, **old.get(stage, {})}, new.get(stage, {})
+        old_stage, new_stage = {**defaults, **old[stage]}, new.get(stage, {})
         for field in sorted(set(old_stage) | set(new_stage)):
             if old_stage.get(field) != new_stage.get(field):
                 keys.append(f"{stage}.{field}")
@@ -541,14 +523,16 @@ def claim_evaluation(out_dir: str | Path, method: str, identity: Mapping[str, An
     write_json(path, {"fingerprint": fingerprint, "identity": _jsonable(dict(identity))})
 
 
-def _stage_done(stage_dir: Path, fingerprint: str) -> bool:
-    done = stage_dir / "done.json"
-    if not done.exists():
-        return False
+def _recorded_fingerprint(marker: Path) -> str | None:
+    """The fingerprint a `done.json` or `fingerprint.json` holds; None when the file is absent or unreadable."""
     try:
-        return read_json(done).get("fingerprint") == fingerprint
+        return read_json(marker).get("fingerprint") if marker.exists() else None
     except KrrstError:
-        return False
+        return None
+
+
+def _stage_done(stage_dir: Path, fingerprint: str) -> bool:
+    return _recorded_fingerprint(stage_dir / "done.json") == fingerprint
 
 
 def _mark_done(stage_dir: Path, fingerprint: str) -> None:
@@ -566,19 +550,15 @@ def _drop_checkpoints(stage_dir: Path, log) -> None:
             freed += path.stat().st_size
             path.unlink()
     if freed:
-        log(f"[{stage_dir.name}] removed its checkpoints ({format_bytes(freed)}; --set run.keep_checkpoints=true keeps them)")
+        log(f"[{stage_dir.name}] removed its checkpoints ({format_bytes(freed)}; --set run.keep_checkpoints=true "
+            "keeps them)")
 
 
 def _start_stage(stage_dir: Path, fingerprint: str) -> None:
     """Clear outputs written under another fingerprint, so nothing stale is resumed."""
     marker = stage_dir / "fingerprint.json"
-    if marker.exists():
-        try:
-            previous = read_json(marker).get("fingerprint")
-        except KrrstError:
-            previous = None
-        if previous != fingerprint:
-            shutil.rmtree(stage_dir)
+    if marker.exists() and _recorded_fingerprint(marker) != fingerprint:
+        shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"fingerprint": fingerprint})
 
@@ -587,27 +567,6 @@ def _add_timing(path: Path, stage: str, seconds: float) -> None:
     timings = read_json(path) if path.exists() else {}
     timings[stage] = round(timings.get(stage, 0.0) + seconds, 2)
     write_json(path, timings)
-
-
-@contextmanager
-def _timed(out_dir: Path, stage: str, log, context: DistributedContext) -> Iterator[None]:
-    """Add the stage's wall time to `timings.json` (accumulated across resumes; written by rank 0)."""
-    started = time.perf_counter()
-    log(f"[{stage}] started")
-    finished = False
-    try:
-        yield
-        finished = True
-    finally:
-        elapsed = time.perf_counter() - started
-        context.on_main(lambda: _add_timing(out_dir / "timings.json", stage, elapsed))
-        # an interrupted stage must not read as done: a re-run resumes it
-        if finished:
-            log(f"[{stage}] finished in {elapsed:.1f} s")
-        else:
-            where = stopped_loops(clear=False)  # the CLI reports them too
-            log(f"[{stage}] stopped after {elapsed:.1f} s" + (f" ({where[-1]})" if where else "")
-                + "; re-running the same command resumes it")
 
 
 # ----------------------------------------------------------------------------- data
@@ -685,25 +644,8 @@ def load_target(spec: str, run: RunConfig, root: Path):
 def eval_overrides(arch: str, eval_widths: tuple[int, ...], image_size: int | None) -> dict[str, Any]:
     """Options for a fresh evaluation network: ConvNet widths, and the resolution ConvNets are built for."""
     options = model_options(arch)
-    overrides: dict[str, Any] = {}
-    if eval_widths and "widths" in options:
-        overrides["widths"] = tuple(eval_widths)
-    if image_size and "image_size" in options:
-        overrides["image_size"] = image_size
-    return overrides
-
-
-def _save_model(path: Path, model: torch.nn.Module) -> None:
-
-    save_tensors(path, model.state_dict(), {"spec": model.spec})
-
-
-def _load_model(path: Path, device: torch.device) -> torch.nn.Module:
-
-    tensors, metadata = load_tensors(path, "pre-trained model")
-    model = create_model(**metadata["spec"])
-    model.load_state_dict(tensors)
-    return model.to(device).eval()
+    wanted = {"widths": tuple(eval_widths), "image_size": image_size}
+    return {key: value for key, value in wanted.items() if value and key in options}
 
 
 def run(
@@ -733,8 +675,31 @@ def run(
     """
     context = distributed or current_context(resolve_device(device))
     check_output_paths(out_dir)
-    with context.lock(out_dir):
-        return _run_stages(config, Path(out_dir), Path(root), preset, force, context, progress, log)
+    out_dir, log = Path(out_dir), context.quiet_elsewhere(log)
+    with context.lock(out_dir):  # held by rank 0 from here on: each stage in turn, each skipped when done
+        state = _Run(config, out_dir, Path(root), context, context.only_on_main(progress), log)
+        run_on_main(lambda: prepare_run_dir(out_dir, config, preset, force))
+        state.on_main(lambda: write_json(out_dir / "env.json", capture_env(seed=config.run.seed,
+                                                                            device=context.device)))
+        _load_data(state)
+        teacher, teacher_fp = _teacher_stage(state)
+        distill_fp, mkdt_fp = _distill_stages(state, teacher, teacher_fp)
+        baselines_fp = _baselines_stage(state, teacher, teacher_fp)
+        sets = _load_sets(state)
+        if "full-ssl" in config.run.methods:
+            sets["full-ssl"] = teacher
+        # Each row names the stage fingerprint that built its set, as `krrst evaluate` names a set file's hash.
+        provenance = {"krr-st": f"distill:{distill_fp}", "mkdt": f"mkdt:{mkdt_fp}",
+                      "full-ssl": f"teacher:{teacher_fp}", "none": baseline_provenance("none"),
+                      **{method: f"baselines:{baselines_fp}" for method in SUBSET_METHODS}}
+        _evaluate_stage(state, sets, provenance, (distill_fp, baselines_fp, mkdt_fp))
+
+        def report() -> None:
+            write_report(out_dir, preset_config=preset_config)
+            log(report_text(out_dir))
+
+        state.on_main(report)
+        return run_on_main(lambda: read_results(out_dir))
 
 
 @dataclasses.dataclass
@@ -756,62 +721,49 @@ class _Run:
         """Write on rank 0 only (`DistributedContext.on_main`): every rank computed the same thing."""
         self.context.on_main(fn)
 
-    def stage_done(self, stage_dir: Path, fingerprint: str) -> bool:
-        return run_on_main(lambda: _stage_done(stage_dir, fingerprint))
+    def stage(self, name: str, fingerprint: str, wanted: bool, work: Callable[[Path], Any]) -> Path:
+        """`work(out_dir/name)`, timed, unless not `wanted` or done under `fingerprint`; returns the stage's folder.
 
-    def start_stage(self, stage_dir: Path, fingerprint: str) -> None:
-        run_on_main(lambda: _start_stage(stage_dir, fingerprint))
-
-    def mark_done(self, stage_dir: Path, fingerprint: str) -> None:
-        run_on_main(lambda: _mark_done(stage_dir, fingerprint))  # also a barrier: rank 0's files are written
-
-    def drop_checkpoints(self, stage_dir: Path, fingerprint: str) -> None:
-        # after mark_done's barrier (no rank reads them any more); also for a stage found finished, so a run
-        # stopped between done.json and this, or one kept before, ends up as the setting says
+        `done.json` marks it finished; its checkpoints are then removed (unless `run.keep_checkpoints`).
+        """
+        stage_dir = self.out_dir / name
+        if wanted and not run_on_main(lambda: _stage_done(stage_dir, fingerprint)):
+            run_on_main(lambda: _start_stage(stage_dir, fingerprint))
+            with self.timed(name):
+                work(stage_dir)
+            run_on_main(lambda: _mark_done(stage_dir, fingerprint))  # also a barrier: rank 0's files are written
+        # after that barrier (no rank reads them any more); also for a stage found finished, so a run stopped
+        # between done.json and this, or one kept before, ends up as the setting says
         if not self.config.run.keep_checkpoints:
             self.on_main(lambda: _stage_done(stage_dir, fingerprint) and _drop_checkpoints(stage_dir, self.log))
+        return stage_dir
 
-    def timed(self, stage: str):
-        return _timed(self.out_dir, stage, self.log, self.context)
-
-
-def _run_stages(
-    config: PipelineConfig, out_dir: Path, root: Path, preset: str, force: bool, context: DistributedContext,
-    progress: bool, log,
-) -> list[dict[str, Any]]:
-    """`run`'s body, with the run directory locked by rank 0: each stage in turn, each skipped when done."""
-    log, progress = context.quiet_elsewhere(log), context.only_on_main(progress)
-    run = _Run(config, out_dir, root, context, progress, log)
-    run_on_main(lambda: prepare_run_dir(out_dir, config, preset, force))
-    run.on_main(lambda: write_json(out_dir / "env.json", capture_env(seed=config.run.seed, device=context.device)))
-    _load_data(run)
-    teacher, teacher_fp = _teacher_stage(run)
-    distill_fp = _distill_stage(run, teacher, teacher_fp)
-    mkdt_fp = _mkdt_stage(run, teacher, teacher_fp)
-    baselines_fp = _baselines_stage(run, teacher, teacher_fp)
-    sets = _load_sets(run)
-    if "full-ssl" in config.run.methods:
-        sets["full-ssl"] = teacher
-    # Each row names the stage fingerprint that built its set, as `krrst evaluate` names a set file's hash.
-    provenance = {"krr-st": f"distill:{distill_fp}", "mkdt": f"mkdt:{mkdt_fp}", "full-ssl": f"teacher:{teacher_fp}",
-                  "none": baseline_provenance("none"),
-                  **{method: f"baselines:{baselines_fp}" for method in _wanted_subsets(config.run)}}
-    _evaluate_stage(run, sets, provenance, (distill_fp, baselines_fp, mkdt_fp))
-
-    def report() -> None:
-        write_report(out_dir, preset_config=preset_config)
-        log(report_text(out_dir))
-
-    run.on_main(report)
-    return run_on_main(lambda: read_results(out_dir))
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the stage's wall time to `timings.json` (accumulated across resumes; written by rank 0)."""
+        started = time.perf_counter()
+        self.log(f"[{stage}] started")
+        finished = False
+        try:
+            yield
+            finished = True
+        finally:
+            elapsed = time.perf_counter() - started
+            self.on_main(lambda: _add_timing(self.out_dir / "timings.json", stage, elapsed))
+            # an interrupted stage must not read as done: a re-run resumes it
+            if finished:
+                self.log(f"[{stage}] finished in {elapsed:.1f} s")
+            else:
+                where = stopped_loops(clear=False)  # the CLI reports them too
+                self.log(f"[{stage}] stopped after {elapsed:.1f} s" + (f" ({where[-1]})" if where else "")
+                         + "; re-running the same command resumes it")
 
 
 def _load_data(run: _Run) -> None:
     """The source (and its held-out images) and every target, loaded once for every stage."""
     run_config = run.config.run
-    run.source_fp = _fingerprint(
-        {k: v for k, v in config_to_dict(run_config).items() if k.startswith("source") or k in ("image_size", "heldout_images", "seed")}
-    )
+    run.source_fp = _fingerprint({k: v for k, v in config_to_dict(run_config).items()
+                                  if k.startswith("source") or k in ("image_size", "heldout_images", "seed")})
     run.source, run.heldout = load_source(run_config, run.root)
     run.targets = {spec: load_target(spec, run_config, run.root) for spec in run_config.targets}
     heldout = len(run.heldout) if run.heldout is not None else 0
@@ -836,56 +788,32 @@ def _teacher_stage(run: _Run) -> tuple[torch.nn.Module, str]:
                                   teacher_file.stat().st_mtime_ns, *([run_config.teacher_input_size]
                                                                      if run_config.teacher_input_size else []))
     else:
-        teacher_dir = run.out_dir / "teacher"
         teacher_fp = _fingerprint(run.source_fp, _without(run.config.teacher, ("checkpoint_every", "log_every")))
-        if not run.stage_done(teacher_dir, teacher_fp):
-            run.start_stage(teacher_dir, teacher_fp)
-            first_train, first_test = next(iter(run.targets.values()))
-            with run.timed("teacher"):
-                train_teacher(run.source, run.config.teacher, out_dir=teacher_dir, resume=True, device=device,
-                              heldout=run.heldout, labelled=(first_train, first_test), progress=run.progress,
-                              distributed=run.context)
-            run.mark_done(teacher_dir, teacher_fp)
-        run.drop_checkpoints(teacher_dir, teacher_fp)
+        labelled = next(iter(run.targets.values()))  # (train, test) of the first target: the teacher's k-NN check
+        teacher_dir = run.stage("teacher", teacher_fp, True, lambda stage_dir: train_teacher(
+            run.source, run.config.teacher, out_dir=stage_dir, resume=True, device=device, heldout=run.heldout,
+            labelled=labelled, progress=run.progress, distributed=run.context))
         teacher = load_teacher(teacher_dir / TEACHER_FILE, device=device)
         run.on_main(lambda: _add_random_network_knn(teacher_dir / HEALTH_FILE, run.config.teacher,
-                                                    run_config.image_size, next(iter(run.targets.values())), device))
+                                                    run_config.image_size, labelled, device))
     return teacher.to(device).eval(), teacher_fp
 
 
-def _distill_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> str:
-    """KRR-ST into `distill/` (when `run.methods` has it); returns the stage's fingerprint."""
-    config = run.config.distill
-    distill_dir = run.out_dir / "distill"
-    distill_fp = _fingerprint(teacher_fp, run.source_fp, _without(config, RESUMABLE_DISTILL_CHANGES + unused_fields(config)))
-    if "krr-st" in run.config.run.methods and not run.stage_done(distill_dir, distill_fp):
-        run.start_stage(distill_dir, distill_fp)
-        with run.timed("distill"):
-            distill(run.source, teacher, config, out_dir=distill_dir, resume=True, device=run.context.device,
-                    heldout=run.heldout, progress=run.progress, distributed=run.context)
-        run.mark_done(distill_dir, distill_fp)
-    run.drop_checkpoints(distill_dir, distill_fp)
-    return distill_fp
-
-
-def _mkdt_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> str:
-    """The MKDT comparator into `mkdt/` (when `run.methods` has it); returns the stage's fingerprint."""
-    mkdt_dir = run.out_dir / "mkdt"
-    mkdt_fp = _fingerprint(teacher_fp, run.source_fp, _without(run.config.mkdt, ("log_every", "checkpoint_every")))
-    if "mkdt" in run.config.run.methods and not run.stage_done(mkdt_dir, mkdt_fp):
-        run.start_stage(mkdt_dir, mkdt_fp)
-        with run.timed("mkdt"):
-            # not data-parallel: every rank computes the same set from the same files (resuming alike), rank 0 writes
-            mkdt_distill(run.source, teacher, run.config.mkdt, out_dir=mkdt_dir, resume=True, distributed=run.context,
-                         device=run.context.device, progress=run.progress)
-        run.mark_done(mkdt_dir, mkdt_fp)
-    run.drop_checkpoints(mkdt_dir, mkdt_fp)
-    return mkdt_fp
-
-
-def _wanted_subsets(run_config: RunConfig) -> list[str]:
-    """The subset baselines `run.methods` asks for, in `SUBSET_METHODS` order (the order they are built in)."""
-    return [method for method in SUBSET_METHODS if method in run_config.methods]
+def _distill_stages(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> tuple[str, str]:
+    """KRR-ST into `distill/` and the MKDT comparator into `mkdt/`, each when `run.methods` has it; returns the two
+    stages' fingerprints."""
+    config, methods, device = run.config, run.config.run.methods, run.context.device
+    distill_fp = _fingerprint(teacher_fp, run.source_fp,
+                              _without(config.distill, RESUMABLE_DISTILL_CHANGES + unused_fields(config.distill)))
+    run.stage("distill", distill_fp, "krr-st" in methods, lambda stage_dir: distill(
+        run.source, teacher, config.distill, out_dir=stage_dir, resume=True, device=device, heldout=run.heldout,
+        progress=run.progress, distributed=run.context))
+    mkdt_fp = _fingerprint(teacher_fp, run.source_fp, _without(config.mkdt, ("log_every", "checkpoint_every")))
+    # not data-parallel: every rank computes the same set from the same files (resuming alike), rank 0 writes
+    run.stage("mkdt", mkdt_fp, "mkdt" in methods, lambda stage_dir: mkdt_distill(
+        run.source, teacher, config.mkdt, out_dir=stage_dir, resume=True, distributed=run.context, device=device,
+        progress=run.progress))
+    return distill_fp, mkdt_fp
 
 
 def _subset(method: str, source, teacher: torch.nn.Module, config: DistillConfig, device: torch.device,
@@ -909,10 +837,10 @@ def _baselines_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> st
     config = run.config.distill
     baselines_dir = run.out_dir / "baselines"
     baselines_fp = _fingerprint(teacher_fp, run.source_fp, config.num_images, config.seed, config.arch, config.widths)
-    wanted = _wanted_subsets(run.config.run)
+    wanted = [method for method in SUBSET_METHODS if method in run.config.run.methods]  # in the order they are built
     missing = []
-    if wanted:
-        run.start_stage(baselines_dir, baselines_fp)  # clears sets built for another teacher, source or m
+    if wanted:  # clears sets built for another teacher, source or m
+        run_on_main(lambda: _start_stage(baselines_dir, baselines_fp))
         missing = run_on_main(lambda: [m for m in wanted if not (baselines_dir / f"{m}.safetensors").exists()])
     if missing:
         with run.timed("baselines"):
@@ -926,14 +854,10 @@ def _baselines_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> st
 
 def _load_sets(run: _Run) -> dict[str, Any]:
     """Every set `run.methods` evaluates (`none`: None), as the stages wrote them; rank 0 writes `sets.json`."""
-    methods = run.config.run.methods
+    files = {"krr-st": run.out_dir / "distill" / DISTILLED_NAME, "mkdt": run.out_dir / "mkdt" / DISTILLED_NAME,
+             **{method: run.out_dir / "baselines" / f"{method}.safetensors" for method in SUBSET_METHODS}}
     sets: dict[str, DistilledSet | None] = {"none": None}
-    if "krr-st" in methods:
-        sets["krr-st"] = DistilledSet.load(run.out_dir / "distill" / DISTILLED_NAME)
-    if "mkdt" in methods:
-        sets["mkdt"] = DistilledSet.load(run.out_dir / "mkdt" / DISTILLED_NAME)
-    for method in _wanted_subsets(run.config.run):
-        sets[method] = DistilledSet.load(run.out_dir / "baselines" / f"{method}.safetensors")
+    sets.update({method: DistilledSet.load(path) for method, path in files.items() if method in run.config.run.methods})
     run.on_main(lambda: write_json(run.out_dir / SETS_NAME, {  # what each set costs: the "same storage" table
         method: {"images": len(distilled), "storage_bytes": distilled.storage_bytes(),
                  "parameterization": _parameterization_label(distilled)}
@@ -951,17 +875,24 @@ def _evaluate_stage(run: _Run, sets: Mapping[str, Any], provenance: Mapping[str,
     """
     config, run_config, out_dir = run.config, run.config.run, run.out_dir
     eval_dir = out_dir / "eval"
+    wants_kd = _wants_kd(run_config)
+    # kd.teacher_path is under --root, like every path of a run config; None when krrst trains the kd teacher
+    kd_teacher_file = dataset_path(run.root, config.kd.teacher_path) if wants_kd and config.kd.teacher_path else None
+    if kd_teacher_file and not kd_teacher_file.is_file():
+        raise KrrstError(f"kd.teacher_path (--kd-teacher): {kd_teacher_file} is not a file (relative paths are under "
+                         f"--root {str(run.root)!r})")
     # Which methods, protocols, archs and how many seeds are left out: adding one adds rows, it does not
     # invalidate the others (rows are keyed by method, target, arch, protocol and seed).
-    kd_teacher_file = _kd_teacher_file(config, run.root)
     eval_fp = _fingerprint(*set_fps, _without(config.pretrain), _without(config.finetune), _without(config.linear),
                            _without(run_config, ("methods", "protocols", "archs", "seeds", "download",
                                                  "keep_checkpoints", "note")))
-    # The kd rows depend on the kd settings too; those settings govern the kd rows only, so that adding the kd
-    # protocol (whose settings the CPU presets shorten) or changing them keeps every other row.
-    kd_fp = _fingerprint(eval_fp, *_kd_fingerprint(config, kd_teacher_file))
+    # The kd rows depend on the kd settings and teacher file too; those govern the kd rows only, so that adding the
+    # kd protocol (whose settings the CPU presets shorten) or changing them keeps every other row. Nothing is added
+    # when kd is not evaluated or runs at the defaults with a trained teacher, so such runs keep their fingerprint.
+    kd_settings = _without(config.kd, ("eval_batch_size",)) if wants_kd else {}
+    kd_fp = _fingerprint(eval_fp, *([kd_settings, file_identity(kd_teacher_file)]
+                                    if kd_settings or kd_teacher_file else []))
     marker, kd_marker = eval_dir / "fingerprint.json", eval_dir / "kd-fingerprint.json"
-    wants_kd = any(parse_protocol(protocol)[0] == "kd" for protocol in run_config.protocols)
 
     def start_evaluation() -> None:
         if marker.exists() and read_json(marker).get("fingerprint") != eval_fp:
@@ -987,7 +918,7 @@ def _evaluate_stage(run: _Run, sets: Mapping[str, Any], provenance: Mapping[str,
             progress=run.progress, log=run.log, distributed=run.context, provenance=provenance, kd_config=config.kd,
             kd_teacher_path=kd_teacher_file, kd_noise_images=config.distill.num_images,
         )
-    run.mark_done(eval_dir, eval_fp)
+    run_on_main(lambda: _mark_done(eval_dir, eval_fp))
 
 
 def _add_random_network_knn(health_path: Path, teacher_config: TeacherConfig, image_size: int, labelled,
@@ -1009,73 +940,14 @@ def _add_random_network_knn(health_path: Path, teacher_config: TeacherConfig, im
     write_json(health_path, health)
 
 
-def _kd_teacher_file(config: PipelineConfig, root: Path) -> Path | None:
-    """`kd.teacher_path` under `--root` (like every path of a run config), checked; None when krrst trains one."""
-    if not config.kd.teacher_path or not any(parse_protocol(p)[0] == "kd" for p in config.run.protocols):
-        return None
-    path = dataset_path(root, config.kd.teacher_path)
-    if not path.is_file():
-        raise KrrstError(f"kd.teacher_path (--kd-teacher): {path} is not a file (relative paths are under --root "
-                         f"{str(root)!r})")
-    return path
-
-
-def _kd_fingerprint(config: PipelineConfig, teacher_file: Path | None) -> list[Any]:
-    """What the kd rows depend on beyond the other protocols: its settings and its teacher file. Empty when kd
-    is not evaluated or runs at the defaults with a trained teacher, so such runs keep their fingerprint."""
-    if not any(parse_protocol(p)[0] == "kd" for p in config.run.protocols):
-        return []
-    settings = _without(config.kd, ("eval_batch_size",))
-    return [settings, file_identity(teacher_file)] if settings or teacher_file else []
-
-
-def kd_teacher(
-    out_dir: str | Path,
-    dataset: str,
-    train,
-    test,
-    config: KDConfig,
-    *,
-    teacher_path: str | Path | None = None,
-    eval_widths: tuple[int, ...] = (),
-    image_size: int | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    log=print,
-    distributed: DistributedContext | None = None,
-) -> torch.nn.Module:
-    """The target-task classifier of protocol `kd` for one target, frozen.
-
-    From `teacher_path` (`krrst.evaluate.load_kd_teacher`, architecture
-    `config.teacher_arch` unless the file names its own), else a
-    `config.teacher_arch` network trained on the target's train split
-    (`train_kd_teacher`, ConvNets narrowed to `eval_widths`) and cached as
-    `out_dir/eval/kd-teacher/<target>-<arch>-<recipe>.safetensors`, so every
-    method and seed, and a resumed run, reuse it (saved by rank 0 of
-    `distributed`; every rank trains the same one, seeded).
-    """
-    num_classes = class_count(train, test)
-    where = f"target {test.name!r}"
-    if teacher_path is not None:
-        named = config.teacher_arch or None  # None: the file's own, else KD_TEACHER_ARCH
-        options = {} if is_library_arch(named) else eval_overrides(named or KD_TEACHER_ARCH, (), image_size)
-        return load_kd_teacher(teacher_path, num_classes, named, arch_options=options, target=where, device=device)
-    arch = config.teacher_arch or KD_TEACHER_ARCH
-    options = eval_overrides(arch, tuple(eval_widths), image_size)
-    recipe = {key: value for key, value in config_to_dict(config).items()
-              if key.startswith("teacher_") and key != "teacher_path" or key == "padding"}
-    key = _fingerprint(test.name, len(train), len(test), image_size, options, recipe)[:10]
-    safe = lambda name: re.sub(r"[^A-Za-z0-9_.-]+", "_", name)  # noqa: E731
-    path = Path(out_dir) / "eval" / "kd-teacher" / f"{safe(test.name)}-{safe(arch)}-{key}.safetensors"
-    if path.is_file():
-        return load_kd_teacher(path, num_classes, arch, target=where, device=device, option="cached kd teacher")
-    classifier, metrics = train_kd_teacher(train, test, config, arch_options=options, image_size=image_size,
-                                           device=device, progress=progress)
-    (distributed or DistributedContext()).on_main(lambda: save_tensors(
-        path, classifier.state_dict(), {"spec": classifier.spec, "target": test.name, "test_accuracy": metrics["accuracy"]}))
-    log(f"[evaluate] kd teacher {arch} trained on {test.name}: {100 * metrics['accuracy']:.1f}% test accuracy "
-        f"({path})")
-    return classifier.to(resolve_device(device)).eval()
+def kd_teacher_from_file(path: str | Path, config: KDConfig, train, test, image_size: int | None,
+                         device: str | torch.device | None = None) -> torch.nn.Module:
+    """A target's classifier for protocol `kd` from a file (`krrst.evaluate.load_kd_teacher`), frozen: architecture
+    `config.teacher_arch` unless the file names its own, a ConvNet built for `image_size`."""
+    named = config.teacher_arch or None  # None: the file's own, else KD_TEACHER_ARCH
+    options = {} if is_library_arch(named) else eval_overrides(named or KD_TEACHER_ARCH, (), image_size)
+    return load_kd_teacher(path, class_count(train, test), named, arch_options=options, target=f"target {test.name!r}",
+                           device=device)
 
 
 def _parameterization_label(distilled: DistilledSet) -> str:
@@ -1122,7 +994,7 @@ def evaluate_methods(
     resumes at the first missing one. Seeds are paired: seed s gives every
     method the same initialisation, label subset and batch order.
 
-    Protocol `kd` distils each target's classifier (`kd_teacher`: the file
+    Protocol `kd` distils each target's classifier (the file
     `kd_teacher_path`, else one trained once per target and cached) into the
     pre-trained network through its set's images; `none` learns from
     `kd_noise_images` Gaussian-noise images; a network used as it is
@@ -1206,7 +1078,7 @@ class _Evaluation:
                 finetune_config=finetune, linear_config=self.linear_config, image_size=self.image_size,
                 device=self.context.device, progress=self.progress,
                 arch_options=None if pretrained is not None else overrides, kd_config=self.kd_config,
-                kd_teacher=self.kd_teacher(dataset, train, test) if protocol_kind == "kd" else None,
+                kd_teacher=self.kd_teacher(train, test) if protocol_kind == "kd" else None,
                 kd_images=None if is_network else network, kd_noise_images=self.kd_noise_images,
             )
             row["protocol"] = protocol
@@ -1224,19 +1096,43 @@ class _Evaluation:
             return None
         cached = self.out_dir / "eval" / "pretrained" / f"{method}-{arch}-seed{seed}.safetensors"
         if cached.exists():
-            return _load_model(cached, self.context.device)
+            tensors, metadata = load_tensors(cached, "pre-trained model")
+            network = create_model(**metadata["spec"])
+            network.load_state_dict(tensors)
+            return network.to(self.context.device).eval()
         config = dataclasses.replace(self.pretrain_config, seed=seed)
         network = pretrain(distilled, arch, config, device=self.context.device, progress=self.progress, **overrides)
-        _save_model(cached, network)
+        save_tensors(cached, network.state_dict(), {"spec": network.spec})
         return network
 
-    def kd_teacher(self, dataset: str, train, test) -> torch.nn.Module:
-        """`kd_teacher` of one target, built once per target (every rank builds the same one, seeded; rank 0 caches
-        it)."""
+    def kd_teacher(self, train, test) -> torch.nn.Module:
+        """The target's classifier for protocol `kd`, frozen, built once per target: from `kd_teacher_path`
+        (`kd_teacher_from_file`), else trained (`trained_kd_teacher`)."""
         if test.name not in self.kd_teachers:
-            self.kd_teachers[test.name] = kd_teacher(
-                self.out_dir, dataset, train, test, self.kd_config or KDConfig(), teacher_path=self.kd_teacher_path,
-                eval_widths=self.eval_widths, image_size=self.image_size, device=self.context.device,
-                progress=self.progress, log=self.log, distributed=self.context,
-            )
+            config = self.kd_config or KDConfig()
+            self.kd_teachers[test.name] = (
+                kd_teacher_from_file(self.kd_teacher_path, config, train, test, self.image_size, self.context.device)
+                if self.kd_teacher_path is not None else self.trained_kd_teacher(config, train, test))
         return self.kd_teachers[test.name]
+
+    def trained_kd_teacher(self, config: KDConfig, train, test) -> torch.nn.Module:
+        """A `kd.teacher_arch` network trained on the target's train split (`train_kd_teacher`, ConvNets narrowed to
+        `eval_widths`), cached as `eval/kd-teacher/<target>-<arch>-<recipe>.safetensors` so that every method and
+        seed, and a resumed run, reuse it (every rank trains the same one, seeded; rank 0 saves it)."""
+        arch, device = config.teacher_arch or KD_TEACHER_ARCH, self.context.device
+        options = eval_overrides(arch, self.eval_widths, self.image_size)
+        recipe = {key: value for key, value in config_to_dict(config).items()
+                  if key.startswith("teacher_") and key != "teacher_path" or key == "padding"}
+        key = _fingerprint(test.name, len(train), len(test), self.image_size, options, recipe)[:10]
+        safe = lambda name: re.sub(r"[^A-Za-z0-9_.-]+", "_", name)  # noqa: E731
+        path = self.out_dir / "eval" / "kd-teacher" / f"{safe(test.name)}-{safe(arch)}-{key}.safetensors"
+        if path.is_file():
+            return load_kd_teacher(path, class_count(train, test), arch, target=f"target {test.name!r}", device=device,
+                                   option="cached kd teacher")
+        classifier, metrics = train_kd_teacher(train, test, config, arch_options=options, image_size=self.image_size,
+                                               device=device, progress=self.progress)
+        self.context.on_main(lambda: save_tensors(path, classifier.state_dict(), {
+            "spec": classifier.spec, "target": test.name, "test_accuracy": metrics["accuracy"]}))
+        self.log(f"[evaluate] kd teacher {arch} trained on {test.name}: {100 * metrics['accuracy']:.1f}% test "
+                 f"accuracy ({path})")
+        return classifier.to(device).eval()
