@@ -125,10 +125,11 @@ def _load_source(args: argparse.Namespace):
 def _teacher_arch_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-arch", default=None,
                         help="the teacher's architecture when the file does not say: a registered model (.pt default: "
-                        "resnet18_pad2, the authors' teacher), torchvision:NAME or timm:NAME (e.g. torchvision:resnet50)")
+                        "resnet18_pad2, the authors' teacher), torchvision:NAME or timm:NAME (e.g. "
+                        "torchvision:resnet50)")
     parser.add_argument("--teacher-input-size", type=int, default=None,
-                        help="the input size the teacher was trained at (torchvision/timm: their own, e.g. 224); images "
-                        "are resized to it for the teacher only")
+                        help="the input size the teacher was trained at (torchvision/timm: their own, e.g. 224); "
+                        "images are resized to it for the teacher only")
 
 
 def _load_teacher(args: argparse.Namespace):
@@ -212,8 +213,8 @@ def _protocol_overrides(protocols: list[str]) -> dict[str, Any]:
             name = protocol.partition("@")[0]
             if name not in BASE_PROTOCOLS:
                 valid = [*PROTOCOL_SUITES, *BASE_PROTOCOLS]
-                raise KrrstError(f"--protocol {protocol!r} is not valid; expected {', '.join(valid)}, or finetune/linear "
-                                 f"@P% (e.g. linear@1%){did_you_mean(name, valid)}")
+                raise KrrstError(f"--protocol {protocol!r} is not valid; expected {', '.join(valid)}, or "
+                                 f"finetune/linear @P% (e.g. linear@1%){did_you_mean(name, valid)}")
             parse_protocol(protocol)
             items = (protocol,)
         chosen += [item for item in items if item not in chosen]
@@ -269,7 +270,8 @@ def _load_set(args: argparse.Namespace, stats: tuple[tuple[float, ...], tuple[fl
 def _set_stats(args: argparse.Namespace, target) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """--mean/--std, else the target's: what raw pixels of a set in another format are normalised with."""
     if (args.mean is None) != (args.std is None):
-        raise KrrstError("--mean and --std go together: give both (e.g. --mean 0.507,0.487,0.441 --std 0.267,0.256,0.276)")
+        raise KrrstError("--mean and --std go together: give both (e.g. --mean 0.507,0.487,0.441 --std "
+                         "0.267,0.256,0.276)")
     if args.mean is not None:
         return tuple(args.mean), tuple(args.std)
     shown = " / ".join(",".join(f"{float(value):.4f}" for value in values) for values in (target.mean, target.std))
@@ -506,9 +508,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 PROTOCOL_HELP = ("what to evaluate, repeatable: finetune or linear, either @P%% for a fraction of the labels (e.g. "
                  "linear@1%%); kd (target-data-free knowledge distillation of a target classifier through the set's "
-                 "images, no label fraction); or a published protocol: krrst (1,000 pre-training epochs, full fine-tuning) or mkdt "
-                 "(20 pre-training epochs, L-BFGS linear probe on 1/5/10/50%% of the labels); --set wins over a "
-                 "protocol's settings")
+                 "images, no label fraction); or a published protocol: krrst (1,000 pre-training epochs, full "
+                 "fine-tuning) or mkdt (20 pre-training epochs, L-BFGS linear probe on 1/5/10/50%% of the labels); "
+                 "--set wins over a protocol's settings")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -538,7 +540,8 @@ def _floats(text: str) -> list[float]:
     except ValueError:
         values = []
     if len(values) != 3 or not all(abs(value) < float("inf") for value in values):
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers (R,G,B), e.g. 0.5,0.5,0.5; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers (R,G,B), e.g. 0.5,0.5,0.5; got "
+                                         f"{text!r}")
     return values
 
 
@@ -580,8 +583,10 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
                         help="resize images to N x N: the short side to N, then the centre (default: as stored)")
     parser.add_argument("--skip-corrupt", action="store_true",
                         help="skip image files that cannot be decoded (reported with a count) instead of stopping")
-    parser.add_argument("--max-per-class", type=int, default=None, help="keep the first K images of each class (quick runs)")
-    parser.add_argument("--download", action="store_true", help="download cifar10/cifar100/aircraft/flowers when absent")
+    parser.add_argument("--max-per-class", type=int, default=None,
+                        help="keep the first K images of each class (quick runs)")
+    parser.add_argument("--download", action="store_true",
+                        help="download cifar10/cifar100/aircraft/flowers when absent")
 
 
 def _run_args(parser: argparse.ArgumentParser, preset: str | None) -> None:
@@ -605,7 +610,8 @@ def _run_args(parser: argparse.ArgumentParser, preset: str | None) -> None:
                         help=PROTOCOL_HELP + " (default: the preset's run.protocols)")
     parser.add_argument("--steps", type=int, default=None, help="KRR-ST's outer steps (= --set distill.steps=N)")
     parser.add_argument("--num-images", "--m", dest="m", type=int, default=None,
-                        help="m, the synthetic images (= --set distill.num_images=M); under torchrun write --num-images")
+                        help="m, the synthetic images (= --set distill.num_images=M); under torchrun write "
+                        "--num-images")
     parser.add_argument("--download", action="store_true",
                         help="download cifar10/cifar100/aircraft/flowers when absent (= --set run.download=true)")
     _kd_args(parser, "= --set kd.teacher_path=FILE, relative to --root; one target only; default: krrst trains one "
@@ -656,19 +662,21 @@ def _add_teacher(command: Callable[..., argparse.ArgumentParser]) -> None:
                                 "--out runs/teacher",
                                 "krrst teacher --source cifar100 --root data --teacher barlow_twins.ckpt "
                                 "--teacher-arch resnet18 --out runs/teacher"],
-                             description="Train an SSL teacher on the source images (labels unused), or import a "
-                             "teacher file with --teacher, check its features, and store it as teacher.safetensors. "
-                             "Training defaults: Barlow Twins (--set teacher.method=simclr for SimCLR) on a ResNet-18 "
-                             "(--set teacher.arch=convnet3 --set teacher.convnet_widths=32,64,128 for a CPU-sized one); "
-                             "`krrst run --print-config` lists every teacher field.")
+                      description="Train an SSL teacher on the source images (labels unused), or import a "
+                      "teacher file with --teacher, check its features, and store it as teacher.safetensors. "
+                      "Training defaults: Barlow Twins (--set teacher.method=simclr for SimCLR) on a ResNet-18 "
+                      "(--set teacher.arch=convnet3 --set teacher.convnet_widths=32,64,128 for a CPU-sized one); "
+                      "`krrst run --print-config` lists every teacher field.")
     _data_args(teacher)
-    teacher.add_argument("--out", required=True, help="output folder: teacher.safetensors, checkpoint, loss.csv, health.json")
-    teacher.add_argument("--preset", default=None, help="take the teacher settings of a pipeline preset (e.g. cpu-mini)")
+    teacher.add_argument("--out", required=True,
+                         help="output folder: teacher.safetensors, checkpoint, loss.csv, health.json")
+    teacher.add_argument("--preset", default=None,
+                         help="take the teacher settings of a pipeline preset (e.g. cpu-mini)")
     teacher.add_argument("--resume", action="store_true",
                          help="accepted for scripts: re-running the command on its --out always resumes")
     teacher.add_argument("--teacher", default=None,
-                         help="import this teacher: a safetensors or .pt/.pth state dict, a solo-learn/lightly .ckpt, a "
-                         "TorchScript file, or `pretrained` (the library's weights of --teacher-arch, online)")
+                         help="import this teacher: a safetensors or .pt/.pth state dict, a solo-learn/lightly .ckpt, "
+                         "a TorchScript file, or `pretrained` (the library's weights of --teacher-arch, online)")
     _teacher_arch_args(teacher)
     _common(teacher, "teacher", "teacher.steps=2000")
     teacher.set_defaults(handler=_cmd_teacher)
@@ -677,20 +685,22 @@ def _add_teacher(command: Callable[..., argparse.ArgumentParser]) -> None:
 def _add_distill(command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the `distill` command: KRR-ST (or MKDT) into a synthetic set."""
     distill = command("distill", help="distil a source dataset into a KRR-ST synthetic set",
-                      examples=["krrst distill --source cifar100 --root data --teacher runs/teacher/teacher.safetensors "
-                                "--out runs/distill",
+                      examples=["krrst distill --source cifar100 --root data --teacher "
+                                "runs/teacher/teacher.safetensors --out runs/distill",
                                 "krrst distill --source imagefolder --root cifar10-jpeg.zip --teacher "
-                                "runs/teacher/teacher.safetensors --preset cpu-mini --steps 200 --m 100 --out runs/distill",
-                                "krrst distill --source cifar100 --root data --teacher runs/teacher/teacher.safetensors "
-                                "--method mkdt --out runs/mkdt"],
-                             description="KRR-ST: learn m synthetic images and their target representations so that "
-                             "kernel ridge regression on them predicts the teacher's features of real images.")
+                                "runs/teacher/teacher.safetensors --preset cpu-mini --steps 200 --m 100 "
+                                "--out runs/distill",
+                                "krrst distill --source cifar100 --root data --teacher "
+                                "runs/teacher/teacher.safetensors --method mkdt --out runs/mkdt"],
+                      description="KRR-ST: learn m synthetic images and their target representations so that "
+                      "kernel ridge regression on them predicts the teacher's features of real images.")
     _data_args(distill)
     distill.add_argument("--teacher", required=True,
                          help="teacher file (teacher.safetensors from `krrst teacher`, or your own: a state dict, a "
                          "solo-learn/lightly .ckpt, TorchScript), or `pretrained` with a library --teacher-arch")
     _teacher_arch_args(distill)
-    distill.add_argument("--out", required=True, help="output folder: distilled.safetensors, checkpoint, loss.csv/png, preview.png")
+    distill.add_argument("--out", required=True,
+                         help="output folder: distilled.safetensors, checkpoint, loss.csv/png, preview.png")
     distill.add_argument("--method", choices=("krr-st", "mkdt"), default="krr-st",
                          help="krr-st (default; --set distill.FIELD=...) or the MKDT comparator (trajectory matching "
                          "of students regressing the teacher, ICLR 2025; --set mkdt.FIELD=...)")
@@ -698,13 +708,14 @@ def _add_distill(command: Callable[..., argparse.ArgumentParser]) -> None:
                          help="the real images the set starts from (krr-st default: random; mkdt: high-loss; "
                          "mkdt takes random or high-loss)")
     distill.add_argument("--preset", default=None,
-                         help="settings of a preset: cifar100 (the default values), tinyimagenet, imagenet64, demo, cpu-mini, "
-                         "authors (the authors' public code, quirks included)")
+                         help="settings of a preset: cifar100 (the default values), tinyimagenet, imagenet64, demo, "
+                         "cpu-mini, authors (the authors' public code, quirks included)")
     distill.add_argument("--steps", type=int, default=None, help="outer steps (paper: 160,000)")
     distill.add_argument("--num-images", "--m", dest="m", type=int, default=None,
                          help="m, the synthetic images (paper: 1,000 CIFAR-100, 2,000 Tiny-ImageNet); under torchrun "
                          "write --num-images (torchrun takes --m for one of its own options)")
-    distill.add_argument("--heldout", type=int, default=1000, help="source images held out for the validation signal (0: none)")
+    distill.add_argument("--heldout", type=int, default=1000,
+                         help="source images held out for the validation signal (0: none)")
     distill.add_argument("--resume", action="store_true",
                          help="accepted for scripts: re-running the command on its --out always resumes")
     _common(distill, "distill (krr-st) or mkdt", "distill.image_lr=0.001")
@@ -720,13 +731,13 @@ def _add_evaluate(command: Callable[..., argparse.ArgumentParser]) -> None:
                                  "--out runs/eval        # the authors' set (y_syn.pt beside it)",
                                  "krrst evaluate --baseline random --teacher runs/teacher/teacher.safetensors --source "
                                  "cifar100 --source-root data --target cifar10 --root data --out runs/eval"],
-                              description="Pre-train a fresh network on a distilled set (or a baseline), fine-tune or "
-                              "linear-probe it on a labelled target, and append rows to OUT/results.csv; finished "
-                              "seeds are skipped, so an interrupted evaluation resumes.")
+                       description="Pre-train a fresh network on a distilled set (or a baseline), fine-tune or "
+                       "linear-probe it on a labelled target, and append rows to OUT/results.csv; finished "
+                       "seeds are skipped, so an interrupted evaluation resumes.")
     evaluate.add_argument("--distilled", default=None,
                           help="the set to evaluate: a krrst file (distilled.safetensors), the authors' x_syn.pt (with "
-                          "y_syn.pt beside it), or another method's label set (.pt/.npz/.safetensors holding images and "
-                          "labels; krrst.formats.load_label_set), read weights-only")
+                          "y_syn.pt beside it), or another method's label set (.pt/.npz/.safetensors holding images "
+                          "and labels; krrst.formats.load_label_set), read weights-only")
     evaluate.add_argument("--labels", default=None, metavar="FILE",
                           help="the labels file of a label set stored in two files (e.g. MTT's labels_best.pt)")
     evaluate.add_argument("--mean", type=_floats, default=None, metavar="R,G,B",
@@ -738,7 +749,8 @@ def _add_evaluate(command: Callable[..., argparse.ArgumentParser]) -> None:
                           "initialisation), no pre-training, the teacher itself (rows named full-ssl)")
     evaluate.add_argument("--target", required=True, help="target dataset name (see `krrst datasets`)")
     evaluate.add_argument("--root", required=True, help="the target dataset's folder or .zip")
-    evaluate.add_argument("--arch", default="convnet3", help="evaluation architecture (default: convnet3; see `krrst models`)")
+    evaluate.add_argument("--arch", default="convnet3",
+                          help="evaluation architecture (default: convnet3; see `krrst models`)")
     evaluate.add_argument("--widths", type=_widths, default=[],
                           help="ConvNet widths, e.g. 32,64,128 for narrow CPU networks")
     evaluate.add_argument("--protocol", action="append", default=None, help=PROTOCOL_HELP + " (default: finetune)")
@@ -771,10 +783,10 @@ def _add_report(command: Callable[..., argparse.ArgumentParser]) -> None:
                      examples=["krrst report runs/demo", "krrst report runs/eval",
                                "krrst report runs/e1 runs/e2 --out runs/e1-vs-e2   # one page comparing two runs",
                                "krrst report runs/e1 runs/e2 --out cmp --ref e1:random"],
-                            description="Rebuild results.md/json/png and report.html from RUN_DIR/results.csv and "
-                            "print the table (mean ± std over seeds) and the paired differences against the random "
-                            "subset and no pre-training (mean, 95% t-interval, wins). Several run directories are "
-                            "merged into one page in --out, their methods named RUN:METHOD.")
+                     description="Rebuild results.md/json/png and report.html from RUN_DIR/results.csv and "
+                     "print the table (mean ± std over seeds) and the paired differences against the random "
+                     "subset and no pre-training (mean, 95% t-interval, wins). Several run directories are "
+                     "merged into one page in --out, their methods named RUN:METHOD.")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory (holding results.csv)")
     report.add_argument("--out", default=None,
                         help="folder of the merged report.html and results.md (needed with several RUN_DIRs; "
@@ -794,13 +806,13 @@ def _add_run(command: Callable[..., argparse.ArgumentParser]) -> None:
                             "krrst run --preset cifar100 --root data --download",
                             "krrst run --preset demo --print-config > demo.json && krrst run --config demo.json "
                             "--set distill.steps=100"],
-                         description="Run every stage of a preset into a run directory; a re-run skips finished stages "
-                         "and resumes an interrupted one.")
+                  description="Run every stage of a preset into a run directory; a re-run skips finished stages "
+                  "and resumes an interrupted one.")
     _run_args(run, None)
     demo = command("demo", help="the offline demo on the CIFAR-10 sample shipped in the package (= run --preset demo)",
                    examples=["krrst demo", "krrst demo --steps 50 --out runs/quick-demo", "krrst demo --print-config"],
-                          description="Teacher, distillation, baselines and evaluation on 4,000 real CIFAR-10 images "
-                          "shipped in the package; about 4 minutes on 2 idle CPU cores.")
+                   description="Teacher, distillation, baselines and evaluation on 4,000 real CIFAR-10 images "
+                   "shipped in the package; about 4 minutes on 2 idle CPU cores.")
     _run_args(demo, "demo")
 
 

@@ -276,9 +276,8 @@ def all_keys() -> list[str]:
     return [f"{stage}.{field.name}" for stage, cls in STAGE_CONFIGS.items() for field in dataclasses.fields(cls)]
 
 
-def resolve_config(
-    preset: str = "cifar100", overrides: Mapping[str, Any] | None = None, protocol: str | None = None
-) -> PipelineConfig:
+def resolve_config(preset: str = "cifar100", overrides: Mapping[str, Any] | None = None,
+                   protocol: str | None = None) -> PipelineConfig:
     """The preset's config, then the `protocol` suite's overrides (`PROTOCOL_SUITES`), then `overrides`.
 
     `overrides` are `{"distill.steps": "100", ...}`. Unknown presets, protocol
@@ -384,10 +383,8 @@ def _without(config: Any, fields: tuple[str, ...] = ()) -> dict[str, Any]:
     behaviour), so finished stages of older run directories are not re-run.
     """
     defaults = config_to_dict(type(config)())
-    return {
-        key: value for key, value in config_to_dict(config).items()
-        if key not in fields and _jsonable(value) != _jsonable(defaults[key])
-    }
+    return {key: value for key, value in config_to_dict(config).items()
+            if key not in fields and _jsonable(value) != _jsonable(defaults[key])}
 
 
 def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -425,10 +422,8 @@ def _run_started(out_dir: Path) -> bool:
     mistyped option) has nothing a changed config could mix with, so the corrected one is taken."""
     if any((out_dir / name).exists() for name in ("results.csv", "sets.json")):
         return True
-    return any(
-        path.name != "fingerprint.json" for name in STAGE_DIRS if (out_dir / name).is_dir()
-        for path in (out_dir / name).iterdir()
-    )
+    return any(path.name != "fingerprint.json" for name in STAGE_DIRS if (out_dir / name).is_dir()
+               for path in (out_dir / name).iterdir())
 
 
 REPORT_FILES = ("results.csv", "results.json", "results.md", "results.png", "report.html")
@@ -454,17 +449,15 @@ def prepare_run_dir(out_dir: Path, config: PipelineConfig, preset: str, force: b
     config_path = out_dir / "config.json"
     if config_path.exists():
         previous = read_json(config_path, "run config")
-        differing = [key for key in _diff_keys(
-            {k: v for k, v in previous.items() if k != "preset"}, {k: v for k, v in resolved.items() if k != "preset"}
-        ) if key not in HOUSEKEEPING_KEYS]
+        differing = [key for key in _diff_keys({k: v for k, v in previous.items() if k != "preset"}, config.to_dict())
+                     if key not in HOUSEKEEPING_KEYS]
         if differing and _run_started(out_dir) and not force:
             shown = ", ".join(differing[:6]) + (" ..." if len(differing) > 6 else "")
-            raise KrrstError(
-                f"run directory {out_dir} holds a run of another config (differs in {shown}); "
-                "pass --force to re-run the stages that changed, or choose another --out"
-            )
+            raise KrrstError(f"run directory {out_dir} holds a run of another config (differs in {shown}); "
+                             "pass --force to re-run the stages that changed, or choose another --out")
     elif out_dir.exists() and any(path.name != LOCK_NAME for path in out_dir.iterdir()):
-        raise KrrstError(f"--out {out_dir} exists and is not a krrst run directory (no config.json); choose another --out")
+        raise KrrstError(f"--out {out_dir} exists and is not a krrst run directory (no config.json); choose another "
+                         "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(config_path, resolved)
 
@@ -648,18 +641,9 @@ def eval_overrides(arch: str, eval_widths: tuple[int, ...], image_size: int | No
     return {key: value for key, value in wanted.items() if value and key in options}
 
 
-def run(
-    config: PipelineConfig,
-    out_dir: str | Path,
-    *,
-    root: str | Path = ".",
-    preset: str = "custom",
-    force: bool = False,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    log=print,
-    distributed: DistributedContext | None = None,
-) -> list[dict[str, Any]]:
+def run(config: PipelineConfig, out_dir: str | Path, *, root: str | Path = ".", preset: str = "custom",
+        force: bool = False, device: str | torch.device | None = None, progress: bool = True, log=print,
+        distributed: DistributedContext | None = None) -> list[dict[str, Any]]:
     """Run every stage of `config` into `out_dir`, skipping what is already done; returns the results rows.
 
     Layout of `out_dir`: `config.json`, `env.json`, `timings.json`,
@@ -959,28 +943,13 @@ def _parameterization_label(distilled: DistilledSet) -> str:
 
 
 def evaluate_methods(
-    out_dir: str | Path,
-    sets: Mapping[str, Any],
-    targets: list[tuple[str, Any, Any]],
-    *,
-    source_name: str,
-    archs: tuple[str, ...] | list[str],
-    seeds: Any,
-    protocols: tuple[str, ...] | list[str],
-    pretrain_config: PretrainConfig,
-    finetune_config: FinetuneConfig,
-    linear_config: LinearProbeConfig,
-    eval_widths: tuple[int, ...] = (),
-    image_size: int | None = None,
-    finegrained_iterations: int = 5000,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    log=print,
-    distributed: DistributedContext | None = None,
-    provenance: Mapping[str, str] | None = None,
-    kd_config: KDConfig | None = None,
-    kd_teacher_path: str | Path | None = None,
-    kd_noise_images: int = 1000,
+    out_dir: str | Path, sets: Mapping[str, Any], targets: list[tuple[str, Any, Any]], *, source_name: str,
+    archs: tuple[str, ...] | list[str], seeds: Any, protocols: tuple[str, ...] | list[str],
+    pretrain_config: PretrainConfig, finetune_config: FinetuneConfig, linear_config: LinearProbeConfig,
+    eval_widths: tuple[int, ...] = (), image_size: int | None = None, finegrained_iterations: int = 5000,
+    device: str | torch.device | None = None, progress: bool = True, log=print,
+    distributed: DistributedContext | None = None, provenance: Mapping[str, str] | None = None,
+    kd_config: KDConfig | None = None, kd_teacher_path: str | Path | None = None, kd_noise_images: int = 1000,
 ) -> list[dict[str, Any]]:
     """Evaluate every method x arch x seed x target x protocol, appending rows to `out_dir/results.csv`.
 
@@ -1011,11 +980,9 @@ def evaluate_methods(
     run_on_main(lambda: check_provenance(out_dir, provenance))
     rows = run_on_main(lambda: read_results(out_dir))
     jobs = [(arch, seed, method) for arch in archs for seed in seeds for method in sets]
-    evaluation = _Evaluation(
-        out_dir, source_name, tuple(protocols), pretrain_config, finetune_config, linear_config, tuple(eval_widths),
-        image_size, finegrained_iterations, context, progress, log, provenance, kd_config, kd_teacher_path,
-        kd_noise_images,
-    )
+    evaluation = _Evaluation(out_dir, source_name, tuple(protocols), pretrain_config, finetune_config, linear_config,
+                             tuple(eval_widths), image_size, finegrained_iterations, context, progress, log,
+                             provenance, kd_config, kd_teacher_path, kd_noise_images)
     new_rows = []
     for index, (arch, seed, method) in context.my_jobs(list(enumerate(jobs, 1))):
         new_rows += evaluation.job(f"{index}/{len(jobs)}", method, sets[method], arch, seed, targets, rows)
@@ -1056,11 +1023,9 @@ class _Evaluation:
         model_arch = getattr(network, "spec", {}).get("arch", arch) if is_network else arch
         # kd distils through a set's images (none: noise); a network used as it is has neither
         method_protocols = [p for p in self.protocols if not (is_network and parse_protocol(p)[0] == "kd")]
-        pending = [
-            (dataset, train, test, protocol) for dataset, train, test in targets for protocol in method_protocols
-            if not has_result(rows, method=method, source=self.source_name, target=test.name, arch=model_arch,
-                              protocol=protocol, seed=seed)
-        ]
+        pending = [(dataset, train, test, protocol) for dataset, train, test in targets for protocol in method_protocols
+                   if not has_result(rows, method=method, source=self.source_name, target=test.name, arch=model_arch,
+                                     protocol=protocol, seed=seed)]
         if not pending:
             return []
         self.log(f"[evaluate] job {label}: {method} on {model_arch}, seed {seed} ({len(pending)} evaluations)")
@@ -1091,7 +1056,8 @@ class _Evaluation:
 
     def pretrained(self, method: str, distilled: Any, arch: str, seed: int,
                    overrides: dict[str, Any]) -> torch.nn.Module | None:
-        """The network pre-trained on `distilled` (None for `none`), cached as `eval/pretrained/<method>-<arch>-seed<s>`."""
+        """The network pre-trained on `distilled` (None for `none`), cached in
+        `eval/pretrained/<method>-<arch>-seed<s>.safetensors`."""
         if distilled is None:
             return None
         cached = self.out_dir / "eval" / "pretrained" / f"{method}-{arch}-seed{seed}.safetensors"
