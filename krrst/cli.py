@@ -1,10 +1,8 @@
 """The `krrst` command: argparse sub-commands that parse, call one library function, and print.
 
-User mistakes surface as a `KrrstError` and are printed as one line on stderr
-with exit status 2; anything else is a bug and keeps its traceback. A
-mistyped name (preset, config key, architecture, dataset, protocol) gets
-"did you mean". torch is imported inside the handlers only, so `--help` and
-`--version` answer at once.
+User mistakes surface as a `KrrstError` and are printed as one line on stderr with exit status 2; anything else is a bug
+and keeps its traceback. A mistyped name (preset, config key, architecture, dataset, protocol) gets "did you mean".
+torch is imported inside the handlers only, so `--help` and `--version` answer at once.
 """
 
 from __future__ import annotations

@@ -1,16 +1,13 @@
 """The whole pipeline in one call: presets, run directories, resume, stage by stage.
 
-`run(config, out_dir)` chains teacher -> distil -> baselines -> evaluate ->
-report. Each stage writes its outputs under the run directory and a
-`done.json` holding the fingerprint of the config it was run with; a stage
-whose fingerprint matches is skipped, so a killed run resumes where it
-stopped and a changed evaluation config re-runs only the evaluation. Inside
-a stage, the teacher and the distillation resume from their own checkpoints
-and the evaluation skips every (method, target, arch, protocol, seed) row
-already in `results.csv`.
+`run(config, out_dir)` chains teacher -> distil -> baselines -> evaluate -> report. Each stage writes its outputs under
+the run directory and a `done.json` holding the fingerprint of the config it was run with; a stage whose fingerprint
+matches is skipped, so a killed run resumes where it stopped and a changed evaluation config re-runs only the
+evaluation. Inside a stage, the teacher and the distillation resume from their own checkpoints and the evaluation skips
+every (method, target, arch, protocol, seed) row already in `results.csv`.
 
-A `PipelineConfig` groups one dataclass per stage; presets are dicts of
-overrides on top of the defaults (the paper's CIFAR-100 setting).
+A `PipelineConfig` groups one dataclass per stage; presets are dicts of overrides on top of the defaults (the paper's
+CIFAR-100 setting).
 """
 
 from __future__ import annotations
@@ -377,10 +374,9 @@ def _fingerprint(*parts: Any) -> str:
 def _without(config: Any, fields: tuple[str, ...] = ()) -> dict[str, Any]:
     """What a stage's result depends on: the config's fields that differ from their defaults, minus `fields`.
 
-    `fields` are those that do not change the result (logging, checkpoint
-    cadence). Leaving out fields at their default keeps a fingerprint stable
-    when a later version adds a field (at a default that keeps the old
-    behaviour), so finished stages of older run directories are not re-run.
+    `fields` are those that do not change the result (logging, checkpoint cadence). Leaving out fields at their default
+    keeps a fingerprint stable when a later version adds a field (at a default that keeps the old behaviour), so
+    finished stages of older run directories are not re-run.
     """
     defaults = config_to_dict(type(config)())
     return {key: value for key, value in config_to_dict(config).items()
@@ -390,9 +386,8 @@ def _without(config: Any, fields: tuple[str, ...] = ()) -> dict[str, Any]:
 def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """`stage.field` keys whose values differ.
 
-    A field missing from `old` (added since) counts as its default; a stage
-    missing from `old` (added since) counts as no change: that version could
-    not have run it, and the stage fingerprints decide what runs.
+    A field missing from `old` (added since) counts as its default; a stage missing from `old` (added since) counts as
+    no change: that version could not have run it, and the stage fingerprints decide what runs.
     """
     keys = []
     for stage in sorted(old):
@@ -432,9 +427,8 @@ REPORT_FILES = ("results.csv", "results.json", "results.md", "results.png", "rep
 def check_output_paths(out_dir: str | Path, option: str = "--out") -> Path:
     """Refuse an output folder that cannot take a run's files, in one line naming the path, before any work.
 
-    An existing regular file, a path inside a file, a folder that is not
-    writable (`io.check_output_dir`), or a folder where a results or report
-    file should go.
+    An existing regular file, a path inside a file, a folder that is not writable (`io.check_output_dir`), or a folder
+    where a results or report file should go.
     """
     out = check_output_dir(out_dir, option)
     for name in REPORT_FILES:
@@ -488,11 +482,10 @@ def baseline_provenance(baseline: str, **options: Any) -> str:
 def claim_evaluation(out_dir: str | Path, method: str, identity: Mapping[str, Any], provenance: str = "") -> None:
     """Record what `method`'s rows in `out_dir` come from; refuse rows of another set or config there.
 
-    `provenance` (`set_provenance`, `baseline_provenance`) is checked first:
-    rows of `method` from another set are refused naming both provenances.
-    `identity` maps a name (an option, e.g. "--target") to what it was. A claim
-    with no rows and no pre-trained network of `method` behind it (a start that
-    failed early, e.g. on a mistyped option) protects nothing and is replaced.
+    `provenance` (`set_provenance`, `baseline_provenance`) is checked first: rows of `method` from another set are
+    refused naming both provenances. `identity` maps a name (an option, e.g. "--target") to what it was. A claim with no
+    rows and no pre-trained network of `method` behind it (a start that failed early, e.g. on a mistyped option)
+    protects nothing and is replaced.
     """
     out_dir = Path(out_dir)
     if provenance:
@@ -646,16 +639,13 @@ def run(config: PipelineConfig, out_dir: str | Path, *, root: str | Path = ".", 
         distributed: DistributedContext | None = None) -> list[dict[str, Any]]:
     """Run every stage of `config` into `out_dir`, skipping what is already done; returns the results rows.
 
-    Layout of `out_dir`: `config.json`, `env.json`, `timings.json`,
-    `teacher/`, `distill/`, `mkdt/`, `baselines/`, `eval/`,
-    `results.{csv,json,md,png}` and `report.html`.
+    Layout of `out_dir`: `config.json`, `env.json`, `timings.json`, `teacher/`, `distill/`, `mkdt/`, `baselines/`,
+    `eval/`, `results.{csv,json,md,png}` and `report.html`.
 
-    Under `torchrun` (`distributed`, default: the current process group) the
-    teacher and the distillation run data-parallel over the ranks, the
-    baselines and MKDT run alike on every rank, the evaluation jobs (method x
-    arch x seed) are spread over the ranks, and rank 0 alone writes files;
-    the run directory must be on a file system every rank sees. A second
-    process started on the same `out_dir` is refused (`io.exclusive_lock`).
+    Under `torchrun` (`distributed`, default: the current process group) the teacher and the distillation run
+    data-parallel over the ranks, the baselines and MKDT run alike on every rank, the evaluation jobs (method x arch x
+    seed) are spread over the ranks, and rank 0 alone writes files; the run directory must be on a file system every
+    rank sees. A second process started on the same `out_dir` is refused (`io.exclusive_lock`).
     """
     context = distributed or current_context(resolve_device(device))
     check_output_paths(out_dir)
@@ -909,8 +899,8 @@ def _add_random_network_knn(health_path: Path, teacher_config: TeacherConfig, im
                             device: torch.device) -> None:
     """Add to the teacher's `health.json` the k-NN accuracy of an untrained network of its architecture.
 
-    The teacher's k-NN accuracy means little alone: a random ConvNet already
-    scores well above chance on CIFAR. Computed once (a re-run finds it there).
+    The teacher's k-NN accuracy means little alone: a random ConvNet already scores well above chance on CIFAR. Computed
+    once (a re-run finds it there).
     """
     if not health_path.is_file():
         return
@@ -953,26 +943,20 @@ def evaluate_methods(
 ) -> list[dict[str, Any]]:
     """Evaluate every method x arch x seed x target x protocol, appending rows to `out_dir/results.csv`.
 
-    `sets` maps a method name to a `DistilledSet` (pre-trained on, once per
-    arch and seed, the network cached under `eval/pretrained/`), to a network
-    used as it is (`full-ssl`: the teacher), or to None (`none`: a fresh
-    network). `provenance` maps a method to what its set came from, written
-    on its rows; a method whose rows in `results.csv` carry another is
-    refused before any work. `targets` are `(dataset_name, train, test)`
-    triples. Rows already in `results.csv` are skipped, so an interrupted evaluation
-    resumes at the first missing one. Seeds are paired: seed s gives every
-    method the same initialisation, label subset and batch order.
+    `sets` maps a method name to a `DistilledSet` (pre-trained on, once per arch and seed, the network cached under
+    `eval/pretrained/`), to a network used as it is (`full-ssl`: the teacher), or to None (`none`: a fresh network).
+    `provenance` maps a method to what its set came from, written on its rows; a method whose rows in `results.csv`
+    carry another is refused before any work. `targets` are `(dataset_name, train, test)` triples. Rows already in
+    `results.csv` are skipped, so an interrupted evaluation resumes at the first missing one. Seeds are paired: seed s
+    gives every method the same initialisation, label subset and batch order.
 
-    Protocol `kd` distils each target's classifier (the file
-    `kd_teacher_path`, else one trained once per target and cached) into the
-    pre-trained network through its set's images; `none` learns from
-    `kd_noise_images` Gaussian-noise images; a network used as it is
-    (`full-ssl`) has no images and gets no kd rows.
+    Protocol `kd` distils each target's classifier (the file `kd_teacher_path`, else one trained once per target and
+    cached) into the pre-trained network through its set's images; `none` learns from `kd_noise_images` Gaussian-noise
+    images; a network used as it is (`full-ssl`) has no images and gets no kd rows.
 
-    Under `torchrun` the jobs (method x arch x seed) are dealt round-robin to
-    the ranks, one per device; rank 0 appends its rows as they come and the
-    others' when every rank is done (a kill loses those, not the networks
-    they pre-trained, which are cached).
+    Under `torchrun` the jobs (method x arch x seed) are dealt round-robin to the ranks, one per device; rank 0 appends
+    its rows as they come and the others' when every rank is done (a kill loses those, not the networks they
+    pre-trained, which are cached).
     """
     out_dir = Path(out_dir)
     context = distributed or current_context(resolve_device(device))
