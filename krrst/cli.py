@@ -297,13 +297,11 @@ def _evaluation_provenance(args: argparse.Namespace) -> str:
 def _evaluation_configs(args: argparse.Namespace, suite: dict[str, Any]) -> dict[str, Any]:
     """The pretrain / finetune / linear / kd configs: a protocol suite's settings and `--kd-teacher-arch`, then
     `--set`."""
-    import dataclasses
-
-    from krrst.evaluate import FinetuneConfig, KDConfig, LinearProbeConfig, PretrainConfig
     from krrst.infra.config import apply_overrides, did_you_mean_key
+    from krrst.pipeline import STAGE_CONFIGS, all_keys
 
-    stages = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear": LinearProbeConfig, "kd": KDConfig}
-    keys = [f"{stage}.{field.name}" for stage, cls in stages.items() for field in dataclasses.fields(cls)]
+    stages = {stage: STAGE_CONFIGS[stage] for stage in ("pretrain", "finetune", "linear", "kd")}
+    keys = [key for key in all_keys() if key.partition(".")[0] in stages]
     values: dict[str, dict[str, Any]] = {stage: {} for stage in stages}
     if args.kd_teacher_arch:
         values["kd"]["teacher_arch"] = args.kd_teacher_arch

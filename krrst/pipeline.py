@@ -161,18 +161,6 @@ class RunConfig:
     note: str = ""
 
 
-STAGE_CONFIGS: dict[str, type] = {
-    "run": RunConfig,
-    "teacher": TeacherConfig,
-    "distill": DistillConfig,
-    "mkdt": MKDTConfig,
-    "pretrain": PretrainConfig,
-    "finetune": FinetuneConfig,
-    "linear": LinearProbeConfig,
-    "kd": KDConfig,
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """One config dataclass per stage; `--set stage.field=value` reaches any field."""
@@ -188,6 +176,10 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {stage: _jsonable(config_to_dict(getattr(self, stage))) for stage in STAGE_CONFIGS}
+
+
+# stage name -> its config class, in PipelineConfig's order
+STAGE_CONFIGS: dict[str, type] = {field.name: type(field.default) for field in dataclasses.fields(PipelineConfig)}
 
 
 # ----------------------------------------------------------------------------- presets
@@ -967,10 +959,10 @@ def evaluate_methods(
     evaluation = _Evaluation(out_dir, source_name, tuple(protocols), pretrain_config, finetune_config, linear_config,
                              tuple(eval_widths), image_size, finegrained_iterations, context, progress, log,
                              provenance, kd_config, kd_teacher_path, kd_noise_images)
-    new_rows = []
+    known = len(rows)
     for index, (arch, seed, method) in context.my_jobs(list(enumerate(jobs, 1))):
-        new_rows += evaluation.job(f"{index}/{len(jobs)}", method, sets[method], arch, seed, targets, rows)
-    others = context.gather_on_main(new_rows)  # rank 0 appended its own rows as they came
+        evaluation.job(f"{index}/{len(jobs)}", method, sets[method], arch, seed, targets, rows)
+    others = context.gather_on_main(rows[known:])  # rank 0 appended its own rows as they came
     if others:
         append_results(out_dir, others)
         rows.extend(others)
@@ -1000,9 +992,9 @@ class _Evaluation:
     kd_teachers: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)  # target name -> classifier
 
     def job(self, label: str, method: str, network: Any, arch: str, seed: int, targets: list[tuple[str, Any, Any]],
-            rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            rows: list[dict[str, Any]]) -> None:
         """One (method, arch, seed): pre-train once, then every target x protocol row missing from `rows`
-        (appended to it, and to `results.csv` by rank 0); returns the new rows."""
+        (appended to it, and to `results.csv` by rank 0)."""
         is_network = isinstance(network, torch.nn.Module)
         model_arch = getattr(network, "spec", {}).get("arch", arch) if is_network else arch
         # kd distils through a set's images (none: noise); a network used as it is has neither
@@ -1011,11 +1003,10 @@ class _Evaluation:
                    if not has_result(rows, method=method, source=self.source_name, target=test.name, arch=model_arch,
                                      protocol=protocol, seed=seed)]
         if not pending:
-            return []
+            return
         self.log(f"[evaluate] job {label}: {method} on {model_arch}, seed {seed} ({len(pending)} evaluations)")
         overrides = eval_overrides(arch, self.eval_widths, self.image_size)
         pretrained = network if is_network else self.pretrained(method, network, arch, seed, overrides)
-        new_rows = []
         for dataset, train, test, protocol in pending:
             protocol_kind, fraction = parse_protocol(protocol)
             finetune = self.finetune_config
@@ -1034,9 +1025,7 @@ class _Evaluation:
             row["provenance"] = self.provenance.get(method, "")
             self.context.on_main(lambda: append_results(self.out_dir, [row]))
             rows.append(row)
-            new_rows.append(row)
             self.log(f"[evaluate]   {method:<8} {test.name} {protocol:<13} seed {seed}: {100 * row['accuracy']:.1f}%")
-        return new_rows
 
     def pretrained(self, method: str, distilled: Any, arch: str, seed: int,
                    overrides: dict[str, Any]) -> torch.nn.Module | None:
