@@ -894,9 +894,7 @@ def _add_random_network_knn(health_path: Path, teacher_config: TeacherConfig, im
     The teacher's k-NN accuracy means little alone: a random ConvNet already scores well above chance on CIFAR. Computed
     once (a re-run finds it there).
     """
-    if not health_path.is_file():
-        return
-    health = read_json(health_path, "teacher health")
+    health = read_json(health_path, "teacher health") if health_path.is_file() else {}
     if "knn_accuracy" not in health or "random_knn_accuracy" in health:
         return
     with torch.random.fork_rng(devices=[]):  # the same random network every time, the run's generators untouched
@@ -1021,8 +1019,7 @@ class _Evaluation:
                 kd_teacher=self.kd_teacher(train, test) if protocol_kind == "kd" else None,
                 kd_images=None if is_network else network, kd_noise_images=self.kd_noise_images,
             )
-            row["protocol"] = protocol
-            row["provenance"] = self.provenance.get(method, "")
+            row.update(protocol=protocol, provenance=self.provenance.get(method, ""))
             self.context.on_main(lambda: append_results(self.out_dir, [row]))
             rows.append(row)
             self.log(f"[evaluate]   {method:<8} {test.name} {protocol:<13} seed {seed}: {100 * row['accuracy']:.1f}%")
