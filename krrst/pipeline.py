@@ -237,7 +237,9 @@ PRESETS.register("cpu-mini", {
             "eval_widths": (32, 64, 128), "seeds": 3},
     "teacher": {**_CPU_TEACHER, "steps": 3000, "checkpoint_every": 250},
     # final_targets=teacher and 600 pre-training epochs: the follow-ups in docs/results.md (the learned targets
-    # drift from the teacher's and cost accuracy at this scale; 120 epochs are only 120 SGD steps on 200 images)
+    # drift from the teacher's and cost accuracy at this scale, with a pooled teacher and a tied lr as well; 120
+    # epochs are only 120 SGD steps on 200 images). The flattened teacher: a pooled one's pre-training made
+    # fine-tuning worse than none.
     "distill": {"num_images": 200, "widths": (32, 64, 128), "steps": 500, "batch_size": 256, "image_lr": 2.5e-3,
                 "target_lr": 1e-2, "pool_size": 5, "pool_steps": 50, "log_every": 10, "checkpoint_every": 50,
                 "validate_every": 50, "validation_models": 2, "validation_images": 1000, "final_targets": "teacher"},
