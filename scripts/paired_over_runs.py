@@ -12,17 +12,11 @@ distillations, which one folder cannot show) and the wins over all pairs.
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
+from statistics import mean
 
-from krrst.report import paired_summary
-
-
-def accuracies(run: Path) -> dict[tuple[str, str, str, int], float]:
-    """(method, target, protocol, seed) -> accuracy in points, from the run's results.csv."""
-    with open(run / "results.csv", newline="", encoding="utf-8") as handle:
-        return {(row["method"], row["target"], row["protocol"], int(row["seed"])): 100 * float(row["accuracy"])
-                for row in csv.DictReader(handle)}
+from krrst.report import paired_comparisons, paired_summary
+from krrst.results import read_results
 
 
 def interval(summary: dict) -> str:
@@ -40,31 +34,29 @@ def main() -> None:
     missing = [str(run) for run in args.runs if not (run / "results.csv").is_file()]
     if missing:
         parser.error(f"no results.csv in {', '.join(missing)} (a krrst run folder whose evaluation has begun)")
-    tables = {run: accuracies(run) for run in args.runs}
-    keys = sorted({key[1:3] for table in tables.values() for key in table if key[0] == args.method})
+    rows = {run: read_results(run) for run in args.runs}
     for reference in args.ref:
-        for target, protocol in keys:
-            print(f"\n{args.method} - {reference}, {target} {protocol} (points)")
-            run_means, all_pairs = [], []
-            for run, table in tables.items():
-                seeds = sorted(seed for (method, t, p, seed) in table if (method, t, p) == (args.method, target, protocol)
-                               and (reference, t, p, seed) in table)
-                pairs = [table[(args.method, target, protocol, s)] - table[(reference, target, protocol, s)]
-                         for s in seeds]
-                if not pairs:
-                    continue
-                summary = paired_summary(pairs)
-                run_means.append(summary["mean"])
-                all_pairs += pairs
-                method_mean = sum(table[(args.method, target, protocol, s)] for s in seeds) / len(seeds)
-                reference_mean = sum(table[(reference, target, protocol, s)] for s in seeds) / len(seeds)
-                print(f"  {run}: {method_mean:.2f} vs {reference_mean:.2f}: {interval(summary)} "
-                      f"{summary['wins']}/{summary['n']}")
-            if len(run_means) > 1:
-                over_runs = paired_summary(run_means)
-                pooled = paired_summary(all_pairs)
-                print(f"  over {len(run_means)} runs: {interval(over_runs)}; "
-                      f"{pooled['wins']}/{pooled['n']} pairs won")
+        # per folder: krrst report's pairing (same source, target, arch, protocol and seed)
+        by_group: dict[tuple, list[tuple[Path, dict]]] = {}
+        for run, run_rows in rows.items():
+            for comparison in paired_comparisons(run_rows, [reference]):
+                if comparison["method"] == args.method:
+                    group = tuple(comparison[key] for key in ("source", "target", "arch", "protocol"))
+                    by_group.setdefault(group, []).append((run, comparison))
+        for (source, target, arch, protocol), found in by_group.items():
+            print(f"\n{args.method} - {reference}, {target} {arch} {protocol} (points)")
+            for run, comparison in found:
+                def accuracy(method: str, sources: tuple[str, ...]) -> float:
+                    return 100 * mean(row["accuracy"] for row in rows[run] if row["seed"] in comparison["seeds"]
+                                      and (row["method"], row["target"], row["arch"], row["protocol"])
+                                      == (method, target, arch, protocol) and row["source"] in sources)
+                ours, theirs = accuracy(args.method, (source,)), accuracy(reference, (source, ""))
+                print(f"  {run}: {ours:.2f} vs {theirs:.2f}: {interval(comparison)} "
+                      f"{comparison['wins']}/{comparison['n']}")
+            if len(found) > 1:
+                over_runs = paired_summary([comparison["mean"] for _, comparison in found])
+                pooled = paired_summary([d for _, comparison in found for d in comparison["differences"]])
+                print(f"  over {len(found)} runs: {interval(over_runs)}; {pooled['wins']}/{pooled['n']} pairs won")
 
 
 if __name__ == "__main__":
