@@ -239,7 +239,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # noqa: BLE001
             raise KrrstError(f"teacher file {path} is not a PyTorch checkpoint or safetensors file "
                              f"({type(exc).__name__})") from None
-    loaded = _opened(loaded, ("state_dict", "model", "teacher", "backbone"))
+    loaded = unwrap_checkpoint(loaded, ("state_dict", "model", "teacher", "backbone"))
     if not isinstance(loaded, Mapping):
         raise KrrstError(f"teacher file {path} does not hold a state dict (got {type(loaded).__name__})")
     tensors = {str(key): value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
@@ -248,13 +248,13 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _opened(loaded: Any, wrappers: tuple[str, ...]) -> Any:
+def unwrap_checkpoint(loaded: Any, wrappers: tuple[str, ...]) -> Any:
     """`loaded[wrapper]` for the first of `wrappers` under which a checkpoint dict keeps a dict, else `loaded`."""
     inner = (loaded[w] for w in wrappers if isinstance(loaded, Mapping) and isinstance(loaded.get(w), Mapping))
     return next(inner, loaded)
 
 
-def _unwrapped(key: str, prefixes: tuple[str, ...]) -> str:
+def strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
     """`key` without the wrapper prefixes it starts with (repeatedly: a compiled model inside DDP has two)."""
     while key.startswith(prefixes):
         key = key.split(".", 1)[1]
@@ -272,7 +272,7 @@ def backbone_state(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[
     """
     if any(key.startswith("backbone.") for key in state):
         state = {key[len("backbone."):]: value for key, value in state.items() if key.startswith("backbone.")}
-    cleaned = {_unwrapped(key, _SSL_WRAPPER_PREFIXES): value for key, value in state.items()}
+    cleaned = {strip_prefixes(key, _SSL_WRAPPER_PREFIXES): value for key, value in state.items()}
     expected = model.state_dict()
     if cleaned and all(key.split(".", 1)[0].isdigit() for key in cleaned):
         children = [name for name, _ in model.named_children()]
@@ -395,7 +395,7 @@ def read_classifier_file(path: Path, option: str) -> tuple[dict[str, torch.Tenso
         return dict(tensors), dict(metadata.get("spec") or {})
     loaded = torch_load_weights_only(path, f"{option} file", "a weights-only PyTorch state dict or safetensors file",
                                      "as a state dict (torch.save(model.state_dict(), ...)) or as safetensors")
-    loaded = _opened(loaded, _CLASSIFIER_WRAPPERS)
+    loaded = unwrap_checkpoint(loaded, _CLASSIFIER_WRAPPERS)
     if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise KrrstError(f"{option} {path} does not hold a state dict of tensors (got {type(loaded).__name__})")
     return dict(loaded), {}
@@ -420,7 +420,7 @@ def load_classifier_weights(model: nn.Module, state: Mapping[str, torch.Tensor],
     expected = model.state_dict()
     cleaned = {}
     for key, value in state.items():
-        key = _unwrapped(key, _WRAPPER_PREFIXES)
+        key = strip_prefixes(key, _WRAPPER_PREFIXES)
         if key.startswith("fc.") and key not in expected and "head." + key[3:] in expected:
             key = "head." + key[3:]
         cleaned[key] = value

@@ -56,6 +56,8 @@ from krrst.formats import (
     load_exactly,
     load_library_teacher,
     load_torchscript,
+    strip_prefixes,
+    unwrap_checkpoint,
 )
 from krrst.infra.config import check_numeric_fields, config_to_dict, resolve_device
 from krrst.infra.distributed import DistributedContext, all_gather_with_grad, barrier, convert_sync_batchnorm
@@ -729,10 +731,7 @@ def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     loaded = torch_load_weights_only(path, "teacher file", "a weights-only PyTorch checkpoint or safetensors file",
                                      "as a state dict (torch.save(model.state_dict(), ...)) or as safetensors")
     # Training scripts often wrap the weights: {'state_dict': ...}, {'model': ...}.
-    for wrapper in ("state_dict", "model", "backbone", "teacher", "encoder"):
-        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
-            loaded = loaded[wrapper]
-            break
+    loaded = unwrap_checkpoint(loaded, ("state_dict", "model", "backbone", "teacher", "encoder"))
     if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise KrrstError(f"teacher file {path} does not hold a state dict of tensors (got {type(loaded).__name__})")
     return dict(loaded)
@@ -745,18 +744,21 @@ _DROP_PREFIXES = ("fc.", "head.", "projector.", "classifier.", "predictor.", "pr
 def _clean_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     cleaned = {}
     for key, value in tensors.items():
-        while key.startswith(_STRIP_PREFIXES):  # repeatedly: a compiled model inside DDP has two
-            key = key.split(".", 1)[1]  # every prefix is one name and its dot
+        key = strip_prefixes(key, _STRIP_PREFIXES)
         if not key.startswith(_DROP_PREFIXES):
             cleaned[key] = value
     return cleaned
 
 
+def _looks_like(state: Mapping[str, torch.Tensor], arch: str) -> str:
+    """" (its keys look like 'NAME')" when the keys are those of another registered architecture, else ""."""
+    guess = _guess_arch(state)  # builds every registered model (on meta): for error messages only
+    return f" (its keys look like {guess!r})" if guess and guess != arch else ""
+
+
 def _misfit(path: Path, arch: str, state: Mapping[str, torch.Tensor]) -> str:
     """The start of a one-line error: the file does not fit `arch`, and which architecture its keys look like."""
-    guess = _guess_arch(state)
-    holds = f" (its keys look like {guess!r})" if guess and guess != arch else ""
-    return f"teacher file {path} does not fit architecture {arch!r}{holds}"
+    return f"teacher file {path} does not fit architecture {arch!r}{_looks_like(state, arch)}"
 
 
 def _load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
@@ -765,9 +767,9 @@ def _load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
     try:
         load_exactly(model, state, f"teacher file {path}", f"architecture {arch!r}")
     except KrrstError as error:
-        guess = _guess_arch(state)  # only now: it builds every registered model
-        if guess and guess != arch:
-            raise KrrstError(f"{error} (its keys look like {guess!r})") from None
+        hint = _looks_like(state, arch)
+        if hint:
+            raise KrrstError(f"{error}{hint}") from None
         raise
 
 
