@@ -289,7 +289,7 @@ def _train_loop(
     shown = float("nan")
     try:
         for unit in range(units):
-            batches, total = batches_of(), torch.zeros(())
+            batches, total = batches_of(), None  # never empty: an epoch has at least one batch
             for batch in batches:
                 loss = batch_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -297,8 +297,9 @@ def _train_loop(
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                total = total + loss.detach()
-            mean_loss = total / max(1, len(batches))
+                # on the loss's device; one batch per unit (fine-tuning, the probe) costs no extra kernel
+                total = loss.detach() if total is None else total + loss.detach()
+            mean_loss = total / len(batches) if len(batches) > 1 else total
             watch.update(mean_loss, unit + 1)
             log_point = unit % log_every == 0 or unit == units - 1
             if log_point or on_unit is not None:
@@ -828,7 +829,7 @@ def knowledge_distillation(
     def batch_loss(batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if noise:
-                inputs = torch.randn(images[batch].shape, generator=generator).to(device)
+                inputs = torch.randn((len(batch), *images.shape[1:]), generator=generator).to(device)
             else:
                 inputs = strong_augment(images[batch], generator, config.padding)
             teacher_logits = teacher(inputs)
