@@ -400,9 +400,10 @@ def mkdt_distill(source: Any, teacher: nn.Module, config: MKDTConfig | None = No
                   identity={"source": source_id, "teacher": teacher_identity(teacher)},
                   checkpoint_every=config.checkpoint_every, log_every=config.log_every, stop_at_step=stop_at_step,
                   progress=progress, context=distributed, guarded=(TRAJECTORIES_NAME,)) as run:
-        target_reps = teacher_features(teacher, source_images, mean, std, 512, device, progress).to(device)  # (N, d)
+        shown = run.show_progress  # rank 0's bars only
+        target_reps = teacher_features(teacher, source_images, mean, std, 512, device, shown).to(device)  # (N, d)
         check_teacher_features(teacher, target_reps, f"the {len(source_images):,} source images")
-        trajectories = _experts(run, trajectories, resume, source_images, mean, std, teacher, target_reps, progress)
+        trajectories = _experts(run, trajectories, resume, source_images, mean, std, teacher, target_reps, shown)
         _, init_seed, match_seed = stage_seeds(config.seed, 3)
         student = _student(config, target_reps.shape[1], match_seed).to(device).train()
         _check_trajectories(trajectories, config, sum(p.numel() for p in student.parameters()))

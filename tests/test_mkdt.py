@@ -383,3 +383,15 @@ def test_a_rank_that_does_not_write_resumes_from_the_same_files(tmp_path):
                                 resume=True, distributed=DistributedContext(rank=1, world_size=2))
     assert torch.equal(other_rank.images, whole.images) and torch.equal(other_rank.targets, whole.targets)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before, "wrote nothing"
+
+
+def test_only_rank_0_shows_progress(tmp_path, monkeypatch, capsys):
+    """The teacher-feature and expert bars, like the loop's, are drawn by rank 0 alone (one line, not one per rank)."""
+    monkeypatch.setenv("KRRST_PROGRESS_INTERVAL", "0")  # a plain line per update in a captured stream
+    source, teacher, config = _source(), _teacher(), _config(steps=2)
+    for rank in (1, 0):
+        M.mkdt_distill(source, teacher, config, out_dir=tmp_path / f"rank{rank}", device="cpu", progress=True,
+                       distributed=DistributedContext(rank=rank, world_size=2))
+        shown = capsys.readouterr().err
+        for bar in ("teacher features", "mkdt experts"):
+            assert (bar in shown) == (rank == 0), (rank, bar, shown)
