@@ -647,8 +647,8 @@ def run(config: PipelineConfig, out_dir: str | Path, *, root: str | Path = ".", 
     with context.lock(out_dir):  # held by rank 0 from here on: each stage in turn, each skipped when done
         state = _Run(config, out_dir, Path(root), context, context.only_on_main(progress), log)
         run_on_main(lambda: prepare_run_dir(out_dir, config, preset, force))
-        state.on_main(lambda: write_json(out_dir / "env.json", capture_env(seed=config.run.seed,
-                                                                            device=context.device)))
+        context.on_main(lambda: write_json(out_dir / "env.json",
+                                           capture_env(seed=config.run.seed, device=context.device)))
         _load_data(state)
         teacher, teacher_fp = _teacher_stage(state)
         distill_fp, mkdt_fp = _distill_stages(state, teacher, teacher_fp)
@@ -666,7 +666,7 @@ def run(config: PipelineConfig, out_dir: str | Path, *, root: str | Path = ".", 
             write_report(out_dir, preset_config=preset_config)
             log(report_text(out_dir))
 
-        state.on_main(report)
+        context.on_main(report)
         return run_on_main(lambda: read_results(out_dir))
 
 
@@ -685,10 +685,6 @@ class _Run:
     targets: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)  # spec -> (train, test)
     source_fp: str = ""  # what the source images depend on
 
-    def on_main(self, fn: Callable[[], Any]) -> None:
-        """Write on rank 0 only (`DistributedContext.on_main`): every rank computed the same thing."""
-        self.context.on_main(fn)
-
     def stage(self, name: str, fingerprint: str, wanted: bool, work: Callable[[Path], Any]) -> Path:
         """`work(out_dir/name)`, timed, unless not `wanted` or done under `fingerprint`; returns the stage's folder.
 
@@ -703,7 +699,7 @@ class _Run:
         # after that barrier (no rank reads them any more); also for a stage found finished, so a run stopped
         # between done.json and this, or one kept before, ends up as the setting says
         if not self.config.run.keep_checkpoints:
-            self.on_main(lambda: _stage_done(stage_dir, fingerprint) and _drop_checkpoints(stage_dir, self.log))
+            self.context.on_main(lambda: _stage_done(stage_dir, fingerprint) and _drop_checkpoints(stage_dir, self.log))
         return stage_dir
 
     @contextmanager
@@ -717,7 +713,7 @@ class _Run:
             finished = True
         finally:
             elapsed = time.perf_counter() - started
-            self.on_main(lambda: _add_timing(self.out_dir / "timings.json", stage, elapsed))
+            self.context.on_main(lambda: _add_timing(self.out_dir / "timings.json", stage, elapsed))
             # an interrupted stage must not read as done: a re-run resumes it
             if finished:
                 self.log(f"[{stage}] finished in {elapsed:.1f} s")
@@ -762,8 +758,8 @@ def _teacher_stage(run: _Run) -> tuple[torch.nn.Module, str]:
             run.source, run.config.teacher, out_dir=stage_dir, resume=True, device=device, heldout=run.heldout,
             labelled=labelled, progress=run.progress, distributed=run.context))
         teacher = load_teacher(teacher_dir / TEACHER_FILE, device=device)
-        run.on_main(lambda: _add_random_network_knn(teacher_dir / HEALTH_FILE, run.config.teacher,
-                                                    run_config.image_size, labelled, device))
+        run.context.on_main(lambda: _add_random_network_knn(teacher_dir / HEALTH_FILE, run.config.teacher,
+                                                            run_config.image_size, labelled, device))
     return teacher.to(device).eval(), teacher_fp
 
 
@@ -815,7 +811,7 @@ def _baselines_stage(run: _Run, teacher: torch.nn.Module, teacher_fp: str) -> st
             for method in missing:
                 distilled = _subset(method, run.source, teacher, config, run.context.device, run.progress)
                 # every rank built the same set (no rank waits idle on another's long k-means)
-                run.on_main(lambda: distilled.save(baselines_dir / f"{method}.safetensors"))
+                run.context.on_main(lambda: distilled.save(baselines_dir / f"{method}.safetensors"))
     barrier()
     return baselines_fp
 
@@ -826,7 +822,7 @@ def _load_sets(run: _Run) -> dict[str, Any]:
              **{method: run.out_dir / "baselines" / f"{method}.safetensors" for method in SUBSET_METHODS}}
     sets: dict[str, DistilledSet | None] = {"none": None}
     sets.update({method: DistilledSet.load(path) for method, path in files.items() if method in run.config.run.methods})
-    run.on_main(lambda: write_json(run.out_dir / SETS_NAME, {  # what each set costs: the "same storage" table
+    run.context.on_main(lambda: write_json(run.out_dir / SETS_NAME, {  # what each set costs: the "same storage" table
         method: {"images": len(distilled), "storage_bytes": distilled.storage_bytes(),
                  "parameterization": _parameterization_label(distilled)}
         for method, distilled in sets.items() if distilled is not None
