@@ -880,7 +880,8 @@ def _run_teacher(run_dir: Path, config: Any, notes: list[str]):
         return None
 
 
-def _teacher_representations(teacher, distilled) -> torch.Tensor:
+def teacher_representations(teacher, distilled) -> torch.Tensor:
+    """The teacher's representations of a set's images (m x d, float32), fed as a stage feeds it (`fit_to_source`)."""
     import torch
 
     from krrst.formats import fit_to_source
@@ -908,7 +909,7 @@ def _images_html(run_dir: Path, config: Any) -> str:
         facts = [f"Distillation moved the {len(final)} images by {change['mean']:.1f} grey levels on average (of 255; "
                  f"99th percentile {change['p99']:.1f}, max {change['max']:.0f}), over all pixels and channels."]
         if teacher is not None:
-            drift = target_drift(final.targets, _teacher_representations(teacher, final), start.targets)
+            drift = target_drift(final.targets, teacher_representations(teacher, final), start.targets)
             facts.append(f"The set's targets are at relative MSE {drift['drift']:.3f} from the teacher's "
                          f"representations of the final images (0: the teacher's own; 1: as far as their mean), "
                          f"and the images' representations moved by {drift['moved']:.3f} on the same scale "

@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 
 from krrst.distilled import DistilledSet
-from krrst.features import batched_features
+from krrst.report import teacher_representations
 from krrst.teacher import load_teacher
 
 DISTILLED = Path("distill") / "distilled.safetensors"
 
 
 def relabel(distilled: DistilledSet, teacher: torch.nn.Module) -> DistilledSet:
-    """The set with the teacher's representations of its images as targets (the teacher in eval mode)."""
-    features = batched_features(teacher.eval(), distilled.images.float()).float()
+    """The set with the teacher's representations of its images as targets (a library teacher fed its own input)."""
+    features = teacher_representations(teacher, distilled)
     return dataclasses.replace(distilled, targets=features.to(distilled.targets.dtype))
 
 
@@ -41,6 +41,10 @@ def main() -> None:
     if args.out.exists():
         parser.error(f"{args.out} exists; give a new folder")
     distilled = DistilledSet.load(args.run / DISTILLED)
+    synthetic = distilled.config.get("synthetic", {})
+    if synthetic.get("kind", "pixels") != "pixels" or len(synthetic.get("views") or ["identity"]) > 1:
+        # a basis set keeps a low-rank fit of the teacher's targets, fixed views the predictor's (distill's _finish)
+        parser.error(f"{args.run / DISTILLED} is not a plain pixel set; use distill.final_targets=teacher instead")
     teacher = load_teacher(args.teacher or args.run / "teacher" / "teacher.safetensors")
     args.out.mkdir(parents=True)
     for name in ("config.json", "env.json"):
